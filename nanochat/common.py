@@ -1,0 +1,230 @@
+"""
+Small shared utilities: where files go, which device to run on, torchrun DDP
+setup, logging, atomic file writes and the peak-FLOPs table used for MFU.
+"""
+
+import logging
+import os
+import re
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Logging: one colored formatter, so every script prints the same way.
+
+class ColoredFormatter(logging.Formatter):
+    COLORS = {"DEBUG": "\033[36m", "INFO": "\033[32m", "WARNING": "\033[33m",
+              "ERROR": "\033[31m", "CRITICAL": "\033[35m"}
+    RESET = "\033[0m"
+
+    def format(self, record):
+        msg = super().format(record)
+        color = self.COLORS.get(record.levelname, "")
+        return msg.replace(record.levelname, f"{color}{record.levelname}{self.RESET}", 1) if color else msg
+
+
+def setup_default_logging():
+    handler = logging.StreamHandler()
+    handler.setFormatter(ColoredFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+setup_default_logging()
+logger = logging.getLogger(__name__)
+
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only, so torchrun output is not repeated N times."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+# -----------------------------------------------------------------------------
+# Files
+
+def get_base_dir():
+    """Everything nanochat writes (data, tokenizer, checkpoints, reports) lives here.
+    Set NANOCHAT_BASE_DIR to move it; default ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write a file so that readers see either the old file or the whole new one,
+    never half of it: write to a temp file in the same directory, fsync, rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+# -----------------------------------------------------------------------------
+# Devices and distributed setup
+
+DEVICE_TYPES = ("cuda", "xla", "mps", "cpu")
+
+
+def xla_available():
+    """torch_xla is an optional extra; treat it as usable only when PJRT_DEVICE says where to run."""
+    if not os.environ.get("PJRT_DEVICE"):
+        return False
+    try:
+        import torch_xla  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def autodetect_device_type(override=None):
+    """Pick the best device: cuda > xla (TPU) > mps > cpu. `override` (a --device_type flag) wins."""
+    if override:
+        if override not in DEVICE_TYPES:
+            raise ValueError(f"unknown device type {override!r}; choose one of {', '.join(DEVICE_TYPES)}")
+        return override
+    if torch.cuda.is_available():
+        return "cuda"
+    if xla_available():
+        return "xla"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def is_ddp_requested():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; their presence means we run distributed."""
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_dist_info():
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type="cuda", seed=42):
+    """Seed, set precision knobs and (under torchrun) join the process group.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device_type=cuda but no CUDA device is visible; use --device_type=cpu")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.set_float32_matmul_precision("high")  # tf32 for the few fp32 matmuls left
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "xla":
+        import torch_xla
+        device = torch_xla.device()
+    elif ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+        if ddp:
+            dist.init_process_group(backend="gloo")
+    if rank == 0:
+        logger.info(f"device={device} world_size={world_size}")
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def compute_dtype(device_type):
+    """bf16 where the hardware does it natively (Ampere+ GPUs, TPUs); fp32 elsewhere,
+    because bf16 on CPU is slow and loses precision for no speed gain."""
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if device_type == "xla":
+        return torch.bfloat16
+    return torch.float32
+
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "xla":
+        import torch_xla
+        torch_xla.sync()
+
+
+def max_memory_allocated_mib(device_type):
+    return torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else 0.0
+
+# -----------------------------------------------------------------------------
+# Peak dense bf16 FLOP/s, for MFU. Numbers are the vendors' spec sheets (no sparsity).
+
+PEAK_FLOPS = [
+    (r"H200", 989e12),
+    (r"H100.*PCIe", 756e12),
+    (r"H100", 989e12),          # SXM
+    (r"H800", 989e12),
+    (r"B200", 2250e12),
+    (r"GB200", 2500e12),
+    (r"A100", 312e12),
+    (r"A10G", 125e12),
+    (r"L40S", 362e12),
+    (r"L4", 121e12),
+    (r"RTX 4090", 165e12),
+    (r"RTX 3090", 71e12),
+    (r"v6e|TPU v6", 918e12),
+    (r"v5p", 459e12),
+    (r"v5e|v5 lite|v5litepod", 197e12),
+    (r"v4", 275e12),
+]
+
+
+def get_peak_flops(device_name):
+    """Peak bf16 FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3'; inf if unknown
+    (so MFU prints as 0% instead of a made-up figure)."""
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return flops
+    return float("inf")
+
+
+def device_name(device_type):
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    if device_type == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+            return str(xm.xla_device_hw(torch_xla_device()))
+        except Exception:
+            return "xla"
+    return device_type
+
+
+def torch_xla_device():
+    import torch_xla
+    return torch_xla.device()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when --run=dummy, so training code logs unconditionally."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass

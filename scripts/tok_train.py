@@ -1,0 +1,65 @@
+"""
+Train the BPE tokenizer with rustbpe on pretraining text and save it (tiktoken format)
+to $NANOCHAT_BASE_DIR/tokenizer/, with token_bytes.pt for bits-per-byte.
+
+    python -m scripts.tok_train                       # 32768 tokens on the default data
+    python -m scripts.tok_train --vocab_size=4096 --max_chars=20000000
+"""
+
+import argparse
+import logging
+import time
+
+from nanochat.common import print0
+from nanochat.dataset import parquets_iter_batched, resolve_data_dir
+from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, tokenizer_dir
+
+parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (rustbpe) on the train shards")
+parser.add_argument("--max_chars", type=int, default=2_000_000_000, help="stop after this many characters of text")
+parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most this many characters of each document")
+parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size, special tokens included")
+parser.add_argument("--data_dir", default=None, help="directory of parquet shards (default: $NANOCHAT_DATA_DIR or the downloaded shards)")
+parser.add_argument("--out_dir", default=None, help="where to save (default: $NANOCHAT_BASE_DIR/tokenizer)")
+args = parser.parse_args()
+logging.getLogger("rustbpe").setLevel(logging.WARNING)  # its per-percent progress lines drown the output
+print0(f"data: {resolve_data_dir(args.data_dir)}  max_chars={args.max_chars:,}  doc_cap={args.doc_cap:,}  vocab_size={args.vocab_size:,}")
+
+n_chars = 0
+
+
+def text_iterator():
+    """Documents from the train split, each capped at doc_cap chars, until max_chars."""
+    global n_chars
+    for batch in parquets_iter_batched("train", args.data_dir):
+        for doc in batch:
+            doc = doc[:args.doc_cap]
+            n_chars += len(doc)
+            yield doc
+            if n_chars >= args.max_chars:
+                return
+
+
+t0 = time.time()
+tokenizer = Tokenizer.train_from_iterator(text_iterator(), args.vocab_size)
+train_time = time.time() - t0
+out_dir = args.out_dir or tokenizer_dir()
+tokenizer.save(out_dir)
+print0(f"trained on {n_chars:,} chars in {train_time:.1f}s; saved to {out_dir}")
+
+# sanity check: a round trip on a mixed string
+sample = "Hello world! 12345 int main() { std::vector<int> v{1, 2}; return 0; }\n    def f(x):\n        return x ** 2\n"
+assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer round trip failed"
+
+token_bytes = tokenizer.token_bytes_list()
+nonzero = [b for b in token_bytes if b > 0]
+print0(f"vocab: {tokenizer.get_vocab_size():,} tokens ({len(token_bytes) - len(nonzero)} special); "
+       f"bytes/token min {min(nonzero)}, mean {sum(nonzero) / len(nonzero):.2f}, max {max(nonzero)}")
+
+try:
+    from nanochat.report import get_report
+    get_report().log(section="Tokenizer training", data=[vars(args), {
+        "train_time_s": round(train_time, 2), "chars_trained_on": n_chars,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "token_bytes_mean": round(sum(nonzero) / len(nonzero), 3)}])
+except ImportError:
+    pass  # the report card comes with a later stage

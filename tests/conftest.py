@@ -1,0 +1,29 @@
+"""Shared fixtures: a small embedded corpus and a small tokenizer, built once per session
+in a temporary NANOCHAT_BASE_DIR (tests never touch the user's ~/.cache/nanochat)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("NANOCHAT_BASE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nanochat-tests-{os.getpid()}"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    from nanochat.corpus import build
+    out = tmp_path_factory.mktemp("corpus")
+    paths, _ = build(str(out), cpp_mb=1.0, py_mb=1.0, shard_mb=0.25, seed=0)
+    assert len(paths) >= 4
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus_dir, tmp_path_factory):
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.tokenizer import Tokenizer
+    texts = (d[:5000] for batch in parquets_iter_batched("train", corpus_dir) for d in batch)
+    tok = Tokenizer.train_from_iterator(texts, vocab_size=1024)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save(str(out))
+    tok.directory = str(out)
+    return tok

@@ -1,0 +1,152 @@
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.dataloader import DataLoader, DocumentStream
+from nanochat.dataset import list_parquet_files, parquets_iter_batched
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def test_batches_are_shifted_and_bos_aligned(tokenizer, corpus_dir):
+    loader = DataLoader(tokenizer, B=4, T=64, data_dir=corpus_dir, buffer_size=50)
+    x, y = next(loader)
+    assert x.shape == y.shape == (4, 64) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert (x[:, 0] == tokenizer.get_bos_token_id()).all()
+    for _ in range(20):
+        next(loader)
+    assert 0.0 <= loader.crop_fraction < 0.5
+    loader.close()
+
+
+def test_determinism(tokenizer, corpus_dir):
+    a = DataLoader(tokenizer, B=2, T=128, data_dir=corpus_dir, buffer_size=30)
+    b = DataLoader(tokenizer, B=2, T=128, data_dir=corpus_dir, buffer_size=30)
+    for (xa, ya), (xb, yb) in zip(take(a, 15), take(b, 15)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    a.close(), b.close()
+
+
+@pytest.mark.parametrize("warm", [0, 1, 7, 60])
+def test_resume_yields_the_same_next_batches(tokenizer, corpus_dir, warm):
+    ref = DataLoader(tokenizer, B=2, T=96, data_dir=corpus_dir, buffer_size=20)
+    take(ref, warm)
+    state = ref.state_dict()
+    expected = take(ref, 10)
+    ref.close()
+    state = torch.load(_roundtrip(state), weights_only=False)  # as a checkpoint would store it
+    resumed = DataLoader(tokenizer, B=2, T=96, data_dir=corpus_dir, buffer_size=20, resume_state=state)
+    for (xe, ye), (xr, yr) in zip(expected, take(resumed, 10)):
+        assert torch.equal(xe, xr) and torch.equal(ye, yr)
+    resumed.close()
+
+
+def _roundtrip(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_resume_state_must_match(tokenizer, corpus_dir):
+    ref = DataLoader(tokenizer, B=2, T=96, data_dir=corpus_dir)
+    next(ref)
+    state = ref.state_dict()
+    ref.close()
+    with pytest.raises(ValueError, match="world_size=1 but this run has world_size=2"):
+        DataLoader(tokenizer, B=2, T=96, data_dir=corpus_dir, rank=0, world_size=2, resume_state=state)
+
+
+def test_ranks_read_disjoint_row_groups(tokenizer, corpus_dir):
+    world = 3
+    seen = []
+    for rank in range(world):
+        stream = DocumentStream(tokenizer, "train", corpus_dir, rank, world)
+        positions = set()
+        while True:
+            (epoch, shard, rg, _), _ = stream.get()
+            if epoch > 0:
+                break
+            positions.add((shard, rg))
+        stream.close()
+        seen.append(positions)
+    for i in range(world):
+        for j in range(i + 1, world):
+            assert not seen[i] & seen[j]
+    all_rgs = {(os.path.basename(p), g) for p in list_parquet_files(corpus_dir)[:-1]
+               for g in range(pq.ParquetFile(p).num_row_groups)}
+    assert set().union(*seen) == all_rgs  # together the ranks read everything once
+
+
+def test_rank_batches_differ(tokenizer, corpus_dir):
+    r0 = DataLoader(tokenizer, B=2, T=64, data_dir=corpus_dir, rank=0, world_size=2)
+    r1 = DataLoader(tokenizer, B=2, T=64, data_dir=corpus_dir, rank=1, world_size=2)
+    assert not torch.equal(next(r0)[0], next(r1)[0])
+    r0.close(), r1.close()
+
+
+def test_val_split_is_the_last_shard(tokenizer, corpus_dir):
+    files = list_parquet_files(corpus_dir)
+    val_docs = next(parquets_iter_batched("val", corpus_dir))
+    assert val_docs == pq.ParquetFile(files[-1]).read_row_group(0).column("text").to_pylist()
+    loader = DataLoader(tokenizer, B=2, T=64, split="val", data_dir=corpus_dir)
+    x, _ = next(loader)
+    assert x.shape == (2, 64)
+    loader.close()
+
+
+def test_stream_picks_up_new_shards(tokenizer, tmp_path):
+    d = tmp_path / "stream"
+    d.mkdir()
+    for i, word in enumerate(["alpha", "beta", "val"]):
+        pq.write_table(pa.table({"text": [f"{word} {k}" for k in range(4)]}), d / f"shard_{i:05d}.parquet")
+    stream = DocumentStream(tokenizer, "train", str(d), 0, 1, prefetch=1)
+    first = [stream.get()[0] for _ in range(2)]
+    # a new shard arrives while we train; the stream reads ahead a little, so it shows
+    # up within an epoch or two, always in sorted order within its epoch
+    pq.write_table(pa.table({"text": ["gamma"]}), d / "shard_00001b.parquet")
+    later = [stream.get()[0] for _ in range(8)]
+    stream.close()
+    assert [p[1] for p in first] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert "shard_00001b.parquet" in [p[1] for p in later]
+    last_epoch = max(p[0] for p in later)
+    assert [p[1] for p in later if p[0] == last_epoch - 1] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00001b.parquet"] \
+        or [p[1] for p in later if p[0] == last_epoch][:3] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00001b.parquet"]
+
+
+def test_missing_and_empty_data_dir(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*nanochat.dataset -n"):
+        DataLoader(tokenizer, B=1, T=8, data_dir=str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="has no .parquet files"):
+        DataLoader(tokenizer, B=1, T=8, data_dir=str(tmp_path))
+
+
+def test_corrupt_shard_names_the_file(tokenizer, tmp_path):
+    bad = tmp_path / "shard_00000.parquet"
+    bad.write_bytes(b"PAR1 this is not really parquet")
+    (tmp_path / "shard_00001.parquet").write_bytes(b"")
+    loader = DataLoader(tokenizer, B=1, T=8, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="shard_00000.parquet is not a readable parquet file"):
+        next(loader)
+    loader.close()
+
+
+def test_shard_without_text_column(tokenizer, tmp_path):
+    pq.write_table(pa.table({"content": ["x"]}), tmp_path / "a.parquet")
+    loader = DataLoader(tokenizer, B=1, T=8, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no 'text' column"):
+        next(loader)
+    loader.close()
+
+
+def test_throughput_is_reported(tokenizer, corpus_dir):
+    from nanochat.dataloader import measure_throughput
+    rate, crop = measure_throughput(tokenizer, B=8, T=512, data_dir=corpus_dir, seconds=1.0)
+    assert rate > 10_000 and 0 <= crop < 1
