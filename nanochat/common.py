@@ -8,8 +8,11 @@ import os
 import re
 import tempfile
 
-import torch
-import torch.distributed as dist
+# expandable segments: less fragmentation when a big model fills the GPU (set before CUDA starts)
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Logging: one colored formatter, so every script prints the same way.
@@ -228,3 +231,48 @@ class DummyWandb:
 
     def finish(self):
         pass
+
+# -----------------------------------------------------------------------------
+# Collectives for the distributed optimizers. NCCL has reduce_scatter_tensor and
+# all_gather_into_tensor; gloo (CPU tests) lacks the first, so it gets the
+# equivalent all_reduce + slice. With one process every call is a plain copy.
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def reduce_scatter_mean(output, input):
+    """output (n, ...) <- this rank's n-slice of the mean over ranks of input (W*n, ...)."""
+    W = world_size()
+    if W == 1:
+        output.copy_(input)
+        return
+    if dist.get_backend() == "nccl":
+        dist.reduce_scatter_tensor(output, input, op=dist.ReduceOp.AVG)
+        return
+    buf = input.clone()
+    dist.all_reduce(buf)
+    n = output.size(0)
+    output.copy_(buf[dist.get_rank() * n:(dist.get_rank() + 1) * n]).div_(W)
+
+
+def all_gather_into(output, input):
+    """output (W*n, ...) <- every rank's input (n, ...), in rank order."""
+    if world_size() == 1:
+        output.copy_(input)
+        return
+    if dist.get_backend() == "nccl":
+        dist.all_gather_into_tensor(output, input)
+        return
+    dist.all_gather(list(output.chunk(world_size())), input.contiguous())
+
+
+def all_reduce_mean(t):
+    W = world_size()
+    if W > 1:
+        if dist.get_backend() == "nccl":
+            dist.all_reduce(t, op=dist.ReduceOp.AVG)
+        else:
+            dist.all_reduce(t)
+            t.div_(W)

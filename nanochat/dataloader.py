@@ -225,7 +225,7 @@ class DataLoader:
         and the buffered documents (token arrays) not yet packed."""
         return {"rank": self.rank, "world_size": self.world_size, "T": self.T, "split": self.split,
                 "pos": self.pos, "doc_idx": self.doc_idx, "next_seq": self.next_seq,
-                "buffer": [(seq, self.docs[seq].tolist()) for _, seq in self.keys],
+                "buffer": [(seq, self.docs[seq]) for _, seq in self.keys],  # arrays are never modified: no copy
                 "cropped_tokens": self.cropped_tokens, "emitted_tokens": self.emitted_tokens}
 
     def close(self):

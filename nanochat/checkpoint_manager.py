@@ -1,0 +1,104 @@
+"""
+Checkpoints: save and load model + optimizer + data loader state + metadata.
+
+A checkpoint of step N in a directory is
+    model_{N:06d}.pt           the model's weights (written by rank 0)
+    state_{N:06d}_rank{r}.pt   rank r's optimizer and data loader state (each rank)
+    meta_{N:06d}.json          model config, training flags, step, losses (rank 0, last)
+Every file is written atomically (temp file + rename) and the metadata last, so a
+checkpoint whose meta file exists is complete; find_last_step only counts those.
+"""
+
+import glob
+import json
+import os
+import re
+
+import torch
+
+from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, logger
+from nanochat.gpt import GPT, GPTConfig
+
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}
+
+
+def checkpoint_dir(source, model_tag):
+    if source not in PHASE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; one of {', '.join(PHASE_DIRS)}")
+    return os.path.join(get_base_dir(), PHASE_DIRS[source], model_tag)
+
+
+def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0):
+    """model_state and meta are written by rank 0; rank_state by every rank. Call on all
+    ranks; rank 0 writes meta last, after a barrier, so it marks a complete checkpoint."""
+    os.makedirs(directory, exist_ok=True)
+    if rank == 0:
+        atomic_torch_save(model_state, os.path.join(directory, f"model_{step:06d}.pt"))
+    if rank_state is not None:
+        atomic_torch_save(rank_state, os.path.join(directory, f"state_{step:06d}_rank{rank}.pt"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank == 0:
+        atomic_write(os.path.join(directory, f"meta_{step:06d}.json"),
+                     lambda f: f.write(json.dumps(meta, indent=2)), mode="w")
+        logger.info(f"saved checkpoint step {step} to {directory}")
+
+
+def find_last_step(directory):
+    steps = [int(m.group(1)) for f in glob.glob(os.path.join(directory, "meta_*.json"))
+             if (m := re.search(r"meta_(\d+)\.json$", f))]
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    return max(steps)
+
+
+def load_checkpoint(directory, step, device, load_state=False, rank=0):
+    """Returns (model_state, rank_state or None, meta)."""
+    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory} (missing {meta_path})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    model_state = torch.load(os.path.join(directory, f"model_{step:06d}.pt"), map_location=device)
+    rank_state = None
+    if load_state:
+        path = os.path.join(directory, f"state_{step:06d}_rank{rank}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: resume with the same number of processes "
+                                    f"as the run that saved step {step}")
+        rank_state = torch.load(path, map_location=device, weights_only=False)
+    return model_state, rank_state, meta
+
+
+def build_from_checkpoint(directory, step, device, phase):
+    """Model (eval or train mode) from a checkpoint, plus its metadata."""
+    model_state, _, meta = load_checkpoint(directory, step, device)
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (rotary tables) are not in the state dict
+    model.load_state_dict(model_state, strict=True)
+    model.train(phase == "train")
+    return model, meta
+
+
+def load_model(source, device, phase="eval", model_tag=None, step=None):
+    """(model, tokenizer, meta) of the latest (or given) checkpoint of a stage.
+    model_tag defaults to the largest model of that stage."""
+    from nanochat.tokenizer import check_vocab_size, get_tokenizer
+    root = os.path.join(get_base_dir(), PHASE_DIRS[source])
+    if model_tag is None:
+        tags = [t for t in os.listdir(root)] if os.path.isdir(root) else []
+        if not tags:
+            raise FileNotFoundError(f"no {source} checkpoints in {root}; train one first")
+        model_tag = max(tags, key=lambda t: (int(m.group(1)) if (m := re.match(r"d(\d+)", t)) else -1, t))
+    directory = os.path.join(root, model_tag)
+    step = find_last_step(directory) if step is None else step
+    device = torch.device(device) if isinstance(device, str) else device
+    model, meta = build_from_checkpoint(directory, step, device, phase)
+    meta = dict(meta, model_tag=model_tag, step=step)
+    tokenizer = get_tokenizer()
+    check_vocab_size(tokenizer, model.config.vocab_size, f"checkpoint {directory} step {step}")
+    return model, tokenizer, meta

@@ -1,0 +1,111 @@
+"""
+Muon: MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024,
+https://kellerjordan.github.io/posts/muon/), for the 2D weight matrices of the blocks.
+
+For each matrix W with gradient G:
+    B <- mu * B + (1 - mu) * G                 momentum (as an EMA, lerp)
+    U <- (1 - mu) * G + mu * B                 Nesterov look-ahead
+    O <- polar(U) ~= U (U^T U)^(-1/2)          orthogonalize: all singular values -> ~1
+    W <- W * (1 - lr * wd) - lr * sqrt(max(1, rows/cols)) * O
+
+polar() is approximated (in bf16 on GPUs, fp32 on the CPU) by 5 odd-polynomial iterations
+    X <- a X + b (X X^T) X + c (X X^T)^2 X
+with the per-step coefficients of Polar Express (Amsel, Persson, Musco & Gower 2025,
+arXiv:2505.16932), the "polar express" variant nanochat and modded-nanogpt use. X is
+first normalized by its Frobenius norm (times 1.02 as a safety margin) so every singular
+value starts in (0, 1].
+
+Distributed: matrices of one shape are stacked and split among the ranks. Gradients
+are reduce-scattered (averaged), each rank runs momentum + orthogonalization only for
+the matrices it owns, and the updated matrices are all-gathered. With one process
+the same code runs with no communication, so results match (tests/test_optim.py).
+"""
+
+import torch
+
+from nanochat.common import all_gather_into, reduce_scatter_mean, world_size
+
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def polar_express(G, steps=5, dtype=torch.bfloat16):
+    """Approximate orthogonalization of a stack of matrices (..., m, n), in bf16
+    (fp32 only for exactness tests)."""
+    X = G.to(dtype)
+    transpose = G.size(-2) > G.size(-1)
+    if transpose:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transpose else X
+
+
+_compiled_polar = None
+
+
+def orthogonalize(G, steps=5, dtype=None):
+    """torch.compile'd on CUDA (fuses the small elementwise ops), eager elsewhere.
+    dtype None: bf16 on accelerators, fp32 on the CPU (which has no fast bf16 matmul)."""
+    global _compiled_polar
+    if dtype is None:
+        dtype = torch.float32 if G.device.type == "cpu" else torch.bfloat16
+    if G.is_cuda:
+        if _compiled_polar is None:
+            _compiled_polar = torch.compile(polar_express)
+        return _compiled_polar(G, steps, dtype)
+    return polar_express(G, steps, dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                 ns_dtype=None):
+        params = list(params)
+        if any(p.dim() != 2 for p in params):
+            raise ValueError("Muon is for 2D matrices only; give other parameters to AdamW")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+                        ns_dtype=ns_dtype)
+        # one group per shape, so each group is stacked and orthogonalized in one batched call
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        W = world_size()
+        rank = torch.distributed.get_rank() if W > 1 else 0
+        for group in self.param_groups:
+            params = group["params"]
+            n = -(-len(params) // W)  # matrices per rank (the last rank may have padding)
+            grads = torch.stack([p.grad for p in params])
+            if n * W > len(params):
+                grads = torch.cat([grads, grads.new_zeros((n * W - len(params),) + grads.shape[1:])])
+            my_grads = grads.new_empty((n,) + grads.shape[1:])
+            reduce_scatter_mean(my_grads, grads)
+            mine = list(range(rank * n, min((rank + 1) * n, len(params))))
+            new = torch.stack([p for p in params] + [params[0]] * (n * W - len(params)))
+            if mine:
+                g = my_grads[:len(mine)]
+                state = self.state[params[mine[0]]]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(g)
+                buf = state["momentum_buffer"]
+                buf.lerp_(g, 1 - group["momentum"])
+                update = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
+                O = orthogonalize(update, group["ns_steps"], group["ns_dtype"])
+                rows, cols = params[0].shape
+                mine_new = new[mine[0]:mine[-1] + 1]
+                mine_new.mul_(1 - group["lr"] * group["weight_decay"])
+                mine_new.add_(O.to(mine_new.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+            gathered = torch.empty_like(new)
+            all_gather_into(gathered, new[rank * n:(rank + 1) * n])
+            for i, p in enumerate(params):
+                p.copy_(gathered[i])

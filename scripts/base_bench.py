@@ -1,0 +1,83 @@
+"""
+Pretraining throughput benchmark: tokens/s, MFU and peak memory of the real training
+step (model, torch.compile, bf16 autocast, Muon + AdamW, gradient accumulation) on
+random tokens, so it needs no data or tokenizer. Prints one JSON line.
+
+    python -m scripts.base_bench --depth=20 --window_pattern=L
+    python -m scripts.base_bench --depth=20 --window_pattern=SSSL --steps=30
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from nanochat.common import (autodetect_device_type, compute_dtype, compute_init, device_name, get_peak_flops,
+                             synchronize)
+from nanochat.gpt import GPT, build_model
+
+parser = argparse.ArgumentParser(description="Benchmark the pretraining step; prints a JSON line")
+parser.add_argument("--depth", type=int, default=20)
+parser.add_argument("--window_pattern", default="L")
+parser.add_argument("--max_seq_len", type=int, default=2048)
+parser.add_argument("--device_batch_size", type=int, default=32)
+parser.add_argument("--total_batch_size", type=int, default=-1, help="tokens per optimizer step (default: one micro-step)")
+parser.add_argument("--vocab_size", type=int, default=32768)
+parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps, after the warmup")
+parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+parser.add_argument("--compile", type=int, default=1)
+parser.add_argument("--device_type", default="")
+args = parser.parse_args()
+
+device_type = autodetect_device_type(args.device_type)
+_, _, _, world_size, device = compute_init(device_type)
+dtype = compute_dtype(device_type)
+config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len,
+                              window_pattern=args.window_pattern)
+model = build_model(config, device)
+adamw, muon = optimizers = model.setup_optimizers()
+flops_per_token = model.estimate_flops()
+train_model = torch.compile(model, dynamic=False) if args.compile else model
+B, T = args.device_batch_size, args.max_seq_len
+total = args.total_batch_size if args.total_batch_size > 0 else B * T * world_size
+accum = total // (B * T * world_size)
+gen = torch.Generator(device=device).manual_seed(0)
+batches = [torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=gen) for _ in range(4)]
+
+
+def step(i):
+    for micro in range(accum):
+        batch = batches[(i * accum + micro) % len(batches)]
+        with torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = train_model(batch[:, :-1], batch[:, 1:])
+        (loss / accum).backward()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return loss
+
+
+for i in range(args.warmup):
+    step(i).item()
+synchronize(device_type)
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+t0 = time.time()
+for i in range(args.steps):
+    loss = step(i)
+loss.item()
+synchronize(device_type)
+dt = time.time() - t0
+tok_per_sec = args.steps * total / dt
+peak = get_peak_flops(device_name(device_type))
+print(json.dumps({
+    "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
+    "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,
+    "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 1), "tok_per_sec": round(tok_per_sec),
+    "mfu_percent": round(100 * tok_per_sec * flops_per_token / (peak * world_size), 2),
+    "flops_per_token": flops_per_token,
+    "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device_type == "cuda" else None,
+    "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
+    "date": time.strftime("%Y-%m-%d"), "loss": round(loss.item(), 4)}))

@@ -1,0 +1,106 @@
+"""
+Evaluate a base model on the CORE metric (DCLM; see nanochat/core_eval.py).
+
+    python -m scripts.base_eval                         # latest base checkpoint, every example
+    python -m scripts.base_eval --max_per_task=100      # quicker estimate
+    torchrun --nproc_per_node=8 -m scripts.base_eval    # examples split over ranks
+
+The eval bundle is downloaded once to $NANOCHAT_BASE_DIR/eval_bundle. Results are
+printed, written to $NANOCHAT_BASE_DIR/base_eval/<model_tag>_<step>.csv and, when the
+report module exists, logged to the report.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (atomic_write, autodetect_device_type, compute_cleanup, compute_dtype,
+                             compute_init, get_base_dir, print0)
+from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle, evaluate_core
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a base model on the CORE metric (DCLM eval bundle).")
+    p.add_argument("--model_tag", default=None, help="model tag of the checkpoint (default: the checkpoint manager's choice)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--max_per_task", type=int, default=-1, help="examples per task (default -1: all)")
+    p.add_argument("--device_type", default=None, choices=["cuda", "xla", "mps", "cpu"],
+                   help="device (default: autodetect)")
+    p.add_argument("--bundle_url", default=os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL),
+                   help="where eval_bundle.zip is served (env NANOCHAT_EVAL_BUNDLE_URL); a local path works too")
+    p.add_argument("--bundle_dir", default=None, help="where the bundle is unpacked (default: $NANOCHAT_BASE_DIR/eval_bundle)")
+    return p.parse_args(argv)
+
+
+def format_table(out):
+    lines = [f"{'Task':<35} {'Accuracy':>9} {'Centered':>9}", "-" * 55]
+    for label, acc in out["results"].items():
+        lines.append(f"{label:<35} {acc:>9.4f} {out['centered_results'][label]:>9.4f}")
+    lines.append("-" * 55)
+    lines.append(f"{'CORE':<35} {'':>9} {out['core_metric']:>9.4f}")
+    return "\n".join(lines)
+
+
+def results_csv(out):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["task", "accuracy", "centered"])
+    for label, acc in out["results"].items():
+        w.writerow([label, f"{acc:.6f}", f"{out['centered_results'][label]:.6f}"])
+    w.writerow(["CORE", "", f"{out['core_metric']:.6f}"])
+    return buf.getvalue()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device_type = autodetect_device_type(args.device_type)
+    ddp, rank, _, _, device = compute_init(device_type)
+    try:
+        from nanochat.checkpoint_manager import load_model
+        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+        meta = meta or {}
+
+        bundle_dir = os.path.abspath(args.bundle_dir or os.path.join(get_base_dir(), "eval_bundle"))
+        if rank == 0:
+            ensure_eval_bundle(args.bundle_url, bundle_dir)
+        if ddp:
+            dist.barrier()  # the other ranks wait for rank 0's download
+
+        dtype = compute_dtype(device_type)
+        autocast = (torch.amp.autocast(device_type=device_type, dtype=dtype)
+                    if device_type == "cuda" and dtype != torch.float32 else contextlib.nullcontext())
+        with autocast:
+            out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
+
+        model_tag = args.model_tag or meta.get("model_tag") or "base"
+        step = args.step if args.step is not None else meta.get("step", "last")
+        print0(f"\nCORE evaluation of {model_tag} step {step}"
+               + (f" ({args.max_per_task} examples per task)" if args.max_per_task >= 0 else ""))
+        print0(format_table(out))
+        if rank == 0:
+            csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.csv")
+            text = results_csv(out)
+            atomic_write(csv_path, lambda f: f.write(text), mode="w")
+            print0(f"wrote {csv_path}")
+            try:
+                from nanochat.report import get_report
+            except ImportError:
+                get_report = None
+            if get_report is not None:
+                get_report().log(section="Base model evaluation", data=[
+                    {"Model": f"{model_tag} (step {step})", "Max examples per task": args.max_per_task,
+                     "CORE metric": out["core_metric"]},
+                    {f"{label} (centered)": c for label, c in out["centered_results"].items()},
+                ])
+        return out
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

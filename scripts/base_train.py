@@ -1,0 +1,292 @@
+"""
+Pretrain the base model.
+
+    python -m scripts.base_train --depth=20                                  # one GPU
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
+    python -m scripts.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 \
+        --total_batch_size=4096 --num_iterations=50 --device_type=cpu         # CPU
+
+Gradient accumulation is derived: total_batch_size = device_batch_size * max_seq_len
+* world_size * grad_accum_steps. MFU = tokens/s * model.estimate_flops() / (peak bf16
+FLOP/s of the device * world_size); see GPT.estimate_flops for what is counted.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
+                             device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import resolve_data_dir
+from nanochat.gpt import GPT, build_model
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+parser = argparse.ArgumentParser(description="Pretrain the nanochat base model")
+# runtime
+parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
+parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
+parser.add_argument("--seed", type=int, default=42)
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
+# model
+parser.add_argument("--depth", type=int, default=20, help="number of layers; width follows from it")
+parser.add_argument("--aspect_ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded to head_dim)")
+parser.add_argument("--head_dim", type=int, default=128)
+parser.add_argument("--n_kv_head", type=int, default=0, help="key/value heads for GQA (default: = query heads)")
+parser.add_argument("--max_seq_len", type=int, default=2048, help="context length")
+parser.add_argument("--window_pattern", default="L", help="per-layer S (half context) / L (full) attention windows, e.g. SSSL")
+# training horizon: the first that is set wins
+parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: derive from the ratio below)")
+parser.add_argument("--target_flops", type=float, default=-1, help="train for this many FLOPs (-1: off)")
+parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens = ratio * params (Chinchilla: 20)")
+# batch
+parser.add_argument("--device_batch_size", type=int, default=32, help="sequences per device per micro-step")
+parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
+# optimization (nanochat's defaults)
+parser.add_argument("--embedding_lr", type=float, default=0.2, help="AdamW lr for the embedding")
+parser.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW lr for lm_head")
+parser.add_argument("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
+parser.add_argument("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
+parser.add_argument("--weight_decay", type=float, default=0.0, help="Muon weight decay")
+parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+parser.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of lr warmup")
+parser.add_argument("--warmdown_ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
+parser.add_argument("--final_lr_frac", type=float, default=0.0, help="lr at the end, as a fraction of the peak")
+# evaluation, sampling, checkpoints
+parser.add_argument("--eval_every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
+parser.add_argument("--eval_tokens", type=int, default=20 * 524288, help="tokens for each val bpb evaluation")
+parser.add_argument("--core_metric_every", type=int, default=2000, help="CORE metric every N steps (-1: off)")
+parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="examples per CORE task")
+parser.add_argument("--sample_every", type=int, default=2000, help="print samples every N steps (-1: off)")
+parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+parser.add_argument("--resume_from_step", type=int, default=-1, help="resume from this checkpoint step (-1: start fresh; 0: latest)")
+parser.add_argument("--model_tag", default="", help="checkpoint directory name (default: d<depth>)")
+parser.add_argument("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_DATA_DIR or downloaded shards)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Compute
+
+device_type = autodetect_device_type(args.device_type)
+ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+master = rank == 0
+dtype = compute_dtype(device_type)
+autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device_type, enabled=False)
+if args.run == "dummy" or not master:
+    wandb_run = DummyWandb()
+else:
+    import wandb
+    wandb_run = wandb.init(project="nanochat", name=args.run, config=user_config)
+
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device=device)
+vocab_size = tokenizer.get_vocab_size()
+
+# -----------------------------------------------------------------------------
+# Model
+
+config = GPT.config_for_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
+                              aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                              n_kv_head=args.n_kv_head or None, window_pattern=args.window_pattern)
+model = build_model(config, device)
+model_tag = args.model_tag or f"d{args.depth}"
+ckpt_dir = checkpoint_dir("base", model_tag)
+num_params = model.num_params()
+flops_per_token = model.estimate_flops()
+print0(f"model: {json.dumps(config.to_dict())}")
+print0(f"parameters: {num_params:,}  FLOPs/token: {flops_per_token:e}")
+
+tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
+if args.total_batch_size % tokens_per_micro:
+    raise SystemExit(f"--total_batch_size={args.total_batch_size} must be a multiple of device_batch_size * "
+                     f"max_seq_len * world_size = {tokens_per_micro}")
+grad_accum_steps = args.total_batch_size // tokens_per_micro
+print0(f"tokens per step: {args.total_batch_size:,} = {tokens_per_micro:,} per micro-step x {grad_accum_steps} accumulation steps")
+
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+elif args.target_flops > 0:
+    num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
+elif args.target_param_data_ratio > 0:
+    num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+else:
+    raise SystemExit("set one of --num_iterations, --target_flops, --target_param_data_ratio")
+num_iterations = max(num_iterations, 1)
+total_tokens = args.total_batch_size * num_iterations
+print0(f"training for {num_iterations:,} steps = {total_tokens:,} tokens "
+       f"({total_tokens / num_params:.1f} tokens/param, {flops_per_token * total_tokens:e} FLOPs)")
+
+optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                    matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+                                    weight_decay=args.weight_decay)
+adamw, muon = optimizers
+
+# -----------------------------------------------------------------------------
+# Resume
+
+step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0, 0.0, None, float("inf")
+if args.resume_from_step >= 0:
+    resume_step = find_last_step(ckpt_dir) if args.resume_from_step == 0 else args.resume_from_step
+    model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, device, load_state=True, rank=rank)
+    if meta["model_config"] != config.to_dict():
+        raise SystemExit(f"checkpoint {ckpt_dir} step {resume_step} has model {meta['model_config']}, "
+                         f"not {config.to_dict()}: resume with the same model flags")
+    model.load_state_dict(model_state)
+    for opt, s in zip(optimizers, rank_state["optimizers"]):
+        opt.load_state_dict(s)
+    loader_state = rank_state["loader"]
+    step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
+    val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
+    print0(f"resumed from {ckpt_dir} step {step}")
+    del model_state, rank_state
+
+orig_model = model  # uncompiled, for state dicts, sampling and evaluation with other shapes
+use_compile = args.compile if args.compile >= 0 else device_type == "cuda"
+if use_compile:
+    model = torch.compile(model, dynamic=False)
+
+print0(f"data: {resolve_data_dir(args.data_dir)}")
+train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
+                          data_dir=args.data_dir, resume_state=loader_state)
+
+
+def make_val_loader():
+    return DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device, data_dir=args.data_dir)
+
+
+# the loader runs one batch ahead of training; a checkpoint stores its state from before
+# that batch was fetched, so a resumed run trains on exactly the batches it would have
+loader_state = train_loader.state_dict()
+x, y = next(train_loader)
+
+# -----------------------------------------------------------------------------
+# Schedules
+
+
+def lr_multiplier(it):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
+    warmup = round(args.warmup_ratio * num_iterations)
+    warmdown = round(args.warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * args.final_lr_frac
+
+
+def muon_momentum(it):
+    """0.85 -> 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def checkpoint(step):
+    meta = {"step": step, "model_config": config.to_dict(), "user_config": user_config,
+            "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+            "world_size": world_size, "smooth_loss": smooth_loss, "train_time": train_time,
+            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations}
+    save_checkpoint(ckpt_dir, step, orig_model.state_dict(),
+                    {"optimizers": [o.state_dict() for o in optimizers], "loader": loader_state}, meta, rank)
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+peak_flops = get_peak_flops(device_name(device_type))
+print0(f"device: {device_name(device_type)}, peak bf16 {peak_flops:e} FLOP/s")
+ema_beta = 0.9
+while True:
+    last_step = step == num_iterations
+    # --- evaluation, sampling, checkpoint (not timed) ---
+    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every < 0):
+        model.eval()
+        val_loader = make_val_loader()
+        eval_steps = max(1, args.eval_tokens // tokens_per_micro)
+        with autocast:
+            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+        val_loader.close()
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
+        wandb_run.log({"step": step, "val/bpb": val_bpb})
+        model.train()
+    if args.core_metric_every > 0 and step > 0 and (last_step or step % args.core_metric_every == 0):
+        from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+        orig_model.eval()
+        with autocast:
+            core = evaluate_core(orig_model, tokenizer, device, ensure_eval_bundle(),
+                                 max_per_task=args.core_metric_max_per_task)
+        print0(f"step {step:05d} | CORE: {core['core_metric']:.4f}")
+        wandb_run.log({"step": step, "core_metric": core["core_metric"]})
+        orig_model.train()
+    if master and args.sample_every > 0 and step > 0 and (last_step or step % args.sample_every == 0):
+        orig_model.eval()
+        for prompt in ["The capital of France is", "#include <vector>\n\nint main() {", "def fibonacci(n):"]:
+            with autocast:
+                out = list(orig_model.generate(tokenizer.encode(prompt, prepend="<|bos|>"), 24, temperature=0))
+            print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
+        orig_model.train()
+    if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        checkpoint(step)
+    if last_step:
+        break
+
+    # --- one optimizer step ---
+    synchronize(device_type)
+    t0 = time.time()
+    for micro in range(grad_accum_steps):
+        with autocast:
+            loss = model(x, y)
+        train_loss = loss.detach()
+        (loss / grad_accum_steps).backward()
+        loader_state = train_loader.state_dict()
+        x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
+    grad_norm = None
+    if args.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
+    lrm = lr_multiplier(step)
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lrm
+    for g in muon.param_groups:
+        g["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    orig_model.zero_grad(set_to_none=True)
+    train_loss = train_loss.item()  # syncs with the device
+    synchronize(device_type)
+    dt = time.time() - t0
+    step += 1
+
+    # --- logging ---
+    smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
+    debiased = smooth_loss / (1 - ema_beta ** step)
+    tok_per_sec = args.total_batch_size / dt
+    mfu = 100 * tok_per_sec * flops_per_token / (peak_flops * world_size)
+    if step > 10:
+        train_time += dt  # the first steps include compilation
+    eta = (num_iterations - step) * (train_time / max(step - 10, 1)) if step > 10 else float("nan")
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "
+           f"eta: {eta / 60:.1f}m" + (f" | grad norm: {grad_norm:.3f}" if grad_norm is not None else ""))
+    wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+
+print0(f"peak memory: {max_memory_allocated_mib(device_type):.0f} MiB; training time: {train_time / 60:.2f}m; "
+       f"min val bpb: {min_val_bpb:.4f}; data cropped by packing: {train_loader.crop_fraction:.2%}")
+try:
+    from nanochat.report import get_report
+    get_report().log(section="Base model training", data=[user_config, {
+        "parameters": num_params, "flops_per_token": flops_per_token, "num_iterations": num_iterations,
+        "tokens": total_tokens, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb,
+        "training_time_min": round(train_time / 60, 2), "peak_memory_mib": round(max_memory_allocated_mib(device_type))}])
+except ImportError:
+    pass
+train_loader.close()
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,98 @@
+"""CPU smoke runs of scripts.base_train on the embedded corpus: it trains, checkpoints
+atomically, and a resumed run continues exactly like an uninterrupted one."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("base")
+    shutil.copytree(tokenizer.directory, d / "tokenizer")
+    return d
+
+
+def run_train(base_dir, corpus_dir, *extra):
+    cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+           "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=6", "--eval_every=3",
+           "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1", "--run=dummy",
+           f"--data_dir={corpus_dir}", *extra]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def losses(stdout):
+    return dict(re.findall(r"step (\d+)/\d+ .*?\| loss: ([\d.]+)", stdout))
+
+
+def val_bpbs(stdout):
+    return dict(re.findall(r"step (\d+) \| val bpb: ([\d.]+)", stdout))
+
+
+def test_train_checkpoint_and_exact_resume(base_dir, corpus_dir):
+    full = run_train(base_dir, corpus_dir, "--save_every=3", "--model_tag=full")
+    lf = losses(full)
+    assert list(lf) == [f"{i:05d}" for i in range(1, 7)]
+    assert float(lf["00006"]) < float(lf["00001"])  # it learns
+    ckpt = base_dir / "base_checkpoints" / "full"
+    files = sorted(os.listdir(ckpt))
+    assert files == ["meta_000003.json", "meta_000006.json", "model_000003.pt", "model_000006.pt",
+                     "state_000003_rank0.pt", "state_000006_rank0.pt"]  # nothing half-written left over
+    meta = json.loads((ckpt / "meta_000006.json").read_text())
+    assert meta["step"] == 6 and meta["model_config"]["n_layer"] == 2
+
+    # resume the same run from step 3 into a copy, and compare steps 4..6
+    shutil.copytree(ckpt, base_dir / "base_checkpoints" / "resumed")
+    for f in ("meta_000006.json", "model_000006.pt", "state_000006_rank0.pt"):
+        os.remove(base_dir / "base_checkpoints" / "resumed" / f)
+    resumed = run_train(base_dir, corpus_dir, "--resume_from_step=3", "--model_tag=resumed")
+    lr = losses(resumed)
+    assert list(lr) == ["00004", "00005", "00006"]
+    for s in lr:
+        assert lr[s] == lf[s], f"step {s}: resumed loss {lr[s]} != uninterrupted {lf[s]}"
+    assert val_bpbs(resumed)["00006"] == val_bpbs(full)["00006"]
+
+
+def test_bad_batch_flags_are_explained(base_dir, corpus_dir):
+    cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+           "--device_batch_size=3", "--total_batch_size=256", f"--data_dir={corpus_dir}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "must be a multiple of" in out.stderr
+
+
+def test_base_loss_reports_bpb(base_dir, corpus_dir):
+    run_train(base_dir, corpus_dir, "--model_tag=d2")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
+    out = subprocess.run([sys.executable, "-m", "scripts.base_loss", "--device_type=cpu", "--device_batch_size=2",
+                          "--split_tokens=512", f"--data_dir={corpus_dir}", "--model_tag=d2"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bpb = dict(re.findall(r"(train|val) bpb: ([\d.]+)", out.stdout))
+    assert set(bpb) == {"train", "val"} and all(0 < float(v) < 20 for v in bpb.values())
+    assert "sample" in out.stdout
+
+
+def test_base_eval_on_a_real_checkpoint(base_dir, corpus_dir):
+    """CORE on the fixture bundle with the d2 checkpoint trained above (real loading path)."""
+    if not (base_dir / "base_checkpoints" / "d2").exists():
+        run_train(base_dir, corpus_dir, "--model_tag=d2")
+    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
+    out = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--device_type=cpu", "--model_tag=d2",
+                          f"--bundle_dir={bundle}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    core = float(re.search(r"CORE\D*?(-?\d+\.\d+)", out.stdout).group(1))
+    assert -1.0 <= core <= 1.0
+    rows = (base_dir / "base_eval" / "d2_6.csv").read_text().splitlines()
+    assert rows[0] == "task,accuracy,centered" and rows[-1].startswith("CORE,,")
