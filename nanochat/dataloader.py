@@ -63,6 +63,7 @@ class DocumentStream:
             # k counts row groups across the whole epoch; rank r takes those with k % W == r,
             # so even shards with a single row group spread over the ranks
             epoch, name, rg, k = self.start if self.start else (0, None, 0, 0)
+            rank, world = self.rank, self.world_size
             path = os.path.join(os.path.dirname(list_parquet_files(self.data_dir)[0]), name) if name else None
             produced_this_epoch = False
             while not self.stop.is_set():
@@ -70,7 +71,7 @@ class DocumentStream:
                     path = self._shards_after(None)
                 pf = open_shard(path)
                 for g in range(rg, pf.num_row_groups):
-                    if k % self.world_size == self.rank:
+                    if k % world == rank:
                         docs = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
                         ids = self.tokenizer.encode(docs, prepend=self.tokenizer.get_bos_token_id(),
                                                     num_threads=self.threads)
@@ -81,7 +82,11 @@ class DocumentStream:
                 rg = 0
                 path = self._shards_after(os.path.basename(path))
                 if path is None:  # end of epoch
-                    if not produced_this_epoch:
+                    if not produced_this_epoch and self.split == "val" and k > 0 and rank == self.rank:
+                        # a small val split with fewer row groups than ranks: ranks share them
+                        # (evaluation only averages, so repeats don't bias it)
+                        rank, world = self.rank % k, k
+                    elif not produced_this_epoch:
                         raise RuntimeError(f"rank {self.rank} of {self.world_size} got no data from the {self.split} "
                                            f"shards in {self.data_dir}: there are fewer row groups than ranks. "
                                            "Use more shards or smaller row groups")

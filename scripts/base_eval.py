@@ -67,7 +67,11 @@ def main(argv=None):
 
         bundle_dir = os.path.abspath(args.bundle_dir or os.path.join(get_base_dir(), "eval_bundle"))
         if rank == 0:
-            ensure_eval_bundle(args.bundle_url, bundle_dir)
+            try:
+                ensure_eval_bundle(args.bundle_url, bundle_dir)
+            except (RuntimeError, ValueError) as e:  # offline, or a broken bundle: say so in one line
+                raise SystemExit(f"error: {e}\nPut an unpacked eval bundle at {bundle_dir} (or pass --bundle_dir), "
+                                 "or point --bundle_url / NANOCHAT_EVAL_BUNDLE_URL at a mirror of eval_bundle.zip")
         if ddp:
             dist.barrier()  # the other ranks wait for rank 0's download
 

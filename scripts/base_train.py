@@ -199,7 +199,8 @@ def checkpoint(step):
 # Training loop
 
 peak_flops = get_peak_flops(device_name(device_type))
-print0(f"device: {device_name(device_type)}, peak bf16 {peak_flops:e} FLOP/s")
+print0(f"device: {device_name(device_type)}, " + (f"peak bf16 {peak_flops:e} FLOP/s" if peak_flops < float("inf")
+                                                   else "peak FLOP/s unknown, so MFU shows as 0"))
 ema_beta = 0.9
 while True:
     last_step = step == num_iterations

@@ -150,3 +150,17 @@ def test_throughput_is_reported(tokenizer, corpus_dir):
     from nanochat.dataloader import measure_throughput
     rate, crop = measure_throughput(tokenizer, B=8, T=512, data_dir=corpus_dir, seconds=1.0)
     assert rate > 10_000 and 0 <= crop < 1
+
+
+def test_small_val_split_is_shared_by_ranks(tokenizer, corpus_dir):
+    n_rg = pq.ParquetFile(list_parquet_files(corpus_dir)[-1]).num_row_groups
+    world = n_rg + 1  # more ranks than val row groups
+    stream = DocumentStream(tokenizer, "val", corpus_dir, world - 1, world)
+    (_, shard, rg, _), ids = stream.get()
+    stream.close()
+    assert shard == os.path.basename(list_parquet_files(corpus_dir)[-1]) and rg == (world - 1) % n_rg and ids
+    # the train split keeps its clear error instead
+    stream = DocumentStream(tokenizer, "train", corpus_dir, 999, 1000)
+    with pytest.raises(RuntimeError, match="fewer row groups than ranks"):
+        stream.get()
+    stream.close()
