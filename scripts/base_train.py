@@ -217,14 +217,19 @@ while True:
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
     if args.core_metric_every > 0 and step > 0 and (last_step or step % args.core_metric_every == 0):
-        from nanochat.core_eval import ensure_eval_bundle, evaluate_core
-        orig_model.eval()
-        with autocast:
-            core = evaluate_core(orig_model, tokenizer, device, ensure_eval_bundle(),
-                                 max_per_task=args.core_metric_max_per_task)
-        print0(f"step {step:05d} | CORE: {core['core_metric']:.4f}")
-        wandb_run.log({"step": step, "core_metric": core["core_metric"]})
-        orig_model.train()
+        from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle, evaluate_core
+        try:
+            bundle_dir = ensure_eval_bundle(os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL))
+        except (RuntimeError, ValueError) as e:  # offline: don't lose the run over a metric
+            print0(f"CORE metric turned off for this run: {e}")
+            args.core_metric_every = -1
+        else:
+            orig_model.eval()
+            with autocast:
+                core = evaluate_core(orig_model, tokenizer, device, bundle_dir, max_per_task=args.core_metric_max_per_task)
+            print0(f"step {step:05d} | CORE: {core['core_metric']:.4f}")
+            wandb_run.log({"step": step, "core_metric": core["core_metric"]})
+            orig_model.train()
     if master and args.sample_every > 0 and step > 0 and (last_step or step % args.sample_every == 0):
         orig_model.eval()
         for prompt in ["The capital of France is", "#include <vector>\n\nint main() {", "def fibonacci(n):"]:

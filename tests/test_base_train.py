@@ -118,3 +118,26 @@ def test_torchrun_two_processes_train_and_resume(base_dir, corpus_dir):
     resumed = losses(torchrun("--resume_from_step=2", "--model_tag=ddp"))
     assert list(resumed) == ["00003", "00004"]
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
+
+
+def test_core_metric_during_training(base_dir, corpus_dir, tmp_path):
+    """--core_metric_every fetches the bundle (here a file:// zip of the fixture) and logs
+    CORE; when the bundle can't be had, training goes on without it."""
+    import zipfile
+    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
+    zpath = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for dirpath, _, files in os.walk(bundle):
+            for f in files:
+                full = os.path.join(dirpath, f)
+                z.write(full, os.path.join("eval_bundle", os.path.relpath(full, bundle)))
+    os.environ["NANOCHAT_EVAL_BUNDLE_URL"] = f"file://{zpath}"
+    try:
+        out = run_train(base_dir, corpus_dir, "--core_metric_every=3", "--core_metric_max_per_task=4", "--model_tag=core")
+        assert re.search(r"step 00003 \| CORE: -?\d+\.\d+", out) and re.search(r"step 00006 \| CORE:", out)
+        os.environ["NANOCHAT_EVAL_BUNDLE_URL"] = f"file://{tmp_path}/missing.zip"
+        shutil.rmtree(base_dir / "eval_bundle")
+        out = run_train(base_dir, corpus_dir, "--core_metric_every=3", "--model_tag=core2")
+        assert "CORE metric turned off" in out and "step 00006/00006" in out
+    finally:
+        os.environ.pop("NANOCHAT_EVAL_BUNDLE_URL", None)

@@ -1,0 +1,54 @@
+import os
+
+import pytest
+import torch
+
+from nanochat import common
+
+
+def test_device_autodetect_and_override():
+    assert common.autodetect_device_type("cpu") == "cpu"
+    assert common.autodetect_device_type() in common.DEVICE_TYPES
+    with pytest.raises(ValueError, match="unknown device type 'tpu'"):
+        common.autodetect_device_type("tpu")
+
+
+def test_peak_flops_table():
+    assert common.get_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert common.get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert common.get_peak_flops("TPU v6e") == 918e12
+    assert common.get_peak_flops("some new chip") == float("inf")  # MFU shows 0, never a made-up number
+
+
+def test_compute_dtype():
+    assert common.compute_dtype("cpu") == torch.float32
+    assert common.compute_dtype("xla") == torch.bfloat16
+
+
+def test_base_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "nc"))
+    assert common.get_base_dir() == str(tmp_path / "nc") and os.path.isdir(tmp_path / "nc")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "f.txt"
+    common.atomic_write(str(p), lambda f: f.write("old"), mode="w")
+
+    def boom(f):
+        f.write("half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        common.atomic_write(str(p), boom, mode="w")
+    assert p.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    assert oct(p.stat().st_mode & 0o777) != oct(0o600)  # normal permissions, not mkstemp's
+
+
+def test_ddp_env_detection(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert common.get_dist_info() == (False, 0, 0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert common.get_dist_info() == (True, 3, 1, 8)
