@@ -53,27 +53,28 @@ def find_last_step(directory):
     return max(steps)
 
 
-def load_checkpoint(directory, step, device, load_state=False, rank=0):
-    """Returns (model_state, rank_state or None, meta)."""
+def load_checkpoint(directory, step, load_state=False, rank=0):
+    """Returns (model_state, rank_state or None, meta), all on the CPU."""
     meta_path = os.path.join(directory, f"meta_{step:06d}.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory} (missing {meta_path})")
     with open(meta_path) as f:
         meta = json.load(f)
-    model_state = torch.load(os.path.join(directory, f"model_{step:06d}.pt"), map_location=device)
+    # loaded to the CPU: load_state_dict copies onto the model's device (XLA can't be a map_location)
+    model_state = torch.load(os.path.join(directory, f"model_{step:06d}.pt"), map_location="cpu")
     rank_state = None
     if load_state:
         path = os.path.join(directory, f"state_{step:06d}_rank{rank}.pt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: resume with the same number of processes "
                                     f"as the run that saved step {step}")
-        rank_state = torch.load(path, map_location=device, weights_only=False)
+        rank_state = torch.load(path, map_location="cpu", weights_only=False)
     return model_state, rank_state, meta
 
 
 def build_from_checkpoint(directory, step, device, phase):
     """Model (eval or train mode) from a checkpoint, plus its metadata."""
-    model_state, _, meta = load_checkpoint(directory, step, device)
+    model_state, _, meta = load_checkpoint(directory, step)
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)

@@ -244,7 +244,7 @@ def get_token_bytes(device="cpu", directory=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} at {path}; train a tokenizer first: python -m scripts.tok_train")
     with open(path, "rb") as f:
-        return torch.load(f, map_location=device)
+        return torch.load(f, map_location="cpu").to(device)  # XLA can't be a map_location
 
 
 def check_vocab_size(tokenizer, vocab_size, where):

@@ -133,7 +133,7 @@ adamw, muon = optimizers
 step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0, 0.0, None, float("inf")
 if args.resume_from_step >= 0:
     resume_step = find_last_step(ckpt_dir) if args.resume_from_step == 0 else args.resume_from_step
-    model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, device, load_state=True, rank=rank)
+    model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, load_state=True, rank=rank)
     if meta["model_config"] != config.to_dict():
         raise SystemExit(f"checkpoint {ckpt_dir} step {resume_step} has model {meta['model_config']}, "
                          f"not {config.to_dict()}: resume with the same model flags")
