@@ -80,11 +80,14 @@ def apply_rotary_emb(x, cos, sin):
 
 class Context:
     """What one forward pass shares across layers: rotary tables for its positions, the
-    position offset (pos0 > 0 when decoding with a cache), and cached attention masks."""
+    position offset (pos0 > 0 when decoding with a cache), and cached attention masks.
+    For the static one-token decode step (GPT.decode_step) the position is a device
+    tensor instead, and decode_masks hold each window's mask over the whole cache."""
 
-    def __init__(self, cos, sin, pos0, T, block_masks):
+    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
+        self.pos_t, self.decode_masks = pos_t, decode_masks
 
 
 def sliding_window_mask(q_len, k_len, pos0, window, device):
@@ -119,7 +122,10 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
-            k, v = cache.update(k, v, ctx.pos0)
+            if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache
+                k, v = cache.write(k, v, ctx.pos_t)
+            else:
+                k, v = cache.update(k, v, ctx.pos0)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep another dtype than autocast's
         y = self.attend(q, k, v, ctx)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -127,6 +133,8 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, ctx):
         gqa = self.n_head != self.n_kv_head
         T, S = q.size(2), k.size(2)
+        if ctx.decode_masks is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_masks[self.window], enable_gqa=gqa)
         if T == S and ctx.pos0 == 0 and self.window >= T:
             # full causal attention: SDPA picks flash / cuDNN on GPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -161,6 +169,16 @@ class KVCache:
         self.v[:, :, pos0:pos0 + T] = v
         return self.k[:, :, :pos0 + T], self.v[:, :, :pos0 + T]
 
+    def write(self, k, v, pos_t):
+        """One position given as a device tensor: same shapes every step (CUDA graphs)."""
+        self.k.index_copy_(2, pos_t.view(1), k.to(self.k.dtype))
+        self.v.index_copy_(2, pos_t.view(1), v.to(self.v.dtype))
+        return self.k, self.v
+
+    def repeat(self, n):
+        """Copy a batch-1 cache (a shared prefill) into n rows."""
+        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
+
 
 MIXERS = {"attn": CausalSelfAttention}
 
@@ -193,8 +211,12 @@ class Block(nn.Module):
 class ModelCache:
     """Inference state for every layer plus the number of positions already filled."""
 
-    def __init__(self, layers):
-        self.layers, self.pos = layers, 0
+    def __init__(self, layers, max_len):
+        self.layers, self.pos, self.max_len = layers, 0, max_len
+
+    def repeat(self, n):
+        for layer in self.layers:
+            layer.repeat(n)
 
 
 class GPT(nn.Module):
@@ -285,7 +307,7 @@ class GPT(nn.Module):
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
-        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks])
+        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len)
 
     def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
         """idx (B, T) token ids. With targets: the loss (ignore_index -1). Without: logits
@@ -305,6 +327,22 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+
+    def decode_step(self, idx, cache, pos_t):
+        """Logits (B, vocab) for one new token per row at position pos_t (a 0-dim device
+        tensor), written into the cache. Every shape is fixed whatever the position, so
+        the engine can compile this and replay it as a CUDA graph. Attention reads the
+        whole cache under a mask; the caller keeps cache.pos."""
+        cos = self.cos.index_select(1, pos_t.view(1))
+        sin = self.sin.index_select(1, pos_t.view(1))
+        kpos = torch.arange(cache.max_len, device=idx.device)
+        masks = {w: ((kpos <= pos_t) & (pos_t - kpos < w)).view(1, 1, 1, -1) for w in {w for _, w in self.plan}}
+        ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks)
+        x = norm(self.wte(idx))
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, ctx, layer_cache)
+        logits = self.lm_head(norm(x[:, -1])).float()
+        return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_betas=(0.8, 0.95)):

@@ -1,0 +1,219 @@
+"""
+The inference engine: prefill once, then decode token by token from a cache, for one or
+many samples of the same prompt, with the Python tool in the loop.
+
+- Prefill: the prompt goes through the model once, at batch 1, filling a cache that
+  the model builds layer by layer (model.init_cache: each mixer makes its own state,
+  KV for attention); that cache is then copied into num_samples rows.
+- Decode: all rows advance one position per step. The step is GPT.decode_step, whose
+  shapes never change (static cache, position as a device tensor), so on CUDA it is
+  torch.compile'd and captured once as a CUDA graph, then replayed every step.
+- Sampling: temperature (0 = greedy), top-k, and a seeded torch.Generator.
+- Stopping: a row is done at <|assistant_end|> or <|bos|>; generation ends when every
+  row is done or max_tokens is reached.
+- Tool use: each row runs a small state machine (ToolState). Tokens between
+  <|python_start|> and <|python_end|> are collected; at <|python_end|> the expression is
+  evaluated (plain arithmetic directly, anything else in the execution sandbox) and
+  <|output_start|> result <|output_end|> is forced into that row's stream, one token
+  per step, in place of sampling. Forced tokens come back with mask 0.
+"""
+
+import re
+from collections import deque
+
+import torch
+
+
+
+def sample_next(logits, rng, temperature=1.0, top_k=None):
+    """(B, V) logits -> (B,) token ids."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        probs = torch.softmax(vals / temperature, dim=-1)
+        return idx.gather(1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+
+
+_ARITHMETIC = re.compile(r"^[\d\s+\-*/().%]+$")
+
+
+def run_tool(expression, timeout=3.0):
+    """The Python tool: the value of an expression (or what a snippet prints), as text;
+    None if it fails. Plain arithmetic is evaluated here with no names available;
+    anything else runs in the sandbox (nanochat/execution.py)."""
+    expression = expression.strip()
+    if not expression:
+        return None
+    if _ARITHMETIC.match(expression) and "**" not in expression:  # no power: 9**9**9 would hang us
+        try:
+            return str(eval(expression, {"__builtins__": {}}, {}))
+        except Exception:
+            return None
+    from nanochat.execution import execute_code
+    lines = expression.splitlines()
+    # a single expression prints its value; a snippet prints what it prints
+    code = f"print({expression})" if len(lines) == 1 and _is_expression(expression) else expression
+    result = execute_code(code, timeout=timeout)
+    return result.stdout.strip() if result.success else None
+
+
+def _is_expression(text):
+    try:
+        compile(text, "<tool>", "eval")
+        return True
+    except SyntaxError:
+        return False
+
+
+class ToolState:
+    """Per-row tool-use state machine. feed(token) returns the tokens to force next."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        s = tokenizer.encode_special
+        self.python_start, self.python_end = s("<|python_start|>"), s("<|python_end|>")
+        self.output_start, self.output_end = s("<|output_start|>"), s("<|output_end|>")
+        self.in_python, self.expr = False, []
+
+    def feed(self, token):
+        if token == self.python_start:
+            self.in_python, self.expr = True, []
+        elif token == self.python_end and self.in_python:
+            self.in_python = False
+            result = run_tool(self.tok.decode(self.expr))
+            if result is not None:
+                return [self.output_start] + self.tok.encode(result) + [self.output_end]
+        elif self.in_python:
+            self.expr.append(token)
+        return []
+
+
+class Row:
+    def __init__(self, tokenizer):
+        self.tool = ToolState(tokenizer)
+        self.forced = deque()
+        self.done = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, use_cuda_graphs=True, use_tools=True):
+        self.model, self.tokenizer = model, tokenizer
+        self.use_cuda_graphs, self.use_tools = use_cuda_graphs, use_tools
+        self._compiled_step = None
+        s = tokenizer.encode_special
+        self.stop_tokens = {s("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    @property
+    def device(self):
+        return self.model.wte.weight.device
+
+    # ---- the decode step -----------------------------------------------------
+
+    def _step_fn(self):
+        if self.device.type == "cuda" and self._compiled_step is None:
+            self._compiled_step = torch.compile(self.model.decode_step, dynamic=False)
+        return self._compiled_step or self.model.decode_step
+
+    def _make_stepper(self, cache, batch):
+        """A function (ids (B,1), pos int) -> logits (B, V). On CUDA: one captured graph,
+        replayed; its static inputs are refreshed with two small copies per step."""
+        step = self._step_fn()
+        dev = self.device
+        if dev.type != "cuda" or not self.use_cuda_graphs:
+            return lambda ids, pos: step(ids, cache, torch.tensor(pos, device=dev))
+        static_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        static_pos = torch.zeros((), dtype=torch.long, device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        # warm up on a side stream (compiles, autotunes), writing at the last position of
+        # the cache, which decode overwrites before it is ever read
+        static_pos.fill_(cache.max_len - 1)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(static_ids, cache, static_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step(static_ids, cache, static_pos)
+
+        def run(ids, pos):
+            static_ids.copy_(ids)
+            static_pos.fill_(pos)
+            graph.replay()
+            return static_logits
+        return run
+
+    # ---- generation ----------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Streams (token_column, mask_column) per step: the next token of each row, and
+        1 where it was sampled, 0 where the tool forced it. Rows that are done keep
+        producing (ignored) tokens until all are done, so the batch stays in lockstep."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+        model, device = self.model, self.device
+        max_len = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
+        max_len = max(max_len, len(tokens) + 1)
+        if max_len > model.rotary_len:
+            raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
+        rng = torch.Generator(device=device).manual_seed(seed)
+        cache = model.init_cache(1, max_len, device=device)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = model(ids, cache=cache)[:, -1, :]           # prefill, batch 1
+        if num_samples > 1:
+            cache.repeat(num_samples)
+            logits = logits.expand(num_samples, -1)
+        step = self._make_stepper(cache, num_samples) if len(tokens) < max_len else None
+        rows = [Row(self.tokenizer) for _ in range(num_samples)]
+        pos, produced = len(tokens), 0
+        while True:
+            sampled = sample_next(logits, rng, temperature, top_k).tolist()
+            column, masks = [], []
+            for row, tok in zip(rows, sampled):
+                forced = bool(row.forced)
+                tok = row.forced.popleft() if forced else tok
+                column.append(tok)
+                masks.append(0 if forced else 1)
+                if tok in self.stop_tokens:
+                    row.done = True
+                if self.use_tools:
+                    row.forced.extend(row.tool.feed(tok))
+            yield column, masks
+            produced += 1
+            if all(r.done for r in rows) or (max_tokens is not None and produced >= max_tokens) or pos >= max_len:
+                break
+            logits = step(torch.tensor(column, device=device).view(-1, 1), pos)
+            pos += 1
+        cache.pos = pos
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """All samples at once: (token lists, mask lists), each without the prompt and
+        without the stop token."""
+        results = [[] for _ in range(num_samples)]
+        masks = [[] for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, **kwargs):
+            for i, (tok, m) in enumerate(zip(column, mask_column)):
+                if done[i]:
+                    continue
+                if tok in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(tok)
+                    masks[i].append(m)
+        return results, masks
+
+
+@torch.inference_mode()
+def naive_generate(model, tokens, max_tokens):
+    """Greedy decoding by full recomputation, no cache: the reference the engine must match."""
+    ids = list(tokens)
+    device = model.wte.weight.device
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([ids], device=device))[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(tokens):]

@@ -1,0 +1,78 @@
+"""
+Inference benchmark: time to first token (prefill) and decode tokens/s of the engine
+for several batch sizes, with the memory bandwidth each decode step achieves against
+the bytes it must read (weights + the whole static KV cache). Random weights and a
+random prompt by default (speed does not depend on the values); --model_tag loads a
+base checkpoint instead. Prints a table, then one JSON line.
+
+    python -m scripts.engine_bench                                # d12, prompt 1792, 256 new, batch 1 and 128
+    python -m scripts.engine_bench --depth=2 --prompt_len=64 --new_tokens=32 --batch_sizes=1,4 --device_type=cpu
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from nanochat.common import autodetect_device_type, compute_init, device_name, synchronize
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, build_model
+from nanochat.tokenizer import Tokenizer
+
+parser = argparse.ArgumentParser(description="Benchmark the inference engine; prints a table and a JSON line")
+parser.add_argument("--depth", type=int, default=12)
+parser.add_argument("--vocab_size", type=int, default=32768)
+parser.add_argument("--seq_len", type=int, default=2048, help="model context (the static cache's length)")
+parser.add_argument("--prompt_len", type=int, default=1792)
+parser.add_argument("--new_tokens", type=int, default=256)
+parser.add_argument("--batch_sizes", default="1,128")
+parser.add_argument("--cuda_graphs", type=int, default=1)
+parser.add_argument("--device_type", default="")
+parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
+args = parser.parse_args()
+
+device_type = autodetect_device_type(args.device_type)
+_, _, _, _, device = compute_init(device_type)
+dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+model = build_model(config, device).to(dtype).eval()
+# a byte-level tokenizer needs no training: the engine only uses it for special tokens here
+tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
+engine.stop_tokens = set()  # random weights: decode exactly new_tokens tokens
+prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+elt = torch.finfo(dtype).bits // 8
+weight_bytes = (model.num_params() - model.wte.weight.numel()) * elt  # every matrix is read each step
+head_dim = config.n_embd // config.n_head
+max_len = args.prompt_len + args.new_tokens
+
+rows = []
+for B in [int(b) for b in args.batch_sizes.split(",")]:
+    for attempt in range(2):  # the first run compiles and captures; time the second
+        synchronize(device_type)
+        t0 = time.time()
+        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0)
+        next(gen)
+        synchronize(device_type)
+        t_first = time.time()
+        n = 1 + sum(1 for _ in gen)
+        synchronize(device_type)
+        t_end = time.time()
+    decode_steps = n - 1
+    step_s = (t_end - t_first) / max(decode_steps, 1)
+    cache_bytes = 2 * config.n_layer * B * config.n_kv_head * max_len * head_dim * elt
+    bw = (weight_bytes + cache_bytes) / step_s
+    rows.append({"batch": B, "ttft_ms": round(1000 * (t_first - t0), 1), "decode_step_ms": round(1000 * step_s, 3),
+                 "decode_tok_per_s": round(B / step_s), "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
+                 "bandwidth_util_percent": round(100 * bw / args.peak_bandwidth, 1), "tokens": n})
+
+print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8}")
+for r in rows:
+    print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
+          f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
+print(json.dumps({"depth": args.depth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                  "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda", "results": rows,
+                  "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
+                  "date": time.strftime("%Y-%m-%d")}))
