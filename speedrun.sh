@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The ~$100 nanochat: a d20 model on one 8xH100 node, start to end. Stages that have not
-# landed yet are listed at the bottom. Launch inside screen, e.g.
+# The ~$100 nanochat: a d20 model on one 8xH100 node, start to end, then report.md.
+# Stages that have not landed yet are listed at the bottom. Launch inside screen, e.g.
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
+# DRY_RUN=1 bash speedrun.sh prints every command without running anything.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
-source "$(dirname "$0")/dev/setup.sh"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-NPROC=${NPROC:-1}
-WANDB_RUN=${WANDB_RUN:-dummy}
+set -euo pipefail
+cd "$(dirname "$0")"
 
-# data: 8 shards now for the tokenizer, the rest (240 ~= 20 tokens/param for d20) in the background
-python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 240 &
+# edit the run here: these go to every stage that takes them
+DEPTH=${DEPTH:-20}
+DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}
+NUM_SHARDS=${NUM_SHARDS:-240}        # ~20 tokens/param for d20 (each shard ~250M chars)
+WANDB_RUN=${WANDB_RUN:-dummy}        # set a name to log to wandb
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 1)}
+[ "$NPROC" -ge 1 ] 2>/dev/null || NPROC=1
+
+run() { echo "+ $*"; [ -n "${DRY_RUN:-}" ] || "$@"; }
+[ -n "${DRY_RUN:-}" ] || source dev/setup.sh
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC"
+
+run python -m nanochat.report reset
+# data: 8 shards now for the tokenizer, the rest in the background while it trains
+run python -m nanochat.dataset -n 8
+run python -m nanochat.dataset -n "$NUM_SHARDS" &
 DATASET_PID=$!
-python -m scripts.tok_train --max_chars=2000000000
-python -m scripts.tok_eval
+run python -m scripts.tok_train --max_chars=2000000000
+run python -m scripts.tok_eval
 wait $DATASET_PID
 
 # pretraining, then bits per byte and CORE
-torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train -- --depth=20 --run="$WANDB_RUN"
-torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_loss
-torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_eval
+run $TORCHRUN -m scripts.base_train -- --depth="$DEPTH" --device_batch_size="$DEVICE_BATCH_SIZE" --run="$WANDB_RUN"
+run $TORCHRUN -m scripts.base_loss -- --device_batch_size="$DEVICE_BATCH_SIZE"
+run $TORCHRUN -m scripts.base_eval
 
-# not yet implemented here: mid_train, chat_sft, chat_rl, chat_eval, the report card
+# not yet implemented here: mid_train, chat_sft, chat_rl, chat_eval
+run python -m nanochat.report generate

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The tiny nanochat pipeline on any CPU, on the embedded corpus (no downloads needed):
-# corpus -> tokenizer -> pretraining -> bits per byte -> CORE. About 10 minutes on
+# corpus -> tokenizer -> pretraining -> bits per byte -> CORE -> report.md. About 5 minutes on
 # 2 cores. Later stages (midtraining, SFT, chat) join as they land.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 source "$(dirname "$0")/setup.sh"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$NANOCHAT_BASE_DIR/embedded_data}"
 
+python -m nanochat.report reset
 # 1. the embedded corpus: C++ headers + Python stdlib sources found on this machine
 python -m nanochat.corpus --out_dir "$NANOCHAT_DATA_DIR"
 # 2. tokenizer: a small vocabulary keeps the CPU model fast (the GPU runs use 32768)
@@ -21,3 +22,5 @@ python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=4 -
 python -m scripts.base_loss --device_batch_size=4 --split_tokens=8192 --device_type=cpu
 python -m scripts.base_eval --max_per_task=16 --device_type=cpu \
     || echo "CORE skipped: the DCLM eval bundle could not be downloaded (offline?); see python -m scripts.base_eval --help"
+# 5. the report card: ./report.md (and $NANOCHAT_BASE_DIR/report/ with the plots)
+python -m nanochat.report generate

@@ -322,11 +322,35 @@ def _has_exited(proc) -> bool:
     return proc.poll() is not None
 
 
-def _kill_group(pgid: int) -> None:
+def _group_alive(pgid: int) -> bool:
+    """Is any live (non-zombie) process left in the group? Read from /proc."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _kill_group(pgid: int, deadline_s: float = 2.0) -> None:
+    """SIGKILL the whole group, again and again until no member is alive: a process in
+    the middle of fork() when the first signal lands can leave a child that missed it."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        if not os.path.isdir("/proc") or not _group_alive(pgid) or time.monotonic() > end:
+            return
+        time.sleep(0.01)
 
 
 def _close_quietly(stream) -> None:

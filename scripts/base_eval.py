@@ -22,6 +22,7 @@ import torch.distributed as dist
 from nanochat.common import (atomic_write, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, get_base_dir, print0)
 from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle, evaluate_core
+from nanochat.report import get_report
 
 
 def parse_args(argv=None):
@@ -91,16 +92,11 @@ def main(argv=None):
             text = results_csv(out)
             atomic_write(csv_path, lambda f: f.write(text), mode="w")
             print0(f"wrote {csv_path}")
-            try:
-                from nanochat.report import get_report
-            except ImportError:
-                get_report = None
-            if get_report is not None:
-                get_report().log(section="Base model evaluation", data=[
-                    {"Model": f"{model_tag} (step {step})", "Max examples per task": args.max_per_task,
-                     "CORE metric": out["core_metric"]},
-                    {f"{label} (centered)": c for label, c in out["centered_results"].items()},
-                ])
+            get_report().log(section="Base model evaluation", data=[
+                {"Model": f"{model_tag} (step {step})", "Max examples per task": args.max_per_task,
+                 "CORE metric": out["core_metric"]},
+                {f"{label} (centered)": c for label, c in out["centered_results"].items()},
+            ])
         return out
     finally:
         compute_cleanup()

@@ -14,6 +14,7 @@ from nanochat.common import autodetect_device_type, compute_cleanup, compute_dty
 from nanochat.dataloader import DataLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
+from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(description="Evaluate a base model's bits per byte and print samples")
 parser.add_argument("--device_batch_size", type=int, default=32)
@@ -51,9 +52,5 @@ if rank == 0:
         samples.append(prompt + tokenizer.decode(out))
         print0(f"sample: {samples[-1]!r}")
 
-try:
-    from nanochat.report import get_report
-    get_report().log(section="Base model loss", data=[results, {"samples": samples}])
-except ImportError:
-    pass
+get_report().log(section="Base model loss", data=[results, {"samples": samples}])
 compute_cleanup()

@@ -26,6 +26,7 @@ from nanochat.dataset import resolve_data_dir
 from nanochat.gpt import GPT, build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(description="Pretrain the nanochat base model")
 # runtime
@@ -202,6 +203,7 @@ peak_flops = get_peak_flops(device_name(device_type))
 print0(f"device: {device_name(device_type)}, " + (f"peak bf16 {peak_flops:e} FLOP/s" if peak_flops < float("inf")
                                                    else "peak FLOP/s unknown, so MFU shows as 0"))
 ema_beta = 0.9
+loss_curve, bpb_curve = [], []  # (step, value) for the report's plots (from this process's start)
 while True:
     last_step = step == num_iterations
     # --- evaluation, sampling, checkpoint (not timed) ---
@@ -213,6 +215,7 @@ while True:
             val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
         val_loader.close()
         min_val_bpb = min(min_val_bpb, val_bpb)
+        bpb_curve.append((step, val_bpb))
         print0(f"step {step:05d} | val bpb: {val_bpb:.4f}")
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
@@ -280,19 +283,19 @@ while True:
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "
            f"eta: {eta / 60:.1f}m" + (f" | grad norm: {grad_norm:.3f}" if grad_norm is not None else ""))
+    loss_curve.append((step, debiased))
     wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
 
 print0(f"peak memory: {max_memory_allocated_mib(device_type):.0f} MiB; training time: {train_time / 60:.2f}m; "
        f"min val bpb: {min_val_bpb:.4f}; data cropped by packing: {train_loader.crop_fraction:.2%}")
-try:
-    from nanochat.report import get_report
-    get_report().log(section="Base model training", data=[user_config, {
-        "parameters": num_params, "flops_per_token": flops_per_token, "num_iterations": num_iterations,
-        "tokens": total_tokens, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb,
-        "training_time_min": round(train_time / 60, 2), "peak_memory_mib": round(max_memory_allocated_mib(device_type))}])
-except ImportError:
-    pass
+report = get_report()
+report.log(section="Base model training", data=[user_config, {
+    "parameters": num_params, "flops_per_token": flops_per_token, "num_iterations": num_iterations,
+    "tokens": total_tokens, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb,
+    "training_time_min": round(train_time / 60, 2), "peak_memory_mib": round(max_memory_allocated_mib(device_type))}])
+report.log_curve("base", "train loss", loss_curve)
+report.log_curve("base", "val bpb", bpb_curve)
 train_loader.close()
 wandb_run.finish()
 compute_cleanup()

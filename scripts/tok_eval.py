@@ -15,6 +15,7 @@ import tiktoken
 from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched
 from nanochat.tokenizer import get_tokenizer
+from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(description="Tokenizer compression table (higher bytes/token is better)")
 parser.add_argument("--data_dir", default=None, help="parquet shards for the train/val rows (default: $NANOCHAT_DATA_DIR or downloads)")
@@ -93,8 +94,4 @@ for label, text in texts:
         row += f"{ntok:>12,}{nbytes / ntok:>10.2f}"
     print0(row)
 
-try:
-    from nanochat.report import get_report
-    get_report().log(section="Tokenizer evaluation", data=[{f"{l} {n} bytes/token": round(v, 3) for (l, n), v in results.items()}])
-except ImportError:
-    pass
+get_report().log(section="Tokenizer evaluation", data=[{f"{l} {n} bytes/token": round(v, 3) for (l, n), v in results.items()}])

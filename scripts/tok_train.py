@@ -13,6 +13,7 @@ import time
 from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched, resolve_data_dir
 from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, tokenizer_dir
+from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (rustbpe) on the train shards")
 parser.add_argument("--max_chars", type=int, default=2_000_000_000, help="stop after this many characters of text")
@@ -55,11 +56,7 @@ nonzero = [b for b in token_bytes if b > 0]
 print0(f"vocab: {tokenizer.get_vocab_size():,} tokens ({len(token_bytes) - len(nonzero)} special); "
        f"bytes/token min {min(nonzero)}, mean {sum(nonzero) / len(nonzero):.2f}, max {max(nonzero)}")
 
-try:
-    from nanochat.report import get_report
-    get_report().log(section="Tokenizer training", data=[vars(args), {
+get_report().log(section="Tokenizer training", data=[vars(args), {
         "train_time_s": round(train_time, 2), "chars_trained_on": n_chars,
         "vocab_size": tokenizer.get_vocab_size(),
         "token_bytes_mean": round(sum(nonzero) / len(nonzero), 3)}])
-except ImportError:
-    pass  # the report card comes with a later stage

@@ -308,7 +308,6 @@ def test_base_eval_script(tok, tasks, tmp_path, monkeypatch, capsys):
 
     fake.load_model = load_model
     monkeypatch.setitem(sys.modules, "nanochat.checkpoint_manager", fake)
-    monkeypatch.setitem(sys.modules, "nanochat.report", None)  # importing it raises ImportError
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     bundle = tmp_path / "bundle"
     shutil.copytree(FIXTURE, bundle)

@@ -37,9 +37,23 @@ def _n_processes():
     return sum(1 for name in os.listdir("/proc") if name.isdigit())
 
 
+def sandbox_processes_alive():
+    """Live sandbox processes anywhere on the machine (orphans are reparented to init,
+    so the test process's own children don't show them)."""
+    alive = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and "_nanochat_sandbox" in " ".join(p.info["cmdline"] or []):
+                alive.append(p.pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
 def assert_parent_fine():
     """The test process is untouched and the sandbox still works."""
     assert psutil.Process().children(recursive=True) == []  # nothing left running, no zombie
+    assert sandbox_processes_alive() == []  # no orphaned grandchild escaped the group kill
     assert _rlimits() == _RLIMITS_AT_IMPORT
     current = {
         "open": builtins.open, "exit": builtins.exit, "os.fork": os.fork, "os.remove": os.remove,

@@ -1,0 +1,33 @@
+"""speedrun.sh and run1000.sh in dry-run mode: every stage's command, with the flags
+set at the top of the script, and nothing executed."""
+
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dry_run(script, **env):
+    out = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, DRY_RUN="1", NPROC="8", **env))
+    assert out.returncode == 0, out.stderr
+    return [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_speedrun_dry_run(tmp_path):
+    cmds = dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path))
+    assert cmds[0] == "python -m nanochat.report reset" and cmds[-1] == "python -m nanochat.report generate"
+    joined = "\n".join(cmds)
+    for expected in ["python -m nanochat.dataset -n 8", "python -m nanochat.dataset -n 240",
+                     "python -m scripts.tok_train --max_chars=2000000000", "python -m scripts.tok_eval",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20 --device_batch_size=32 --run=dummy",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_eval"]:
+        assert expected in joined
+    assert os.listdir(tmp_path) == []  # nothing ran
+
+
+def test_run1000_dry_run_and_overrides():
+    cmds = "\n".join(dry_run("run1000.sh"))
+    assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 800" in cmds
+    cmds = "\n".join(dry_run("speedrun.sh", DEPTH="26", WANDB_RUN="d26"))
+    assert "--depth=26 --device_batch_size=32 --run=d26" in cmds
