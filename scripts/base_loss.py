@@ -52,5 +52,5 @@ if rank == 0:
         samples.append(prompt + tokenizer.decode(out))
         print0(f"sample: {samples[-1]!r}")
 
-get_report().log(section="Base model loss", data=[results, {"samples": samples}])
+get_report().log(section="Base model loss", data=[results, "\n".join(["", "Samples (greedy):", "```"] + [repr(x) for x in samples] + ["```"])])
 compute_cleanup()
