@@ -8,7 +8,8 @@ Sources (each used if present):
   the C++ headers shipped inside the installed torch package (torch/include);
 - Python: the Python standard library's sources (site-packages excluded).
 
-Deterministic: files are listed in sorted order, filtered by fixed rules (UTF-8 text,
+Deterministic: files are listed in order of their path relative to their source
+(independent of where the venv or compiler live), filtered by fixed rules (UTF-8 text,
 size between 200 bytes and 200 KB), shuffled with a fixed seed, capped at a byte
 budget per language, and written in a fixed order. The same machine (same compiler,
 torch and Python versions) always gives the same shards. Documents are whole files.
@@ -93,6 +94,19 @@ def _is_py(name):
     return name.endswith(".py")
 
 
+def _sorted_by_relpath(sources, accept):
+    """Files of (label, root) sources, ordered by label/relative path, so the order (and
+    so the corpus) does not depend on where the compiler, Python or the venv live."""
+    keyed, seen = {}, set()
+    for label, root in sources:
+        for p in _walk(root, accept):
+            real = os.path.realpath(p)
+            if real not in seen:  # include dirs can nest (c++/12 and c++/12/backward)
+                seen.add(real)
+                keyed[f"{label}/{os.path.relpath(p, root)}"] = p
+    return [keyed[k] for k in sorted(keyed)]
+
+
 def read_docs(paths):
     """(path, text) for files that are UTF-8 text of a sensible size."""
     docs = []
@@ -113,8 +127,9 @@ def read_docs(paths):
 
 def collect(cpp_budget, py_budget, seed=0):
     """Pick documents for each language up to its byte budget; returns (texts, stats)."""
-    cpp_paths = sorted({p for d in compiler_include_dirs() + torch_include_dirs() for p in _walk(d, _is_cpp)})
-    py_paths = sorted({p for d in python_stdlib_dirs() for p in _walk(d, _is_py)})
+    cpp_paths = _sorted_by_relpath([("compiler", d) for d in compiler_include_dirs()] +
+                                   [("torch", d) for d in torch_include_dirs()], _is_cpp)
+    py_paths = _sorted_by_relpath([("stdlib", d) for d in python_stdlib_dirs()], _is_py)
     stats, texts = {}, []
     for lang, paths, budget in (("cpp", cpp_paths, cpp_budget), ("python", py_paths, py_budget)):
         rng = random.Random(seed)
