@@ -31,3 +31,30 @@ def test_run1000_dry_run_and_overrides():
     assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 800" in cmds
     cmds = "\n".join(dry_run("speedrun.sh", DEPTH="26", WANDB_RUN="d26"))
     assert "--depth=26 --device_batch_size=32 --run=d26" in cmds
+
+
+def test_runcpu_short_profile(tmp_path):
+    """README's main command, end to end, in a short profile (same stages, fewer steps,
+    smaller corpus), with CORE on the fixture bundle served as a file:// zip."""
+    import shutil
+    import zipfile
+    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
+    zpath = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for dirpath, _, files in os.walk(bundle):
+            for f in files:
+                full = os.path.join(dirpath, f)
+                z.write(full, os.path.join("eval_bundle", os.path.relpath(full, bundle)))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), ITERS="4", CORPUS_MB="1",
+               NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}")
+    env.pop("NANOCHAT_DATA_DIR", None)
+    out = subprocess.run(["bash", "dev/runcpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = (tmp_path / "base" / "report" / "report.md").read_text()
+    for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training",
+                    "## Base model loss", "## Base model evaluation", "## Summary"):
+        assert section in report
+    core_row = next(line for line in report.splitlines() if line.startswith("| CORE |"))
+    assert core_row.split("|")[2].strip() != "-"  # measured, not missing
+    assert (tmp_path / "base" / "report" / "base_train-loss.png").exists()
+    assert "step 00004/00004" in out.stdout
