@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from eval_bundle_fixture import FIXTURE, make_bundle_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,10 +88,9 @@ def test_base_eval_on_a_real_checkpoint(base_dir, corpus_dir):
     """CORE on the fixture bundle with the d2 checkpoint trained above (real loading path)."""
     if not (base_dir / "base_checkpoints" / "d2").exists():
         run_train(base_dir, corpus_dir, "--model_tag=d2")
-    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
     out = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--device_type=cpu", "--model_tag=d2",
-                          f"--bundle_dir={bundle}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          f"--bundle_dir={FIXTURE}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     core = float(re.search(r"CORE\D*?(-?\d+\.\d+)", out.stdout).group(1))
     assert -1.0 <= core <= 1.0
@@ -123,14 +123,7 @@ def test_torchrun_two_processes_train_and_resume(base_dir, corpus_dir):
 def test_core_metric_during_training(base_dir, corpus_dir, tmp_path):
     """--core_metric_every fetches the bundle (here a file:// zip of the fixture) and logs
     CORE; when the bundle can't be had, training goes on without it."""
-    import zipfile
-    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
-    zpath = tmp_path / "eval_bundle.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for dirpath, _, files in os.walk(bundle):
-            for f in files:
-                full = os.path.join(dirpath, f)
-                z.write(full, os.path.join("eval_bundle", os.path.relpath(full, bundle)))
+    zpath = make_bundle_zip(tmp_path / "eval_bundle.zip")
     os.environ["NANOCHAT_EVAL_BUNDLE_URL"] = f"file://{zpath}"
     try:
         out = run_train(base_dir, corpus_dir, "--core_metric_every=3", "--core_metric_max_per_task=4", "--model_tag=core")

@@ -20,8 +20,8 @@ from nanochat.core_eval import (batch_sequences, centered_accuracy, core_metric,
                                 ensure_eval_bundle, evaluate_core, evaluate_task, load_core_tasks,
                                 render_prompts, render_prompts_lm, render_prompts_mc, render_prompts_schema,
                                 sample_fewshot)
+from eval_bundle_fixture import FIXTURE, make_bundle_zip
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "eval_bundle")
 
 
 @pytest.fixture(scope="module")
@@ -375,16 +375,6 @@ def server():
     yield srv
     srv.shutdown()
     srv.server_close()
-
-
-def make_bundle_zip(path, top="eval_bundle"):
-    """The fixture directory zipped like the real eval_bundle.zip (one top folder)."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for root, _, files in os.walk(FIXTURE):
-            for f in sorted(files):
-                full = os.path.join(root, f)
-                zf.write(full, os.path.join(top, os.path.relpath(full, FIXTURE)))
-    return path
 
 
 def fixture_files():

@@ -4,6 +4,8 @@ set at the top of the script, and nothing executed."""
 import os
 import subprocess
 
+from eval_bundle_fixture import make_bundle_zip
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,15 +38,7 @@ def test_run1000_dry_run_and_overrides():
 def test_runcpu_short_profile(tmp_path):
     """README's main command, end to end, in a short profile (same stages, fewer steps,
     smaller corpus), with CORE on the fixture bundle served as a file:// zip."""
-    import shutil
-    import zipfile
-    bundle = os.path.join(ROOT, "tests", "fixtures", "eval_bundle")
-    zpath = tmp_path / "eval_bundle.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for dirpath, _, files in os.walk(bundle):
-            for f in files:
-                full = os.path.join(dirpath, f)
-                z.write(full, os.path.join("eval_bundle", os.path.relpath(full, bundle)))
+    zpath = make_bundle_zip(tmp_path / "eval_bundle.zip")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), ITERS="4", CORPUS_MB="1",
                NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}")
     env.pop("NANOCHAT_DATA_DIR", None)
