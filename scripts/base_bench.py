@@ -29,11 +29,17 @@ parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
 parser.add_argument("--compile", type=int, default=1)
 parser.add_argument("--device_type", default="")
+parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
+                    help="restrict SDPA (full-context layers) to one backend, to compare them")
+parser.add_argument("--profile", type=int, default=0, help="also profile one step and print the top N kernels")
 args = parser.parse_args()
 
 device_type = autodetect_device_type(args.device_type)
 _, _, _, world_size, device = compute_init(device_type)
 dtype = compute_dtype(device_type)
+if args.sdpa != "auto":
+    for name in ("flash", "cudnn", "mem_efficient"):
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.endswith(args.sdpa))
 config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len,
                               window_pattern=args.window_pattern)
 model = build_model(config, device)
@@ -72,7 +78,14 @@ synchronize(device_type)
 dt = time.time() - t0
 tok_per_sec = args.steps * total / dt
 peak = get_peak_flops(device_name(device_type))
-print(json.dumps({
+if args.profile:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(0).item()
+        synchronize(device_type)
+    sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
+print(json.dumps({"sdpa": args.sdpa, 
     "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
     "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,
     "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 1), "tok_per_sec": round(tok_per_sec),
