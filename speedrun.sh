@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ~$100 nanochat: a d20 model on one 8xH100 node, start to end, then report.md.
-# Stages that have not landed yet are listed at the bottom. Launch inside screen, e.g.
+# Launch inside screen, e.g.
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
 # DRY_RUN=1 bash speedrun.sh prints every command without running anything.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
@@ -34,5 +34,14 @@ run $TORCHRUN -m scripts.base_train -- --depth="$DEPTH" --device_batch_size="$DE
 run $TORCHRUN -m scripts.base_loss -- --device_batch_size="$DEVICE_BATCH_SIZE"
 run $TORCHRUN -m scripts.base_eval
 
-# not yet implemented here: mid_train, chat_sft, chat_rl, chat_eval
+# chat stages: identity conversations ship in tasks/; the rest come from the Hugging Face hub
+run $TORCHRUN -m scripts.mid_train -- --device_batch_size="$DEVICE_BATCH_SIZE" --run="$WANDB_RUN"
+run $TORCHRUN -m scripts.chat_eval -- -i mid
+run $TORCHRUN -m scripts.chat_sft -- --run="$WANDB_RUN"
+run $TORCHRUN -m scripts.chat_eval -- -i sft
+# RL on GSM8K is optional in nanochat's speedrun too: RL=1 bash speedrun.sh
+if [ -n "${RL:-}" ]; then
+    run $TORCHRUN -m scripts.chat_rl -- --run="$WANDB_RUN"
+    run $TORCHRUN -m scripts.chat_eval -- -i rl -a GSM8K
+fi
 run python -m nanochat.report generate

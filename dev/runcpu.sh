@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The tiny nanochat pipeline on any CPU, on the embedded corpus (no downloads needed):
-# corpus -> tokenizer -> pretraining -> bits per byte -> CORE -> report.md. About 5 minutes on
-# 2 cores. Later stages (midtraining, SFT, chat) join as they land.
+# corpus -> tokenizer -> pretraining -> bits per byte -> CORE -> midtraining -> SFT -> RL ->
+# chat eval -> report.md. About 7 minutes on 2 cores. The chat stages read the real
+# datasets from the Hugging Face hub; offline they use a tiny generated stand-in
+# (tasks/fixtures.py), which exercises every stage but teaches nothing.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 source "$(dirname "$0")/setup.sh"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export NANOCHAT_DATA_DIR="${NANOCHAT_DATA_DIR:-$NANOCHAT_BASE_DIR/embedded_data}"
 ITERS=${ITERS:-60}          # pretraining steps (CI runs a shorter profile with ITERS=4)
 CORPUS_MB=${CORPUS_MB:-24}  # megabytes of C++ and of Python in the embedded corpus
+CHAT_ITERS=${CHAT_ITERS:-20}  # midtraining and SFT steps (RL runs a quarter of it)
 
 python -m nanochat.report reset
 # 1. the embedded corpus: C++ headers + Python stdlib sources found on this machine
@@ -25,5 +28,24 @@ python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=4 -
 python -m scripts.base_loss --device_batch_size=4 --split_tokens=8192 --device_type=cpu
 python -m scripts.base_eval --max_per_task=16 --device_type=cpu \
     || echo "CORE skipped: the DCLM eval bundle could not be downloaded (offline?); see python -m scripts.base_eval --help"
-# 5. the report card: ./report.md (and $NANOCHAT_BASE_DIR/report/ with the plots)
+# 5. chat stages. Offline (no Hugging Face hub), a generated stand-in for the datasets;
+# without a system dictionary, its word list for the spelling tasks.
+FIXTURES="$NANOCHAT_BASE_DIR/task_fixtures"
+python -m tasks.fixtures "$FIXTURES" > /dev/null
+if [ -z "${NANOCHAT_TASK_DATA:-}" ] && ! python -c "import socket; socket.create_connection(('huggingface.co', 443), timeout=5)" 2>/dev/null; then
+    echo "Hugging Face hub unreachable: the chat stages use the generated stand-in datasets in $FIXTURES"
+    export NANOCHAT_TASK_DATA="$FIXTURES" HF_HUB_OFFLINE=1
+fi
+[ -n "${NANOCHAT_WORDS_FILE:-}" ] || [ -f /usr/share/dict/words ] || export NANOCHAT_WORDS_FILE="$FIXTURES/words.txt"
+python -m scripts.mid_train --device_batch_size=4 --max_seq_len=512 --total_batch_size=2048 \
+    --num_iterations="$CHAT_ITERS" --eval_every="$CHAT_ITERS" --eval_tokens=4096 \
+    --simple_spelling=2000 --spelling_bee=2000 --device_type=cpu
+python -m scripts.chat_eval -i mid -x 16 -m 64 --device_type=cpu
+python -m scripts.chat_sft --device_batch_size=4 --target_examples_per_step=8 --num_iterations="$CHAT_ITERS" \
+    --eval_every="$CHAT_ITERS" --eval_steps=4 --eval_metrics_every=-1 --smoltalk_examples=2000 --device_type=cpu
+python -m scripts.chat_eval -i sft -x 16 -m 64 --device_type=cpu
+python -m scripts.chat_rl --examples_per_step=2 --num_samples=4 --max_new_tokens=64 --device_batch_size=8 \
+    --num_iterations=$(( (CHAT_ITERS + 3) / 4 )) --eval_every=-1 --eval_examples=8 --device_type=cpu
+python -m scripts.chat_eval -i rl -a GSM8K -x 16 -m 64 --device_type=cpu
+# 6. the report card: ./report.md (and $NANOCHAT_BASE_DIR/report/ with the plots)
 python -m nanochat.report generate

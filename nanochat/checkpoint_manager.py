@@ -103,3 +103,28 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     tokenizer = get_tokenizer()
     check_vocab_size(tokenizer, model.config.vocab_size, f"checkpoint {directory} step {step}")
     return model, tokenizer, meta
+
+
+def load_previous_stage(source, device, model_tag=None, step=None):
+    """(model in train mode, tokenizer, meta) of the stage a chat script starts from, or
+    a SystemExit that says which script makes the missing checkpoint."""
+    makers = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
+              "rl": "scripts.chat_rl"}
+    if source not in PHASE_DIRS:
+        raise SystemExit(f"--source={source!r}: one of {', '.join(PHASE_DIRS)}")
+    try:
+        return load_model(source, device, phase="train", model_tag=model_tag, step=step)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}\nNo {source} checkpoint to start from: run `python -m {makers[source]}` first "
+                         f"(or point --source / --model_tag / --model_step at one that exists).") from None
+
+
+def resume_stage(directory, step, model, optimizers, rank=0):
+    """Load a stage's own checkpoint (step 0: the latest) into model and optimizers;
+    returns (step, rank_state, meta) so the script can restore its data cursor."""
+    step = find_last_step(directory) if step == 0 else step
+    model_state, rank_state, meta = load_checkpoint(directory, step, load_state=True, rank=rank)
+    model.load_state_dict(model_state)
+    for opt, s in zip(optimizers, rank_state["optimizers"]):
+        opt.load_state_dict(s)
+    return step, rank_state, meta

@@ -232,6 +232,20 @@ class DummyWandb:
     def finish(self):
         pass
 
+
+def init_wandb(run, project, config):
+    """A wandb run on rank 0 unless run == "dummy"; DummyWandb otherwise."""
+    if run == "dummy" or int(os.environ.get("RANK", 0)) != 0:
+        return DummyWandb()
+    import wandb
+    return wandb.init(project=project, name=run, config=config)
+
+
+def autocast_for(device_type):
+    """bf16 autocast where the device computes in bf16 (compute_dtype), else a no-op."""
+    dtype = compute_dtype(device_type)
+    return torch.amp.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
+
 # -----------------------------------------------------------------------------
 # Collectives for the distributed optimizers. NCCL has reduce_scatter_tensor and
 # all_gather_into_tensor; gloo (CPU tests) lacks the first, so it gets the

@@ -26,9 +26,11 @@ import torch
 
 
 def sample_next(logits, rng, temperature=1.0, top_k=None):
-    """(B, V) logits -> (B,) token ids."""
-    if temperature == 0.0:
+    """(B, V) logits -> (B,) token ids. Temperatures below 1e-5 are greedy: sampling
+    is the argmax there anyway, and dividing by them would overflow to inf (NaN probs)."""
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
+    logits = logits.float()
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)
         probs = torch.softmax(vals / temperature, dim=-1)
@@ -161,7 +163,9 @@ class Engine:
         if max_len > model.rotary_len:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
         rng = torch.Generator(device=device).manual_seed(seed)
-        cache = model.init_cache(1, max_len, device=device)
+        # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
+        # a few shapes and the compiled decode step is reused rather than recompiled
+        cache = model.init_cache(1, min(-(-max_len // 256) * 256, model.rotary_len), device=device)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = model(ids, cache=cache)[:, -1, :]           # prefill, batch 1
         if num_samples > 1:

@@ -96,7 +96,6 @@ def test_init_and_meta_construction():
 
 def test_estimate_flops():
     model = tiny("SL", T=32)
-    c = model.config
     dense = 6 * (model.num_params() - 97 * 64)
     attn = 12 * 4 * 16 * (16 + 32 + 16 + 32)
     assert model.estimate_flops() == dense + attn

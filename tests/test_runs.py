@@ -23,8 +23,14 @@ def test_speedrun_dry_run(tmp_path):
     for expected in ["python -m nanochat.dataset -n 8", "python -m nanochat.dataset -n 240",
                      "python -m scripts.tok_train --max_chars=2000000000", "python -m scripts.tok_eval",
                      "torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20 --device_batch_size=32 --run=dummy",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_eval"]:
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_eval",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --device_batch_size=32 --run=dummy",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i mid",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=dummy",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft"]:
         assert expected in joined
+    assert "chat_rl" not in joined  # optional, as in nanochat
+    assert "scripts.chat_rl -- --run=dummy" in "\n".join(dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), RL="1"))
     assert os.listdir(tmp_path) == []  # nothing ran
 
 
@@ -40,15 +46,20 @@ def test_runcpu_short_profile(tmp_path):
     smaller corpus), with CORE on the fixture bundle served as a file:// zip."""
     zpath = make_bundle_zip(tmp_path / "eval_bundle.zip")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), ITERS="4", CORPUS_MB="1",
-               NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}")
+               CHAT_ITERS="4", NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}")
     env.pop("NANOCHAT_DATA_DIR", None)
     out = subprocess.run(["bash", "dev/runcpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = (tmp_path / "base" / "report" / "report.md").read_text()
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training",
-                    "## Base model loss", "## Base model evaluation", "## Summary"):
+                    "## Base model loss", "## Base model evaluation", "## Midtraining", "## Chat evaluation mid",
+                    "## Chat SFT", "## Chat evaluation sft", "## Chat RL", "## Chat evaluation rl", "## Summary"):
         assert section in report
     core_row = next(line for line in report.splitlines() if line.startswith("| CORE |"))
     assert core_row.split("|")[2].strip() != "-"  # measured, not missing
+    arc_row = next(line for line in report.splitlines() if line.startswith("| ARC-Easy |"))
+    assert [c.strip() != "-" for c in arc_row.split("|")[2:6]] == [False, True, True, False]  # mid, sft; not rl
+    gsm_row = next(line for line in report.splitlines() if line.startswith("| GSM8K |"))
+    assert gsm_row.split("|")[5].strip() != "-"  # rl
     assert (tmp_path / "base" / "report" / "base_train-loss.png").exists()
     assert "step 00004/00004" in out.stdout

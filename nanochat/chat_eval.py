@@ -1,0 +1,97 @@
+"""
+Evaluating a chat model on tasks (used by scripts/chat_eval.py, chat_sft and chat_rl).
+
+- Categorical tasks (ARC, MMLU): no sampling. The prompt ends where the answer letter
+  would start; the model's logits there are compared over the allowed letters only, and
+  the highest wins. Batched, with right padding (the logits are read at each row's last
+  real position, so padding never matters).
+- Generative tasks (GSM8K, HumanEval, SpellingBee): the engine samples completions (with
+  the Python tool on), the task checks them. With num_samples > 1 an example counts as
+  solved when any sample is right (pass@k).
+- ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline),
+  the baseline being random guessing (0.25 for four choices, 0 for generative tasks),
+  so 0 means chance and 1 means perfect, as in the CORE metric for base models.
+
+With several processes, rank r evaluates examples r, r + world, ... and the counts are
+summed across ranks.
+"""
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+             "SpellingBee": 0.0}
+
+
+def _sum_across_ranks(*values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _indices(task, max_problems, rank, world_size):
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    return range(rank, n, world_size), n
+
+
+@torch.no_grad()
+def run_categorical(task, tokenizer, model, batch_size=8, max_problems=None, rank=0, world_size=1,
+                    progress=True):
+    """Accuracy of picking the right letter by the logits at the answer position."""
+    device = model.wte.weight.device
+    indices, n = _indices(task, max_problems, rank, world_size)
+    letter_ids = {}
+    correct = total = 0
+    bos = tokenizer.get_bos_token_id()
+    batches = [list(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    for batch in tqdm(batches, desc=type(task).__name__, disable=not progress or rank != 0):
+        convs = [task[i] for i in batch]
+        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        width = max(len(p) for p in prompts)
+        x = torch.full((len(prompts), width), bos, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            x[i, :len(p)] = torch.tensor(p)
+        logits = model(x.to(device))  # (B, T, V)
+        for i, (conv, p) in enumerate(zip(convs, prompts)):
+            letters = conv["letters"]
+            for letter in letters:
+                if letter not in letter_ids:
+                    ids = tokenizer.encode(letter)
+                    if len(ids) != 1:
+                        raise ValueError(f"answer letter {letter!r} is {len(ids)} tokens; categorical "
+                                         "evaluation needs each letter to be one token")
+                    letter_ids[letter] = ids[0]
+            scores = logits[i, len(p) - 1, [letter_ids[l] for l in letters]]
+            predicted = letters[int(scores.argmax())]
+            correct += task.evaluate(conv, predicted)
+            total += 1
+    correct, total = _sum_across_ranks(correct, total, device=device)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   max_problems=None, rank=0, world_size=1, progress=True):
+    """Fraction of examples where at least one of num_samples completions is right."""
+    device = engine.device
+    indices, n = _indices(task, max_problems, rank, world_size)
+    passed = total = 0
+    bar = tqdm(indices, desc=type(task).__name__, disable=not progress or rank != 0)
+    for i in bar:
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        rows, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, seed=i)
+        passed += any(task.evaluate(conv, tokenizer.decode(row)) for row in rows)
+        total += 1
+        bar.set_postfix(acc=f"{passed / total:.3f}")
+    passed, total = _sum_across_ranks(passed, total, device=device)
+    return passed / max(total, 1)
+
+
+def chatcore(results):
+    """Mean centered accuracy over the tasks in `results` ({task name: accuracy})."""
+    centered = [(acc - BASELINES[name]) / (1 - BASELINES[name]) for name, acc in results.items()]
+    return sum(centered) / len(centered)
