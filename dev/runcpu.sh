@@ -47,5 +47,10 @@ python -m scripts.chat_eval -i sft -x 16 -m 64 --device_type=cpu
 python -m scripts.chat_rl --examples_per_step=2 --num_samples=4 --max_new_tokens=64 --device_batch_size=8 \
     --num_iterations=$(( (CHAT_ITERS + 3) / 4 )) --eval_every=-1 --eval_examples=8 --device_type=cpu
 python -m scripts.chat_eval -i rl -a GSM8K -x 16 -m 64 --device_type=cpu
-# 6. the report card: ./report.md (and $NANOCHAT_BASE_DIR/report/ with the plots)
+# 6. one answer from the chat model in the terminal
+python -m scripts.chat_cli -i sft -p "Why is the sky blue?" -m 64 --device_type=cpu
+# 7. the report card: ./report.md (and $NANOCHAT_BASE_DIR/report/ with the plots)
 python -m nanochat.report generate
+echo
+echo "Done. Talk to your model in the browser:  source .venv/bin/activate && python -m scripts.chat_web --device_type=cpu"
+echo "then open http://127.0.0.1:8000  (or in the terminal: python -m scripts.chat_cli --device_type=cpu)"

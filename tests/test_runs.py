@@ -63,3 +63,4 @@ def test_runcpu_short_profile(tmp_path):
     assert gsm_row.split("|")[5].strip() != "-"  # rl
     assert (tmp_path / "base" / "report" / "base_train-loss.png").exists()
     assert "step 00004/00004" in out.stdout
+    assert "python -m scripts.chat_web" in out.stdout.splitlines()[-2]  # where to go next
