@@ -5,8 +5,8 @@ Three sources, one format:
 - nanochat's web-text shards (FineWeb-Edu, reshuffled), downloaded with
   `python -m nanochat.dataset -n N` (parallel, retried with backoff, resumable,
   atomic: a shard appears under its final name only once it is whole and readable);
-- any local directory of parquet shards (--data_dir or NANOCHAT_DATA_DIR), e.g. the
-  C++ shards written by tools/cpp_chunker;
+- any local directory of parquet shards (--data_dir or NANOCHAT_DATA_DIR), e.g. C++
+  documents from tools/cpp_chunker once they are converted to parquet;
 - the embedded corpus (nanochat/corpus.py), built from source code on this machine.
 
 In every directory the shards are read in sorted filename order and the last one

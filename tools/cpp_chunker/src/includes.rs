@@ -1,0 +1,289 @@
+//! `#include` extraction, resolution inside a project, and dependency ordering.
+
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IncludeKind {
+    /// `#include "x.h"`
+    Quoted,
+    /// `#include <x.h>`
+    Angle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Include {
+    pub path: String,
+    pub kind: IncludeKind,
+}
+
+/// Finds `#include "..."` and `#include <...>` directives, line by line. Directives inside
+/// `/* ... */` comments that span lines are ignored; conditional compilation (`#if 0`)
+/// is not evaluated, so every directive counts.
+pub fn extract_includes(text: &str) -> Vec<Include> {
+    let mut out = Vec::new();
+    let mut in_block_comment = false;
+    for line in text.lines() {
+        let mut rest = line;
+        if in_block_comment {
+            match rest.find("*/") {
+                // The rest of the line decides whether a comment is still open.
+                Some(i) => rest = &rest[i + 2..],
+                None => continue,
+            }
+        }
+        if let Some(inc) = parse_directive(rest) {
+            out.push(inc);
+        }
+        in_block_comment = opens_block_comment(rest);
+    }
+    out
+}
+
+/// True if the line leaves a `/*` comment open (string literals are not considered).
+fn opens_block_comment(line: &str) -> bool {
+    let b = line.as_bytes();
+    let mut i = 0;
+    let mut open = false;
+    while i + 1 < b.len() {
+        if open {
+            if b[i] == b'*' && b[i + 1] == b'/' {
+                open = false;
+                i += 2;
+                continue;
+            }
+        } else if b[i] == b'/' && b[i + 1] == b'/' {
+            return false;
+        } else if b[i] == b'/' && b[i + 1] == b'*' {
+            open = true;
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    open
+}
+
+fn parse_directive(line: &str) -> Option<Include> {
+    let s = line.trim_start();
+    let s = s.strip_prefix('#')?.trim_start();
+    let s = s.strip_prefix("include")?;
+    // `#include_next` and friends are not includes of the project.
+    if s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+        return None;
+    }
+    let s = s.trim_start();
+    let (close, kind) = match s.chars().next()? {
+        '"' => ('"', IncludeKind::Quoted),
+        '<' => ('>', IncludeKind::Angle),
+        _ => return None, // macro-computed include
+    };
+    let body = &s[1..];
+    let end = body.find(close)?;
+    let path = body[..end].trim();
+    if path.is_empty() {
+        return None;
+    }
+    Some(Include { path: path.replace('\\', "/"), kind })
+}
+
+/// Joins `dir` and `path` (both `/`-separated, relative to the project root) and
+/// normalizes `.` and `..`. `None` if the result would leave the project root.
+pub fn normalize_join(dir: &str, path: &str) -> Option<String> {
+    if path.starts_with('/') {
+        return None; // absolute: not inside the project by construction
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for p in dir.split('/').chain(path.split('/')) {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+fn parent_dir(rel: &str) -> &str {
+    match rel.rfind('/') {
+        Some(i) => &rel[..i],
+        None => "",
+    }
+}
+
+/// The files of one project, by root-relative path, and its include directories.
+#[derive(Debug, Clone)]
+pub struct ProjectIndex {
+    by_path: HashMap<String, usize>,
+    /// Root-relative directories tried for includes, in order ("" is the root).
+    pub include_dirs: Vec<String>,
+}
+
+impl ProjectIndex {
+    /// `paths[i]` is the root-relative path of file `i`. Include directories (a
+    /// heuristic): the root, `include/`, `src/`, then every other directory named
+    /// `include` that holds a file, sorted.
+    pub fn new(paths: &[&str]) -> ProjectIndex {
+        let by_path: HashMap<String, usize> = paths.iter().enumerate().map(|(i, p)| (p.to_string(), i)).collect();
+        let mut include_dirs = vec![String::new(), "include".to_string(), "src".to_string()];
+        let mut extra: Vec<String> = Vec::new();
+        for p in paths {
+            let mut dir = parent_dir(p);
+            while !dir.is_empty() {
+                if (dir == "include" || dir.ends_with("/include")) && !include_dirs.iter().any(|d| d == dir) {
+                    extra.push(dir.to_string());
+                }
+                dir = parent_dir(dir);
+            }
+        }
+        extra.sort();
+        extra.dedup();
+        include_dirs.extend(extra);
+        ProjectIndex { by_path, include_dirs }
+    }
+
+    /// Resolves an include written in file `from_rel`: quoted includes are tried
+    /// relative to the including file's directory first, then (like angle includes)
+    /// against the include directories. `None` if no project file matches.
+    pub fn resolve(&self, from_rel: &str, inc: &Include) -> Option<usize> {
+        if inc.kind == IncludeKind::Quoted {
+            if let Some(i) = normalize_join(parent_dir(from_rel), &inc.path).and_then(|p| self.by_path.get(&p)) {
+                return Some(*i);
+            }
+        }
+        self.include_dirs
+            .iter()
+            .filter_map(|d| normalize_join(d, &inc.path))
+            .find_map(|p| self.by_path.get(&p).copied())
+    }
+}
+
+/// Result of ordering the headers of one source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderOrder {
+    /// Files included (transitively) by the source, each once, dependencies first.
+    pub order: Vec<usize>,
+    /// Include-graph distance from the source, parallel to `order` (direct includes: 1).
+    pub depth: Vec<u32>,
+    /// Back edges met (an include of a file that is still being expanded); each is ignored.
+    pub cycles: u64,
+}
+
+/// Depth-first post-order over `edges` (resolved includes per file, in directive order)
+/// starting at `source`, with a visiting set to break cycles deterministically. The
+/// source itself is not part of the order. Iterative: deep chains cannot overflow.
+pub fn order_headers(source: usize, edges: &[Vec<usize>]) -> HeaderOrder {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        New,
+        Visiting,
+        Done,
+    }
+    let mut state: HashMap<usize, State> = HashMap::new();
+    let mut order = Vec::new();
+    let mut cycles = 0u64;
+    let mut stack: Vec<(usize, usize)> = vec![(source, 0)];
+    state.insert(source, State::Visiting);
+    while let Some(top) = stack.last_mut() {
+        let (node, next) = *top;
+        let children = edges.get(node).map(Vec::as_slice).unwrap_or(&[]);
+        if next < children.len() {
+            top.1 += 1;
+            let child = children[next];
+            match state.get(&child).copied().unwrap_or(State::New) {
+                State::Done => {}
+                State::Visiting => cycles += 1,
+                State::New => {
+                    state.insert(child, State::Visiting);
+                    stack.push((child, 0));
+                }
+            }
+        } else {
+            stack.pop();
+            state.insert(node, State::Done);
+            if node != source {
+                order.push(node);
+            }
+        }
+    }
+    // Breadth-first distances from the source.
+    let mut dist: HashMap<usize, u32> = HashMap::new();
+    dist.insert(source, 0);
+    let mut queue = VecDeque::from([source]);
+    while let Some(n) = queue.pop_front() {
+        let d = dist[&n];
+        for &c in edges.get(n).map(Vec::as_slice).unwrap_or(&[]) {
+            dist.entry(c).or_insert_with(|| {
+                queue.push_back(c);
+                d + 1
+            });
+        }
+    }
+    let depth = order.iter().map(|n| dist.get(n).copied().unwrap_or(u32::MAX)).collect();
+    HeaderOrder { order, depth, cycles }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(p: &str) -> Include {
+        Include { path: p.into(), kind: IncludeKind::Quoted }
+    }
+
+    #[test]
+    fn extracts_directives() {
+        let src = "#include \"a.h\"\n  #  include <vector>\n#include_next <x.h>\n#include MACRO\n\
+                   // #include \"commented.h\" is still a line comment, so: \n\
+                   /* start\n#include \"in_comment.h\"\n*/\n#include \"b\\c.h\" // trailing\n";
+        let got = extract_includes(src);
+        assert_eq!(got, vec![q("a.h"), Include { path: "vector".into(), kind: IncludeKind::Angle }, q("b/c.h"),]);
+    }
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(normalize_join("src/x", "../include/a.h").as_deref(), Some("src/include/a.h"));
+        assert_eq!(normalize_join("", "./a.h").as_deref(), Some("a.h"));
+        assert_eq!(normalize_join("", "../a.h"), None);
+        assert_eq!(normalize_join("src", "/usr/include/a.h"), None);
+    }
+
+    #[test]
+    fn resolution_order() {
+        let idx = ProjectIndex::new(&["src/util.h", "include/util.h", "lib/include/lib.h", "src/main.cpp"]);
+        assert_eq!(idx.include_dirs, vec!["", "include", "src", "lib/include"]);
+        // Quoted: the including file's directory wins.
+        assert_eq!(idx.resolve("src/main.cpp", &q("util.h")), Some(0));
+        // Angle: include dirs only, `include/` before `src/`.
+        let angle = |p: &str| Include { path: p.into(), kind: IncludeKind::Angle };
+        assert_eq!(idx.resolve("src/main.cpp", &angle("util.h")), Some(1));
+        assert_eq!(idx.resolve("src/main.cpp", &angle("lib.h")), Some(2));
+        assert_eq!(idx.resolve("src/main.cpp", &angle("vector")), None);
+    }
+
+    #[test]
+    fn dependency_order_and_cycles() {
+        // 0 = main.cpp -> 1 = a.h -> 2 = b.h ; main also includes b.h
+        let edges = vec![vec![1, 2], vec![2], vec![]];
+        let o = order_headers(0, &edges);
+        assert_eq!(o.order, vec![2, 1]);
+        assert_eq!(o.depth, vec![1, 1]);
+        assert_eq!(o.cycles, 0);
+        // a.h <-> b.h
+        let edges = vec![vec![1], vec![2], vec![1]];
+        let o = order_headers(0, &edges);
+        assert_eq!(o.order, vec![2, 1]);
+        assert_eq!(o.depth, vec![2, 1]);
+        assert_eq!(o.cycles, 1);
+    }
+
+    #[test]
+    fn long_chain_is_iterative() {
+        let n = 200_000;
+        let edges: Vec<Vec<usize>> = (0..n).map(|i| if i + 1 < n { vec![i + 1] } else { vec![] }).collect();
+        let o = order_headers(0, &edges);
+        assert_eq!(o.order.len(), n - 1);
+        assert_eq!(o.order[0], n - 1);
+    }
+}

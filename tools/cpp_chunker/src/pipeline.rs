@@ -1,0 +1,369 @@
+//! The run: walk each root, process its files in parallel (rayon), write documents in a
+//! deterministic order (input order, independent of the thread count), write the summary.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Mode};
+use crate::cpp;
+use crate::discover::{discover, Candidate, FileKind};
+use crate::docs::{crossfile_documents, file_documents, Document};
+use crate::includes::{extract_includes, IncludeKind, ProjectIndex};
+use crate::load::{load, SourceFile};
+use crate::output::{prepare_out_dir, write_atomic, ShardWriter};
+use crate::stats::{SkipReason, Stats};
+use crate::tokens::{budget_bytes, BYTES_PER_TOKEN};
+
+/// Files handled per parallel batch in `file` and parse-only modes (bounds memory).
+const BATCH_FILES: usize = 2048;
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    pub tool_version: String,
+    /// "file", "crossfile" or "parse_only".
+    pub mode: String,
+    pub roots: Vec<String>,
+    pub projects: u64,
+    pub roots_missing: u64,
+    pub max_tokens: u64,
+    pub budget_bytes: u64,
+    pub bytes_per_token_est: f64,
+    pub max_file_bytes: u64,
+    pub threads: usize,
+    /// C/C++ files (by extension) found, symlinks included.
+    pub files_seen: u64,
+    /// C/C++ files that passed every rule and were read.
+    pub files_used: u64,
+    pub non_cpp_files: u64,
+    pub symlinks_not_followed: u64,
+    pub walk_errors: u64,
+    /// Skipped C/C++ files per reason (every reason listed); `internal_error` counts
+    /// caught panics.
+    pub skipped: BTreeMap<String, u64>,
+    pub skipped_total: u64,
+    pub lossy_utf8_files: u64,
+    /// Bytes on disk of the files used; `mb_per_s` is based on this.
+    pub bytes_read: u64,
+    pub documents_written: u64,
+    pub shards_written: u64,
+    pub bytes_written: u64,
+    pub tokens_est_written: u64,
+    pub documents_split: u64,
+    pub pieces_from_splits: u64,
+    pub line_split_fallbacks: u64,
+    pub blank_pieces_dropped: u64,
+    pub includes_resolved: u64,
+    pub quoted_includes_unresolved: u64,
+    /// Include back edges ignored, summed over documents (a cycle met by two sources
+    /// counts twice).
+    pub include_cycles: u64,
+    pub headers_included: u64,
+    pub headers_dropped_for_budget: u64,
+    /// crossfile: headers that no source file includes, even transitively (not emitted).
+    pub headers_never_included: u64,
+    pub files_parsed: u64,
+    pub files_with_parse_errors: u64,
+    pub parse_failures: u64,
+    /// Wall-clock seconds for the whole run (walk, read, process, write).
+    pub seconds: f64,
+    /// `bytes_read / 1e6 / seconds`.
+    pub mb_per_s: f64,
+}
+
+fn guarded<T>(f: impl FnOnce() -> T) -> Option<T> {
+    catch_unwind(AssertUnwindSafe(f)).ok()
+}
+
+fn project_name(root: &Path) -> String {
+    root.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| root.display().to_string())
+}
+
+/// Loads one candidate, counting the outcome into a fresh `Stats`.
+fn load_counted(c: &Candidate, cfg: &Config) -> (Stats, Option<SourceFile>) {
+    let mut s = Stats::default();
+    let result = guarded(|| {
+        if cfg.panic_on.as_deref() == Some(c.rel.as_str()) {
+            panic!("test-only panic on {}", c.rel);
+        }
+        load(c, cfg.max_file_bytes)
+    });
+    match result {
+        None => {
+            s.skip(SkipReason::InternalError);
+            (s, None)
+        }
+        Some(Err(reason)) => {
+            s.skip(reason);
+            (s, None)
+        }
+        Some(Ok(f)) => {
+            s.files_used += 1;
+            s.bytes_read += f.raw_len as u64;
+            s.lossy_utf8_files += u64::from(f.lossy);
+            (s, Some(f))
+        }
+    }
+}
+
+/// Runs the whole job described by `cfg` and returns (and, with `out`, writes) the summary.
+pub fn run(cfg: &Config) -> Result<Summary> {
+    let start = Instant::now();
+    let budget = budget_bytes(cfg.max_tokens);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().context("starting the thread pool")?;
+    let mut writer = None;
+    if let Some(out) = &cfg.out {
+        prepare_out_dir(out, cfg.overwrite)?;
+        if !cfg.parse_only {
+            writer = Some(ShardWriter::new(out, cfg.shard_docs));
+        }
+    } else if !cfg.parse_only {
+        anyhow::bail!("an output directory is required unless parse_only is set");
+    }
+
+    let mut stats = Stats::default();
+    let mut projects = 0u64;
+    let mut roots_missing = 0u64;
+    for root in &cfg.roots {
+        if !root.is_dir() {
+            eprintln!("cpp_chunker: warning: {} is not a directory; skipped", root.display());
+            roots_missing += 1;
+            continue;
+        }
+        projects += 1;
+        let name = project_name(root);
+        let disc = discover(root);
+        stats.merge(&disc.stats);
+        pool.install(|| -> Result<()> {
+            if cfg.parse_only {
+                parse_only_project(&disc.candidates, cfg, &mut stats);
+                return Ok(());
+            }
+            let w = writer.as_mut().expect("writer exists unless parse_only");
+            match cfg.mode {
+                Mode::File => file_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
+                Mode::Crossfile => crossfile_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
+            }
+        })?;
+    }
+    if let Some(w) = writer.as_mut() {
+        w.finish()?;
+    }
+
+    let seconds = start.elapsed().as_secs_f64();
+    let (docs, shards, bytes_w, tokens_w) = match &writer {
+        Some(w) => (w.docs_written, w.shards_written, w.bytes_written, w.tokens_written),
+        None => (0, 0, 0, 0),
+    };
+    let summary = Summary {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        mode: if cfg.parse_only { "parse_only".into() } else { cfg.mode.as_str().into() },
+        roots: cfg.roots.iter().map(|r| r.display().to_string()).collect(),
+        projects,
+        roots_missing,
+        max_tokens: cfg.max_tokens,
+        budget_bytes: budget as u64,
+        bytes_per_token_est: BYTES_PER_TOKEN,
+        max_file_bytes: cfg.max_file_bytes,
+        threads: pool.current_num_threads(),
+        files_seen: stats.files_seen,
+        files_used: stats.files_used,
+        non_cpp_files: stats.non_cpp_files,
+        symlinks_not_followed: stats.symlinks_not_followed,
+        walk_errors: stats.walk_errors,
+        skipped: stats.skipped_by_name(),
+        skipped_total: stats.skipped.values().sum(),
+        lossy_utf8_files: stats.lossy_utf8_files,
+        bytes_read: stats.bytes_read,
+        documents_written: docs,
+        shards_written: shards,
+        bytes_written: bytes_w,
+        tokens_est_written: tokens_w,
+        documents_split: stats.documents_split,
+        pieces_from_splits: stats.pieces_from_splits,
+        line_split_fallbacks: stats.line_split_fallbacks,
+        blank_pieces_dropped: stats.blank_pieces_dropped,
+        includes_resolved: stats.includes_resolved,
+        quoted_includes_unresolved: stats.quoted_includes_unresolved,
+        include_cycles: stats.include_cycles,
+        headers_included: stats.headers_included,
+        headers_dropped_for_budget: stats.headers_dropped_for_budget,
+        headers_never_included: stats.headers_never_included,
+        files_parsed: stats.files_parsed,
+        files_with_parse_errors: stats.files_with_parse_errors,
+        parse_failures: stats.parse_failures,
+        seconds,
+        mb_per_s: if seconds > 0.0 { stats.bytes_read as f64 / 1e6 / seconds } else { 0.0 },
+    };
+    if let Some(out) = &cfg.out {
+        let mut json = serde_json::to_vec_pretty(&summary)?;
+        json.push(b'\n');
+        write_atomic(&out.join("summary.json"), &json).context("writing summary.json")?;
+    }
+    Ok(summary)
+}
+
+fn file_project(
+    name: &str,
+    cands: &[Candidate],
+    cfg: &Config,
+    budget: usize,
+    stats: &mut Stats,
+    w: &mut ShardWriter,
+) -> Result<()> {
+    for batch in cands.chunks(BATCH_FILES) {
+        let results: Vec<(Stats, Vec<Document>)> = batch
+            .par_iter()
+            .map(|c| {
+                let (mut s, f) = load_counted(c, cfg);
+                let Some(f) = f else { return (s, Vec::new()) };
+                let mut ds = Stats::default();
+                match guarded(|| {
+                    let docs = file_documents(name, &f, budget, &mut ds);
+                    (ds, docs)
+                }) {
+                    Some((ds, docs)) => {
+                        s.merge(&ds);
+                        (s, docs)
+                    }
+                    None => {
+                        s.skip(SkipReason::InternalError);
+                        (s, Vec::new())
+                    }
+                }
+            })
+            .collect();
+        for (s, docs) in results {
+            stats.merge(&s);
+            for d in &docs {
+                w.write(d)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn crossfile_project(
+    name: &str,
+    cands: &[Candidate],
+    cfg: &Config,
+    budget: usize,
+    stats: &mut Stats,
+    w: &mut ShardWriter,
+) -> Result<()> {
+    // 1. Load every file of the project (sources and headers).
+    let loaded: Vec<(Stats, Option<SourceFile>)> = cands.par_iter().map(|c| load_counted(c, cfg)).collect();
+    let mut files = Vec::new();
+    for (s, f) in loaded {
+        stats.merge(&s);
+        files.extend(f);
+    }
+    // 2. Resolve includes.
+    let paths: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
+    let index = ProjectIndex::new(&paths);
+    let resolved: Vec<(Stats, Vec<usize>)> = files
+        .par_iter()
+        .map(|f| {
+            guarded(|| {
+                let mut s = Stats::default();
+                let mut edges: Vec<usize> = Vec::new();
+                for inc in extract_includes(&f.text) {
+                    match index.resolve(&f.rel, &inc) {
+                        Some(t) => {
+                            s.includes_resolved += 1;
+                            if !edges.contains(&t) {
+                                edges.push(t);
+                            }
+                        }
+                        None if inc.kind == IncludeKind::Quoted => s.quoted_includes_unresolved += 1,
+                        None => {}
+                    }
+                }
+                (s, edges)
+            })
+            .unwrap_or_else(|| {
+                let mut s = Stats::default();
+                s.skip(SkipReason::InternalError);
+                (s, Vec::new())
+            })
+        })
+        .collect();
+    let mut edges = Vec::with_capacity(resolved.len());
+    for (s, e) in resolved {
+        stats.merge(&s);
+        edges.push(e);
+    }
+    // 3. One document (or several pieces) per source file.
+    let sources: Vec<usize> = (0..files.len()).filter(|&i| files[i].kind == FileKind::Source).collect();
+    let results: Vec<(Stats, Vec<Document>)> = sources
+        .par_iter()
+        .map(|&i| {
+            guarded(|| {
+                let mut s = Stats::default();
+                let docs = crossfile_documents(name, &files, &edges, i, budget, &mut s);
+                (s, docs)
+            })
+            .unwrap_or_else(|| {
+                let mut s = Stats::default();
+                s.skip(SkipReason::InternalError);
+                (s, Vec::new())
+            })
+        })
+        .collect();
+    for (s, docs) in results {
+        stats.merge(&s);
+        for d in &docs {
+            w.write(d)?;
+        }
+    }
+    // 4. Headers that no source reaches.
+    let mut reached = vec![false; files.len()];
+    let mut queue: VecDeque<usize> = sources.iter().copied().collect();
+    for &s in &sources {
+        reached[s] = true;
+    }
+    while let Some(n) = queue.pop_front() {
+        for &c in &edges[n] {
+            if !reached[c] {
+                reached[c] = true;
+                queue.push_back(c);
+            }
+        }
+    }
+    stats.headers_never_included +=
+        files.iter().enumerate().filter(|(i, f)| f.kind == FileKind::Header && !reached[*i]).count() as u64;
+    Ok(())
+}
+
+fn parse_only_project(cands: &[Candidate], cfg: &Config, stats: &mut Stats) {
+    for batch in cands.chunks(BATCH_FILES) {
+        let results: Vec<Stats> = batch
+            .par_iter()
+            .map(|c| {
+                let (mut s, f) = load_counted(c, cfg);
+                let Some(f) = f else { return s };
+                match guarded(|| cpp::parse(&f.text).map(|t| t.root_node().has_error())) {
+                    Some(Some(has_error)) => {
+                        s.files_parsed += 1;
+                        s.files_with_parse_errors += u64::from(has_error);
+                    }
+                    Some(None) => s.parse_failures += 1,
+                    None => s.skip(SkipReason::InternalError),
+                }
+                s
+            })
+            .collect();
+        for s in results {
+            stats.merge(&s);
+        }
+    }
+}
