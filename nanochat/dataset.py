@@ -6,7 +6,7 @@ Three sources, one format:
   `python -m nanochat.dataset -n N` (parallel, retried with backoff, resumable,
   atomic: a shard appears under its final name only once it is whole and readable);
 - any local directory of parquet shards (--data_dir or NANOCHAT_DATA_DIR), e.g. C++
-  documents from tools/cpp_chunker once they are converted to parquet;
+  documents made by `python -m scripts.cpp_data` (tools/cpp_chunker);
 - the embedded corpus (nanochat/corpus.py), built from source code on this machine.
 
 In every directory the shards are read in sorted filename order and the last one
