@@ -33,15 +33,9 @@ class PackedConversations:
         state = state or {}
         self.cursor = state.get("cursor", rank)  # absolute example index over epochs
         self.ids, self.targets = state.get("ids", []), state.get("targets", [])
-        self.epoch = self.cursor // len(task)
 
     def state_dict(self):
         return {"cursor": self.cursor, "ids": list(self.ids), "targets": list(self.targets)}
-
-    @property
-    def progress(self):
-        """Fraction of the planned epochs consumed (for lr schedules of one-epoch runs)."""
-        return self.cursor / (len(self.task) * self.epochs) if self.epochs else 0.0
 
     def __iter__(self):
         return self
@@ -65,20 +59,25 @@ class PackedConversations:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
-def pad_batch(conversations, tokenizer, max_len, device):
-    """(inputs, targets) for a list of conversations, one per row, right-padded.
-    Padding inputs use BOS (any id works: their targets are -1 and they sit after the
-    real tokens, so causal attention keeps them from touching the loss)."""
-    rows = [tokenizer.render_conversation(c, max_tokens=max_len + 1) for c in conversations]
+def pad_rows(rows, pad_id, device):
+    """(inputs, targets) from (token ids, mask) rows, one per row, right-padded. Targets
+    are -1 where the mask is 0 and past each row's end; padding inputs are pad_id (any id
+    works: their targets are -1 and they sit after the real tokens, so causal attention
+    keeps them from touching the loss). Used by SFT and by RL's policy-gradient batches."""
     width = max(len(ids) for ids, _ in rows) - 1
-    pad = tokenizer.get_bos_token_id()
-    x = torch.full((len(rows), width), pad, dtype=torch.long)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
     y = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, (ids, mask) in enumerate(rows):
         n = len(ids) - 1
         x[i, :n] = torch.tensor(ids[:-1])
         y[i, :n] = torch.tensor(_masked_targets(ids, mask)[1:])
     return x.to(device), y.to(device)
+
+
+def pad_batch(conversations, tokenizer, max_len, device):
+    """(inputs, targets) for a list of conversations, one per row, right-padded with BOS."""
+    rows = [tokenizer.render_conversation(c, max_tokens=max_len + 1) for c in conversations]
+    return pad_rows(rows, tokenizer.get_bos_token_id(), device)
 
 
 class PaddedConversations:

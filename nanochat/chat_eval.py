@@ -33,7 +33,7 @@ def _sum_across_ranks(*values, device):
 
 def _indices(task, max_problems, rank, world_size):
     n = len(task) if max_problems is None else min(len(task), max_problems)
-    return range(rank, n, world_size), n
+    return range(rank, n, world_size)
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def run_categorical(task, tokenizer, model, batch_size=8, max_problems=None, ran
                     progress=True):
     """Accuracy of picking the right letter by the logits at the answer position."""
     device = model.wte.weight.device
-    indices, n = _indices(task, max_problems, rank, world_size)
+    indices = _indices(task, max_problems, rank, world_size)
     letter_ids = {}
     correct = total = 0
     bos = tokenizer.get_bos_token_id()
@@ -76,7 +76,7 @@ def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, t
                    max_problems=None, rank=0, world_size=1, progress=True):
     """Fraction of examples where at least one of num_samples completions is right."""
     device = engine.device
-    indices, n = _indices(task, max_problems, rank, world_size)
+    indices = _indices(task, max_problems, rank, world_size)
     passed = total = 0
     bar = tqdm(indices, desc=type(task).__name__, disable=not progress or rank != 0)
     for i in bar:

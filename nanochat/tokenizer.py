@@ -16,6 +16,7 @@ they are never produced by encoding ordinary text (a string "<|bos|>" in a
 document encodes as plain characters), only by encode_special / render_*.
 """
 
+import codecs
 import os
 import pickle
 from functools import lru_cache
@@ -140,6 +141,19 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(ids)
+
+    def stream_decoder(self):
+        """For text that arrives one token at a time (chat_cli, chat_web): returns
+        feed(token) -> the new text, "" while a UTF-8 character is split across tokens;
+        feed(None) flushes what is left. Each token is decoded once, so streaming an
+        answer costs its length, not its length squared."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+        def feed(token):
+            if token is None:
+                return utf8.decode(b"", final=True)
+            return utf8.decode(self.enc.decode_single_token_bytes(token))
+        return feed
 
     def token_bytes_list(self):
         """Length in bytes of each token id; 0 for special tokens (they are not text,

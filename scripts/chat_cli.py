@@ -15,7 +15,6 @@ seed, so asking again gives a different answer (unless -t 0).
 """
 
 import argparse
-import codecs
 import random
 import sys
 
@@ -104,7 +103,7 @@ def stream_answer(ids, room):
     """Generate an answer to the prompt ids, printing it as it comes. Ctrl-C stops it.
     Returns (answer token ids without the stop token, whether it was interrupted)."""
     answer, interrupted = [], False
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds a character split across tokens
+    decode = tokenizer.stream_decoder()  # holds a character split across tokens
     stream = engine.generate(ids, num_samples=1, max_tokens=room, temperature=args.temperature, top_k=top_k,
                              seed=random.randrange(2**31))
     try:
@@ -114,12 +113,12 @@ def stream_answer(ids, room):
                 if token in engine.stop_tokens:
                     break
                 answer.append(token)
-                print(utf8.decode(tokenizer.enc.decode_single_token_bytes(token)), end="", flush=True)
+                print(decode(token), end="", flush=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         stream.close()
-    print(utf8.decode(b"", final=True), end="", flush=True)
+    print(decode(None), end="", flush=True)
     return answer, interrupted
 
 

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from nanochat.chat_data import pad_rows
 from nanochat.checkpoint_manager import checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint
 from nanochat.common import (autocast_for, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              print0, synchronize)
@@ -146,18 +147,10 @@ while True:
     num_trained = max(1, sum(sum(m[1:]) for _, m, _ in seqs))
     for start in range(0, len(seqs), args.device_batch_size):
         batch = seqs[start:start + args.device_batch_size]
-        width = max(len(s) for s, _, _ in batch) - 1
-        x = torch.full((len(batch), width), tokenizer.get_bos_token_id(), dtype=torch.long)
-        y = torch.full((len(batch), width), -1, dtype=torch.long)
-        adv = torch.zeros(len(batch), 1)
-        for i, (ids, mask, a) in enumerate(batch):
-            n = len(ids) - 1
-            x[i, :n] = torch.tensor(ids[:-1])
-            y[i, :n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-            adv[i] = a
-        x, y, adv = x.to(device), y.to(device), adv.to(device)
+        x, y = pad_rows([(ids, mask) for ids, mask, _ in batch], tokenizer.get_bos_token_id(), device)
+        adv = torch.tensor([[a] for _, _, a in batch], dtype=torch.float32, device=device)
         with autocast:
-            nll = model(x, y, loss_reduction="none").view(len(batch), width)  # 0 where y == -1
+            nll = model(x, y, loss_reduction="none").view(x.shape)  # 0 where y == -1
         loss = (nll.float() * adv).sum() / num_trained  # = -(adv * log p) summed, averaged over tokens
         loss.backward()
     lrm = 1.0 - step / num_iterations

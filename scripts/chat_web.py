@@ -170,7 +170,7 @@ async def generate_stream(pool, tokens, sampling, seed):
         loop.call_soon_threadsafe(out.put_nowait, item)
 
     def run():
-        ids, sent = [], ""
+        decode, n = worker.tokenizer.stream_decoder(), 0  # holds a character split across tokens
         try:
             with worker.autocast:
                 for column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
@@ -178,17 +178,15 @@ async def generate_stream(pool, tokens, sampling, seed):
                                                         seed=seed):
                     if stop.is_set() or column[0] in worker.engine.stop_tokens:
                         break
-                    ids.append(column[0])
+                    n += 1
                     worker.tokens += 1
-                    text = worker.tokenizer.decode(ids)
-                    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                        send("text", text[len(sent):], len(ids))
-                        sent = text
-            text = worker.tokenizer.decode(ids)
-            send("end", text[len(sent):], len(ids))
+                    text = decode(column[0])
+                    if text:
+                        send("text", text, n)
+            send("end", decode(None), n)
         except Exception as e:  # reported to the client as an error, logged here
             logger.exception("generation failed")
-            send("error", str(e), len(ids))
+            send("error", str(e), n)
         finally:
             worker.served += 1
             loop.call_soon_threadsafe(pool.release, worker)
@@ -254,13 +252,21 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                              "authentication_error")
         return await call_next(request)
 
-    def prompt_tokens(conversation):
-        tok = state["tokenizer"]
-        tokens = tok.render_for_completion(conversation)
+    def fitting(tokens, what):
+        """tokens, if they leave room in the model's context for at least one more."""
         limit = app.state.pool.workers[0].model.config.sequence_len
         if len(tokens) >= limit:
-            raise BadRequest(f"the conversation is {len(tokens)} tokens; this model's context is {limit}")
+            raise BadRequest(f"the {what} is {len(tokens)} tokens; this model's context is {limit}")
         return tokens
+
+    def prompt_tokens(conversation):
+        return fitting(state["tokenizer"].render_for_completion(conversation), "conversation")
+
+    def completion_id(kind):
+        return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+    def finish_reason(n, req):
+        return "length" if n >= (req.max_tokens or MAX_NEW_TOKENS) else "stop"
 
     @app.get("/", include_in_schema=False)
     async def ui():
@@ -296,7 +302,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
 
     def openai_stream(tokens, req, kind):
         """OpenAI's streaming format: chunks, then data: [DONE]."""
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        rid = completion_id(kind)
         created, model = int(time.time()), state["model_id"]
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -320,7 +326,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
             except RuntimeError as e:
                 yield sse({"error": {"message": str(e), "type": "server_error"}})
                 return
-            yield chunk("", "length" if n >= (req.max_tokens or MAX_NEW_TOKENS) else "stop")
+            yield chunk("", finish_reason(n, req))
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -332,9 +338,9 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         async with aclosing(generate_stream(app.state.pool, tokens, req, req.seed or 0)) as pieces:
             async for piece, n, _ in pieces:
                 text += piece
-        finish = "length" if n >= (req.max_tokens or MAX_NEW_TOKENS) else "stop"
+        finish = finish_reason(n, req)
         usage = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
-        base = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+        base = {"id": completion_id(kind), "created": int(time.time()),
                 "model": state["model_id"], "usage": usage}
         if kind == "chat":
             return dict(base, object="chat.completion", choices=[
@@ -354,10 +360,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                       + [s("<|fim_suffix|>")] + tok.encode(clean(req.suffix)) + [s("<|fim_middle|>")])
         else:
             tokens = tok.encode(clean(req.prompt), prepend="<|bos|>")
-        limit = app.state.pool.workers[0].model.config.sequence_len
-        if len(tokens) >= limit:
-            raise BadRequest(f"the prompt is {len(tokens)} tokens; this model's context is {limit}")
-        return await openai_complete(tokens, req, "text")
+        return await openai_complete(fitting(tokens, "prompt"), req, "text")
 
     @app.get("/v1/models")
     async def v1_models():
