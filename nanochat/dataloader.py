@@ -20,6 +20,11 @@ The pretraining data loader: parquet shards -> tokens -> packed (inputs, targets
   e.g. a chunker writing into --data_dir) are picked up in order.
 - state_dict() / resume_state restore the loader exactly: the restored loader yields
   the same next batch as the original would have.
+- data_order="global" makes the batches independent of the number of processes: every
+  rank reads and packs the whole stream and keeps every W-th batch (rank r the r-th),
+  so W GPUs with A accumulation steps train each step on exactly the batches that one
+  GPU with W*A steps would. It costs W times the tokenization; the default "sharded"
+  has each rank read only its own row groups.
 """
 
 import bisect
@@ -120,9 +125,13 @@ class DataLoader:
     resume_state: a dict from state_dict() to continue exactly where that loader was."""
 
     def __init__(self, tokenizer, B, T, split="train", device="cpu", data_dir=None,
-                 rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, resume_state=None):
+                 rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, resume_state=None,
+                 data_order="sharded"):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        if data_order not in ("sharded", "global"):
+            raise ValueError(f"data_order must be 'sharded' or 'global', not {data_order!r}")
+        self.data_order = data_order
         ddp_rank, ddp_world = get_dist_info()[1], get_dist_info()[3]
         self.rank = ddp_rank if rank is None else rank
         self.world_size = ddp_world if world_size is None else world_size
@@ -145,18 +154,22 @@ class DataLoader:
                 self._add(np.asarray(arr, dtype=np.int32), seq)
             self.next_seq = resume_state["next_seq"]
             self.cropped_tokens, self.emitted_tokens = resume_state["cropped_tokens"], resume_state["emitted_tokens"]
-        self.stream = DocumentStream(tokenizer, split, data_dir, self.rank, self.world_size, start=start,
+        # the global order reads the whole stream on every rank (as rank 0 of 1 would)
+        stream_rank, stream_world = (self.rank, self.world_size) if data_order == "sharded" else (0, 1)
+        self.stream = DocumentStream(tokenizer, split, data_dir, stream_rank, stream_world, start=start,
                                      threads=tokenizer_threads)
         if start is not None:
             self.pos, self.rg_docs = self.stream.get()
             self.doc_idx = skip
 
     def _check_state(self, state):
-        mine = {"rank": self.rank, "world_size": self.world_size, "T": self.T, "split": self.split}
+        state = {"data_order": "sharded", **state}  # states saved before data_order existed
+        mine = {"rank": self.rank, "world_size": self.world_size, "T": self.T, "split": self.split,
+                "data_order": self.data_order}
         for k, v in mine.items():
             if state.get(k) != v:
                 raise ValueError(f"dataloader resume state has {k}={state.get(k)} but this run has {k}={v}; "
-                                 "resume with the same number of processes, sequence length and split")
+                                 "resume with the same number of processes, sequence length, split and data order")
 
     # ---- the document buffer ----------------------------------------------
 
@@ -213,7 +226,11 @@ class DataLoader:
         return self
 
     def __next__(self):
-        rows = np.stack([self._next_row() for _ in range(self.B)]).astype(np.int64)
+        if self.data_order == "global":  # pack the whole group of W batches, keep the rank-th
+            group = [[self._next_row() for _ in range(self.B)] for _ in range(self.world_size)]
+            rows = np.stack(group[self.rank]).astype(np.int64)
+        else:
+            rows = np.stack([self._next_row() for _ in range(self.B)]).astype(np.int64)
         batch = torch.from_numpy(rows)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
@@ -229,7 +246,7 @@ class DataLoader:
         """Everything needed to continue exactly: where we are in the document stream,
         and the buffered documents (token arrays) not yet packed."""
         return {"rank": self.rank, "world_size": self.world_size, "T": self.T, "split": self.split,
-                "pos": self.pos, "doc_idx": self.doc_idx, "next_seq": self.next_seq,
+                "data_order": self.data_order, "pos": self.pos, "doc_idx": self.doc_idx, "next_seq": self.next_seq,
                 "buffer": [(seq, self.docs[seq]) for _, seq in self.keys],  # arrays are never modified: no copy
                 "cropped_tokens": self.cropped_tokens, "emitted_tokens": self.emitted_tokens}
 

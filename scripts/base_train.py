@@ -68,6 +68,9 @@ parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume_from_step", type=int, default=-1, help="resume from this checkpoint step (-1: start fresh; 0: latest)")
 parser.add_argument("--model_tag", default="", help="checkpoint directory name (default: d<depth>)")
 parser.add_argument("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_DATA_DIR or downloaded shards)")
+parser.add_argument("--data_order", default="sharded", choices=["sharded", "global"],
+                    help="sharded: each rank reads its own documents; global: the batches of a step do not depend "
+                         "on the number of GPUs (each rank tokenizes everything; for comparing runs)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 
@@ -154,7 +157,7 @@ if use_compile:
 
 print0(f"data: {resolve_data_dir(args.data_dir)}")
 train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                          data_dir=args.data_dir, resume_state=loader_state)
+                          data_dir=args.data_dir, resume_state=loader_state, data_order=args.data_order)
 
 
 def make_val_loader():
@@ -248,10 +251,11 @@ while True:
     # --- one optimizer step ---
     synchronize(device_type)
     t0 = time.time()
+    train_loss = torch.zeros((), device=device)
     for micro in range(grad_accum_steps):
         with autocast:
             loss = model(x, y)
-        train_loss = loss.detach()
+        train_loss += loss.detach() / grad_accum_steps
         (loss / grad_accum_steps).backward()
         loader_state = train_loader.state_dict()
         x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
@@ -267,6 +271,8 @@ while True:
     for opt in optimizers:
         opt.step()
     orig_model.zero_grad(set_to_none=True)
+    if ddp:  # the step's loss: the mean over all micro-batches of all ranks
+        torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
     train_loss = train_loss.item()  # syncs with the device
     synchronize(device_type)
     dt = time.time() - t0
@@ -280,7 +286,8 @@ while True:
     if step > 10:
         train_time += dt  # the first steps include compilation
     eta = (num_iterations - step) * (train_time / max(step - 10, 1)) if step > 10 else float("nan")
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} | "
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
+           f"(step: {train_loss:.6f}) | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "
            f"eta: {eta / 60:.1f}m" + (f" | grad norm: {grad_norm:.3f}" if grad_norm is not None else ""))
     loss_curve.append((step, debiased))

@@ -120,6 +120,29 @@ def test_torchrun_two_processes_train_and_resume(base_dir, corpus_dir):
     assert all(resumed[s] == full[s] for s in resumed), (full, resumed)
 
 
+def step_losses(stdout):
+    return [float(v) for v in re.findall(r"\(step: ([\d.]+)\)", stdout)]
+
+
+def test_global_data_order_two_processes_match_one(base_dir, corpus_dir):
+    """--data_order=global: 2 ranks x 1 micro-step train on the same batches as 1 rank x 2
+    micro-steps, so the per-step losses agree (fp32 on CPU: up to summation order)."""
+    common = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
+              "--num_iterations=5", "--eval_every=-1", "--eval_tokens=128", "--core_metric_every=-1",
+              "--sample_every=-1", "--data_order=global", f"--data_dir={corpus_dir}", "--model_tag=order"]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    outs = []
+    for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
+        cmd = [sys.executable, *launcher, "-m", "scripts.base_train", *(["--"] if launcher else []), *common]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        outs.append(out.stdout)
+    assert "1 accumulation steps" in outs[1] and "2 accumulation steps" in outs[0]
+    one, two = step_losses(outs[0]), step_losses(outs[1])
+    assert len(one) == len(two) == 5 and one[-1] < one[0]
+    assert one == pytest.approx(two, rel=1e-4, abs=0), (one, two)
+
+
 def test_core_metric_during_training(base_dir, corpus_dir, tmp_path):
     """--core_metric_every fetches the bundle (here a file:// zip of the fixture) and logs
     CORE; when the bundle can't be had, training goes on without it."""

@@ -92,6 +92,26 @@ def test_rank_batches_differ(tokenizer, corpus_dir):
     r0.close(), r1.close()
 
 
+def test_global_order_does_not_depend_on_world_size(tokenizer, corpus_dir):
+    """data_order=global: rank r of W yields global batches r, r+W, ... of the one-process
+    stream, so any number of ranks together train on the same batches; and it resumes."""
+    kw = dict(B=2, T=64, data_dir=corpus_dir, buffer_size=30, data_order="global")
+    one = DataLoader(tokenizer, rank=0, world_size=1, **kw)
+    ref = [x for x, _ in take(one, 9)]
+    for world in (2, 3):
+        ranks = [DataLoader(tokenizer, rank=r, world_size=world, **kw) for r in range(world)]
+        got = [next(ranks[i % world])[0] for i in range(9)]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"world_size={world}"
+        state = ranks[1].state_dict()
+        again = DataLoader(tokenizer, rank=1, world_size=world, resume_state=state, **kw)
+        assert torch.equal(next(again)[0], next(ranks[1])[0])
+        for r in ranks + [again]:
+            r.close()
+    with pytest.raises(ValueError, match="data order"):
+        DataLoader(tokenizer, rank=0, world_size=1, B=2, T=64, data_dir=corpus_dir, resume_state=one.state_dict())
+    one.close()
+
+
 def test_val_split_is_the_last_shard(tokenizer, corpus_dir):
     files = list_parquet_files(corpus_dir)
     val_docs = next(parquets_iter_batched("val", corpus_dir))
