@@ -102,7 +102,11 @@ if args.resume_from_step >= 0:
     step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank)
     loader_state = rank_state["loader"]
     print0(f"resumed {ckpt_dir} at step {step}")
-train_loader = PackedConversations(train_task, tokenizer, B, T, device, rank, world_size, epochs=1, state=loader_state)
+# --num_iterations is honoured even when it is more than one pass (the mixture repeats);
+# without it, one pass over the mixture
+epochs = None if args.num_iterations > 0 else 1
+train_loader = PackedConversations(train_task, tokenizer, B, T, device, rank, world_size, epochs=epochs,
+                                   state=loader_state)
 if args.num_iterations > 0:
     num_iterations = args.num_iterations
 else:  # one pass: tokens in the mixture are unknown until rendered, so estimate from a sample
