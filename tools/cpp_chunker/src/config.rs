@@ -12,6 +12,10 @@ pub enum Mode {
     File,
     /// One document per source file, preceded by the project headers it includes.
     Crossfile,
+    /// Crossfile plus the definitions the source uses from other project files.
+    Project,
+    /// A source file and its project headers reordered into a near-compilable unit.
+    Compilable,
 }
 
 impl Mode {
@@ -19,6 +23,8 @@ impl Mode {
         match self {
             Mode::File => "file",
             Mode::Crossfile => "crossfile",
+            Mode::Project => "project",
+            Mode::Compilable => "compilable",
         }
     }
 }

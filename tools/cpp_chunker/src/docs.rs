@@ -41,7 +41,7 @@ impl Document {
 }
 
 /// Splits `text` if over `budget` and turns each non-blank piece into a document.
-fn split_into_documents(
+pub fn split_into_documents(
     text: String,
     project: &str,
     files: Vec<String>,
@@ -80,11 +80,35 @@ pub fn part_text(rel: &str, text: &str) -> String {
     format!("{FILE_MARKER}{rel}\n{text}{nl}")
 }
 
-/// `crossfile` mode for `files[source]`: the project headers it includes (transitively,
-/// each once, dependencies first) and then the source itself. `edges[i]` lists the
-/// resolved includes of `files[i]`. When over budget, headers are dropped farthest first
-/// (largest include distance, then latest in the order); if the source alone is still over
-/// budget it is split like in `file` mode.
+/// The project headers of `files[source]` kept for its document: those it includes
+/// (transitively, each once, dependencies first), minus, when the headers and the source
+/// together are over `budget`, the farthest ones (largest include distance, then latest
+/// in the order) until they fit. `edges[i]` lists the resolved includes of `files[i]`.
+pub fn select_headers(files: &[SourceFile], edges: &[Vec<usize>], source: usize, budget: usize, stats: &mut Stats) -> Vec<usize> {
+    let ho = order_headers(source, edges);
+    stats.include_cycles += ho.cycles;
+    let sizes: Vec<usize> = ho.order.iter().map(|&h| part_text(&files[h].rel, &files[h].text).len()).collect();
+    let mut kept = vec![true; sizes.len()];
+    let mut total: usize = part_text(&files[source].rel, &files[source].text).len() + sizes.iter().sum::<usize>();
+    // Drop candidates, farthest first; ties: the later one in the order first.
+    let mut drop_order: Vec<usize> = (0..sizes.len()).collect();
+    drop_order.sort_by(|&a, &b| ho.depth[b].cmp(&ho.depth[a]).then(b.cmp(&a)));
+    for i in drop_order {
+        if total <= budget {
+            break;
+        }
+        kept[i] = false;
+        total -= sizes[i];
+        stats.headers_dropped_for_budget += 1;
+    }
+    let out: Vec<usize> = ho.order.iter().zip(&kept).filter(|(_, k)| **k).map(|(h, _)| *h).collect();
+    stats.headers_included += out.len() as u64;
+    out
+}
+
+/// `crossfile` mode for `files[source]`: the headers [`select_headers`] keeps, then the
+/// source itself; if the source alone is still over budget it is split like in `file`
+/// mode.
 pub fn crossfile_documents(
     project: &str,
     files: &[SourceFile],
@@ -93,33 +117,14 @@ pub fn crossfile_documents(
     budget: usize,
     stats: &mut Stats,
 ) -> Vec<Document> {
-    let ho = order_headers(source, edges);
-    stats.include_cycles += ho.cycles;
-    let parts: Vec<String> = ho.order.iter().map(|&h| part_text(&files[h].rel, &files[h].text)).collect();
-    let src_part = part_text(&files[source].rel, &files[source].text);
-    let mut kept = vec![true; parts.len()];
-    let mut total: usize = src_part.len() + parts.iter().map(String::len).sum::<usize>();
-    // Drop candidates, farthest first; ties: the later one in the order first.
-    let mut drop_order: Vec<usize> = (0..parts.len()).collect();
-    drop_order.sort_by(|&a, &b| ho.depth[b].cmp(&ho.depth[a]).then(b.cmp(&a)));
-    for i in drop_order {
-        if total <= budget {
-            break;
-        }
-        kept[i] = false;
-        total -= parts[i].len();
-        stats.headers_dropped_for_budget += 1;
-    }
-    let mut text = String::with_capacity(total);
+    let headers = select_headers(files, edges, source, budget, stats);
+    let mut text = String::new();
     let mut names = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        if kept[i] {
-            text.push_str(part);
-            names.push(files[ho.order[i]].rel.clone());
-            stats.headers_included += 1;
-        }
+    for &h in &headers {
+        text.push_str(&part_text(&files[h].rel, &files[h].text));
+        names.push(files[h].rel.clone());
     }
-    text.push_str(&src_part);
+    text.push_str(&part_text(&files[source].rel, &files[source].text));
     names.push(files[source].rel.clone());
     split_into_documents(text, project, names, "crossfile", budget, stats)
 }

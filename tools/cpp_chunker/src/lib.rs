@@ -4,15 +4,21 @@
 //! * [`load`] reads a file and applies the skip rules (size, binary, generated, ...);
 //! * [`docs`] builds `file` and `crossfile` documents, using [`includes`] for include
 //!   resolution and ordering and [`split`] to cut oversized text at syntax boundaries;
+//! * [`entities`] cuts a file into top-level entities with the names they define and
+//!   use, and [`compilable`] builds `compilable` documents (a unit reordered: preamble,
+//!   types in dependency order, functions callees first) and `project` documents
+//!   (crossfile plus definitions pulled through a project-wide symbol index);
 //! * [`output`] writes shards and the summary atomically;
 //! * [`pipeline::run`] ties it together, in parallel over files with rayon.
 //!
 //! Tokens are estimated as bytes / 3.5 ([`tokens`]); there is no tokenizer here.
 
+pub mod compilable;
 pub mod config;
 pub mod cpp;
 pub mod discover;
 pub mod docs;
+pub mod entities;
 pub mod includes;
 pub mod load;
 pub mod output;

@@ -15,6 +15,10 @@ enum ModeArg {
     File,
     /// A source file preceded by the project headers it includes.
     Crossfile,
+    /// Crossfile plus the definitions the source uses from other project files.
+    Project,
+    /// A source file and its project headers reordered into a near-compilable unit.
+    Compilable,
 }
 
 /// Turn C/C++ project roots into JSONL training documents.
@@ -73,6 +77,8 @@ fn main() -> ExitCode {
         mode: match cli.mode {
             ModeArg::File => Mode::File,
             ModeArg::Crossfile => Mode::Crossfile,
+            ModeArg::Project => Mode::Project,
+            ModeArg::Compilable => Mode::Compilable,
         },
         max_tokens: cli.max_tokens,
         out: cli.out.clone(),

@@ -10,10 +10,12 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::compilable::{compilable_documents, inlinable_headers, project_documents, SymbolIndex};
 use crate::config::{Config, Mode};
 use crate::cpp;
 use crate::discover::{discover, Candidate, FileKind};
-use crate::docs::{crossfile_documents, file_documents, Document};
+use crate::docs::{crossfile_documents, file_documents, select_headers, Document};
+use crate::entities::{self, Entity};
 use crate::includes::{extract_includes, IncludeKind, ProjectIndex};
 use crate::load::{load, SourceFile};
 use crate::output::{prepare_out_dir, write_atomic, ShardWriter};
@@ -27,7 +29,7 @@ const BATCH_FILES: usize = 2048;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub tool_version: String,
-    /// "file", "crossfile" or "parse_only".
+    /// "file", "crossfile", "project", "compilable" or "parse_only".
     pub mode: String,
     pub roots: Vec<String>,
     pub projects: u64,
@@ -71,6 +73,15 @@ pub struct Summary {
     pub files_parsed: u64,
     pub files_with_parse_errors: u64,
     pub parse_failures: u64,
+    /// compilable / project: units built (a source file, or in a project without
+    /// sources, a header no other header includes).
+    pub compilable_units: u64,
+    /// compilable: dependency cycles among declarations / functions broken by source order.
+    pub type_cycles_broken: u64,
+    pub call_cycles_broken: u64,
+    /// project: definitions pulled from other files, and those left out for the budget.
+    pub definitions_pulled: u64,
+    pub definitions_dropped_for_budget: u64,
     /// Wall-clock seconds for the whole run (walk, read, process, write).
     pub seconds: f64,
     /// `bytes_read / 1e6 / seconds`.
@@ -152,6 +163,7 @@ pub fn run(cfg: &Config) -> Result<Summary> {
             match cfg.mode {
                 Mode::File => file_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
                 Mode::Crossfile => crossfile_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
+                Mode::Project | Mode::Compilable => unit_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
             }
         })?;
     }
@@ -201,6 +213,11 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         files_parsed: stats.files_parsed,
         files_with_parse_errors: stats.files_with_parse_errors,
         parse_failures: stats.parse_failures,
+        compilable_units: stats.compilable_units,
+        type_cycles_broken: stats.type_cycles_broken,
+        call_cycles_broken: stats.call_cycles_broken,
+        definitions_pulled: stats.definitions_pulled,
+        definitions_dropped_for_budget: stats.definitions_dropped_for_budget,
         seconds,
         mb_per_s: if seconds > 0.0 { stats.bytes_read as f64 / 1e6 / seconds } else { 0.0 },
     };
@@ -252,22 +269,20 @@ fn file_project(
     Ok(())
 }
 
-fn crossfile_project(
-    name: &str,
-    cands: &[Candidate],
-    cfg: &Config,
-    budget: usize,
-    stats: &mut Stats,
-    w: &mut ShardWriter,
-) -> Result<()> {
-    // 1. Load every file of the project (sources and headers).
+/// A project's files (sources and headers), loaded, with their resolved includes.
+struct Loaded {
+    files: Vec<SourceFile>,
+    edges: Vec<Vec<usize>>,
+    index: ProjectIndex,
+}
+
+fn load_and_resolve(cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Loaded {
     let loaded: Vec<(Stats, Option<SourceFile>)> = cands.par_iter().map(|c| load_counted(c, cfg)).collect();
     let mut files = Vec::new();
     for (s, f) in loaded {
         stats.merge(&s);
         files.extend(f);
     }
-    // 2. Resolve includes.
     let paths: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
     let index = ProjectIndex::new(&paths);
     let resolved: Vec<(Stats, Vec<usize>)> = files
@@ -290,11 +305,7 @@ fn crossfile_project(
                 }
                 (s, edges)
             })
-            .unwrap_or_else(|| {
-                let mut s = Stats::default();
-                s.skip(SkipReason::InternalError);
-                (s, Vec::new())
-            })
+            .unwrap_or_else(internal_error)
         })
         .collect();
     let mut edges = Vec::with_capacity(resolved.len());
@@ -302,21 +313,50 @@ fn crossfile_project(
         stats.merge(&s);
         edges.push(e);
     }
-    // 3. One document (or several pieces) per source file.
-    let sources: Vec<usize> = (0..files.len()).filter(|&i| files[i].kind == FileKind::Source).collect();
-    let results: Vec<(Stats, Vec<Document>)> = sources
+    Loaded { files, edges, index }
+}
+
+fn internal_error<T: Default>() -> (Stats, T) {
+    let mut s = Stats::default();
+    s.skip(SkipReason::InternalError);
+    (s, T::default())
+}
+
+/// Counts the headers that none of `units` reaches through includes.
+fn count_unreached_headers(l: &Loaded, units: &[usize], stats: &mut Stats) {
+    let mut reached = vec![false; l.files.len()];
+    let mut queue: VecDeque<usize> = units.iter().copied().collect();
+    for &s in units {
+        reached[s] = true;
+    }
+    while let Some(n) = queue.pop_front() {
+        for &c in &l.edges[n] {
+            if !reached[c] {
+                reached[c] = true;
+                queue.push_back(c);
+            }
+        }
+    }
+    stats.headers_never_included +=
+        l.files.iter().enumerate().filter(|(i, f)| f.kind == FileKind::Header && !reached[*i]).count() as u64;
+}
+
+/// Runs `make` for every unit in parallel and writes the documents in unit order.
+fn write_units(
+    units: &[usize],
+    w: &mut ShardWriter,
+    stats: &mut Stats,
+    make: impl Fn(usize, &mut Stats) -> Vec<Document> + Sync,
+) -> Result<()> {
+    let results: Vec<(Stats, Vec<Document>)> = units
         .par_iter()
-        .map(|&i| {
+        .map(|&u| {
             guarded(|| {
                 let mut s = Stats::default();
-                let docs = crossfile_documents(name, &files, &edges, i, budget, &mut s);
+                let docs = make(u, &mut s);
                 (s, docs)
             })
-            .unwrap_or_else(|| {
-                let mut s = Stats::default();
-                s.skip(SkipReason::InternalError);
-                (s, Vec::new())
-            })
+            .unwrap_or_else(internal_error)
         })
         .collect();
     for (s, docs) in results {
@@ -325,22 +365,83 @@ fn crossfile_project(
             w.write(d)?;
         }
     }
-    // 4. Headers that no source reaches.
-    let mut reached = vec![false; files.len()];
-    let mut queue: VecDeque<usize> = sources.iter().copied().collect();
-    for &s in &sources {
-        reached[s] = true;
-    }
-    while let Some(n) = queue.pop_front() {
-        for &c in &edges[n] {
-            if !reached[c] {
-                reached[c] = true;
-                queue.push_back(c);
+    Ok(())
+}
+
+fn crossfile_project(
+    name: &str,
+    cands: &[Candidate],
+    cfg: &Config,
+    budget: usize,
+    stats: &mut Stats,
+    w: &mut ShardWriter,
+) -> Result<()> {
+    let l = load_and_resolve(cands, cfg, stats);
+    let sources: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
+    write_units(&sources, w, stats, |i, s| crossfile_documents(name, &l.files, &l.edges, i, budget, s))?;
+    count_unreached_headers(&l, &sources, stats);
+    Ok(())
+}
+
+/// `project` and `compilable` modes: every file is parsed once into entities; then one
+/// unit per source file (in a project without sources, per header that no other header
+/// includes: the entry points of a header-only library).
+fn unit_project(
+    name: &str,
+    cands: &[Candidate],
+    cfg: &Config,
+    budget: usize,
+    stats: &mut Stats,
+    w: &mut ShardWriter,
+) -> Result<()> {
+    let l = load_and_resolve(cands, cfg, stats);
+    let parsed: Vec<(Stats, Vec<Entity>)> = l
+        .files
+        .par_iter()
+        .map(|f| {
+            let mut s = Stats::default();
+            let es = guarded(|| entities::extract(&f.text)).unwrap_or_else(|| {
+                s.skip(SkipReason::InternalError);
+                None
+            });
+            match es {
+                Some(es) => {
+                    s.files_parsed += 1;
+                    (s, es)
+                }
+                None => {
+                    s.parse_failures += 1;
+                    (s, vec![entities::opaque(&f.text)])
+                }
             }
+        })
+        .collect();
+    let mut ents = Vec::with_capacity(parsed.len());
+    for (s, es) in parsed {
+        stats.merge(&s);
+        ents.push(es);
+    }
+    let mut units: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
+    if units.is_empty() {
+        let included: std::collections::HashSet<usize> = l.edges.iter().flatten().copied().collect();
+        units = (0..l.files.len()).filter(|i| !included.contains(i)).collect();
+    }
+    match cfg.mode {
+        Mode::Compilable => write_units(&units, w, stats, |u, s| {
+            let kept = select_headers(&l.files, &l.edges, u, budget, s);
+            let headers = inlinable_headers(&kept, &l.edges, u);
+            compilable_documents(name, &l.files, &ents, &l.index, &headers, u, budget, s)
+        })?,
+        _ => {
+            let symbols = SymbolIndex::new(&ents);
+            write_units(&units, w, stats, |u, s| {
+                let headers = select_headers(&l.files, &l.edges, u, budget, s);
+                s.compilable_units += 1;
+                project_documents(name, &l.files, &ents, &symbols, &headers, u, budget, s)
+            })?
         }
     }
-    stats.headers_never_included +=
-        files.iter().enumerate().filter(|(i, f)| f.kind == FileKind::Header && !reached[*i]).count() as u64;
+    count_unreached_headers(&l, &units, stats);
     Ok(())
 }
 

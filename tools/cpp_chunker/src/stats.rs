@@ -82,6 +82,11 @@ pub struct Stats {
     pub files_parsed: u64,
     pub files_with_parse_errors: u64,
     pub parse_failures: u64,
+    pub compilable_units: u64,
+    pub type_cycles_broken: u64,
+    pub call_cycles_broken: u64,
+    pub definitions_pulled: u64,
+    pub definitions_dropped_for_budget: u64,
 }
 
 impl Stats {
@@ -117,6 +122,11 @@ impl Stats {
         self.files_parsed += o.files_parsed;
         self.files_with_parse_errors += o.files_with_parse_errors;
         self.parse_failures += o.parse_failures;
+        self.compilable_units += o.compilable_units;
+        self.type_cycles_broken += o.type_cycles_broken;
+        self.call_cycles_broken += o.call_cycles_broken;
+        self.definitions_pulled += o.definitions_pulled;
+        self.definitions_dropped_for_budget += o.definitions_dropped_for_budget;
     }
 
     /// Skip counts keyed by reason name, every reason present (zeros included).

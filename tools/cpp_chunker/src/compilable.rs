@@ -1,0 +1,451 @@
+//! The `compilable` and `project` modes.
+//!
+//! **compilable**: one translation unit (a source file and the project headers it
+//! includes, chosen as in `crossfile`) rewritten into the order a compiler reads top to
+//! bottom, as one piece of code without file boundaries:
+//!
+//! 1. preamble: `#include` lines of files outside the unit (each once), macros and other
+//!    directives, using-declarations, forward declarations, in source order;
+//! 2. type-level declarations (classes, enums, aliases, variables, prototypes, ...) in
+//!    topological order of their dependencies: an entity comes after the entities that
+//!    define the names it uses (a base class before the derived, a member's type before
+//!    the holder);
+//! 3. function definitions bottom-up over the call graph: a callee before its callers.
+//!
+//! All three are one topological sort over "uses a name defined by" edges in which,
+//! among the entities whose dependencies are all placed, the one with the lowest
+//! (section, source position) goes next. So sections stay in this order unless a
+//! dependency forces otherwise (a type whose member calls a `constexpr` function gets
+//! that function first). When every remaining entity waits on another, there is a cycle
+//! (recursion, two classes that point at each other): the earliest remaining entity in
+//! that order is placed anyway, which keeps the cycle's source order (the order the
+//! original compiled in), and the break is counted (`type_cycles_broken`,
+//! `call_cycles_broken`). Namespaces and `extern "C"` blocks are re-opened around their
+//! entities. Names, not C++ lookup, decide dependencies (see [`crate::entities`]).
+//!
+//! **project**: a `crossfile` document plus, before the source, the definitions its code
+//! uses that live in other files of the project (not in the included headers), looked
+//! up in a project-wide symbol index by name, in order of first use, within the budget.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use crate::docs::{part_text, split_into_documents, Document, FILE_MARKER};
+use crate::entities::{Entity, Kind};
+use crate::includes::{extract_includes, ProjectIndex};
+use crate::load::SourceFile;
+use crate::stats::Stats;
+
+/// The compilable order of `es` (indices), and the cycle breaks it needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ordering {
+    pub order: Vec<usize>,
+    pub type_cycles_broken: u64,
+    pub call_cycles_broken: u64,
+}
+
+fn namespace_names(wrapper: &str) -> impl Iterator<Item = &str> {
+    let name = if wrapper.starts_with("namespace") || wrapper.starts_with("inline") {
+        wrapper.split_whitespace().last().filter(|w| *w != "namespace").unwrap_or("")
+    } else {
+        ""
+    };
+    name.split("::").filter(|s| !s.is_empty())
+}
+
+pub fn order(es: &[&Entity]) -> Ordering {
+    let n = es.len();
+    let mut definers: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut first_in_namespace: HashMap<&str, usize> = HashMap::new();
+    for (i, e) in es.iter().enumerate() {
+        if matches!(e.kind, Kind::Decl | Kind::Prototype | Kind::Function) {
+            for d in &e.defines {
+                definers.entry(d.as_str()).or_default().push(i);
+            }
+        }
+        for w in &e.wrappers {
+            for name in namespace_names(w) {
+                first_in_namespace.entry(name).or_insert(i);
+            }
+        }
+    }
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut waiting = vec![0usize; n];
+    for (i, e) in es.iter().enumerate() {
+        // macros and includes are textual and forward declarations need nothing: no dependencies
+        if !matches!(e.kind, Kind::Decl | Kind::Prototype | Kind::Function | Kind::Using) {
+            continue;
+        }
+        let mut deps: Vec<usize> = Vec::new();
+        for u in &e.uses {
+            if let Some(ds) = definers.get(u.as_str()) {
+                deps.extend(ds.iter().copied().filter(|&j| j != i));
+            }
+            if e.kind == Kind::Using {
+                deps.extend(first_in_namespace.get(u.as_str()).copied().filter(|&j| j != i));
+            }
+        }
+        deps.sort_unstable();
+        deps.dedup();
+        waiting[i] = deps.len();
+        for j in deps {
+            dependents[j].push(i);
+        }
+    }
+    let key = |i: usize| (es[i].kind.rank(), i);
+    let mut remaining: BTreeSet<(u8, usize)> = (0..n).map(key).collect();
+    let mut ready: BinaryHeap<Reverse<(u8, usize)>> = (0..n).filter(|&i| waiting[i] == 0).map(|i| Reverse(key(i))).collect();
+    let mut out = Ordering { order: Vec::with_capacity(n), type_cycles_broken: 0, call_cycles_broken: 0 };
+    while let Some(&first) = remaining.iter().next() {
+        let next = match ready.pop() {
+            Some(Reverse(k)) if remaining.contains(&k) => k,
+            Some(_) => continue, // placed earlier by a cycle break
+            None => {
+                if first.0 == 2 {
+                    out.call_cycles_broken += 1;
+                } else {
+                    out.type_cycles_broken += 1;
+                }
+                first
+            }
+        };
+        remaining.remove(&next);
+        out.order.push(next.1);
+        for &d in &dependents[next.1] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 && remaining.contains(&key(d)) {
+                ready.push(Reverse(key(d)));
+            }
+        }
+    }
+    out
+}
+
+/// The entities in `order`, each inside its namespaces / `extern "C"` blocks (opened and
+/// closed as needed), a blank line between sections.
+pub fn render(es: &[&Entity], order: &[usize]) -> String {
+    let mut out = String::new();
+    let mut open: Vec<&str> = Vec::new();
+    let mut last_rank = None;
+    for &i in order {
+        let e = es[i];
+        let common = open.iter().zip(&e.wrappers).take_while(|(a, b)| **a == b.as_str()).count();
+        while open.len() > common {
+            let w = open.pop().expect("non-empty");
+            out.push_str("}  // ");
+            out.push_str(w);
+            out.push('\n');
+        }
+        if last_rank.is_some_and(|r| r != e.kind.rank()) {
+            out.push('\n');
+        }
+        for w in &e.wrappers[common..] {
+            out.push_str(w);
+            out.push_str(" {\n");
+            open.push(w);
+        }
+        out.push_str(e.text.trim_end());
+        out.push('\n');
+        last_rank = Some(e.kind.rank());
+    }
+    while let Some(w) = open.pop() {
+        out.push_str("}  // ");
+        out.push_str(w);
+        out.push('\n');
+    }
+    out
+}
+
+/// The entities of a unit (`unit`: file indices, headers first, source last) for the
+/// compilable order: `#include`s of files inside the unit are dropped (their code is
+/// there), other `#include`s are kept once.
+fn unit_entities<'e>(
+    files: &[SourceFile],
+    ents: &'e [Vec<Entity>],
+    index: &ProjectIndex,
+    unit: &[usize],
+) -> Vec<&'e Entity> {
+    let members: HashSet<usize> = unit.iter().copied().collect();
+    let mut seen_includes: HashSet<&str> = HashSet::new();
+    let mut out = Vec::new();
+    for &f in unit {
+        for e in &ents[f] {
+            if e.kind == Kind::Include {
+                let inside = extract_includes(&e.text)
+                    .first()
+                    .and_then(|inc| index.resolve(&files[f].rel, inc))
+                    .is_some_and(|t| members.contains(&t));
+                if inside || !seen_includes.insert(e.text.trim()) {
+                    continue;
+                }
+            }
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// The headers to inline, from those `select_headers` kept: a header left out stays an
+/// `#include` line, and what it includes comes with it, so the headers it reaches are
+/// left out too (inlining them as well would define their contents twice).
+pub fn inlinable_headers(kept: &[usize], edges: &[Vec<usize>], source: usize) -> Vec<usize> {
+    let all = crate::includes::order_headers(source, edges).order;
+    let kept_set: HashSet<usize> = kept.iter().copied().collect();
+    let mut reached: HashSet<usize> = HashSet::new();
+    let mut stack: Vec<usize> = all.iter().copied().filter(|h| !kept_set.contains(h)).collect();
+    while let Some(h) = stack.pop() {
+        if reached.insert(h) {
+            stack.extend(edges[h].iter().copied().filter(|&c| c != source));
+        }
+    }
+    kept.iter().copied().filter(|h| !reached.contains(h)).collect()
+}
+
+/// `compilable` documents for the unit `headers` + `source` (split at syntax boundaries
+/// if over budget).
+#[allow(clippy::too_many_arguments)]
+pub fn compilable_documents(
+    project: &str,
+    files: &[SourceFile],
+    ents: &[Vec<Entity>],
+    index: &ProjectIndex,
+    headers: &[usize],
+    source: usize,
+    budget: usize,
+    stats: &mut Stats,
+) -> Vec<Document> {
+    let unit: Vec<usize> = headers.iter().copied().chain([source]).collect();
+    let names: Vec<String> = unit.iter().map(|&f| files[f].rel.clone()).collect();
+    stats.compilable_units += 1;
+    let es = unit_entities(files, ents, index, &unit);
+    let ord = order(&es);
+    let text = render(&es, &ord.order);
+    if text.len() <= budget {
+        stats.type_cycles_broken += ord.type_cycles_broken;
+        stats.call_cycles_broken += ord.call_cycles_broken;
+        return vec![Document::new(text, project, names, "compilable")];
+    }
+    // Over budget: the source alone, its project headers back to `#include` lines, cut
+    // between entities into pieces that each start with the same preamble (includes,
+    // macros, usings, forward declarations), so every piece sees what it includes.
+    let es = unit_entities(files, ents, index, &[source]);
+    let ord = order(&es);
+    stats.type_cycles_broken += ord.type_cycles_broken;
+    stats.call_cycles_broken += ord.call_cycles_broken;
+    let preamble: Vec<usize> = ord.order.iter().copied().filter(|&i| es[i].kind.rank() == 0).collect();
+    let base = render(&es, &preamble).len();
+    let mut pieces: Vec<Vec<usize>> = Vec::new();
+    let mut cur = preamble.clone();
+    let mut len = base;
+    for &i in ord.order.iter().filter(|&&i| es[i].kind.rank() > 0) {
+        let cost = es[i].text.len() + 1 + es[i].wrappers.iter().map(|w| 2 * w.len() + 10).sum::<usize>();
+        if cur.len() > preamble.len() && len + cost > budget {
+            pieces.push(std::mem::replace(&mut cur, preamble.clone()));
+            len = base;
+        }
+        cur.push(i);
+        len += cost;
+    }
+    if cur.len() > preamble.len() || pieces.is_empty() {
+        pieces.push(cur);
+    }
+    stats.documents_split += 1;
+    let source_name = vec![files[source].rel.clone()];
+    let mut out = Vec::new();
+    for piece in pieces {
+        let docs = split_into_documents(render(&es, &piece), project, source_name.clone(), "compilable", budget, stats);
+        stats.pieces_from_splits += docs.len() as u64;
+        out.extend(docs);
+    }
+    out
+}
+
+/// Project-wide symbol index: name -> (file, entity) of its definitions (types,
+/// variables, functions; not macros, prototypes or forward declarations), in file order.
+pub struct SymbolIndex {
+    by_name: HashMap<String, Vec<(usize, usize)>>,
+}
+
+impl SymbolIndex {
+    pub fn new(ents: &[Vec<Entity>]) -> SymbolIndex {
+        let mut by_name: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        for (f, es) in ents.iter().enumerate() {
+            for (k, e) in es.iter().enumerate() {
+                if matches!(e.kind, Kind::Decl | Kind::Function) {
+                    for d in &e.defines {
+                        by_name.entry(d.clone()).or_default().push((f, k));
+                    }
+                }
+            }
+        }
+        SymbolIndex { by_name }
+    }
+
+    pub fn get(&self, name: &str) -> &[(usize, usize)] {
+        self.by_name.get(name).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// `project` document(s): the `crossfile` text (`headers` then `source`) with, before
+/// the source, the definitions from other project files of names the source uses and
+/// the unit does not define. A definition is preferred from a source file (it has the
+/// body); one per name; pulled in order of first use while they fit `budget`.
+#[allow(clippy::too_many_arguments)]
+pub fn project_documents(
+    project: &str,
+    files: &[SourceFile],
+    ents: &[Vec<Entity>],
+    symbols: &SymbolIndex,
+    headers: &[usize],
+    source: usize,
+    budget: usize,
+    stats: &mut Stats,
+) -> Vec<Document> {
+    let unit: HashSet<usize> = headers.iter().copied().chain([source]).collect();
+    // names the unit defines (a prototype declares, it does not define: its body is wanted)
+    let defined: HashSet<&str> = unit
+        .iter()
+        .flat_map(|&f| ents[f].iter().filter(|e| e.kind != Kind::Prototype).flat_map(|e| e.defines.iter().map(String::as_str)))
+        .collect();
+    let head: String = headers.iter().map(|&h| part_text(&files[h].rel, &files[h].text)).collect();
+    let src_part = part_text(&files[source].rel, &files[source].text);
+    let mut room = budget.saturating_sub(head.len() + src_part.len());
+    let mut pulled: Vec<(usize, usize)> = Vec::new();
+    let mut taken: HashSet<(usize, usize)> = HashSet::new();
+    let mut asked: HashSet<&str> = HashSet::new();
+    for e in &ents[source] {
+        for u in &e.uses {
+            if defined.contains(u.as_str()) || !asked.insert(u.as_str()) {
+                continue;
+            }
+            let outside = symbols.get(u).iter().filter(|(f, _)| !unit.contains(f));
+            let best = outside.min_by_key(|(f, k)| (files[*f].kind != crate::discover::FileKind::Source, *f, *k));
+            let Some(&(f, k)) = best else { continue };
+            // the marker line of a new file costs bytes too
+            let cost = ents[f][k].text.len() + 1 + if pulled.iter().any(|(pf, _)| *pf == f) { 0 } else { 64 };
+            if taken.contains(&(f, k)) {
+                continue;
+            }
+            if cost > room {
+                stats.definitions_dropped_for_budget += 1;
+                continue;
+            }
+            room -= cost;
+            taken.insert((f, k));
+            pulled.push((f, k));
+        }
+    }
+    stats.definitions_pulled += pulled.len() as u64;
+    // grouped by file, in file order; within a file, in source order
+    pulled.sort_unstable();
+    let mut text = head;
+    let mut names: Vec<String> = headers.iter().map(|&h| files[h].rel.clone()).collect();
+    let mut i = 0;
+    while i < pulled.len() {
+        let f = pulled[i].0;
+        let group: Vec<&Entity> = pulled[i..].iter().take_while(|(g, _)| *g == f).map(|&(_, k)| &ents[f][k]).collect();
+        i += group.len();
+        let order: Vec<usize> = (0..group.len()).collect();
+        text.push_str(&format!("{FILE_MARKER}{} (definitions used below)\n", files[f].rel));
+        text.push_str(&render(&group, &order));
+        names.push(files[f].rel.clone());
+    }
+    text.push_str(&src_part);
+    names.push(files[source].rel.clone());
+    split_into_documents(text, project, names, "project", budget, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entities::extract;
+
+    fn ordered(src: &str) -> (String, Ordering) {
+        let es = extract(src).unwrap();
+        let refs: Vec<&Entity> = es.iter().collect();
+        let o = order(&refs);
+        (render(&refs, &o.order), o)
+    }
+
+    fn pos(text: &str, needle: &str) -> usize {
+        text.find(needle).unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"))
+    }
+
+    #[test]
+    fn base_before_derived_member_type_before_holder() {
+        let (t, o) = ordered(
+            "struct Holder { Member m; };\nstruct Derived : Base { int x; };\nstruct Member { int y; };\nstruct Base { int z; };\n",
+        );
+        assert!(pos(&t, "struct Base") < pos(&t, "struct Derived"));
+        assert!(pos(&t, "struct Member") < pos(&t, "struct Holder"));
+        assert_eq!((o.type_cycles_broken, o.call_cycles_broken), (0, 0));
+    }
+
+    #[test]
+    fn sections_and_callees_first() {
+        let (t, _) = ordered(
+            "int top() { return mid() + 1; }\nint mid() { return leaf(); }\n#include <vector>\nstruct S { int a; };\n\
+             int leaf() { return 1; }\nclass F;\n#define K 3\n",
+        );
+        let order: Vec<usize> =
+            ["#include <vector>", "class F;", "#define K", "struct S", "int leaf", "int mid", "int top"]
+                .iter()
+                .map(|n| pos(&t, n))
+                .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{t}");
+    }
+
+    #[test]
+    fn cycles_are_broken_in_source_order_and_counted() {
+        let (t, o) = ordered("int even(int n) { return n == 0 || odd(n - 1); }\nint odd(int n) { return n != 0 && even(n - 1); }\n");
+        assert!(pos(&t, "int even") < pos(&t, "int odd"));
+        assert_eq!(o.call_cycles_broken, 1);
+        let (_, o) = ordered("struct A { B* b; };\nstruct B { A* a; };\n");
+        assert_eq!(o.type_cycles_broken, 1);
+    }
+
+    #[test]
+    fn a_type_that_needs_a_function_gets_it_first() {
+        let (t, _) = ordered("struct S { int a[size()]; };\nconstexpr int size() { return 4; }\n");
+        assert!(pos(&t, "constexpr int size") < pos(&t, "struct S"), "{t}");
+    }
+
+    #[test]
+    fn namespaces_are_reopened() {
+        let (t, _) = ordered("namespace a {\nvoid f() { g(); }\n}\nnamespace b {\nstruct T {};\n}\nnamespace a {\nvoid g() {}\n}\n");
+        assert_eq!(
+            t,
+            "namespace b {\nstruct T {};\n}  // namespace b\n\nnamespace a {\nvoid g() {}\nvoid f() { g(); }\n}  // namespace a\n"
+        );
+    }
+
+    #[test]
+    fn a_header_left_out_takes_what_it_includes_along() {
+        // source 0 includes 1 and 2; 2 includes 3; 2 was dropped for the budget
+        let edges = vec![vec![1, 2], vec![], vec![3], vec![]];
+        assert_eq!(inlinable_headers(&[1, 3], &edges, 0), vec![1]);
+        assert_eq!(inlinable_headers(&[3, 2, 1], &edges, 0), vec![3, 2, 1]);
+    }
+
+    #[test]
+    fn errors_keep_their_neighbours() {
+        // tree-sitter cannot expand LOCKS_EXCLUDED: the body must stay with its signature
+        let src = "void a() { b(); }\nvoid f(int x) LOCKS_EXCLUDED(mu) { a(); }\nvoid b() {}\n";
+        let es = extract(src).unwrap();
+        assert!(es.iter().any(|e| e.text.contains("void f(int x) LOCKS_EXCLUDED(mu) { a(); }")), "{es:#?}");
+        let (t, _) = ordered(src);
+        assert!(t.contains("LOCKS_EXCLUDED(mu) { a(); }"), "{t}");
+    }
+
+    #[test]
+    fn specialization_declarations_follow_the_primary() {
+        let (t, _) = ordered("template <class T> class V<T&>;\ntemplate <class T> class V { T t; };\n");
+        assert!(pos(&t, "class V {") < pos(&t, "class V<T&>;"), "{t}");
+    }
+
+    #[test]
+    fn using_directive_waits_for_its_namespace() {
+        let (t, _) = ordered("using namespace lib;\nnamespace lib { struct X {}; }\n");
+        assert!(pos(&t, "struct X") < pos(&t, "using namespace lib"), "{t}");
+    }
+}

@@ -1,0 +1,524 @@
+//! Top-level entities of a C/C++ file, for the `compilable` and `project` modes.
+//!
+//! A file is cut into the pieces a translation unit is made of: `#include` lines, macros
+//! and other directives, using-declarations and -directives, forward declarations,
+//! type-level declarations (classes, structs, unions, enums, aliases, typedefs,
+//! variables, function prototypes, static_asserts, conditional `#if` blocks, anything
+//! unrecognized) and function definitions. Namespaces and `extern "C" { }` blocks are
+//! not entities: each entity records them as its *wrappers*, so entities can be
+//! reordered and wrapped again. Include guards are looked through; comments stay with the
+//! entity that follows them.
+//!
+//! Each entity lists the names it defines and the names it uses (identifiers, type and
+//! namespace names, and called member names). Dependencies are computed from names
+//! alone, without C++ name lookup: a simplification that can see a dependency where
+//! there is none (two things of the same name), which only costs ordering freedom.
+
+use std::collections::HashSet;
+
+use tree_sitter::Node;
+
+use crate::cpp::{for_each_node, parse};
+
+/// Namespaces nested deeper than this are kept whole, as one entity (bounds recursion).
+const MAX_WRAPPER_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Include,
+    /// `#define`, `#undef`, `#pragma`, ...
+    Directive,
+    /// `using namespace x;` and `using x::y;`.
+    Using,
+    /// `class X;`, `template <class T> struct Y;`, `enum class E : int;`.
+    ForwardDecl,
+    /// Types, aliases, variables, static_asserts, `#if` blocks, the rest.
+    Decl,
+    /// A function declared without its body: `int f(int);`.
+    Prototype,
+    Function,
+}
+
+impl Kind {
+    /// Where the compilable order puts it: preamble (0), declarations (1), functions (2).
+    pub fn rank(self) -> u8 {
+        match self {
+            Kind::Include | Kind::Directive | Kind::Using | Kind::ForwardDecl => 0,
+            Kind::Decl | Kind::Prototype => 1,
+            Kind::Function => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entity {
+    pub kind: Kind,
+    /// Enclosing `namespace a`, `inline namespace v1`, `extern "C"` headers, outermost first.
+    pub wrappers: Vec<String>,
+    /// Source text, leading comments included, trailing `;` included.
+    pub text: String,
+    /// Names this entity defines (types, enumerators, functions, variables, macros).
+    pub defines: Vec<String>,
+    /// Names it uses, in order of first use, its own definitions left out.
+    pub uses: Vec<String>,
+    /// Where its code (not its leading comments) ends in the file, and whether
+    /// tree-sitter found a syntax error in it (used to glue entities around errors).
+    pub end: usize,
+    pub error: bool,
+}
+
+/// The entities of `text` in source order; `None` if it cannot be parsed.
+pub fn extract(text: &str) -> Option<Vec<Entity>> {
+    let tree = parse(text)?;
+    let mut c = Collector { src: text, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
+    c.children(tree.root_node());
+    Some(glue_errors(c.out, text))
+}
+
+/// Where tree-sitter recovered from a syntax error (often a macro it cannot expand, as
+/// in `void f() LOCKS_EXCLUDED(mu) { ... }`), the pieces around the error belong
+/// together: an entity with an error is merged with its neighbours (same wrappers,
+/// only whitespace between), so reordering never separates them.
+fn glue_errors(es: Vec<Entity>, src: &str) -> Vec<Entity> {
+    let n = es.len();
+    let mut join_next = vec![false; n]; // entity i is merged with i + 1
+    for i in 0..n {
+        if !es[i].error {
+            continue;
+        }
+        for (a, b) in [(i.wrapping_sub(1), i), (i, i + 1)] {
+            if a < n && b < n && es[a].wrappers == es[b].wrappers && adjacent(&es[a], &es[b], src) {
+                join_next[a] = true;
+            }
+        }
+    }
+    let mut out: Vec<Entity> = Vec::with_capacity(n);
+    let mut joining = false;
+    for (i, e) in es.into_iter().enumerate() {
+        if joining {
+            let last = out.last_mut().expect("joining needs a previous entity");
+            let gap_start = last.end;
+            last.text.push_str(&src[gap_start..e.end.max(gap_start)]);
+            last.end = e.end.max(last.end);
+            // the merged code is a function if a body shows up anywhere in it
+            if e.kind == Kind::Function || (e.error && e.text.trim_start().starts_with('{')) {
+                last.kind = Kind::Function;
+            } else if last.kind.rank() < e.kind.rank() {
+                last.kind = e.kind;
+            }
+            for d in e.defines {
+                push_unique(&mut last.defines, d);
+            }
+            for u in e.uses {
+                if !last.defines.contains(&u) {
+                    push_unique(&mut last.uses, u);
+                }
+            }
+            last.error = true;
+        } else {
+            out.push(e);
+        }
+        joining = join_next[i];
+    }
+    out
+}
+
+/// Whether only whitespace and comments lie between the end of `a` and the code of `b`.
+fn adjacent(a: &Entity, b: &Entity, src: &str) -> bool {
+    let code_start = b.end.saturating_sub(b.text.len());
+    a.end <= code_start && code_start <= src.len()
+}
+
+/// The whole file as one `Decl` entity (for files that cannot be parsed).
+pub fn opaque(text: &str) -> Entity {
+    Entity {
+        kind: Kind::Decl,
+        wrappers: Vec::new(),
+        text: text.to_string(),
+        defines: Vec::new(),
+        uses: Vec::new(),
+        end: text.len(),
+        error: true,
+    }
+}
+
+struct Collector<'s> {
+    src: &'s str,
+    out: Vec<Entity>,
+    wrappers: Vec<String>,
+    /// Comments not yet attached to an entity.
+    pending: Vec<std::ops::Range<usize>>,
+}
+
+impl<'s> Collector<'s> {
+    fn text(&self, n: Node) -> &'s str {
+        &self.src[n.byte_range()]
+    }
+
+    fn children(&mut self, parent: Node) {
+        let mut cursor = parent.walk();
+        let kids: Vec<Node> = parent.children(&mut cursor).collect();
+        let mut i = 0;
+        while i < kids.len() {
+            let n = kids[i];
+            let mut end = n.end_byte();
+            // `struct S { ... };` parses as the specifier plus a separate `;`
+            if i + 1 < kids.len() && kids[i + 1].kind() == ";" && !kids[i + 1].is_named() {
+                end = kids[i + 1].end_byte();
+                i += 1;
+            }
+            i += 1;
+            self.node(n, end);
+        }
+    }
+
+    fn node(&mut self, n: Node, end: usize) {
+        if !n.is_named() {
+            return; // braces, `#endif`, stray `;`
+        }
+        match n.kind() {
+            "comment" => self.pending.push(n.byte_range()),
+            "namespace_definition" | "linkage_specification"
+                if self.wrappers.len() < MAX_WRAPPER_DEPTH
+                    && n.child_by_field_name("body").is_some_and(|b| b.kind() == "declaration_list") =>
+            {
+                let body = n.child_by_field_name("body").expect("checked");
+                let header = self.src[n.start_byte()..body.start_byte()].trim().to_string();
+                self.wrappers.push(header);
+                self.children(body);
+                self.wrappers.pop();
+            }
+            "preproc_ifdef" if self.is_include_guard(n) => self.guard_body(n),
+            "preproc_call" if self.text(n).split_whitespace().collect::<Vec<_>>() == ["#pragma", "once"] => {
+                self.pending.clear();
+            }
+            _ => {
+                let kind = classify(n);
+                let text = self.with_comments(n.start_byte(), end);
+                let defines = defines_of(n, self.src);
+                let uses = uses_of(n, self.src, &defines);
+                let error = n.is_error() || n.has_error();
+                self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, end, error });
+            }
+        }
+    }
+
+    /// The text from `start` to `end` with the pending comments before it: a plain slice
+    /// when only whitespace separates them, else the comments joined by newlines (when
+    /// an include guard or a namespace opening stood between).
+    fn with_comments(&mut self, start: usize, end: usize) -> String {
+        let pending = std::mem::take(&mut self.pending);
+        let Some(first) = pending.first() else { return self.src[start..end].to_string() };
+        let mut bounds: Vec<usize> = pending.iter().flat_map(|r| [r.start, r.end]).collect();
+        bounds.push(start);
+        let contiguous = bounds[1..].chunks(2).all(|gap| gap.len() < 2 || self.src[gap[0]..gap[1]].trim().is_empty());
+        if contiguous {
+            return self.src[first.start..end].to_string();
+        }
+        let mut text: String = pending.iter().map(|r| format!("{}\n", &self.src[r.clone()])).collect();
+        text.push_str(&self.src[start..end]);
+        text
+    }
+
+    /// `#ifndef X` whose first item is `#define X`, with no `#else`: an include guard.
+    fn is_include_guard(&self, n: Node) -> bool {
+        if n.child_by_field_name("alternative").is_some() || !self.text(n).starts_with("#ifndef") {
+            return false;
+        }
+        let Some(name) = n.child_by_field_name("name") else { return false };
+        let mut cursor = n.walk();
+        let first = n.named_children(&mut cursor).filter(|c| c.kind() != "comment").nth(1);
+        first.is_some_and(|d| {
+            d.kind() == "preproc_def"
+                && d.child_by_field_name("name").is_some_and(|dn| self.text(dn) == self.text(name))
+        })
+    }
+
+    fn guard_body(&mut self, n: Node) {
+        let mut cursor = n.walk();
+        let kids: Vec<Node> = n.children(&mut cursor).collect();
+        let mut seen_define = false;
+        let mut i = 0;
+        while i < kids.len() {
+            let k = kids[i];
+            let mut end = k.end_byte();
+            if i + 1 < kids.len() && kids[i + 1].kind() == ";" && !kids[i + 1].is_named() {
+                end = kids[i + 1].end_byte();
+                i += 1;
+            }
+            i += 1;
+            if n.child_by_field_name("name") == Some(k) {
+                continue;
+            }
+            if !seen_define && k.kind() == "preproc_def" {
+                seen_define = true; // the guard's own #define
+                continue;
+            }
+            self.node(k, end);
+        }
+    }
+}
+
+/// The kind of a top-level node.
+fn classify(n: Node) -> Kind {
+    match n.kind() {
+        "preproc_include" => Kind::Include,
+        "preproc_def" | "preproc_function_def" | "preproc_call" => Kind::Directive,
+        "using_declaration" => Kind::Using,
+        "function_definition" => Kind::Function,
+        "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier" => {
+            // `template <class T> class X<T&>;` declares a specialization: it needs X first
+            let specialization = n.child_by_field_name("name").is_some_and(|x| x.kind() == "template_type");
+            if n.child_by_field_name("body").is_some() || specialization {
+                Kind::Decl
+            } else {
+                Kind::ForwardDecl
+            }
+        }
+        "declaration" => {
+            let bare_type = n.child_by_field_name("type").is_some_and(|t| {
+                matches!(t.kind(), "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier")
+                    && t.child_by_field_name("body").is_none()
+            });
+            let is_function = n.child_by_field_name("declarator").is_some_and(|d| d.kind() == "function_declarator");
+            if bare_type && n.child_by_field_name("declarator").is_none() {
+                Kind::ForwardDecl
+            } else if is_function {
+                Kind::Prototype
+            } else {
+                Kind::Decl
+            }
+        }
+        "template_declaration" => {
+            // what is templated: the last named child that is not the parameter list
+            let mut cursor = n.walk();
+            let inner = n.named_children(&mut cursor).filter(|c| c.kind() != "template_parameter_list").last();
+            match inner.map(classify) {
+                Some(Kind::Function) => Kind::Function,
+                Some(Kind::ForwardDecl) => Kind::ForwardDecl,
+                Some(Kind::Prototype) => Kind::Prototype,
+                _ => Kind::Decl,
+            }
+        }
+        _ => Kind::Decl,
+    }
+}
+
+/// The name a declarator declares (`f` in `int *f(int)`, `g` in `S::g`).
+fn declarator_name(n: Node, src: &str) -> Option<String> {
+    match n.kind() {
+        "identifier" | "field_identifier" | "type_identifier" | "operator_name" => Some(src[n.byte_range()].to_string()),
+        "qualified_identifier" | "template_function" | "template_type" => {
+            declarator_name(n.child_by_field_name("name")?, src)
+        }
+        "destructor_name" | "operator_cast" => None,
+        _ => {
+            let inner = n.child_by_field_name("declarator").or_else(|| n.named_child(0))?;
+            declarator_name(inner, src)
+        }
+    }
+}
+
+fn push_unique(v: &mut Vec<String>, s: String) {
+    if !v.contains(&s) {
+        v.push(s);
+    }
+}
+
+/// Names defined by a type specifier with a body (and its enumerators).
+fn specifier_defines(n: Node, src: &str, out: &mut Vec<String>) {
+    if n.child_by_field_name("body").is_none() {
+        return;
+    }
+    if let Some(name) = n.child_by_field_name("name") {
+        // `struct X<int> {}` specializes X: it defines no new name
+        if name.kind() == "type_identifier" {
+            push_unique(out, src[name.byte_range()].to_string());
+        } else if name.kind() == "qualified_identifier" {
+            if let Some(s) = declarator_name(name, src) {
+                push_unique(out, s);
+            }
+        }
+    }
+    if n.kind() == "enum_specifier" {
+        let body = n.child_by_field_name("body").expect("checked");
+        let mut cursor = body.walk();
+        for e in body.named_children(&mut cursor) {
+            if let Some(name) = e.child_by_field_name("name") {
+                push_unique(out, src[name.byte_range()].to_string());
+            }
+        }
+    }
+}
+
+fn defines_of(n: Node, src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    match n.kind() {
+        "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier" => {
+            specifier_defines(n, src, &mut out)
+        }
+        "function_definition" => {
+            if let Some(s) = n.child_by_field_name("declarator").and_then(|d| declarator_name(d, src)) {
+                out.push(s);
+            }
+        }
+        "declaration" | "type_definition" | "field_declaration" => {
+            if let Some(t) = n.child_by_field_name("type") {
+                specifier_defines(t, src, &mut out);
+            }
+            let mut cursor = n.walk();
+            for d in n.children_by_field_name("declarator", &mut cursor) {
+                if let Some(s) = declarator_name(d, src) {
+                    push_unique(&mut out, s);
+                }
+            }
+        }
+        "alias_declaration" | "concept_definition" | "preproc_def" | "preproc_function_def"
+        | "namespace_alias_definition" => {
+            if let Some(name) = n.child_by_field_name("name") {
+                out.push(src[name.byte_range()].to_string());
+            }
+        }
+        "template_declaration" | "linkage_specification" => {
+            let mut cursor = n.walk();
+            for c in n.named_children(&mut cursor) {
+                if c.kind() != "template_parameter_list" {
+                    for s in defines_of(c, src) {
+                        push_unique(&mut out, s);
+                    }
+                }
+            }
+        }
+        "preproc_if" | "preproc_ifdef" | "ERROR" | "namespace_definition" => {
+            // opaque blocks: whatever is defined anywhere inside
+            for_each_node(n, |c| {
+                let own = match c.kind() {
+                    "class_specifier" | "struct_specifier" | "union_specifier" | "enum_specifier" => {
+                        let mut v = Vec::new();
+                        specifier_defines(c, src, &mut v);
+                        v
+                    }
+                    "declaration" | "type_definition" if at_namespace_scope(c, n) => {
+                        let mut cursor = c.walk();
+                        let ds: Vec<Node> = c.children_by_field_name("declarator", &mut cursor).collect();
+                        ds.into_iter().filter_map(|d| declarator_name(d, src)).collect()
+                    }
+                    "function_definition" | "alias_declaration" | "preproc_def" | "preproc_function_def" => {
+                        c.child_by_field_name("declarator")
+                            .and_then(|d| declarator_name(d, src))
+                            .or_else(|| c.child_by_field_name("name").map(|x| src[x.byte_range()].to_string()))
+                            .into_iter()
+                            .collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for s in own {
+                    push_unique(&mut out, s);
+                }
+            });
+        }
+        _ => {}
+    }
+    out
+}
+
+/// Whether `c`, inside `top`, is declared at namespace scope (not in a function or class).
+fn at_namespace_scope(c: Node, top: Node) -> bool {
+    let mut p = c.parent();
+    while let Some(x) = p {
+        if x == top {
+            return true;
+        }
+        if !matches!(
+            x.kind(),
+            "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif" | "preproc_elifdef" | "declaration_list"
+                | "namespace_definition" | "linkage_specification" | "template_declaration" | "ERROR"
+        ) {
+            return false;
+        }
+        p = x.parent();
+    }
+    false
+}
+
+/// Identifiers, type and namespace names, and called member names, in order of first use.
+fn uses_of(n: Node, src: &str, defines: &[String]) -> Vec<String> {
+    let mut seen: HashSet<&str> = defines.iter().map(String::as_str).collect();
+    let mut out = Vec::new();
+    for_each_node(n, |c| {
+        let name = match c.kind() {
+            "identifier" | "type_identifier" | "namespace_identifier" => Some(c),
+            // obj.f(...) / p->f(...): the member called
+            "call_expression" => c
+                .child_by_field_name("function")
+                .filter(|f| f.kind() == "field_expression")
+                .and_then(|f| f.child_by_field_name("field")),
+            _ => None,
+        };
+        if let Some(x) = name {
+            let s = &src[x.byte_range()];
+            if seen.insert(s) {
+                out.push(s.to_string());
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find<'a>(es: &'a [Entity], needle: &str) -> &'a Entity {
+        es.iter().find(|e| e.text.contains(needle)).unwrap_or_else(|| panic!("no entity with {needle:?}: {es:#?}"))
+    }
+
+    #[test]
+    fn cuts_a_header_into_entities() {
+        let src = "// license\n#ifndef A_H\n#define A_H\n#include <vector>\n#pragma once\n#define SQ(x) ((x)*(x))\n\
+            namespace foo { inline namespace v1 {\nclass Fwd;\n// S holds things\nstruct S : Base { int a; Fwd* f; };\n\
+            template <typename T> struct X { T t; };\nusing Alias = X<S>;\nenum class E { A, B };\nint proto(S s);\n\
+            static const int N = 4;\nint S2::g() const { return bar(1) + obj.k(2); }\n}}\nextern \"C\" { int cfun(void); }\n\
+            using namespace std;\n#endif\n";
+        let es = extract(src).unwrap();
+        let kinds: Vec<Kind> = es.iter().map(|e| e.kind).collect();
+        use Kind::*;
+        assert_eq!(kinds, vec![Include, Directive, ForwardDecl, Decl, Decl, Decl, Decl, Prototype, Decl, Function, Prototype, Using]);
+        assert!(find(&es, "<vector>").text.starts_with("// license\n"), "leading comment kept");
+        let s = find(&es, "struct S");
+        assert!(s.text.starts_with("// S holds things") && s.text.ends_with("};"));
+        assert_eq!(s.wrappers, vec!["namespace foo".to_string(), "inline namespace v1".to_string()]);
+        assert_eq!(s.defines, vec!["S"]);
+        assert!(s.uses.contains(&"Base".to_string()) && s.uses.contains(&"Fwd".to_string()));
+        assert_eq!(find(&es, "enum class").defines, vec!["E", "A", "B"]);
+        assert_eq!(find(&es, "using Alias").defines, vec!["Alias"]);
+        assert_eq!(find(&es, "proto").defines, vec!["proto"]);
+        assert_eq!(find(&es, "N = 4").defines, vec!["N"]);
+        let g = find(&es, "S2::g");
+        assert_eq!(g.defines, vec!["g"]);
+        assert!(["S2", "bar", "k", "obj"].iter().all(|n| g.uses.contains(&n.to_string())), "{:?}", g.uses);
+        assert_eq!(find(&es, "cfun").wrappers, vec!["extern \"C\"".to_string()]);
+        assert_eq!(find(&es, "SQ").defines, vec!["SQ"]);
+        assert!(!es.iter().any(|e| e.text.contains("A_H")), "the guard is looked through");
+    }
+
+    #[test]
+    fn specializations_and_conditionals() {
+        let src = "template <class T> struct X {};\ntemplate <> struct X<int> { int v; };\n\
+            #if defined(WIN)\nstruct W { int a; };\n#else\nstruct W { long a; };\n#endif\n";
+        let es = extract(src).unwrap();
+        assert_eq!(es.len(), 3);
+        assert_eq!(es[0].defines, vec!["X"]);
+        assert!(es[1].defines.is_empty() && es[1].uses.contains(&"X".to_string()));
+        assert_eq!(es[2].kind, Kind::Decl);
+        assert_eq!(es[2].defines, vec!["W"]);
+    }
+
+    #[test]
+    fn a_non_guard_ifndef_is_one_entity() {
+        let es = extract("#ifndef FOO\nint foo();\nvoid g() { int local = 1; }\n#endif\n").unwrap();
+        assert_eq!(es.len(), 1);
+        assert_eq!(es[0].defines, vec!["foo", "g"], "not the local variable");
+        assert!(es[0].text.contains("int foo();"));
+    }
+}
