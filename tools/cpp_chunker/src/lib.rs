@@ -4,13 +4,15 @@
 //! * [`load`] reads a file and applies the skip rules (size, binary, generated, ...);
 //! * [`docs`] builds `file` and `crossfile` documents, using [`includes`] for include
 //!   resolution and ordering and [`split`] to cut oversized text at syntax boundaries;
-//! * [`output`] writes shards and the summary atomically;
+//! * [`dedup`] drops exact and near duplicates (MinHash/LSH) across the whole run;
+//! * [`output`] writes shards (through the dedup filter) and the summary atomically;
 //! * [`pipeline::run`] ties it together, in parallel over files with rayon.
 //!
 //! Tokens are estimated as bytes / 3.5 ([`tokens`]); there is no tokenizer here.
 
 pub mod config;
 pub mod cpp;
+pub mod dedup;
 pub mod discover;
 pub mod docs;
 pub mod includes;
@@ -22,6 +24,7 @@ pub mod stats;
 pub mod tokens;
 
 pub use config::{Config, Mode};
+pub use dedup::DedupMode;
 pub use docs::Document;
 pub use pipeline::{run, Summary};
 pub use stats::SkipReason;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Mode};
 use crate::cpp;
+use crate::dedup::{DedupSummary, Deduper};
 use crate::discover::{discover, Candidate, FileKind};
 use crate::docs::{crossfile_documents, file_documents, Document};
 use crate::includes::{extract_includes, IncludeKind, ProjectIndex};
@@ -71,6 +72,9 @@ pub struct Summary {
     pub files_parsed: u64,
     pub files_with_parse_errors: u64,
     pub parse_failures: u64,
+    /// Dedup settings and counts (`dedup`, `exact_duplicates_dropped`, ...), at top level.
+    #[serde(flatten)]
+    pub dedup: DedupSummary,
     /// Wall-clock seconds for the whole run (walk, read, process, write).
     pub seconds: f64,
     /// `bytes_read / 1e6 / seconds`.
@@ -120,11 +124,12 @@ pub fn run(cfg: &Config) -> Result<Summary> {
     let start = Instant::now();
     let budget = budget_bytes(cfg.max_tokens);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().context("starting the thread pool")?;
+    let dedup = Deduper::new(cfg.dedup, cfg.near_threshold)?;
     let mut writer = None;
     if let Some(out) = &cfg.out {
         prepare_out_dir(out, cfg.overwrite)?;
         if !cfg.parse_only {
-            writer = Some(ShardWriter::new(out, cfg.shard_docs));
+            writer = Some(ShardWriter::new(out, cfg.shard_docs).with_dedup(dedup));
         }
     } else if !cfg.parse_only {
         anyhow::bail!("an output directory is required unless parse_only is set");
@@ -156,7 +161,7 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         })?;
     }
     if let Some(w) = writer.as_mut() {
-        w.finish()?;
+        pool.install(|| w.finish())?; // in the pool: the last dedup batch is hashed in parallel
     }
 
     let seconds = start.elapsed().as_secs_f64();
@@ -201,6 +206,7 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         files_parsed: stats.files_parsed,
         files_with_parse_errors: stats.files_with_parse_errors,
         parse_failures: stats.parse_failures,
+        dedup: writer.as_ref().map(ShardWriter::dedup_summary).unwrap_or_default(),
         seconds,
         mb_per_s: if seconds > 0.0 { stats.bytes_read as f64 / 1e6 / seconds } else { 0.0 },
     };
