@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::dedup::{DedupMode, DEFAULT_NEAR_THRESHOLD};
 use crate::load::DEFAULT_MAX_FILE_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,10 @@ pub struct Config {
     pub parse_only: bool,
     /// Replace shards and summary already in `out`.
     pub overwrite: bool,
+    /// Duplicate removal across the run (`near` also drops exact duplicates).
+    pub dedup: DedupMode,
+    /// `near` mode: estimated Jaccard at or above which a document is dropped, in (0, 1].
+    pub near_threshold: f64,
     /// Testing aid: panic while processing the file with this root-relative path, to
     /// exercise the `internal_error` path. Always `None` in the CLI.
     #[doc(hidden)]
@@ -64,6 +69,8 @@ impl Default for Config {
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             parse_only: false,
             overwrite: false,
+            dedup: DedupMode::Near,
+            near_threshold: DEFAULT_NEAR_THRESHOLD,
             panic_on: None,
         }
     }

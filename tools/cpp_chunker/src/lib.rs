@@ -8,7 +8,8 @@
 //!   use, and [`compilable`] builds `compilable` documents (a unit reordered: preamble,
 //!   types in dependency order, functions callees first) and `project` documents
 //!   (crossfile plus definitions pulled through a project-wide symbol index);
-//! * [`output`] writes shards and the summary atomically;
+//! * [`dedup`] drops exact and near duplicates (MinHash/LSH) across the whole run;
+//! * [`output`] writes shards (through the dedup filter) and the summary atomically;
 //! * [`pipeline::run`] ties it together, in parallel over files with rayon.
 //!
 //! Tokens are estimated as bytes / 3.5 ([`tokens`]); there is no tokenizer here.
@@ -16,6 +17,7 @@
 pub mod compilable;
 pub mod config;
 pub mod cpp;
+pub mod dedup;
 pub mod discover;
 pub mod docs;
 pub mod entities;
@@ -28,6 +30,7 @@ pub mod stats;
 pub mod tokens;
 
 pub use config::{Config, Mode};
+pub use dedup::DedupMode;
 pub use docs::Document;
 pub use pipeline::{run, Summary};
 pub use stats::SkipReason;

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser, ValueEnum};
 
 use cpp_chunker::config::read_roots_file;
+use cpp_chunker::dedup::DEFAULT_NEAR_THRESHOLD;
 use cpp_chunker::load::DEFAULT_MAX_FILE_BYTES;
-use cpp_chunker::{run, Config, Mode};
+use cpp_chunker::{run, Config, DedupMode, Mode};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg {
@@ -19,6 +20,25 @@ enum ModeArg {
     Project,
     /// A source file and its project headers reordered into a near-compilable unit.
     Compilable,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DedupArg {
+    /// Keep every document.
+    None,
+    /// Drop exact duplicates (same text after normalizing whitespace at line ends and blank lines).
+    Exact,
+    /// Drop exact and near duplicates (MinHash/LSH over 5-token shingles).
+    Near,
+}
+
+fn threshold(s: &str) -> Result<f64, String> {
+    let t: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if t > 0.0 && t <= 1.0 {
+        Ok(t)
+    } else {
+        Err(format!("{t} is not in (0, 1]"))
+    }
 }
 
 /// Turn C/C++ project roots into JSONL training documents.
@@ -58,6 +78,13 @@ struct Cli {
     /// Replace shards and summary.json already in --out.
     #[arg(long)]
     overwrite: bool,
+    /// Duplicate removal across all projects of the run; the first document seen is kept.
+    #[arg(long, value_enum, default_value_t = DedupArg::Near)]
+    dedup: DedupArg,
+    /// `--dedup near`: drop a document whose estimated Jaccard similarity (5-token shingles)
+    /// to an earlier kept document is at least this.
+    #[arg(long, default_value_t = DEFAULT_NEAR_THRESHOLD, value_parser = threshold)]
+    near_threshold: f64,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +114,12 @@ fn main() -> ExitCode {
         max_file_bytes: cli.max_file_bytes,
         parse_only: cli.parse_only,
         overwrite: cli.overwrite,
+        dedup: match cli.dedup {
+            DedupArg::None => DedupMode::None,
+            DedupArg::Exact => DedupMode::Exact,
+            DedupArg::Near => DedupMode::Near,
+        },
+        near_threshold: cli.near_threshold,
         panic_on: None,
     };
     match run(&cfg) {
@@ -96,10 +129,13 @@ fn main() -> ExitCode {
                 Err(e) => eprintln!("cpp_chunker: error: {e}"),
             }
             eprintln!(
-                "cpp_chunker: {} files seen, {} used, {} skipped, {} documents in {} shards, {:.1} MB read in {:.2} s ({:.2} MB/s, {} threads)",
+                "cpp_chunker: {} files seen, {} used, {} skipped, {} exact + {} near duplicates dropped (dedup {}), {} documents in {} shards, {:.1} MB read in {:.2} s ({:.2} MB/s, {} threads)",
                 s.files_seen,
                 s.files_used,
                 s.skipped_total,
+                s.dedup.exact_duplicates_dropped,
+                s.dedup.near_duplicates_dropped,
+                s.dedup.mode,
                 s.documents_written,
                 s.shards_written,
                 s.bytes_read as f64 / 1e6,

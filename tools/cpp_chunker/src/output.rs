@@ -1,12 +1,20 @@
 //! JSONL shards and the summary, written atomically (to `NAME.tmp`, then renamed).
+//! Documents pass through the run's dedup filter ([`crate::dedup`]) on their way in.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 
+use crate::dedup::{DedupMode, DedupSummary, Deduper, Fingerprint, Verdict};
 use crate::docs::Document;
+
+/// With dedup on, documents wait in a buffer until this many (or `PENDING_BYTES`) are there;
+/// their fingerprints are then computed in parallel and the decisions made in order.
+const PENDING_DOCS: usize = 512;
+const PENDING_BYTES: usize = 32 << 20;
 
 pub fn shard_name(index: usize) -> String {
     format!("shard_{index:05}.jsonl")
@@ -72,12 +80,16 @@ struct OpenShard {
 
 /// Writes documents into `shard_00000.jsonl`, `shard_00001.jsonl`, ... with at most
 /// `shard_docs` documents each. A shard becomes visible under its final name only when
-/// complete.
+/// complete. With [`ShardWriter::with_dedup`], duplicates are dropped first: the documents
+/// written are then the first of each duplicate group, still in the order given.
 pub struct ShardWriter {
     dir: PathBuf,
     shard_docs: usize,
     next_index: usize,
     open: Option<OpenShard>,
+    dedup: Option<Deduper>,
+    pending: Vec<Document>,
+    pending_bytes: usize,
     pub shards_written: u64,
     pub docs_written: u64,
     pub bytes_written: u64,
@@ -91,6 +103,9 @@ impl ShardWriter {
             shard_docs: shard_docs.max(1),
             next_index: 0,
             open: None,
+            dedup: None,
+            pending: Vec::new(),
+            pending_bytes: 0,
             shards_written: 0,
             docs_written: 0,
             bytes_written: 0,
@@ -98,7 +113,46 @@ impl ShardWriter {
         }
     }
 
+    /// Filters every document through `dedup` (unless its mode is `none`).
+    pub fn with_dedup(mut self, dedup: Deduper) -> ShardWriter {
+        self.dedup = Some(dedup);
+        self
+    }
+
+    /// The dedup counts (mode `none` and zeros without dedup).
+    pub fn dedup_summary(&self) -> DedupSummary {
+        self.dedup.as_ref().map(Deduper::summary).unwrap_or_default()
+    }
+
     pub fn write(&mut self, doc: &Document) -> Result<()> {
+        if self.dedup.as_ref().is_none_or(|d| d.mode() == DedupMode::None) {
+            return self.emit(doc);
+        }
+        self.pending_bytes += doc.bytes;
+        self.pending.push(doc.clone());
+        if self.pending.len() >= PENDING_DOCS || self.pending_bytes >= PENDING_BYTES {
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Fingerprints the buffered documents in parallel (in the current rayon pool), then
+    /// admits them one by one, in order.
+    fn flush_pending(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let Some(dedup) = self.dedup.as_ref() else { return Ok(()) };
+        let fps: Vec<Fingerprint> = pending.par_iter().map(|d| dedup.fingerprint(&d.text)).collect();
+        for (d, fp) in pending.iter().zip(&fps) {
+            let verdict = self.dedup.as_mut().expect("checked above").admit(fp, &d.project, d.bytes as u64);
+            if verdict == Verdict::Keep {
+                self.emit(d)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, doc: &Document) -> Result<()> {
         if self.open.is_none() {
             let path = self.dir.join(shard_name(self.next_index));
             let tmp = tmp_path(&path);
@@ -129,8 +183,9 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Closes the last, partly filled shard.
+    /// Writes what the dedup buffer still holds, then closes the last, partly filled shard.
     pub fn finish(&mut self) -> Result<()> {
+        self.flush_pending()?;
         self.close_current()
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::compilable::{compilable_documents, inlinable_headers, project_documents, SymbolIndex};
 use crate::config::{Config, Mode};
 use crate::cpp;
+use crate::dedup::{DedupSummary, Deduper};
 use crate::discover::{discover, Candidate, FileKind};
 use crate::docs::{crossfile_documents, file_documents, select_headers, Document};
 use crate::entities::{self, Entity};
@@ -82,6 +83,9 @@ pub struct Summary {
     /// project: definitions pulled from other files, and those left out for the budget.
     pub definitions_pulled: u64,
     pub definitions_dropped_for_budget: u64,
+    /// Dedup settings and counts (`dedup`, `exact_duplicates_dropped`, ...), at top level.
+    #[serde(flatten)]
+    pub dedup: DedupSummary,
     /// Wall-clock seconds for the whole run (walk, read, process, write).
     pub seconds: f64,
     /// `bytes_read / 1e6 / seconds`.
@@ -131,11 +135,12 @@ pub fn run(cfg: &Config) -> Result<Summary> {
     let start = Instant::now();
     let budget = budget_bytes(cfg.max_tokens);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().context("starting the thread pool")?;
+    let dedup = Deduper::new(cfg.dedup, cfg.near_threshold)?;
     let mut writer = None;
     if let Some(out) = &cfg.out {
         prepare_out_dir(out, cfg.overwrite)?;
         if !cfg.parse_only {
-            writer = Some(ShardWriter::new(out, cfg.shard_docs));
+            writer = Some(ShardWriter::new(out, cfg.shard_docs).with_dedup(dedup));
         }
     } else if !cfg.parse_only {
         anyhow::bail!("an output directory is required unless parse_only is set");
@@ -168,7 +173,7 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         })?;
     }
     if let Some(w) = writer.as_mut() {
-        w.finish()?;
+        pool.install(|| w.finish())?; // in the pool: the last dedup batch is hashed in parallel
     }
 
     let seconds = start.elapsed().as_secs_f64();
@@ -218,6 +223,7 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         call_cycles_broken: stats.call_cycles_broken,
         definitions_pulled: stats.definitions_pulled,
         definitions_dropped_for_budget: stats.definitions_dropped_for_budget,
+        dedup: writer.as_ref().map(ShardWriter::dedup_summary).unwrap_or_default(),
         seconds,
         mb_per_s: if seconds > 0.0 { stats.bytes_read as f64 / 1e6 / seconds } else { 0.0 },
     };

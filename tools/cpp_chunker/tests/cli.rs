@@ -59,7 +59,7 @@ fn bad_arguments_fail_cleanly() {
     // Both --roots and --roots-file.
     assert!(!bin().args(["--roots", ".", "--roots-file", "r.txt", "--out", "x"]).output().unwrap().status.success());
     // Unknown mode, zero budget.
-    assert!(!bin().args(["--roots", ".", "--out", "x", "--mode", "project"]).output().unwrap().status.success());
+    assert!(!bin().args(["--roots", ".", "--out", "x", "--mode", "bogus"]).output().unwrap().status.success());
     assert!(!bin().args(["--roots", ".", "--out", "x", "--max-tokens", "0"]).output().unwrap().status.success());
     // Output already there: exit code 2 and a message.
     let dir = tempfile::tempdir().unwrap();
