@@ -3,9 +3,15 @@ Build pretraining shards from C/C++ project trees: runs tools/cpp_chunker (Rust)
 the project roots, then turns its JSONL output into parquet shards that nanochat's
 --data_dir reads directly.
 
-    python -m scripts.cpp_data --roots ~/src/fmt ~/src/json --mode crossfile --out ~/cpp_data
+    python -m scripts.cpp_data --roots ~/src/fmt ~/src/json --mode compilable --out ~/cpp_data
+    python -m scripts.base_train --data_dir=$HOME/cpp_data/tokens_16384 --max_seq_len=16384 ...
     python -m scripts.cpp_data --roots_file roots.txt --mode file --max_tokens 8192 --out ~/cpp_data --threads 8
     python -m scripts.base_train --data_dir=$HOME/cpp_data
+
+Length buckets: --max_tokens takes one budget or several (default 16384,65536: the 16K
+and 64K buckets); with several, each goes to its own OUT/tokens_<N>/ with its own
+shards and manifest (documents longer than the budget are split at syntax boundaries;
+shorter ones are packed into rows by nanochat's dataloader at training time).
 
 Steps: (1) build the tool with cargo if the binary is missing or older than its
 sources; (2) run it into OUT/.jsonl_tmp; (3) shuffle the documents (seed 42) and
@@ -44,8 +50,16 @@ SCHEMA = pa.schema([("text", pa.string()), ("project", pa.string()), ("files", p
 parser = argparse.ArgumentParser(description="C/C++ project roots -> parquet pretraining shards (via tools/cpp_chunker)")
 parser.add_argument("--roots", nargs="+", default=[], metavar="DIR", help="project roots; each one is a `project`")
 parser.add_argument("--roots_file", default=None, help="file with one root per line (# comments; relative to the file's directory)")
-parser.add_argument("--mode", choices=["file", "crossfile"], required=True, help="file: one document per file; crossfile: a source preceded by the project headers it includes")
-parser.add_argument("--max_tokens", type=int, default=16384, help="token budget per document (the tool estimates tokens as bytes / 3.5)")
+parser.add_argument("--mode", choices=["file", "crossfile", "project", "compilable"], required=True,
+                    help="file: one document per file; crossfile: a source preceded by the project headers it includes; "
+                         "project: crossfile plus definitions used from other files; compilable: the unit reordered "
+                         "into near-compilable order (see docs/DATA_PIPELINE.md)")
+parser.add_argument("--max_tokens", default="16384,65536",
+                    help="token budget per document, or several separated by commas (one output directory each, "
+                         "OUT/tokens_N); the tool estimates tokens as bytes / 3.5")
+parser.add_argument("--dedup", choices=["none", "exact", "near"], default="near",
+                    help="drop exact duplicates, or exact and near duplicates (MinHash/LSH), across all roots")
+parser.add_argument("--near_threshold", type=float, default=0.8, help="Jaccard similarity above which documents are near duplicates")
 parser.add_argument("--out", required=True, help="output directory for the parquet shards and manifest.json")
 parser.add_argument("--threads", type=int, default=0, help="tool worker threads (0: one per core)")
 parser.add_argument("--rows_per_shard", type=int, default=2000, help="documents per training shard")
@@ -90,7 +104,8 @@ def run_tool(roots, args, tmp_dir):
     with open(roots_txt, "w") as f:
         f.write("".join(r + "\n" for r in roots))
     cmd = [BINARY, "--roots-file", roots_txt, "--mode", args.mode, "--max-tokens", str(args.max_tokens),
-           "--out", tmp_dir, "--threads", str(args.threads)]
+           "--out", tmp_dir, "--threads", str(args.threads), "--dedup", args.dedup,
+           "--near-threshold", str(args.near_threshold)]
     print(f"running {shlex.join(cmd)}", flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -142,8 +157,14 @@ def write_shard(path, rows):
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    if args.rows_per_shard < 1 or args.max_tokens < 1:
+    try:
+        budgets = [int(b) for b in args.max_tokens.split(",")]
+    except ValueError:
+        fail(f"--max_tokens must be integers separated by commas, not {args.max_tokens!r}")
+    if args.rows_per_shard < 1 or min(budgets) < 1:
         fail("--rows_per_shard and --max_tokens must be at least 1")
+    if len(set(budgets)) != len(budgets):
+        fail(f"--max_tokens lists a budget twice: {args.max_tokens}")
     if not 0 <= args.val_fraction < 1:
         fail("--val_fraction must be in [0, 1)")
     if args.roots_file and not os.path.isfile(args.roots_file):
@@ -155,9 +176,17 @@ def main(argv=None):
     if missing:
         fail(f"{len(missing)} of {len(roots)} roots are not directories: " + ", ".join(missing[:20]) +
              (" ..." if len(missing) > 20 else ""))
+    if len(budgets) == 1:
+        build(args, argv, roots, os.path.abspath(args.out), budgets[0])
+    else:
+        for b in budgets:
+            build(args, argv, roots, os.path.join(os.path.abspath(args.out), f"tokens_{b}"), b)
 
+
+def build(args, argv, roots, out, max_tokens):
+    """One bucket: the tool at this token budget, then shards + manifest in `out`."""
+    args = argparse.Namespace(**{**vars(args), "max_tokens": max_tokens})
     # 1. the output directory: empty, or emptied of our own files with --overwrite
-    out = os.path.abspath(args.out)
     existing = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if existing and not args.overwrite:
         fail(f"--out {out} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
@@ -186,7 +215,7 @@ def main(argv=None):
         if not index:
             skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
             fail(f"the tool wrote no documents: {summary.get('files_seen')} C/C++ files seen, skipped: {skipped} "
-                 "(crossfile mode makes documents only from source files; header-only projects need --mode file)")
+                 "(crossfile mode makes documents only from source files; header-only projects need --mode file, project or compilable)")
         random.Random(SEED).shuffle(index)
         n = len(index)
         n_val = min(max(1, round(args.val_fraction * n)), n - 1) if n > 1 else 0  # one document: one shard for both

@@ -54,15 +54,16 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def outputs(project, base_dir, tmp_path_factory):
     outs = {}
-    for mode in ("file", "crossfile"):
+    for mode in ("file", "crossfile", "project", "compilable"):
         out = tmp_path_factory.mktemp(f"out_{mode}")
-        r = run_cpp_data("--roots", project, "--mode", mode, "--out", out, "--rows_per_shard", 1, base_dir=base_dir)
+        r = run_cpp_data("--roots", project, "--mode", mode, "--max_tokens", 16384, "--out", out, "--rows_per_shard", 1,
+                         base_dir=base_dir)
         assert r.returncode == 0, r.stderr
         outs[mode] = out
     return outs
 
 
-@pytest.mark.parametrize("mode", ["file", "crossfile"])
+@pytest.mark.parametrize("mode", ["file", "crossfile", "project", "compilable"])
 def test_shards_and_validation_split(outputs, project, mode):
     out = outputs[mode]
     manifest, shards = read_out(out)
@@ -106,11 +107,12 @@ def test_generated_file_is_skipped(outputs, mode):
 def test_rerun_needs_overwrite_and_is_deterministic(outputs, project, base_dir):
     out = outputs["file"]
     before = read_out(out)[1]
-    r = run_cpp_data("--roots", project, "--mode", "file", "--out", out, "--rows_per_shard", 1, base_dir=base_dir)
+    r = run_cpp_data("--roots", project, "--mode", "file", "--max_tokens", 16384, "--out", out, "--rows_per_shard", 1,
+                     base_dir=base_dir)
     assert r.returncode != 0 and "not empty" in r.stderr and "--overwrite" in r.stderr
     assert read_out(out)[1] == before  # untouched
-    r = run_cpp_data("--roots", project, "--mode", "file", "--out", out, "--rows_per_shard", 1, "--overwrite",
-                     base_dir=base_dir)
+    r = run_cpp_data("--roots", project, "--mode", "file", "--max_tokens", 16384, "--out", out, "--rows_per_shard", 1,
+                     "--overwrite", base_dir=base_dir)
     assert r.returncode == 0, r.stderr
     assert read_out(out)[1] == before  # same shuffle (seed 42), same shards
 
@@ -147,10 +149,22 @@ def test_roots_file_and_tokenizer_counts(project, tmp_path):
     tok = Tokenizer.train_from_iterator(iter(PROJECT.values()), vocab_size=300)
     tok.save(str(tmp_path / "base" / "tokenizer"))
     (tmp_path / "roots.txt").write_text(f"# one project\n\n{os.path.relpath(project, tmp_path)}\n")
-    r = run_cpp_data("--roots_file", tmp_path / "roots.txt", "--mode", "file", "--out", tmp_path / "out",
-                     base_dir=tmp_path / "base")
+    r = run_cpp_data("--roots_file", tmp_path / "roots.txt", "--mode", "file", "--max_tokens", "16384",
+                     "--out", tmp_path / "out", base_dir=tmp_path / "base")
     assert r.returncode == 0, r.stderr
     manifest, shards = read_out(tmp_path / "out")
     assert manifest["roots"] == [str(project)]
     assert manifest["tokens"]["source"] == "nanochat tokenizer"
     assert manifest["tokens"]["total"] == sum(len(tok.encode(r["text"])) for rows in shards for r in rows)
+
+
+def test_default_length_buckets_16k_and_64k(project, base_dir, tmp_path):
+    r = run_cpp_data("--roots", project, "--mode", "compilable", "--out", tmp_path / "out", base_dir=base_dir)
+    assert r.returncode == 0, r.stderr
+    for budget in (16384, 65536):
+        manifest, shards = read_out(tmp_path / "out" / f"tokens_{budget}")
+        assert manifest["max_tokens"] == budget and manifest["mode"] == "compilable"
+        assert all(r["tokens_est"] <= budget for rows in shards for r in rows)
+    bad = run_cpp_data("--roots", project, "--mode", "file", "--max_tokens", "16k", "--out", tmp_path / "o2",
+                       base_dir=base_dir)
+    assert bad.returncode == 2 and "--max_tokens must be integers" in bad.stderr
