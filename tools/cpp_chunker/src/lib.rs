@@ -5,7 +5,9 @@
 //! * [`docs`] builds `file` and `crossfile` documents, using [`includes`] for include
 //!   resolution and ordering and [`split`] to cut oversized text at syntax boundaries;
 //! * [`output`] writes shards and the summary atomically;
-//! * [`pipeline::run`] ties it together, in parallel over files with rayon.
+//! * [`pipeline::run`] ties it together, in parallel over files with rayon;
+//! * `fuzzing` (hidden) holds the invariant checks that the fuzz target and
+//!   `tests/fuzz_smoke.rs` run on arbitrary input.
 //!
 //! Tokens are estimated as bytes / 3.5 ([`tokens`]); there is no tokenizer here.
 
@@ -13,6 +15,8 @@ pub mod config;
 pub mod cpp;
 pub mod discover;
 pub mod docs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod includes;
 pub mod load;
 pub mod output;
