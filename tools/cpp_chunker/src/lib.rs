@@ -10,7 +10,9 @@
 //!   (crossfile plus definitions pulled through a project-wide symbol index);
 //! * [`dedup`] drops exact and near duplicates (MinHash/LSH) across the whole run;
 //! * [`output`] writes shards (through the dedup filter) and the summary atomically;
-//! * [`pipeline::run`] ties it together, in parallel over files with rayon.
+//! * [`pipeline::run`] ties it together, in parallel over files with rayon;
+//! * `fuzzing` (hidden) holds the invariant checks that the fuzz target and
+//!   `tests/fuzz_smoke.rs` run on arbitrary input.
 //!
 //! Tokens are estimated as bytes / 3.5 ([`tokens`]); there is no tokenizer here.
 
@@ -21,6 +23,8 @@ pub mod dedup;
 pub mod discover;
 pub mod docs;
 pub mod entities;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod includes;
 pub mod load;
 pub mod output;

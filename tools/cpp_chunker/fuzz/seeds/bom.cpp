@@ -1,0 +1,1 @@
+﻿int bom() { return 0; }

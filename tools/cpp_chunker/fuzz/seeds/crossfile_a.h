@@ -1,0 +1,3 @@
+#pragma once
+#include "b.h"
+inline int a() { return b(); }

@@ -1,0 +1,11 @@
+inline int far() { return 0; }
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header
+// padding line for the far header

@@ -1,0 +1,5 @@
+#include <proj/api.h>
+#include "lib.h"
+#include "../util.h"
+#include "missing.h"
+int x;

@@ -1,0 +1,3 @@
+#include "a.h"
+#include <vector>
+int main() { return a() + b(); }

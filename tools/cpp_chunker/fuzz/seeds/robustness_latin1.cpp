@@ -1,0 +1,2 @@
+// café ÿş
+int main() { return 0; }

@@ -1,0 +1,4 @@
+class { int f( { ;;; } } }} template<<< #if
+#endif #endif
+"unterminated
+/* open comment

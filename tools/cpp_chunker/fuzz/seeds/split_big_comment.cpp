@@ -1,0 +1,23 @@
+/*
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+a comment line
+*/
+int x;

@@ -1,0 +1,34 @@
+int big() {
+  int total = 0;
+  total += compute(0, 0 * 2);
+  total += compute(1, 1 * 2);
+  total += compute(2, 2 * 2);
+  total += compute(3, 3 * 2);
+  total += compute(4, 4 * 2);
+  total += compute(5, 5 * 2);
+  total += compute(6, 6 * 2);
+  total += compute(7, 7 * 2);
+  total += compute(8, 8 * 2);
+  total += compute(9, 9 * 2);
+  total += compute(10, 10 * 2);
+  total += compute(11, 11 * 2);
+  total += compute(12, 12 * 2);
+  total += compute(13, 13 * 2);
+  total += compute(14, 14 * 2);
+  total += compute(15, 15 * 2);
+  total += compute(16, 16 * 2);
+  total += compute(17, 17 * 2);
+  total += compute(18, 18 * 2);
+  total += compute(19, 19 * 2);
+  total += compute(20, 20 * 2);
+  total += compute(21, 21 * 2);
+  total += compute(22, 22 * 2);
+  total += compute(23, 23 * 2);
+  total += compute(24, 24 * 2);
+  total += compute(25, 25 * 2);
+  total += compute(26, 26 * 2);
+  total += compute(27, 27 * 2);
+  total += compute(28, 28 * 2);
+  total += compute(29, 29 * 2);
+  return total;
+}
