@@ -59,6 +59,22 @@ pub fn fuzz_check(data: &[u8]) {
         }
     }
     check_crossfile(data, small);
+    check_compilable(&text);
+}
+
+/// `compilable` on the text as one file: every entity is placed exactly once, and the
+/// rendered unit holds every entity's code (reordering loses nothing).
+fn check_compilable(text: &str) {
+    let Some(es) = crate::entities::extract(text) else { return };
+    let refs: Vec<&crate::entities::Entity> = es.iter().collect();
+    let ord = crate::compilable::order(&refs);
+    let mut seen = ord.order.clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..es.len()).collect::<Vec<_>>(), "compilable order is not a permutation");
+    let out = crate::compilable::render(&refs, &ord.order);
+    for e in &es {
+        assert!(out.contains(e.text.trim_end()), "entity lost by render: {:?}", e.text);
+    }
 }
 
 /// Byte ranges of every non-empty node of the parse of `text`; `None` if it timed out.
