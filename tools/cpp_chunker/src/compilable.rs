@@ -27,6 +27,7 @@
 //! uses that live in other files of the project (not in the included headers), looked
 //! up in a project-wide symbol index by name, in order of first use, within the budget.
 
+use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
@@ -158,28 +159,51 @@ pub fn render(es: &[&Entity], order: &[usize]) -> String {
 
 /// The entities of a unit (`unit`: file indices, headers first, source last) for the
 /// compilable order: `#include`s of files inside the unit are dropped (their code is
-/// there), other `#include`s are kept once.
+/// there), also inside `#if` blocks, whose text is then edited; other `#include`s are
+/// kept once, those of project files rewritten as `#include "<root-relative path>"`.
 fn unit_entities<'e>(
     files: &[SourceFile],
     ents: &'e [Vec<Entity>],
     index: &ProjectIndex,
     unit: &[usize],
-) -> Vec<&'e Entity> {
+) -> Vec<Cow<'e, Entity>> {
     let members: HashSet<usize> = unit.iter().copied().collect();
+    let inside = |f: usize, line: &str| {
+        extract_includes(line).first().and_then(|inc| index.resolve(&files[f].rel, inc)).is_some_and(|t| members.contains(&t))
+    };
     let mut seen_includes: HashSet<&str> = HashSet::new();
     let mut out = Vec::new();
     for &f in unit {
         for e in &ents[f] {
             if e.kind == Kind::Include {
-                let inside = extract_includes(&e.text)
-                    .first()
-                    .and_then(|inc| index.resolve(&files[f].rel, inc))
-                    .is_some_and(|t| members.contains(&t));
-                if inside || !seen_includes.insert(e.text.trim()) {
+                if inside(f, &e.text) || !seen_includes.insert(e.text.trim()) {
                     continue;
                 }
+                // a project header kept as an include: written relative to its includer's
+                // directory it would not be found from the unit, so name it from the root
+                let target = extract_includes(&e.text).first().and_then(|inc| index.resolve(&files[f].rel, inc));
+                if let Some(t) = target {
+                    let mut edited = e.clone();
+                    edited.text = e
+                        .text
+                        .lines()
+                        .map(|l| if l.trim_start().starts_with('#') { format!("#include \"{}\"", files[t].rel) } else { l.to_string() })
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    out.push(Cow::Owned(edited));
+                    continue;
+                }
+            } else if e.text.contains("#include") && e.text.lines().any(|l| l.trim_start().starts_with('#') && inside(f, l)) {
+                let mut edited = e.clone();
+                edited.text = e
+                    .text
+                    .split_inclusive('\n')
+                    .filter(|l| !(l.trim_start().starts_with('#') && inside(f, l)))
+                    .collect();
+                out.push(Cow::Owned(edited));
+                continue;
             }
-            out.push(e);
+            out.push(Cow::Borrowed(e));
         }
     }
     out
@@ -217,7 +241,8 @@ pub fn compilable_documents(
     let unit: Vec<usize> = headers.iter().copied().chain([source]).collect();
     let names: Vec<String> = unit.iter().map(|&f| files[f].rel.clone()).collect();
     stats.compilable_units += 1;
-    let es = unit_entities(files, ents, index, &unit);
+    let owned = unit_entities(files, ents, index, &unit);
+    let es: Vec<&Entity> = owned.iter().map(|c| c.as_ref()).collect();
     let ord = order(&es);
     let text = render(&es, &ord.order);
     if text.len() <= budget {
@@ -228,7 +253,8 @@ pub fn compilable_documents(
     // Over budget: the source alone, its project headers back to `#include` lines, cut
     // between entities into pieces that each start with the same preamble (includes,
     // macros, usings, forward declarations), so every piece sees what it includes.
-    let es = unit_entities(files, ents, index, &[source]);
+    let owned = unit_entities(files, ents, index, &[source]);
+    let es: Vec<&Entity> = owned.iter().map(|c| c.as_ref()).collect();
     let ord = order(&es);
     stats.type_cycles_broken += ord.type_cycles_broken;
     stats.call_cycles_broken += ord.call_cycles_broken;

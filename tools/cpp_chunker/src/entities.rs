@@ -196,7 +196,12 @@ impl<'s> Collector<'s> {
                 let kind = classify(n);
                 let text = self.with_comments(n.start_byte(), end);
                 let defines = defines_of(n, self.src);
-                let uses = uses_of(n, self.src, &defines);
+                let mut uses = uses_of(n, self.src, &defines);
+                if let Some(d) = function_node(n).and_then(|f| f.child_by_field_name("declarator")) {
+                    for sc in qualified_scopes(d, self.src) {
+                        push_unique(&mut uses, sc);
+                    }
+                }
                 let error = n.is_error() || n.has_error();
                 self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, end, error });
             }
@@ -256,6 +261,19 @@ impl<'s> Collector<'s> {
             }
             self.node(k, end);
         }
+    }
+}
+
+/// The function definition a top-level node is (or templates).
+fn function_node(n: Node) -> Option<Node> {
+    match n.kind() {
+        "function_definition" => Some(n),
+        "template_declaration" => {
+            let mut cursor = n.walk();
+            let inner = n.named_children(&mut cursor).filter(|c| c.kind() != "template_parameter_list").last();
+            inner.and_then(function_node)
+        }
+        _ => None,
     }
 }
 
@@ -358,8 +376,12 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
             specifier_defines(n, src, &mut out)
         }
         "function_definition" => {
+            // `X::X(...)` / `X::~X()` define no new name: they belong to class X
+            let scopes = n.child_by_field_name("declarator").map(|d| qualified_scopes(d, src)).unwrap_or_default();
             if let Some(s) = n.child_by_field_name("declarator").and_then(|d| declarator_name(d, src)) {
-                out.push(s);
+                if scopes.last() != Some(&s) {
+                    out.push(s);
+                }
             }
         }
         "declaration" | "type_definition" | "field_declaration" => {
@@ -418,6 +440,31 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
             });
         }
         _ => {}
+    }
+    out
+}
+
+/// The scopes named in a definition's declarator: `a`, `B` for `int a::B::f()`.
+fn qualified_scopes(decl: Node, src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut n = Some(decl);
+    while let Some(x) = n {
+        match x.kind() {
+            "qualified_identifier" => {
+                if let Some(sc) = x.child_by_field_name("scope") {
+                    let sc = if sc.kind() == "template_type" { sc.child_by_field_name("name").unwrap_or(sc) } else { sc };
+                    out.push(src[sc.byte_range()].to_string());
+                }
+                n = x.child_by_field_name("name");
+            }
+            "identifier" | "field_identifier" | "operator_name" | "destructor_name" | "type_identifier" => {
+                if x.kind() == "destructor_name" {
+                    out.push(src[x.byte_range()].trim_start_matches('~').to_string());
+                }
+                n = None;
+            }
+            _ => n = x.child_by_field_name("declarator").or_else(|| x.named_child(0)),
+        }
     }
     out
 }
@@ -512,6 +559,15 @@ mod tests {
         assert!(es[1].defines.is_empty() && es[1].uses.contains(&"X".to_string()));
         assert_eq!(es[2].kind, Kind::Decl);
         assert_eq!(es[2].defines, vec!["W"]);
+    }
+
+    #[test]
+    fn out_of_line_members_use_their_class() {
+        let es = extract("X::X(int a) : a_(a) {}\nX::~X() {}\nint ns::X::get() const { return a_; }\n").unwrap();
+        assert!(es[0].defines.is_empty() && es[0].uses.contains(&"X".to_string()), "{:?}", es[0]);
+        assert!(es[1].defines.is_empty() && es[1].uses.contains(&"X".to_string()), "{:?}", es[1]);
+        assert_eq!(es[2].defines, vec!["get"]);
+        assert!(es[2].uses.contains(&"ns".to_string()) && es[2].uses.contains(&"X".to_string()));
     }
 
     #[test]

@@ -116,6 +116,9 @@ fn parent_dir(rel: &str) -> &str {
 #[derive(Debug, Clone)]
 pub struct ProjectIndex {
     by_path: HashMap<String, usize>,
+    /// The root directory's name: `<fmt/core.h>` resolves to `core.h` when the root is
+    /// `.../fmt` (an installed header tree such as /usr/include/fmt).
+    pub root_name: Option<String>,
     /// Root-relative directories tried for includes, in order ("" is the root).
     pub include_dirs: Vec<String>,
 }
@@ -140,7 +143,7 @@ impl ProjectIndex {
         extra.sort();
         extra.dedup();
         include_dirs.extend(extra);
-        ProjectIndex { by_path, include_dirs }
+        ProjectIndex { by_path, include_dirs, root_name: None }
     }
 
     /// Resolves an include written in file `from_rel`: quoted includes are tried
@@ -152,10 +155,15 @@ impl ProjectIndex {
                 return Some(*i);
             }
         }
-        self.include_dirs
+        let found = self
+            .include_dirs
             .iter()
             .filter_map(|d| normalize_join(d, &inc.path))
-            .find_map(|p| self.by_path.get(&p).copied())
+            .find_map(|p| self.by_path.get(&p).copied());
+        found.or_else(|| {
+            let rest = inc.path.strip_prefix(self.root_name.as_deref()?)?.strip_prefix('/')?;
+            self.by_path.get(&normalize_join("", rest)?).copied()
+        })
     }
 }
 
@@ -226,6 +234,18 @@ pub fn order_headers(source: usize, edges: &[Vec<usize>]) -> HeaderOrder {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn root_name_prefix_resolves_installed_header_trees() {
+        let mut idx = ProjectIndex::new(&["core.h", "details/os.h"]);
+        let angle = |p: &str| Include { path: p.to_string(), kind: IncludeKind::Angle };
+        assert_eq!(idx.resolve("x.h", &angle("fmt/core.h")), None);
+        idx.root_name = Some("fmt".to_string());
+        assert_eq!(idx.resolve("x.h", &angle("fmt/core.h")), Some(0));
+        assert_eq!(idx.resolve("x.h", &angle("fmt/details/os.h")), Some(1));
+        assert_eq!(idx.resolve("x.h", &angle("other/core.h")), None);
+    }
+
     use super::*;
 
     fn q(p: &str) -> Include {

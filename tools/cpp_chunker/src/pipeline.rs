@@ -282,7 +282,7 @@ struct Loaded {
     index: ProjectIndex,
 }
 
-fn load_and_resolve(cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Loaded {
+fn load_and_resolve(name: &str, cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Loaded {
     let loaded: Vec<(Stats, Option<SourceFile>)> = cands.par_iter().map(|c| load_counted(c, cfg)).collect();
     let mut files = Vec::new();
     for (s, f) in loaded {
@@ -290,7 +290,8 @@ fn load_and_resolve(cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Loa
         files.extend(f);
     }
     let paths: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
-    let index = ProjectIndex::new(&paths);
+    let mut index = ProjectIndex::new(&paths);
+    index.root_name = Some(name.to_string());
     let resolved: Vec<(Stats, Vec<usize>)> = files
         .par_iter()
         .map(|f| {
@@ -382,7 +383,7 @@ fn crossfile_project(
     stats: &mut Stats,
     w: &mut ShardWriter,
 ) -> Result<()> {
-    let l = load_and_resolve(cands, cfg, stats);
+    let l = load_and_resolve(name, cands, cfg, stats);
     let sources: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
     write_units(&sources, w, stats, |i, s| crossfile_documents(name, &l.files, &l.edges, i, budget, s))?;
     count_unreached_headers(&l, &sources, stats);
@@ -400,7 +401,7 @@ fn unit_project(
     stats: &mut Stats,
     w: &mut ShardWriter,
 ) -> Result<()> {
-    let l = load_and_resolve(cands, cfg, stats);
+    let l = load_and_resolve(name, cands, cfg, stats);
     let parsed: Vec<(Stats, Vec<Entity>)> = l
         .files
         .par_iter()
