@@ -101,23 +101,27 @@ def test_missing_checkpoint(runs):
 
 
 def test_ctrl_c_stops_answer(long_base_dir):
-    cmd = [sys.executable, "-m", "scripts.chat_cli", "--device_type=cpu", "-m", "4000"]
+    # the longest answer the context allows, so it is still running when Ctrl-C comes
+    cmd = [sys.executable, "-m", "scripts.chat_cli", "--device_type=cpu", "-m", "8000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(long_base_dir), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     chunks = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    # read in blocks straight from the pipe: a reader going one character at a time fell
+    # behind a fast answer on a busy machine, and saw it start only once it had finished
+    fd = proc.stdout.fileno()
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(fd, 65536), b"")), daemon=True)
     reader.start()
     try:
         proc.stdin.write("hi\n")
         proc.stdin.flush()
         deadline = time.time() + 90  # startup (importing torch) is slow on a busy machine
         while time.time() < deadline:  # until some answer text has streamed out
-            text = "".join(chunks)
+            text = b"".join(chunks).decode(errors="replace")
             if "Assistant:" in text and len(text.split("Assistant:", 1)[1].strip()) >= 5:
                 break
             time.sleep(0.05)
         else:
-            pytest.fail("no answer started: " + "".join(chunks))
+            pytest.fail("no answer started: " + b"".join(chunks).decode(errors="replace"))
         proc.send_signal(signal.SIGINT)
         proc.stdin.write("quit\n")
         proc.stdin.flush()
@@ -127,7 +131,7 @@ def test_ctrl_c_stops_answer(long_base_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = "".join(chunks)
+    out = b"".join(chunks).decode(errors="replace")
     assert rc == 0, out + stderr
     assert "[stopped]" in out  # the answer was cut short, not finished
     assert out.count("User:") >= 2  # back at the prompt after the interrupt
