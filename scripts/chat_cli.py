@@ -16,6 +16,7 @@ seed, so asking again gives a different answer (unless -t 0).
 
 import argparse
 import random
+import signal
 import sys
 
 from nanochat.checkpoint_manager import load_model
@@ -163,6 +164,9 @@ if sys.stdin.isatty():
 print(f"nanochat {args.source}/{meta['model_tag']} step {meta['step']} on {device_type}. "
       "Commands: 'clear' (new conversation), 'quit' or 'exit'. Ctrl-C stops an answer.")
 conversation = {"messages": []}
+# Ctrl-C must stop an answer even when we were started with SIGINT ignored (a background
+# job of a non-interactive shell, nohup, some test runners): Python then keeps ignoring it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 try:
     while True:
         try:
