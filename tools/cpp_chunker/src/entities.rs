@@ -156,18 +156,7 @@ impl<'s> Collector<'s> {
     }
 
     fn children(&mut self, parent: Node) {
-        let mut cursor = parent.walk();
-        let kids: Vec<Node> = parent.children(&mut cursor).collect();
-        let mut i = 0;
-        while i < kids.len() {
-            let n = kids[i];
-            let mut end = n.end_byte();
-            // `struct S { ... };` parses as the specifier plus a separate `;`
-            if i + 1 < kids.len() && kids[i + 1].kind() == ";" && !kids[i + 1].is_named() {
-                end = kids[i + 1].end_byte();
-                i += 1;
-            }
-            i += 1;
+        for (n, end) in items(parent) {
             self.node(n, end);
         }
     }
@@ -240,18 +229,8 @@ impl<'s> Collector<'s> {
     }
 
     fn guard_body(&mut self, n: Node) {
-        let mut cursor = n.walk();
-        let kids: Vec<Node> = n.children(&mut cursor).collect();
         let mut seen_define = false;
-        let mut i = 0;
-        while i < kids.len() {
-            let k = kids[i];
-            let mut end = k.end_byte();
-            if i + 1 < kids.len() && kids[i + 1].kind() == ";" && !kids[i + 1].is_named() {
-                end = kids[i + 1].end_byte();
-                i += 1;
-            }
-            i += 1;
+        for (k, end) in items(n) {
             if n.child_by_field_name("name") == Some(k) {
                 continue;
             }
@@ -275,6 +254,22 @@ fn function_node(n: Node) -> Option<Node> {
         }
         _ => None,
     }
+}
+
+/// The children of `parent` with where each one ends: through a `;` that follows it
+/// (`struct S { ... };` parses as the specifier plus a separate `;`).
+fn items(parent: Node) -> Vec<(Node, usize)> {
+    let mut cursor = parent.walk();
+    let kids: Vec<Node> = parent.children(&mut cursor).collect();
+    let mut out = Vec::with_capacity(kids.len());
+    let mut i = 0;
+    while i < kids.len() {
+        let semicolon = i + 1 < kids.len() && kids[i + 1].kind() == ";" && !kids[i + 1].is_named();
+        let last = if semicolon { i + 1 } else { i };
+        out.push((kids[i], kids[last].end_byte()));
+        i = last + 1;
+    }
+    out
 }
 
 /// The kind of a top-level node.
