@@ -95,7 +95,8 @@ pub fn order(es: &[&Entity]) -> Ordering {
     }
     let key = |i: usize| (es[i].kind.rank(), i);
     let mut remaining: BTreeSet<(u8, usize)> = (0..n).map(key).collect();
-    let mut ready: BinaryHeap<Reverse<(u8, usize)>> = (0..n).filter(|&i| waiting[i] == 0).map(|i| Reverse(key(i))).collect();
+    let mut ready: BinaryHeap<Reverse<(u8, usize)>> =
+        (0..n).filter(|&i| waiting[i] == 0).map(|i| Reverse(key(i))).collect();
     let mut out = Ordering { order: Vec::with_capacity(n), type_cycles_broken: 0, call_cycles_broken: 0 };
     while let Some(&first) = remaining.iter().next() {
         let next = match ready.pop() {
@@ -169,7 +170,10 @@ fn unit_entities<'e>(
 ) -> Vec<Cow<'e, Entity>> {
     let members: HashSet<usize> = unit.iter().copied().collect();
     let inside = |f: usize, line: &str| {
-        extract_includes(line).first().and_then(|inc| index.resolve(&files[f].rel, inc)).is_some_and(|t| members.contains(&t))
+        extract_includes(line)
+            .first()
+            .and_then(|inc| index.resolve(&files[f].rel, inc))
+            .is_some_and(|t| members.contains(&t))
     };
     let mut seen_includes: HashSet<&str> = HashSet::new();
     let mut out = Vec::new();
@@ -187,13 +191,21 @@ fn unit_entities<'e>(
                     edited.text = e
                         .text
                         .lines()
-                        .map(|l| if l.trim_start().starts_with('#') { format!("#include \"{}\"", files[t].rel) } else { l.to_string() })
+                        .map(|l| {
+                            if l.trim_start().starts_with('#') {
+                                format!("#include \"{}\"", files[t].rel)
+                            } else {
+                                l.to_string()
+                            }
+                        })
                         .collect::<Vec<_>>()
                         .join("\n");
                     out.push(Cow::Owned(edited));
                     continue;
                 }
-            } else if e.text.contains("#include") && e.text.lines().any(|l| l.trim_start().starts_with('#') && inside(f, l)) {
+            } else if e.text.contains("#include")
+                && e.text.lines().any(|l| l.trim_start().starts_with('#') && inside(f, l))
+            {
                 let mut edited = e.clone();
                 edited.text = e
                     .text
@@ -331,7 +343,9 @@ pub fn project_documents(
     // names the unit defines (a prototype declares, it does not define: its body is wanted)
     let defined: HashSet<&str> = unit
         .iter()
-        .flat_map(|&f| ents[f].iter().filter(|e| e.kind != Kind::Prototype).flat_map(|e| e.defines.iter().map(String::as_str)))
+        .flat_map(|&f| {
+            ents[f].iter().filter(|e| e.kind != Kind::Prototype).flat_map(|e| e.defines.iter().map(String::as_str))
+        })
         .collect();
     let head: String = headers.iter().map(|&h| part_text(&files[h].rel, &files[h].text)).collect();
     let src_part = part_text(&files[source].rel, &files[source].text);
@@ -423,7 +437,9 @@ mod tests {
 
     #[test]
     fn cycles_are_broken_in_source_order_and_counted() {
-        let (t, o) = ordered("int even(int n) { return n == 0 || odd(n - 1); }\nint odd(int n) { return n != 0 && even(n - 1); }\n");
+        let (t, o) = ordered(
+            "int even(int n) { return n == 0 || odd(n - 1); }\nint odd(int n) { return n != 0 && even(n - 1); }\n",
+        );
         assert!(pos(&t, "int even") < pos(&t, "int odd"));
         assert_eq!(o.call_cycles_broken, 1);
         let (_, o) = ordered("struct A { B* b; };\nstruct B { A* a; };\n");
@@ -438,7 +454,9 @@ mod tests {
 
     #[test]
     fn namespaces_are_reopened() {
-        let (t, _) = ordered("namespace a {\nvoid f() { g(); }\n}\nnamespace b {\nstruct T {};\n}\nnamespace a {\nvoid g() {}\n}\n");
+        let (t, _) = ordered(
+            "namespace a {\nvoid f() { g(); }\n}\nnamespace b {\nstruct T {};\n}\nnamespace a {\nvoid g() {}\n}\n",
+        );
         assert_eq!(
             t,
             "namespace b {\nstruct T {};\n}  // namespace b\n\nnamespace a {\nvoid g() {}\nvoid f() { g(); }\n}  // namespace a\n"

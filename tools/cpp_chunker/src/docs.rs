@@ -84,7 +84,13 @@ pub fn part_text(rel: &str, text: &str) -> String {
 /// (transitively, each once, dependencies first), minus, when the headers and the source
 /// together are over `budget`, the farthest ones (largest include distance, then latest
 /// in the order) until they fit. `edges[i]` lists the resolved includes of `files[i]`.
-pub fn select_headers(files: &[SourceFile], edges: &[Vec<usize>], source: usize, budget: usize, stats: &mut Stats) -> Vec<usize> {
+pub fn select_headers(
+    files: &[SourceFile],
+    edges: &[Vec<usize>],
+    source: usize,
+    budget: usize,
+    stats: &mut Stats,
+) -> Vec<usize> {
     let ho = order_headers(source, edges);
     stats.include_cycles += ho.cycles;
     let sizes: Vec<usize> = ho.order.iter().map(|&h| part_text(&files[h].rel, &files[h].text).len()).collect();

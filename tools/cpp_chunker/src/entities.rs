@@ -320,7 +320,9 @@ fn classify(n: Node) -> Kind {
 /// The name a declarator declares (`f` in `int *f(int)`, `g` in `S::g`).
 fn declarator_name(n: Node, src: &str) -> Option<String> {
     match n.kind() {
-        "identifier" | "field_identifier" | "type_identifier" | "operator_name" => Some(src[n.byte_range()].to_string()),
+        "identifier" | "field_identifier" | "type_identifier" | "operator_name" => {
+            Some(src[n.byte_range()].to_string())
+        }
         "qualified_identifier" | "template_function" | "template_type" => {
             declarator_name(n.child_by_field_name("name")?, src)
         }
@@ -390,7 +392,10 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
                 }
             }
         }
-        "alias_declaration" | "concept_definition" | "preproc_def" | "preproc_function_def"
+        "alias_declaration"
+        | "concept_definition"
+        | "preproc_def"
+        | "preproc_function_def"
         | "namespace_alias_definition" => {
             if let Some(name) = n.child_by_field_name("name") {
                 out.push(src[name.byte_range()].to_string());
@@ -420,13 +425,12 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
                         let ds: Vec<Node> = c.children_by_field_name("declarator", &mut cursor).collect();
                         ds.into_iter().filter_map(|d| declarator_name(d, src)).collect()
                     }
-                    "function_definition" | "alias_declaration" | "preproc_def" | "preproc_function_def" => {
-                        c.child_by_field_name("declarator")
-                            .and_then(|d| declarator_name(d, src))
-                            .or_else(|| c.child_by_field_name("name").map(|x| src[x.byte_range()].to_string()))
-                            .into_iter()
-                            .collect()
-                    }
+                    "function_definition" | "alias_declaration" | "preproc_def" | "preproc_function_def" => c
+                        .child_by_field_name("declarator")
+                        .and_then(|d| declarator_name(d, src))
+                        .or_else(|| c.child_by_field_name("name").map(|x| src[x.byte_range()].to_string()))
+                        .into_iter()
+                        .collect(),
                     _ => Vec::new(),
                 };
                 for s in own {
@@ -447,7 +451,8 @@ fn qualified_scopes(decl: Node, src: &str) -> Vec<String> {
         match x.kind() {
             "qualified_identifier" => {
                 if let Some(sc) = x.child_by_field_name("scope") {
-                    let sc = if sc.kind() == "template_type" { sc.child_by_field_name("name").unwrap_or(sc) } else { sc };
+                    let sc =
+                        if sc.kind() == "template_type" { sc.child_by_field_name("name").unwrap_or(sc) } else { sc };
                     out.push(src[sc.byte_range()].to_string());
                 }
                 n = x.child_by_field_name("name");
@@ -473,8 +478,16 @@ fn at_namespace_scope(c: Node, top: Node) -> bool {
         }
         if !matches!(
             x.kind(),
-            "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif" | "preproc_elifdef" | "declaration_list"
-                | "namespace_definition" | "linkage_specification" | "template_declaration" | "ERROR"
+            "preproc_if"
+                | "preproc_ifdef"
+                | "preproc_else"
+                | "preproc_elif"
+                | "preproc_elifdef"
+                | "declaration_list"
+                | "namespace_definition"
+                | "linkage_specification"
+                | "template_declaration"
+                | "ERROR"
         ) {
             return false;
         }
@@ -525,7 +538,10 @@ mod tests {
         let es = extract(src).unwrap();
         let kinds: Vec<Kind> = es.iter().map(|e| e.kind).collect();
         use Kind::*;
-        assert_eq!(kinds, vec![Include, Directive, ForwardDecl, Decl, Decl, Decl, Decl, Prototype, Decl, Function, Prototype, Using]);
+        assert_eq!(
+            kinds,
+            vec![Include, Directive, ForwardDecl, Decl, Decl, Decl, Decl, Prototype, Decl, Function, Prototype, Using]
+        );
         assert!(find(&es, "<vector>").text.starts_with("// license\n"), "leading comment kept");
         let s = find(&es, "struct S");
         assert!(s.text.starts_with("// S holds things") && s.text.ends_with("};"));

@@ -9,16 +9,32 @@ use cpp_chunker::Mode;
 
 fn project(root: &std::path::Path) {
     // out of order on purpose: the derived class and the caller come first in each file
-    write(root, "include/shapes.h", "#pragma once\n#include <string>\n#include \"base.h\"\nnamespace geo {\n\
+    write(
+        root,
+        "include/shapes.h",
+        "#pragma once\n#include <string>\n#include \"base.h\"\nnamespace geo {\n\
         struct Square : Shape { double side; double area() const override { return side * side; } };\n\
-        double total(const Shape& a, const Shape& b);\n}\n");
-    write(root, "include/base.h", "#ifndef BASE_H\n#define BASE_H\nnamespace geo {\n\
-        struct Shape { virtual ~Shape() = default; virtual double area() const = 0; };\n}\n#endif\n");
-    write(root, "src/main.cpp", "#include \"shapes.h\"\n#include <cstdio>\n\
+        double total(const Shape& a, const Shape& b);\n}\n",
+    );
+    write(
+        root,
+        "include/base.h",
+        "#ifndef BASE_H\n#define BASE_H\nnamespace geo {\n\
+        struct Shape { virtual ~Shape() = default; virtual double area() const = 0; };\n}\n#endif\n",
+    );
+    write(
+        root,
+        "src/main.cpp",
+        "#include \"shapes.h\"\n#include <cstdio>\n\
         int main() { geo::Square s; s.side = 2; std::printf(\"%f\\n\", twice(s)); return 0; }\n\
-        double twice(const geo::Shape& s) { return geo::total(s, s); }\n");
-    write(root, "src/total.cpp", "#include \"shapes.h\"\nnamespace geo {\n\
-        double total(const Shape& a, const Shape& b) { return a.area() + b.area(); }\n}\n");
+        double twice(const geo::Shape& s) { return geo::total(s, s); }\n",
+    );
+    write(
+        root,
+        "src/total.cpp",
+        "#include \"shapes.h\"\nnamespace geo {\n\
+        double total(const Shape& a, const Shape& b) { return a.area() + b.area(); }\n}\n",
+    );
 }
 
 fn pos(text: &str, needle: &str) -> usize {
@@ -68,7 +84,10 @@ fn project_pulls_definitions_from_other_files() {
     assert_eq!(d.files, vec!["include/base.h", "include/shapes.h", "src/total.cpp", "src/main.cpp"]);
     let t = &d.text;
     assert!(pos(t, "// FILE: src/total.cpp (definitions used below)") < pos(t, "// FILE: src/main.cpp"));
-    assert!(t.contains("namespace geo {\ndouble total(const Shape& a, const Shape& b) { return a.area() + b.area(); }"), "{t}");
+    assert!(
+        t.contains("namespace geo {\ndouble total(const Shape& a, const Shape& b) { return a.area() + b.area(); }"),
+        "{t}"
+    );
     assert!(s.definitions_pulled >= 1);
 }
 
