@@ -12,6 +12,7 @@ DEPTH=${DEPTH:-20}
 DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}
 NUM_SHARDS=${NUM_SHARDS:-240}        # ~20 tokens/param for d20 (each shard ~250M chars)
 WANDB_RUN=${WANDB_RUN:-dummy}        # set a name to log to wandb
+FP8=${FP8:-0}                        # 1: FP8 matmuls in pretraining (H100/H200; +17% tok/s at d20, docs/benchmarks.md)
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 1)}
 [ "$NPROC" -ge 1 ] 2>/dev/null || NPROC=1
 
@@ -30,7 +31,7 @@ run python -m scripts.tok_eval
 wait $DATASET_PID
 
 # pretraining, then bits per byte and CORE
-run $TORCHRUN -m scripts.base_train -- --depth="$DEPTH" --device_batch_size="$DEVICE_BATCH_SIZE" --run="$WANDB_RUN"
+run $TORCHRUN -m scripts.base_train -- --depth="$DEPTH" --device_batch_size="$DEVICE_BATCH_SIZE" --run="$WANDB_RUN" --fp8="$FP8"
 run $TORCHRUN -m scripts.base_loss -- --device_batch_size="$DEVICE_BATCH_SIZE"
 run $TORCHRUN -m scripts.base_eval
 

@@ -29,6 +29,7 @@ parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
 parser.add_argument("--compile", type=int, default=1)
 parser.add_argument("--device_type", default="")
+parser.add_argument("--fp8", type=int, default=0, help="1: FP8 matmuls in the blocks' linear layers (nanochat/fp8.py)")
 parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                     help="restrict SDPA (full-context layers) to one backend, to compare them")
 parser.add_argument("--profile", type=int, default=0, help="also profile one step and print the top N kernels")
@@ -45,6 +46,12 @@ config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_l
 model = build_model(config, device)
 adamw, muon = optimizers = model.setup_optimizers()
 flops_per_token = model.estimate_flops()
+if args.fp8:
+    from nanochat import fp8
+    try:
+        fp8.convert(model)
+    except ValueError as e:
+        raise SystemExit(str(e))
 train_model = torch.compile(model, dynamic=False) if args.compile else model
 B, T = args.device_batch_size, args.max_seq_len
 total = args.total_batch_size if args.total_batch_size > 0 else B * T * world_size
@@ -85,7 +92,7 @@ if args.profile:
         synchronize(device_type)
     sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
-print(json.dumps({"sdpa": args.sdpa, 
+print(json.dumps({"sdpa": args.sdpa, "fp8": args.fp8,
     "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
     "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,
     "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 1), "tok_per_sec": round(tok_per_sec),

@@ -34,6 +34,8 @@ parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disa
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
+parser.add_argument("--fp8", type=int, default=0, help="1: the blocks' linear layers train with FP8 matmuls "
+                    "(nanochat/fp8.py; H100/H200; eval and checkpoints stay bf16/fp32)")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width follows from it")
 parser.add_argument("--aspect_ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded to head_dim)")
@@ -150,6 +152,12 @@ if args.resume_from_step >= 0:
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
 
+if args.fp8:
+    from nanochat import fp8
+    try:
+        print0(f"fp8: {fp8.convert(model)} linear layers train with FP8 matmuls")
+    except ValueError as e:
+        raise SystemExit(str(e))
 orig_model = model  # uncompiled, for state dicts, sampling and evaluation with other shapes
 use_compile = args.compile if args.compile >= 0 else device_type == "cuda"
 if use_compile:

@@ -64,6 +64,14 @@ def test_train_checkpoint_and_exact_resume(base_dir, corpus_dir):
     assert val_bpbs(resumed)["00006"] == val_bpbs(full)["00006"]
 
 
+def test_fp8_training_runs_and_learns(base_dir, corpus_dir):
+    out = run_train(base_dir, corpus_dir, "--fp8=1", "--model_tag=fp8")
+    assert "fp8: 12 linear layers train with FP8 matmuls" in out  # 2 blocks x 6
+    lf = losses(out)
+    assert float(lf["00006"]) < float(lf["00001"])
+    assert "00006" in val_bpbs(out)
+
+
 def test_bad_batch_flags_are_explained(base_dir, corpus_dir):
     cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
            "--device_batch_size=3", "--total_batch_size=256", f"--data_dir={corpus_dir}"]

@@ -78,3 +78,27 @@ def test_engine_cuda_graph_decode_equals_full_recompute():
     for n in (1, 4):
         out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
         assert all(row == ref for row in out)
+
+
+def test_fp8_compiled_training_step_close_to_bf16():
+    # FP8 tensor-core matmuls (torch._scaled_mm on sm_89+), compiled, against the bf16 step
+    from nanochat import fp8
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need sm_89+ (Ada/Hopper)")
+    _, ref = model_pair("L")
+    _, f8 = model_pair("L")
+    assert fp8.convert(f8) == 4 * 6
+    idx = torch.randint(0, 512, (4, 257), device="cuda")
+    grads = []
+    for model in (ref, f8):
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(model, dynamic=False)(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (l_ref, g_ref), (l_f8, g_f8) = grads
+    assert abs(l_ref - l_f8) < 1e-2 * l_ref, (l_ref, l_f8)
+    for n in g_ref:
+        # one batch at random init: E5M2 gradients compounded over 4 layers land at 10-18% on
+        # the CPU (tests/test_fp8.py); what FP8 costs over a run is measured in docs/benchmarks.md
+        rel = ((g_f8[n] - g_ref[n]).norm() / g_ref[n].norm()).item()
+        assert 1e-3 < rel < 0.3, (n, rel)

@@ -38,7 +38,8 @@ def test_run1000_dry_run_and_overrides():
     cmds = "\n".join(dry_run("run1000.sh"))
     assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 800" in cmds
     cmds = "\n".join(dry_run("speedrun.sh", DEPTH="26", WANDB_RUN="d26"))
-    assert "--depth=26 --device_batch_size=32 --run=d26" in cmds
+    assert "--depth=26 --device_batch_size=32 --run=d26 --fp8=0" in cmds
+    assert "--run=dummy --fp8=1" in "\n".join(dry_run("speedrun.sh", FP8="1"))
 
 
 def test_runcpu_short_profile(tmp_path):
