@@ -265,8 +265,11 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     def completion_id(kind):
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
-    def finish_reason(n, req):
-        return "length" if n >= (req.max_tokens or MAX_NEW_TOKENS) else "stop"
+    def finish_reason(n, req, tokens):
+        """"length" when generation ran into max_tokens or the end of the model's context
+        (generate_stream caps max_tokens by the room the prompt leaves), else "stop"."""
+        limit = min(req.max_tokens or MAX_NEW_TOKENS, app.state.pool.workers[0].model.config.sequence_len - len(tokens))
+        return "length" if n >= limit else "stop"
 
     @app.get("/", include_in_schema=False)
     async def ui():
@@ -326,7 +329,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
             except RuntimeError as e:
                 yield sse({"error": {"message": str(e), "type": "server_error"}})
                 return
-            yield chunk("", finish_reason(n, req))
+            yield chunk("", finish_reason(n, req, tokens))
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -338,7 +341,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         async with aclosing(generate_stream(app.state.pool, tokens, req, req.seed or 0)) as pieces:
             async for piece, n, _ in pieces:
                 text += piece
-        finish = finish_reason(n, req)
+        finish = finish_reason(n, req, tokens)
         usage = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         base = {"id": completion_id(kind), "created": int(time.time()),
                 "model": state["model_id"], "usage": usage}

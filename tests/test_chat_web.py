@@ -106,6 +106,20 @@ def test_openai_client_chat_stream_and_fim(server, tokenizer):
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text and chunks[-1].choices[0].finish_reason == "length"
 
+    # a prompt that leaves 3 positions of the 256-token context: the answer stops there, and
+    # that is "length" (a cut-off answer), not "stop", though max_tokens was not reached
+    n_words = next(n for n in range(200, 260) if len(tokenizer.encode(" the" * n)) + 1 >= 253)
+    prompt = " the" * n_words
+    room = 256 - (len(tokenizer.encode(prompt)) + 1)
+    assert 0 < room < 8
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model="nanochat", prompt=prompt, max_tokens=8, stream=True))
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            cut = client.completions.create(model="nanochat", prompt=prompt, max_tokens=8)
+            assert cut.usage.completion_tokens == room and cut.choices[0].finish_reason == "length"
+
     prefix, suffix = "int add(int a, int b) {\n", "\n}\n"
     fim = client.completions.create(model="nanochat", prompt=prefix, suffix=suffix, max_tokens=5)
     s = tokenizer.encode_special
