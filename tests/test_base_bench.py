@@ -1,0 +1,27 @@
+"""scripts.base_bench on the CPU: the JSON line it prints has the figures docs/benchmarks.md
+quotes, consistent with each other, with and without --fp8."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("fp8", [0, 1])
+def test_bench_prints_one_consistent_json_line(fp8):
+    cmd = [sys.executable, "-m", "scripts.base_bench", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+           "--device_batch_size=2", "--total_batch_size=256", "--vocab_size=512", "--steps=2", "--warmup=1",
+           "--compile=0", f"--fp8={fp8}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["fp8"] == fp8 and r["depth"] == 2 and r["n_embd"] == 128 and r["grad_accum"] == 2
+    assert r["total_batch_size"] == 256 and r["steps"] == 2
+    # tok/s is the tokens of the timed steps over their time
+    assert r["tok_per_sec"] == pytest.approx(256 / (r["step_ms"] / 1000), rel=0.01)
+    assert r["flops_per_token"] > 0 and 0 < r["loss"] < 10  # (MFU is 0 on a CPU: no known peak)
