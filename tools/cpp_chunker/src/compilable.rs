@@ -324,6 +324,11 @@ impl SymbolIndex {
     }
 }
 
+/// The line that starts the definitions pulled from one file.
+fn pulled_marker(rel: &str) -> String {
+    format!("{FILE_MARKER}{rel} (definitions used below)\n")
+}
+
 /// `project` document(s): the `crossfile` text (`headers` then `source`) with, before
 /// the source, the definitions from other project files of names the source uses and
 /// the unit does not define. A definition is preferred from a source file (it has the
@@ -361,8 +366,16 @@ pub fn project_documents(
             let outside = symbols.get(u).iter().filter(|(f, _)| !unit.contains(f));
             let best = outside.min_by_key(|(f, k)| (files[*f].kind != crate::discover::FileKind::Source, *f, *k));
             let Some(&(f, k)) = best else { continue };
-            // the marker line of a new file costs bytes too
-            let cost = ents[f][k].text.len() + 1 + if pulled.iter().any(|(pf, _)| *pf == f) { 0 } else { 64 };
+            // what render() will write for it, counted as an upper bound so the document stays
+            // within the budget (an underestimate made split() cut ~1 in 4 project documents
+            // a few hundred bytes over, re-parsing each and leaving tiny tail pieces): the text
+            // plus a newline and a blank line, the opening and closing lines of each enclosing
+            // namespace (`w {` and `}  // w`; neighbours may share them), and the marker line
+            // of a file not pulled from before
+            let e = &ents[f][k];
+            let wrappers: usize = e.wrappers.iter().map(|w| 2 * w.len() + 10).sum();
+            let marker = if pulled.iter().any(|(pf, _)| *pf == f) { 0 } else { pulled_marker(&files[f].rel).len() };
+            let cost = e.text.len() + 2 + wrappers + marker;
             if taken.contains(&(f, k)) {
                 continue;
             }
@@ -386,7 +399,7 @@ pub fn project_documents(
         let group: Vec<&Entity> = pulled[i..].iter().take_while(|(g, _)| *g == f).map(|&(_, k)| &ents[f][k]).collect();
         i += group.len();
         let order: Vec<usize> = (0..group.len()).collect();
-        text.push_str(&format!("{FILE_MARKER}{} (definitions used below)\n", files[f].rel));
+        text.push_str(&pulled_marker(&files[f].rel));
         text.push_str(&render(&group, &order));
         names.push(files[f].rel.clone());
     }

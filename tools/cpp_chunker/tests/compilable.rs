@@ -92,6 +92,35 @@ fn project_pulls_definitions_from_other_files() {
 }
 
 #[test]
+fn pulled_definitions_never_push_a_project_document_over_budget() {
+    // each definition lives in its own long-named file and its own namespace: the marker line
+    // and the namespace lines render() adds must count against the budget, or the document
+    // ends up over it and gets split, leaving a tail piece
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("deep");
+    let mut main = String::from("int main() {\n  int t = 0;\n");
+    for i in 0..16 {
+        write(
+            &root,
+            &format!("src/some/deeply/nested/directory/structure/part_{i}.cpp"),
+            &format!("namespace rather_long_namespace_name_{i} {{\nint value_{i}() {{ return {i}; }}\n}}\n"),
+        );
+        main.push_str(&format!("  t += rather_long_namespace_name_{i}::value_{i}();\n"));
+    }
+    main.push_str("  return t;\n}\n");
+    write(&root, "src/main.cpp", &main);
+    let out = dir.path().join("out");
+    let mut cfg = config(&[&root], &out, Mode::Project);
+    cfg.max_tokens = 500; // 1750 bytes: room for some of the 16 definitions, not all
+    let s = run_ok(&cfg);
+    assert!(s.definitions_pulled >= 3 && s.definitions_dropped_for_budget >= 1, "{s:?}");
+    assert_eq!(s.documents_split, 0, "a document went over budget: {s:?}");
+    let docs = read_docs(&out);
+    let d = docs.iter().find(|d| d.files.last().unwrap() == "src/main.cpp").unwrap();
+    assert!(d.text.contains("int main()") && d.text.contains("int value_0()") && d.bytes <= 1750);
+}
+
+#[test]
 fn over_budget_units_are_cut_between_entities_with_the_preamble_repeated() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("big");
