@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.common import atomic_write
 from nanochat.dataloader import DataLoader, DocumentStream
 from nanochat.dataset import list_parquet_files, parquets_iter_batched
 
@@ -131,7 +132,9 @@ def test_stream_picks_up_new_shards(tokenizer, tmp_path):
     first = [stream.get()[0] for _ in range(2)]
     # a new shard arrives while we train; the stream reads ahead a little, so it shows
     # up within an epoch or two, always in sorted order within its epoch
-    pq.write_table(pa.table({"text": ["gamma"]}), d / "shard_00001b.parquet")
+    # written the way corpus/cpp_data write shards (temp file + rename): a plain write could be
+    # listed and opened half-written by the read-ahead thread (it failed CI once that way)
+    atomic_write(str(d / "shard_00001b.parquet"), lambda f: pq.write_table(pa.table({"text": ["gamma"]}), f))
     later = [stream.get()[0] for _ in range(8)]
     stream.close()
     assert [p[1] for p in first] == ["shard_00000.parquet", "shard_00001.parquet"]
