@@ -48,6 +48,7 @@ MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_CONVERSATION_CHARS = 32000
 MAX_NEW_TOKENS = 4096
+MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
 UI_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 # -----------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     model: Optional[str] = None
     stream: bool = False  # /v1 only; the UI endpoint always streams
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
 
 class CompletionRequest(Sampling):
@@ -82,7 +83,7 @@ class CompletionRequest(Sampling):
     suffix: Optional[str] = Field(None, max_length=MAX_CONVERSATION_CHARS)
     model: Optional[str] = None
     stream: bool = False
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
 
 
 def clean(text):
