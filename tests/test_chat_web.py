@@ -3,6 +3,7 @@ random model: the streaming endpoint, the OpenAI API through the official client
 (chat, streaming, fill-in-the-middle), every limit as a 4xx, auth, a disconnecting
 client freeing its worker, a schema fuzz run with no 5xx, and a bounded load test."""
 
+import functools
 import json
 import os
 import socket
@@ -19,10 +20,10 @@ from chat_model_fixture import make_chat_checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# generous client timeouts (httpx's default is 5 s): CI runs on a loaded 2-core machine
+get = functools.partial(httpx.get, timeout=30)
+post = functools.partial(httpx.post, timeout=30)
+stream = functools.partial(httpx.stream, timeout=30)
 
 
 class LiveServer:
@@ -37,14 +38,18 @@ class LiveServer:
                 del os.environ["NANOCHAT_BASE_DIR"]
             else:
                 os.environ["NANOCHAT_BASE_DIR"] = old
-        self.port = free_port()
+        # uvicorn serves on a socket bound here: no window in which another process could
+        # take a port we picked but had not bound yet
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
-        for _ in range(100):
+        for _ in range(300):
             try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
+                if get(f"{self.url}/health").status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -78,15 +83,15 @@ def chat_body(**kw):
 
 
 def test_ui_health_models(server):
-    r = httpx.get(server.url + "/")
+    r = get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "<html" in r.text.lower()
-    assert httpx.get(server.url + "/health").json()["workers"] == 2
-    models = httpx.get(server.url + "/v1/models").json()
+    assert get(server.url + "/health").json()["workers"] == 2
+    models = get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == "nanochat-sft-d2"
 
 
 def test_streaming_chat_endpoint(server):
-    with httpx.stream("POST", server.url + "/chat/completions", json=chat_body()) as r:
+    with stream("POST", server.url + "/chat/completions", json=chat_body()) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == {"done": True}
@@ -154,37 +159,41 @@ BAD = {
     "empty content": chat_body(messages=[{"role": "user", "content": "   "}]),
     "no messages": chat_body(messages=[]),
     "over the context": chat_body(messages=[{"role": "user", "content": "lorem ipsum dolor " * 400}]),
+    "seed too large": chat_body(seed=2**64),
+    "negative seed": chat_body(seed=-1),
 }
 
 
 @pytest.mark.parametrize("name", list(BAD))
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
 def test_limits_are_4xx_with_a_message(server, name, path):
-    r = httpx.post(server.url + path, json=BAD[name])
+    r = post(server.url + path, json=BAD[name])
     assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
     assert r.json()["error"]["message"]
 
 
 def test_malformed_requests(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 200_000})
+    r = post(server.url + "/v1/completions", json={"prompt": "x" * 200_000})
     assert r.status_code == 422
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "a " * 15_000})  # under the chars limit, over the context
+    r = post(server.url + "/v1/completions", json={"prompt": "a " * 15_000})  # under the chars limit, over the context
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
-    r = httpx.get(server.url + "/nope")
+    r = post(server.url + "/v1/completions", json={"prompt": "x", "seed": 2**64})  # torch takes 0 .. 2**64-1
+    assert r.status_code == 422 and "seed" in r.text
+    r = get(server.url + "/nope")
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
 def test_api_key(base_dir):
     s = LiveServer(base_dir, api_key="secret")
     try:
-        assert httpx.get(s.url + "/").status_code == 200 and httpx.get(s.url + "/health").status_code == 200
-        r = httpx.post(s.url + "/v1/chat/completions", json=chat_body())
+        assert get(s.url + "/").status_code == 200 and get(s.url + "/health").status_code == 200
+        r = post(s.url + "/v1/chat/completions", json=chat_body())
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
-        r = httpx.post(s.url + "/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong"})
+        r = post(s.url + "/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
-        r = httpx.post(s.url + "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer secret"})
+        r = post(s.url + "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer secret"})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
     finally:
         s.stop()
@@ -196,8 +205,8 @@ def test_disconnected_client_frees_its_worker(base_dir, tokenizer):
     s = LiveServer(base_dir, source="rl")
     try:
         def worker():
-            return httpx.get(s.url + "/stats").json()["workers"][0]
-        with httpx.stream("POST", s.url + "/chat/completions", json=chat_body(max_tokens=4000)) as r:
+            return get(s.url + "/stats").json()["workers"][0]
+        with stream("POST", s.url + "/chat/completions", json=chat_body(max_tokens=4000)) as r:
             lines = r.iter_lines()  # kept alive: leaving this generator closes the connection
             assert next(line for line in lines if line.startswith("data: "))
             assert worker()["busy"]  # generating for us
@@ -207,7 +216,7 @@ def test_disconnected_client_frees_its_worker(base_dir, tokenizer):
             time.sleep(0.05)
         w = worker()
         assert not w["busy"] and 0 < w["tokens"] < 4000  # stopped early, worker free
-        r = httpx.post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
+        r = post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # and it serves again
     finally:
         s.stop()

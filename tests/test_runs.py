@@ -47,7 +47,11 @@ def test_runcpu_short_profile(tmp_path):
     smaller corpus), with CORE on the fixture bundle served as a file:// zip."""
     zpath = make_bundle_zip(tmp_path / "eval_bundle.zip")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), ITERS="4", CORPUS_MB="1",
-               CHAT_ITERS="4", NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}")
+               CHAT_ITERS="4", NANOCHAT_EVAL_BUNDLE_URL=f"file://{zpath}",
+               # the chat stages on the stand-in the script generates, even where the hub is
+               # reachable: a test must not depend on the network or a shared HF cache
+               NANOCHAT_TASK_DATA=str(tmp_path / "base" / "task_fixtures"), HF_HUB_OFFLINE="1",
+               HF_HOME=str(tmp_path / "hf"))
     env.pop("NANOCHAT_DATA_DIR", None)
     out = subprocess.run(["bash", "dev/runcpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
