@@ -33,6 +33,11 @@ def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0):
     """model_state and meta are written by rank 0; rank_state by every rank. Call on all
     ranks; rank 0 writes meta last, after a barrier, so it marks a complete checkpoint."""
     os.makedirs(directory, exist_ok=True)
+    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
+    if rank == 0 and os.path.exists(meta_path):
+        os.remove(meta_path)  # re-saving a step: until the new meta, this step is not complete
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank replaces its state file while the old meta still vouches for it
     if rank == 0:
         atomic_torch_save(model_state, os.path.join(directory, f"model_{step:06d}.pt"))
     if rank_state is not None:
@@ -40,7 +45,7 @@ def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0):
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        atomic_write(os.path.join(directory, f"meta_{step:06d}.json"),
+        atomic_write(meta_path,
                      lambda f: f.write(json.dumps(meta, indent=2)), mode="w")
         logger.info(f"saved checkpoint step {step} to {directory}")
 

@@ -341,8 +341,8 @@ def is_eval_bundle(directory):
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL, dest_dir=None, max_attempts=5, backoff=2.0, timeout=60):
     """Make sure the eval bundle is unpacked at dest_dir (default
     $NANOCHAT_BASE_DIR/eval_bundle) and return that path. Nothing is fetched if it is
-    already there. Otherwise the zip is downloaded to <dest_dir>.zip.part (retried with
-    exponential backoff), checked, extracted into a temporary directory next to
+    already there. Otherwise the zip is downloaded to a temporary .zip.part file next to it
+    (retried with exponential backoff), checked, extracted into a temporary directory next to
     dest_dir and renamed into place, so dest_dir only ever appears complete.
     `url` may also be a local path or file:// URL of the zip."""
     dest_dir = os.path.abspath(dest_dir or default_bundle_dir())
@@ -358,9 +358,14 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL, dest_dir=None, max_attempts=5, backo
         _extract_bundle(local, dest_dir, source=url)
         return dest_dir
 
-    part = dest_dir + ".zip.part"
     last_error = None
     for attempt in range(1, max_attempts + 1):
+        if is_eval_bundle(dest_dir):  # another process (e.g. another node's rank) finished it meanwhile
+            return dest_dir
+        # a temp file of our own: processes fetching at once must not truncate each other's
+        fd, part = tempfile.mkstemp(dir=os.path.dirname(dest_dir), prefix="." + os.path.basename(dest_dir) + ".",
+                                    suffix=".zip.part")
+        os.close(fd)
         try:
             _download(url, part, timeout)
             _extract_bundle(part, dest_dir, source=url)

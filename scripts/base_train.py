@@ -4,7 +4,8 @@ Pretrain the base model.
     python -m scripts.base_train --depth=20                                  # one GPU
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
     python -m scripts.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 \
-        --total_batch_size=4096 --num_iterations=50 --device_type=cpu         # CPU
+        --total_batch_size=4096 --num_iterations=50 --eval_tokens=8192 \
+        --core_metric_every=-1 --device_type=cpu                              # CPU
 
 Gradient accumulation is derived: total_batch_size = device_batch_size * max_seq_len
 * world_size * grad_accum_steps. MFU = tokens/s * model.estimate_flops() / (peak bf16
@@ -12,6 +13,7 @@ FLOP/s of the device * world_size); see GPT.estimate_flops for what is counted.
 """
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -19,8 +21,8 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (DummyWandb, autodetect_device_type, compute_cleanup, compute_dtype, compute_init,
-                             device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
+from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
+                             compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
 from nanochat.gpt import GPT, build_model
@@ -137,6 +139,9 @@ adamw, muon = optimizers
 # Resume
 
 step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0, 0.0, None, float("inf")
+if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
+    print0(f"warning: {ckpt_dir} holds checkpoints of an earlier run (up to step {find_last_step(ckpt_dir)}); this run "
+           "replaces the steps it saves. To continue that run: --resume_from_step=0; to keep it: --model_tag=NEW")
 if args.resume_from_step >= 0:
     resume_step = find_last_step(ckpt_dir) if args.resume_from_step == 0 else args.resume_from_step
     model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, load_state=True, rank=rank)
@@ -145,9 +150,19 @@ if args.resume_from_step >= 0:
                          f"not {config.to_dict()}: resume with the same model flags")
     model.load_state_dict(model_state)
     for opt, s in zip(optimizers, rank_state["optimizers"]):
+        # load_state_dict also restores the groups' hyperparameters; the flags of this run win
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(s)
+        for g, h in zip(opt.param_groups, hyper):
+            g.update(h)
     loader_state = rank_state["loader"]
     step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
+    if step > num_iterations:
+        raise SystemExit(f"checkpoint step {step} is past this run's {num_iterations} steps: resume with the flags "
+                         f"that set the length (--num_iterations, --total_batch_size, ...; it was {meta.get('num_iterations')} steps)")
+    if meta.get("num_iterations") not in (None, num_iterations):
+        print0(f"warning: the checkpoint's run had {meta['num_iterations']} steps, this one {num_iterations}: "
+               "the learning-rate schedule continues at the new length")
     val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
@@ -182,15 +197,40 @@ x, y = next(train_loader)
 
 
 def lr_multiplier(it):
-    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
+    """Linear warmup, constant, then linear warmdown over the last `warmdown` steps, the
+    last one (it = num_iterations - 1) at exactly final_lr_frac."""
     warmup = round(args.warmup_ratio * num_iterations)
     warmdown = round(args.warmdown_ratio * num_iterations)
     if it < warmup:
         return (it + 1) / warmup
-    if it <= num_iterations - warmdown:
+    if it < num_iterations - warmdown:
         return 1.0
-    progress = (num_iterations - it) / warmdown
+    progress = (num_iterations - 1 - it) / warmdown  # (warmdown-1)/warmdown -> 0
     return progress + (1 - progress) * args.final_lr_frac
+
+
+def fetch_eval_bundle():
+    """The CORE bundle's directory, or None (then CORE is off for the run). Rank 0 downloads
+    while the others wait, and all ranks take one decision: a rank that skipped CORE would
+    leave the others waiting in its collectives."""
+    from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle
+    url = os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL)
+
+    def fetch():
+        try:
+            return ensure_eval_bundle(url)
+        except (RuntimeError, ValueError) as e:
+            print(f"rank {rank}: CORE metric turned off for this run: {e}", flush=True)
+            return None
+    path = fetch() if master else None
+    if ddp:
+        torch.distributed.barrier()
+        if not master:
+            path = fetch()  # in place by now on a shared disk, else this node's own download
+        ok = torch.tensor(float(path is not None), device=device)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        path = path if ok.item() == 1.0 else None
+    return path
 
 
 def muon_momentum(it):
@@ -214,6 +254,7 @@ peak_flops = get_peak_flops(device_name(device_type))
 print0(f"device: {device_name(device_type)}, " + (f"peak bf16 {peak_flops:e} FLOP/s" if peak_flops < float("inf")
                                                    else "peak FLOP/s unknown, so MFU shows as 0"))
 ema_beta = 0.9
+steps_run, timed_time = 0, 0.0  # steps this process ran, time of those after its first 10
 loss_curve, bpb_curve = [], []  # (step, value) for the report's plots (from this process's start)
 while True:
     last_step = step == num_iterations
@@ -231,11 +272,9 @@ while True:
         wandb_run.log({"step": step, "val/bpb": val_bpb})
         model.train()
     if args.core_metric_every > 0 and step > 0 and (last_step or step % args.core_metric_every == 0):
-        from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle, evaluate_core
-        try:
-            bundle_dir = ensure_eval_bundle(os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL))
-        except (RuntimeError, ValueError) as e:  # offline: don't lose the run over a metric
-            print0(f"CORE metric turned off for this run: {e}")
+        from nanochat.core_eval import evaluate_core
+        bundle_dir = fetch_eval_bundle()
+        if bundle_dir is None:  # offline: don't lose the run over a metric
             args.core_metric_every = -1
         else:
             orig_model.eval()
@@ -269,6 +308,10 @@ while True:
         x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
     grad_norm = None
     if args.grad_clip > 0:
+        if ddp:  # clip the gradient averaged over ranks, as one process would (the optimizers'
+            for p in orig_model.parameters():  # own averaging then leaves it unchanged)
+                if p.grad is not None:
+                    all_reduce_mean(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
     lrm = lr_multiplier(step)
     for opt in optimizers:
@@ -291,9 +334,11 @@ while True:
     debiased = smooth_loss / (1 - ema_beta ** step)
     tok_per_sec = args.total_batch_size / dt
     mfu = 100 * tok_per_sec * flops_per_token / (peak_flops * world_size)
-    if step > 10:
-        train_time += dt  # the first steps include compilation
-    eta = (num_iterations - step) * (train_time / max(step - 10, 1)) if step > 10 else float("nan")
+    steps_run += 1
+    if steps_run > 10:  # the first steps of a process include compilation
+        train_time += dt
+        timed_time += dt
+    eta = (num_iterations - step) * timed_time / (steps_run - 10) if steps_run > 10 else float("nan")
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
            f"(step: {train_loss:.6f}) | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "

@@ -64,6 +64,23 @@ def test_train_checkpoint_and_exact_resume(base_dir, corpus_dir):
     assert val_bpbs(resumed)["00006"] == val_bpbs(full)["00006"]
 
 
+def test_schedule_ends_at_final_lr_and_resume_past_the_end_is_refused(base_dir, corpus_dir):
+    out = run_train(base_dir, corpus_dir, "--num_iterations=5", "--warmdown_ratio=0.4", "--eval_every=-1",
+                    "--model_tag=sched")
+    # 2 warmdown steps, the last one at --final_lr_frac (0); flags win over a checkpoint's
+    assert re.findall(r"lrm: ([\d.-]+)", out) == ["1.00", "1.00", "1.00", "0.50", "0.00"]
+    cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+           "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=3", "--eval_every=-1",
+           "--core_metric_every=-1", "--sample_every=-1", f"--data_dir={corpus_dir}", "--model_tag=sched",
+           "--resume_from_step=0"]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "checkpoint step 5 is past this run's 3 steps" in r.stderr, r.stdout + r.stderr
+    # a fresh run into the same directory says it will replace the earlier run's checkpoints
+    out = run_train(base_dir, corpus_dir, "--num_iterations=2", "--eval_every=-1", "--model_tag=sched")
+    assert "holds checkpoints of an earlier run (up to step 5)" in out
+
+
 def test_fp8_training_runs_and_learns(base_dir, corpus_dir):
     out = run_train(base_dir, corpus_dir, "--fp8=1", "--model_tag=fp8")
     assert "fp8: 12 linear layers train with FP8 matmuls" in out  # 2 blocks x 6
@@ -137,7 +154,8 @@ def test_global_data_order_two_processes_match_one(base_dir, corpus_dir):
     micro-steps, so the per-step losses agree (fp32 on CPU: up to summation order)."""
     common = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
               "--num_iterations=5", "--eval_every=-1", "--eval_tokens=128", "--core_metric_every=-1",
-              "--sample_every=-1", "--data_order=global", f"--data_dir={corpus_dir}", "--model_tag=order"]
+              "--sample_every=-1", "--data_order=global", f"--data_dir={corpus_dir}", "--model_tag=order",
+              "--grad_clip=0.5"]  # clipping active: the norm must be the averaged gradient's on 2 ranks too
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
     outs = []
     for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]):
@@ -149,6 +167,9 @@ def test_global_data_order_two_processes_match_one(base_dir, corpus_dir):
     one, two = step_losses(outs[0]), step_losses(outs[1])
     assert len(one) == len(two) == 5 and one[-1] < one[0]
     assert one == pytest.approx(two, rel=1e-4, abs=0), (one, two)
+    norms = [[float(v) for v in re.findall(r"grad norm: ([\d.]+)", o)] for o in outs]
+    assert len(norms[0]) == 5 and min(norms[0]) > 0.5  # the clip acted
+    assert norms[0] == pytest.approx(norms[1], rel=1e-3), norms
 
 
 def test_core_metric_during_training(base_dir, corpus_dir, tmp_path):
@@ -165,3 +186,20 @@ def test_core_metric_during_training(base_dir, corpus_dir, tmp_path):
         assert "CORE metric turned off" in out and "step 00006/00006" in out
     finally:
         os.environ.pop("NANOCHAT_EVAL_BUNDLE_URL", None)
+
+
+def test_core_metric_with_two_processes(base_dir, corpus_dir, tmp_path):
+    """Under torchrun rank 0 fetches the bundle while rank 1 waits, and both evaluate
+    (their collectives line up: the run finishes); without a bundle both turn CORE off."""
+    zpath = make_bundle_zip(tmp_path / "eval_bundle.zip")
+    for url, expect in ((f"file://{zpath}", "step 00002 | CORE:"), (f"file://{tmp_path}/missing.zip", "CORE metric turned off")):
+        base = tmp_path / ("b" + str(len(expect)))
+        shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "scripts.base_train", "--", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+               "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=2", "--eval_every=-1",
+               "--eval_tokens=256", "--core_metric_every=1", "--core_metric_max_per_task=4", "--sample_every=-1", f"--data_dir={corpus_dir}"]
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", NANOCHAT_EVAL_BUNDLE_URL=url)
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and expect in out.stdout + out.stderr and "step 00002/00002" in out.stdout, \
+            out.stdout[-3000:] + out.stderr[-3000:]

@@ -8,6 +8,7 @@ import random
 import shutil
 import sys
 import threading
+import time
 import types
 import zipfile
 
@@ -337,7 +338,7 @@ def test_base_eval_help():
 
 class ZipServer(http.server.ThreadingHTTPServer):
     def __init__(self):
-        self.files, self.requests, self.cut = {}, [], 0
+        self.files, self.requests, self.cut, self.slow = {}, [], 0, 0.0
         super().__init__(("127.0.0.1", 0), ZipHandler)
 
     def url(self, name):
@@ -363,6 +364,11 @@ class ZipHandler(http.server.BaseHTTPRequestHandler):
             srv.cut -= 1
             self.wfile.write(body[:len(body) // 2])
             self.close_connection = True
+            return
+        if srv.slow:  # trickle the body, so that concurrent downloads overlap
+            for i in range(0, len(body), 1024):
+                self.wfile.write(body[i:i + 1024])
+                time.sleep(srv.slow)
             return
         self.wfile.write(body)
 
@@ -401,6 +407,31 @@ def test_download_extract_and_skip(server, tmp_path):
     assert len(server.requests) == 2
     # and the downloaded bundle evaluates like the fixture
     assert [t["label"] for t in load_core_tasks(str(dest))] == ["tiny_quiz", "tiny_pronouns", "tiny_cloze"]
+
+
+def test_concurrent_fetches_all_succeed(server, tmp_path):
+    """Several processes fetching at once (DDP ranks, several runs on one disk) each
+    download to their own temp file: none truncates another's (they shared one .part
+    file once, and half of 8 concurrent fetches failed)."""
+    server.files["eval_bundle.zip"] = make_bundle_zip(tmp_path / "b.zip").read_bytes()
+    server.slow = 0.002
+    dest = tmp_path / "base" / "eval_bundle"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(ensure_eval_bundle(server.url("eval_bundle.zip"), str(dest), max_attempts=1))
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and results == [str(dest)] * 6
+    assert len(server.requests) >= 2  # they did overlap
+    assert tree(dest) == fixture_files()
+    assert os.listdir(tmp_path / "base") == ["eval_bundle"]  # no .part, no temp dir
 
 
 def test_bundle_with_files_at_top_and_local_path(tmp_path):
