@@ -180,14 +180,16 @@ def max_memory_allocated_mib(device_type):
 PEAK_FLOPS = [
     (r"H200", 989e12),
     (r"H100.*PCIe", 756e12),
+    (r"H100 NVL", 835e12),
     (r"H100", 989e12),          # SXM
     (r"H800", 989e12),
+    (r"GB200", 2500e12),        # before B200, which it contains
     (r"B200", 2250e12),
-    (r"GB200", 2500e12),
     (r"A100", 312e12),
     (r"A10G", 125e12),
     (r"L40S", 362e12),
-    (r"L4", 121e12),
+    (r"L40\b", 181e12),
+    (r"L4\b", 121e12),
     (r"RTX 4090", 165e12),
     (r"RTX 3090", 71e12),
     (r"v6e|TPU v6", 918e12),
@@ -199,7 +201,8 @@ PEAK_FLOPS = [
 
 def get_peak_flops(device_name):
     """Peak bf16 FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3'; inf if unknown
-    (so MFU prints as 0% instead of a made-up figure)."""
+    (so MFU prints as 0% instead of a made-up figure). The first matching pattern wins, so
+    more specific names come first."""
     for pattern, flops in PEAK_FLOPS:
         if re.search(pattern, device_name, re.IGNORECASE):
             return flops

@@ -122,8 +122,9 @@ token_bytes = get_token_bytes(device=device)
 
 
 def lr_multiplier(it):
+    """Constant, then linear warmdown over the last `warmdown` steps to 0 at the last step."""
     warmdown = round(args.warmdown_ratio * num_iterations)
-    return 1.0 if it < num_iterations - warmdown else (num_iterations - it) / max(warmdown, 1)
+    return 1.0 if it < num_iterations - warmdown else (num_iterations - 1 - it) / warmdown
 
 
 def checkpoint(step, loader_state):
