@@ -50,6 +50,7 @@ class DocumentStream:
         self.tokenizer, self.split, self.data_dir = tokenizer, split, data_dir
         self.rank, self.world_size, self.threads = rank, world_size, threads
         self.start = start
+        self.val_name = os.path.basename(list_parquet_files(data_dir)[-1])  # the val shard when the stream began
         self.queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -57,7 +58,15 @@ class DocumentStream:
 
     def _shards_after(self, name):
         """The first shard of this split whose name sorts after `name` (None: from the start)."""
-        files = split_files(list_parquet_files(self.data_dir), self.split)
+        all_files = list_parquet_files(self.data_dir)
+        if self.val_name and os.path.basename(all_files[-1]) != self.val_name:
+            # the last shard is val, so a shard that sorts after it turns the old val shard into
+            # training data and changes what val bpb measures: say so once
+            print(f"warning: {os.path.basename(all_files[-1])} arrived in {self.data_dir} after the validation "
+                  f"shard {self.val_name}: {self.val_name} is now training data and validation uses the new last "
+                  "shard. Name shards written during training to sort before the validation shard", flush=True)
+            self.val_name = None
+        files = split_files(all_files, self.split)
         for path in files:
             if name is None or os.path.basename(path) > name:
                 return path

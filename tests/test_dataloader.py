@@ -144,6 +144,21 @@ def test_stream_picks_up_new_shards(tokenizer, tmp_path):
         or [p[1] for p in later if p[0] == last_epoch][:3] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00001b.parquet"]
 
 
+def test_stream_warns_when_a_shard_lands_after_val(tokenizer, tmp_path, capsys):
+    d = tmp_path / "stream"
+    d.mkdir()
+    for i, word in enumerate(["alpha", "val"]):
+        pq.write_table(pa.table({"text": [f"{word} {k}" for k in range(4)]}), d / f"shard_{i:05d}.parquet")
+    stream = DocumentStream(tokenizer, "train", str(d), 0, 1, prefetch=1)
+    stream.get()
+    atomic_write(str(d / "shard_00002.parquet"), lambda f: pq.write_table(pa.table({"text": ["late"]}), f))
+    names = [stream.get()[0][1] for _ in range(4)]
+    stream.close()
+    assert "shard_00001.parquet" in names  # the old val shard now trains...
+    out = capsys.readouterr().out
+    assert out.count("arrived in") == 1 and "shard_00001.parquet is now training data" in out  # ...and it says so, once
+
+
 def test_missing_and_empty_data_dir(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*nanochat.dataset -n"):
         DataLoader(tokenizer, B=1, T=8, data_dir=str(tmp_path / "nope"))
