@@ -31,7 +31,7 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):  # top_k <= 0: no cut, as None
         vals, idx = torch.topk(logits, top_k, dim=-1)
         probs = torch.softmax(vals / temperature, dim=-1)
         return idx.gather(1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
@@ -39,7 +39,7 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(probs, 1, generator=rng).squeeze(1)
 
 
-_ARITHMETIC = re.compile(r"^[\d\s+\-*/().%]+$")
+_ARITHMETIC = re.compile(r"^[\d\s+\-*/().%,]+$")
 
 
 def run_tool(expression, timeout=3.0):
@@ -50,8 +50,8 @@ def run_tool(expression, timeout=3.0):
     if not expression:
         return None
     if _ARITHMETIC.match(expression) and "**" not in expression:  # no power: 9**9**9 would hang us
-        try:
-            return str(eval(expression, {"__builtins__": {}}, {}))
+        try:  # thousands separators as GSM8K writes them ("1,200*2"), as nanochat's calculator
+            return str(eval(expression.replace(",", ""), {"__builtins__": {}}, {}))
         except Exception:
             return None
     from nanochat.execution import execute_code
@@ -184,7 +184,7 @@ class Engine:
                 masks.append(0 if forced else 1)
                 if tok in self.stop_tokens:
                     row.done = True
-                if self.use_tools:
+                if self.use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
                     row.forced.extend(row.tool.feed(tok))
             yield column, masks
             produced += 1

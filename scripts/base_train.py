@@ -259,7 +259,7 @@ loss_curve, bpb_curve = [], []  # (step, value) for the report's plots (from thi
 while True:
     last_step = step == num_iterations
     # --- evaluation, sampling, checkpoint (not timed) ---
-    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every < 0):
+    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every <= 0):
         model.eval()
         val_loader = make_val_loader()
         eval_steps = max(1, args.eval_tokens // tokens_per_micro)

@@ -48,6 +48,9 @@ parser.add_argument("-m", "--max_new_tokens", type=int, default=512)
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 args = parser.parse_args()
 
+if args.num_samples > 1 and args.temperature == 0:
+    print("warning: -n > 1 with -t 0 samples the same greedy answer n times, so pass@n equals pass@1; "
+          "give a temperature, e.g. -t 1.0")
 names = [n for n in args.task_name.split("|") if n]
 unknown = [n for n in names if n not in TASKS]
 if unknown:

@@ -120,7 +120,7 @@ def evaluate_pass_at_k():
 metrics, reward_curve = {}, []
 while True:
     last_step = step == num_iterations
-    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every < 0):
+    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every <= 0):
         metrics = evaluate_pass_at_k()
         print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         wandb_run.log({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})

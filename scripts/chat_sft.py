@@ -48,7 +48,7 @@ parser.add_argument("--embedding_lr", type=float, default=0.2)
 parser.add_argument("--unembedding_lr", type=float, default=0.004)
 parser.add_argument("--matrix_lr", type=float, default=0.02)
 parser.add_argument("--init_lr_frac", type=float, default=0.02, help="start at this fraction of the base lrs, decay to 0")
-parser.add_argument("--eval_every", type=int, default=100, help="val loss every N steps")
+parser.add_argument("--eval_every", type=int, default=100, help="val loss every N steps (-1: only at the end)")
 parser.add_argument("--eval_steps", type=int, default=100, help="batches per val loss evaluation")
 parser.add_argument("--eval_metrics_every", type=int, default=200, help="MMLU / ARC-Easy accuracy every N steps (-1: off)")
 parser.add_argument("--eval_metrics_max_problems", type=int, default=1024)
@@ -127,7 +127,7 @@ def val_loss():
 metrics, val, loss_curve = meta.get("metrics", {}), meta.get("val_loss"), []
 while True:
     last_step = step == num_iterations
-    if last_step or step % args.eval_every == 0:
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         model.eval()
         val = val_loss()
         print0(f"step {step:05d} | val loss: {val:.6f}")
@@ -157,8 +157,8 @@ while True:
     num_tokens = torch.zeros((), dtype=torch.long, device=device)
     for micro in range(grad_accum):
         x, y = next(train_loader)
-        with autocast:
-            loss = model(x, y)
+        with autocast:  # mean over the batch's trained tokens; 0, not NaN, if it has none (all cut off)
+            loss = model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
         (loss / grad_accum).backward()
         num_tokens += (y >= 0).sum()
     lrm = lr_multiplier(step)

@@ -143,7 +143,7 @@ while True:
         flag = torch.tensor(float(last_step), device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         last_step = bool(flag.item())
-    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every < 0):
+    if args.eval_every > 0 and (last_step or step % args.eval_every == 0) or (last_step and args.eval_every <= 0):
         model.eval()
         val_loader = PackedConversations(val_task, tokenizer, B, T, device, rank, world_size, epochs=None)
         with autocast:

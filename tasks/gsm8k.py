@@ -53,13 +53,13 @@ def parse_answer(answer):
 
 
 def extract_answer(text):
-    """The number after the last "####" in text, normalized (commas, "$", whitespace
-    dropped; integral values without a decimal point, others without trailing zeros),
+    """The number after the last "####" in text, normalized (commas and "$" dropped, the
+    number ends at whitespace; integral values without a decimal point, others without trailing zeros),
     or None if there is no "####" or no number after it."""
     if "####" not in text:
         return None
-    rest = text.rsplit("####", 1)[1]
-    rest = re.sub(r"[,$\s]", "", rest)
+    rest = re.sub(r"[,$]", "", text.rsplit("####", 1)[1]).lstrip()
+    rest = re.sub(r"^-\s+", "-", rest)  # "- 5"; other whitespace ends the number: "#### 18\n2. ..." is 18, not 182
     m = NUMBER.match(rest)
     if not m:
         return None

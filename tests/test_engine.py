@@ -111,8 +111,26 @@ def test_forced_tokens_enter_the_stream_with_mask_zero(tokenizer, monkeypatch):
     assert masks[0][:n] == [1] * n and masks[0][n:n + len(forced) + 2] == [0] * (len(forced) + 2)
 
 
+def test_finished_rows_run_no_tools(tokenizer, monkeypatch):
+    """A row that has ended keeps sampling in lockstep with the others; its tokens are
+    thrown away, so a tool call it writes must not run (each can take seconds)."""
+    s = tokenizer.encode_special
+    end, x = s("<|assistant_end|>"), tokenizer.encode("a")[0]
+    row0 = [end, s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + [x] * 50
+    row1 = [x] * 8 + [end] * 50
+    import nanochat.engine as eng
+    steps = iter(zip(row0, row1))
+    monkeypatch.setattr(eng, "sample_next", lambda logits, rng, t, k: torch.tensor(next(steps)))
+    calls = []
+    monkeypatch.setattr(eng, "run_tool", lambda expr, *a, **kw: calls.append(expr) or "42")
+    engine = Engine(model_for(tokenizer), tokenizer)
+    out, _ = engine.generate_batch(tokenizer.encode("q", prepend="<|bos|>"), num_samples=2, max_tokens=30)
+    assert out[0] == [] and out[1] == [x] * 8 and calls == []
+
+
 def test_run_tool():
     assert run_tool("2 + 3 * 4") == "14"
+    assert run_tool("1,200*2") == "2400" and run_tool("1,050+5") == "1055"  # GSM8K's thousands separators
     assert run_tool("") is None
     assert run_tool("1/0") is None
     assert run_tool("'strawberry'.count('r')") == "3"  # not plain arithmetic: runs in the sandbox

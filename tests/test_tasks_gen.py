@@ -114,6 +114,8 @@ def test_gsm8k_extract_answer():
     assert extract_answer("#### 5\nwait, no\n#### 6") == "6"  # the last one counts
     assert extract_answer("the answer is 72") is None
     assert extract_answer("#### none") is None
+    assert extract_answer("#### 18\n2. Next question") == "18"  # the number ends at whitespace (was 182)
+    assert extract_answer("#### - 5") == "-5"
 
 
 def test_gsm8k_evaluate(gsm8k):
