@@ -59,7 +59,7 @@ parser.add_argument("--mode", choices=["file", "crossfile", "project", "compilab
                          "into near-compilable order (see docs/DATA_PIPELINE.md)")
 parser.add_argument("--max_tokens", default="16384,65536",
                     help="token budget per document, or several separated by commas (one output directory each, "
-                         "OUT/tokens_N); the tool estimates tokens as bytes / 3.5")
+                         "OUT/tokens_N, all from one tool run); the tool estimates tokens as bytes / 3.5")
 parser.add_argument("--dedup", choices=["none", "exact", "near"], default="near",
                     help="drop exact duplicates, or exact and near duplicates (MinHash/LSH), across all roots")
 parser.add_argument("--near_threshold", type=float, default=0.8, help="Jaccard similarity above which documents are near duplicates")
