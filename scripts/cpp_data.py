@@ -11,13 +11,16 @@ the project roots, then turns its JSONL output into parquet shards that nanochat
 Length buckets: --max_tokens takes one budget or several (default 16384,65536: the 16K
 and 64K buckets); with several, each goes to its own OUT/tokens_<N>/ with its own
 shards and manifest (documents longer than the budget are split at syntax boundaries;
-shorter ones are packed into rows by nanochat's dataloader at training time).
+shorter ones are packed into rows by nanochat's dataloader at training time). The tool
+runs once for all buckets: it reads and parses every file once and writes one JSONL
+directory per budget.
 
 Steps: (1) build the tool with cargo if the binary is missing or older than its
-sources; (2) run it into OUT/.jsonl_tmp; (3) shuffle the documents (seed 42) and
+sources; (2) run it once into OUT/.jsonl_tmp (OUT/.jsonl_tmp/tokens_<N>/ per bucket
+with several budgets); then per bucket (3) shuffle the documents (seed 42) and
 write shard_00000.parquet, ... with columns text, project, files, mode, bytes,
 tokens_est; the last shard holds only the validation rows, so nanochat's "last
-file is val" rule gives a random validation sample; (4) write OUT/manifest.json and
+file is val" rule gives a random validation sample; (4) write manifest.json; finally
 remove the temporary JSONL. Every file is written atomically (temp file + rename).
 """
 
@@ -56,7 +59,7 @@ parser.add_argument("--mode", choices=["file", "crossfile", "project", "compilab
                          "into near-compilable order (see docs/DATA_PIPELINE.md)")
 parser.add_argument("--max_tokens", default="16384,65536",
                     help="token budget per document, or several separated by commas (one output directory each, "
-                         "OUT/tokens_N); the tool estimates tokens as bytes / 3.5")
+                         "OUT/tokens_N, all from one tool run); the tool estimates tokens as bytes / 3.5")
 parser.add_argument("--dedup", choices=["none", "exact", "near"], default="near",
                     help="drop exact duplicates, or exact and near duplicates (MinHash/LSH), across all roots")
 parser.add_argument("--near_threshold", type=float, default=0.8, help="Jaccard similarity above which documents are near duplicates")
@@ -98,12 +101,14 @@ def ensure_binary():
         fail(f"cargo build failed (exit code {r.returncode}) in {CRATE}; see the cargo output above")
 
 
-def run_tool(roots, args, tmp_dir):
-    """Run cpp_chunker into tmp_dir; returns its summary.json content."""
+def run_tool(roots, args, budgets, tmp_dir):
+    """Run cpp_chunker once, for all budgets, into tmp_dir. Returns {budget: (JSONL directory,
+    summary.json content)}; the tool writes into tmp_dir itself for one budget, into
+    tmp_dir/tokens_N for each of several."""
     roots_txt = os.path.join(tmp_dir, "roots.txt")  # a file, not argv: a corpus can have many roots
     with open(roots_txt, "w") as f:
         f.write("".join(r + "\n" for r in roots))
-    cmd = [BINARY, "--roots-file", roots_txt, "--mode", args.mode, "--max-tokens", str(args.max_tokens),
+    cmd = [BINARY, "--roots-file", roots_txt, "--mode", args.mode, "--max-tokens", ",".join(map(str, budgets)),
            "--out", tmp_dir, "--threads", str(args.threads), "--dedup", args.dedup,
            "--near-threshold", str(args.near_threshold)]
     print(f"running {shlex.join(cmd)}", flush=True)
@@ -111,8 +116,11 @@ def run_tool(roots, args, tmp_dir):
     if r.returncode != 0:
         fail(f"cpp_chunker failed (exit code {r.returncode}); the end of its stderr:\n{r.stderr[-3000:]}")
     print(r.stderr.strip())
-    with open(os.path.join(tmp_dir, "summary.json")) as f:
-        return json.load(f)
+    outputs = {}
+    for b, jsonl_dir in zip(budgets, bucket_dirs(tmp_dir, budgets)):
+        with open(os.path.join(jsonl_dir, "summary.json")) as f:
+            outputs[b] = (jsonl_dir, json.load(f))
+    return outputs
 
 
 def index_jsonl(tmp_dir):
@@ -176,19 +184,46 @@ def main(argv=None):
     if missing:
         fail(f"{len(missing)} of {len(roots)} roots are not directories: " + ", ".join(missing[:20]) +
              (" ..." if len(missing) > 20 else ""))
-    if len(budgets) == 1:
-        build(args, argv, roots, os.path.abspath(args.out), budgets[0])
-    else:
-        for b in budgets:
-            build(args, argv, roots, os.path.join(os.path.abspath(args.out), f"tokens_{b}"), b)
+    out = os.path.abspath(args.out)
+    outs = bucket_dirs(out, budgets)
+
+    # 1. the output directories: empty, or emptied of our own files with --overwrite;
+    # all checked before anything is removed or the tool runs
+    ours = [p for d in outs for p in our_files(d, args.overwrite)]
+    tmp_dir = os.path.join(out, TMP_NAME)
+    if len(budgets) > 1 and os.path.exists(tmp_dir):  # left by a killed run; in OUT itself, not a bucket
+        if not args.overwrite:
+            fail(f"{tmp_dir} exists (left by an interrupted run?); pass --overwrite to remove it")
+        ours.append(tmp_dir)
+    for p in ours:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
+    os.makedirs(tmp_dir)
+
+    try:
+        # 2. build the chunker and run it once for every bucket
+        ensure_binary()
+        outputs = run_tool(roots, args, budgets, tmp_dir)
+        # 3-4. per bucket: parquet shards and manifest
+        for b, bucket_out in zip(budgets, outs):
+            jsonl_dir, summary = outputs[b]
+            build(args, argv, roots, bucket_out, b, jsonl_dir, summary)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def build(args, argv, roots, out, max_tokens):
-    """One bucket: the tool at this token budget, then shards + manifest in `out`."""
-    args = argparse.Namespace(**{**vars(args), "max_tokens": max_tokens})
-    # 1. the output directory: empty, or emptied of our own files with --overwrite
+def bucket_dirs(out, budgets):
+    """Where each budget's output goes, the tool's layout: out itself for one budget, else out/tokens_N."""
+    return [out] if len(budgets) == 1 else [os.path.join(out, f"tokens_{b}") for b in budgets]
+
+
+def our_files(out, overwrite):
+    """The files of ours in `out` that --overwrite replaces; fails if `out` is not empty without
+    --overwrite, or holds parquet files that are not ours."""
     existing = sorted(os.listdir(out)) if os.path.isdir(out) else []
-    if existing and not args.overwrite:
+    if existing and not overwrite:
         fail(f"--out {out} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
              "pass --overwrite to replace its shards and manifest, or choose another directory")
     ours = [e for e in existing if (e.startswith("shard_") and e.endswith(".parquet")) or e in ("manifest.json", TMP_NAME)]
@@ -196,65 +231,57 @@ def build(args, argv, roots, out, max_tokens):
     if foreign:
         fail(f"--out {out} holds other parquet files ({', '.join(foreign[:5])}) that training would read too; "
              "remove them or choose another directory")
-    for e in ours:
-        p = os.path.join(out, e)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
-        else:
-            os.remove(p)
-    tmp_dir = os.path.join(out, TMP_NAME)
-    os.makedirs(tmp_dir)
+    return [os.path.join(out, e) for e in ours]
 
-    try:
-        # 2. build and run the chunker
-        ensure_binary()
-        summary = run_tool(roots, args, tmp_dir)
 
-        # 3. shuffle the documents; the last, val-only shard is a random sample
-        index = index_jsonl(tmp_dir)
-        if not index:
-            skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
-            fail(f"the tool wrote no documents: {summary.get('files_seen')} C/C++ files seen, skipped: {skipped} "
-                 "(crossfile mode makes documents only from source files; header-only projects need --mode file, project or compilable)")
-        random.Random(SEED).shuffle(index)
-        n = len(index)
-        n_val = min(max(1, round(args.val_fraction * n)), n - 1) if n > 1 else 0  # one document: one shard for both
-        train, val = index[:n - n_val], index[n - n_val:]
-        groups = [("train", train[i:i + args.rows_per_shard]) for i in range(0, len(train), args.rows_per_shard)]
-        if val:
-            groups.append(("val", val))
-        tokenizer = load_tokenizer()
-        shards = []
-        for i, (split, entries) in enumerate(tqdm(groups, desc="parquet", unit="shard")):
-            rows = read_rows(entries)
-            name = f"shard_{i:05d}.parquet"
-            write_shard(os.path.join(out, name), rows)
-            tokens = sum(len(ids) for ids in tokenizer.encode([r["text"] for r in rows])) if tokenizer else \
-                sum(r["tokens_est"] for r in rows)
-            shards.append({"name": name, "split": split, "rows": len(rows), "bytes": sum(r["bytes"] for r in rows),
-                           "tokens": tokens, "file_bytes": os.path.getsize(os.path.join(out, name))})
+def build(args, argv, roots, out, max_tokens, jsonl_dir, summary):
+    """One bucket: the tool's documents in jsonl_dir -> shuffled parquet shards + manifest in `out`."""
+    args = argparse.Namespace(**{**vars(args), "max_tokens": max_tokens})
+    os.makedirs(out, exist_ok=True)
 
-        # 4. the manifest
-        def total(key, split=None):
-            return sum(s[key] for s in shards if split is None or s["split"] == split)
-        manifest = {
-            "command": shlex.join(["python", "-m", "scripts.cpp_data"] + (sys.argv[1:] if argv is None else argv)),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "mode": args.mode,
-            "max_tokens": args.max_tokens,
-            "roots": roots,
-            "seed": SEED,
-            "val_fraction": args.val_fraction,
-            "documents": {"total": total("rows"), "train": total("rows", "train"), "val": total("rows", "val")},
-            "bytes": {"total": total("bytes"), "train": total("bytes", "train"), "val": total("bytes", "val")},
-            "tokens": {"source": "nanochat tokenizer" if tokenizer else "estimate (bytes / 3.5, from cpp_chunker)",
-                       "total": total("tokens"), "train": total("tokens", "train"), "val": total("tokens", "val")},
-            "shards": shards,
-            "tool_summary": summary,
-        }
-        atomic_write(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    # 3. shuffle the documents; the last, val-only shard is a random sample
+    index = index_jsonl(jsonl_dir)
+    if not index:
+        skipped = {k: v for k, v in summary.get("skipped", {}).items() if v}
+        fail(f"the tool wrote no documents: {summary.get('files_seen')} C/C++ files seen, skipped: {skipped} "
+             "(crossfile mode makes documents only from source files; header-only projects need --mode file, project or compilable)")
+    random.Random(SEED).shuffle(index)
+    n = len(index)
+    n_val = min(max(1, round(args.val_fraction * n)), n - 1) if n > 1 else 0  # one document: one shard for both
+    train, val = index[:n - n_val], index[n - n_val:]
+    groups = [("train", train[i:i + args.rows_per_shard]) for i in range(0, len(train), args.rows_per_shard)]
+    if val:
+        groups.append(("val", val))
+    tokenizer = load_tokenizer()
+    shards = []
+    for i, (split, entries) in enumerate(tqdm(groups, desc="parquet", unit="shard")):
+        rows = read_rows(entries)
+        name = f"shard_{i:05d}.parquet"
+        write_shard(os.path.join(out, name), rows)
+        tokens = sum(len(ids) for ids in tokenizer.encode([r["text"] for r in rows])) if tokenizer else \
+            sum(r["tokens_est"] for r in rows)
+        shards.append({"name": name, "split": split, "rows": len(rows), "bytes": sum(r["bytes"] for r in rows),
+                       "tokens": tokens, "file_bytes": os.path.getsize(os.path.join(out, name))})
+
+    # 4. the manifest
+    def total(key, split=None):
+        return sum(s[key] for s in shards if split is None or s["split"] == split)
+    manifest = {
+        "command": shlex.join(["python", "-m", "scripts.cpp_data"] + (sys.argv[1:] if argv is None else argv)),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": args.mode,
+        "max_tokens": args.max_tokens,
+        "roots": roots,
+        "seed": SEED,
+        "val_fraction": args.val_fraction,
+        "documents": {"total": total("rows"), "train": total("rows", "train"), "val": total("rows", "val")},
+        "bytes": {"total": total("bytes"), "train": total("bytes", "train"), "val": total("bytes", "val")},
+        "tokens": {"source": "nanochat tokenizer" if tokenizer else "estimate (bytes / 3.5, from cpp_chunker)",
+                   "total": total("tokens"), "train": total("tokens", "train"), "val": total("tokens", "val")},
+        "shards": shards,
+        "tool_summary": summary,
+    }
+    atomic_write(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
 
     d, t = manifest["documents"], manifest["tokens"]
     print(f"wrote {len(shards)} shards to {out}: {d['train']:,} train + {d['val']:,} val documents, "

@@ -168,3 +168,56 @@ def test_default_length_buckets_16k_and_64k(project, base_dir, tmp_path):
     bad = run_cpp_data("--roots", project, "--mode", "file", "--max_tokens", "16k", "--out", tmp_path / "o2",
                        base_dir=base_dir)
     assert bad.returncode == 2 and "--max_tokens must be integers" in bad.stderr
+
+
+def test_buckets_come_from_one_tool_run_and_equal_single_budget_runs(project, base_dir, tmp_path):
+    """Several budgets: the tool runs once for all of them, and each bucket's shards and manifest
+    are those of a run with that budget alone (except when and how it was run)."""
+    r = run_cpp_data("--roots", project, "--mode", "project", "--max_tokens", "30,16384", "--out", tmp_path / "multi",
+                     "--rows_per_shard", 1, base_dir=base_dir)
+    assert r.returncode == 0, r.stderr
+    runs = [l for l in r.stdout.splitlines() if l.startswith("running ")]
+    assert len(runs) == 1 and "--max-tokens 30,16384" in runs[0], r.stdout
+    assert sorted(os.listdir(tmp_path / "multi")) == ["tokens_16384", "tokens_30"]  # no temp JSONL left
+
+    def comparable(manifest):
+        timing = ("seconds", "mb_per_s")
+        m = {k: v for k, v in manifest.items() if k not in ("command", "created")}
+        m["tool_summary"] = {k: v for k, v in m["tool_summary"].items() if k not in timing}
+        return m
+
+    buckets = {}
+    for budget in (30, 16384):
+        single = tmp_path / f"single_{budget}"
+        r = run_cpp_data("--roots", project, "--mode", "project", "--max_tokens", budget, "--out", single,
+                         "--rows_per_shard", 1, base_dir=base_dir)
+        assert r.returncode == 0, r.stderr
+        manifest, shards = read_out(tmp_path / "multi" / f"tokens_{budget}")
+        single_manifest, single_shards = read_out(single)
+        assert shards == single_shards
+        assert comparable(manifest) == comparable(single_manifest)
+        assert manifest["max_tokens"] == manifest["tool_summary"]["max_tokens"] == budget
+        buckets[budget] = shards
+    assert buckets[30] != buckets[16384]  # the budget matters here (30 tokens splits the documents)
+
+
+def test_bucket_directories_are_all_checked_before_anything_is_removed(project, base_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ("--roots", project, "--mode", "file", "--max_tokens", "30,16384", "--out", out)
+    assert run_cpp_data(*args, base_dir=base_dir).returncode == 0
+    before = read_out(out / "tokens_30")[1]
+    r = run_cpp_data(*args, base_dir=base_dir)
+    assert r.returncode != 0 and "not empty" in r.stderr and "--overwrite" in r.stderr
+    (out / "tokens_16384" / "other.parquet").write_bytes(b"not ours")
+    r = run_cpp_data(*args, "--overwrite", base_dir=base_dir)
+    assert r.returncode != 0 and "other.parquet" in r.stderr and "running" not in r.stdout
+    assert read_out(out / "tokens_30")[1] == before  # the first bucket was left alone
+    (out / "tokens_16384" / "other.parquet").unlink()
+    (out / ".jsonl_tmp").mkdir()  # as a killed run leaves it
+    fresh = tmp_path / "fresh"
+    (fresh / ".jsonl_tmp").mkdir(parents=True)
+    r = run_cpp_data(*args[:-1], fresh, base_dir=base_dir)
+    assert r.returncode != 0 and ".jsonl_tmp exists" in r.stderr and "--overwrite" in r.stderr
+    r = run_cpp_data(*args, "--overwrite", base_dir=base_dir)
+    assert r.returncode == 0, r.stderr
+    assert read_out(out / "tokens_30")[1] == before and not (out / ".jsonl_tmp").exists()

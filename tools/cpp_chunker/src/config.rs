@@ -35,8 +35,10 @@ pub struct Config {
     /// Project roots, processed in this order; each is one `project`.
     pub roots: Vec<PathBuf>,
     pub mode: Mode,
-    /// Token budget per document (tokens estimated as bytes / 3.5).
-    pub max_tokens: u64,
+    /// Token budgets per document (tokens estimated as bytes / 3.5), one length bucket
+    /// each: with one, the output goes into `out`; with several, into
+    /// `out/tokens_<N>/` ([`bucket_dirs`]). Every file is read and parsed once for all.
+    pub max_tokens: Vec<u64>,
     /// Output directory (optional only with `parse_only`).
     pub out: Option<PathBuf>,
     pub shard_docs: usize,
@@ -62,7 +64,7 @@ impl Default for Config {
         Config {
             roots: Vec::new(),
             mode: Mode::File,
-            max_tokens: 16384,
+            max_tokens: vec![16384],
             out: None,
             shard_docs: 10_000,
             threads: 0,
@@ -73,6 +75,16 @@ impl Default for Config {
             near_threshold: DEFAULT_NEAR_THRESHOLD,
             panic_on: None,
         }
+    }
+}
+
+/// The output directory of each budget in `max_tokens`, in the same order: `out` itself
+/// for a single budget (the layout of a one-bucket run does not change), else
+/// `out/tokens_<N>` per budget `N`.
+pub fn bucket_dirs(out: &Path, max_tokens: &[u64]) -> Vec<PathBuf> {
+    match max_tokens {
+        [_] => vec![out.to_path_buf()],
+        _ => max_tokens.iter().map(|n| out.join(format!("tokens_{n}"))).collect(),
     }
 }
 

@@ -5,7 +5,8 @@
 //! order given, then files by path. The first document seen is kept and later copies are
 //! dropped, so the result does not depend on `--threads`. Dedup covers every project of a
 //! run: a file duplicated inside one project is dropped, and so is a file repeated in a
-//! later project. Dedup works on *documents*, not files: one piece of a split file can be
+//! later project. With several token budgets (length buckets) each bucket is deduplicated
+//! on its own, as its documents differ. Dedup works on *documents*, not files: one piece of a split file can be
 //! dropped while its other pieces are kept. Only hashes and signatures are kept in memory,
 //! never texts.
 //!

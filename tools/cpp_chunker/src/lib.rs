@@ -10,7 +10,8 @@
 //!   (crossfile plus definitions pulled through a project-wide symbol index);
 //! * [`dedup`] drops exact and near duplicates (MinHash/LSH) across the whole run;
 //! * [`output`] writes shards (through the dedup filter) and the summary atomically;
-//! * [`pipeline::run`] ties it together, in parallel over files with rayon;
+//! * [`pipeline::run`] ties it together, in parallel over files with rayon, reading and
+//!   parsing once for all the token budgets (length buckets) of a run;
 //! * `fuzzing` (hidden) holds the invariant checks that the fuzz target and
 //!   `tests/fuzz_smoke.rs` run on arbitrary input.
 //!

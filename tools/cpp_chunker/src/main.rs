@@ -57,10 +57,14 @@ struct Cli {
     /// Document mode.
     #[arg(long, value_enum, default_value_t = ModeArg::File)]
     mode: ModeArg,
-    /// Token budget per document; tokens are estimated as bytes / 3.5.
-    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u64).range(1..))]
-    max_tokens: u64,
-    /// Output directory for shard_NNNNN.jsonl and summary.json.
+    /// Token budget per document; tokens are estimated as bytes / 3.5. Several budgets
+    /// (comma-separated) make one length bucket each, in DIR/tokens_N/, from a single pass
+    /// of reading and parsing.
+    #[arg(long, value_name = "N[,N...]", value_delimiter = ',', default_value = "16384",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Vec<u64>,
+    /// Output directory for shard_NNNNN.jsonl and summary.json (in DIR/tokens_N/ per budget
+    /// when --max-tokens lists several).
     #[arg(long, value_name = "DIR", required_unless_present = "parse_only")]
     out: Option<PathBuf>,
     /// Documents per shard.
@@ -107,7 +111,7 @@ fn main() -> ExitCode {
             ModeArg::Project => Mode::Project,
             ModeArg::Compilable => Mode::Compilable,
         },
-        max_tokens: cli.max_tokens,
+        max_tokens: cli.max_tokens.clone(),
         out: cli.out.clone(),
         shard_docs: usize::try_from(cli.shard_docs).unwrap_or(usize::MAX),
         threads: cli.threads,
@@ -123,26 +127,34 @@ fn main() -> ExitCode {
         panic_on: None,
     };
     match run(&cfg) {
-        Ok(s) => {
-            match serde_json::to_string_pretty(&s) {
+        Ok(summaries) => {
+            // one budget: the summary object, as in summary.json; several: an array of them
+            let json = match summaries.as_slice() {
+                [s] => serde_json::to_string_pretty(s),
+                all => serde_json::to_string_pretty(all),
+            };
+            match json {
                 Ok(j) => println!("{j}"),
                 Err(e) => eprintln!("cpp_chunker: error: {e}"),
             }
-            eprintln!(
-                "cpp_chunker: {} files seen, {} used, {} skipped, {} exact + {} near duplicates dropped (dedup {}), {} documents in {} shards, {:.1} MB read in {:.2} s ({:.2} MB/s, {} threads)",
-                s.files_seen,
-                s.files_used,
-                s.skipped_total,
-                s.dedup.exact_duplicates_dropped,
-                s.dedup.near_duplicates_dropped,
-                s.dedup.mode,
-                s.documents_written,
-                s.shards_written,
-                s.bytes_read as f64 / 1e6,
-                s.seconds,
-                s.mb_per_s,
-                s.threads
-            );
+            for s in &summaries {
+                let bucket = if summaries.len() > 1 { format!("tokens_{}: ", s.max_tokens) } else { String::new() };
+                eprintln!(
+                    "cpp_chunker: {bucket}{} files seen, {} used, {} skipped, {} exact + {} near duplicates dropped (dedup {}), {} documents in {} shards, {:.1} MB read in {:.2} s ({:.2} MB/s, {} threads)",
+                    s.files_seen,
+                    s.files_used,
+                    s.skipped_total,
+                    s.dedup.exact_duplicates_dropped,
+                    s.dedup.near_duplicates_dropped,
+                    s.dedup.mode,
+                    s.documents_written,
+                    s.shards_written,
+                    s.bytes_read as f64 / 1e6,
+                    s.seconds,
+                    s.mb_per_s,
+                    s.threads
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,17 +1,20 @@
 //! The run: walk each root, process its files in parallel (rayon), write documents in a
 //! deterministic order (input order, independent of the thread count), write the summary.
+//! With several token budgets (length buckets) the files are read, resolved and parsed once;
+//! only the documents are made, deduplicated and written once per budget, each into its
+//! own directory with its own summary.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::compilable::{compilable_documents, inlinable_headers, project_documents, SymbolIndex};
-use crate::config::{Config, Mode};
+use crate::config::{bucket_dirs, Config, Mode};
 use crate::cpp;
 use crate::dedup::{DedupSummary, Deduper};
 use crate::discover::{discover, Candidate, FileKind};
@@ -86,7 +89,7 @@ pub struct Summary {
     /// Dedup settings and counts (`dedup`, `exact_duplicates_dropped`, ...), at top level.
     #[serde(flatten)]
     pub dedup: DedupSummary,
-    /// Wall-clock seconds for the whole run (walk, read, process, write).
+    /// Wall-clock seconds for the whole run (walk, read, process, write), all buckets together.
     pub seconds: f64,
     /// `bytes_read / 1e6 / seconds`.
     pub mb_per_s: f64,
@@ -130,20 +133,57 @@ fn load_counted(c: &Candidate, cfg: &Config) -> (Stats, Option<SourceFile>) {
     }
 }
 
-/// Runs the whole job described by `cfg` and returns (and, with `out`, writes) the summary.
-pub fn run(cfg: &Config) -> Result<Summary> {
+/// One length bucket: a token budget, its shard writer (with a dedup state of its own,
+/// since each budget makes different documents) and the counters of the steps that depend
+/// on the budget (building, splitting, writing). The steps that do not (walk, read,
+/// include resolution, parsing) run once for all buckets and count into a shared `Stats`,
+/// added to each bucket's when its summary is made.
+struct Bucket {
+    max_tokens: u64,
+    budget: usize,
+    out: PathBuf,
+    writer: ShardWriter,
+    stats: Stats,
+}
+
+/// What a run counted outside any bucket.
+struct RunTotals {
+    stats: Stats,
+    projects: u64,
+    roots_missing: u64,
+    threads: usize,
+    seconds: f64,
+}
+
+/// Runs the whole job described by `cfg` and returns (and, with `out`, writes) one summary
+/// per budget in `cfg.max_tokens`, in that order; with `parse_only`, a single summary
+/// (budgets play no part, the first is reported).
+pub fn run(cfg: &Config) -> Result<Vec<Summary>> {
     let start = Instant::now();
-    let budget = budget_bytes(cfg.max_tokens);
+    let Some(&first_budget) = cfg.max_tokens.first() else { bail!("no token budget given") };
+    let mut seen = HashSet::new();
+    if let Some(n) = cfg.max_tokens.iter().find(|&&n| !seen.insert(n)) {
+        bail!("the token budget {n} is listed twice"); // two buckets would share a directory
+    }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().context("starting the thread pool")?;
-    let dedup = Deduper::new(cfg.dedup, cfg.near_threshold)?;
-    let mut writer = None;
-    if let Some(out) = &cfg.out {
-        prepare_out_dir(out, cfg.overwrite)?;
-        if !cfg.parse_only {
-            writer = Some(ShardWriter::new(out, cfg.shard_docs).with_dedup(dedup));
+    let mut buckets = Vec::new();
+    match (&cfg.out, cfg.parse_only) {
+        (Some(out), true) => prepare_out_dir(out, cfg.overwrite)?,
+        (Some(out), false) => {
+            for (&max_tokens, dir) in cfg.max_tokens.iter().zip(bucket_dirs(out, &cfg.max_tokens)) {
+                prepare_out_dir(&dir, cfg.overwrite)?;
+                let dedup = Deduper::new(cfg.dedup, cfg.near_threshold)?;
+                buckets.push(Bucket {
+                    max_tokens,
+                    budget: budget_bytes(max_tokens),
+                    writer: ShardWriter::new(&dir, cfg.shard_docs).with_dedup(dedup),
+                    out: dir,
+                    stats: Stats::default(),
+                });
+            }
         }
-    } else if !cfg.parse_only {
-        anyhow::bail!("an output directory is required unless parse_only is set");
+        (None, true) => {}
+        (None, false) => bail!("an output directory is required unless parse_only is set"),
     }
 
     let mut stats = Stats::default();
@@ -164,34 +204,56 @@ pub fn run(cfg: &Config) -> Result<Summary> {
                 parse_only_project(&disc.candidates, cfg, &mut stats);
                 return Ok(());
             }
-            let w = writer.as_mut().expect("writer exists unless parse_only");
             match cfg.mode {
-                Mode::File => file_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
-                Mode::Crossfile => crossfile_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
-                Mode::Project | Mode::Compilable => unit_project(&name, &disc.candidates, cfg, budget, &mut stats, w),
+                Mode::File => file_project(&name, &disc.candidates, cfg, &mut stats, &mut buckets),
+                Mode::Crossfile => crossfile_project(&name, &disc.candidates, cfg, &mut stats, &mut buckets),
+                Mode::Project | Mode::Compilable => {
+                    unit_project(&name, &disc.candidates, cfg, &mut stats, &mut buckets)
+                }
             }
         })?;
     }
-    if let Some(w) = writer.as_mut() {
-        pool.install(|| w.finish())?; // in the pool: the last dedup batch is hashed in parallel
+    for b in &mut buckets {
+        pool.install(|| b.writer.finish())?; // in the pool: the last dedup batch is hashed in parallel
     }
 
     let seconds = start.elapsed().as_secs_f64();
-    let (docs, shards, bytes_w, tokens_w) = match &writer {
-        Some(w) => (w.docs_written, w.shards_written, w.bytes_written, w.tokens_written),
-        None => (0, 0, 0, 0),
+    let totals = RunTotals { stats, projects, roots_missing, threads: pool.current_num_threads(), seconds };
+    let summaries: Vec<(Option<&Path>, Summary)> = if cfg.parse_only {
+        vec![(cfg.out.as_deref(), summary(cfg, &totals, first_budget, None))]
+    } else {
+        buckets.iter().map(|b| (Some(b.out.as_path()), summary(cfg, &totals, b.max_tokens, Some(b)))).collect()
     };
-    let summary = Summary {
+    for (out, s) in &summaries {
+        if let Some(out) = out {
+            let mut json = serde_json::to_vec_pretty(s)?;
+            json.push(b'\n');
+            write_atomic(&out.join("summary.json"), &json).context("writing summary.json")?;
+        }
+    }
+    Ok(summaries.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The summary of one bucket (`None`: a parse-only run): the shared counts plus the
+/// bucket's own, so it equals that of a run with this budget alone, timing aside.
+fn summary(cfg: &Config, totals: &RunTotals, max_tokens: u64, bucket: Option<&Bucket>) -> Summary {
+    let mut stats = totals.stats.clone();
+    if let Some(b) = bucket {
+        stats.merge(&b.stats);
+    }
+    let w = bucket.map(|b| &b.writer);
+    let seconds = totals.seconds;
+    Summary {
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         mode: if cfg.parse_only { "parse_only".into() } else { cfg.mode.as_str().into() },
         roots: cfg.roots.iter().map(|r| r.display().to_string()).collect(),
-        projects,
-        roots_missing,
-        max_tokens: cfg.max_tokens,
-        budget_bytes: budget as u64,
+        projects: totals.projects,
+        roots_missing: totals.roots_missing,
+        max_tokens,
+        budget_bytes: budget_bytes(max_tokens) as u64,
         bytes_per_token_est: BYTES_PER_TOKEN,
         max_file_bytes: cfg.max_file_bytes,
-        threads: pool.current_num_threads(),
+        threads: totals.threads,
         files_seen: stats.files_seen,
         files_used: stats.files_used,
         non_cpp_files: stats.non_cpp_files,
@@ -201,10 +263,10 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         skipped_total: stats.skipped.values().sum(),
         lossy_utf8_files: stats.lossy_utf8_files,
         bytes_read: stats.bytes_read,
-        documents_written: docs,
-        shards_written: shards,
-        bytes_written: bytes_w,
-        tokens_est_written: tokens_w,
+        documents_written: w.map_or(0, |w| w.docs_written),
+        shards_written: w.map_or(0, |w| w.shards_written),
+        bytes_written: w.map_or(0, |w| w.bytes_written),
+        tokens_est_written: w.map_or(0, |w| w.tokens_written),
         documents_split: stats.documents_split,
         pieces_from_splits: stats.pieces_from_splits,
         line_split_fallbacks: stats.line_split_fallbacks,
@@ -223,56 +285,38 @@ pub fn run(cfg: &Config) -> Result<Summary> {
         call_cycles_broken: stats.call_cycles_broken,
         definitions_pulled: stats.definitions_pulled,
         definitions_dropped_for_budget: stats.definitions_dropped_for_budget,
-        dedup: writer.as_ref().map(ShardWriter::dedup_summary).unwrap_or_default(),
+        dedup: w.map(ShardWriter::dedup_summary).unwrap_or_default(),
         seconds,
         mb_per_s: if seconds > 0.0 { stats.bytes_read as f64 / 1e6 / seconds } else { 0.0 },
-    };
-    if let Some(out) = &cfg.out {
-        let mut json = serde_json::to_vec_pretty(&summary)?;
-        json.push(b'\n');
-        write_atomic(&out.join("summary.json"), &json).context("writing summary.json")?;
     }
-    Ok(summary)
 }
 
+/// `file` mode, in batches of files: each batch is read once, then made into documents
+/// for every bucket.
 fn file_project(
     name: &str,
     cands: &[Candidate],
     cfg: &Config,
-    budget: usize,
     stats: &mut Stats,
-    w: &mut ShardWriter,
+    buckets: &mut [Bucket],
 ) -> Result<()> {
     for batch in cands.chunks(BATCH_FILES) {
-        let results: Vec<(Stats, Vec<Document>)> = batch
-            .par_iter()
-            .map(|c| {
-                let (mut s, f) = load_counted(c, cfg);
-                let Some(f) = f else { return (s, Vec::new()) };
-                let mut ds = Stats::default();
-                match guarded(|| {
-                    let docs = file_documents(name, &f, budget, &mut ds);
-                    (ds, docs)
-                }) {
-                    Some((ds, docs)) => {
-                        s.merge(&ds);
-                        (s, docs)
-                    }
-                    None => {
-                        s.skip(SkipReason::InternalError);
-                        (s, Vec::new())
-                    }
-                }
-            })
-            .collect();
-        for (s, docs) in results {
-            stats.merge(&s);
-            for d in &docs {
-                w.write(d)?;
-            }
-        }
+        let files = load_all(batch, cfg, stats);
+        let all: Vec<usize> = (0..files.len()).collect();
+        write_units(&all, buckets, |i, budget, s| file_documents(name, &files[i], budget, s))?;
     }
     Ok(())
+}
+
+/// Loads `cands` in parallel; the files that pass the skip rules, in input order.
+fn load_all(cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Vec<SourceFile> {
+    let loaded: Vec<(Stats, Option<SourceFile>)> = cands.par_iter().map(|c| load_counted(c, cfg)).collect();
+    let mut files = Vec::new();
+    for (s, f) in loaded {
+        stats.merge(&s);
+        files.extend(f);
+    }
+    files
 }
 
 /// A project's files (sources and headers), loaded, with their resolved includes.
@@ -283,12 +327,7 @@ struct Loaded {
 }
 
 fn load_and_resolve(name: &str, cands: &[Candidate], cfg: &Config, stats: &mut Stats) -> Loaded {
-    let loaded: Vec<(Stats, Option<SourceFile>)> = cands.par_iter().map(|c| load_counted(c, cfg)).collect();
-    let mut files = Vec::new();
-    for (s, f) in loaded {
-        stats.merge(&s);
-        files.extend(f);
-    }
+    let files = load_all(cands, cfg, stats);
     let paths: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
     let mut index = ProjectIndex::new(&paths);
     index.root_name = Some(name.to_string());
@@ -348,28 +387,31 @@ fn count_unreached_headers(l: &Loaded, units: &[usize], stats: &mut Stats) {
         l.files.iter().enumerate().filter(|(i, f)| f.kind == FileKind::Header && !reached[*i]).count() as u64;
 }
 
-/// Runs `make` for every unit in parallel and writes the documents in unit order.
+/// For each bucket in turn: runs `make(unit, budget_bytes, stats)` for every unit in
+/// parallel and writes the documents in unit order.
 fn write_units(
     units: &[usize],
-    w: &mut ShardWriter,
-    stats: &mut Stats,
-    make: impl Fn(usize, &mut Stats) -> Vec<Document> + Sync,
+    buckets: &mut [Bucket],
+    make: impl Fn(usize, usize, &mut Stats) -> Vec<Document> + Sync,
 ) -> Result<()> {
-    let results: Vec<(Stats, Vec<Document>)> = units
-        .par_iter()
-        .map(|&u| {
-            guarded(|| {
-                let mut s = Stats::default();
-                let docs = make(u, &mut s);
-                (s, docs)
+    for b in buckets {
+        let budget = b.budget;
+        let results: Vec<(Stats, Vec<Document>)> = units
+            .par_iter()
+            .map(|&u| {
+                guarded(|| {
+                    let mut s = Stats::default();
+                    let docs = make(u, budget, &mut s);
+                    (s, docs)
+                })
+                .unwrap_or_else(internal_error)
             })
-            .unwrap_or_else(internal_error)
-        })
-        .collect();
-    for (s, docs) in results {
-        stats.merge(&s);
-        for d in &docs {
-            w.write(d)?;
+            .collect();
+        for (s, docs) in results {
+            b.stats.merge(&s);
+            for d in &docs {
+                b.writer.write(d)?;
+            }
         }
     }
     Ok(())
@@ -379,27 +421,25 @@ fn crossfile_project(
     name: &str,
     cands: &[Candidate],
     cfg: &Config,
-    budget: usize,
     stats: &mut Stats,
-    w: &mut ShardWriter,
+    buckets: &mut [Bucket],
 ) -> Result<()> {
     let l = load_and_resolve(name, cands, cfg, stats);
     let sources: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
-    write_units(&sources, w, stats, |i, s| crossfile_documents(name, &l.files, &l.edges, i, budget, s))?;
+    write_units(&sources, buckets, |i, budget, s| crossfile_documents(name, &l.files, &l.edges, i, budget, s))?;
     count_unreached_headers(&l, &sources, stats);
     Ok(())
 }
 
 /// `project` and `compilable` modes: every file is parsed once into entities; then one
 /// unit per source file (in a project without sources, per header that no other header
-/// includes: the entry points of a header-only library).
+/// includes: the entry points of a header-only library), made into documents per bucket.
 fn unit_project(
     name: &str,
     cands: &[Candidate],
     cfg: &Config,
-    budget: usize,
     stats: &mut Stats,
-    w: &mut ShardWriter,
+    buckets: &mut [Bucket],
 ) -> Result<()> {
     let l = load_and_resolve(name, cands, cfg, stats);
     let parsed: Vec<(Stats, Vec<Entity>)> = l
@@ -430,18 +470,18 @@ fn unit_project(
     }
     let mut units: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
     if units.is_empty() {
-        let included: std::collections::HashSet<usize> = l.edges.iter().flatten().copied().collect();
+        let included: HashSet<usize> = l.edges.iter().flatten().copied().collect();
         units = (0..l.files.len()).filter(|i| !included.contains(i)).collect();
     }
     match cfg.mode {
-        Mode::Compilable => write_units(&units, w, stats, |u, s| {
+        Mode::Compilable => write_units(&units, buckets, |u, budget, s| {
             let kept = select_headers(&l.files, &l.edges, u, budget, s);
             let headers = inlinable_headers(&kept, &l.edges, u);
             compilable_documents(name, &l.files, &ents, &l.index, &headers, u, budget, s)
         })?,
         _ => {
             let symbols = SymbolIndex::new(&ents);
-            write_units(&units, w, stats, |u, s| {
+            write_units(&units, buckets, |u, budget, s| {
                 let headers = select_headers(&l.files, &l.edges, u, budget, s);
                 s.compilable_units += 1;
                 project_documents(name, &l.files, &ents, &symbols, &headers, u, budget, s)

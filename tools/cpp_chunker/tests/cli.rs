@@ -72,3 +72,49 @@ fn bad_arguments_fail_cleanly() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 }
+
+#[test]
+fn several_budgets_write_one_directory_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("proj");
+    let body: String = (0..20).map(|i| format!("int f{i}() {{ return {i}; }}\n")).collect();
+    write(&root, "a.cpp", &body);
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        bin()
+            .arg("--roots")
+            .arg(&root)
+            .args(["--max-tokens", "40,16384", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let summaries = stdout.as_array().expect("one summary per budget");
+    assert_eq!(summaries.iter().map(|s| s["max_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [40, 16384]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("cpp_chunker: tokens_40: ") && stderr.contains("cpp_chunker: tokens_16384: "), "{stderr}");
+    assert!(shard_paths(&out).is_empty() && !out.join("summary.json").exists());
+    for (s, n) in summaries.iter().zip(["40", "16384"]) {
+        let bucket = out.join(format!("tokens_{n}"));
+        assert_eq!(&read_summary_json(&bucket), s);
+        assert_eq!(read_docs(&bucket).len() as u64, s["documents_written"].as_u64().unwrap());
+    }
+    assert!(summaries[0]["documents_written"].as_u64().unwrap() > 1); // split at 40 tokens
+    assert_eq!(summaries[1]["documents_written"], 1);
+    // each bucket directory follows the --overwrite rule
+    assert_eq!(run(&[]).status.code(), Some(2));
+    assert!(run(&["--overwrite"]).status.success());
+    // a budget listed twice would give two buckets one directory
+    let twice = bin().arg("--roots").arg(&root).args(["--max-tokens", "40,40", "--out"]).arg(&out).output().unwrap();
+    assert_eq!(twice.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("40 is listed twice"));
+    // budgets play no part in parse-only runs: one summary
+    let p = bin().arg("--roots").arg(&root).args(["--max-tokens", "40,16384", "--parse-only"]).output().unwrap();
+    assert!(p.status.success());
+    let s: serde_json::Value = serde_json::from_slice(&p.stdout).unwrap();
+    assert_eq!(s["mode"], "parse_only");
+}

@@ -111,7 +111,7 @@ fn pulled_definitions_never_push_a_project_document_over_budget() {
     write(&root, "src/main.cpp", &main);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::Project);
-    cfg.max_tokens = 500; // 1750 bytes: room for some of the 16 definitions, not all
+    cfg.max_tokens = vec![500]; // 1750 bytes: room for some of the 16 definitions, not all
     let s = run_ok(&cfg);
     assert!(s.definitions_pulled >= 3 && s.definitions_dropped_for_budget >= 1, "{s:?}");
     assert_eq!(s.documents_split, 0, "a document went over budget: {s:?}");
@@ -131,7 +131,7 @@ fn over_budget_units_are_cut_between_entities_with_the_preamble_repeated() {
     write(&root, "big.cpp", &src);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::Compilable);
-    cfg.max_tokens = 200; // 700 bytes
+    cfg.max_tokens = vec![200]; // 700 bytes
     run_ok(&cfg);
     let docs = read_docs(&out);
     assert!(docs.len() > 3, "{}", docs.len());

@@ -83,7 +83,7 @@ fn farthest_headers_are_dropped_first_when_over_budget() {
     write(&root, "far.h", &far);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::Crossfile);
-    cfg.max_tokens = 60; // 210 bytes: main + near fit, far does not
+    cfg.max_tokens = vec![60]; // 210 bytes: main + near fit, far does not
     let s = run_ok(&cfg);
     let docs = read_docs(&out);
     assert_eq!(docs.len(), 1);
@@ -103,7 +103,7 @@ fn oversized_source_is_split_without_headers() {
     write(&root, "big.cpp", &src);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::Crossfile);
-    cfg.max_tokens = 50;
+    cfg.max_tokens = vec![50];
     let s = run_ok(&cfg);
     let docs = read_docs(&out);
     assert!(docs.len() > 1);

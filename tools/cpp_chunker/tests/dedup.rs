@@ -177,7 +177,7 @@ fn same_output_for_one_and_two_threads() {
         let mut cfg = config(&roots, &out, Mode::File);
         cfg.threads = threads;
         cfg.shard_docs = 100;
-        cfg.max_tokens = 200; // splits the longer files
+        cfg.max_tokens = vec![200]; // splits the longer files
         let s = run_ok(&cfg);
         assert!(s.dedup.exact_duplicates_dropped > 100, "{:?}", s.dedup);
         assert!(s.dedup.near_duplicates_dropped > 10, "{:?}", s.dedup);

@@ -33,7 +33,7 @@ fn two_runs_give_identical_shards() {
             let mut cfg = config(&[&root], &out, mode);
             cfg.threads = threads;
             cfg.shard_docs = 7;
-            cfg.max_tokens = 40; // forces some splitting
+            cfg.max_tokens = vec![40]; // forces some splitting
             run_ok(&cfg);
             let shards: Vec<(String, Vec<u8>)> = shard_paths(&out)
                 .into_iter()

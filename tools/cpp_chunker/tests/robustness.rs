@@ -29,7 +29,7 @@ fn malformed_cpp_becomes_a_document() {
     write(&root, "bad2.cpp", &big);
     let out2 = dir.path().join("out2");
     let mut cfg = config(&[&root], &out2, Mode::File);
-    cfg.max_tokens = 100;
+    cfg.max_tokens = vec![100];
     let s = run_ok(&cfg);
     assert!(s.documents_split >= 1);
     let joined: String = read_docs(&out2).iter().filter(|d| d.files == ["bad2.cpp"]).map(|d| d.text.as_str()).collect();
@@ -150,7 +150,7 @@ fn deeply_nested_code_is_split_without_overflow() {
     write(&root, "open.cpp", &open);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::File);
-    cfg.max_tokens = 200;
+    cfg.max_tokens = vec![200];
     cfg.threads = 2;
     cfg.dedup = DedupMode::None; // many pieces are identical ("{\n{\n..."); keep them all
     let s = run_ok(&cfg);

@@ -66,7 +66,7 @@ fn pieces_parse_back_to_whole_functions() {
     write(&root, "corpus.cpp", &text);
     let out = dir.path().join("out");
     let mut cfg = config(&[&root], &out, Mode::File);
-    cfg.max_tokens = 120;
+    cfg.max_tokens = vec![120];
     let s = run_ok(&cfg);
     let docs = read_docs(&out);
     assert!(docs.len() > 5);
