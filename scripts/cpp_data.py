@@ -66,7 +66,7 @@ parser.add_argument("--near_threshold", type=float, default=0.8, help="Jaccard s
 parser.add_argument("--out", required=True, help="output directory for the parquet shards and manifest.json")
 parser.add_argument("--threads", type=int, default=0, help="tool worker threads (0: one per core)")
 parser.add_argument("--rows_per_shard", type=int, default=2000, help="documents per training shard")
-parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents in the validation shard (at least one)")
+parser.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents in the validation shard (at least one, at most --rows_per_shard)")
 parser.add_argument("--overwrite", action="store_true", help="replace the shards and manifest already in --out")
 
 
@@ -247,7 +247,8 @@ def build(args, argv, roots, out, max_tokens, jsonl_dir, summary):
              "(crossfile mode makes documents only from source files; header-only projects need --mode file, project or compilable)")
     random.Random(SEED).shuffle(index)
     n = len(index)
-    n_val = min(max(1, round(args.val_fraction * n)), n - 1) if n > 1 else 0  # one document: one shard for both
+    # at most one shard's worth: on a large corpus 1% could be far bigger than a training shard
+    n_val = min(max(1, round(args.val_fraction * n)), args.rows_per_shard, n - 1) if n > 1 else 0  # 1 doc: 1 shard for both
     train, val = index[:n - n_val], index[n - n_val:]
     groups = [("train", train[i:i + args.rows_per_shard]) for i in range(0, len(train), args.rows_per_shard)]
     if val:

@@ -158,6 +158,15 @@ def test_roots_file_and_tokenizer_counts(project, tmp_path):
     assert manifest["tokens"]["total"] == sum(len(tok.encode(r["text"])) for rows in shards for r in rows)
 
 
+def test_validation_shard_is_at_most_one_shard(project, base_dir, tmp_path):
+    r = run_cpp_data("--roots", project, "--mode", "file", "--max_tokens", "16384", "--out", tmp_path / "out",
+                     "--rows_per_shard", "1", "--val_fraction", "0.9", base_dir=base_dir)
+    assert r.returncode == 0, r.stderr
+    manifest, shards = read_out(tmp_path / "out")
+    # 0.9 of 3 documents would be 2 (all but one); one shard holds 1
+    assert manifest["documents"]["total"] == 3 and manifest["documents"]["val"] == len(shards[-1]) == 1
+
+
 def test_default_length_buckets_16k_and_64k(project, base_dir, tmp_path):
     r = run_cpp_data("--roots", project, "--mode", "compilable", "--out", tmp_path / "out", base_dir=base_dir)
     assert r.returncode == 0, r.stderr
