@@ -224,8 +224,9 @@ def fetch_eval_bundle():
             return None
     path = fetch() if master else None
     if ddp:
-        torch.distributed.barrier()
-        if not master:
+        ok = torch.tensor(float(path is not None), device=device)
+        torch.distributed.broadcast(ok, 0)  # the others wait for rank 0's download, and skip theirs if it failed
+        if not master and ok.item() == 1.0:
             path = fetch()  # in place by now on a shared disk, else this node's own download
         ok = torch.tensor(float(path is not None), device=device)
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
