@@ -147,10 +147,13 @@ def collect(cpp_budget, py_budget, seed=0):
 
 
 def write_shards(texts, out_dir, shard_chars):
-    """Write shard_00000.parquet ... of about shard_chars characters each, atomically."""
+    """Write shard_00000.parquet ... of about shard_chars characters each. A rebuild replaces
+    the whole set: the new shards are written under hidden names first (readers skip
+    dot-files) and only then renamed over the old ones, so an interrupted rebuild leaves the
+    old set whole, not a partial set whose last file (val) is a training shard."""
     os.makedirs(out_dir, exist_ok=True)
-    for f in glob.glob(os.path.join(out_dir, "shard_*.parquet")):
-        os.remove(f)  # a rebuild replaces the whole set
+    for f in glob.glob(os.path.join(out_dir, ".shard_*.parquet.new")):
+        os.remove(f)  # left by a killed rebuild
     shards, cur, cur_chars = [], [], 0
     for t in texts:
         cur.append(t)
@@ -160,12 +163,22 @@ def write_shards(texts, out_dir, shard_chars):
             cur, cur_chars = [], 0
     if cur:
         shards.append(cur)
-    paths = []
-    for i, docs in enumerate(shards):
-        path = os.path.join(out_dir, f"shard_{i:05d}.parquet")
-        table = pa.table({"text": docs})
-        atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=ROW_GROUP_DOCS, compression="zstd"))
-        paths.append(path)
+    paths = [os.path.join(out_dir, f"shard_{i:05d}.parquet") for i in range(len(shards))]
+    hidden = [os.path.join(out_dir, f".shard_{i:05d}.parquet.new") for i in range(len(shards))]
+    try:
+        for docs, tmp in zip(shards, hidden):
+            table = pa.table({"text": docs})
+            atomic_write(tmp, lambda f: pq.write_table(table, f, row_group_size=ROW_GROUP_DOCS, compression="zstd"))
+    except BaseException:
+        for tmp in hidden:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for f in glob.glob(os.path.join(out_dir, "shard_*.parquet")):
+        if f not in paths:
+            os.remove(f)  # an old set with more shards
+    for tmp, path in zip(hidden, paths):
+        os.replace(tmp, path)
     return paths
 
 

@@ -47,8 +47,9 @@ def list_parquet_files(data_dir=None):
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"data directory {data_dir} does not exist. Download shards with `python -m nanochat.dataset -n 8`, "
-            f"build the embedded corpus with `python -m nanochat.corpus`, or point --data_dir / "
-            f"NANOCHAT_DATA_DIR at a directory of parquet files")
+            f"or build the embedded corpus with `python -m nanochat.corpus` and pass "
+            f"--data_dir={os.path.join(get_base_dir(), 'embedded_data')} (or set NANOCHAT_DATA_DIR), or point "
+            f"--data_dir / NANOCHAT_DATA_DIR at any directory of parquet files")
     files = sorted(f for f in os.listdir(data_dir) if f.endswith(".parquet") and not f.startswith("."))
     if not files:
         raise FileNotFoundError(f"data directory {data_dir} has no .parquet files; download or build shards first "
@@ -167,12 +168,13 @@ def main(argv=None):
     p.add_argument("-n", "--num_files", type=int, default=-1,
                    help=f"number of shards to download (default: all {MAX_SHARD + 1}); the last one you have is val")
     p.add_argument("-w", "--num_workers", type=int, default=4, help="parallel downloads")
-    p.add_argument("--data_dir", default=None, help="where to put them (default: $NANOCHAT_BASE_DIR/base_data)")
+    p.add_argument("--data_dir", default=None, help="where to put them (default: $NANOCHAT_DATA_DIR, else "
+                   "$NANOCHAT_BASE_DIR/base_data: where training reads them)")
     p.add_argument("--base_url", default=os.environ.get("NANOCHAT_DATA_URL", BASE_URL),
                    help="where shards are served (env NANOCHAT_DATA_URL)")
     args = p.parse_args(argv)
     n = MAX_SHARD + 1 if args.num_files < 0 else min(args.num_files, MAX_SHARD + 1)
-    out_dir = args.data_dir or default_download_dir()
+    out_dir = resolve_data_dir(args.data_dir)  # the directory training will read
     print(f"downloading {n} shards from {args.base_url} to {out_dir} with {args.num_workers} workers")
     failures = download(range(n), out_dir, args.base_url, workers=args.num_workers)
     for idx, err in failures:

@@ -128,12 +128,17 @@ def test_missing_shard_fails_cleanly(server, tmp_path):
         dataset.download_shard(500, str(tmp_path), base_url=url, max_attempts=1)
 
 
-def test_cli(server, tmp_path, capsys):
+def test_cli(server, tmp_path, capsys, monkeypatch):
     _, url, _ = server
     rc = dataset.main(["-n", "2", "--data_dir", str(tmp_path / "cli"), "--base_url", url])
     assert rc == 0
     assert len(dataset.list_parquet_files(str(tmp_path / "cli"))) == 2
     assert "done: 2/2 shards" in capsys.readouterr().out
+    # without --data_dir it downloads where training will read: $NANOCHAT_DATA_DIR first
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "env"))
+    assert dataset.main(["-n", "1", "--base_url", url]) == 0
+    assert [os.path.basename(p) for p in dataset.list_parquet_files()] == ["shard_00000.parquet"]
+    assert dataset.list_parquet_files()[0].startswith(str(tmp_path / "env"))
 
 
 def test_corpus_is_deterministic(tmp_path):
@@ -143,6 +148,29 @@ def test_corpus_is_deterministic(tmp_path):
     assert stats["python"]["docs"] > 0  # the Python standard library is always there
     texts = [t for p in a for t in pq.read_table(p).column("text").to_pylist()]
     assert any("def " in t for t in texts)
+
+
+def test_interrupted_corpus_rebuild_keeps_the_old_set(tmp_path, monkeypatch):
+    from nanochat import corpus
+    texts = [f"doc {i} " * 50 for i in range(40)]
+    old = corpus.write_shards(texts, str(tmp_path), 2000)
+    before = {p: open(p, "rb").read() for p in old}
+    assert len(old) > 3
+    real, calls = corpus.atomic_write, []
+
+    def failing(path, fn, *a, **kw):  # the 3rd shard of the rebuild fails (disk full, Ctrl-C, ...)
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(path, fn, *a, **kw)
+    monkeypatch.setattr(corpus, "atomic_write", failing)
+    with pytest.raises(OSError):
+        corpus.write_shards([t.upper() for t in texts], str(tmp_path), 2000)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in old)  # no temp files either
+    assert {p: open(p, "rb").read() for p in old} == before
+    monkeypatch.setattr(corpus, "atomic_write", real)
+    new = corpus.write_shards(texts[:10], str(tmp_path), 2000)  # a smaller set replaces all of the old one
+    assert dataset.list_parquet_files(str(tmp_path)) == new and len(new) < len(old)
 
 
 def test_local_dir_env_var(tmp_path, monkeypatch):
