@@ -304,7 +304,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                 yield sse({"error": str(e)})
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def openai_stream(tokens, req, kind):
+    def openai_stream(tokens, req, kind, seed):
         """OpenAI's streaming format: chunks, then data: [DONE]."""
         rid = completion_id(kind)
         created, model = int(time.time()), state["model_id"]
@@ -323,7 +323,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                 yield sse({"id": rid, "object": obj, "created": created, "model": model,
                            "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
             try:
-                async with aclosing(generate_stream(app.state.pool, tokens, req, req.seed or 0)) as pieces:
+                async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
                     async for text, n, _ in pieces:
                         if text:
                             yield chunk(text)
@@ -336,10 +336,12 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
 
     async def openai_complete(tokens, req, kind):
         state["requests"] += 1
+        # without a seed, each request samples differently (a retry must not repeat the answer)
+        seed = req.seed if req.seed is not None else state["requests"]
         if req.stream:
-            return openai_stream(tokens, req, kind)
+            return openai_stream(tokens, req, kind, seed)
         text, n = "", 0
-        async with aclosing(generate_stream(app.state.pool, tokens, req, req.seed or 0)) as pieces:
+        async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
             async for piece, n, _ in pieces:
                 text += piece
         finish = finish_reason(n, req, tokens)

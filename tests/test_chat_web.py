@@ -185,6 +185,16 @@ def test_malformed_requests(server):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+def test_v1_samples_differ_without_a_seed_and_repeat_with_one(server):
+    def complete(**kw):
+        body = {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0, "top_k": 200, **kw}
+        r = post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+    assert complete(seed=7) == complete(seed=7)
+    assert len({complete() for _ in range(3)}) > 1  # every request without a seed used seed 0 once
+
+
 def test_api_key(base_dir):
     s = LiveServer(base_dir, api_key="secret")
     try:
