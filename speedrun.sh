@@ -7,17 +7,18 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# edit the run here: these go to every stage that takes them
+# edit the run here (the batch size goes to the token-row stages: base, base_loss, mid)
 DEPTH=${DEPTH:-20}
 DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}
 NUM_SHARDS=${NUM_SHARDS:-240}        # ~20 tokens/param for d20 (each shard ~250M chars)
 WANDB_RUN=${WANDB_RUN:-dummy}        # set a name to log to wandb
 FP8=${FP8:-0}                        # 1: FP8 matmuls in pretraining (H100/H200; +17% tok/s at d20, docs/benchmarks.md)
-NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 1)}
+NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}  # not MIG slices
 [ "$NPROC" -ge 1 ] 2>/dev/null || NPROC=1
 
-run() { echo "+ $*"; [ -n "${DRY_RUN:-}" ] || "$@"; }
-[ -n "${DRY_RUN:-}" ] || source dev/setup.sh
+dry() { [ "${DRY_RUN:-0}" != 0 ]; }  # DRY_RUN=0 or unset: run for real
+run() { echo "+ $*"; dry || "$@"; }
+dry || source dev/setup.sh
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC"
 
@@ -26,6 +27,7 @@ run python -m nanochat.report reset
 run python -m nanochat.dataset -n 8
 run python -m nanochat.dataset -n "$NUM_SHARDS" &
 DATASET_PID=$!
+trap 'kill $DATASET_PID 2>/dev/null || true' EXIT  # if a step fails, don't leave the download running
 run python -m scripts.tok_train --max_chars=2000000000
 run python -m scripts.tok_eval
 wait $DATASET_PID

@@ -26,8 +26,9 @@ python -m scripts.base_train --depth=4 --max_seq_len=512 --device_batch_size=4 -
     --device_type=cpu --run=dummy
 # 4. evaluate it: bits per byte and samples, then CORE on a few examples per task
 python -m scripts.base_loss --device_batch_size=4 --split_tokens=8192 --device_type=cpu
-python -m scripts.base_eval --max_per_task=16 --device_type=cpu \
-    || echo "CORE skipped: the DCLM eval bundle could not be downloaded (offline?); see python -m scripts.base_eval --help"
+# exit code 3 means no eval bundle (offline); any other failure stops the script
+python -m scripts.base_eval --max_per_task=16 --device_type=cpu || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"
+    echo "CORE skipped: the DCLM eval bundle could not be downloaded (offline?); see python -m scripts.base_eval --help"; }
 # 5. chat stages. Offline (no Hugging Face hub), a generated stand-in for the datasets;
 # without a system dictionary, its word list for the spelling tasks.
 FIXTURES="$NANOCHAT_BASE_DIR/task_fixtures"

@@ -7,7 +7,8 @@ Evaluate a base model on the CORE metric (DCLM; see nanochat/core_eval.py).
 
 The eval bundle is downloaded once to $NANOCHAT_BASE_DIR/eval_bundle. Results are
 printed, written to $NANOCHAT_BASE_DIR/base_eval/<model_tag>_<step>.csv and, when the
-report module exists, logged to the report.
+report module exists, logged to the report. Exit code 3: the eval bundle could not be had
+(offline, broken mirror), so scripts can tell that from a failure of the evaluation.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import contextlib
 import csv
 import io
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,8 @@ from nanochat.common import (atomic_write, autodetect_device_type, compute_clean
                              compute_init, get_base_dir, print0)
 from nanochat.core_eval import EVAL_BUNDLE_URL, ensure_eval_bundle, evaluate_core
 from nanochat.report import get_report
+
+EXIT_NO_BUNDLE = 3
 
 
 def parse_args(argv=None):
@@ -71,8 +75,9 @@ def main(argv=None):
             try:
                 ensure_eval_bundle(args.bundle_url, bundle_dir)
             except (RuntimeError, ValueError) as e:  # offline, or a broken bundle: say so in one line
-                raise SystemExit(f"error: {e}\nPut an unpacked eval bundle at {bundle_dir} (or pass --bundle_dir), "
-                                 "or point --bundle_url / NANOCHAT_EVAL_BUNDLE_URL at a mirror of eval_bundle.zip")
+                print(f"error: {e}\nPut an unpacked eval bundle at {bundle_dir} (or pass --bundle_dir), "
+                      "or point --bundle_url / NANOCHAT_EVAL_BUNDLE_URL at a mirror of eval_bundle.zip", file=sys.stderr)
+                raise SystemExit(EXIT_NO_BUNDLE)
         if ddp:
             dist.barrier()  # the other ranks wait for rank 0's download
 

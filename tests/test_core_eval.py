@@ -324,6 +324,20 @@ def test_base_eval_script(tok, tasks, tmp_path, monkeypatch, capsys):
     assert "CORE" in printed and "tiny_pronouns" in printed
 
 
+def test_base_eval_without_a_bundle_exits_3(tok, tasks, tmp_path, monkeypatch, capsys):
+    """Exit code 3 (not 1) when the bundle can't be had, so dev/runcpu.sh can skip CORE
+    offline without hiding real failures."""
+    from scripts import base_eval
+    fake = types.ModuleType("nanochat.checkpoint_manager")
+    fake.load_model = lambda *a, **kw: (TrieModel([], tok.get_vocab_size(), "oracle"), tok, {"step": 1})
+    monkeypatch.setitem(sys.modules, "nanochat.checkpoint_manager", fake)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    with pytest.raises(SystemExit) as e:
+        base_eval.main(["--device_type", "cpu", "--bundle_url", f"file://{tmp_path}/missing.zip"])
+    assert e.value.code == base_eval.EXIT_NO_BUNDLE == 3
+    assert "Put an unpacked eval bundle" in capsys.readouterr().err
+
+
 def test_base_eval_help():
     from scripts import base_eval
     with pytest.raises(SystemExit) as e:
