@@ -156,6 +156,31 @@ class WorkerPool:
         self.free.put_nowait(worker)
 
 
+def error(status, message, kind="invalid_request_error"):
+    """An OpenAI-style error body."""
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+class BearerAuth:
+    """--api_key: every path but the page and the health check needs `Authorization: Bearer
+    KEY`. Plain ASGI, not @app.middleware("http"): that one wraps `receive`, and a handler
+    then no longer sees its client disconnect."""
+    OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json")
+
+    def __init__(self, app, api_key):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {self.api_key}":
+                response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def generate_stream(pool, tokens, sampling, seed):
     """Async generator of (text piece, tokens so far, worker index), ending with a
     ("", total tokens, worker) item. It waits for a free worker and generates in a thread.
@@ -227,9 +252,6 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
     app.state.pool = WorkerPool(workers)
 
-    def error(status, message, kind="invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
     @app.exception_handler(RequestValidationError)
     async def on_validation(request, exc):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
@@ -244,14 +266,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     async def on_http(request, exc):
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        open_paths = ("/", "/health", "/docs", "/openapi.json")
-        if api_key and request.url.path not in open_paths:
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                             "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     def fitting(tokens, what):
         """tokens, if they leave room in the model's context for at least one more."""
@@ -334,7 +350,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def openai_complete(tokens, req, kind):
+    async def openai_complete(tokens, req, kind, request):
         state["requests"] += 1
         # without a seed, each request samples differently (a retry must not repeat the answer)
         seed = req.seed if req.seed is not None else state["requests"]
@@ -344,6 +360,11 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
             async for piece, n, _ in pieces:
                 text += piece
+                # nothing is sent before the end here, so look for a client that has left
+                # (leaving this block stops the generation at its next token)
+                if n % 8 == 0 and await request.is_disconnected():
+                    return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}},
+                                        status_code=499)
         finish = finish_reason(n, req, tokens)
         usage = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         base = {"id": completion_id(kind), "created": int(time.time()),
@@ -354,11 +375,11 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         return dict(base, object="text_completion", choices=[{"index": 0, "text": text, "finish_reason": finish}])
 
     @app.post("/v1/chat/completions")
-    async def v1_chat(req: ChatRequest):
-        return await openai_complete(prompt_tokens(conversation_of(req.messages)), req, "chat")
+    async def v1_chat(req: ChatRequest, request: Request):
+        return await openai_complete(prompt_tokens(conversation_of(req.messages)), req, "chat", request)
 
     @app.post("/v1/completions")
-    async def v1_completions(req: CompletionRequest):
+    async def v1_completions(req: CompletionRequest, request: Request):
         tok = state["tokenizer"]
         if req.suffix is not None:  # fill-in-the-middle, PSM order: prefix, suffix, then the middle
             s = tok.encode_special
@@ -366,7 +387,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                       + [s("<|fim_suffix|>")] + tok.encode(clean(req.suffix)) + [s("<|fim_middle|>")])
         else:
             tokens = tok.encode(clean(req.prompt), prepend="<|bos|>")
-        return await openai_complete(fitting(tokens, "prompt"), req, "text")
+        return await openai_complete(fitting(tokens, "prompt"), req, "text", request)
 
     @app.get("/v1/models")
     async def v1_models():

@@ -228,6 +228,15 @@ def test_disconnected_client_frees_its_worker(base_dir, tokenizer):
         assert not w["busy"] and 0 < w["tokens"] < 4000  # stopped early, worker free
         r = post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3  # and it serves again
+        # the same for a non-streaming /v1 request whose client gives up waiting
+        served = worker()["tokens"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=4000), timeout=1.0)
+        deadline = time.time() + 5
+        while worker()["busy"] and time.time() < deadline:
+            time.sleep(0.05)
+        w = worker()
+        assert not w["busy"] and 0 < w["tokens"] - served < 4000
     finally:
         s.stop()
 
