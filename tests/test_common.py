@@ -18,6 +18,10 @@ def test_peak_flops_table():
     assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert common.get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert common.get_peak_flops("TPU v6e") == 918e12
+    # first match wins: the longer names must not be read as the shorter ones they contain
+    assert common.get_peak_flops("NVIDIA GB200") == 2500e12 and common.get_peak_flops("NVIDIA B200") == 2250e12
+    assert common.get_peak_flops("NVIDIA L40") == 181e12 and common.get_peak_flops("NVIDIA L4") == 121e12
+    assert common.get_peak_flops("NVIDIA L40S") == 362e12 and common.get_peak_flops("NVIDIA H100 NVL") == 835e12
     assert common.get_peak_flops("some new chip") == float("inf")  # MFU shows 0, never a made-up number
 
 

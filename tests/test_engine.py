@@ -52,6 +52,9 @@ def test_sampling_is_seeded_and_respects_top_k():
         s = sample_next(logits, torch.Generator().manual_seed(_), temperature=2.0, top_k=5)
         assert all(s[i] in top5[i] for i in range(4))
     assert torch.equal(sample_next(logits, None, temperature=0.0), logits.argmax(-1))
+    for k in (0, -1):  # no cut, as None (-k 0 crashed chat_eval and chat_rl)
+        assert torch.equal(sample_next(logits, torch.Generator().manual_seed(3), 1.0, k),
+                           sample_next(logits, torch.Generator().manual_seed(3), 1.0, None))
 
 
 def test_engine_streams_and_stops(tokenizer, monkeypatch):
