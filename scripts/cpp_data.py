@@ -207,9 +207,10 @@ def main(argv=None):
         ensure_binary()
         outputs = run_tool(roots, args, budgets, tmp_dir)
         # 3-4. per bucket: parquet shards and manifest
+        tokenizer = load_tokenizer()
         for b, bucket_out in zip(budgets, outs):
             jsonl_dir, summary = outputs[b]
-            build(args, argv, roots, bucket_out, b, jsonl_dir, summary)
+            build(args, argv, roots, bucket_out, b, jsonl_dir, summary, tokenizer)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -234,9 +235,9 @@ def our_files(out, overwrite):
     return [os.path.join(out, e) for e in ours]
 
 
-def build(args, argv, roots, out, max_tokens, jsonl_dir, summary):
-    """One bucket: the tool's documents in jsonl_dir -> shuffled parquet shards + manifest in `out`."""
-    args = argparse.Namespace(**{**vars(args), "max_tokens": max_tokens})
+def build(args, argv, roots, out, max_tokens, jsonl_dir, summary, tokenizer):
+    """One bucket: the tool's documents in jsonl_dir -> shuffled parquet shards + manifest in `out`
+    (token counts by `tokenizer`, or the tool's estimate when it is None)."""
     os.makedirs(out, exist_ok=True)
 
     # 3. shuffle the documents; the last, val-only shard is a random sample
@@ -253,7 +254,6 @@ def build(args, argv, roots, out, max_tokens, jsonl_dir, summary):
     groups = [("train", train[i:i + args.rows_per_shard]) for i in range(0, len(train), args.rows_per_shard)]
     if val:
         groups.append(("val", val))
-    tokenizer = load_tokenizer()
     shards = []
     for i, (split, entries) in enumerate(tqdm(groups, desc="parquet", unit="shard")):
         rows = read_rows(entries)
@@ -271,7 +271,7 @@ def build(args, argv, roots, out, max_tokens, jsonl_dir, summary):
         "command": shlex.join(["python", "-m", "scripts.cpp_data"] + (sys.argv[1:] if argv is None else argv)),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "mode": args.mode,
-        "max_tokens": args.max_tokens,
+        "max_tokens": max_tokens,
         "roots": roots,
         "seed": SEED,
         "val_fraction": args.val_fraction,
