@@ -106,3 +106,12 @@ class PaddedConversations:
             convs.append(self.task[self.cursor % len(self.task)])
             self.cursor += self.world_size
         return pad_batch(convs, self.tokenizer, self.max_len, self.device)
+
+
+def policy_gradient_loss(model, x, y, advantages, num_trained):
+    """RL's loss for a batch of sampled rows: -(advantage * log p(sampled token)) summed over
+    the trained positions (y != -1) and divided by num_trained (all trained tokens of the
+    step, so batches add up to a mean). advantages: (B, 1), one per row. Minimising it
+    raises the probability of rows that did better than their group and lowers the rest."""
+    nll = model(x, y, loss_reduction="none").view(x.shape)  # -log p, 0 where y == -1
+    return (nll.float() * advantages).sum() / num_trained

@@ -80,7 +80,7 @@ def load_checkpoint(directory, step, load_state=False, rank=0):
 def build_from_checkpoint(directory, step, device, phase):
     """Model (eval or train mode) from a checkpoint, plus its metadata."""
     model_state, _, meta = load_checkpoint(directory, step)
-    config = GPTConfig(**meta["model_config"])
+    config = GPTConfig.from_dict(meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -17,7 +17,9 @@ The pretraining data loader: parquet shards -> tokens -> packed (inputs, targets
   throw most of a code corpus away.
 - The stream never ends: after the last shard it starts the next epoch, and the shard
   list is re-read as it goes, so shards that appear while training (streaming data,
-  e.g. a chunker writing into --data_dir) are picked up in order.
+  e.g. a chunker writing into --data_dir) are picked up in order. With streaming=True
+  (base_train --streaming_data) it waits for new shards at the end instead of starting
+  another epoch, for a producer that is still writing.
 - state_dict() / resume_state restore the loader exactly: the restored loader yields
   the same next batch as the original would have.
 - data_order="global" makes the batches independent of the number of processes: every
@@ -46,8 +48,10 @@ class DocumentStream:
     token_lists are the row group's documents, each starting with BOS. Starts at
     `start`, a position, if given."""
 
-    def __init__(self, tokenizer, split, data_dir, rank, world_size, start=None, prefetch=4, threads=4):
+    def __init__(self, tokenizer, split, data_dir, rank, world_size, start=None, prefetch=4, threads=4,
+                 streaming=False, poll_seconds=5.0):
         self.tokenizer, self.split, self.data_dir = tokenizer, split, data_dir
+        self.streaming, self.poll_seconds = streaming, poll_seconds
         self.rank, self.world_size, self.threads = rank, world_size, threads
         self.start = start
         self.val_name = os.path.basename(list_parquet_files(data_dir)[-1])  # the val shard when the stream began
@@ -94,7 +98,9 @@ class DocumentStream:
                             return
                     k += 1
                 rg = 0
-                path = self._shards_after(os.path.basename(path))
+                last, path = os.path.basename(path), self._shards_after(os.path.basename(path))
+                if path is None and self.streaming:
+                    path = self._wait_for_shard_after(last)
                 if path is None:  # end of epoch
                     if not produced_this_epoch and self.split == "val" and k > 0 and rank == self.rank:
                         # a small val split with fewer row groups than ranks: ranks share them
@@ -107,6 +113,16 @@ class DocumentStream:
                     epoch, k, produced_this_epoch = epoch + 1, 0, False
         except BaseException as e:  # hand the error to the consumer instead of hanging it
             self._put(e)
+
+    def _wait_for_shard_after(self, name):
+        """Streaming data: poll until a shard sorting after `name` appears (None if stopped)."""
+        print(f"data: read every shard in {self.data_dir} up to {name}; waiting for new ones (--streaming_data)",
+              flush=True)
+        while not self.stop.wait(self.poll_seconds):
+            path = self._shards_after(name)
+            if path is not None:
+                return path
+        return None
 
     def _put(self, item):
         while not self.stop.is_set():
@@ -135,7 +151,7 @@ class DataLoader:
 
     def __init__(self, tokenizer, B, T, split="train", device="cpu", data_dir=None,
                  rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, resume_state=None,
-                 data_order="sharded"):
+                 data_order="sharded", streaming=False):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         if data_order not in ("sharded", "global"):
@@ -166,7 +182,7 @@ class DataLoader:
         # the global order reads the whole stream on every rank (as rank 0 of 1 would)
         stream_rank, stream_world = (self.rank, self.world_size) if data_order == "sharded" else (0, 1)
         self.stream = DocumentStream(tokenizer, split, data_dir, stream_rank, stream_world, start=start,
-                                     threads=tokenizer_threads)
+                                     threads=tokenizer_threads, streaming=streaming)
         if start is not None:
             self.pos, self.rg_docs = self.stream.get()
             self.doc_idx = skip

@@ -1,15 +1,14 @@
 """
-The GPT: nanochat's Transformer, with a per-layer plan so that later mixers (Mamba-3,
-DeepSeek sparse attention) and extras (Engram) slot in without growing if-chains.
+The GPT: nanochat's Transformer, built from a per-layer plan so that other sequence
+mixers (Mamba-3, DeepSeek sparse attention) and per-layer extras (Engram) slot in as
+modules of their own, without if-chains here.
 
 Choices, one line each:
-- rotary position embeddings (RoPE, base 10000) on queries and keys, no learned positions;
-- QK-norm: RMSNorm on q and k after RoPE, which keeps attention logits bounded;
+- rotary position embeddings and QK-norm in attention (nanochat/attention.py);
 - ReLU^2 MLP (Primer, So et al. 2021), 4x wide, no biases anywhere;
 - untied token embedding and unembedding (lm_head), so each can have its own lr;
 - parameter-free RMSNorm (F.rms_norm without a weight): before each mixer/MLP, after
   the embedding and before lm_head;
-- grouped-query attention: n_kv_head key/value heads shared by n_head query heads;
 - logit soft-capping: 15 * tanh(logits / 15) (Gemma 2), computed in fp32;
 - under autocast the residual stream itself is bf16 (cast after the embedding), as the
   matmul outputs added to it are bf16 anyway; this halves elementwise memory traffic;
@@ -17,24 +16,28 @@ Choices, one line each:
   context, L = full context, tiled over depth; the last layer is always L;
 - width from depth: n_embd = depth * aspect_ratio rounded up to a multiple of
   head_dim (128), n_head = n_embd / head_dim (GPT.config_for_depth);
-- init: embedding N(0, 1); lm_head N(0, 0.001); q, k, v and MLP-in uniform with std
-  1/sqrt(n_embd); both output projections zero, so every block starts as the identity;
+- init: embedding N(0, 1); lm_head N(0, 0.001); every other module initialises its
+  own parameters (init_weights) and names each one's optimizer group (opt_tags):
+  GPT.init_weights and setup_optimizers follow those, never tensor shapes;
 - built on the meta device and materialized with to_empty + init_weights, so large
   models never allocate twice;
 - inference state lives in a cache object made by init_cache(); each mixer makes its own
   part, so the engine never assumes attention.
 
-Each layer's sequence mixer is chosen by `layer_plan(config)`; every mixer is called
-as `mixer(x, ctx, cache)`: x (B, T, C), ctx the per-forward context shared by all layers
-(rotary tables, masks, position offset), cache that layer's inference state or None.
+Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
+layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
+contract is in nanochat/attention.py's docstring; docs/model.md says how to add one).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.attention import (KERNELS, CausalSelfAttention, Context, block_masks, decode_masks, norm,
+                                rotary_tables)
 
 
 @dataclass
@@ -47,145 +50,75 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "L"    # per-layer S (half context) / L (full), tiled over depth
     softcap: float = 15.0
+    # extensions (off by default; saved in checkpoints so later stages rebuild the same model)
+    mamba_pattern: str = ""      # e.g. "AAM": A = attention, M = Mamba-3, tiled over depth ("" = none)
+    mamba3_qknorm: bool = False
+    mamba3_bias: bool = False
+    mamba3_complex_rope: bool = False
+    mamba3_trapezoidal: bool = False
+    engram_layers: str = ""      # comma-separated layer indices with Engram memory ("" = none)
+    mhc: bool = False            # manifold-constrained hyper-connections on the residual stream
+    mtp: bool = False            # a multi-token-prediction head beside lm_head
+    mtp_lambda: float = 0.3      # weight of the MTP loss
+    dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off)
 
     def to_dict(self):
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d):
+        """From a checkpoint's model_config; fields added since it was written keep their
+        defaults (off), so older checkpoints load."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"model config has fields this nanochat does not know: {unknown} "
+                             "(written by a newer version?)")
+        return cls(**d)
 
-def norm(x):
-    """Parameter-free RMSNorm."""
-    return F.rms_norm(x, (x.size(-1),))
+
+# Extensions whose modules have not landed yet: their settings stop the model from being
+# built, with one line naming the flag, rather than being silently ignored.
+UNBUILT = {
+    "--mamba (Mamba-3 layers)": lambda c: bool(c.mamba_pattern) or c.mamba3_qknorm or c.mamba3_bias
+    or c.mamba3_complex_rope or c.mamba3_trapezoidal,
+    "--engram (Engram n-gram memory)": lambda c: bool(c.engram_layers),
+    "--mhc (manifold-constrained hyper-connections)": lambda c: c.mhc,
+    "--mtp (multi-token prediction)": lambda c: c.mtp,
+    "--dsa (DeepSeek sparse attention)": lambda c: c.dsa_start_layer >= 0,
+}
+
+
+def check_buildable(config):
+    """Raise ValueError naming the first requested extension that is not built yet."""
+    for flag, is_on in UNBUILT.items():
+        if is_on(config):
+            raise ValueError(f"{flag} is not built yet in this nanochat; train without it")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer is: its sequence mixer (a key of MIXERS), the attention window in
+    tokens (attention mixers), and the extras on that layer (e.g. "engram")."""
+    mixer: str
+    window: int
+    extras: tuple = ()
 
 
 def layer_plan(config):
-    """For each layer: (mixer kind, attention window in tokens). The one place that
-    decides what each layer is; Block builds whatever this says."""
+    """One LayerSpec per layer: the one place that decides what each layer is; Block
+    builds whatever this says."""
+    check_buildable(config)
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - set("SL"):
         raise ValueError(f"window_pattern {config.window_pattern!r} must be a non-empty string of S and L")
     windows = {"S": config.sequence_len // 2, "L": config.sequence_len}
-    plan = [("attn", windows[pattern[i % len(pattern)]]) for i in range(config.n_layer)]
-    plan[-1] = ("attn", config.sequence_len)  # the last layer always sees the full context
+    plan = [LayerSpec("attn", windows[pattern[i % len(pattern)]]) for i in range(config.n_layer)]
+    plan[-1] = LayerSpec("attn", config.sequence_len)  # the last layer always sees the full context
     return plan
 
 
-def apply_rotary_emb(x, cos, sin):
-    """Rotate pairs (x1, x2) = (first half, second half) of each head by position angles."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-# -----------------------------------------------------------------------------
-# Attention
-
-
-class Context:
-    """What one forward pass shares across layers: rotary tables for its positions, the
-    position offset (pos0 > 0 when decoding with a cache), and cached attention masks.
-    For the static one-token decode step (GPT.decode_step) the position is a device
-    tensor instead, and decode_masks hold each window's mask over the whole cache."""
-
-    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None):
-        self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
-        self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
-        self.pos_t, self.decode_masks = pos_t, decode_masks
-
-
-def sliding_window_mask(q_len, k_len, pos0, window, device):
-    """Boolean (q_len, k_len) mask: query at absolute position pos0+i sees key j
-    iff j <= pos0+i and pos0+i-j < window."""
-    qpos = torch.arange(pos0, pos0 + q_len, device=device)[:, None]
-    kpos = torch.arange(k_len, device=device)[None, :]
-    return (kpos <= qpos) & (qpos - kpos < window)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config, layer_idx, window):
-        super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        self.window, self.layer_idx = window, layer_idx
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-            raise ValueError(f"n_embd={config.n_embd}, n_head={config.n_head}, n_kv_head={config.n_kv_head}: "
-                             "n_embd must divide by n_head and n_head by n_kv_head")
-        C, D = config.n_embd, self.head_dim
-        self.c_q = nn.Linear(C, self.n_head * D, bias=False)
-        self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
-        self.c_v = nn.Linear(C, self.n_kv_head * D, bias=False)
-        self.c_proj = nn.Linear(self.n_head * D, C, bias=False)
-
-    def forward(self, x, ctx, cache=None):
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, ctx.cos, ctx.sin), apply_rotary_emb(k, ctx.cos, ctx.sin)
-        q, k = norm(q), norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache
-                k, v = cache.write(k, v, ctx.pos_t)
-            else:
-                k, v = cache.update(k, v, ctx.pos0)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep another dtype than autocast's
-        y = self.attend(q, k, v, ctx)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def attend(self, q, k, v, ctx):
-        gqa = self.n_head != self.n_kv_head
-        T, S = q.size(2), k.size(2)
-        if ctx.decode_masks is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_masks[self.window], enable_gqa=gqa)
-        if T == S and ctx.pos0 == 0 and self.window >= T:
-            # full causal attention: SDPA picks flash / cuDNN on GPU
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if self.window in ctx.block_masks and T == S:
-            # sliding window during GPU training: flex_attention skips the masked-out blocks
-            return flex_attention(q, k, v, block_mask=ctx.block_masks[self.window], enable_gqa=gqa)
-        # CPU, or decoding with a cache: an explicit boolean mask
-        mask = sliding_window_mask(T, S, ctx.pos0, self.window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-    def init_cache(self, batch_size, max_len, device, dtype):
-        return KVCache(batch_size, self.n_kv_head, max_len, self.head_dim, device, dtype)
-
-
-def flex_attention(q, k, v, block_mask, enable_gqa):
-    from torch.nn.attention.flex_attention import flex_attention as _flex
-    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
-
-
-class KVCache:
-    """Keys and values of one attention layer, preallocated to max_len positions."""
-
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-
-    def update(self, k, v, pos0):
-        T = k.size(2)
-        if pos0 + T > self.k.size(2):
-            raise ValueError(f"KV cache of {self.k.size(2)} positions is full (need {pos0 + T})")
-        self.k[:, :, pos0:pos0 + T] = k
-        self.v[:, :, pos0:pos0 + T] = v
-        return self.k[:, :, :pos0 + T], self.v[:, :, :pos0 + T]
-
-    def write(self, k, v, pos_t):
-        """One position given as a device tensor: same shapes every step (CUDA graphs)."""
-        self.k.index_copy_(2, pos_t.view(1), k.to(self.k.dtype))
-        self.v.index_copy_(2, pos_t.view(1), v.to(self.v.dtype))
-        return self.k, self.v
-
-    def repeat(self, n):
-        """Copy a batch-1 cache (a shared prefill) into n rows."""
-        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
-
-
 MIXERS = {"attn": CausalSelfAttention}
-
-# -----------------------------------------------------------------------------
-# Blocks and the model
 
 
 class MLP(nn.Module):
@@ -194,14 +127,23 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self):
+        bound = math.sqrt(3) / math.sqrt(self.c_fc.in_features)  # uniform with std 1/sqrt(n_embd)
+        nn.init.uniform_(self.c_fc.weight, -bound, bound)
+        nn.init.zeros_(self.c_proj.weight)  # the block starts as the identity
+
+    def opt_tags(self):
+        return {"c_fc.weight": "muon", "c_proj.weight": "muon"}
+
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx, mixer_kind, window):
+    def __init__(self, config, layer_idx, spec):
         super().__init__()
-        self.mixer = MIXERS[mixer_kind](config, layer_idx, window)
+        self.mixer = MIXERS[spec.mixer](config, layer_idx, spec)
         self.mlp = MLP(config)
 
     def forward(self, x, ctx, cache=None):
@@ -226,63 +168,63 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.plan = layer_plan(config)
+        self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i, kind, w) for i, (kind, w) in enumerate(self.plan))
+        self.blocks = nn.ModuleList(Block(config, i, spec) for i, spec in enumerate(self.plan))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # rotary tables for 10x the training context, so inference can run past it
         self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_len, config.n_embd // config.n_head)
+        cos, sin = rotary_tables(self.rotary_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self._block_masks = {}
 
     @staticmethod
     def config_for_depth(depth, vocab_size=32768, sequence_len=2048, aspect_ratio=64, head_dim=128,
-                         n_kv_head=None, window_pattern="L"):
+                         n_kv_head=None, window_pattern="L", **extensions):
         """nanochat sizes a model by depth alone: width = depth * aspect_ratio, rounded
-        up to whole heads of head_dim."""
+        up to whole heads of head_dim. `extensions`: GPTConfig's extension fields."""
         n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
         n_head = n_embd // head_dim
         return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                         n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
+                         n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern, **extensions)
 
-    @staticmethod
-    def _rotary_tables(length, head_dim, base=10000.0, device=None):
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+    def _tagged_modules(self):
+        """(name, module) of every submodule that owns parameters by the mixer contract."""
+        return [(n, m) for n, m in self.named_modules() if m is not self and hasattr(m, "opt_tags")]
 
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialize every parameter and buffer; call after to_empty() from meta."""
-        C = self.config.n_embd
         nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
-        bound = math.sqrt(3) / math.sqrt(C)  # uniform with std 1/sqrt(C)
-        for block in self.blocks:
-            for name, p in block.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.zeros_(p)
-                elif p.dim() == 2:
-                    nn.init.uniform_(p, -bound, bound)
-        cos, sin = self._rotary_tables(self.rotary_len, C // self.config.n_head, device=self.cos.device)
+        for _, module in self._tagged_modules():
+            module.init_weights()
+        cos, sin = rotary_tables(self.rotary_len, self.config.n_embd // self.config.n_head, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def opt_tags(self):
+        """{parameter name: optimizer group} for every parameter, from the modules' own
+        tags. A parameter nobody tagged is an error, never a guess from its shape."""
+        tags = {"wte.weight": "adamw_embedding", "lm_head.weight": "adamw_unembedding"}
+        for prefix, module in self._tagged_modules():
+            tags.update({f"{prefix}.{name}": group for name, group in module.opt_tags().items()})
+        untagged = [n for n, _ in self.named_parameters() if n not in tags]
+        if untagged:
+            raise ValueError(f"parameters without an optimizer group (add them to their module's opt_tags): {untagged}")
+        return tags
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 * (parameters outside the embedding lookup) for the
-        matmuls (2 forward + 4 backward per weight), plus attention scores and values:
-        12 * n_head * head_dim * (keys each query sees, the window capped at the context)
-        per layer. Like nanochat (and PaLM's MFU), attention is counted without the
-        causal half-saving, so MFU is comparable with their figures."""
-        c = self.config
-        matmul = 6 * (self.num_params() - self.wte.weight.numel())
-        head_dim = c.n_embd // c.n_head
-        attn = sum(12 * c.n_head * head_dim * min(w, c.sequence_len) for _, w in self.plan)
-        return matmul + attn
+        """Training FLOPs per token: 6 per weight outside the embedding lookup (2 forward,
+        4 backward) for lm_head and the MLPs, plus each mixer's own count (attention: its
+        weights and its scores, see CausalSelfAttention.flops_per_token)."""
+        T = self.config.sequence_len
+        return 6 * self.lm_head.weight.numel() + sum(
+            b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters()) for b in self.blocks)
 
     @torch.compiler.disable
     def _context(self, T, pos0, device):
@@ -290,21 +232,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {pos0 + T} positions is longer than the rotary tables ({self.rotary_len})")
         cos, sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
         masks = {}
-        if device.type == "cuda" and pos0 == 0 and self.training:
-            for _, w in self.plan:
-                if w < T:
-                    masks[w] = self._block_mask(T, w, device)
+        if pos0 == 0 and self.training:
+            masks = block_masks({s.window for s in self.plan}, T, self.kernel, device, self._block_masks)
         return Context(cos, sin, pos0, T, masks)
-
-    def _block_mask(self, T, window, device):
-        key = (T, window, str(device))
-        if key not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            def mask_mod(b, h, q, k):
-                return (k <= q) & (q - k < window)
-            self._block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
-        return self._block_masks[key]
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device
@@ -341,8 +271,7 @@ class GPT(nn.Module):
         whole cache under a mask; the caller keeps cache.pos."""
         cos = self.cos.index_select(1, pos_t.view(1))
         sin = self.sin.index_select(1, pos_t.view(1))
-        kpos = torch.arange(cache.max_len, device=idx.device)
-        masks = {w: ((kpos <= pos_t) & (pos_t - kpos < w)).view(1, 1, 1, -1) for w in {w for _, w in self.plan}}
+        masks = decode_masks({s.window for s in self.plan}, cache.max_len, pos_t)
         ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks)
         x = norm(self.wte(idx))
         for block, layer_cache in zip(self.blocks, cache.layers):
@@ -351,22 +280,27 @@ class GPT(nn.Module):
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                         weight_decay=0.0, adam_betas=(0.8, 0.95)):
-        """Muon for the 2D matrices inside blocks; AdamW for the embedding, the lm_head
-        and anything else (scalars, biases of later extensions). AdamW learning rates
-        scale as 1/sqrt(n_embd / 768), tuned at 768 (nanochat's rule). Both optimizers
-        split their work across DDP ranks when a process group is up."""
+                         weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95)):
+        """Muon for the parameters tagged "muon" (the blocks' matrices); AdamW for the
+        rest, one group per tag: the embedding, the lm_head, and scalars/vectors/biases
+        ("adamw_scalar"). AdamW learning rates of the embedding and lm_head scale as
+        1/sqrt(n_embd / 768), tuned at 768 (nanochat's rule). weight_decay is Muon's,
+        adam_weight_decay AdamW's. Both optimizers split their work across DDP ranks when
+        a process group is up."""
         from nanochat.adamw import DistAdamW
         from nanochat.muon import Muon
         scale = (self.config.n_embd / 768) ** -0.5
-        matrix = [p for p in self.blocks.parameters() if p.dim() == 2]
-        scalars = [p for p in self.blocks.parameters() if p.dim() != 2]
-        groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
-                  dict(params=[self.wte.weight], lr=embedding_lr * scale)]
-        if scalars:
-            groups.append(dict(params=scalars, lr=scalar_lr))
-        adamw = DistAdamW(groups, betas=adam_betas, eps=1e-10, weight_decay=0.0)
-        muon = Muon(matrix, lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        adamw_lrs = {"adamw_unembedding": unembedding_lr * scale, "adamw_embedding": embedding_lr * scale,
+                     "adamw_scalar": scalar_lr}
+        tags = self.opt_tags()
+        by_group = {}
+        for name, p in self.named_parameters():
+            if tags[name] != "muon" and tags[name] not in adamw_lrs:
+                raise ValueError(f"{name}: unknown optimizer group {tags[name]!r}")
+            by_group.setdefault(tags[name], []).append(p)
+        groups = [dict(params=by_group[g], lr=lr) for g, lr in adamw_lrs.items() if g in by_group]
+        adamw = DistAdamW(groups, betas=adam_betas, eps=1e-10, weight_decay=adam_weight_decay)
+        muon = Muon(by_group.get("muon", []), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
         for opt in (adamw, muon):
             for g in opt.param_groups:
                 g["initial_lr"] = g["lr"]
@@ -375,21 +309,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Plain sampling with a KV cache, one sequence; yields token ids. The engine
-        (nanochat/engine.py) does batched sampling and tool use; this is for quick samples."""
+        (nanochat/engine.py) does batched sampling and tool use; both use its sample_next."""
+        from nanochat.engine import sample_next
         device = self.wte.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        rng = torch.Generator(device=device).manual_seed(seed)
         cache = self.init_cache(1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids, cache=cache)[:, -1, :]
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                ids = torch.multinomial(probs, num_samples=1, generator=rng)
-            else:
-                ids = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = sample_next(logits, rng, temperature, top_k).view(1, 1)
             yield ids.item()
 
 
@@ -400,3 +328,68 @@ def build_model(config, device):
     model.to_empty(device=device)
     model.init_weights()
     return model
+
+
+# -----------------------------------------------------------------------------
+# Command-line flags shared by scripts/base_train and scripts/base_bench
+
+
+def add_model_args(parser):
+    """The model's shape and extension flags, and the flags that change how a training
+    step runs, spelled as the seed's launch command spells them."""
+    a = parser.add_argument
+    a("--depth", type=int, default=20, help="number of layers; width follows from it")
+    a("--aspect_ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded to head_dim)")
+    a("--head_dim", type=int, default=128)
+    a("--n_kv_head", type=int, default=0, help="key/value heads for GQA (default: = query heads)")
+    a("--max_seq_len", type=int, default=2048, help="context length")
+    a("--window_pattern", default="L", help="per-layer S (half context) / L (full) attention windows, e.g. SSSL")
+    a("--kernel", default="current", choices=KERNELS, help="attention kernel: current = SDPA (flash/cuDNN) for "
+      "full layers + flex_attention for windows; flex = flex_attention everywhere; sdpa = SDPA everywhere")
+    a("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
+    a("--no_compile", action="store_true", help="same as --compile=0")
+    a("--tensor_parallel", type=int, default=1, help="tensor-parallel degree (TPU SPMD)")
+    a("--xla_flash_attn", action="store_true", help="XLA (Pallas) flash attention on TPU")
+    a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--mamba", action="store_true", help="hybrid model with Mamba-3 layers (see --mamba_pattern)")
+    a("--mamba_pattern", default="AAM", help="A = attention, M = Mamba-3, tiled over depth (with --mamba)")
+    for part in ("qknorm", "bias", "complex_rope", "trapezoidal"):
+        a(f"--mamba3_{part}", action="store_true", help=f"Mamba-3's {part.replace('_', ' ')} (with --mamba)")
+    a("--engram", action="store_true", help="Engram n-gram memory (at --engram_layers)")
+    a("--engram_layers", default="0,3,6", help="comma-separated layers with Engram (with --engram)")
+    a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
+    a("--mtp", action="store_true", help="multi-token prediction head")
+    a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
+    a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
+    a("--dsa_start_layer", type=int, default=7, help="first layer with DSA (with --dsa)")
+
+
+# runtime features whose code has not landed yet: (is it asked for, the flag)
+UNBUILT_RUNTIME = [
+    (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),
+    (lambda a: a.xla_flash_attn, "--xla_flash_attn (XLA flash attention)"),
+    (lambda a: a.gradient_checkpointing, "--gradient_checkpointing"),
+]
+
+
+def config_from_args(args, vocab_size):
+    """GPTConfig from add_model_args' flags; SystemExit with one line for a feature that
+    is not built yet or a sub-flag given without its feature."""
+    for asked, flag in UNBUILT_RUNTIME:
+        if asked(args):
+            raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
+    if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
+        raise SystemExit("--mamba3_* flags configure Mamba-3 layers: add --mamba (and --mamba_pattern)")
+    ext = dict(mamba_pattern=args.mamba_pattern if args.mamba else "",
+               mamba3_qknorm=args.mamba3_qknorm, mamba3_bias=args.mamba3_bias,
+               mamba3_complex_rope=args.mamba3_complex_rope, mamba3_trapezoidal=args.mamba3_trapezoidal,
+               engram_layers=args.engram_layers if args.engram else "", mhc=args.mhc,
+               mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1)
+    config = GPT.config_for_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
+                                  aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                  n_kv_head=args.n_kv_head or None, window_pattern=args.window_pattern, **ext)
+    try:
+        check_buildable(config)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    return config

@@ -16,24 +16,22 @@ import torch
 
 from nanochat.common import (autodetect_device_type, compute_dtype, compute_init, device_name, get_peak_flops,
                              synchronize)
-from nanochat.gpt import GPT, build_model
+from nanochat.gpt import add_model_args, build_model, config_from_args
 
 parser = argparse.ArgumentParser(description="Benchmark the pretraining step; prints a JSON line")
-parser.add_argument("--depth", type=int, default=20)
-parser.add_argument("--window_pattern", default="L")
-parser.add_argument("--max_seq_len", type=int, default=2048)
+add_model_args(parser)  # the model and step flags of scripts/base_train
 parser.add_argument("--device_batch_size", type=int, default=32)
 parser.add_argument("--total_batch_size", type=int, default=-1, help="tokens per optimizer step (default: one micro-step)")
 parser.add_argument("--vocab_size", type=int, default=32768)
 parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps, after the warmup")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-parser.add_argument("--compile", type=int, default=1)
 parser.add_argument("--device_type", default="")
 parser.add_argument("--fp8", type=int, default=0, help="1: FP8 matmuls in the blocks' linear layers (nanochat/fp8.py)")
 parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
                     help="restrict SDPA (full-context layers) to one backend, to compare them")
 parser.add_argument("--profile", type=int, default=0, help="also profile one step and print the top N kernels")
 args = parser.parse_args()
+config = config_from_args(args, args.vocab_size)  # stops at once on a feature that is not built yet
 
 device_type = autodetect_device_type(args.device_type)
 _, _, _, world_size, device = compute_init(device_type)
@@ -41,9 +39,8 @@ dtype = compute_dtype(device_type)
 if args.sdpa != "auto":
     for name in ("flash", "cudnn", "mem_efficient"):
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.endswith(args.sdpa))
-config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_seq_len,
-                              window_pattern=args.window_pattern)
 model = build_model(config, device)
+model.kernel = args.kernel
 adamw, muon = optimizers = model.setup_optimizers()
 flops_per_token = model.estimate_flops()
 if args.fp8:
@@ -52,7 +49,8 @@ if args.fp8:
         fp8.convert(model)
     except ValueError as e:
         raise SystemExit(str(e))
-train_model = torch.compile(model, dynamic=False) if args.compile else model
+use_compile = not args.no_compile and (args.compile > 0 or (args.compile < 0 and device_type == "cuda"))
+train_model = torch.compile(model, dynamic=False) if use_compile else model
 B, T = args.device_batch_size, args.max_seq_len
 total = args.total_batch_size if args.total_batch_size > 0 else B * T * world_size
 accum = total // (B * T * world_size)
@@ -92,7 +90,7 @@ if args.profile:
         synchronize(device_type)
     sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
-print(json.dumps({"sdpa": args.sdpa, "fp8": args.fp8,
+print(json.dumps({"sdpa": args.sdpa, "fp8": args.fp8, "kernel": args.kernel, "compile": use_compile,
     "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
     "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,
     "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 1), "tok_per_sec": round(tok_per_sec),

@@ -25,7 +25,7 @@ from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
-from nanochat.gpt import GPT, build_model
+from nanochat.gpt import GPTConfig, add_model_args, build_model, config_from_args
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.report import get_report
@@ -35,16 +35,10 @@ parser = argparse.ArgumentParser(description="Pretrain the nanochat base model")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
 parser.add_argument("--fp8", type=int, default=0, help="1: the blocks' linear layers train with FP8 matmuls "
                     "(nanochat/fp8.py; H100/H200; eval and checkpoints stay bf16/fp32)")
-# model
-parser.add_argument("--depth", type=int, default=20, help="number of layers; width follows from it")
-parser.add_argument("--aspect_ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded to head_dim)")
-parser.add_argument("--head_dim", type=int, default=128)
-parser.add_argument("--n_kv_head", type=int, default=0, help="key/value heads for GQA (default: = query heads)")
-parser.add_argument("--max_seq_len", type=int, default=2048, help="context length")
-parser.add_argument("--window_pattern", default="L", help="per-layer S (half context) / L (full) attention windows, e.g. SSSL")
+# model and how its step runs (shared with scripts/base_bench; extensions that are not built yet stop at once)
+add_model_args(parser)
 # training horizon: the first that is set wins
 parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: derive from the ratio below)")
 parser.add_argument("--target_flops", type=float, default=-1, help="train for this many FLOPs (-1: off)")
@@ -58,6 +52,7 @@ parser.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW l
 parser.add_argument("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
 parser.add_argument("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
 parser.add_argument("--weight_decay", type=float, default=0.0, help="Muon weight decay")
+parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
 parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of lr warmup")
 parser.add_argument("--warmdown_ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
@@ -72,11 +67,20 @@ parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume_from_step", type=int, default=-1, help="resume from this checkpoint step (-1: start fresh; 0: latest)")
 parser.add_argument("--model_tag", default="", help="checkpoint directory name (default: d<depth>)")
 parser.add_argument("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_DATA_DIR or downloaded shards)")
+parser.add_argument("--streaming_data", action="store_true",
+                    help="--data_dir is being written while training: at the end of its shards wait for new ones "
+                         "instead of starting another epoch (shards must sort before the last, validation, shard)")
+parser.add_argument("--fim_rate", type=float, default=0.0, help="fraction of documents turned into fill-in-the-middle")
 parser.add_argument("--data_order", default="sharded", choices=["sharded", "global"],
                     help="sharded: each rank reads its own documents; global: the batches of a step do not depend "
                          "on the number of GPUs (each rank tokenizes everything; for comparing runs)")
 args = parser.parse_args()
 user_config = vars(args).copy()
+if args.no_compile:
+    args.compile = 0
+config_from_args(args, vocab_size=1)  # a flag whose feature is not built yet stops here, before any work
+if args.fim_rate != 0:
+    raise SystemExit("--fim_rate (fill-in-the-middle training) is not built yet in this nanochat; run without it")
 
 # -----------------------------------------------------------------------------
 # Compute
@@ -99,10 +103,9 @@ vocab_size = tokenizer.get_vocab_size()
 # -----------------------------------------------------------------------------
 # Model
 
-config = GPT.config_for_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
-                              aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-                              n_kv_head=args.n_kv_head or None, window_pattern=args.window_pattern)
+config = config_from_args(args, vocab_size)
 model = build_model(config, device)
+model.kernel = args.kernel
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
 num_params = model.num_params()
@@ -132,7 +135,7 @@ print0(f"training for {num_iterations:,} steps = {total_tokens:,} tokens "
 
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-                                    weight_decay=args.weight_decay)
+                                    weight_decay=args.weight_decay, adam_weight_decay=args.adam_weight_decay)
 adamw, muon = optimizers
 
 # -----------------------------------------------------------------------------
@@ -145,7 +148,7 @@ if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")
 if args.resume_from_step >= 0:
     resume_step = find_last_step(ckpt_dir) if args.resume_from_step == 0 else args.resume_from_step
     model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, load_state=True, rank=rank)
-    if meta["model_config"] != config.to_dict():
+    if GPTConfig.from_dict(meta["model_config"]) != config:
         raise SystemExit(f"checkpoint {ckpt_dir} step {resume_step} has model {meta['model_config']}, "
                          f"not {config.to_dict()}: resume with the same model flags")
     model.load_state_dict(model_state)
@@ -180,7 +183,8 @@ if use_compile:
 
 print0(f"data: {resolve_data_dir(args.data_dir)}")
 train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
-                          data_dir=args.data_dir, resume_state=loader_state, data_order=args.data_order)
+                          data_dir=args.data_dir, resume_state=loader_state, data_order=args.data_order,
+                          streaming=args.streaming_data)
 
 
 def make_val_loader():

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from nanochat.chat_data import pad_rows
+from nanochat.chat_data import pad_rows, policy_gradient_loss
 from nanochat.checkpoint_manager import checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint
 from nanochat.common import (autocast_for, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              print0, synchronize)
@@ -150,8 +150,7 @@ while True:
         x, y = pad_rows([(ids, mask) for ids, mask, _ in batch], tokenizer.get_bos_token_id(), device)
         adv = torch.tensor([[a] for _, _, a in batch], dtype=torch.float32, device=device)
         with autocast:
-            nll = model(x, y, loss_reduction="none").view(x.shape)  # 0 where y == -1
-        loss = (nll.float() * adv).sum() / num_trained  # = -(adv * log p) summed, averaged over tokens
+            loss = policy_gradient_loss(model, x, y, adv, num_trained)
         loss.backward()
     lrm = 1.0 - step / num_iterations
     for opt in optimizers:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from eval_bundle_fixture import FIXTURE, make_bundle_zip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,3 +204,73 @@ def test_core_metric_with_two_processes(base_dir, corpus_dir, tmp_path):
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and expect in out.stdout + out.stderr and "step 00002/00002" in out.stdout, \
             out.stdout[-3000:] + out.stderr[-3000:]
+
+
+# The seed's launch command (shared/ARCHITECTURE.md), scaled down to a CPU: depth 4, short
+# sequences, a few steps. Flags of features that are not built yet must stop it at once.
+SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_flash_attn", "--window_pattern=L",
+              "--mamba", "--mamba_pattern=AAM", "--mamba3_qknorm", "--mamba3_bias", "--mamba3_complex_rope",
+              "--mamba3_trapezoidal", "--engram", "--engram_layers=0,3,6", "--mhc", "--mtp", "--mtp_lambda=0.3",
+              "--dsa", "--dsa_start_layer=7", "--gradient_checkpointing", "--fim_rate=0.5", "--streaming_data",
+              "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
+UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
+           "--gradient_checkpointing": "--gradient_checkpointing", "--fim_rate=0.5": "--fim_rate",
+           "--mamba": "--mamba", "--engram": "--engram", "--mhc": "--mhc", "--mtp": "--mtp", "--dsa": "--dsa"}
+
+
+def seed_command(corpus_dir, flags):
+    return [sys.executable, "-m", "scripts.base_train", "--depth=4", "--num_iterations=3", "--device_batch_size=1",
+            "--max_seq_len=128", "--total_batch_size=256", "--eval_tokens=256", "--device_type=cpu",
+            f"--data_dir={corpus_dir}", *flags]
+
+
+def test_seed_launch_command_stops_at_once_naming_an_unbuilt_feature(base_dir, corpus_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    out = subprocess.run(seed_command(corpus_dir, SEED_FLAGS), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not built yet" in lines[0], out.stderr
+    assert out.stdout == ""  # stopped before any work
+
+
+@pytest.mark.parametrize("flag", [f for f in UNBUILT if f != "--fim_rate=0.5"])
+def test_each_unbuilt_feature_flag_names_itself(flag):
+    import argparse
+    from nanochat.gpt import add_model_args, config_from_args
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    built = [f for f in SEED_FLAGS if f.split("=")[0] in {a for o in parser._actions for a in o.option_strings}
+             and f not in UNBUILT and not f.startswith("--mamba3_")]
+    config_from_args(parser.parse_args(built), 100)  # the rest is accepted
+    with pytest.raises(SystemExit, match=f"{UNBUILT[flag]}.*not built yet"):
+        config_from_args(parser.parse_args(built + [flag]), 100)
+    with pytest.raises(SystemExit, match="add --mamba"):
+        config_from_args(parser.parse_args(["--mamba3_bias"]), 100)
+
+
+def test_fim_rate_stops_at_once(base_dir, corpus_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    out = subprocess.run(seed_command(corpus_dir, ["--fim_rate=0.5"]), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0 and "--fim_rate" in out.stderr and "not built yet" in out.stderr, out.stderr
+
+
+def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
+    built = [f for f in SEED_FLAGS if f not in UNBUILT and not f.startswith("--mamba3_")
+             and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
+    out = run_train(base_dir, corpus_dir, *built, "--model_tag=seed")
+    assert "step 00006/00006" in out
+    meta = json.loads((base_dir / "base_checkpoints" / "seed" / "meta_000006.json").read_text())
+    cfg = meta["model_config"]
+    assert cfg["mamba_pattern"] == "" and cfg["engram_layers"] == "" and cfg["dsa_start_layer"] == -1
+    assert not cfg["mhc"] and not cfg["mtp"]
+    assert meta["user_config"]["kernel"] == "current" and meta["user_config"]["no_compile"]
+
+    # the same checkpoint as written before the extension fields existed still loads
+    from nanochat.checkpoint_manager import build_from_checkpoint
+    old = {k: cfg[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                               "window_pattern", "softcap")}
+    (base_dir / "base_checkpoints" / "seed" / "meta_000006.json").write_text(json.dumps(dict(meta, model_config=old)))
+    model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "seed"), 6, torch.device("cpu"), "eval")
+    assert model.config.n_layer == 4 and model.config.mamba_pattern == ""

@@ -1,3 +1,4 @@
+import pytest
 """Chat batches (packing, padding, resume) and chat evaluation on hand-made cases."""
 
 import torch
@@ -109,3 +110,30 @@ def test_chatcore_centers_on_chance():
     assert chatcore({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
     assert chatcore({"MMLU": 1.0, "HumanEval": 1.0}) == 1.0
     assert abs(chatcore({"MMLU": 0.5, "GSM8K": 0.5}) - (1 / 3 + 0.5) / 2) < 1e-12
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_policy_gradient_step_moves_sampled_tokens_the_advantage_way(advantage):
+    """One SGD step on RL's loss raises log p of a row's sampled tokens when its advantage is
+    positive and lowers it when negative (a sign error would do the opposite); the prompt
+    and tool-forced positions (y = -1) get no gradient of their own."""
+    from nanochat.chat_data import pad_rows, policy_gradient_loss
+    from nanochat.gpt import GPTConfig, build_model
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    ids, mask = [1, 5, 9, 13, 17, 21, 25], [0, 0, 0, 1, 1, 0, 1]  # 3 sampled tokens, one forced
+    x, y = pad_rows([(ids, mask)], 0, "cpu")
+    assert (y != -1).sum() == 3
+
+    def logp():
+        with torch.no_grad():
+            return -model(x, y, loss_reduction="none").sum().item()
+    before = logp()
+    loss = policy_gradient_loss(model, x, y, torch.tensor([[advantage]]), num_trained=3)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = logp()
+    assert (after - before) * advantage > 0, (before, after)
+    assert loss.item() * advantage > 0  # = advantage * mean nll of the sampled tokens

@@ -2,6 +2,8 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import time
+
 import pytest
 import torch
 
@@ -142,6 +144,22 @@ def test_stream_picks_up_new_shards(tokenizer, tmp_path):
     last_epoch = max(p[0] for p in later)
     assert [p[1] for p in later if p[0] == last_epoch - 1] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00001b.parquet"] \
         or [p[1] for p in later if p[0] == last_epoch][:3] == ["shard_00000.parquet", "shard_00001.parquet", "shard_00001b.parquet"]
+
+
+def test_streaming_waits_for_new_shards_instead_of_a_new_epoch(tokenizer, tmp_path, capsys):
+    d = tmp_path / "stream"
+    d.mkdir()
+    for i, word in enumerate(["alpha", "beta", "val"]):
+        pq.write_table(pa.table({"text": [f"{word} {k}" for k in range(4)]}), d / f"shard_{i:05d}.parquet")
+    stream = DocumentStream(tokenizer, "train", str(d), 0, 1, prefetch=1, streaming=True, poll_seconds=0.05)
+    got = [stream.get()[0] for _ in range(2)]
+    time.sleep(0.5)  # the stream has reached the end of the shards and waits (no second epoch)
+    assert stream.queue.empty() and "waiting for new ones" in capsys.readouterr().out
+    atomic_write(str(d / "shard_00001b.parquet"), lambda f: pq.write_table(pa.table({"text": ["gamma"]}), f))
+    got.append(stream.get()[0])
+    stream.close()
+    assert [(p[0], p[1]) for p in got] == [(0, "shard_00000.parquet"), (0, "shard_00001.parquet"),
+                                           (0, "shard_00001b.parquet")]
 
 
 def test_stream_warns_when_a_shard_lands_after_val(tokenizer, tmp_path, capsys):

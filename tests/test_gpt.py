@@ -25,7 +25,9 @@ def test_config_for_depth():
 
 def test_layer_plan():
     cfg = GPTConfig(sequence_len=100, n_layer=6, window_pattern="SSSL")
-    assert [w for _, w in layer_plan(cfg)] == [50, 50, 50, 100, 50, 100]  # last layer always full
+    plan = layer_plan(cfg)
+    assert [s.window for s in plan] == [50, 50, 50, 100, 50, 100]  # last layer always full
+    assert all(s.mixer == "attn" and s.extras == () for s in plan)
     with pytest.raises(ValueError, match="string of S and L"):
         layer_plan(GPTConfig(window_pattern="SXL"))
 
@@ -45,11 +47,31 @@ def test_causality(pattern):
             assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])
 
 
-def test_sliding_window_limits_what_a_query_sees():
+@pytest.mark.parametrize("kernel", ["current", "sdpa", "flex"])
+def test_windowed_layer_ignores_tokens_beyond_its_window(kernel):
     model = tiny("S", T=32).eval()  # window 16 on every layer but the last
-    # a 1-layer-deep dependency check: with all layers windowed except the last, a token
-    # far in the past still reaches through stacked layers, so check the mask itself
-    from nanochat.gpt import sliding_window_mask
+    model.kernel = kernel
+    mixer = model.blocks[0].mixer
+    assert mixer.window == 16
+    ctx = model._context(32, 0, torch.device("cpu"))
+    x = torch.randn(2, 32, 64)
+    changed = x.clone()
+    changed[:, 3] += 1.0  # token 3: seen by queries 3..18 only
+    with torch.no_grad():
+        a, b = mixer(x, ctx), mixer(changed, ctx)
+    diff = (a - b).abs().amax(dim=(0, 2))
+    assert (diff[:3] == 0).all() and (diff[3:19] > 1e-4).all(), diff
+    assert (diff[19:] == 0).all(), "a query saw a token further back than its window"
+    # the last layer is full: it does see token 3 from everywhere after it
+    last = model.blocks[-1].mixer
+    with torch.no_grad():
+        diff = (last(x, ctx) - last(changed, ctx)).abs().amax(dim=(0, 2))
+    assert (diff[3:] > 1e-4).all()
+
+
+def test_sliding_window_mask():
+    model = tiny("S", T=32).eval()
+    from nanochat.attention import sliding_window_mask
     m = sliding_window_mask(4, 8, 4, 3, "cpu")
     assert m.tolist() == [[False, False, True, True, True, False, False, False],
                           [False, False, False, True, True, True, False, False],
@@ -117,3 +139,81 @@ def test_tiny_batch_overfits():
             o.step()
         model.zero_grad(set_to_none=True)
     assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_every_parameter_initialised_whatever_memory_held():
+    """Build twice on meta, fill the materialized memory with different garbage, init with
+    the same seed: identical, finite weights. A parameter that init_weights skips (a 1-D
+    one, say) keeps its garbage and fails this."""
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL")
+    states = []
+    for garbage in (float("nan"), 123.0):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.fill_(garbage)
+        torch.manual_seed(7)
+        model.init_weights()
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers()))
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_each_parameter_in_exactly_one_optimizer_group():
+    model = tiny("SL")
+    tags = model.opt_tags()
+    assert set(tags) == {n for n, _ in model.named_parameters()}
+    assert tags["wte.weight"] == "adamw_embedding" and tags["lm_head.weight"] == "adamw_unembedding"
+    assert tags["blocks.0.mixer.c_q.weight"] == "muon" and tags["blocks.1.mlp.c_proj.weight"] == "muon"
+    adamw, muon = model.setup_optimizers()
+    seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # all of them, each once
+    assert {id(p) for g in muon.param_groups for p in g["params"]} == \
+        {id(p) for n, p in model.named_parameters() if tags[n] == "muon"}
+
+
+def test_untagged_parameter_is_an_error_not_a_guess():
+    model = tiny()
+    model.blocks[0].mixer.extra = torch.nn.Parameter(torch.zeros(8))  # a 1-D parameter its module did not tag
+    with pytest.raises(ValueError, match="blocks.0.mixer.extra"):
+        model.setup_optimizers()
+
+
+def test_weight_decay_flags_reach_both_optimizers():
+    adamw, muon = tiny().setup_optimizers(weight_decay=0.1, adam_weight_decay=0.01)
+    assert all(g["weight_decay"] == 0.01 for g in adamw.param_groups)
+    assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
+
+
+@pytest.mark.parametrize("field,value,flag", [("mamba_pattern", "AAM", "--mamba"), ("engram_layers", "0,3", "--engram"),
+                                              ("mhc", True, "--mhc"), ("mtp", True, "--mtp"),
+                                              ("dsa_start_layer", 1, "--dsa")])
+def test_unbuilt_extension_stops_with_its_flag(field, value, flag):
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, **{field: value})
+    with pytest.raises(ValueError, match=f"{flag}.*not built yet"):
+        build_model(cfg, "cpu")
+
+
+def test_config_from_old_checkpoint_and_unknown_fields():
+    old = {"sequence_len": 64, "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
+           "window_pattern": "L", "softcap": 15.0}  # a checkpoint from before the extension fields
+    cfg = GPTConfig.from_dict(old)
+    assert cfg.mamba_pattern == "" and not cfg.mhc and cfg.dsa_start_layer == -1
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="future_field"):
+        GPTConfig.from_dict(dict(old, future_field=1))
+
+
+def test_generate_uses_the_engine_sampler():
+    """GPT.generate and Engine sample with one function: top_k <= 0 means no cut in both."""
+    model = tiny()
+    prompt = [1, 2, 3]
+    a = list(model.generate(prompt, 8, temperature=1.0, top_k=0, seed=5))
+    b = list(model.generate(prompt, 8, temperature=1.0, top_k=None, seed=5))
+    assert a == b
+    greedy = list(model.generate(prompt, 6, temperature=0.0))
+    from nanochat.engine import naive_generate
+    assert greedy == naive_generate(model.eval(), prompt, 6)

@@ -22,9 +22,11 @@ def model_pair(pattern, T=256):
     return cpu, gpu
 
 
+@pytest.mark.parametrize("kernel", ["current", "flex", "sdpa"])
 @pytest.mark.parametrize("pattern", ["L", "SSSL"])
-def test_gpu_training_path_matches_cpu(pattern):
+def test_gpu_training_path_matches_cpu(pattern, kernel):
     cpu, gpu = model_pair(pattern)
+    gpu.kernel = kernel
     idx = torch.randint(0, 512, (2, 256))
     ref = cpu(idx)  # fp32 CPU, explicit masks
     with torch.amp.autocast("cuda", dtype=torch.bfloat16):

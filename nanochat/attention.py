@@ -1,0 +1,197 @@
+"""
+Causal self-attention, the default sequence mixer, with its masks and KV cache.
+
+- rotary position embeddings (RoPE) on queries and keys, no learned positions;
+- QK-norm: RMSNorm on q and k after RoPE, which keeps attention logits bounded;
+- grouped-query attention: n_kv_head key/value heads shared by n_head query heads;
+- sliding windows: each layer attends to at most `window` tokens back (the layer spec
+  says how many; see gpt.layer_plan).
+
+Kernels (--kernel): "current" = SDPA (flash / cuDNN) for full-context layers and
+flex_attention for windowed ones on CUDA training; "flex" = flex_attention for every
+layer on CUDA training; "sdpa" = SDPA everywhere, windows as an explicit boolean mask
+(no flex, more memory). CPU and decoding always use SDPA with a mask.
+
+Every mixer module (this one, and later Mamba-3, DSA) follows one contract:
+    __init__(config, layer_idx, spec)       spec: this layer's gpt.LayerSpec
+    forward(x, ctx, cache=None) -> (B, T, C)  ctx: the Context shared by all layers
+    init_weights()                           initialise ALL own parameters (1-D too)
+    opt_tags() -> {param name: group}        optimizer group of each own parameter
+    init_cache(batch_size, max_len, device, dtype) -> an object with .repeat(n)
+    flops_per_token(T)                       training FLOPs per token (fwd + bwd)
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KERNELS = ("current", "flex", "sdpa")
+
+
+def norm(x):
+    """Parameter-free RMSNorm."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(length, head_dim, base=10000.0, device=None):
+    """cos and sin of position * frequency, each (1, length, 1, head_dim / 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate pairs (x1, x2) = (first half, second half) of each head by position angles."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Context:
+    """What one forward pass shares across layers: rotary tables for its positions, the
+    position offset (pos0 > 0 when decoding with a cache), and cached attention masks.
+    For the static one-token decode step (GPT.decode_step) the position is a device
+    tensor instead, and decode_masks hold each window's mask over the whole cache."""
+
+    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None):
+        self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
+        self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
+        self.pos_t, self.decode_masks = pos_t, decode_masks
+
+
+def sliding_window_mask(q_len, k_len, pos0, window, device):
+    """Boolean (q_len, k_len) mask: query at absolute position pos0+i sees key j
+    iff j <= pos0+i and pos0+i-j < window."""
+    qpos = torch.arange(pos0, pos0 + q_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    return (kpos <= qpos) & (qpos - kpos < window)
+
+
+def decode_masks(windows, max_len, pos_t):
+    """{window: (1, 1, 1, max_len) mask} for one query at device position pos_t over a whole cache."""
+    kpos = torch.arange(max_len, device=pos_t.device)
+    return {w: ((kpos <= pos_t) & (pos_t - kpos < w)).view(1, 1, 1, -1) for w in windows}
+
+
+def block_masks(windows, T, kernel, device, cache):
+    """{window: flex BlockMask} for the layers that flex_attention serves in CUDA training:
+    windows shorter than T under "current", every window under "flex", none under "sdpa".
+    `cache` is a dict kept by the model, so masks are built once per shape."""
+    masks = {}
+    if device.type != "cuda" or kernel == "sdpa":
+        return masks
+    for w in windows:
+        if w < T or kernel == "flex":
+            key = (T, w, str(device))
+            if key not in cache:
+                from torch.nn.attention.flex_attention import create_block_mask
+
+                def mask_mod(b, h, q, k, w=w):
+                    return (k <= q) & (q - k < w)
+                cache[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
+            masks[w] = cache[key]
+    return masks
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx, spec):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.window, self.layer_idx = spec.window, layer_idx
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+            raise ValueError(f"n_embd={config.n_embd}, n_head={config.n_head}, n_kv_head={config.n_kv_head}: "
+                             "n_embd must divide by n_head and n_head by n_kv_head")
+        C, D = config.n_embd, self.head_dim
+        self.c_q = nn.Linear(C, self.n_head * D, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * D, bias=False)
+        self.c_proj = nn.Linear(self.n_head * D, C, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """q, k, v uniform with std 1/sqrt(n_embd); the output projection zero, so the
+        layer starts by adding nothing to the residual stream."""
+        bound = math.sqrt(3) / math.sqrt(self.c_q.in_features)
+        for lin in (self.c_q, self.c_k, self.c_v):
+            nn.init.uniform_(lin.weight, -bound, bound)
+        nn.init.zeros_(self.c_proj.weight)
+
+    def opt_tags(self):
+        return {f"{name}.weight": "muon" for name in ("c_q", "c_k", "c_v", "c_proj")}
+
+    def flops_per_token(self, T):
+        """6 per weight (2 forward, 4 backward) plus scores and values: 12 * heads *
+        head_dim * keys seen (the window capped at T). Like nanochat (and PaLM's MFU),
+        without the causal half-saving."""
+        weights = sum(p.numel() for p in self.parameters())
+        return 6 * weights + 12 * self.n_head * self.head_dim * min(self.window, T)
+
+    def forward(self, x, ctx, cache=None):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, ctx.cos, ctx.sin), apply_rotary_emb(k, ctx.cos, ctx.sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache
+                k, v = cache.write(k, v, ctx.pos_t)
+            else:
+                k, v = cache.update(k, v, ctx.pos0)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep another dtype than autocast's
+        y = self.attend(q, k, v, ctx)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, ctx):
+        gqa = self.n_head != self.n_kv_head
+        T, S = q.size(2), k.size(2)
+        if ctx.decode_masks is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_masks[self.window], enable_gqa=gqa)
+        if self.window in ctx.block_masks and T == S:
+            # GPU training through flex_attention: it skips the masked-out blocks
+            return flex_attention(q, k, v, block_mask=ctx.block_masks[self.window], enable_gqa=gqa)
+        if T == S and ctx.pos0 == 0 and self.window >= T:
+            # full causal attention: SDPA picks flash / cuDNN on GPU
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # CPU, the "sdpa" kernel, or decoding with a cache: an explicit boolean mask
+        mask = sliding_window_mask(T, S, ctx.pos0, self.window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def init_cache(self, batch_size, max_len, device, dtype):
+        return KVCache(batch_size, self.n_kv_head, max_len, self.head_dim, device, dtype)
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated to max_len positions."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, k, v, pos0):
+        T = k.size(2)
+        if pos0 + T > self.k.size(2):
+            raise ValueError(f"KV cache of {self.k.size(2)} positions is full (need {pos0 + T})")
+        self.k[:, :, pos0:pos0 + T] = k
+        self.v[:, :, pos0:pos0 + T] = v
+        return self.k[:, :, :pos0 + T], self.v[:, :, :pos0 + T]
+
+    def write(self, k, v, pos_t):
+        """One position given as a device tensor: same shapes every step (CUDA graphs)."""
+        self.k.index_copy_(2, pos_t.view(1), k.to(self.k.dtype))
+        self.v.index_copy_(2, pos_t.view(1), v.to(self.v.dtype))
+        return self.k, self.v
+
+    def repeat(self, n):
+        """Copy a batch-1 cache (a shared prefill) into n rows."""
+        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
