@@ -1,80 +1,85 @@
 """
 Run untrusted Python (model-written tool calls, HumanEval completions) in a separate,
-restricted process and report what happened.
+isolated process and report what happened.
 
     result = execute_code("print(6 * 7)", timeout=3.0)
     result.success, result.stdout, result.stderr, result.reason  # True, "42\n", "", None
+    isolation()  # "bwrap", "unshare" or "none": how strongly the code is isolated here
 
 Threat model, honestly
 ----------------------
-This is a BEST-EFFORT sandbox meant to contain *accidental* damage from model-written
-code: infinite loops, runaway memory, fork loops, `rm -rf`-style cleanups, huge prints,
-stray network calls. It is NOT a security boundary in the sense of a container, a VM,
-gVisor or seccomp: code that sets out to escape can do so, e.g. through ctypes (raw
-libc calls: fork, unlink, connect), through `io.FileIO`, through the closures of the
-wrappers installed here (they hold the original functions), or by walking frames /
-`gc` to find the completion token. Run genuinely hostile code inside a real isolation
-layer, with this module as an extra layer inside it.
+The code is assumed hostile. The boundary is the Linux kernel, set up in layers:
 
-What it does (child side unless noted):
+1. Namespaces (isolation() "bwrap" or "unshare"). The code runs in its own user, pid,
+   mount, network, IPC and UTS namespaces, as uid 65534 inside them, without
+   capabilities and with no_new_privs:
+   - pid: it sees only its own processes (its /proc is a new one): the server, its
+     /proc/<pid>/environ|cmdline|mem, its pidfds and signals are out of reach. When the
+     namespace's init exits or is killed, the kernel kills everything left in it.
+   - mount: the filesystem is an empty read-only tmpfs with, read-only, /usr (and the
+     /bin, /lib* links), the interpreter's prefix (venv and base install), and this file;
+     a private writable work directory; minimal /dev (null, zero, full, random, urandom);
+     /proc. No home directory, no repository, no /etc, no checkpoints or tokens on disk.
+   - network: a new namespace with only a loopback that is down: nothing can be reached,
+     not even the host's 127.0.0.1; setns back is refused (no capability in the host's
+     namespaces, and the syscall is filtered, see 2).
+   - environment: a fresh minimal one (no API keys), HOME and TMPDIR = the work dir.
+   "bwrap" uses bubblewrap; "unshare" is the same setup done here (_launcher_main) where
+   bwrap is not installed. Both need user namespaces; where the kernel or a container
+   forbids them, isolation() is "none" (see below).
+2. A seccomp filter (Linux x86-64, every level) installed in the sandboxed interpreter
+   before the code runs: no new processes (fork, vfork, clone without CLONE_THREAD;
+   threads still work), no signals to other processes (kill, tgkill, pidfd_*), no
+   setns/unshare/mount/pivot_root/chroot, no ptrace/process_vm_*, no io_uring, bpf,
+   perf_event_open, userfaultfd, keyrings. The calls fail with EPERM (clone3: ENOSYS).
+3. Resource limits (setrlimit, soft = hard): address space/data = max_memory_bytes (a
+   failing allocation raises MemoryError -> reason "memory"), file size MAX_FILE_BYTES
+   (writes past it fail with EFBIG), no core dumps, CPU time a little above the timeout,
+   RLIMIT_NPROC for non-root users. The parent's wall-clock timeout SIGKILLs the process
+   group (which holds the namespace's init); output is read concurrently and truncated at
+   max_output_bytes.
+4. In-process guards (the weakest layer, kept because they give clear errors and are
+   all there is at level "none"): os.fork/system/exec*/kill..., subprocess, sockets and
+   writes outside the work directory raise PermissionError. They are Python-level
+   patches and do NOT hold against code that sets out to escape (ctypes, io.FileIO, a
+   fresh copy of a builtin module through the import machinery, frame walking).
+
+What the namespaces do not give: a limit on the host's total memory beyond the per-process
+RLIMIT_AS (one process: forks are filtered), protection against kernel bugs (the kernel
+is the boundary, as for any container), or hiding what /usr and the Python install
+contain (read-only, but readable). CPU time within the timeout is not shared fairly.
+
+Level "none" (no user namespaces, non-Linux, or NANOCHAT_SANDBOX=none): the code runs as
+the server's user, with layers 2 (Linux x86-64) to 4 and a best-effort network namespace.
+That is NOT a security boundary: it can read the server's files and /proc (environment,
+command line: secrets). So scripts/chat_web.py refuses to start at level "none" unless
+given --unsandboxed_tool, and chat_eval warns.
+
+NANOCHAT_SANDBOX (read once, by isolation()): "auto" (default) tries bwrap, then unshare,
+then none; "unshare" skips bwrap; "none" forces no isolation (e.g. to test the refusal).
+
+Mechanics
+---------
 - Separate process: a fresh interpreter, `sys.executable -I -B -X utf8`, started with
-  subprocess in a new session (so it and anything it starts share a process group
-  that can be killed at once). Not multiprocessing: "fork" would copy the caller's
-  state (CUDA contexts, torch/tokenizer threads, locks held by other threads) into the
-  child, which is unsafe, and "spawn" re-imports the caller's __main__ and the
-  nanochat package (torch). subprocess uses posix_spawn/vfork-style fork_exec, which is
-  safe in a threaded parent, and nothing of the caller's state leaks into the child.
-  The environment is NOT inherited (no API keys); HOME and TMPDIR point at the work dir.
-- Work directory: a fresh temporary directory is the child's cwd; the parent removes it
-  afterwards, whatever happened.
-- Resource limits (setrlimit, soft = hard so they cannot be raised again by a
-  non-root child): RLIMIT_AS and RLIMIT_DATA = max_memory_bytes (a failing allocation
-  raises MemoryError -> reason "memory"), RLIMIT_FSIZE = MAX_FILE_BYTES (SIGXFSZ is
-  ignored, so writes past it fail with EFBIG), RLIMIT_CORE = 0, RLIMIT_CPU a little
-  above the timeout (a backstop in case the parent dies), RLIMIT_NPROC for non-root
-  users (current task count of the user + a margin: it counts ALL processes/threads of
-  the user, and root is exempt - or, in a container, shares the count with the whole
-  host - so it is skipped for root). Because RLIMIT_NPROC is weak, process creation is
-  also disabled in Python (next point).
-- Disabled / guarded functions, replaced before the code runs (they raise
-  PermissionError, an OSError): os/posix fork, forkpty, system, popen, exec*, spawn*,
-  posix_spawn*, kill, killpg, _exit, putenv/unsetenv (so `os.environ[k] = v` raises
-  too), chdir/fchdir/chroot, chown & co, fchmod, link/symlink, mkfifo/mknod, set*id,
-  setsid/setpgid, xattrs; _posixsubprocess.fork_exec and subprocess.Popen (which also
-  covers multiprocessing, concurrent.futures.ProcessPoolExecutor, pty, os.popen);
-  resource.setrlimit/prlimit; builtins exit/quit/help; shutil.chown.
-  Guarded to the work directory (the resolved path, symlinks and '..' included, must
-  lie inside it): open/io.open/os.open in any writing mode (reads are allowed
-  everywhere - imports need them; /dev/null, /dev/stdout, /dev/stderr are allowed),
-  os.remove/unlink/rmdir/mkdir/rename/replace/truncate/chmod/utime (dir_fd resolved
-  through /proc/self/fd), shutil.rmtree/move. So os.makedirs, tempfile, pathlib and
-  shutil.copy keep working inside the work directory.
-- Network: socket.socket/_socket.socket become classes whose constructor raises;
-  socketpair, fromfd, create_connection, create_server, getaddrinfo, gethostbyname*
-  raise. In addition, on Linux the child tries to move into a fresh network namespace
-  (unshare(CLONE_NEWNET), or CLONE_NEWUSER|CLONE_NEWNET when not root) where only a
-  down loopback exists, so even a bypass of the Python-level patch reaches nothing.
-  Silently skipped where the kernel or a container forbids it.
+  subprocess (through bwrap or the launcher) in a new session, so it and everything it
+  starts share a process group that is killed at once. Not multiprocessing: "fork" would
+  copy the caller's state (CUDA contexts, threads, locks) into the child and "spawn"
+  re-imports the caller's __main__ (torch). subprocess's fork_exec is safe in a threaded
+  parent.
+- Work directory: a fresh temporary directory, the child's cwd, bound at the same path
+  inside the sandbox; the parent removes it afterwards, whatever happened.
 - Completion: success=True only if the code ran to its end. The child reports "ok",
   "error" or "memory" on a private pipe with a random per-run token; exiting early
   (sys.exit, SystemExit, os._exit is disabled) or without the token is a failure.
-- Timeout (parent): wall clock, counted from the start of the child. On expiry the
-  parent SIGKILLs the child's whole process group, so grandchildren die too; it then
-  reaps the child (no zombies). Output is read concurrently through pipes and only the
-  first max_output_bytes of each stream are kept (the rest is read and dropped, so a
-  chatty child never blocks); a truncated stream ends with a "[... output truncated"
-  note.
+- Reasons: "timeout" (wall clock, counted from the start), "memory", "error" (an
+  exception, an early exit), "killed" (a signal: SIGKILL, SIGSEGV, SIGXCPU...).
 
-Not limited: reading files, number of files written into the work directory (each is
-at most MAX_FILE_BYTES), threads (bounded by memory), CPU use by threads within the
-timeout.
+Not limited: reading the files the sandbox can see, number of files written into the
+work directory (each at most MAX_FILE_BYTES), threads (bounded by memory).
 
-Platforms: Linux is the target and is what the tests cover. Other POSIX systems run the
-same path minus the /proc-based dir_fd checks (dir_fd writes are refused) and network
-namespaces, with whatever rlimits the OS accepts. Where the `resource` module does not
-exist (Windows) there are no resource limits and no process-group kill: the code still
-runs in a separate process with the function guards, the wall-clock timeout kills the
-child, and output is truncated after the fact (untested there).
+Platforms: Linux is the target and what the tests cover. Elsewhere the level is "none"
+(other POSIX: the same path minus namespaces, seccomp and the /proc-based dir_fd checks;
+Windows: no rlimits or group kill, the timeout kills the child; untested there).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ try:
 except ImportError:  # Windows: no rlimits, only the timeout
     resource = None
 
-__all__ = ["ExecutionResult", "execute_code", "MAX_FILE_BYTES"]
+__all__ = ["ExecutionResult", "execute_code", "isolation", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: the largest file the code may write
 _STATUS_BYTES = 4096  # how much of the status pipe the parent keeps
@@ -105,13 +110,17 @@ _EXIT_CODES = {"ok": 0, "error": 1, "memory": 3}  # child exit codes (used where
 _NPROC_MARGIN = 64  # tasks (processes + threads) a non-root child may add to its user's count
 _WRITABLE_DEVICES = frozenset({os.devnull, "/dev/stdout", "/dev/stderr"})
 
+_SANDBOX_ID = 65534  # uid and gid inside the namespaces ("nobody"): not root, so no capabilities survive exec
+_LEVELS = ("bwrap", "unshare", "none")
+
 # The child runs this file as a standalone module (not through the nanochat package,
-# whose import would pull in torch) and calls _child_main(); see execute_code.
+# whose import would pull in torch) and calls the function named by argv[2]:
+# _child_main (the sandboxed interpreter) or _launcher_main (the "unshare" level).
 _LOADER = (
     "import importlib.util as u, sys\n"
     "s = u.spec_from_file_location('_nanochat_sandbox', sys.argv[1])\n"
     "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m)\n"
-    "m._child_main()\n"
+    "getattr(m, sys.argv[2])()\n"
 )
 
 
@@ -144,6 +153,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     if not sys.executable:
         raise RuntimeError("sys.executable is unknown: cannot start a sandbox interpreter")
+    level = isolation()
     workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-exec-"))
     nonce = secrets.token_hex(16)
     cfg = {
@@ -152,14 +162,96 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         "root": workdir,
         "timeout": float(timeout),
         "max_memory_bytes": int(max_memory_bytes or 0),
+        "isolation": level,
     }
-    argv = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _LOADER, os.path.abspath(__file__)]
+    argv = _sandboxed(level, workdir, _interpreter("_child_main"))
     try:
         if os.name == "posix":
             return _run_posix(argv, cfg, _child_env(workdir), workdir, timeout, max_output_bytes, nonce)
         return _run_fallback(argv, cfg, _child_env(workdir), workdir, timeout, max_output_bytes)
     finally:
         _remove_tree(workdir)
+
+
+def _interpreter(entry: str) -> list[str]:
+    return [sys.executable, "-I", "-B", "-X", "utf8", "-c", _LOADER, os.path.abspath(__file__), entry]
+
+
+# -----------------------------------------------------------------------------
+# Isolation levels
+
+_isolation = None
+
+
+def isolation() -> str:
+    """How tool code is isolated on this machine: "bwrap", "unshare" or "none" (see the
+    module docstring). Probed once (a trial run, ~0.1 s) and cached; NANOCHAT_SANDBOX
+    ("auto", "bwrap", "unshare", "none") says where to start looking."""
+    global _isolation
+    if _isolation is None:
+        wanted = (os.environ.get("NANOCHAT_SANDBOX") or "auto").strip().lower()
+        if wanted not in ("auto", *_LEVELS):
+            raise ValueError(f"NANOCHAT_SANDBOX={wanted!r}: expected auto, bwrap, unshare or none")
+        candidates = _LEVELS[_LEVELS.index(wanted):] if wanted != "auto" else _LEVELS
+        _isolation = next(level for level in candidates if level == "none" or _works(level))
+    return _isolation
+
+
+def _works(level: str) -> bool:
+    """Can this level start an interpreter here? (user namespaces may be disabled, bwrap
+    missing, /proc not mountable in a container...)"""
+    if not sys.platform.startswith("linux") or (level == "bwrap" and not shutil.which("bwrap")):
+        return False
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-exec-"))
+    inner = [sys.executable, "-I", "-c", "import os; assert os.getpid() < 10 and os.listdir('/') != []"]
+    try:
+        proc = subprocess.run(_sandboxed(level, workdir, inner), env=_child_env(workdir), cwd=workdir,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=30, start_new_session=True)
+        return proc.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    finally:
+        _remove_tree(workdir)
+
+
+def _sandboxed(level: str, workdir: str, inner: list[str]) -> list[str]:
+    """The command line that runs `inner` at `level`."""
+    if level == "none":
+        return inner
+    binds, links = _host_view()
+    if level == "unshare":
+        spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner}
+        return _interpreter("_launcher_main") + [json.dumps(spec)]
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--uid", str(_SANDBOX_ID),
+            "--gid", str(_SANDBOX_ID), "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    for src, dst in binds:
+        argv += ["--ro-bind", src, dst]
+    for target, path in links:
+        argv += ["--symlink", target, path]
+    argv += ["--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--remount-ro", "/",
+             "--chdir", workdir, "--"]
+    return argv + inner
+
+
+def _host_view():
+    """What the sandbox sees of the host, read-only: (source, destination) binds and
+    (target, path) symlinks. The interpreter and its libraries, nothing else."""
+    links, paths = [], []
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr"):
+        if os.path.islink(top):
+            links.append((os.readlink(top), top))  # merged /usr: /lib -> usr/lib
+        elif os.path.isdir(top):
+            paths.append(top)
+    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.realpath(sys.executable)), os.path.abspath(__file__)):
+        paths += [os.path.abspath(p), os.path.realpath(p)]  # the venv's python links into the base install
+    binds = []
+    for p in sorted(set(paths), key=len):  # parents first: a path inside a bound one needs nothing more
+        if os.path.exists(p) and not any(p == q or p.startswith(q.rstrip("/") + "/") for q, _ in binds):
+            if not any(p == path or p.startswith(path + "/") for _, path in links):
+                binds.append((p, p))
+    return binds, links
 
 
 def _child_env(workdir: str) -> dict:
@@ -289,8 +381,8 @@ def _classify(timed_out, state, returncode, stdout, stderr) -> ExecutionResult:
         reason = "memory"
     elif state == "error":
         reason = "error"
-    elif returncode is not None and returncode < 0:  # died from a signal: SIGKILL (OOM killer), SIGSEGV, SIGXCPU...
-        reason = "killed"
+    elif returncode is not None and (returncode < 0 or 128 < returncode <= 128 + 64):
+        reason = "killed"  # died from a signal (SIGKILL, SIGSEGV, SIGXCPU...); bwrap and the launcher say 128 + N
     else:  # exited without a valid completion record
         reason = "error"
     return ExecutionResult(success=reason is None, stdout=stdout, stderr=stderr, reason=reason)
@@ -446,8 +538,10 @@ def _child_main() -> None:
         os.dup2(fd, 0)
         os.close(fd)
         nproc_limit = _nproc_limit()
-        _isolate_network()
+        if cfg["isolation"] == "none":  # in the namespaces the network is gone already
+            _isolate_network()
         _apply_limits(cfg["max_memory_bytes"], cfg["timeout"], nproc_limit)
+        _install_seccomp()
         _install_guards(cfg["root"])
     except BaseException as exc:  # fail closed: never run the code half-protected
         report(exc, skip_first_frame=False)
@@ -471,6 +565,138 @@ def _child_main() -> None:
         finish("error")
     del reserve
     finish("ok")
+
+
+# Linux constants (the same on every architecture unless noted)
+_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+_CLONE_THREAD = 0x00010000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP = 1, 38, 22
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}  # glibc has no wrapper
+
+
+def _libc():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(name: str, *args) -> int:
+        ret = getattr(libc, name)(*args)
+        if ret == -1:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{name}{args}: {os.strerror(err)}")
+        return ret
+    return call
+
+
+def _launcher_main() -> None:
+    """Level "unshare": what bwrap would do, for machines without it. Runs as the server's
+    user: enters new user/mount/pid/network/IPC/UTS namespaces, forks the namespace's
+    init (pid 1), which builds a new root holding only the binds and execs the sandboxed
+    interpreter. Waits for it and exits with its status (128 + N for signal N, as bwrap)."""
+    import platform
+    spec = json.loads(sys.argv[3])
+    call = _libc()
+    uid, gid = os.geteuid(), os.getegid()
+    call("unshare", _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{_SANDBOX_ID} {uid} 1"), ("gid_map", f"{_SANDBOX_ID} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    # the sources, opened while the whole host tree is in view (the new root hides /tmp)
+    sources = [(os.open(src, os.O_PATH | os.O_CLOEXEC), dst) for src, dst in spec["binds"]]
+    devices = [(os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC), f"/dev/{d}") for d in ("null", "zero", "full", "random", "urandom")]
+    workdir = spec["workdir"]
+    work = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pid 1 of the new pid namespace: when it exits, the kernel kills all the rest
+        try:
+            call("prctl", _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher killed -> this dies too
+            root = "/tmp"  # any directory will do: a tmpfs over it becomes the new root
+            call("mount", None, b"/", None, _MS_REC | _MS_PRIVATE, None)  # nothing propagates back to the host
+            call("mount", b"tmpfs", root.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0755,size=1m")
+
+            def bind(fd: int, dst: str, flags: int | None) -> None:
+                target = root + dst
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.makedirs(target, exist_ok=True)
+                else:
+                    open(target, "a").close()
+                call("mount", f"/proc/self/fd/{fd}".encode(), target.encode(), None, _MS_BIND, None)
+                if flags is not None:  # keep the source's locked flags (nosuid/nodev/noexec), or the kernel refuses
+                    kept = os.statvfs(target).f_flag & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+                    call("mount", None, target.encode(), None, _MS_REMOUNT | _MS_BIND | flags | kept, None)
+
+            for fd, dst in sources:
+                bind(fd, dst, _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+            for fd, dst in devices:
+                bind(fd, dst, None)
+            bind(work, workdir, _MS_NOSUID | _MS_NODEV)
+            for target, path in spec["links"]:
+                os.symlink(target, root + path)
+            os.makedirs(root + "/proc")
+            call("mount", b"proc", (root + "/proc").encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+            os.chdir(root)
+            call("syscall", _SYS_PIVOT_ROOT[platform.machine()], b".", b".")  # the old root stacks under the new
+            call("umount2", b".", _MNT_DETACH)  # ... and is detached: the host tree is gone
+            call("mount", None, b"/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
+            os.chdir(workdir)
+            call("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            os.execv(spec["argv"][0], spec["argv"])  # uid 65534 in the namespace: exec drops every capability
+        except BaseException as exc:
+            os.write(2, f"sandbox setup failed: {exc}\n".encode())
+        finally:
+            os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+
+# seccomp: x86-64 syscall numbers refused to the sandboxed code (see the module docstring)
+_SECCOMP_DENY_X86_64 = {
+    "fork": 57, "vfork": 58, "kill": 62, "ptrace": 101, "rt_sigqueueinfo": 129, "pivot_root": 155,
+    "chroot": 161, "mount": 165, "umount2": 166, "init_module": 175, "tkill": 200, "tgkill": 234,
+    "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272,
+    "rt_tgsigqueueinfo": 297, "perf_event_open": 298, "setns": 308, "process_vm_readv": 310,
+    "process_vm_writev": 311, "finit_module": 313, "bpf": 321, "userfaultfd": 323,
+    "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+    "pidfd_open": 434, "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
+}
+_SYS_CLONE_X86_64, _SYS_CLONE3_X86_64 = 56, 435
+
+
+def _install_seccomp() -> None:
+    """Install the seccomp filter (Linux x86-64 only; elsewhere this layer is missing).
+    Fails closed: an error here means the code does not run."""
+    import platform
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return
+    import ctypes
+    import struct
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JSET|K, BPF_RET|K
+    allow, deny, nosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # SECCOMP_RET_ALLOW, ERRNO(EPERM), ERRNO(ENOSYS)
+    kill = 0x80000000  # SECCOMP_RET_KILL_PROCESS
+    prog = [
+        (ld, 0, 0, 4), (jeq, 1, 0, 0xC000003E), (ret, 0, 0, kill),  # arch must be x86-64 (no i386/int 0x80 ABI)
+        (ld, 0, 0, 0), (0x35, 0, 1, 0x40000000), (ret, 0, 0, kill),  # nr >= 0x40000000: the x32 ABI
+    ]
+    for nr in _SECCOMP_DENY_X86_64.values():  # if nr == N: refuse
+        prog += [(jeq, 0, 1, nr), (ret, 0, 0, deny)]
+    prog += [(jeq, 0, 1, _SYS_CLONE3_X86_64), (ret, 0, 0, nosys)]  # flags are behind a pointer: libc falls back to clone
+    prog += [(jeq, 1, 0, _SYS_CLONE_X86_64), (ret, 0, 0, allow),  # clone: only threads
+             (ld, 0, 0, 16), (jset, 1, 0, _CLONE_THREAD), (ret, 0, 0, deny), (ret, 0, 0, allow)]
+    code = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    call = _libc()
+    call("prctl", _PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    call("prctl", _PR_SET_SECCOMP, 2, ctypes.byref(fprog), 0, 0)  # SECCOMP_MODE_FILTER
 
 
 def _nproc_limit() -> int | None:

@@ -18,6 +18,7 @@ from nanochat.chat_eval import chatcore, run_categorical, run_generative
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, compute_cleanup, compute_init, print0
 from nanochat.engine import Engine
+from nanochat.execution import isolation
 from nanochat.report import get_report
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -55,6 +56,9 @@ names = [n for n in args.task_name.split("|") if n]
 unknown = [n for n in names if n not in TASKS]
 if unknown:
     raise SystemExit(f"unknown task(s) {', '.join(unknown)}; choose from {'|'.join(TASKS)}")
+if "HumanEval" in names and isolation() == "none":
+    print0("=" * 80 + "\nWARNING: the execution sandbox cannot isolate code on this machine (no user namespaces):\n"
+           "HumanEval runs model-written code UNSANDBOXED, as this user. See nanochat/execution.py.\n" + "=" * 80)
 
 device_type = autodetect_device_type(args.device_type)
 ddp, rank, local_rank, world_size, device = compute_init(device_type)

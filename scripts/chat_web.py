@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, logger
 from nanochat.engine import Engine
+from nanochat.execution import isolation
 
 # limits: generous for people, small enough that nobody can tie up a worker for long
 MAX_MESSAGES = 500
@@ -294,7 +295,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "workers": len(app.state.pool.workers)}
+        return {"status": "ok", "workers": len(app.state.pool.workers), "sandbox": isolation()}
 
     @app.get("/stats")
     async def stats():
@@ -408,7 +409,12 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $NANOCHAT_API_KEY; none: open)")
+    parser.add_argument("--unsandboxed_tool", action="store_true",
+                        help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
+    if isolation() == "none" and not args.unsandboxed_tool:  # the tool's code could read this server's secrets
+        raise SystemExit("The Python tool cannot be isolated on this machine (no user namespaces; see "
+                         "nanochat/execution.py). Start with --unsandboxed_tool to serve anyway, tool unsandboxed.")
     if args.device_type == "cuda" or (not args.device_type and torch.cuda.is_available()):
         if args.num_gpus > torch.cuda.device_count():
             raise SystemExit(f"--num_gpus={args.num_gpus} but {torch.cuda.device_count()} GPUs are visible")
@@ -417,5 +423,6 @@ if __name__ == "__main__":
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
     print(f"nanochat: open http://{args.host}:{args.port} for the UI; OpenAI-compatible API at "
-          f"http://{args.host}:{args.port}/v1")
+          f"http://{args.host}:{args.port}/v1; Python tool sandbox: {isolation()}"
+          + (" (UNSANDBOXED: --unsandboxed_tool)" if isolation() == "none" else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

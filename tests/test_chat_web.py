@@ -85,7 +85,8 @@ def chat_body(**kw):
 def test_ui_health_models(server):
     r = get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "<html" in r.text.lower()
-    assert get(server.url + "/health").json()["workers"] == 2
+    health = get(server.url + "/health").json()
+    assert health["workers"] == 2 and health["sandbox"] in ("bwrap", "unshare", "none")
     models = get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == "nanochat-sft-d2"
 
@@ -258,3 +259,16 @@ def test_load_32_streaming_clients(server):
     assert result["errors"] == 0, result
     assert result["requests"] >= 32 and result["ttft_p99_ms"] is not None
     assert result["workers_busy_after"] == 0 and result["waiting_after"] == 0
+
+
+@pytest.mark.parametrize("flag", [[], ["--unsandboxed_tool"]])
+def test_refuses_to_start_with_an_unsandboxed_tool_unless_told(tmp_path, flag):
+    # NANOCHAT_SANDBOX=none stands for a machine without user namespaces; with the flag it
+    # goes on to load the model (there is none in tmp_path)
+    env = dict(os.environ, NANOCHAT_SANDBOX="none", NANOCHAT_BASE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--device_type", "cpu", *flag], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    refused = "--unsandboxed_tool to serve anyway" in out.stderr
+    assert refused == (not flag), out.stderr
+    assert flag == [] or "No sft model to serve" in out.stderr
