@@ -31,6 +31,7 @@ WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/mas
 WORDS_URL_ENV = "NANOCHAT_WORDS_URL"
 WORDS_CACHE_NAME = "words_alpha.txt"  # under $NANOCHAT_BASE_DIR
 SYSTEM_WORDS = "/usr/share/dict/words"
+_failed_downloads = {}  # url -> why: a process that builds several spelling tasks offline tries once
 TEST_SEED_OFFSET = 10_000_000
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -80,12 +81,13 @@ def find_words_file(download=True):
     cached = words_cache_path()
     if os.path.isfile(cached):
         return cached
-    problem = "downloading it was not tried"
-    if download:
+    url = os.environ.get(WORDS_URL_ENV) or WORDS_URL
+    problem = _failed_downloads.get(url, "downloading it was not tried")
+    if download and url not in _failed_downloads:
         try:
-            return download_words(dest=cached)
+            return download_words(url, dest=cached)
         except RuntimeError as e:
-            problem = str(e)
+            problem = _failed_downloads[url] = str(e)
     if os.path.isfile(SYSTEM_WORDS):
         print(f"warning: {problem}; using the system dictionary {SYSTEM_WORDS} instead", file=sys.stderr)
         return SYSTEM_WORDS
