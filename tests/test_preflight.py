@@ -17,11 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOSED = "http://127.0.0.1:9"  # nothing listens there: refused at once
 
 
-def preflight(env, *args):
-    env = dict(os.environ, HF_HOME=env.pop("HF_HOME", "/nonexistent-hf-home"), **env)
-    for name in ("NANOCHAT_WORDS_FILE", "NANOCHAT_TASK_DATA", "NANOCHAT_DATA_DIR", "HF_HUB_OFFLINE"):
-        if name not in env or env[name] is None:
-            env.pop(name, None)
+def preflight(given, *args):
+    """Run it with the caller's settings only: the inputs' variables of this shell are dropped."""
+    env = dict(os.environ, HF_HOME="/nonexistent-hf-home")
+    for name in ("NANOCHAT_WORDS_FILE", "NANOCHAT_TASK_DATA", "NANOCHAT_DATA_DIR", "HF_HUB_OFFLINE", "HF_HUB_CACHE",
+                 "HF_DATASETS_CACHE"):
+        env.pop(name, None)
+    env.update(given)
     return subprocess.run([sys.executable, "-m", "scripts.preflight", "--timeout", "5", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -38,7 +40,7 @@ def served(tmp_path):
     srv.shutdown()
 
 
-def test_missing_inputs_are_listed_and_fail(tmp_path, monkeypatch):
+def test_missing_inputs_are_listed_and_fail(tmp_path):
     out = preflight({"NANOCHAT_BASE_DIR": str(tmp_path / "base"), "NANOCHAT_WORDS_URL": CLOSED + "/words.txt",
                      "NANOCHAT_EVAL_BUNDLE_URL": str(tmp_path / "no-bundle.zip"), "HF_ENDPOINT": CLOSED,
                      "NANOCHAT_DATA_URL": CLOSED, "NANOCHAT_TASK_DATA": str(tmp_path / "empty")},
