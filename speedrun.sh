@@ -22,6 +22,9 @@ dry || source dev/setup.sh
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 TORCHRUN="torchrun --standalone --nproc_per_node=$NPROC"
 
+# preflight: every input a later stage needs (word list, eval bundle, task data, disk for
+# the checkpoints), fetched now where possible; stops here with a list of fixes, not hours in
+run python -m scripts.preflight --depth="$DEPTH" --num_shards="$NUM_SHARDS" ${RL:+--rl}
 run python -m nanochat.report reset
 # data: 8 shards now for the tokenizer, the rest in the background while it trains
 run python -m nanochat.dataset -n 8

@@ -8,7 +8,9 @@ many samples of the same prompt, with the Python tool in the loop.
 - Decode: all rows advance one position per step. The step is GPT.decode_step, whose
   shapes never change (static cache, position as a device tensor), so on CUDA it is
   torch.compile'd and captured once as a CUDA graph, then replayed every step.
-- Sampling: temperature (0 = greedy), top-k, and a seeded torch.Generator.
+- Sampling: temperature (0 = greedy), top-k, and a seeded torch.Generator; optionally
+  OpenAI's logit adjustments first (adjust_logits: frequency and presence penalties
+  on each row's own sampled tokens, and a per-token logit_bias).
 - Stopping: a row is done at <|assistant_end|> or <|bos|>; generation ends when every
   row is done or max_tokens is reached.
 - Tool use: each row runs a small state machine (ToolState). Tokens between
@@ -37,6 +39,14 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
         return idx.gather(1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
     probs = torch.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+
+
+def adjust_logits(logits, counts, frequency_penalty=0.0, presence_penalty=0.0, bias=None):
+    """OpenAI's logit adjustments: (B, V) logits minus frequency_penalty per time a token
+    already came out in that row (counts, (B, V)), minus presence_penalty once it has,
+    plus bias ((V,), logit_bias as a dense vector)."""
+    logits = logits.float() - frequency_penalty * counts - presence_penalty * (counts > 0).float()
+    return logits if bias is None else logits + bias
 
 
 _ARITHMETIC = re.compile(r"^[\d\s+\-*/().%,]+$")
@@ -151,10 +161,13 @@ class Engine:
     # ---- generation ----------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
         """Streams (token_column, mask_column) per step: the next token of each row, and
         1 where it was sampled, 0 where the tool forced it. Rows that are done keep
-        producing (ignored) tokens until all are done, so the batch stays in lockstep."""
+        producing (ignored) tokens until all are done, so the batch stays in lockstep.
+        frequency_penalty, presence_penalty and logit_bias ({token id: bias}) adjust the
+        logits before sampling, as OpenAI's parameters of those names (adjust_logits)."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
@@ -174,7 +187,16 @@ class Engine:
         step = self._make_stepper(cache, num_samples) if len(tokens) < max_len else None
         rows = [Row(self.tokenizer) for _ in range(num_samples)]
         pos, produced = len(tokens), 0
+        adjust = bool(frequency_penalty or presence_penalty or logit_bias)
+        if adjust:
+            counts = torch.zeros(num_samples, logits.size(-1), device=device)
+            bias = None
+            if logit_bias:
+                bias = torch.zeros(logits.size(-1), device=device)
+                bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float, device=device)
         while True:
+            if adjust:
+                logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
             sampled = sample_next(logits, rng, temperature, top_k).tolist()
             column, masks = [], []
             for row, tok in zip(rows, sampled):
@@ -187,6 +209,8 @@ class Engine:
                 if self.use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
                     row.forced.extend(row.tool.feed(tok))
             yield column, masks
+            if adjust:
+                counts[torch.arange(num_samples, device=device), torch.tensor(column, device=device)] += 1
             produced += 1
             if all(r.done for r in rows) or (max_tokens is not None and produced >= max_tokens) or pos >= max_len:
                 break

@@ -18,26 +18,38 @@ Endpoints:
 Workers: one model per GPU (--num_gpus; on a CPU, that many CPU replicas). A request
 waits for a free worker; generation runs in a thread and streams back token by token;
 a client that disconnects stops its generation at the next token, freeing the worker.
-Every bad request gets a 4xx with an OpenAI-style error body, never a 500.
+Every bad request gets a 4xx with an OpenAI-style error body, never a 500. OpenAI
+parameters: n (several answers), stop (up to 4 strings), frequency_penalty,
+presence_penalty and logit_bias work; a few others (top_p, logprobs, echo, best_of, ...)
+get a 400 naming them unless they have their neutral value; none is ignored silently.
+
+Hardening (docs/serving.md): a request's headers must arrive within --header_timeout s
+and its body within BODY_TIMEOUT s (else 408 and the connection is closed), bodies
+over MAX_BODY_BYTES get a 413 (by Content-Length at once, or while a chunked body
+streams in), and at most --max_connections connections are open at once (the next is
+answered 503 and closed).
 """
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import threading
 import time
 import uuid
 from contextlib import aclosing
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import torch
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, logger
@@ -50,20 +62,34 @@ MAX_MESSAGE_CHARS = 8000
 MAX_CONVERSATION_CHARS = 32000
 MAX_NEW_TOKENS = 4096
 MAX_SEED = 2**64 - 1  # the range torch.Generator.manual_seed takes
+MAX_CHOICES = 8  # n
+MAX_STOPS, MAX_STOP_CHARS = 4, 100  # stop: as OpenAI, up to 4 strings
+MAX_BODY_BYTES = 1 << 20  # the largest conversation, JSON-escaped, is well under this
+HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 10.0, 30.0, 256  # the command line's defaults
 UI_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 # -----------------------------------------------------------------------------
 # Request bodies (pydantic checks types and ranges; the rest is checked by hand below)
 
 
+def clean(text):
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"), which no encoder accepts:
+    keep valid pairs, replace lone halves with U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# a string cleaned before pydantic checks it (its length checks reject lone surrogates)
+Text = Annotated[str, BeforeValidator(lambda v: clean(v) if isinstance(v, str) else v)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[TextPart]]  # OpenAI clients may send [{"type": "text", "text": ...}]
+    content: Union[Text, list[TextPart]]  # OpenAI clients may send [{"type": "text", "text": ...}]
 
 
 class Sampling(BaseModel):
@@ -72,25 +98,44 @@ class Sampling(BaseModel):
     max_tokens: Optional[int] = Field(512, ge=1, le=MAX_NEW_TOKENS)
 
 
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+class OpenAIParams(Sampling):
     model: Optional[str] = None
     stream: bool = False  # /v1 only; the UI endpoint always streams
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stop: Union[None, Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+                Annotated[list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                          Field(max_length=MAX_STOPS)]] = None
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=300)  # token id (as a string) -> -100..100
+    # OpenAI parameters we don't implement: accepted only at their neutral value (else a 400)
+    top_p: Optional[float] = None
+    logprobs: Union[None, bool, int] = None
+    top_logprobs: Optional[int] = None
+    echo: Optional[bool] = None
+    best_of: Optional[int] = None
+    tools: Optional[list] = None
+    tool_choice: Union[None, str, dict] = None
+    functions: Optional[list] = None
+    response_format: Optional[dict] = None
+
+    def stops(self):
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-class CompletionRequest(Sampling):
-    prompt: str = Field(..., max_length=MAX_CONVERSATION_CHARS)
-    suffix: Optional[str] = Field(None, max_length=MAX_CONVERSATION_CHARS)
-    model: Optional[str] = None
-    stream: bool = False
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+NEUTRAL = {"top_p": (None, 1, 1.0), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+           "best_of": (None, 1), "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+           "response_format": (None, {"type": "text"})}
 
 
-def clean(text):
-    """JSON may carry lone UTF-16 surrogates ("\\ud800"), which no encoder accepts:
-    keep valid pairs, replace lone halves with U+FFFD."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+class ChatRequest(OpenAIParams):
+    messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+
+
+class CompletionRequest(OpenAIParams):
+    prompt: Text = Field(..., max_length=MAX_CONVERSATION_CHARS)
+    suffix: Optional[Text] = Field(None, max_length=MAX_CONVERSATION_CHARS)
 
 
 class BadRequest(Exception):
@@ -102,7 +147,7 @@ def conversation_of(messages):
     """{"messages": [...]} for the tokenizer, after the checks pydantic can't express."""
     out, total = [], 0
     for i, m in enumerate(messages):
-        text = clean(m.content if isinstance(m.content, str) else "".join(p.text for p in m.content))
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
         if not text.strip():
             raise BadRequest(f"messages[{i}] is empty")
         if len(text) > MAX_MESSAGE_CHARS:
@@ -121,6 +166,46 @@ def conversation_of(messages):
     if not turns or turns[-1]["role"] != "user":
         raise BadRequest("the last message must be from the user")
     return {"messages": out + [{"role": "assistant", "content": ""}]}
+
+
+def check_params(req, vocab_size):
+    """The OpenAI parameters pydantic can't check: logit_bias's keys and values, and the
+    ones we don't implement (a 400 naming the parameter unless it has its neutral value)."""
+    for name, neutral in NEUTRAL.items():
+        if getattr(req, name) not in neutral:
+            raise BadRequest(f"'{name}' is not supported by this server (leave it out)")
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise BadRequest(f"logit_bias: {key!r} is not a token id (0 to {vocab_size - 1})")
+        if not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias[{key}]: {value} is outside -100 to 100")
+        bias[int(key)] = value
+    return bias
+
+
+class StopScanner:
+    """Cuts a row's text at the first stop string. feed(text) returns what may be sent
+    now and whether a stop string was hit (then the row is done; the stop string and
+    what follows are dropped). Text that could be the start of a stop string is held
+    back until the next pieces show whether it is; finish() returns what was held."""
+
+    def __init__(self, stops):
+        self.stops, self.held = stops, ""
+
+    def feed(self, text):
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[:min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out, False
+
+    def finish(self):
+        out, self.held = self.held, ""
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -164,8 +249,8 @@ def error(status, message, kind="invalid_request_error"):
 
 class BearerAuth:
     """--api_key: every path but the page and the health check needs `Authorization: Bearer
-    KEY`. Plain ASGI, not @app.middleware("http"): that one wraps `receive`, and a handler
-    then no longer sees its client disconnect."""
+    KEY` (the scheme in any case, as RFC 7235 says). Plain ASGI, not @app.middleware("http"):
+    that one wraps `receive`, and a handler then no longer sees its client disconnect."""
     OPEN_PATHS = ("/", "/health", "/docs", "/openapi.json")
 
     def __init__(self, app, api_key):
@@ -174,7 +259,8 @@ class BearerAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if given != f"Bearer {self.api_key}":
+            scheme, _, key = given.strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
                 response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  "authentication_error")
                 await response(scope, receive, send)
@@ -182,51 +268,202 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def generate_stream(pool, tokens, sampling, seed):
-    """Async generator of (text piece, tokens so far, worker index), ending with a
-    ("", total tokens, worker) item. It waits for a free worker and generates in a thread.
-    When the consumer goes away (a disconnected client) the thread stops at its next
-    token; the thread itself hands the worker back when it is done with the model."""
+class BodyGuard:
+    """Reads the whole request body before the app sees it: at most max_bytes (a larger
+    Content-Length is refused at once, a chunked body as soon as it grows past the limit:
+    413) within timeout seconds (else 408); both answers close the connection. The app
+    then gets the body in one message, and after that the real `receive`, so it still
+    sees its client disconnect."""
+
+    def __init__(self, app, max_bytes=MAX_BODY_BYTES, timeout=BODY_TIMEOUT):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.refuse(413, f"the request body is over the limit of {self.max_bytes} bytes",
+                                     scope, receive, send)
+        body, deadline = [], time.monotonic() + self.timeout
+        size, more = 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return await self.refuse(408, f"the request body did not arrive within {self.timeout:g} s",
+                                         scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return
+            body.append(message.get("body", b""))
+            size += len(body[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self.refuse(413, f"the request body is over the limit of {self.max_bytes} bytes",
+                                         scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(status, message, scope, receive, send):
+        response = error(status, message)
+        response.headers["connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def guarded_protocol(header_timeout=HEADER_TIMEOUT, max_connections=MAX_CONNECTIONS):
+    """uvicorn's h11 protocol, plus what uvicorn lacks: a deadline for a request's headers
+    (from the connection's start, or from the end of the previous response: a client that
+    sends half a header is answered 408 and closed, one that stays silent is closed, so
+    slow clients can't hold sockets) and a cap on open connections (the next one is answered 503 and closed
+    at once; uvicorn's limit_concurrency only answers once the headers are in)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self.refuse(b"503 Service Unavailable")
+            else:
+                self.start_header_timer()
+
+        def start_header_timer(self):
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_later(header_timeout, self.on_header_timeout)
+
+        def on_header_timeout(self):
+            self.header_timer = None
+            if self.conn.trailing_data[0]:  # part of a request came: say why we hang up
+                self.refuse(b"408 Request Timeout")
+            elif not self.transport.is_closing():  # nothing came (e.g. an idle keep-alive connection)
+                self.transport.close()
+
+        def stop_header_timer(self):
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def refuse(self, status):
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+        def data_received(self, data):
+            if self.conn.their_state is h11.IDLE:  # a new request: its headers are due in time
+                self.start_header_timer()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # headers in (or the connection is done)
+                self.stop_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.start_header_timer()  # the next request's headers are due in time as well
+
+        def connection_lost(self, exc):
+            self.stop_header_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def server_config(app, host="127.0.0.1", port=8000, header_timeout=HEADER_TIMEOUT,
+                  max_connections=MAX_CONNECTIONS, **kwargs):
+    """uvicorn's Config for chat_web: the guarded protocol (header deadline, connection
+    cap); the body's limits are BodyGuard's, in the app."""
+    return uvicorn.Config(app, host=host, port=port, http=guarded_protocol(header_timeout, max_connections),
+                          ws="none", **kwargs)
+
+
+async def generate_stream(pool, tokens, req, seed, bias=None):
+    """Async generator of (choice, text piece, tokens so far, finish_reason, worker index)
+    for req.n answers sampled together; finish_reason is None until that answer's last
+    item, then "stop" (a stop token, or one of req.stop, whose text is not returned) or
+    "length" (max_tokens, or the end of the model's context). bias: logit_bias as
+    {token id: bias}. It waits for a free worker and generates in a thread, which stops
+    once every answer is done. When the consumer goes away (a disconnected client) the
+    thread stops at its next token; it hands the worker back when done with the model."""
     worker = await pool.acquire()
     loop = asyncio.get_running_loop()
     out = asyncio.Queue()
     stop = threading.Event()
-    max_tokens = min(sampling.max_tokens or MAX_NEW_TOKENS, worker.model.config.sequence_len - len(tokens))
+    n = getattr(req, "n", 1)
+    max_tokens = min(req.max_tokens or MAX_NEW_TOKENS, worker.model.config.sequence_len - len(tokens))
 
     def send(*item):
         loop.call_soon_threadsafe(out.put_nowait, item)
 
     def run():
-        decode, n = worker.tokenizer.stream_decoder(), 0  # holds a character split across tokens
+        decoders = [worker.tokenizer.stream_decoder() for _ in range(n)]  # each holds a character split across tokens
+        scanners = [StopScanner(req.stops()) if getattr(req, "stop", None) else None for _ in range(n)]
+        counts, done = [0] * n, [False] * n
         try:
             with worker.autocast:
-                for column, _ in worker.engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
-                                                        temperature=sampling.temperature, top_k=sampling.top_k,
-                                                        seed=seed):
-                    if stop.is_set() or column[0] in worker.engine.stop_tokens:
+                for column, _ in worker.engine.generate(
+                        tokens, num_samples=n, max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                        seed=seed, frequency_penalty=getattr(req, "frequency_penalty", 0) or 0.0,
+                        presence_penalty=getattr(req, "presence_penalty", 0) or 0.0, logit_bias=bias):
+                    if stop.is_set():
                         break
-                    n += 1
-                    worker.tokens += 1
-                    text = decode(column[0])
-                    if text:
-                        send("text", text, n)
-            send("end", decode(None), n)
+                    for i, token in enumerate(column):
+                        if done[i]:
+                            continue
+                        if token in worker.engine.stop_tokens:
+                            done[i] = True
+                            tail = decoders[i](None)
+                            if scanners[i]:
+                                tail, _ = scanners[i].feed(tail)
+                                tail += scanners[i].finish()
+                            send("end", i, tail, counts[i], "stop")
+                            continue
+                        counts[i] += 1
+                        worker.tokens += 1
+                        text = decoders[i](token)
+                        hit = False
+                        if scanners[i] and text:
+                            text, hit = scanners[i].feed(text)
+                        if hit:
+                            done[i] = True
+                            send("end", i, text, counts[i], "stop")
+                        elif text:
+                            send("text", i, text, counts[i], None)
+                    if all(done):
+                        break
+            for i in range(n):
+                if not done[i]:
+                    tail = decoders[i](None)
+                    if scanners[i]:
+                        tail, hit = scanners[i].feed(tail)
+                        if hit:
+                            send("end", i, tail, counts[i], "stop")
+                            continue
+                        tail += scanners[i].finish()
+                    send("end", i, tail, counts[i], "length")
         except Exception as e:  # reported to the client as an error, logged here
             logger.exception("generation failed")
-            send("error", str(e), n)
+            send("error", 0, str(e), 0, None)
         finally:
             worker.served += 1
             loop.call_soon_threadsafe(pool.release, worker)
+            send("done", 0, "", 0, None)
 
     threading.Thread(target=run, daemon=True).start()
     try:
         while True:
-            kind, text, n = await out.get()
+            kind, i, text, count, finish = await out.get()
             if kind == "error":
                 raise RuntimeError(text)
-            yield text, n, worker.index
-            if kind == "end":
+            if kind == "done":
                 return
+            yield i, text, count, finish, worker.index
     finally:
         stop.set()  # no await here: a cancelled task (client gone) could not wait anyway
 
@@ -239,7 +476,8 @@ def sse(obj):
 # The app
 
 
-def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None):
+def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT):
     device_type = autodetect_device_type(device_type)
     state = {"requests": 0, "started": time.time()}
 
@@ -267,7 +505,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     async def on_http(request, exc):
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
 
-    if api_key:
+    app.add_middleware(BodyGuard, max_bytes=max_body_bytes, timeout=body_timeout)  # with or without a key
+    if api_key:  # outside BodyGuard: a request without the key is refused before its body is read
         app.add_middleware(BearerAuth, api_key=api_key)
 
     def fitting(tokens, what):
@@ -283,11 +522,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     def completion_id(kind):
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
-    def finish_reason(n, req, tokens):
-        """"length" when generation ran into max_tokens or the end of the model's context
-        (generate_stream caps max_tokens by the room the prompt leaves), else "stop"."""
-        limit = min(req.max_tokens or MAX_NEW_TOKENS, app.state.pool.workers[0].model.config.sequence_len - len(tokens))
-        return "length" if n >= limit else "stop"
+    def logit_bias(req):
+        return check_params(req, state["tokenizer"].get_vocab_size())
 
     @app.get("/", include_in_schema=False)
     async def ui():
@@ -306,14 +542,16 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
 
     @app.post("/chat/completions")
     async def chat(req: ChatRequest):
-        tokens = prompt_tokens(conversation_of(req.messages))
+        if req.n != 1:
+            raise BadRequest("'n' must be 1 here (the UI endpoint streams one answer); /v1 takes more")
+        tokens, bias = prompt_tokens(conversation_of(req.messages)), logit_bias(req)
         state["requests"] += 1
         seed = req.seed if req.seed is not None else state["requests"]
 
         async def events():
             try:
-                async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
-                    async for text, _, worker in pieces:
+                async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
+                    async for _, text, _, _, worker in pieces:
                         if text:
                             yield sse({"token": text, "worker": worker})
                 yield sse({"done": True})
@@ -321,59 +559,64 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                 yield sse({"error": str(e)})
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def openai_stream(tokens, req, kind, seed):
-        """OpenAI's streaming format: chunks, then data: [DONE]."""
+    def openai_stream(tokens, req, kind, seed, bias):
+        """OpenAI's streaming format: chunks (each of one choice), then data: [DONE]."""
         rid = completion_id(kind)
         created, model = int(time.time()), state["model_id"]
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(text, finish=None):
+        def chunk(i, text, finish=None):
             if kind == "chat":
-                choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text, "finish_reason": finish}
+                choice = {"index": i, "text": text, "finish_reason": finish}
             return sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
 
         async def events():
-            n = 0
             if kind == "chat":
-                yield sse({"id": rid, "object": obj, "created": created, "model": model,
-                           "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})
+                for i in range(req.n):
+                    yield sse({"id": rid, "object": obj, "created": created, "model": model,
+                               "choices": [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]})
             try:
-                async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
-                    async for text, n, _ in pieces:
+                async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
+                    async for i, text, _, finish, _ in pieces:
                         if text:
-                            yield chunk(text)
+                            yield chunk(i, text)
+                        if finish:
+                            yield chunk(i, "", finish)
             except RuntimeError as e:
                 yield sse({"error": {"message": str(e), "type": "server_error"}})
                 return
-            yield chunk("", finish_reason(n, req, tokens))
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def openai_complete(tokens, req, kind, request):
+        bias = logit_bias(req)
         state["requests"] += 1
         # without a seed, each request samples differently (a retry must not repeat the answer)
         seed = req.seed if req.seed is not None else state["requests"]
         if req.stream:
-            return openai_stream(tokens, req, kind, seed)
-        text, n = "", 0
-        async with aclosing(generate_stream(app.state.pool, tokens, req, seed)) as pieces:
-            async for piece, n, _ in pieces:
-                text += piece
+            return openai_stream(tokens, req, kind, seed, bias)
+        texts, counts, finishes, items = [""] * req.n, [0] * req.n, [None] * req.n, 0
+        async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
+            async for i, piece, count, finish, _ in pieces:
+                texts[i] += piece
+                counts[i], finishes[i], items = count, finish, items + 1
                 # nothing is sent before the end here, so look for a client that has left
                 # (leaving this block stops the generation at its next token)
-                if n % 8 == 0 and await request.is_disconnected():
+                if items % 8 == 0 and await request.is_disconnected():
                     return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}},
                                         status_code=499)
-        finish = finish_reason(n, req, tokens)
+        n = sum(counts)
         usage = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
         base = {"id": completion_id(kind), "created": int(time.time()),
                 "model": state["model_id"], "usage": usage}
         if kind == "chat":
             return dict(base, object="chat.completion", choices=[
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}])
-        return dict(base, object="text_completion", choices=[{"index": 0, "text": text, "finish_reason": finish}])
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                for i, (t, f) in enumerate(zip(texts, finishes))])
+        return dict(base, object="text_completion", choices=[{"index": i, "text": t, "finish_reason": f}
+                                                             for i, (t, f) in enumerate(zip(texts, finishes))])
 
     @app.post("/v1/chat/completions")
     async def v1_chat(req: ChatRequest, request: Request):
@@ -384,10 +627,10 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         tok = state["tokenizer"]
         if req.suffix is not None:  # fill-in-the-middle, PSM order: prefix, suffix, then the middle
             s = tok.encode_special
-            tokens = ([tok.get_bos_token_id(), s("<|fim_prefix|>")] + tok.encode(clean(req.prompt))
-                      + [s("<|fim_suffix|>")] + tok.encode(clean(req.suffix)) + [s("<|fim_middle|>")])
+            tokens = ([tok.get_bos_token_id(), s("<|fim_prefix|>")] + tok.encode(req.prompt)
+                      + [s("<|fim_suffix|>")] + tok.encode(req.suffix) + [s("<|fim_middle|>")])
         else:
-            tokens = tok.encode(clean(req.prompt), prepend="<|bos|>")
+            tokens = tok.encode(req.prompt, prepend="<|bos|>")
         return await openai_complete(fitting(tokens, "prompt"), req, "text", request)
 
     @app.get("/v1/models")
@@ -407,6 +650,10 @@ if __name__ == "__main__":
     parser.add_argument("--device_type", default="", help="cuda|mps|cpu (default: autodetect)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--header_timeout", type=float, default=HEADER_TIMEOUT,
+                        help="seconds a client has to send a request's headers (else 408, closed)")
+    parser.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                        help="open connections at most; the next is answered 503 and closed")
     parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $NANOCHAT_API_KEY; none: open)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
@@ -425,4 +672,5 @@ if __name__ == "__main__":
     print(f"nanochat: open http://{args.host}:{args.port} for the UI; OpenAI-compatible API at "
           f"http://{args.host}:{args.port}/v1; Python tool sandbox: {isolation()}"
           + (" (UNSANDBOXED: --unsandboxed_tool)" if isolation() == "none" else ""))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(server_config(app, args.host, args.port, args.header_timeout, args.max_connections,
+                                 log_level="info")).run()

@@ -9,29 +9,101 @@ counts by hand, checks with the Python tool ('strawberry'.count('r')), and ends 
 "#### 3". Evaluated (generative) on the number after the last "####".
 
 Example i is the same on every run (its random generator is seeded by i and the split;
-train and test use disjoint seeds). The word list comes from load_words().
+train and test use disjoint seeds). The word list comes from load_words(): in order,
+the words_file argument, $NANOCHAT_WORDS_FILE, the list nanochat uses (dwyl's
+words_alpha.txt, ~370k words) cached at $NANOCHAT_BASE_DIR/words_alpha.txt and
+downloaded there once (atomically) from $NANOCHAT_WORDS_URL or WORDS_URL, and only if
+that download fails the system dictionary /usr/share/dict/words (with a warning: a
+different list gives different examples). `python -m scripts.preflight` fetches it
+before a run starts.
 """
 
 import os
 import random
 import re
+import sys
+import time
 
 from tasks.common import Task
 
 WORDS_ENV = "NANOCHAT_WORDS_FILE"
+WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+WORDS_URL_ENV = "NANOCHAT_WORDS_URL"
+WORDS_CACHE_NAME = "words_alpha.txt"  # under $NANOCHAT_BASE_DIR
 SYSTEM_WORDS = "/usr/share/dict/words"
+_failed_downloads = {}  # url -> why: a process that builds several spelling tasks offline tries once
 TEST_SEED_OFFSET = 10_000_000
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
+def words_cache_path():
+    from nanochat.common import get_base_dir
+    return os.path.join(get_base_dir(), WORDS_CACHE_NAME)
+
+
+def download_words(url=None, dest=None, max_attempts=3, backoff=1.0, timeout=30):
+    """Fetch the word list to dest (default $NANOCHAT_BASE_DIR/words_alpha.txt) unless it
+    is there; written atomically (a temp file renamed into place), so a cut-off transfer
+    never leaves a half list behind. Returns dest; raises RuntimeError if it can't."""
+    import requests
+
+    from nanochat.common import atomic_write
+    url = url or os.environ.get(WORDS_URL_ENV) or WORDS_URL
+    dest = dest or words_cache_path()
+    if os.path.isfile(dest):
+        return dest
+    last = None
+    for attempt in range(1, max_attempts + 1):
+        try:
+            r = requests.get(url, timeout=timeout)
+            r.raise_for_status()
+            if not re.search(r"^[a-z]{3,15}\r?$", r.text, re.M):
+                raise ValueError(f"{url} is not a word list (no lowercase words in it)")
+            atomic_write(dest, lambda f: f.write(r.content))
+            return dest
+        except Exception as e:  # offline, server error, not a list
+            last = e
+            if isinstance(e, ValueError) or 400 <= getattr(getattr(e, "response", None), "status_code", 0) < 500:
+                break
+            if attempt < max_attempts:
+                time.sleep(backoff * 2 ** (attempt - 1))
+    raise RuntimeError(f"could not download the word list from {url}: {type(last).__name__}: {last}")
+
+
+def find_words_file(download=True):
+    """The word list to use (see the module docstring for the order); raises
+    FileNotFoundError saying how to provide one."""
+    path = os.environ.get(WORDS_ENV)
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{WORDS_ENV}={path}: no such file")
+        return path
+    cached = words_cache_path()
+    if os.path.isfile(cached):
+        return cached
+    url = os.environ.get(WORDS_URL_ENV) or WORDS_URL
+    problem = _failed_downloads.get(url, "downloading it was not tried")
+    if download and url not in _failed_downloads:
+        try:
+            return download_words(url, dest=cached)
+        except RuntimeError as e:
+            problem = _failed_downloads[url] = str(e)
+    if os.path.isfile(SYSTEM_WORDS):
+        print(f"warning: {problem}; using the system dictionary {SYSTEM_WORDS} instead", file=sys.stderr)
+        return SYSTEM_WORDS
+    raise FileNotFoundError(
+        f"no word list: {problem}. Put one at {cached} (e.g. curl -Lo {cached} {WORDS_URL}), or set {WORDS_ENV} "
+        f"to a file with one word per line (or {WORDS_URL_ENV} to a mirror), or install a system dictionary at "
+        f"{SYSTEM_WORDS} (e.g. `apt install wamerican`)")
+
+
 def load_words(words_file=None):
     """Sorted unique lowercase a-z words of 3 to 15 letters, from words_file, else
-    $NANOCHAT_WORDS_FILE, else the system dictionary."""
-    path = words_file or os.environ.get(WORDS_ENV) or (SYSTEM_WORDS if os.path.isfile(SYSTEM_WORDS) else None)
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"no word list{f' at {path}' if path else ''}: pass words_file or set {WORDS_ENV} to a file with "
-            f"one word per line, or install a system dictionary at {SYSTEM_WORDS} (e.g. `apt install wamerican`)")
+    find_words_file() (env, cached/downloaded list, system dictionary)."""
+    if words_file is not None and not os.path.isfile(words_file):
+        raise FileNotFoundError(f"no word list at {words_file}: pass another words_file or set {WORDS_ENV}, "
+                                f"or install a system dictionary at {SYSTEM_WORDS} (e.g. `apt install wamerican`)")
+    path = words_file or find_words_file()
     with open(path, encoding="utf-8", errors="replace") as f:
         words = {w for w in (line.strip() for line in f) if re.fullmatch(r"[a-z]{3,15}", w)}
     if not words:

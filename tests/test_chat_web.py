@@ -27,8 +27,8 @@ stream = functools.partial(httpx.stream, timeout=30)
 
 
 class LiveServer:
-    def __init__(self, base_dir, **kwargs):
-        from scripts.chat_web import create_app
+    def __init__(self, base_dir, server_kwargs=None, **kwargs):
+        from scripts.chat_web import create_app, server_config
         old = os.environ.get("NANOCHAT_BASE_DIR")
         os.environ["NANOCHAT_BASE_DIR"] = str(base_dir)
         try:
@@ -44,7 +44,9 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        # as `python -m scripts.chat_web` serves it: with the header deadline and connection cap
+        config = server_config(self.app, log_level="warning", **(server_kwargs or {}))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         for _ in range(300):
@@ -272,3 +274,226 @@ def test_refuses_to_start_with_an_unsandboxed_tool_unless_told(tmp_path, flag):
     refused = "--unsandboxed_tool to serve anyway" in out.stderr
     assert refused == (not flag), out.stderr
     assert flag == [] or "No sft model to serve" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# Hardening (issue 26): timeouts, connection cap, body limit, Bearer case, OpenAI
+# parameters (n, stop, penalties, logit_bias, the unsupported ones), lone surrogates
+
+
+def raw_exchange(port, data, wait=10.0):
+    """Send bytes on a fresh socket, then read until the server closes it; returns
+    (what came back, seconds until the close)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(wait)
+    t0, got = time.time(), b""
+    try:
+        if data:
+            sock.sendall(data)
+        while True:
+            part = sock.recv(65536)
+            if not part:
+                break
+            got += part
+    except (TimeoutError, socket.timeout):
+        got += b"<still open>"
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return got, time.time() - t0
+
+
+def test_slow_clients_are_cut_off_and_connections_are_capped(base_dir):
+    s = LiveServer(base_dir, server_kwargs={"header_timeout": 1.5, "max_connections": 4}, body_timeout=1.5)
+    try:
+        # half a header, then nothing: 408 and closed at the deadline (before: held forever)
+        got, took = raw_exchange(s.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        assert got.startswith(b"HTTP/1.1 408") and took < 6, (got, took)
+        got, took = raw_exchange(s.port, b"")  # a connection that never says anything is closed
+        assert got == b"" and took < 6, (got, took)
+        # the headers, then part of the body: 408 at the body's deadline
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        got, took = raw_exchange(s.port, head + b'{"prompt": "')
+        assert got.startswith(b"HTTP/1.1 408") and took < 6, (got, took)
+        # a keep-alive connection whose second request stalls halfway is cut off as well
+        got, took = raw_exchange(s.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\n")
+        assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in got and took < 4, (got, took)
+        # connection cap: 4 idle connections fill it, the 5th is refused at once
+        time.sleep(0.3)  # the connections above are gone
+        idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]
+        time.sleep(0.3)
+        got, took = raw_exchange(s.port, b"")
+        assert got.startswith(b"HTTP/1.1 503") and took < 1, (got, took)
+        time.sleep(2.5)  # the idle ones are dropped at their header deadline: the server answers again
+        assert get(s.url + "/health").status_code == 200
+        for sock in idle:
+            sock.close()
+    finally:
+        s.stop()
+
+
+def test_body_size_limit(server):
+    # by Content-Length, before any of the body is sent
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
+    got, took = raw_exchange(server.port, head)
+    assert got.startswith(b"HTTP/1.1 413") and b"limit" in got and took < 5, got[:300]
+    # a chunked body: refused once past the limit, without reading the rest
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.settimeout(10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk, sent, got = b"x" * 65536, 0, b""
+    try:
+        while sent < 20_000_000 and not got:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+            sock.settimeout(0.02)
+            try:
+                got = sock.recv(65536)
+            except (TimeoutError, socket.timeout):
+                pass
+            sock.settimeout(10)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    assert got.startswith(b"HTTP/1.1 413") and sent < 4_000_000, (got[:200], sent)
+    # a normal request still works
+    assert post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_bearer_scheme_is_case_insensitive_and_bodies_are_limited_with_a_key(base_dir):
+    s = LiveServer(base_dir, api_key="secret")
+    try:
+        for scheme in ("bearer", "BEARER", "Bearer", "bEaReR"):
+            r = post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                     headers={"Authorization": f"{scheme} secret"})
+            assert r.status_code == 200, (scheme, r.text)
+        assert post(s.url + "/v1/completions", json={"prompt": "hi"},
+                    headers={"Authorization": "Basic secret"}).status_code == 401
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer secret\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
+        got, _ = raw_exchange(s.port, head)
+        assert got.startswith(b"HTTP/1.1 413"), got[:200]
+    finally:
+        s.stop()
+
+
+def test_n_choices(server):
+    r = post(server.url + "/v1/chat/completions", json=chat_body(n=3, max_tokens=5))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert all(c["finish_reason"] == "length" and c["message"]["content"] for c in out["choices"])
+    assert out["usage"]["completion_tokens"] == 15
+    assert len({c["message"]["content"] for c in out["choices"]}) > 1  # sampled, not copies
+    r = post(server.url + "/v1/completions", json={"prompt": "Once", "n": 2, "max_tokens": 4})
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    from openai import OpenAI
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, n=2, stream=True))
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
+    assert finishes == {0: "length", 1: "length"}
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in (0, 1)]
+    assert all(texts)
+    assert post(server.url + "/v1/chat/completions", json=chat_body(n=9)).status_code in (400, 422)
+    assert post(server.url + "/chat/completions", json=chat_body(n=2)).status_code == 400  # the UI streams one
+
+
+def completion_text(server, stream=False, **kw):
+    body = {"prompt": "The meaning of life is", "max_tokens": 24, "temperature": 0.0, **kw}
+    if not stream:
+        r = post(server.url + "/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"], choice["finish_reason"], None
+    with stream_post(server, body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    pieces = [e["choices"][0]["text"] for e in events]
+    return "".join(pieces), events[-1]["choices"][0]["finish_reason"], [p for p in pieces if p]
+
+
+def stream_post(server, body):
+    return stream("POST", server.url + "/v1/completions", json=dict(body, stream=True))
+
+
+def test_stop_strings(server):
+    full, finish, pieces = completion_text(server, stream=True)
+    assert finish == "length" and len(pieces) >= 4
+    # a stop string across two streamed pieces: the first half must not be sent before
+    # the server knows whether the rest follows
+    j = next(j for j in range(1, len(pieces) - 1) if len(pieces[j]) >= 2 and len(pieces[j + 1]) >= 2)
+    stop = pieces[j][-2:] + pieces[j + 1][:2]
+    expected = full[:full.index(stop)]
+    for stream_ in (False, True):
+        for stop_param in (stop, [stop], ["never-in-the-output", stop]):
+            text, finish, _ = completion_text(server, stream=stream_, stop=stop_param)
+            assert (text, finish) == (expected, "stop"), (stream_, stop_param, text, expected)
+    # a stop string that never comes: the whole text, "length"
+    assert completion_text(server, stop=["never-in-the-output"])[:2] == (full, "length")
+    # chat: the same, through the official client
+    from openai import OpenAI
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0).choices[0]
+    stop = whole.message.content[4:7]
+    cut = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stop=stop).choices[0]
+    assert cut.message.content == whole.message.content[:whole.message.content.index(stop)]
+    assert cut.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stop=[stop],
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == cut.message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # at most 4 strings, none empty
+    assert post(server.url + "/v1/completions", json={"prompt": "x", "stop": list("abcde")}).status_code in (400, 422)
+    assert post(server.url + "/v1/completions", json={"prompt": "x", "stop": ""}).status_code in (400, 422)
+
+
+def test_penalties_and_logit_bias(server, tokenizer):
+    (a,) = tokenizer.encode(" the")
+    text, _, _ = completion_text(server, max_tokens=10, logit_bias={str(a): 1.0})
+    assert text == " the" * 10  # the model's logits are ~0.001: a bias of 1 decides
+    text, _, _ = completion_text(server, max_tokens=10, logit_bias={str(a): 1.0}, presence_penalty=2.0)
+    assert text.startswith(" the") and not text.startswith(" the the")
+    text, _, _ = completion_text(server, max_tokens=10, logit_bias={str(a): 1.0}, frequency_penalty=0.4)
+    assert text.startswith(" the" * 3) and not text.startswith(" the" * 4)  # 1 - 0.4 * 3 < 0
+    text, _, _ = completion_text(server, stream=True, max_tokens=10, logit_bias={str(a): 1.0}, frequency_penalty=0.4)
+    assert text.startswith(" the" * 3) and not text.startswith(" the" * 4)
+    r = post(server.url + "/v1/chat/completions", json=chat_body(logit_bias={str(a): 100}, temperature=0, max_tokens=3))
+    assert r.json()["choices"][0]["message"]["content"] == " the" * 3
+    for bad in ({"x": 1}, {"99999999": 1}, {str(a): 101}):
+        r = post(server.url + "/v1/completions", json={"prompt": "x", "logit_bias": bad})
+        assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
+    assert post(server.url + "/v1/completions", json={"prompt": "x", "presence_penalty": 3}).status_code == 422
+
+
+@pytest.mark.parametrize("param,value", [("top_p", 0.5), ("logprobs", True), ("logprobs", 3), ("echo", True),
+                                         ("best_of", 2), ("top_logprobs", 2),
+                                         ("response_format", {"type": "json_object"}),
+                                         ("tools", [{"type": "function", "function": {"name": "f"}}])])
+def test_unsupported_params_are_400_never_ignored(server, param, value):
+    for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}), ("/v1/chat/completions", chat_body())):
+        r = post(server.url + path, json=dict(body, **{param: value}))
+        assert r.status_code == 400 and param in r.json()["error"]["message"], (path, r.status_code, r.text)
+
+
+def test_neutral_values_of_unsupported_params_are_fine(server):
+    r = post(server.url + "/v1/chat/completions", json=chat_body(top_p=1, logprobs=False, echo=False, best_of=1,
+                                                                 frequency_penalty=0, presence_penalty=0, n=1))
+    assert r.status_code == 200, r.text
+
+
+def test_lone_surrogates_everywhere(server):
+    def send(path, body):
+        return post(server.url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+    r = send("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "a\ud800b"}]))
+    assert r.status_code == 200, r.text
+    r = send("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = send("/v1/completions", {"prompt": "int f(\udfff", "suffix": "}\ud83d", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = send("/v1/completions", {"prompt": "x", "stop": ["\ud800"], "max_tokens": 2})
+    assert r.status_code == 200, r.text

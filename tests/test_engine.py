@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanochat.engine import Engine, ToolState, naive_generate, run_tool, sample_next
+from nanochat.engine import Engine, ToolState, adjust_logits, naive_generate, run_tool, sample_next
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -55,6 +55,15 @@ def test_sampling_is_seeded_and_respects_top_k():
     for k in (0, -1):  # no cut, as None (-k 0 crashed chat_eval and chat_rl)
         assert torch.equal(sample_next(logits, torch.Generator().manual_seed(3), 1.0, k),
                            sample_next(logits, torch.Generator().manual_seed(3), 1.0, None))
+
+
+def test_adjust_logits_penalties_and_bias():
+    logits = torch.zeros(2, 4)
+    counts = torch.tensor([[0, 1, 3, 0], [2, 0, 0, 0]], dtype=torch.float)
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    out = adjust_logits(logits, counts, frequency_penalty=0.5, presence_penalty=1.0, bias=bias)
+    assert out.tolist() == [[0, -1.5, -2.5, 5], [-2, 0, 0, 5]]
+    assert torch.equal(adjust_logits(logits, counts), logits)
 
 
 def test_engine_streams_and_stops(tokenizer, monkeypatch):

@@ -18,7 +18,9 @@ def dry_run(script, **env):
 
 def test_speedrun_dry_run(tmp_path):
     cmds = dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path))
-    assert cmds[0] == "python -m nanochat.report reset" and cmds[-1] == "python -m nanochat.report generate"
+    # the preflight first, for the stages and size this run will have; then the report
+    assert cmds[0] == "python -m scripts.preflight --depth=20 --num_shards=240"
+    assert cmds[1] == "python -m nanochat.report reset" and cmds[-1] == "python -m nanochat.report generate"
     joined = "\n".join(cmds)
     for expected in ["python -m nanochat.dataset -n 8", "python -m nanochat.dataset -n 240",
                      "python -m scripts.tok_train --max_chars=2000000000", "python -m scripts.tok_eval",
@@ -30,13 +32,16 @@ def test_speedrun_dry_run(tmp_path):
                      "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft"]:
         assert expected in joined
     assert "chat_rl" not in joined  # optional, as in nanochat
-    assert "scripts.chat_rl -- --run=dummy" in "\n".join(dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), RL="1"))
+    rl = dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), RL="1")
+    assert "scripts.chat_rl -- --run=dummy" in "\n".join(rl)
+    assert rl[0] == "python -m scripts.preflight --depth=20 --num_shards=240 --rl"
     assert os.listdir(tmp_path) == []  # nothing ran
 
 
 def test_run1000_dry_run_and_overrides():
     cmds = "\n".join(dry_run("run1000.sh"))
     assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 800" in cmds
+    assert cmds.startswith("python -m scripts.preflight --depth=32 --num_shards=800\n")
     cmds = "\n".join(dry_run("speedrun.sh", DEPTH="26", WANDB_RUN="d26"))
     assert "--depth=26 --device_batch_size=32 --run=d26 --fp8=0" in cmds
     assert "--run=dummy --fp8=1" in "\n".join(dry_run("speedrun.sh", FP8="1"))

@@ -199,9 +199,68 @@ def test_load_words(words_file, tmp_path, monkeypatch):
     assert load_words() == load_words(words_file)
     monkeypatch.delenv("NANOCHAT_WORDS_FILE")
     monkeypatch.setattr("tasks.spellingbee.SYSTEM_WORDS", str(tmp_path / "no-dict"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_WORDS_URL", "http://127.0.0.1:9/words.txt")  # nothing listens there
+    monkeypatch.setattr("tasks.spellingbee.time.sleep", lambda s: None)
     for kwargs in ({}, {"words_file": str(tmp_path / "missing.txt")}):
         with pytest.raises(FileNotFoundError, match="NANOCHAT_WORDS_FILE.*apt install wamerican"):
             SpellingBee(size=3, **kwargs)
+
+
+@pytest.fixture
+def words_server(tmp_path):
+    """A local HTTP server for the word list download: serves tmp_path/served, counts GETs."""
+    import functools
+    import http.server
+    import threading
+    root = tmp_path / "served"
+    root.mkdir()
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{srv.server_address[1]}", hits
+    srv.shutdown()
+
+
+def test_word_list_is_downloaded_once_and_cached(words_server, tmp_path, monkeypatch):
+    from tasks import spellingbee
+    root, url, hits = words_server
+    (root / "words_alpha.txt").write_bytes(b"apple\r\nbanana\r\nzebra\r\nok\r\n")  # CRLF, as the real one
+    monkeypatch.delenv("NANOCHAT_WORDS_FILE", raising=False)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_WORDS_URL", url + "/words_alpha.txt")
+    monkeypatch.setattr("tasks.spellingbee.SYSTEM_WORDS", str(tmp_path / "no-dict"))
+    assert load_words() == ["apple", "banana", "zebra"]
+    cached = tmp_path / "base" / "words_alpha.txt"
+    assert cached.exists() and [p.name for p in (tmp_path / "base").iterdir()] == ["words_alpha.txt"]  # no temp left
+    assert load_words() == ["apple", "banana", "zebra"] and len(hits) == 1  # from the cache the second time
+    # NANOCHAT_WORDS_FILE comes first
+    own = tmp_path / "own.txt"
+    own.write_text("cherry\n")
+    monkeypatch.setenv("NANOCHAT_WORDS_FILE", str(own))
+    assert load_words() == ["cherry"]
+    # a download that fails (404; not a word list) leaves nothing behind; the system dictionary is the fallback
+    monkeypatch.delenv("NANOCHAT_WORDS_FILE")
+    cached.unlink()
+    monkeypatch.setenv("NANOCHAT_WORDS_URL", url + "/missing.txt")
+    with pytest.raises(FileNotFoundError, match="404"):
+        load_words()
+    (root / "page.html").write_text("<html>Not Found</html>")
+    with pytest.raises(RuntimeError, match="not a word list"):
+        spellingbee.download_words(url + "/page.html", str(cached))
+    assert not cached.exists() and list((tmp_path / "base").iterdir()) == []
+    system = tmp_path / "dict"
+    system.write_text("grape\n")
+    monkeypatch.setattr("tasks.spellingbee.SYSTEM_WORDS", str(system))
+    assert load_words() == ["grape"]
 
 
 def test_simple_spelling(words_file, tokenizer):
