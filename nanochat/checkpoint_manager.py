@@ -24,8 +24,12 @@ PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chat
 
 
 def checkpoint_dir(source, model_tag):
+    """Where a stage's checkpoints of one model go; SystemExit for a tag that is not a plain name."""
     if source not in PHASE_DIRS:
         raise ValueError(f"unknown checkpoint source {source!r}; one of {', '.join(PHASE_DIRS)}")
+    if not model_tag or model_tag in (".", "..") or os.sep in model_tag or (os.altsep and os.altsep in model_tag):
+        # a tag like ../../x would write checkpoints outside the base directory
+        raise SystemExit(f"--model_tag={model_tag!r}: must be a plain directory name (no '/' or '..'), e.g. d20")
     return os.path.join(get_base_dir(), PHASE_DIRS[source], model_tag)
 
 

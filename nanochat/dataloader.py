@@ -83,13 +83,16 @@ class DocumentStream:
             epoch, name, rg, k = self.start if self.start else (0, None, 0, 0)
             rank, world = self.rank, self.world_size
             path = os.path.join(os.path.dirname(list_parquet_files(self.data_dir)[0]), name) if name else None
-            produced_this_epoch = False
+            produced_this_epoch, epoch_rows = False, 0
+            resumed_mid_epoch = self.start is not None  # then this epoch's rows were not all counted
             while not self.stop.is_set():
                 if path is None:
                     path = self._shards_after(None)
                 pf = open_shard(path)
                 for g in range(rg, pf.num_row_groups):
-                    if k % world == rank:
+                    rows = pf.metadata.row_group(g).num_rows
+                    epoch_rows += rows
+                    if k % world == rank and rows > 0:  # an empty row group would give the packer nothing, forever
                         docs = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
                         ids = self.tokenizer.encode(docs, prepend=self.tokenizer.get_bos_token_id(),
                                                     num_threads=self.threads)
@@ -102,6 +105,10 @@ class DocumentStream:
                 if path is None and self.streaming:
                     path = self._wait_for_shard_after(last)
                 if path is None:  # end of epoch
+                    if epoch_rows == 0 and not resumed_mid_epoch:
+                        names = [os.path.basename(f) for f in split_files(list_parquet_files(self.data_dir), self.split)]
+                        raise RuntimeError(f"the {self.split} shards in {self.data_dir} ({', '.join(names)}) have no rows: "
+                                           "rebuild or remove them (the last shard is validation)")
                     if not produced_this_epoch and self.split == "val" and k > 0 and rank == self.rank:
                         # a small val split with fewer row groups than ranks: ranks share them
                         # (evaluation only averages, so repeats don't bias it)
@@ -110,7 +117,7 @@ class DocumentStream:
                         raise RuntimeError(f"rank {self.rank} of {self.world_size} got no data from the {self.split} "
                                            f"shards in {self.data_dir}: there are fewer row groups than ranks. "
                                            "Use more shards or smaller row groups")
-                    epoch, k, produced_this_epoch = epoch + 1, 0, False
+                    epoch, k, produced_this_epoch, epoch_rows, resumed_mid_epoch = epoch + 1, 0, False, 0, False
         except BaseException as e:  # hand the error to the consumer instead of hanging it
             self._put(e)
 

@@ -18,6 +18,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir
@@ -57,11 +58,19 @@ def list_parquet_files(data_dir=None):
     return [os.path.join(data_dir, f) for f in files]
 
 
+_warned_single = set()
+
+
 def split_files(files, split):
-    """All shards but the last are train; the last is val. One shard serves as both."""
+    """All shards but the last are train; the last is val. One shard serves as both, with a
+    warning (once per directory): validation then measures training data."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
     if len(files) == 1:
+        if files[0] not in _warned_single:
+            _warned_single.add(files[0])
+            print(f"warning: {files[0]} is the only shard, so it is both training and validation data: val bpb "
+                  "will measure memorisation. Add shards (the last one is validation)", flush=True)
         return files
     return files[:-1] if split == "train" else files[-1:]
 
@@ -75,6 +84,10 @@ def open_shard(path):
     if "text" not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names}); "
                          "nanochat shards need one document per row in a string column named 'text'")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column 'text' holds {kind}, not strings; nanochat shards need one document "
+                         "per row as a string")
     return pf
 
 

@@ -375,6 +375,11 @@ UNBUILT_RUNTIME = [
 def config_from_args(args, vocab_size):
     """GPTConfig from add_model_args' flags; SystemExit with one line for a feature that
     is not built yet or a sub-flag given without its feature."""
+    for name in ("depth", "aspect_ratio", "head_dim", "max_seq_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+    if args.n_kv_head < 0:
+        raise SystemExit(f"--n_kv_head={args.n_kv_head}: must be 0 (= query heads) or a positive divisor of them")
     for asked, flag in UNBUILT_RUNTIME:
         if asked(args):
             raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")

@@ -78,7 +78,14 @@ args = parser.parse_args()
 user_config = vars(args).copy()
 if args.no_compile:
     args.compile = 0
-config_from_args(args, vocab_size=1)  # a flag whose feature is not built yet stops here, before any work
+config_from_args(args, vocab_size=1)  # a bad model flag, or one whose feature is not built yet, stops here
+for name in ("device_batch_size", "total_batch_size", "eval_tokens"):
+    if getattr(args, name) < 1:
+        raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+checkpoint_dir("base", args.model_tag or f"d{args.depth}")  # the tag names a directory under the base dir
+if args.num_iterations == 0 or args.num_iterations < -1:
+    raise SystemExit(f"--num_iterations={args.num_iterations}: a positive number of steps, or -1 to derive it "
+                     "from --target_flops / --target_param_data_ratio")
 if args.fim_rate != 0:
     raise SystemExit("--fim_rate (fill-in-the-middle training) is not built yet in this nanochat; run without it")
 

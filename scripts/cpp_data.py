@@ -185,6 +185,8 @@ def main(argv=None):
         fail(f"{len(missing)} of {len(roots)} roots are not directories: " + ", ".join(missing[:20]) +
              (" ..." if len(missing) > 20 else ""))
     out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file; give a directory (new or empty) for the shards")
     outs = bucket_dirs(out, budgets)
 
     # 1. the output directories: empty, or emptied of our own files with --overwrite;

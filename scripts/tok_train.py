@@ -22,6 +22,9 @@ parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="
 parser.add_argument("--data_dir", default=None, help="directory of parquet shards (default: $NANOCHAT_DATA_DIR or the downloaded shards)")
 parser.add_argument("--out_dir", default=None, help="where to save (default: $NANOCHAT_BASE_DIR/tokenizer)")
 args = parser.parse_args()
+for name in ("max_chars", "doc_cap", "vocab_size"):
+    if getattr(args, name) < 1:
+        raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
 logging.getLogger("rustbpe").setLevel(logging.WARNING)  # its per-percent progress lines drown the output
 print0(f"data: {resolve_data_dir(args.data_dir)}  max_chars={args.max_chars:,}  doc_cap={args.doc_cap:,}  vocab_size={args.vocab_size:,}")
 
@@ -43,6 +46,9 @@ def text_iterator():
 t0 = time.time()
 tokenizer = Tokenizer.train_from_iterator(text_iterator(), args.vocab_size)
 train_time = time.time() - t0
+if n_chars == 0:  # rustbpe would return a bytes-only tokenizer, and rc 0
+    raise SystemExit(f"no text to train on: the train shards in {resolve_data_dir(args.data_dir)} have no rows "
+                     "(or only empty documents); rebuild them (the last shard is validation and is not used here)")
 out_dir = args.out_dir or tokenizer_dir()
 tokenizer.save(out_dir)
 print0(f"trained on {n_chars:,} chars in {train_time:.1f}s; saved to {out_dir}")

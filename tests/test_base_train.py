@@ -273,4 +273,21 @@ def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_di
                                "window_pattern", "softcap")}
     (base_dir / "base_checkpoints" / "seed" / "meta_000006.json").write_text(json.dumps(dict(meta, model_config=old)))
     model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "seed"), 6, torch.device("cpu"), "eval")
-    assert model.config.n_layer == 4 and model.config.mamba_pattern == ""
+    assert model.config.n_layer == 2 and model.config.mamba_pattern == ""
+
+
+@pytest.mark.parametrize("flag,says", [("--depth=0", "--depth=0: must be a positive"),
+                                       ("--depth=-2", "--depth=-2: must be a positive"),
+                                       ("--device_batch_size=0", "--device_batch_size=0: must be a positive"),
+                                       ("--max_seq_len=0", "--max_seq_len=0: must be a positive"),
+                                       ("--aspect_ratio=0", "--aspect_ratio=0: must be a positive"),
+                                       ("--num_iterations=0", "--num_iterations=0: a positive number"),
+                                       ("--num_iterations=-5", "--num_iterations=-5: a positive number"),
+                                       ("--model_tag=../../x", "must be a plain directory name")])
+def test_bad_command_lines_give_one_line_errors(base_dir, corpus_dir, flag, says):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    out = subprocess.run(seed_command(corpus_dir, [flag]), cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert says in out.stderr, out.stderr
+    assert not (base_dir.parent / "x").exists()

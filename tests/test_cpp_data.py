@@ -230,3 +230,11 @@ def test_bucket_directories_are_all_checked_before_anything_is_removed(project, 
     r = run_cpp_data(*args, "--overwrite", base_dir=base_dir)
     assert r.returncode == 0, r.stderr
     assert read_out(out / "tokens_30")[1] == before and not (out / ".jsonl_tmp").exists()
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(project, base_dir, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    out = run_cpp_data("--roots", project, "--out", f, base_dir=base_dir)
+    assert out.returncode != 0 and "is a file; give a directory" in out.stderr, out.stderr
+    assert f.read_text() == "keep me"

@@ -220,3 +220,40 @@ def test_small_val_split_is_shared_by_ranks(tokenizer, corpus_dir):
     with pytest.raises(RuntimeError, match="fewer row groups than ranks"):
         stream.get()
     stream.close()
+
+
+def test_zero_row_shards_error_instead_of_spinning(tokenizer, tmp_path):
+    """A zero-row train or val shard made base_train spin forever at 90% CPU; an empty
+    train shard among others is skipped, an empty split is an error naming the shards."""
+    empty = pa.table({"text": pa.array([], type=pa.string())})
+    d = tmp_path / "d"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["alpha one", "alpha two"]}), d / "shard_00000.parquet")
+    pq.write_table(empty, d / "shard_00001.parquet")
+    pq.write_table(empty, d / "shard_00002.parquet")  # val
+    train = DataLoader(tokenizer, B=1, T=4, split="train", data_dir=str(d), buffer_size=4)
+    x, _ = next(train)  # the empty train shard is skipped
+    train.close()
+    val = DataLoader(tokenizer, B=1, T=4, split="val", data_dir=str(d))
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="val shards .*shard_00002.parquet.* have no rows"):
+        next(val)
+    assert time.time() - t0 < 10
+    val.close()
+
+
+def test_text_column_must_hold_strings(tokenizer, tmp_path):
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": [4]}), tmp_path / "shard_00001.parquet")
+    loader = DataLoader(tokenizer, B=1, T=4, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="shard_00000.parquet: column 'text' holds int64, not strings"):
+        next(loader)
+    loader.close()
+
+
+def test_a_single_shard_is_train_and_val_with_a_warning(tokenizer, tmp_path, capsys):
+    pq.write_table(pa.table({"text": ["only shard"] * 3}), tmp_path / "shard_00000.parquet")
+    loader = DataLoader(tokenizer, B=1, T=4, split="val", data_dir=str(tmp_path))
+    next(loader)
+    loader.close()
+    assert "is the only shard, so it is both training and validation data" in capsys.readouterr().out

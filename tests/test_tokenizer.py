@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 from hypothesis import given, settings
@@ -118,3 +119,25 @@ def test_render_for_completion(tokenizer):
     ids = tokenizer.render_for_completion(conv)
     assert ids[-1] == tokenizer.encode_special("<|assistant_start|>")
     assert "hello" not in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("case", ["doc_cap0", "empty_shards"])
+def test_tok_train_refuses_to_make_a_bytes_only_tokenizer(tmp_path, case):
+    """--doc_cap=0 or zero-row shards gave rc 0 and a tokenizer with no merges."""
+    import subprocess
+    import sys
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = [] if case == "empty_shards" else ["some text to train on"] * 10
+    for i in range(2):
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), data / f"shard_{i:05d}.parquet")
+    flags = ["--doc_cap=0"] if case == "doc_cap0" else []
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "scripts.tok_train", f"--data_dir={data}", "--vocab_size=300",
+                          f"--out_dir={tmp_path / 'tok'}", *flags], cwd=root, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)))
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert ("--doc_cap=0: must be a positive" if case == "doc_cap0" else "no text to train on") in out.stderr
+    assert not (tmp_path / "tok" / "tokenizer.pkl").exists()
