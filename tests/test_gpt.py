@@ -53,7 +53,7 @@ def test_windowed_layer_ignores_tokens_beyond_its_window(kernel):
     model.kernel = kernel
     mixer = model.blocks[0].mixer
     assert mixer.window == 16
-    ctx = model._context(32, 0, torch.device("cpu"))
+    ctx = model._context(torch.zeros(2, 32, dtype=torch.long), 0)
     x = torch.randn(2, 32, 64)
     changed = x.clone()
     changed[:, 3] += 1.0  # token 3: seen by queries 3..18 only
