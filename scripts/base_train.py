@@ -15,7 +15,6 @@ FLOP/s of the device * world_size); see GPT.estimate_flops for what is counted.
 import argparse
 import glob
 import json
-import math
 import os
 import time
 
@@ -24,6 +23,7 @@ import torch
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
+from nanochat import schedules
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
 from nanochat.gpt import GPT, GPTConfig, add_model_args, build_model, config_from_args
@@ -167,8 +167,8 @@ if args.weight_decay_scaling:
     with torch.device("meta"):
         d12 = GPT(config_from_args(argparse.Namespace(**{**vars(args), "depth": 12}), vocab_size))
     ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 12
-    D, D_ref = ratio * ratio_params(model), ratio * ratio_params(d12)
-    weight_decay = args.weight_decay * (args.total_batch_size / 2**19) ** 0.5 * (D_ref / D)
+    weight_decay = schedules.scaled_weight_decay(args.weight_decay, args.total_batch_size,
+                                                 ratio * ratio_params(model), ratio * ratio_params(d12))
     print0(f"Muon weight decay scaled from {args.weight_decay} to {weight_decay:.6f}")
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
@@ -241,16 +241,8 @@ x, y = next(train_loader)
 
 
 def lr_multiplier(it):
-    """Linear warmup, constant, then linear warmdown over the last `warmdown` steps, the
-    last one (it = num_iterations - 1) at exactly final_lr_frac."""
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * num_iterations)
-    warmdown = round(args.warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it < num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - 1 - it) / warmdown  # (warmdown-1)/warmdown -> 0
-    return progress + (1 - progress) * args.final_lr_frac
+    return schedules.lr_multiplier(it, num_iterations, warmup, args.warmdown_ratio, args.final_lr_frac)
 
 
 def fetch_eval_bundle():
@@ -279,26 +271,11 @@ def fetch_eval_bundle():
 
 
 def muon_momentum(it):
-    """legacy: 0.85 -> 0.95 over the first 300 steps. ref (reference nanochat): 0.85 -> 0.97
-    over the first 400 steps, then from the warmdown's start down to 0.90 at its end
-    (the ramp wins while both apply, as in the reference)."""
-    if args.muon_momentum_schedule == "legacy":
-        frac = min(it / 300, 1.0)
-        return (1 - frac) * 0.85 + frac * 0.95
-    warmdown = round(args.warmdown_ratio * num_iterations)
-    if it < 400:
-        return 0.85 + (0.97 - 0.85) * it / 400
-    if it >= num_iterations - warmdown:
-        progress = (it - (num_iterations - warmdown)) / warmdown
-        return 0.97 + (0.90 - 0.97) * progress
-    return 0.97
+    return schedules.muon_momentum(it, num_iterations, args.muon_momentum_schedule, args.warmdown_ratio)
 
 
 def muon_weight_decay(it):
-    """Constant, or cosine from the (scaled) value at step 0 to 0 at the end (reference nanochat)."""
-    if args.weight_decay_schedule == "constant":
-        return weight_decay
-    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+    return schedules.muon_weight_decay(it, num_iterations, weight_decay, args.weight_decay_schedule)
 
 
 def checkpoint(step):
