@@ -9,7 +9,7 @@
 #
 # Needs a tokenizer in $NANOCHAT_BASE_DIR/tokenizer (no internet needed). Env: STEPS, OUT
 # (logs, default /tmp), NPROC (GPUs, default 1), EXTRA (flags appended to every run),
-# DEPTH, SEQ, DBS (device batch), TBS (total batch), EVAL_TOKENS.
+# DEPTH, SEQ, DBS (device batch), TBS (total batch), EVAL_TOKENS, PYTHON (default python).
 #
 # Sets: "default" = today's defaults; "new" = every flag of the new recipe; "new-minus-X"
 # = new with X back at its old value; "only-X" = default plus X; "new-model" / "new-opt" =
@@ -81,7 +81,7 @@ DEPTH=${DEPTH:-12}; SEQ=${SEQ:-2048}; DBS=${DBS:-32}; TBS=${TBS:-524288}; EVAL_T
 if [[ -z "${DATA:-}" && ${DRY:-0} != 1 ]]; then echo "set DATA to the parquet shards directory" >&2; exit 1; fi
 for name in "$@"; do flags_of "$name" >/dev/null; done  # a typo stops before any run
 mkdir -p "$OUT"
-launcher=(python -m scripts.base_train)
+launcher=("${PYTHON:-python}" -m scripts.base_train)
 [[ $NPROC -gt 1 ]] && launcher=(torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train --)
 
 rows=()
@@ -97,7 +97,7 @@ for name in "$@"; do
   [[ ${DRY:-0} == 1 ]] && continue
   if "${cmd[@]}" >"$log" 2>&1; then status=ok; else status=FAILED; fi
   # final val bpb, median tok/s over the logged steps after 10, peak memory
-  row=$(python - "$log" "$name" "$status" <<'EOF'
+  row=$("${PYTHON:-python}" - "$log" "$name" "$status" <<'EOF'
 import re, statistics, sys
 log, name, status = sys.argv[1:]
 text = open(log).read()

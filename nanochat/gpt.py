@@ -205,6 +205,16 @@ class ModelCache:
         if self.prev_emb is not None:
             self.prev_emb = self.prev_emb.repeat(n, 1, 1)
 
+    def snapshot(self):
+        """A copy of the state that is not indexed by position (the smear's prev_emb): a
+        dummy decode step (CUDA-graph warmup and capture) overwrites it, unlike the KV
+        entries it writes at a position that real decoding overwrites before reading."""
+        return None if self.prev_emb is None else self.prev_emb.clone()
+
+    def restore(self, snap):
+        if snap is not None:
+            self.prev_emb.copy_(snap)  # in place: the captured graph holds this tensor
+
 
 class GPT(nn.Module):
     def __init__(self, config):

@@ -143,3 +143,21 @@ def test_run_tool():
     assert run_tool("") is None
     assert run_tool("1/0") is None
     assert run_tool("'strawberry'.count('r')") == "3"  # not plain arithmetic: runs in the sandbox
+
+
+def test_dummy_decode_steps_then_restore_leave_decoding_unchanged(tokenizer):
+    """The engine's CUDA-graph warmup/capture runs decode_step on dummy ids at the cache's
+    last position; the smear's prev_emb is not position-indexed, so the engine snapshots and
+    restores it. The same sequence on the CPU: decoding afterwards equals a full forward."""
+    model = model_for(tokenizer, "SSL", T=32, **RECIPE)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+    full = model(idx)
+    cache = model.init_cache(2, 32)
+    model(idx[:, :12], cache=cache)
+    snap = cache.snapshot()
+    for _ in range(3):
+        model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor(31))
+    assert not torch.equal(cache.prev_emb, snap)  # without the restore, decoding would be wrong
+    cache.restore(snap)
+    for t in range(12, 20):
+        assert torch.allclose(model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)
