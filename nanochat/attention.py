@@ -2,7 +2,9 @@
 Causal self-attention, the default sequence mixer, with its masks and KV cache.
 
 - rotary position embeddings (RoPE) on queries and keys, no learned positions;
-- QK-norm: RMSNorm on q and k after RoPE, which keeps attention logits bounded;
+- QK-norm: RMSNorm on q and k after RoPE, which keeps attention logits bounded
+  (optionally times config.qk_scale);
+- value embeddings (config.value_embeds, the layers layer_plan marks "value_embed");
 - grouped-query attention: n_kv_head key/value heads shared by n_head query heads;
 - sliding windows: each layer attends to at most `window` tokens back (the layer spec
   says how many; see gpt.layer_plan).
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 KERNELS = ("current", "flex", "sdpa")
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels of x (reference nanochat)
 
 
 def norm(x):
@@ -54,10 +57,12 @@ class Context:
     """What one forward pass shares across layers: rotary tables for its positions, the
     position offset (pos0 > 0 when decoding with a cache), and cached attention masks.
     For the static one-token decode step (GPT.decode_step) the position is a device
-    tensor instead, and decode_masks hold each window's mask over the whole cache."""
+    tensor instead, and decode_masks hold each window's mask over the whole cache.
+    idx: the token ids, for mixers that look something up per token."""
 
-    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None):
+    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
+        self.idx = idx  # (B, T) token ids of this forward, for per-layer lookups (value embeddings)
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
         self.pos_t, self.decode_masks = pos_t, decode_masks
 
@@ -115,24 +120,39 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(C, self.n_kv_head * D, bias=False)
         self.c_v = nn.Linear(C, self.n_kv_head * D, bias=False)
         self.c_proj = nn.Linear(self.n_head * D, C, bias=False)
+        self.qk_scale = config.qk_scale
+        # value embeddings (ResFormer, Zhou et al. 2024; as in modded-nanogpt and the reference
+        # nanochat): a per-layer token table added to v under a per-kv-head gate in (0, 3)
+        self.has_ve = "value_embed" in spec.extras
+        if self.has_ve:
+            from nanochat.gpt import padded_vocab
+            self.ve = nn.Embedding(padded_vocab(config), self.n_kv_head * D)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
         """q, k, v uniform with std 1/sqrt(n_embd); the output projection zero, so the
-        layer starts by adding nothing to the residual stream."""
+        layer starts by adding nothing to the residual stream. Value embeddings like c_v;
+        their gate weights small and positive, so gates start just above 3 * sigmoid(0)."""
         bound = math.sqrt(3) / math.sqrt(self.c_q.in_features)
         for lin in (self.c_q, self.c_k, self.c_v):
             nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.zeros_(self.c_proj.weight)
+        if self.has_ve:
+            nn.init.uniform_(self.ve.weight, -bound, bound)
+            nn.init.uniform_(self.ve_gate.weight, 0.0, 0.02)
 
     def opt_tags(self):
-        return {f"{name}.weight": "muon" for name in ("c_q", "c_k", "c_v", "c_proj")}
+        tags = {f"{name}.weight": "muon" for name in ("c_q", "c_k", "c_v", "c_proj")}
+        if self.has_ve:  # the gate is a (tiny) block matrix, Muon's as in the reference
+            tags.update({"ve.weight": "adamw_value_embed", "ve_gate.weight": "muon"})
+        return tags
 
     def flops_per_token(self, T):
         """6 per weight (2 forward, 4 backward) plus scores and values: 12 * heads *
         head_dim * keys seen (the window capped at T). Like nanochat (and PaLM's MFU),
-        without the causal half-saving."""
-        weights = sum(p.numel() for p in self.parameters())
+        without the causal half-saving. The value-embedding table is a lookup: not counted."""
+        weights = sum(p.numel() for n, p in self.named_parameters() if n != "ve.weight")
         return 6 * weights + 12 * self.n_head * self.head_dim * min(self.window, T)
 
     def forward(self, x, ctx, cache=None):
@@ -140,8 +160,14 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.has_ve:
+            ve = self.ve(ctx.idx).view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1).to(v.dtype) * ve
         q, k = apply_rotary_emb(q, ctx.cos, ctx.sin), apply_rotary_emb(k, ctx.cos, ctx.sin)
         q, k = norm(q), norm(k)
+        if self.qk_scale != 1.0:  # sharper attention than QK-norm's unit rms (reference nanochat: 1.2)
+            q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache

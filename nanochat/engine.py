@@ -143,6 +143,7 @@ class Engine:
         # warm up on a side stream (compiles, autotunes), writing at the last position of
         # the cache, which decode overwrites before it is ever read
         static_pos.fill_(cache.max_len - 1)
+        snap = cache.snapshot()  # the dummy steps below would leave their token as the smear's "previous"
         with torch.cuda.stream(side):
             for _ in range(3):
                 step(static_ids, cache, static_pos)
@@ -150,6 +151,7 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = step(static_ids, cache, static_pos)
+        cache.restore(snap)
 
         def run(ids, pos):
             static_ids.copy_(ids)

@@ -83,7 +83,9 @@ class FP8Linear(nn.Linear):
 
 def convert(model):
     """Switch every nn.Linear inside the Transformer blocks to FP8Linear, in place (same
-    parameters, same state_dict). Returns how many layers were switched."""
+    parameters, same state_dict). Returns how many layers were switched. Layers with a
+    dimension that is not a multiple of 16 (tiny gates such as ve_gate, 12 -> n_kv_head)
+    stay bf16: FP8 matmuls need multiples of 16, and such layers cost nothing anyway."""
     device = next(model.parameters()).device
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"FP8 training runs on CUDA GPUs (and slowly on the CPU), not on {device.type}. Train without --fp8.")
@@ -93,7 +95,7 @@ def convert(model):
                          f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Train without --fp8.")
     n = 0
     for module in model.blocks.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0:
             module.__class__ = FP8Linear
             n += 1
     return n

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from nanochat.attention import (KERNELS, CausalSelfAttention, Context, block_masks, decode_masks, norm,
                                 rotary_tables)
 
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding (reference nanochat)
+
 
 @dataclass
 class GPTConfig:
@@ -61,20 +63,52 @@ class GPTConfig:
     mtp: bool = False            # a multi-token-prediction head beside lm_head
     mtp_lambda: float = 0.3      # weight of the MTP loss
     dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off)
+    # quality recipe (issue 25; the reference nanochat's 2026 model); defaults = the old model,
+    # the values of the new recipe are in dev/quality_ablation.sh and docs/model.md
+    value_embeds: bool = False   # ResFormer value embeddings on alternating layers (the last included)
+    smear: bool = False          # add a gated share of the previous token's embedding (modded-nanogpt)
+    backout: bool = False        # subtract a learned share of the mid-depth residual before the final norm
+    layer_lambdas: bool = False  # per-layer resid and x0 scalars: x = resid[i] * x + x0[i] * x0 (modded-nanogpt)
+    qk_scale: float = 1.0        # q and k times this after QK-norm (reference: 1.2, sharper attention)
+    rope_base: float = 10000.0   # rotary base (reference: 100000)
+    pad_vocab_to: int = 1        # wte/lm_head rows rounded up to a multiple of this (reference: 64)
+    short_window_div: int = 2    # S window = sequence_len / this (reference: 4) ...
+    window_tile: int = 1         # ... rounded up to a multiple of this (reference: 128, FA3's tile)
+    ref_init: bool = False       # the reference's init: wte std 0.8, MLP c_fc at 0.4x the bound
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        """From a checkpoint's model_config; fields added since it was written keep their
-        defaults (off), so older checkpoints load."""
+        """From a checkpoint's model_config. A field the checkpoint lacks gets its LEGACY
+        value (the model before that field existed), not today's default, so an old
+        checkpoint rebuilds exactly even after the defaults change."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"model config has fields this nanochat does not know: {unknown} "
                              "(written by a newer version?)")
-        return cls(**d)
+        return cls(**{**LEGACY, **d})
+
+
+# What each field added after the first checkpoints meant before it existed. Every field
+# that is not in the oldest checkpoints must be here (tests/test_gpt.py checks).
+LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_complex_rope=False,
+              mamba3_trapezoidal=False, engram_layers="", mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
+              value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
+              pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
+
+
+def padded_vocab(config):
+    """Rows of wte/lm_head/value embeddings: vocab_size rounded up to pad_vocab_to (tensor-core
+    and DDP friendly shapes); the extra logits are cropped in forward."""
+    return -(-config.vocab_size // config.pad_vocab_to) * config.pad_vocab_to
+
+
+def has_value_embed(config, i):
+    """Value embeddings on alternating layers, the last one always included (reference nanochat)."""
+    return config.value_embeds and i % 2 == (config.n_layer - 1) % 2
 
 
 # Extensions whose modules have not landed yet: their settings stop the model from being
@@ -99,7 +133,7 @@ def check_buildable(config):
 @dataclass(frozen=True)
 class LayerSpec:
     """What one layer is: its sequence mixer (a key of MIXERS), the attention window in
-    tokens (attention mixers), and the extras on that layer (e.g. "engram")."""
+    tokens (attention mixers), and the extras on that layer (e.g. "value_embed", "engram")."""
     mixer: str
     window: int
     extras: tuple = ()
@@ -112,9 +146,12 @@ def layer_plan(config):
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - set("SL"):
         raise ValueError(f"window_pattern {config.window_pattern!r} must be a non-empty string of S and L")
-    windows = {"S": config.sequence_len // 2, "L": config.sequence_len}
-    plan = [LayerSpec("attn", windows[pattern[i % len(pattern)]]) for i in range(config.n_layer)]
-    plan[-1] = LayerSpec("attn", config.sequence_len)  # the last layer always sees the full context
+    T, tile = config.sequence_len, config.window_tile
+    short = min(-(-T // config.short_window_div // tile) * tile, T)
+    windows = {"S": short, "L": T}
+    extras = [("value_embed",) if has_value_embed(config, i) else () for i in range(config.n_layer)]
+    plan = [LayerSpec("attn", windows[pattern[i % len(pattern)]], extras[i]) for i in range(config.n_layer)]
+    plan[-1] = LayerSpec("attn", T, extras[-1])  # the last layer always sees the full context
     return plan
 
 
@@ -126,10 +163,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.fc_scale = 0.4 if config.ref_init else 1.0  # reference nanochat: a smaller c_fc init trains better
 
     @torch.no_grad()
     def init_weights(self):
-        bound = math.sqrt(3) / math.sqrt(self.c_fc.in_features)  # uniform with std 1/sqrt(n_embd)
+        bound = self.fc_scale * math.sqrt(3) / math.sqrt(self.c_fc.in_features)  # uniform, std fc_scale/sqrt(n_embd)
         nn.init.uniform_(self.c_fc.weight, -bound, bound)
         nn.init.zeros_(self.c_proj.weight)  # the block starts as the identity
 
@@ -155,12 +193,27 @@ class Block(nn.Module):
 class ModelCache:
     """Inference state for every layer plus the number of positions already filled."""
 
-    def __init__(self, layers, max_len):
+    def __init__(self, layers, max_len, prev_emb=None):
         self.layers, self.pos, self.max_len = layers, 0, max_len
+        # smear: the previous token's normed embedding, (B, 1, C), written in place each step
+        # (fixed shape and address, so the CUDA-graph decode step can own it); zeros before token 0
+        self.prev_emb = prev_emb
 
     def repeat(self, n):
         for layer in self.layers:
             layer.repeat(n)
+        if self.prev_emb is not None:
+            self.prev_emb = self.prev_emb.repeat(n, 1, 1)
+
+    def snapshot(self):
+        """A copy of the state that is not indexed by position (the smear's prev_emb): a
+        dummy decode step (CUDA-graph warmup and capture) overwrites it, unlike the KV
+        entries it writes at a position that real decoding overwrites before reading."""
+        return None if self.prev_emb is None else self.prev_emb.clone()
+
+    def restore(self, snap):
+        if snap is not None:
+            self.prev_emb.copy_(snap)  # in place: the captured graph holds this tensor
 
 
 class GPT(nn.Module):
@@ -169,12 +222,23 @@ class GPT(nn.Module):
         self.config = config
         self.plan = layer_plan(config)
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        V, C, L = padded_vocab(config), config.n_embd, config.n_layer
+        self.wte = nn.Embedding(V, C)
         self.blocks = nn.ModuleList(Block(config, i, spec) for i, spec in enumerate(self.plan))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        # the optional residual-stream parameters of the quality recipe exist only when on,
+        # so older checkpoints' state dicts load unchanged
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.empty(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.empty(1))
+        if config.layer_lambdas:
+            self.resid_lambdas = nn.Parameter(torch.empty(L))
+            self.x0_lambdas = nn.Parameter(torch.empty(L))
         # rotary tables for 10x the training context, so inference can run past it
         self.rotary_len = config.sequence_len * 10
-        cos, sin = rotary_tables(self.rotary_len, config.n_embd // config.n_head)
+        cos, sin = rotary_tables(self.rotary_len, config.n_embd // config.n_head, base=config.rope_base)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self._block_masks = {}
@@ -196,11 +260,22 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialize every parameter and buffer; call after to_empty() from meta."""
-        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        c = self.config
+        nn.init.normal_(self.wte.weight, mean=0.0, std=0.8 if c.ref_init else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for _, module in self._tagged_modules():
             module.init_weights()
-        cos, sin = rotary_tables(self.rotary_len, self.config.n_embd // self.config.n_head, device=self.cos.device)
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)  # gate starts just above sigmoid(0)
+            nn.init.zeros_(self.smear_lambda)                    # and smearing starts off
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
+        if c.layer_lambdas:
+            # early layers: a stronger residual and more of the embedding blended back in
+            frac = torch.arange(c.n_layer, dtype=torch.float32, device=self.resid_lambdas.device) / max(c.n_layer - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+            self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        cos, sin = rotary_tables(self.rotary_len, c.n_embd // c.n_head, base=c.rope_base, device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -208,6 +283,10 @@ class GPT(nn.Module):
         """{parameter name: optimizer group} for every parameter, from the modules' own
         tags. A parameter nobody tagged is an error, never a guess from its shape."""
         tags = {"wte.weight": "adamw_embedding", "lm_head.weight": "adamw_unembedding"}
+        # the residual-stream scalars, grouped as the reference nanochat does (own lrs and betas)
+        own = {"smear_gate.weight": "adamw_smear", "smear_lambda": "adamw_smear", "backout_lambda": "adamw_smear",
+               "resid_lambdas": "adamw_resid", "x0_lambdas": "adamw_x0"}
+        tags.update({n: g for n, g in own.items() if hasattr(self, n.split(".")[0])})
         for prefix, module in self._tagged_modules():
             tags.update({f"{prefix}.{name}": group for name, group in module.opt_tags().items()})
         untagged = [n for n, _ in self.named_parameters() if n not in tags]
@@ -218,47 +297,88 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def num_scaling_params(self):
+        """Parameters that the data:param ratio counts in the reference nanochat: the
+        blocks' matrices (Muon's) and lm_head, no embedding tables or scalars (its
+        scaling-law fits were cleanest with these)."""
+        tags = self.opt_tags()
+        return sum(p.numel() for n, p in self.named_parameters() if tags[n] in ("muon", "adamw_unembedding"))
+
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per weight outside the embedding lookup (2 forward,
-        4 backward) for lm_head and the MLPs, plus each mixer's own count (attention: its
-        weights and its scores, see CausalSelfAttention.flops_per_token)."""
+        """Training FLOPs per token: 6 per weight outside the embedding lookups (2 forward,
+        4 backward) for lm_head, the MLPs and the smear gate, plus each mixer's own count
+        (attention: its weights and its scores, see CausalSelfAttention.flops_per_token).
+        The per-layer scalars are elementwise, not matmuls: not counted."""
         T = self.config.sequence_len
-        return 6 * self.lm_head.weight.numel() + sum(
+        smear = 6 * self.smear_gate.weight.numel() if self.config.smear else 0
+        return 6 * self.lm_head.weight.numel() + smear + sum(
             b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters()) for b in self.blocks)
 
     @torch.compiler.disable
-    def _context(self, T, pos0, device):
+    def _context(self, idx, pos0):
+        T, device = idx.size(1), idx.device
         if pos0 + T > self.rotary_len:
             raise ValueError(f"sequence of {pos0 + T} positions is longer than the rotary tables ({self.rotary_len})")
         cos, sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
         masks = {}
         if pos0 == 0 and self.training:
             masks = block_masks({s.window for s in self.plan}, T, self.kernel, device, self._block_masks)
-        return Context(cos, sin, pos0, T, masks)
+        return Context(cos, sin, pos0, T, masks, idx=idx)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
-        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len)
+        prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
+        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev)
+
+    def _embed(self, idx, cache):
+        """The normed token embedding in the compute dtype, smeared when on: each position
+        gets smear_lambda * sigmoid(gate(x[..., :24])) of the previous token's embedding
+        (a cheap bigram signal). Position 0 of a sequence has no predecessor (zeros); with
+        a cache, the predecessor of a chunk's first token is the cache's prev_emb."""
+        x = norm(self.wte(idx))
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the compute dtype (bf16): every norm and residual add moves
+            # half the bytes; measured +3.7% tok/s and -6 GiB at d20 on an H100
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if not self.config.smear:
+            return x
+        if cache is None:
+            prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        else:
+            prev = torch.cat([cache.prev_emb.to(x.dtype), x[:, :-1]], dim=1)
+            cache.prev_emb.copy_(x[:, -1:])  # in place: the decode step's CUDA graph holds this tensor
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        return x + gate * prev
+
+    def _trunk(self, x, ctx, cache):
+        """The blocks, with the optional per-layer lambdas and the backout, then the final norm."""
+        c = self.config
+        x0, mid = x, None
+        for i, block in enumerate(self.blocks):
+            if c.layer_lambdas:
+                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            x = block(x, ctx, cache.layers[i] if cache is not None else None)
+            if i == c.n_layer // 2:
+                mid = x
+        if c.backout:  # remove a share of the low-level features of mid-depth before the readout
+            x = x - self.backout_lambda.to(x.dtype) * mid
+        return norm(x)
+
+    def _logits(self, x):
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # crop the padded rows
+        return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
     def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
         """idx (B, T) token ids. With targets: the loss (ignore_index -1). Without: logits
         (B, T, vocab) in fp32. With a cache: positions continue from cache.pos."""
         B, T = idx.shape
         pos0 = cache.pos if cache is not None else 0
-        ctx = self._context(T, pos0, idx.device)
-        x = norm(self.wte(idx))
-        if torch.is_autocast_enabled(x.device.type):
-            # the residual stream in the compute dtype (bf16): every norm and residual add moves
-            # half the bytes; measured +3.7% tok/s and -6 GiB at d20 on an H100
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        for i, block in enumerate(self.blocks):
-            x = block(x, ctx, cache.layers[i] if cache is not None else None)
-        x = norm(x)
+        ctx = self._context(idx, pos0)
+        x = self._trunk(self._embed(idx, cache), ctx, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(x).float()
-        logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        logits = self._logits(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -272,35 +392,47 @@ class GPT(nn.Module):
         cos = self.cos.index_select(1, pos_t.view(1))
         sin = self.sin.index_select(1, pos_t.view(1))
         masks = decode_masks({s.window for s in self.plan}, cache.max_len, pos_t)
-        ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks)
-        x = norm(self.wte(idx))
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, ctx, layer_cache)
-        logits = self.lm_head(norm(x[:, -1])).float()
-        return self.config.softcap * torch.tanh(logits / self.config.softcap)
+        ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks, idx=idx)
+        x = self._trunk(self._embed(idx, cache), ctx, cache)
+        return self._logits(x[:, -1])
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
-                         weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95)):
+                         weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,
+                         cautious_wd=False, normuon_beta2=0.0, muon_eq=False, muon_plus=False):
         """Muon for the parameters tagged "muon" (the blocks' matrices); AdamW for the
-        rest, one group per tag: the embedding, the lm_head, and scalars/vectors/biases
-        ("adamw_scalar"). AdamW learning rates of the embedding and lm_head scale as
-        1/sqrt(n_embd / 768), tuned at 768 (nanochat's rule). weight_decay is Muon's,
-        adam_weight_decay AdamW's. Both optimizers split their work across DDP ranks when
-        a process group is up."""
+        rest, one group per tag: the embedding, the lm_head, scalars/vectors/biases
+        ("adamw_scalar"), and the quality recipe's value embeddings and residual scalars.
+        AdamW learning rates of the embeddings and lm_head scale as 1/sqrt(n_embd / 768),
+        tuned at 768 (nanochat's rule). weight_decay is Muon's, adam_weight_decay AdamW's;
+        adam_per_group=True gives the embedding and lm_head the reference nanochat's own
+        betas and weight decays instead (the recipe's new groups always have theirs).
+        The Muon options are documented in nanochat/muon.py. Both optimizers split their
+        work across DDP ranks when a process group is up."""
         from nanochat.adamw import DistAdamW
         from nanochat.muon import Muon
         scale = (self.config.n_embd / 768) ** -0.5
-        adamw_lrs = {"adamw_unembedding": unembedding_lr * scale, "adamw_embedding": embedding_lr * scale,
-                     "adamw_scalar": scalar_lr}
+        shared = (adam_betas, adam_weight_decay)
+        # tag: (lr, betas, weight decay), the last two as in the reference nanochat's setup_optimizer
+        adamw_groups = {
+            "adamw_unembedding": (unembedding_lr * scale,) + (((0.8, 0.96), 0.01) if adam_per_group else shared),
+            "adamw_embedding": (embedding_lr * scale,) + (((0.8, 0.995), 0.001) if adam_per_group else shared),
+            "adamw_scalar": (scalar_lr,) + shared,
+            "adamw_value_embed": (embedding_lr * scale * 0.5, (0.8, 0.995), 0.01),
+            "adamw_resid": (scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            "adamw_x0": (scalar_lr, (0.96, 0.95), 0.0),  # a slower beta1 for x0 (reference LOG, Jan 2026)
+            "adamw_smear": (0.2, (0.8, 0.95), 0.0),
+        }
         tags = self.opt_tags()
         by_group = {}
         for name, p in self.named_parameters():
-            if tags[name] != "muon" and tags[name] not in adamw_lrs:
+            if tags[name] != "muon" and tags[name] not in adamw_groups:
                 raise ValueError(f"{name}: unknown optimizer group {tags[name]!r}")
             by_group.setdefault(tags[name], []).append(p)
-        groups = [dict(params=by_group[g], lr=lr) for g, lr in adamw_lrs.items() if g in by_group]
+        groups = [dict(params=by_group[g], lr=lr, betas=betas, weight_decay=wd, tag=g)
+                  for g, (lr, betas, wd) in adamw_groups.items() if g in by_group]
         adamw = DistAdamW(groups, betas=adam_betas, eps=1e-10, weight_decay=adam_weight_decay)
-        muon = Muon(by_group.get("muon", []), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+        muon = Muon(by_group.get("muon", []), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay,
+                    cautious_wd=cautious_wd, beta2=normuon_beta2, row_eq=muon_eq, renorm=muon_plus)
         for opt in (adamw, muon):
             for g in opt.param_groups:
                 g["initial_lr"] = g["lr"]
@@ -362,6 +494,17 @@ def add_model_args(parser):
     a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
     a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
     a("--dsa_start_layer", type=int, default=7, help="first layer with DSA (with --dsa)")
+    # the quality recipe (issue 25, from the reference nanochat 2026; docs/model.md has the table)
+    a("--value_embeds", type=int, default=0, help="1: ResFormer value embeddings on alternating layers")
+    a("--smear", type=int, default=0, help="1: smear gate, the previous token's embedding mixed in (modded-nanogpt)")
+    a("--backout", type=int, default=0, help="1: subtract a learned share of the mid-depth residual at the end")
+    a("--layer_lambdas", type=int, default=0, help="1: per-layer resid/x0 scalars, x = r[i] x + a[i] x0 (modded-nanogpt)")
+    a("--qk_scale", type=float, default=1.0, help="q and k times this after QK-norm (reference: 1.2)")
+    a("--rope_base", type=float, default=10000.0, help="rotary embedding base (reference: 100000)")
+    a("--pad_vocab_to", type=int, default=1, help="pad wte/lm_head rows to a multiple of this (reference: 64)")
+    a("--short_window_div", type=int, default=2, help="S window = context / this (reference: 4)")
+    a("--window_tile", type=int, default=1, help="S window rounded up to a multiple of this (reference: 128)")
+    a("--ref_init", type=int, default=0, help="1: reference init, wte std 0.8 and MLP c_fc at 0.4x")
 
 
 # runtime features whose code has not landed yet: (is it asked for, the flag)
@@ -389,7 +532,11 @@ def config_from_args(args, vocab_size):
                mamba3_qknorm=args.mamba3_qknorm, mamba3_bias=args.mamba3_bias,
                mamba3_complex_rope=args.mamba3_complex_rope, mamba3_trapezoidal=args.mamba3_trapezoidal,
                engram_layers=args.engram_layers if args.engram else "", mhc=args.mhc,
-               mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1)
+               mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
+               value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
+               layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,
+               pad_vocab_to=args.pad_vocab_to, short_window_div=args.short_window_div,
+               window_tile=args.window_tile, ref_init=bool(args.ref_init))
     config = GPT.config_for_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
                                   aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                   n_kv_head=args.n_kv_head or None, window_pattern=args.window_pattern, **ext)

@@ -15,6 +15,18 @@ arXiv:2505.16932), the "polar express" variant nanochat and modded-nanogpt use. 
 first normalized by its Frobenius norm (times 1.02 as a safety margin) so every singular
 value starts in (0, 1].
 
+Options (off by default; the reference nanochat 2026 uses all of them):
+- cautious_wd: decay only the entries where the update and the weight agree in sign,
+  i.e. where the step already moves the weight toward zero (Cautious Weight Decay,
+  Chen et al. 2025; reference nanochat);
+- row_eq (MuonEq, arXiv:2603.28254): before orthogonalizing, scale each row of U to the
+  mean row norm, so the spectrum entering the iteration is better conditioned;
+- renorm (Muon+, arXiv:2602.21545): after it, set ||O||_F to sqrt(min(rows, cols)), the
+  norm of an exactly semi-orthogonal matrix (corrects under-converged iterations);
+- beta2 > 0 (NorMuon, arXiv:2510.05491): an EMA v of O's mean square per row (per column
+  for wide matrices); O <- O / sqrt(v), rescaled to keep ||O||_F: evens out the update
+  size across neurons.
+
 Distributed: matrices of one shape are stacked and split among the ranks. Gradients
 are reduce-scattered (averaged), each rank runs momentum + orthogonalization only for
 the matrices it owns, and the updated matrices are all-gathered. With one process
@@ -69,12 +81,12 @@ def orthogonalize(G, steps=5, dtype=None):
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                 ns_dtype=None):
+                 ns_dtype=None, cautious_wd=False, beta2=0.0, row_eq=False, renorm=False):
         params = list(params)
         if any(p.dim() != 2 for p in params):
             raise ValueError("Muon is for 2D matrices only; give other parameters to AdamW")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-                        ns_dtype=ns_dtype)
+                        ns_dtype=ns_dtype, cautious_wd=cautious_wd, beta2=beta2, row_eq=row_eq, renorm=renorm)
         # one group per shape, so each group is stacked and orthogonalized in one batched call
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
@@ -102,12 +114,36 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - group["momentum"])
                 update = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                O = orthogonalize(update, group["ns_steps"], group["ns_dtype"])
+                if group["row_eq"]:
+                    target = update.norm(dim=(-2, -1), keepdim=True) / update.size(-2) ** 0.5
+                    update = update * (target / update.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+                O = orthogonalize(update, group["ns_steps"], group["ns_dtype"]).float()
                 rows, cols = params[0].shape
+                if group["renorm"]:
+                    O = O * (min(rows, cols) ** 0.5 / O.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+                if group["beta2"] > 0:
+                    O = self._normalize_variance(O, state, group["beta2"])
                 mine_new = new[mine[0]:mine[-1] + 1]
-                mine_new.mul_(1 - group["lr"] * group["weight_decay"])
+                decay = group["lr"] * group["weight_decay"]
+                if group["cautious_wd"]:
+                    mine_new.sub_(decay * mine_new * ((O * mine_new) >= 0))  # O is subtracted: same sign = toward 0
+                else:
+                    mine_new.mul_(1 - decay)
                 mine_new.add_(O.to(mine_new.dtype), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
             gathered = torch.empty_like(new)
             all_gather_into(gathered, new[rank * n:(rank + 1) * n])
             for i, p in enumerate(params):
                 p.copy_(gathered[i])
+
+    @staticmethod
+    def _normalize_variance(O, state, beta2):
+        """NorMuon: divide O by the running rms of each row (column, if wide), then rescale
+        to O's own Frobenius norm, so only the shares between neurons change."""
+        dim = -1 if O.size(-2) >= O.size(-1) else -2
+        v_now = O.square().mean(dim=dim, keepdim=True)
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(v_now)
+        v = state["second_moment"]
+        v.lerp_(v_now, 1 - beta2)
+        scaled = O * v.clamp_min(1e-10).rsqrt()
+        return scaled * (O.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))

@@ -23,9 +23,10 @@ import torch
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
+from nanochat import schedules
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
-from nanochat.gpt import GPTConfig, add_model_args, build_model, config_from_args
+from nanochat.gpt import GPT, GPTConfig, add_model_args, build_model, config_from_args
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.report import get_report
@@ -42,7 +43,10 @@ add_model_args(parser)
 # training horizon: the first that is set wins
 parser.add_argument("--num_iterations", type=int, default=-1, help="optimizer steps (-1: derive from the ratio below)")
 parser.add_argument("--target_flops", type=float, default=-1, help="train for this many FLOPs (-1: off)")
-parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens = ratio * params (Chinchilla: 20)")
+parser.add_argument("--target_param_data_ratio", type=float, default=20, help="tokens = ratio * params (Chinchilla: 20; "
+                    "reference nanochat 2026: 12 with --param_count=scaling)")
+parser.add_argument("--param_count", default="all", choices=["all", "scaling"], help="the params of the ratio: all, "
+                    "or the reference nanochat's scaling params (block matrices + lm_head, see GPT.num_scaling_params)")
 # batch
 parser.add_argument("--device_batch_size", type=int, default=32, help="sequences per device per micro-step")
 parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
@@ -53,8 +57,24 @@ parser.add_argument("--matrix_lr", type=float, default=0.02, help="Muon lr for t
 parser.add_argument("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
 parser.add_argument("--weight_decay", type=float, default=0.0, help="Muon weight decay")
 parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
+parser.add_argument("--adam_per_group", type=int, default=0, help="1: embedding and lm_head get the reference "
+                    "nanochat's own AdamW betas and weight decays (emb (0.8, 0.995) wd 0.001; lm_head (0.8, 0.96) wd 0.01)")
+parser.add_argument("--cautious_wd", type=int, default=0, help="1: Muon decays only where update and weight agree in "
+                    "sign (cautious weight decay; reference nanochat)")
+parser.add_argument("--weight_decay_scaling", type=int, default=0, help="1: Muon's weight decay = "
+                    "wd * sqrt(B / 2**19) * (D_d12 / D) (reference nanochat, tuned at d12)")
+parser.add_argument("--weight_decay_schedule", default="constant", choices=["constant", "cosine"],
+                    help="Muon's weight decay over training: constant, or cosine to 0 (reference nanochat)")
+parser.add_argument("--muon_momentum_schedule", default="legacy", choices=["legacy", "ref"], help="legacy: 0.85 -> "
+                    "0.95 over 300 steps; ref: 0.85 -> 0.97 over 400 steps, 0.90 at the end of the warmdown (ref. nanochat)")
+parser.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon per-neuron variance normalization "
+                    "in Muon, EMA beta2 (0: off; reference nanochat: 0.9)")
+parser.add_argument("--muon_eq", type=int, default=0, help="1: MuonEq row equilibration before orthogonalizing")
+parser.add_argument("--muon_plus", type=int, default=0, help="1: Muon+ Frobenius renormalization after orthogonalizing")
 parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of lr warmup")
+parser.add_argument("--warmup_steps", type=int, default=-1, help="steps of lr warmup (-1: use --warmup_ratio; "
+                    "reference nanochat: 40)")
 parser.add_argument("--warmdown_ratio", type=float, default=0.2, help="fraction of steps of linear lr decay at the end")
 parser.add_argument("--final_lr_frac", type=float, default=0.0, help="lr at the end, as a fraction of the peak")
 # evaluation, sampling, checkpoints
@@ -120,6 +140,13 @@ flops_per_token = model.estimate_flops()
 print0(f"model: {json.dumps(config.to_dict())}")
 print0(f"parameters: {num_params:,}  FLOPs/token: {flops_per_token:e}")
 
+
+
+def ratio_params(m):
+    """The parameters that --target_param_data_ratio multiplies (--param_count)."""
+    return m.num_scaling_params() if args.param_count == "scaling" else m.num_params()
+
+
 tokens_per_micro = args.device_batch_size * args.max_seq_len * world_size
 if args.total_batch_size % tokens_per_micro:
     raise SystemExit(f"--total_batch_size={args.total_batch_size} must be a multiple of device_batch_size * "
@@ -132,7 +159,7 @@ if args.num_iterations > 0:
 elif args.target_flops > 0:
     num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
 elif args.target_param_data_ratio > 0:
-    num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+    num_iterations = round(args.target_param_data_ratio * ratio_params(model) / args.total_batch_size)
 else:
     raise SystemExit("set one of --num_iterations, --target_flops, --target_param_data_ratio")
 num_iterations = max(num_iterations, 1)
@@ -140,9 +167,22 @@ total_tokens = args.total_batch_size * num_iterations
 print0(f"training for {num_iterations:,} steps = {total_tokens:,} tokens "
        f"({total_tokens / num_params:.1f} tokens/param, {flops_per_token * total_tokens:e} FLOPs)")
 
+weight_decay = args.weight_decay
+if args.weight_decay_scaling:
+    # reference nanochat: wd tuned at d12 with B_ref = 2**19 tokens/step and D_ref = its ratio
+    # horizon; keep the decay's timescale: lambda = lambda_ref * sqrt(B / B_ref) * (D_ref / D)
+    with torch.device("meta"):
+        d12 = GPT(config_from_args(argparse.Namespace(**{**vars(args), "depth": 12}), vocab_size))
+    ratio = args.target_param_data_ratio if args.target_param_data_ratio > 0 else 12
+    weight_decay = schedules.scaled_weight_decay(args.weight_decay, args.total_batch_size,
+                                                 ratio * ratio_params(model), ratio * ratio_params(d12))
+    print0(f"Muon weight decay scaled from {args.weight_decay} to {weight_decay:.6f}")
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-                                    weight_decay=args.weight_decay, adam_weight_decay=args.adam_weight_decay)
+                                    weight_decay=weight_decay, adam_weight_decay=args.adam_weight_decay,
+                                    adam_per_group=bool(args.adam_per_group), cautious_wd=bool(args.cautious_wd),
+                                    normuon_beta2=args.normuon_beta2, muon_eq=bool(args.muon_eq),
+                                    muon_plus=bool(args.muon_plus))
 adamw, muon = optimizers
 
 # -----------------------------------------------------------------------------
@@ -208,16 +248,8 @@ x, y = next(train_loader)
 
 
 def lr_multiplier(it):
-    """Linear warmup, constant, then linear warmdown over the last `warmdown` steps, the
-    last one (it = num_iterations - 1) at exactly final_lr_frac."""
-    warmup = round(args.warmup_ratio * num_iterations)
-    warmdown = round(args.warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it < num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - 1 - it) / warmdown  # (warmdown-1)/warmdown -> 0
-    return progress + (1 - progress) * args.final_lr_frac
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * num_iterations)
+    return schedules.lr_multiplier(it, num_iterations, warmup, args.warmdown_ratio, args.final_lr_frac)
 
 
 def fetch_eval_bundle():
@@ -246,9 +278,11 @@ def fetch_eval_bundle():
 
 
 def muon_momentum(it):
-    """0.85 -> 0.95 over the first 300 steps."""
-    frac = min(it / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+    return schedules.muon_momentum(it, num_iterations, args.muon_momentum_schedule, args.warmdown_ratio)
+
+
+def muon_weight_decay(it):
+    return schedules.muon_weight_decay(it, num_iterations, weight_decay, args.weight_decay_schedule)
 
 
 def checkpoint(step):
@@ -331,6 +365,7 @@ while True:
             g["lr"] = g["initial_lr"] * lrm
     for g in muon.param_groups:
         g["momentum"] = muon_momentum(step)
+        g["weight_decay"] = muon_weight_decay(step)
     for opt in optimizers:
         opt.step()
     orig_model.zero_grad(set_to_none=True)

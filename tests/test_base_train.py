@@ -291,3 +291,28 @@ def test_bad_command_lines_give_one_line_errors(base_dir, corpus_dir, flag, says
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
     assert says in out.stderr, out.stderr
     assert not (base_dir.parent / "x").exists()
+
+
+    assert model.config.n_layer == 4 and model.config.mamba_pattern == ""
+
+
+def test_quality_recipe_trains_resumes_exactly_and_samples(base_dir, corpus_dir):
+    """The new-recipe flag set of dev/quality_ablation.sh (all of it): it learns, a resumed
+    run continues exactly (NorMuon state, per-group AdamW), and sampling with the smear cache works."""
+    listing = subprocess.run(["bash", "dev/quality_ablation.sh", "list"], cwd=ROOT, capture_output=True, text=True)
+    recipe = re.search(r"new recipe: (.*)", listing.stdout).group(1).split()
+    assert "--value_embeds=1" in recipe and "--cautious_wd=1" in recipe
+    full = run_train(base_dir, corpus_dir, *recipe, "--warmup_steps=2", "--save_every=3", "--sample_every=6",
+                     "--model_tag=recipe")
+    lf = losses(full)
+    assert float(lf["00006"]) < float(lf["00001"]) and "sample: " in full
+    meta = json.loads((base_dir / "base_checkpoints" / "recipe" / "meta_000006.json").read_text())
+    assert meta["model_config"]["value_embeds"] and meta["model_config"]["rope_base"] == 100000
+    ckpt = base_dir / "base_checkpoints" / "recipe"
+    shutil.copytree(ckpt, base_dir / "base_checkpoints" / "recipe_resumed")
+    for f in ("meta_000006.json", "model_000006.pt", "state_000006_rank0.pt"):
+        os.remove(base_dir / "base_checkpoints" / "recipe_resumed" / f)
+    resumed = run_train(base_dir, corpus_dir, *recipe, "--warmup_steps=2", "--resume_from_step=3",
+                        "--model_tag=recipe_resumed")
+    lr = losses(resumed)
+    assert lr == {s: lf[s] for s in ("00004", "00005", "00006")}

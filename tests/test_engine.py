@@ -5,9 +5,14 @@ from nanochat.engine import Engine, ToolState, adjust_logits, naive_generate, ru
 from nanochat.gpt import GPTConfig, build_model
 
 
-def model_for(tokenizer, pattern="L", T=64):
+# the quality recipe's model flags (window_tile 8 so that short windows exist at T=64)
+RECIPE = dict(value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, rope_base=100000.0,
+              pad_vocab_to=64, short_window_div=4, window_tile=8, ref_init=True)
+
+
+def model_for(tokenizer, pattern="L", T=64, **kw):
     cfg = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=3, n_head=4, n_kv_head=2,
-                    n_embd=64, window_pattern=pattern)
+                    n_embd=64, window_pattern=pattern, **kw)
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")
     with torch.no_grad():  # a random but non-trivial model: perturb the zero-initialized projections
@@ -16,10 +21,10 @@ def model_for(tokenizer, pattern="L", T=64):
     return model.eval()
 
 
-@pytest.mark.parametrize("pattern", ["L", "SSL"])
+@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSL", False), ("SSL", True)])
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_greedy_engine_equals_full_recompute(tokenizer, pattern, num_samples):
-    model = model_for(tokenizer, pattern)
+def test_greedy_engine_equals_full_recompute(tokenizer, pattern, recipe, num_samples):
+    model = model_for(tokenizer, pattern, **(RECIPE if recipe else {}))
     engine = Engine(model, tokenizer)
     engine.stop_tokens = set()  # a random model may emit a stop token; compare the raw streams
     for prompt in ["int main() {", "def f(x):\n    return", "The"]:
@@ -31,8 +36,9 @@ def test_greedy_engine_equals_full_recompute(tokenizer, pattern, num_samples):
             assert m == [1] * 20
 
 
-def test_decode_step_equals_forward(tokenizer):
-    model = model_for(tokenizer, "SSL", T=32)
+@pytest.mark.parametrize("recipe", [False, True])
+def test_decode_step_equals_forward(tokenizer, recipe):
+    model = model_for(tokenizer, "SSL", T=32, **(RECIPE if recipe else {}))
     idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
     full = model(idx)
     cache = model.init_cache(2, 32)
@@ -146,3 +152,21 @@ def test_run_tool():
     assert run_tool("") is None
     assert run_tool("1/0") is None
     assert run_tool("'strawberry'.count('r')") == "3"  # not plain arithmetic: runs in the sandbox
+
+
+def test_dummy_decode_steps_then_restore_leave_decoding_unchanged(tokenizer):
+    """The engine's CUDA-graph warmup/capture runs decode_step on dummy ids at the cache's
+    last position; the smear's prev_emb is not position-indexed, so the engine snapshots and
+    restores it. The same sequence on the CPU: decoding afterwards equals a full forward."""
+    model = model_for(tokenizer, "SSL", T=32, **RECIPE)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+    full = model(idx)
+    cache = model.init_cache(2, 32)
+    model(idx[:, :12], cache=cache)
+    snap = cache.snapshot()
+    for _ in range(3):
+        model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor(31))
+    assert not torch.equal(cache.prev_emb, snap)  # without the restore, decoding would be wrong
+    cache.restore(snap)
+    for t in range(12, 20):
+        assert torch.allclose(model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)

@@ -53,7 +53,7 @@ def test_windowed_layer_ignores_tokens_beyond_its_window(kernel):
     model.kernel = kernel
     mixer = model.blocks[0].mixer
     assert mixer.window == 16
-    ctx = model._context(32, 0, torch.device("cpu"))
+    ctx = model._context(torch.zeros(2, 32, dtype=torch.long), 0)
     x = torch.randn(2, 32, 64)
     changed = x.clone()
     changed[:, 3] += 1.0  # token 3: seen by queries 3..18 only
@@ -217,3 +217,172 @@ def test_generate_uses_the_engine_sampler():
     greedy = list(model.generate(prompt, 6, temperature=0.0))
     from nanochat.engine import naive_generate
     assert greedy == naive_generate(model.eval(), prompt, 6)
+
+
+# -----------------------------------------------------------------------------
+# The quality recipe (issue 25): each flag on its own, and all of them together
+
+RECIPE = dict(value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, rope_base=100000.0,
+              pad_vocab_to=64, short_window_div=4, window_tile=8, ref_init=True)
+# window_tile 8, not the recipe's 128: tiny contexts still get a short window (T=32: 8)
+
+
+@pytest.mark.parametrize("field", sorted(RECIPE))
+def test_each_recipe_flag_changes_the_model(field):
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(3))
+    if field == "ref_init":  # an init change: compare the initialised weights, not a perturbed model
+        a, b = (build_model(GPTConfig(sequence_len=32, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                                      ref_init=on), "cpu") for on in (False, True))
+        assert abs(a.wte.weight.std() - 1.0) < 0.05 and abs(b.wte.weight.std() - 0.8) < 0.05
+        assert torch.allclose(b.blocks[0].mlp.c_fc.weight.abs().max(), 0.4 * a.blocks[0].mlp.c_fc.weight.abs().max(), rtol=0.05)
+        return
+    if field == "window_tile":  # only matters with a divisor that leaves a remainder: T/4 = 8 -> tile 6 -> 12
+        base, new = dict(short_window_div=4), dict(short_window_div=4, window_tile=6)
+    else:
+        base, new = {}, {field: RECIPE[field]}
+    a, b = tiny("SL", **base).eval(), tiny("SL", **new).eval()
+    with torch.no_grad():
+        out_a, out_b = a(idx), b(idx)
+    assert out_a.shape == out_b.shape == (2, 32, 97)  # padded vocab is cropped
+    assert not torch.allclose(out_a, out_b, atol=1e-4), field
+
+
+def test_recipe_layer_plan_and_shapes():
+    cfg = GPTConfig(sequence_len=2048, n_layer=12, window_pattern="SSSL", vocab_size=50000, **dict(RECIPE, window_tile=128))
+    plan = layer_plan(cfg)
+    assert [s.window for s in plan[:4]] == [512, 512, 512, 2048]
+    assert [i for i, s in enumerate(plan) if "value_embed" in s.extras] == [1, 3, 5, 7, 9, 11]  # the last included
+    assert layer_plan(GPTConfig(sequence_len=2000, short_window_div=4, window_tile=128, window_pattern="S"))[0].window == 512
+    assert [i for i, s in enumerate(layer_plan(GPTConfig(n_layer=5, value_embeds=True))) if s.extras] == [0, 2, 4]
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.wte.weight.shape[0] == model.lm_head.weight.shape[0] == 50048
+    assert model.blocks[1].mixer.ve.weight.shape == (50048, 768) and not hasattr(model.blocks[0].mixer, "ve")
+
+
+def test_recipe_init_values():
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, **RECIPE), "cpu")
+    assert torch.allclose(model.resid_lambdas, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    assert torch.allclose(model.x0_lambdas, torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    assert model.smear_lambda.item() == 0 and abs(model.backout_lambda.item() - 0.2) < 1e-7
+    for w in (model.smear_gate.weight, model.blocks[1].mixer.ve_gate.weight):
+        assert w.min() >= 0 and w.max() <= 0.02
+    bound = 3 ** 0.5 / 64 ** 0.5
+    ve = model.blocks[1].mixer.ve.weight
+    assert ve.abs().max() <= bound and ve.abs().max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("pattern", ["L", "SSL"])
+def test_recipe_causality_and_cache(pattern):
+    model = tiny(pattern, **RECIPE).eval()
+    idx = torch.randint(0, 97, (2, 32))
+    base = model(idx)
+    for t in (0, 7, 30):
+        changed = idx.clone()
+        changed[:, t + 1:] = torch.randint(0, 97, (2, 31 - t))
+        assert torch.allclose(model(changed)[:, :t + 1], base[:, :t + 1], atol=1e-5), f"position <= {t} saw the future"
+    # prefill + token-by-token decode == full forward, at several split points
+    for split in (1, 10, 31):
+        cache = model.init_cache(2, 32)
+        inc = torch.cat([model(idx[:, :split], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(split, 32)], 1)
+        assert torch.allclose(inc, base, atol=1e-4), split
+    # the static decode step (the engine's CUDA-graph path) too
+    cache = model.init_cache(2, 32)
+    model(idx[:, :12], cache=cache)
+    for t in range(12, 32):
+        assert torch.allclose(model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), base[:, t], atol=1e-4)
+
+
+def test_smear_cache_repeat_copies_the_previous_embedding():
+    model = tiny(**RECIPE).eval()
+    idx = torch.randint(0, 97, (1, 20))
+    cache = model.init_cache(1, 20)
+    model(idx[:, :10], cache=cache)
+    cache.repeat(3)
+    assert cache.prev_emb.shape == (3, 1, 64)
+    out = model(idx[:, 10:11].expand(3, 1), cache=cache)
+    assert torch.allclose(out, model(idx[:, :11])[:, -1:].expand(3, 1, 97), atol=1e-4)
+
+
+def test_recipe_init_and_optimizer_groups():
+    """With every flag on: all parameters initialised whatever the memory held, each in
+    exactly one optimizer group, the groups as the reference nanochat sets them up."""
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL",
+                    **RECIPE)
+    states = []
+    for garbage in (float("nan"), 123.0):
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.fill_(garbage)
+        torch.manual_seed(7)
+        model.init_weights()
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    for k in states[0]:
+        assert torch.isfinite(states[0][k]).all() and torch.equal(states[0][k], states[1][k]), k
+    tags = model.opt_tags()
+    assert tags["blocks.0.mixer.ve.weight"] == "adamw_value_embed" and tags["blocks.0.mixer.ve_gate.weight"] == "muon"
+    assert tags["resid_lambdas"] == "adamw_resid" and tags["x0_lambdas"] == "adamw_x0"
+    assert {tags[n] for n in ("smear_gate.weight", "smear_lambda", "backout_lambda")} == {"adamw_smear"}
+    adamw, muon = model.setup_optimizers(scalar_lr=0.5, embedding_lr=0.3, adam_per_group=True)
+    seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    g = {grp["tag"]: grp for grp in adamw.param_groups}
+    scale = (32 / 768) ** -0.5
+    assert g["adamw_value_embed"]["lr"] == pytest.approx(0.3 * scale * 0.5)
+    assert (g["adamw_resid"]["lr"], g["adamw_resid"]["weight_decay"]) == (pytest.approx(0.005), 0.05)
+    assert (g["adamw_x0"]["lr"], g["adamw_x0"]["betas"]) == (0.5, (0.96, 0.95))
+    assert g["adamw_smear"]["lr"] == 0.2
+    assert (g["adamw_embedding"]["betas"], g["adamw_embedding"]["weight_decay"]) == ((0.8, 0.995), 0.001)
+    assert (g["adamw_unembedding"]["betas"], g["adamw_unembedding"]["weight_decay"]) == ((0.8, 0.96), 0.01)
+    legacy = {grp["tag"]: grp for grp in model.setup_optimizers(adam_weight_decay=0.02)[0].param_groups}
+    assert legacy["adamw_embedding"]["betas"] == (0.8, 0.95) and legacy["adamw_embedding"]["weight_decay"] == 0.02
+
+
+def test_recipe_flops_count_the_gates_not_the_lookups():
+    plain, model = tiny("SL", T=32), tiny("SL", T=32, **RECIPE)
+    gates = sum(p.numel() for n, p in model.named_parameters() if "gate" in n)
+    assert gates == 24 + 2 * (2 * 12)  # smear gate + one ve gate (2 kv heads x 12) on layers 1 and 3
+    attn = 12 * 4 * 16 * (8 + 32 + 8 + 32)  # short window 32/4 = 8
+    dense = 6 * sum(p.numel() for n, p in plain.named_parameters() if n != "wte.weight")
+    assert model.estimate_flops() == dense + 6 * gates + 6 * (128 - 97) * 64 + attn  # + lm_head's padded rows
+
+
+def test_recipe_tiny_batch_overfits():
+    torch.manual_seed(0)
+    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, **RECIPE)
+    model = build_model(cfg, "cpu")
+    opts = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.05, adam_per_group=True,
+                                  weight_decay=0.05, cautious_wd=True, normuon_beta2=0.9, muon_eq=True, muon_plus=True)
+    x = torch.randint(0, 64, (4, 32))
+    y = x.roll(-1, 1)
+    first = None
+    for _ in range(150):
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+    assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_old_checkpoint_config_gets_legacy_values_not_defaults():
+    """A field missing from a checkpoint means the model from before it existed, even after
+    the defaults flip to the new recipe."""
+    from dataclasses import fields as dc_fields, make_dataclass
+    import nanochat.gpt as gpt
+    old = {"sequence_len": 64, "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
+           "window_pattern": "L", "softcap": 15.0}
+    oldest = set(old)
+    assert {f.name for f in dc_fields(GPTConfig)} - oldest == set(gpt.LEGACY), "every later field needs a LEGACY value"
+    # flip the defaults to the recipe, as the lead will: an old checkpoint still loads as the old model
+    new_cls = make_dataclass("Flipped", [(k, type(v), v) for k, v in RECIPE.items()], bases=(GPTConfig,))
+    assert new_cls().value_embeds  # the defaults really are flipped here
+    cfg = new_cls.from_dict(old)
+    for k, v in gpt.LEGACY.items():
+        assert getattr(cfg, k) == v, k
+    model = build_model(GPTConfig.from_dict(old), "cpu")
+    assert not hasattr(model, "smear_gate") and model.wte.weight.shape[0] == 50

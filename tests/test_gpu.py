@@ -9,9 +9,14 @@ from nanochat.gpt import GPTConfig, build_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def model_pair(pattern, T=256):
-    cfg = GPTConfig(sequence_len=T, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                    window_pattern=pattern)
+# the quality recipe's model flags (window_tile 32: short windows of 64 at T=256)
+RECIPE = dict(value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, rope_base=100000.0,
+              pad_vocab_to=64, short_window_div=4, window_tile=32, ref_init=True)
+
+
+def model_pair(pattern, T=256, recipe=False):
+    cfg = GPTConfig(sequence_len=T, vocab_size=500 if recipe else 512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                    window_pattern=pattern, **(RECIPE if recipe else {}))
     torch.manual_seed(0)
     cpu = build_model(cfg, "cpu")
     with torch.no_grad():
@@ -23,11 +28,11 @@ def model_pair(pattern, T=256):
 
 
 @pytest.mark.parametrize("kernel", ["current", "flex", "sdpa"])
-@pytest.mark.parametrize("pattern", ["L", "SSSL"])
-def test_gpu_training_path_matches_cpu(pattern, kernel):
-    cpu, gpu = model_pair(pattern)
+@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSSL", False), ("SSSL", True)])
+def test_gpu_training_path_matches_cpu(pattern, recipe, kernel):
+    cpu, gpu = model_pair(pattern, recipe=recipe)
     gpu.kernel = kernel
-    idx = torch.randint(0, 512, (2, 256))
+    idx = torch.randint(0, 500, (2, 256))
     ref = cpu(idx)  # fp32 CPU, explicit masks
     with torch.amp.autocast("cuda", dtype=torch.bfloat16):
         out = gpu(idx.cuda())  # SDPA (flash) and flex_attention block masks
@@ -47,9 +52,10 @@ def test_gpu_causality(pattern):
     assert torch.equal(out[:, :101], base[:, :101])
 
 
-def test_compiled_model_matches_eager():
-    _, gpu = model_pair("SSSL")
-    idx = torch.randint(0, 512, (2, 256), device="cuda")
+@pytest.mark.parametrize("recipe", [False, True])
+def test_compiled_model_matches_eager(recipe):
+    _, gpu = model_pair("SSSL", recipe=recipe)
+    idx = torch.randint(0, 500, (2, 256), device="cuda")
     with torch.amp.autocast("cuda", dtype=torch.bfloat16):
         eager = gpu(idx, idx)
         compiled = torch.compile(gpu, dynamic=False)(idx, idx)
@@ -67,30 +73,33 @@ def test_muon_cuda_matches_fp32_reference():
             assert rel < 5e-2, (shape, rel)  # bf16 lands near 3e-2 (CPU bf16 too)
 
 
-def test_engine_cuda_graph_decode_equals_full_recompute():
+@pytest.mark.parametrize("recipe", [False, True])
+def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
+    """With the recipe, the smear's prev_emb must survive the graph's warmup and capture."""
     from nanochat.engine import Engine, naive_generate
     from nanochat.tokenizer import Tokenizer
-    _, gpu = model_pair("SSSL")
+    _, gpu = model_pair("SSSL", recipe=recipe)
     gpu.eval()
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     engine = Engine(gpu, tok, use_tools=False)  # compiled decode step, replayed as a CUDA graph
     engine.stop_tokens = set()
-    prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     ref = naive_generate(gpu, prompt, 24)
     for n in (1, 4):
         out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
         assert all(row == ref for row in out)
 
 
-def test_fp8_compiled_training_step_close_to_bf16():
+@pytest.mark.parametrize("recipe", [False, True])
+def test_fp8_compiled_training_step_close_to_bf16(recipe):
     # FP8 tensor-core matmuls (torch._scaled_mm on sm_89+), compiled, against the bf16 step
     from nanochat import fp8
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matmuls need sm_89+ (Ada/Hopper)")
-    _, ref = model_pair("L")
-    _, f8 = model_pair("L")
-    assert fp8.convert(f8) == 4 * 6
-    idx = torch.randint(0, 512, (4, 257), device="cuda")
+    _, ref = model_pair("L", recipe=recipe)
+    _, f8 = model_pair("L", recipe=recipe)
+    assert fp8.convert(f8) == 4 * 6  # the recipe's ve_gates (12 -> 2) stay bf16
+    idx = torch.randint(0, 500, (4, 257), device="cuda")
     grads = []
     for model in (ref, f8):
         with torch.amp.autocast("cuda", dtype=torch.bfloat16):
@@ -103,4 +112,4 @@ def test_fp8_compiled_training_step_close_to_bf16():
         # one batch at random init: E5M2 gradients compounded over 4 layers land at 10-18% on
         # the CPU (tests/test_fp8.py); what FP8 costs over a run is measured in docs/benchmarks.md
         rel = ((g_f8[n] - g_ref[n]).norm() / g_ref[n].norm()).item()
-        assert 1e-3 < rel < 0.3, (n, rel)
+        assert (1e-3 < rel or recipe) and rel < 0.3, (n, rel)  # recipe: some scalars barely feel FP8
