@@ -147,7 +147,9 @@ def layer_plan(config):
     if not pattern or set(pattern) - set("SL"):
         raise ValueError(f"window_pattern {config.window_pattern!r} must be a non-empty string of S and L")
     T, tile = config.sequence_len, config.window_tile
-    short = min(-(-T // config.short_window_div // tile) * tile, T)
+    # floor(T / div) (the old S = T // 2 exactly), then up to the tile; the reference takes the
+    # ceiling of T / 4 first, which differs only when that crosses a tile boundary
+    short = min(-(-(T // config.short_window_div) // tile) * tile, T)
     windows = {"S": short, "L": T}
     extras = [("value_embed",) if has_value_embed(config, i) else () for i in range(config.n_layer)]
     plan = [LayerSpec("attn", windows[pattern[i % len(pattern)]], extras[i]) for i in range(config.n_layer)]

@@ -253,6 +253,7 @@ def test_recipe_layer_plan_and_shapes():
     assert [s.window for s in plan[:4]] == [512, 512, 512, 2048]
     assert [i for i, s in enumerate(plan) if "value_embed" in s.extras] == [1, 3, 5, 7, 9, 11]  # the last included
     assert layer_plan(GPTConfig(sequence_len=2000, short_window_div=4, window_tile=128, window_pattern="S"))[0].window == 512
+    assert layer_plan(GPTConfig(sequence_len=101, window_pattern="S"))[0].window == 50  # legacy: T // 2, exactly
     assert [i for i, s in enumerate(layer_plan(GPTConfig(n_layer=5, value_embeds=True))) if s.extras] == [0, 2, 4]
     with torch.device("meta"):
         model = GPT(cfg)
