@@ -40,7 +40,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_for, autodetect_device_type, logger
+from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
 from nanochat.engine import Engine
 
 # limits: generous for people, small enough that nobody can tie up a worker for long
@@ -240,6 +240,7 @@ def sse(obj):
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None):
     device_type = autodetect_device_type(device_type)
+    clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
 
     workers = []
