@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from nanochat import checkpoint_manager as cm
-from nanochat.common import clean_stale_exec_dirs
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer, get_token_bytes, get_tokenizer
 
@@ -29,9 +28,8 @@ def weights(v):
     return {"w": torch.full((64, 64), float(v))}
 
 
-def save(directory, step, v, tokenizer=None):
-    cm.save_checkpoint(str(directory), step, weights(v), {"optimizers": [], "v": v}, {"step": step, "v": v},
-                       tokenizer=tokenizer)
+def save(directory, step, v):
+    cm.save_checkpoint(str(directory), step, weights(v), {"optimizers": [], "v": v}, {"step": step, "v": v})
 
 
 def kill_torch_save_after(monkeypatch, n_ok):
@@ -66,20 +64,20 @@ def test_killed_resave_of_a_step_keeps_the_complete_checkpoint(tmp_path, monkeyp
     assert cm.load_checkpoint(str(tmp_path), 3)[0]["w"][0, 0] == 3.0
 
 
-def test_leftovers_of_killed_saves_are_removed_when_the_directory_is_opened(tmp_path):
+def test_leftovers_of_killed_saves_are_removed_when_the_directory_is_opened(tmp_path, monkeypatch):
     save(tmp_path, 2, 1.0)
     save(tmp_path, 4, 1.0)
     # a killed atomic write, and the old files of a re-save killed right after its new meta
     for junk in (".model_000006.pt.k2j3h4.tmp", ".state_000006_rank0.pt.abc.tmp", ".meta_000006.json.x.tmp",
                  "model_000004_b.pt", "state_000004_rank0_b.pt"):
         (tmp_path / junk).write_bytes(b"junk")
-    cm._cleaned.discard(str(tmp_path))  # a new process opening the directory
+    monkeypatch.setattr(cm, "_cleaned", set(), raising=False)  # a new process opening the directory
     save(tmp_path, 6, 1.0)
     assert sorted(os.listdir(tmp_path)) == ["meta_000002.json", "meta_000004.json", "meta_000006.json",
                                             "model_000002.pt", "model_000004.pt", "model_000006.pt",
                                             "state_000002_rank0.pt", "state_000004_rank0.pt", "state_000006_rank0.pt"]
     (tmp_path / ".model_000008.pt.zz.tmp").write_bytes(b"junk")
-    cm._cleaned.discard(str(tmp_path))
+    monkeypatch.setattr(cm, "_cleaned", set(), raising=False)
     cm.resume_checkpoint(str(tmp_path), 0)  # resuming opens it too
     assert not (tmp_path / ".model_000008.pt.zz.tmp").exists()
 
@@ -96,7 +94,7 @@ def test_damaged_files_are_named_and_latest_falls_back(tmp_path, caplog):
     save(tmp_path, 2, 1.0)
     save(tmp_path, 4, 2.0)
     flip_two_bytes(tmp_path / "model_000004.pt")
-    with pytest.raises(cm.CheckpointCorrupt, match=r"model_000004\.pt is damaged \(sha256.*step 2 before it"):
+    with pytest.raises(ValueError, match=r"model_000004\.pt is damaged \(sha256.*step 2 before it"):
         cm.load_checkpoint(str(tmp_path), 4)
     # --resume_from_step=0 ("the latest") takes the step before, with a warning
     caplog.set_level("WARNING")
@@ -161,18 +159,20 @@ def test_a_replaced_tokenizer_is_refused_at_load_and_resume(base_dir, tokenizer)
     d = cm.checkpoint_dir("mid", "d1")
     cm.save_checkpoint(d, 5, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
                        {"step": 5, "model_config": model.config.to_dict()})  # the tokenizer in base_dir
-    assert json.loads(open(os.path.join(d, "meta_000005.json")).read())["tokenizer_hash"] == tokenizer.hash
     cm.load_model("mid", "cpu")  # the right tokenizer loads
     other = other_tokenizer(tokenizer)
-    assert other.get_vocab_size() == tokenizer.get_vocab_size() and other.hash != tokenizer.hash
+    assert other.get_vocab_size() == tokenizer.get_vocab_size()
+    assert other.enc._mergeable_ranks != tokenizer.enc._mergeable_ranks
     other.save(str(base_dir / "tokenizer"))  # what tok_train did without asking
     get_tokenizer.cache_clear()
-    with pytest.raises(cm.CheckpointError, match=f"trained with tokenizer {tokenizer.hash[:12]}.*is {other.hash[:12]}"):
+    with pytest.raises(ValueError, match="retrained or replaced") as e:
         cm.load_model("mid", "cpu")
+    assert f"trained with tokenizer {tokenizer.hash[:12]}" in str(e.value) and f"is {other.hash[:12]}" in str(e.value)
     with pytest.raises(SystemExit, match="retrained or replaced"):
         cm.load_previous_stage("mid", "cpu")
-    with pytest.raises(cm.CheckpointError, match="retrained or replaced"):
+    with pytest.raises(ValueError, match="retrained or replaced"):
         cm.resume_stage(d, 0, model, optimizers)
+    assert json.loads(open(os.path.join(d, "meta_000005.json")).read())["tokenizer_hash"] == tokenizer.hash
 
 
 def test_token_bytes_of_another_tokenizer_is_refused(tmp_path, tokenizer):
@@ -229,6 +229,7 @@ def test_resume_at_the_last_step_killed_while_saving_keeps_the_checkpoint(tmp_pa
 
 
 def test_stale_sandbox_dirs_are_removed_live_ones_kept(tmp_path):
+    from nanochat.common import clean_stale_exec_dirs
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
