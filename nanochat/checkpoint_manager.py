@@ -189,11 +189,18 @@ def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0, toke
     _open_dir(directory, rank)
     world_size = torch.distributed.get_world_size() if _ddp() else 1
     # a complete checkpoint of this step stays untouched: write the other variant's names
-    try:
-        old = _read_meta(directory, step)
-    except CheckpointCorrupt:
-        old = None
-    variant = "_b" if old is not None and f"model_{step:06d}.pt" in _referenced(old, step, directory) else ""
+    variant = ""
+    if rank == 0:
+        try:
+            old = _read_meta(directory, step)
+        except CheckpointCorrupt:
+            old = None
+        if old is not None and f"model_{step:06d}.pt" in _referenced(old, step, directory):
+            variant = "_b"
+    if _ddp():  # rank 0's choice for all
+        box = [variant]
+        torch.distributed.broadcast_object_list(box, src=0)
+        variant = box[0]
     names = _names(step, variant, world_size)
     model_sha = _save_hashed(model_state, os.path.join(directory, names["model"])) if rank == 0 else None
     state_sha = None
@@ -259,7 +266,8 @@ def check_tokenizer(meta, tokenizer, where):
     from nanochat.tokenizer import check_vocab_size, tokenizer_dir
     want = meta.get("tokenizer_hash")
     if want is None:
-        check_vocab_size(tokenizer, meta["model_config"]["vocab_size"], where)
+        if "vocab_size" in meta.get("model_config", {}):
+            check_vocab_size(tokenizer, meta["model_config"]["vocab_size"], where)
     elif tokenizer.hash != want:
         raise CheckpointError(
             f"{where} was trained with tokenizer {want[:12]}, but the tokenizer in {tokenizer_dir()} is "
@@ -293,8 +301,9 @@ def load_checkpoint(directory, step, load_state=False, rank=0, tokenizer=None):
 
 
 def _agree(ok, device):
-    """True when every rank says ok (ranks must pick the same checkpoint)."""
-    if not _ddp():
+    """True when every rank says ok: ranks that read different files (their own state
+    files) must still pick the same checkpoint. device None: no vote (same files on all)."""
+    if device is None or not _ddp():
         return ok
     t = torch.tensor(float(ok), device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
