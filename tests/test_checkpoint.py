@@ -207,8 +207,8 @@ def test_resume_at_the_last_step_killed_while_saving_keeps_the_checkpoint(tmp_pa
     meta deleted first; a SIGKILL during that save left no complete checkpoint."""
     shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
     args = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
-            "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1", "--run=dummy",
-            f"--data_dir={corpus_dir}"]
+            "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--core_metric_every=-1",
+            "--sample_every=-1", "--run=dummy", f"--data_dir={corpus_dir}"]
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "scripts.base_train", *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -259,3 +259,37 @@ def test_stale_sandbox_dirs_are_removed_live_ones_kept(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_two_ranks_killed_while_replacing_a_step_keep_it(tmp_path, corpus_dir, tokenizer):
+    """torchrun x2: a fresh run into a directory replaces the steps it saves; rank 1 is
+    SIGKILLed halfway into its state file of step 2. The earlier run's step 2 (model and
+    both ranks' states) stays complete and loadable."""
+    shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
+    args = ["--device_type=cpu", "--depth=2", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256",
+            "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--core_metric_every=-1",
+            "--sample_every=-1", "--run=dummy", f"--data_dir={corpus_dir}"]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    killer = tmp_path / "killer.py"
+    killer.write_text("import os, runpy, signal, sys, torch\n"
+                      "real = torch.save\n"
+                      "def save(obj, f, *a, **k):\n"
+                      "    if os.environ.get('KILL') and os.environ['RANK'] == '1':\n"
+                      "        f.write(b'PK half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "    return real(obj, f, *a, **k)\n"
+                      "torch.save = save\n"
+                      "sys.path.insert(0, os.getcwd())  # this checkout, not an installed one\n"
+                      "sys.argv = ['base_train'] + sys.argv[1:]\n"
+                      "runpy.run_module('scripts.base_train', run_name='__main__')\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(killer), "--"]
+    r = subprocess.run(torchrun + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt = str(tmp_path / "base_checkpoints" / "d2")
+    before = [cm.load_checkpoint(ckpt, 2, load_state=True, rank=k) for k in (0, 1)]
+    r = subprocess.run(torchrun + args + ["--seed=7"], cwd=ROOT, env=dict(env, KILL="1"), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    for k in (0, 1):
+        model, state, meta = cm.load_checkpoint(ckpt, 2, load_state=True, rank=k)
+        assert all(torch.equal(model[n], before[k][0][n]) for n in model)
+        assert meta["files"] == before[k][2]["files"]
