@@ -31,7 +31,7 @@ run python -m nanochat.dataset -n 8
 run python -m nanochat.dataset -n "$NUM_SHARDS" &
 DATASET_PID=$!
 trap 'kill $DATASET_PID 2>/dev/null || true' EXIT  # if a step fails, don't leave the download running
-run python -m scripts.tok_train --max_chars=2000000000
+run python -m scripts.tok_train --max_chars=2000000000 --overwrite  # a rerun starts over: new tokenizer, new models
 run python -m scripts.tok_eval
 wait $DATASET_PID
 

@@ -16,7 +16,7 @@ python -m nanochat.report reset
 # 1. the embedded corpus: C++ headers + Python stdlib sources found on this machine
 python -m nanochat.corpus --out_dir "$NANOCHAT_DATA_DIR" --cpp_mb="$CORPUS_MB" --py_mb="$CORPUS_MB"
 # 2. tokenizer: a small vocabulary keeps the CPU model fast (the GPU runs use 32768)
-python -m scripts.tok_train --vocab_size=8192
+python -m scripts.tok_train --vocab_size=8192 --overwrite  # a rerun retrains every model below
 python -m scripts.tok_eval
 python -m nanochat.dataloader --seconds=5
 # 3. pretrain a 4-layer model for a few minutes

@@ -7,20 +7,41 @@ A checkpoint of step N in a directory is
     meta_{N:06d}.json          model config, training flags, step, losses (rank 0, last)
 Every file is written atomically (temp file + rename) and the metadata last, so a
 checkpoint whose meta file exists is complete; find_last_step only counts those.
+
+The meta lists the checkpoint's files with their sha256 ("files") and the hash of the
+tokenizer the model was trained with ("tokenizer_hash"); loading verifies both. A step
+that already has a complete checkpoint is never overwritten in place: the new files go
+beside the old ones under other names (model_{N:06d}_b.pt, ...), the new meta switches
+to them in one rename, and only then are the old files removed. So at every instant
+(a kill included, with any number of ranks) each complete step on disk stays loadable.
+Checkpoints from before checksums (no "files" in the meta) still load, unverified.
 """
 
 import glob
+import hashlib
 import json
 import os
 import re
 
 import torch
 
-from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, logger
+from nanochat.common import atomic_write, get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that can't be used as asked; the message says which file and what to do."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    def __init__(self, path, reason, previous_step=None):
+        self.path, self.previous_step = path, previous_step
+        hint = (f"; step {previous_step} before it is complete: load or resume that step instead"
+                if previous_step is not None else "; there is no complete step before it")
+        super().__init__(f"checkpoint file {path} is damaged ({reason}){hint}")
 
 
 def checkpoint_dir(source, model_tag):
@@ -33,57 +54,299 @@ def checkpoint_dir(source, model_tag):
     return os.path.join(get_base_dir(), PHASE_DIRS[source], model_tag)
 
 
-def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0):
-    """model_state and meta are written by rank 0; rank_state by every rank. Call on all
-    ranks; rank 0 writes meta last, after a barrier, so it marks a complete checkpoint."""
-    os.makedirs(directory, exist_ok=True)
-    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
-    if rank == 0 and os.path.exists(meta_path):
-        os.remove(meta_path)  # re-saving a step: until the new meta, this step is not complete
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # no rank replaces its state file while the old meta still vouches for it
-    if rank == 0:
-        atomic_torch_save(model_state, os.path.join(directory, f"model_{step:06d}.pt"))
-    if rank_state is not None:
-        atomic_torch_save(rank_state, os.path.join(directory, f"state_{step:06d}_rank{rank}.pt"))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def _ddp():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _barrier():
+    if _ddp():
         torch.distributed.barrier()
+
+
+class _HashingWriter:
+    """A file wrapper that computes the sha256 of what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _save_hashed(obj, path):
+    """torch.save atomically; returns the sha256 of the bytes written."""
+    box = []
+
+    def write(f):
+        w = _HashingWriter(f)
+        torch.save(obj, w)
+        box.append(w.sha.hexdigest())
+    atomic_write(path, write)
+    return box[0]
+
+
+def file_sha256(path):
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _names(step, variant, world_size):
+    """File names of one checkpoint: variant "" (the usual ones) or "_b" (beside them)."""
+    return {"model": f"model_{step:06d}{variant}.pt",
+            "state": [f"state_{step:06d}_rank{r}{variant}.pt" for r in range(world_size)]}
+
+
+def _read_meta(directory, step):
+    path = os.path.join(directory, f"meta_{step:06d}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointCorrupt(path, f"not valid JSON: {e}", _previous_step(directory, step)) from None
+
+
+def _referenced(meta, step, directory):
+    """The files a meta's checkpoint consists of (old metas: the usual names)."""
+    files = meta.get("files")
+    if files is None:
+        return {f"model_{step:06d}.pt"} | {f for f in _step_files(directory, step)
+                                           if re.fullmatch(rf"state_{step:06d}_rank\d+\.pt", f)}
+    return {files["model"]["name"]} | {s["name"] for s in files["state"]}
+
+
+def _step_files(directory, step):
+    """Every model/state file of a step in the directory, either variant."""
+    return {os.path.basename(p) for p in glob.glob(os.path.join(directory, f"model_{step:06d}*.pt")) +
+            glob.glob(os.path.join(directory, f"state_{step:06d}_rank*.pt"))}
+
+
+def clean_checkpoint_dir(directory):
+    """Remove what killed saves left: temp files of atomic writes, and the old files of a
+    step whose new meta was written just before the kill (the meta no longer lists them).
+    Call from one rank, before any rank writes (the first save_checkpoint/resume does)."""
+    if not os.path.isdir(directory):
+        return
+    removed = []
+    for p in glob.glob(os.path.join(directory, ".*.tmp")):
+        removed.append(p)
+    for step in _complete_steps(directory):
+        try:
+            meta = _read_meta(directory, step)
+        except CheckpointCorrupt:
+            continue
+        if meta is None or meta.get("files") is None:
+            continue
+        removed += [os.path.join(directory, f) for f in _step_files(directory, step) - _referenced(meta, step, directory)]
+    for p in removed:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+    if removed:
+        logger.info(f"removed {len(removed)} leftover file(s) of interrupted saves from {directory}")
+
+
+_cleaned = set()  # directories this process has cleaned
+_resumed = {}  # directory -> the step this process resumed from
+
+
+def _open_dir(directory, rank):
+    """Clean a checkpoint directory once per process, on rank 0, before anyone writes."""
+    directory = os.path.abspath(directory)
+    if directory not in _cleaned:
+        if rank == 0:
+            clean_checkpoint_dir(directory)
+        _cleaned.add(directory)
+        _barrier()
+
+
+def _tokenizer_hash(tokenizer):
+    if tokenizer is None:
+        from nanochat.tokenizer import get_tokenizer
+        try:
+            tokenizer = get_tokenizer()  # the cached instance: the one the training script uses
+        except FileNotFoundError:
+            return None
+    return tokenizer.hash
+
+
+def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0, tokenizer=None):
+    """model_state and meta are written by rank 0; rank_state by every rank. Call on all
+    ranks; rank 0 writes meta last, after every rank's files are on disk, so it marks a
+    complete checkpoint. The meta gets each file's sha256 and the hash of `tokenizer`
+    (default: nanochat.tokenizer.get_tokenizer(), the one the scripts train with).
+    The step this process resumed from is not saved again (it is on disk already)."""
+    directory = os.path.abspath(directory)
+    if _resumed.get(directory) == step:
+        logger.info(f"step {step} is the checkpoint this run resumed from; not saved again")
+        return
+    os.makedirs(directory, exist_ok=True)
+    _open_dir(directory, rank)
+    world_size = torch.distributed.get_world_size() if _ddp() else 1
+    # a complete checkpoint of this step stays untouched: write the other variant's names
+    variant = ""
     if rank == 0:
-        atomic_write(meta_path,
+        try:
+            old = _read_meta(directory, step)
+        except CheckpointCorrupt:
+            old = None
+        if old is not None and f"model_{step:06d}.pt" in _referenced(old, step, directory):
+            variant = "_b"
+    if _ddp():  # rank 0's choice for all
+        box = [variant]
+        torch.distributed.broadcast_object_list(box, src=0)
+        variant = box[0]
+    names = _names(step, variant, world_size)
+    model_sha = _save_hashed(model_state, os.path.join(directory, names["model"])) if rank == 0 else None
+    state_sha = None
+    if rank_state is not None:
+        state_sha = _save_hashed(rank_state, os.path.join(directory, names["state"][rank]))
+    state_shas = [state_sha]
+    if _ddp():  # also the barrier: every rank's file is in place before the meta vouches for it
+        state_shas = [None] * world_size
+        torch.distributed.all_gather_object(state_shas, state_sha)
+    if rank == 0:
+        files = {"model": {"name": names["model"], "sha256": model_sha},
+                 "state": [{"name": n, "sha256": s} for n, s in zip(names["state"], state_shas) if s is not None]}
+        meta = dict(meta, files=files)
+        tok_hash = _tokenizer_hash(tokenizer)
+        if tok_hash is not None:
+            meta["tokenizer_hash"] = tok_hash
+        atomic_write(os.path.join(directory, f"meta_{step:06d}.json"),
                      lambda f: f.write(json.dumps(meta, indent=2)), mode="w")
+        for f in _step_files(directory, step) - _referenced(meta, step, directory):  # the replaced checkpoint's files
+            os.remove(os.path.join(directory, f))
         logger.info(f"saved checkpoint step {step} to {directory}")
+    _barrier()  # the next save (and a reader on another rank) sees this meta
+
+
+def _complete_steps(directory):
+    return sorted(int(m.group(1)) for f in glob.glob(os.path.join(directory, "meta_*.json"))
+                  if (m := re.search(r"meta_(\d+)\.json$", f)))
+
+
+def _previous_step(directory, step):
+    earlier = [s for s in _complete_steps(directory) if s < step]
+    return earlier[-1] if earlier else None
 
 
 def find_last_step(directory):
-    steps = [int(m.group(1)) for f in glob.glob(os.path.join(directory, "meta_*.json"))
-             if (m := re.search(r"meta_(\d+)\.json$", f))]
+    steps = _complete_steps(directory)
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    return max(steps)
+    return steps[-1]
 
 
-def load_checkpoint(directory, step, load_state=False, rank=0):
-    """Returns (model_state, rank_state or None, meta), all on the CPU."""
-    meta_path = os.path.join(directory, f"meta_{step:06d}.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory} (missing {meta_path})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    # loaded to the CPU: load_state_dict copies onto the model's device (XLA can't be a map_location)
-    model_state = torch.load(os.path.join(directory, f"model_{step:06d}.pt"), map_location="cpu")
+def _load_verified(directory, step, entry, default_name, **kwargs):
+    """torch.load a checkpoint file after checking its sha256 (when the meta has one)."""
+    name = entry["name"] if entry else default_name
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise CheckpointCorrupt(path, "missing", _previous_step(directory, step))
+    if entry and entry.get("sha256"):
+        actual = file_sha256(path)
+        if actual != entry["sha256"]:
+            raise CheckpointCorrupt(path, f"sha256 {actual[:16]}... but the meta recorded {entry['sha256'][:16]}...",
+                                    _previous_step(directory, step))
+    try:
+        # loaded to the CPU: load_state_dict copies onto the model's device (XLA can't be a map_location)
+        return torch.load(path, map_location="cpu", **kwargs)
+    except Exception as e:  # truncated or garbage: torch/zipfile/pickle errors of all kinds
+        raise CheckpointCorrupt(path, f"{type(e).__name__}: {e}", _previous_step(directory, step)) from None
+
+
+def check_tokenizer(meta, tokenizer, where):
+    """Refuse a model with a tokenizer other than the one it was trained with (by hash when
+    the meta has one; older checkpoints: by vocab size only)."""
+    from nanochat.tokenizer import check_vocab_size, tokenizer_dir
+    want = meta.get("tokenizer_hash")
+    if want is None:
+        if "vocab_size" in meta.get("model_config", {}):
+            check_vocab_size(tokenizer, meta["model_config"]["vocab_size"], where)
+    elif tokenizer.hash != want:
+        raise CheckpointError(
+            f"{where} was trained with tokenizer {want[:12]}, but the tokenizer in {tokenizer_dir()} is "
+            f"{tokenizer.hash[:12]} (it was retrained or replaced since): the model's token ids would mean other "
+            f"text. Put back the tokenizer this model was trained with, or train the model again with this one.")
+
+
+def load_checkpoint(directory, step, load_state=False, rank=0, tokenizer=None):
+    """Returns (model_state, rank_state or None, meta), all on the CPU. Each file is checked
+    against its sha256 in the meta; a damaged one raises CheckpointCorrupt naming it.
+    With a tokenizer, a model trained with another tokenizer raises CheckpointError."""
+    meta = _read_meta(directory, step)
+    if meta is None:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory} "
+                                f"(missing {os.path.join(directory, f'meta_{step:06d}.json')})")
+    if tokenizer is not None:
+        check_tokenizer(meta, tokenizer, f"checkpoint {directory} step {step}")
+    files = meta.get("files")
+    model_state = _load_verified(directory, step, files and files["model"], f"model_{step:06d}.pt")
     rank_state = None
     if load_state:
-        path = os.path.join(directory, f"state_{step:06d}_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: resume with the same number of processes "
-                                    f"as the run that saved step {step}")
-        rank_state = torch.load(path, map_location="cpu", weights_only=False)
+        name, entry = f"state_{step:06d}_rank{rank}.pt", None
+        if files:
+            entry = files["state"][rank] if rank < len(files["state"]) else None
+        missing = entry is None if files else not os.path.exists(os.path.join(directory, name))
+        if missing:
+            raise FileNotFoundError(f"{directory} has no state file of rank {rank} for step {step}: resume with "
+                                    f"the same number of processes as the run that saved it")
+        rank_state = _load_verified(directory, step, entry, name, weights_only=False)
     return model_state, rank_state, meta
 
 
-def build_from_checkpoint(directory, step, device, phase):
+def _agree(ok, device):
+    """True when every rank says ok: ranks that read different files (their own state
+    files) must still pick the same checkpoint. device None: no vote (same files on all)."""
+    if device is None or not _ddp():
+        return ok
+    t = torch.tensor(float(ok), device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.item() == 1.0
+
+
+def _load_latest_good(directory, step, load, device=None):
+    """load(step) for the given step, or (step None) for the latest complete step whose
+    files are intact, going back one step at a time with a warning past damaged ones."""
+    candidates = [step] if step is not None else list(reversed(_complete_steps(directory)))
+    if not candidates:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    first_error = None
+    for s in candidates:
+        error = None
+        try:
+            result = load(s)
+        except CheckpointCorrupt as e:
+            error, result = e, None
+        if _agree(error is None, device):
+            if first_error is not None:
+                logger.warning(f"falling back to step {s}, the latest complete step that is intact")
+            return s, result
+        error = error or CheckpointCorrupt(os.path.join(directory, f"(another rank's file of step {s})"),
+                                           "see that rank's error", _previous_step(directory, s))
+        if step is not None:
+            raise error
+        first_error = first_error or error
+        logger.warning(str(error))
+    raise first_error
+
+
+def build_from_checkpoint(directory, step, device, phase, tokenizer=None):
     """Model (eval or train mode) from a checkpoint, plus its metadata."""
-    model_state, _, meta = load_checkpoint(directory, step)
+    model_state, _, meta = load_checkpoint(directory, step, tokenizer=tokenizer)
+    return _build(model_state, meta, device, phase), meta
+
+
+def _build(model_state, meta, device, phase):
     config = GPTConfig.from_dict(meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
@@ -91,13 +354,14 @@ def build_from_checkpoint(directory, step, device, phase):
     model.init_weights()  # buffers (rotary tables) are not in the state dict
     model.load_state_dict(model_state, strict=True)
     model.train(phase == "train")
-    return model, meta
+    return model
 
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """(model, tokenizer, meta) of the latest (or given) checkpoint of a stage.
-    model_tag defaults to the largest model of that stage."""
-    from nanochat.tokenizer import check_vocab_size, get_tokenizer
+    model_tag defaults to the largest model of that stage. The latest: if its files are
+    damaged, the step before it (with a warning); a given step: CheckpointCorrupt."""
+    from nanochat.tokenizer import get_tokenizer
     root = os.path.join(get_base_dir(), PHASE_DIRS[source])
     if model_tag is None:
         tags = [t for t in os.listdir(root)] if os.path.isdir(root) else []
@@ -105,12 +369,12 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
             raise FileNotFoundError(f"no {source} checkpoints in {root}; train one first")
         model_tag = max(tags, key=lambda t: (int(m.group(1)) if (m := re.match(r"d(\d+)", t)) else -1, t))
     directory = os.path.join(root, model_tag)
-    step = find_last_step(directory) if step is None else step
     device = torch.device(device) if isinstance(device, str) else device
-    model, meta = build_from_checkpoint(directory, step, device, phase)
-    meta = dict(meta, model_tag=model_tag, step=step)
     tokenizer = get_tokenizer()
-    check_vocab_size(tokenizer, model.config.vocab_size, f"checkpoint {directory} step {step}")
+    step, (model_state, _, meta) = _load_latest_good(
+        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer))
+    model = _build(model_state, meta, device, phase)
+    meta = dict(meta, model_tag=model_tag, step=step)
     return model, tokenizer, meta
 
 
@@ -126,13 +390,34 @@ def load_previous_stage(source, device, model_tag=None, step=None):
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {source} checkpoint to start from: run `python -m {makers[source]}` first "
                          f"(or point --source / --model_tag / --model_step at one that exists).") from None
+    except CheckpointError as e:
+        raise SystemExit(f"{e}\n(--model_step picks another step of the {source} checkpoint)") from None
+
+
+def resume_checkpoint(directory, step, rank=0, device=None):
+    """(step, model_state, rank_state, meta) of a stage's own checkpoint to resume from;
+    step 0: the latest intact one (with a warning past a damaged latest). Cleans the
+    directory of leftovers of killed saves first, checks the tokenizer, and remembers
+    the step so that save_checkpoint does not write it again. Call on all ranks."""
+    from nanochat.tokenizer import get_tokenizer
+    directory = os.path.abspath(directory)
+    _open_dir(directory, rank)
+    try:
+        tokenizer = get_tokenizer()  # the cached instance: the one the training script uses
+    except FileNotFoundError:
+        tokenizer = None  # (the script fails on its own without one)
+    step, (model_state, rank_state, meta) = _load_latest_good(
+        directory, None if step == 0 else step,
+        lambda s: load_checkpoint(directory, s, load_state=True, rank=rank, tokenizer=tokenizer), device)
+    _resumed[directory] = step
+    return step, model_state, rank_state, meta
 
 
 def resume_stage(directory, step, model, optimizers, rank=0):
     """Load a stage's own checkpoint (step 0: the latest) into model and optimizers;
     returns (step, rank_state, meta) so the script can restore its data cursor."""
-    step = find_last_step(directory) if step == 0 else step
-    model_state, rank_state, meta = load_checkpoint(directory, step, load_state=True, rank=rank)
+    device = next(model.parameters()).device
+    step, model_state, rank_state, meta = resume_checkpoint(directory, step, rank, device)
     model.load_state_dict(model_state)
     for opt, s in zip(optimizers, rank_state["optimizers"]):
         opt.load_state_dict(s)

@@ -6,7 +6,10 @@ setup, logging, atomic file writes and the peak-FLOPs table used for MFU.
 import logging
 import os
 import re
+import shutil
+import stat
 import tempfile
+import time
 
 # expandable segments: less fragmentation when a big model fills the GPU (set before CUDA starts)
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
@@ -78,6 +81,90 @@ def atomic_write(path, write_fn, mode="wb"):
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
+
+# Sandbox work directories (nanochat/execution.py) are tempfile.gettempdir()/nanochat-exec-*;
+# named with exec_dir_prefix() (nanochat-exec-<pid>-XXXX) they are removed as soon as the
+# process that made them is gone. A host killed mid-execution leaves its directory behind.
+EXEC_DIR_PREFIX = "nanochat-exec-"
+
+
+def exec_dir_prefix():
+    """The mkdtemp prefix of this process's sandbox directories: nanochat-exec-<pid>-."""
+    return f"{EXEC_DIR_PREFIX}{os.getpid()}-"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _cwds_of_live_processes():
+    """The working directories of the processes we can see (a sandbox child runs in its dir)."""
+    cwds = set()
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if pid.isdigit():
+            try:
+                cwds.add(os.readlink(f"/proc/{pid}/cwd"))
+            except OSError:
+                pass
+    return cwds
+
+
+def clean_stale_exec_dirs(root=None, legacy_age_s=6 * 3600):
+    """Remove sandbox directories left by killed processes: nanochat-exec-<pid>-* of ours
+    whose pid is gone, and unnamed ones (nanochat-exec-XXXX, no pid) untouched for
+    legacy_age_s (an execution lasts seconds). A directory that a live process works in
+    is kept, and so is every directory of another user or of a live pid. Returns the
+    removed paths. Training and serving call it at start (compute_init, chat_web)."""
+    root = root or tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(EXEC_DIR_PREFIX)]
+    except OSError:
+        return []
+    stale = []
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        m = re.match(rf"{EXEC_DIR_PREFIX}(\d+)-", name)
+        if m and int(m.group(1)) == os.getpid():
+            continue
+        if m:
+            gone = not _pid_alive(int(m.group(1)))
+        else:
+            gone = time.time() - st.st_mtime > legacy_age_s
+        if gone:
+            stale.append(path)
+    if stale:
+        in_use = _cwds_of_live_processes()
+        stale = [p for p in stale if not any(c == p or c.startswith(p + os.sep) for c in in_use)]
+    for path in stale:
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass
+        for dirpath, dirnames, _ in os.walk(path):  # the sandboxed code may have made parts unreadable
+            for d in dirnames:
+                if not os.path.islink(os.path.join(dirpath, d)):
+                    try:
+                        os.chmod(os.path.join(dirpath, d), 0o700)
+                    except OSError:
+                        pass
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        logger.info(f"removed {len(stale)} sandbox director{'y' if len(stale) == 1 else 'ies'} of ended processes "
+                    f"from {root}")
+    return stale
+
 # -----------------------------------------------------------------------------
 # Devices and distributed setup
 
@@ -131,6 +218,8 @@ def compute_init(device_type="cuda", seed=42):
         torch.cuda.manual_seed(seed)
         torch.set_float32_matmul_precision("high")  # tf32 for the few fp32 matmuls left
     ddp, rank, local_rank, world_size = get_dist_info()
+    if local_rank == 0:
+        clean_stale_exec_dirs()
     if device_type == "xla":
         import torch_xla
         device = torch_xla.device()

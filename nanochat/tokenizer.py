@@ -17,9 +17,10 @@ document encodes as plain characters), only by encode_special / render_*.
 """
 
 import codecs
+import hashlib
 import os
 import pickle
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import tiktoken
 
@@ -72,14 +73,27 @@ class Tokenizer:
         ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
         return cls.from_ranks(ranks, bpe.get_pattern())
 
+    @cached_property
+    def hash(self):
+        """sha256 of what defines the tokenizer (split pattern, merges, special tokens): the
+        same for the same tokenizer however it was saved. Checkpoints record it."""
+        sha = hashlib.sha256()
+        for part in (self.enc._pat_str, *SPECIAL_TOKENS):
+            sha.update(part.encode() + b"\0")
+        for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+            sha.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        return sha.hexdigest()
+
     def save(self, directory):
         """Saves tokenizer.pkl (ranks + pattern; plain data, no tiktoken objects) and
-        token_bytes.pt (bytes per token id, for bits-per-byte). Both written atomically."""
+        token_bytes.pt (bytes per token id, for bits-per-byte). Each is written atomically;
+        token_bytes.pt records the tokenizer's hash, so a pair from two different trainings
+        (a save killed between the two files) is refused by get_token_bytes."""
         import torch
         state = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks,
                  "special_tokens": SPECIAL_TOKENS}
         atomic_write(os.path.join(directory, TOKENIZER_FILE), lambda f: pickle.dump(state, f))
-        tb = torch.tensor(self.token_bytes_list(), dtype=torch.int32)
+        tb = {"token_bytes": torch.tensor(self.token_bytes_list(), dtype=torch.int32), "tokenizer_hash": self.hash}
         atomic_write(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(tb, f))
 
     @classmethod
@@ -258,12 +272,19 @@ def get_token_bytes(device="cpu", directory=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} at {path}; train a tokenizer first: python -m scripts.tok_train")
     with open(path, "rb") as f:
-        return torch.load(f, map_location="cpu").to(device)  # XLA can't be a map_location
+        tb = torch.load(f, map_location="cpu")  # XLA can't be a map_location
+    if isinstance(tb, dict):  # older files are the bare tensor
+        if tb["tokenizer_hash"] != get_tokenizer(directory).hash:
+            raise ValueError(f"{path} belongs to another tokenizer than {TOKENIZER_FILE} beside it (a tokenizer "
+                             "save was interrupted between the two files?): save the tokenizer again")
+        tb = tb["token_bytes"]
+    return tb.to(device)
 
 
 def check_vocab_size(tokenizer, vocab_size, where):
     """A model and a tokenizer of different vocab sizes silently produce garbage; stop early."""
     if tokenizer.get_vocab_size() != vocab_size:
         raise ValueError(f"{where} expects vocab size {vocab_size} but the tokenizer in {tokenizer_dir()} "
-                         f"has {tokenizer.get_vocab_size()}; retrain the tokenizer with "
-                         f"`python -m scripts.tok_train --vocab_size={vocab_size}` or use the matching model")
+                         f"has {tokenizer.get_vocab_size()}: it is not the tokenizer this model was trained with. "
+                         "Put that tokenizer back, or use a model trained with this one (training a new tokenizer "
+                         "of the same size does not help: its token ids mean other text)")

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, resume_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
 from nanochat import schedules
@@ -193,8 +193,7 @@ if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")
     print0(f"warning: {ckpt_dir} holds checkpoints of an earlier run (up to step {find_last_step(ckpt_dir)}); this run "
            "replaces the steps it saves. To continue that run: --resume_from_step=0; to keep it: --model_tag=NEW")
 if args.resume_from_step >= 0:
-    resume_step = find_last_step(ckpt_dir) if args.resume_from_step == 0 else args.resume_from_step
-    model_state, rank_state, meta = load_checkpoint(ckpt_dir, resume_step, load_state=True, rank=rank)
+    resume_step, model_state, rank_state, meta = resume_checkpoint(ckpt_dir, args.resume_from_step, rank, device)
     if GPTConfig.from_dict(meta["model_config"]) != config:
         raise SystemExit(f"checkpoint {ckpt_dir} step {resume_step} has model {meta['model_config']}, "
                          f"not {config.to_dict()}: resume with the same model flags")

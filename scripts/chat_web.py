@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_for, autodetect_device_type, logger
+from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
 from nanochat.engine import Engine
 from nanochat.execution import isolation
 
@@ -479,6 +479,7 @@ def sse(obj):
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
                max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT):
     device_type = autodetect_device_type(device_type)
+    clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
 
     workers = []

@@ -4,15 +4,19 @@ to $NANOCHAT_BASE_DIR/tokenizer/, with token_bytes.pt for bits-per-byte.
 
     python -m scripts.tok_train                       # 32768 tokens on the default data
     python -m scripts.tok_train --vocab_size=4096 --max_chars=20000000
+
+An existing tokenizer is replaced only with --overwrite: checkpoints record the hash of
+the tokenizer they were trained with and refuse to load with another one.
 """
 
 import argparse
 import logging
+import os
 import time
 
 from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched, resolve_data_dir
-from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, tokenizer_dir
+from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, TOKENIZER_FILE, Tokenizer, tokenizer_dir
 from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer (rustbpe) on the train shards")
@@ -21,10 +25,17 @@ parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most thi
 parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE, help="vocabulary size, special tokens included")
 parser.add_argument("--data_dir", default=None, help="directory of parquet shards (default: $NANOCHAT_DATA_DIR or the downloaded shards)")
 parser.add_argument("--out_dir", default=None, help="where to save (default: $NANOCHAT_BASE_DIR/tokenizer)")
+parser.add_argument("--overwrite", action="store_true",
+                    help="replace an existing tokenizer (checkpoints trained with it will no longer load)")
 args = parser.parse_args()
 for name in ("max_chars", "doc_cap", "vocab_size"):
     if getattr(args, name) < 1:
         raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+out_dir = args.out_dir or tokenizer_dir()
+if os.path.exists(os.path.join(out_dir, TOKENIZER_FILE)) and not args.overwrite:
+    raise SystemExit(f"{out_dir} already holds a tokenizer; models trained with it only work with it, and "
+                     "checkpoints refuse any other. To replace it anyway (then train the models again): "
+                     "--overwrite; to keep it: --out_dir=ELSEWHERE")
 logging.getLogger("rustbpe").setLevel(logging.WARNING)  # its per-percent progress lines drown the output
 print0(f"data: {resolve_data_dir(args.data_dir)}  max_chars={args.max_chars:,}  doc_cap={args.doc_cap:,}  vocab_size={args.vocab_size:,}")
 
@@ -49,7 +60,6 @@ train_time = time.time() - t0
 if n_chars == 0:  # rustbpe would return a bytes-only tokenizer, and rc 0
     raise SystemExit(f"no text to train on: the train shards in {resolve_data_dir(args.data_dir)} have no rows "
                      "(or only empty documents); rebuild them (the last shard is validation and is not used here)")
-out_dir = args.out_dir or tokenizer_dir()
 tokenizer.save(out_dir)
 print0(f"trained on {n_chars:,} chars in {train_time:.1f}s; saved to {out_dir}")
 

@@ -33,5 +33,6 @@ def make_chat_checkpoint(base_dir, tokenizer, source="sft", model_tag="d2", step
             for name in tokenizer.get_special_tokens():
                 model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
     directory = os.path.join(base_dir, PHASE_DIRS[source], model_tag)
-    save_checkpoint(directory, step, model.state_dict(), None, {"step": step, "model_config": cfg.to_dict()})
+    save_checkpoint(directory, step, model.state_dict(), None, {"step": step, "model_config": cfg.to_dict()},
+                    tokenizer=tokenizer)
     return directory

@@ -60,7 +60,7 @@ def test_missing_tokenizer_names_the_fix(tmp_path):
 
 def test_vocab_size_mismatch_is_a_clear_error(tokenizer):
     check_vocab_size(tokenizer, 1024, "model")
-    with pytest.raises(ValueError, match="expects vocab size 32768.*--vocab_size=32768"):
+    with pytest.raises(ValueError, match="expects vocab size 32768.*not the tokenizer this model was trained with"):
         check_vocab_size(tokenizer, 32768, "model")
 
 
