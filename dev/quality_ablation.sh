@@ -11,7 +11,8 @@
 # (logs, default /tmp), NPROC (GPUs, default 1), EXTRA (flags appended to every run),
 # DEPTH, SEQ, DBS (device batch), TBS (total batch), EVAL_TOKENS, PYTHON (default python).
 #
-# Sets: "default" = today's defaults; "new" = every flag of the new recipe; "new-minus-X"
+# Sets: "default" = today's defaults (the recipe's model half); "legacy" = the January 2026
+# model and optimizer; "new" = every flag of the new recipe; "new-minus-X"
 # = new with X back at its old value; "only-X" = default plus X; "new-model" / "new-opt" =
 # only the model / only the optimizer half of the recipe.
 set -euo pipefail
@@ -50,6 +51,7 @@ flags_of() {  # the flags of a named set
   local name=$1 parts="" p
   case "$name" in
     default) ;;
+    legacy) for q in $MODEL_PARTS $OPT_PARTS; do old_of "$q"; done | tr '\n' ' '; return ;;  # January 2026
     new) parts="$MODEL_PARTS $OPT_PARTS" ;;
     new-model) parts="$MODEL_PARTS" ;;
     new-opt) parts="$OPT_PARTS" ;;
@@ -64,7 +66,7 @@ flags_of() {  # the flags of a named set
 }
 
 if [[ $# -eq 0 || $1 == list ]]; then
-  echo "sets: default new new-model new-opt new-minus-<part> only-<part>"
+  echo "sets: default legacy new new-model new-opt new-minus-<part> only-<part>"
   echo "parts: $MODEL_PARTS $OPT_PARTS"
   echo "new recipe: $(flags_of new)"
   exit 0

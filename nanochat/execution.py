@@ -154,7 +154,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
     if not sys.executable:
         raise RuntimeError("sys.executable is unknown: cannot start a sandbox interpreter")
     level = isolation()
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-exec-"))
+    # the pid in the name lets common.clean_stale_exec_dirs remove it if this process is killed
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"nanochat-exec-{os.getpid()}-"))
     nonce = secrets.token_hex(16)
     cfg = {
         "code": code,
@@ -202,7 +203,7 @@ def _works(level: str) -> bool:
     missing, /proc not mountable in a container...)"""
     if not sys.platform.startswith("linux") or (level == "bwrap" and not shutil.which("bwrap")):
         return False
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="nanochat-exec-"))
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"nanochat-exec-{os.getpid()}-"))
     inner = [sys.executable, "-I", "-c", "import os; assert os.getpid() < 10 and os.listdir('/') != []"]
     try:
         proc = subprocess.run(_sandboxed(level, workdir, inner), env=_child_env(workdir), cwd=workdir,
