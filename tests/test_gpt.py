@@ -123,11 +123,15 @@ def test_estimate_flops():
     assert model.estimate_flops() == dense + attn
 
 
-def test_tiny_batch_overfits():
+@pytest.mark.parametrize("recipe", [False, True])
+def test_tiny_batch_overfits(recipe):
     torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64)
+    extra = RECIPE if recipe else {}  # the quality recipe's model, with every Muon option on
+    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, **extra)
     model = build_model(cfg, "cpu")
-    opts = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.05)
+    opt_extra = dict(adam_per_group=True, weight_decay=0.05, cautious_wd=True, normuon_beta2=0.9, muon_eq=True,
+                     muon_plus=True) if recipe else {}
+    opts = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.05, **opt_extra)
     x = torch.randint(0, 64, (4, 32))
     y = x.roll(-1, 1)
     first = None
@@ -141,11 +145,9 @@ def test_tiny_batch_overfits():
     assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
 
 
-def test_every_parameter_initialised_whatever_memory_held():
+def init_twice_over_garbage(cfg):
     """Build twice on meta, fill the materialized memory with different garbage, init with
-    the same seed: identical, finite weights. A parameter that init_weights skips (a 1-D
-    one, say) keeps its garbage and fails this."""
-    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL")
+    the same seed; returns the last model and both state dicts."""
     states = []
     for garbage in (float("nan"), 123.0):
         with torch.device("meta"):
@@ -157,7 +159,15 @@ def test_every_parameter_initialised_whatever_memory_held():
         torch.manual_seed(7)
         model.init_weights()
         states.append({k: v.clone() for k, v in model.state_dict().items()})
-        assert all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers()))
+    return model, states
+
+
+def test_every_parameter_initialised_whatever_memory_held():
+    """Identical, finite weights after init whatever memory held: a parameter that
+    init_weights skips (a 1-D one, say) keeps its garbage and fails this."""
+    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL")
+    model, states = init_twice_over_garbage(cfg)
+    assert all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers()))
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
 
@@ -310,17 +320,7 @@ def test_recipe_init_and_optimizer_groups():
     exactly one optimizer group, the groups as the reference nanochat sets them up."""
     cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SL",
                     **RECIPE)
-    states = []
-    for garbage in (float("nan"), 123.0):
-        with torch.device("meta"):
-            model = GPT(cfg)
-        model.to_empty(device="cpu")
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                t.fill_(garbage)
-        torch.manual_seed(7)
-        model.init_weights()
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    model, states = init_twice_over_garbage(cfg)
     for k in states[0]:
         assert torch.isfinite(states[0][k]).all() and torch.equal(states[0][k], states[1][k]), k
     tags = model.opt_tags()
@@ -349,25 +349,6 @@ def test_recipe_flops_count_the_gates_not_the_lookups():
     attn = 12 * 4 * 16 * (8 + 32 + 8 + 32)  # short window 32/4 = 8
     dense = 6 * sum(p.numel() for n, p in plain.named_parameters() if n != "wte.weight")
     assert model.estimate_flops() == dense + 6 * gates + 6 * (128 - 97) * 64 + attn  # + lm_head's padded rows
-
-
-def test_recipe_tiny_batch_overfits():
-    torch.manual_seed(0)
-    cfg = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, **RECIPE)
-    model = build_model(cfg, "cpu")
-    opts = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.05, adam_per_group=True,
-                                  weight_decay=0.05, cautious_wd=True, normuon_beta2=0.9, muon_eq=True, muon_plus=True)
-    x = torch.randint(0, 64, (4, 32))
-    y = x.roll(-1, 1)
-    first = None
-    for _ in range(150):
-        loss = model(x, y)
-        first = first if first is not None else loss.item()
-        loss.backward()
-        for o in opts:
-            o.step()
-        model.zero_grad(set_to_none=True)
-    assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
 
 
 def test_old_checkpoint_config_gets_legacy_values_not_defaults():
