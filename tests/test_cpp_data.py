@@ -235,6 +235,6 @@ def test_bucket_directories_are_all_checked_before_anything_is_removed(project, 
 def test_out_pointing_at_a_file_is_a_clear_error(project, base_dir, tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep me")
-    out = run_cpp_data("--roots", project, "--out", f, base_dir=base_dir)
+    out = run_cpp_data("--roots", project, "--mode", "file", "--out", f, base_dir=base_dir)
     assert out.returncode != 0 and "is a file; give a directory" in out.stderr, out.stderr
     assert f.read_text() == "keep me"
