@@ -101,7 +101,8 @@ class DocumentStream:
                             return
                     k += 1
                 rg = 0
-                last, path = os.path.basename(path), self._shards_after(os.path.basename(path))
+                last = os.path.basename(path)
+                path = self._shards_after(last)
                 if path is None and self.streaming:
                     path = self._wait_for_shard_after(last)
                 if path is None:  # end of epoch
