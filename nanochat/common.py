@@ -49,6 +49,13 @@ def print0(*args, **kwargs):
 # -----------------------------------------------------------------------------
 # Files
 
+def require_positive(args, names):
+    """SystemExit with one line for the first of these integer flags (argparse names) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+
+
 def get_base_dir():
     """Everything nanochat writes (data, tokenizer, checkpoints, reports) lives here.
     Set NANOCHAT_BASE_DIR to move it; default ~/.cache/nanochat."""

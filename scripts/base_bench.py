@@ -16,7 +16,8 @@ import torch
 
 from nanochat.common import (autodetect_device_type, compute_dtype, compute_init, device_name, get_peak_flops,
                              synchronize)
-from nanochat.gpt import add_model_args, build_model, config_from_args
+from nanochat.flags import add_model_args, config_from_args
+from nanochat.gpt import build_model
 
 parser = argparse.ArgumentParser(description="Benchmark the pretraining step; prints a JSON line")
 add_model_args(parser)  # the model and step flags of scripts/base_train

@@ -22,11 +22,13 @@ import torch
 
 from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, resume_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
-                             compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0, synchronize)
+                             compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0,
+                             require_positive, synchronize)
 from nanochat import schedules
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
-from nanochat.gpt import GPT, GPTConfig, add_model_args, build_model, config_from_args
+from nanochat.flags import add_model_args, config_from_args
+from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.report import get_report
@@ -99,15 +101,11 @@ user_config = vars(args).copy()
 if args.no_compile:
     args.compile = 0
 config_from_args(args, vocab_size=1)  # a bad model flag, or one whose feature is not built yet, stops here
-for name in ("device_batch_size", "total_batch_size", "eval_tokens"):
-    if getattr(args, name) < 1:
-        raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+require_positive(args, ("device_batch_size", "total_batch_size", "eval_tokens"))
 checkpoint_dir("base", args.model_tag or f"d{args.depth}")  # the tag names a directory under the base dir
 if args.num_iterations == 0 or args.num_iterations < -1:
     raise SystemExit(f"--num_iterations={args.num_iterations}: a positive number of steps, or -1 to derive it "
                      "from --target_flops / --target_param_data_ratio")
-if args.fim_rate != 0:
-    raise SystemExit("--fim_rate (fill-in-the-middle training) is not built yet in this nanochat; run without it")
 
 # -----------------------------------------------------------------------------
 # Compute

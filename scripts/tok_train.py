@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from nanochat.common import print0
+from nanochat.common import print0, require_positive
 from nanochat.dataset import parquets_iter_batched, resolve_data_dir
 from nanochat.tokenizer import DEFAULT_VOCAB_SIZE, TOKENIZER_FILE, Tokenizer, tokenizer_dir
 from nanochat.report import get_report
@@ -28,9 +28,7 @@ parser.add_argument("--out_dir", default=None, help="where to save (default: $NA
 parser.add_argument("--overwrite", action="store_true",
                     help="replace an existing tokenizer (checkpoints trained with it will no longer load)")
 args = parser.parse_args()
-for name in ("max_chars", "doc_cap", "vocab_size"):
-    if getattr(args, name) < 1:
-        raise SystemExit(f"--{name}={getattr(args, name)}: must be a positive integer")
+require_positive(args, ("max_chars", "doc_cap", "vocab_size"))
 out_dir = args.out_dir or tokenizer_dir()
 if os.path.exists(os.path.join(out_dir, TOKENIZER_FILE)) and not args.overwrite:
     raise SystemExit(f"{out_dir} already holds a tokenizer; models trained with it only work with it, and "

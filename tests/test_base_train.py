@@ -237,7 +237,7 @@ def test_seed_launch_command_stops_at_once_naming_an_unbuilt_feature(base_dir, c
 @pytest.mark.parametrize("flag", [f for f in UNBUILT if f != "--fim_rate=0.5"])
 def test_each_unbuilt_feature_flag_names_itself(flag):
     import argparse
-    from nanochat.gpt import add_model_args, config_from_args
+    from nanochat.flags import add_model_args, config_from_args
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     built = [f for f in SEED_FLAGS if f.split("=")[0] in {a for o in parser._actions for a in o.option_strings}
