@@ -19,7 +19,8 @@ Every mixer module (this one, and later Mamba-3, DSA) follows one contract:
     forward(x, ctx, cache=None) -> (B, T, C)  ctx: the Context shared by all layers
     init_weights()                           initialise ALL own parameters (1-D too)
     opt_tags() -> {param name: group}        optimizer group of each own parameter
-    init_cache(batch_size, max_len, device, dtype) -> an object with .repeat(n)
+    init_cache(batch_size, max_len, device, dtype) -> an object with .repeat(n),
+                                             .snapshot() and .restore(snapshot)
     flops_per_token(T)                       training FLOPs per token (fwd + bwd)
 """
 
@@ -221,3 +222,9 @@ class KVCache:
     def repeat(self, n):
         """Copy a batch-1 cache (a shared prefill) into n rows."""
         self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
+
+    def snapshot(self):
+        return None  # position-indexed: a dummy step's entries are overwritten before they are read
+
+    def restore(self, snap):
+        pass

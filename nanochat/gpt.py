@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm,
                                 rotary_tables)
+from nanochat.mamba3 import Mamba3
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding (reference nanochat)
 
@@ -54,10 +55,16 @@ class GPTConfig:
     softcap: float = 15.0
     # extensions (off by default; saved in checkpoints so later stages rebuild the same model)
     mamba_pattern: str = ""      # e.g. "AAM": A = attention, M = Mamba-3, tiled over depth ("" = none)
-    mamba3_qknorm: bool = False
+    mamba3_qknorm: bool = False  # Mamba-3's parts (nanochat/mamba3.py); all off = Mamba-2's SSD without conv
     mamba3_bias: bool = False
     mamba3_complex_rope: bool = False
     mamba3_trapezoidal: bool = False
+    mamba3_mimo_rank: int = 1    # 1 = SISO
+    mamba3_d_state: int = 128    # N; the official module's defaults from here on
+    mamba3_headdim: int = 64     # P
+    mamba3_expand: int = 2       # d_inner = expand * n_embd
+    mamba3_chunk: int = 64       # tokens per chunk of the chunked (SSD) form
+    mamba3_outproj_norm: bool = True  # RMSNorm per head before the gate (the official is_outproj_norm)
     engram_layers: str = ""      # comma-separated layer indices with Engram memory ("" = none)
     mhc: bool = False            # manifold-constrained hyper-connections on the residual stream
     mtp: bool = False            # a multi-token-prediction head beside lm_head
@@ -95,7 +102,8 @@ class GPTConfig:
 # What each field added after the first checkpoints meant before it existed. Every field
 # that is not in the oldest checkpoints must be here (tests/test_gpt.py checks).
 LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_complex_rope=False,
-              mamba3_trapezoidal=False, engram_layers="", mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
+              mamba3_trapezoidal=False, mamba3_mimo_rank=1, mamba3_d_state=128, mamba3_headdim=64, mamba3_expand=2,
+              mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
               value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
               pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
 
@@ -114,8 +122,6 @@ def has_value_embed(config, i):
 # Extensions whose modules have not landed yet: their settings stop the model from being
 # built, with one line naming the flag, rather than being silently ignored.
 UNBUILT = {
-    "--mamba (Mamba-3 layers)": lambda c: bool(c.mamba_pattern) or c.mamba3_qknorm or c.mamba3_bias
-    or c.mamba3_complex_rope or c.mamba3_trapezoidal,
     "--engram (Engram n-gram memory)": lambda c: bool(c.engram_layers),
     "--mhc (manifold-constrained hyper-connections)": lambda c: c.mhc,
     "--mtp (multi-token prediction)": lambda c: c.mtp,
@@ -133,7 +139,8 @@ def check_buildable(config):
 @dataclass(frozen=True)
 class LayerSpec:
     """What one layer is: its sequence mixer (a key of MIXERS), the attention window in
-    tokens (attention mixers), and the extras on that layer (e.g. "value_embed", "engram")."""
+    tokens (attention mixers; 0 for the others), and the extras on that layer (e.g.
+    "value_embed", "engram")."""
     mixer: str
     window: int
     extras: tuple = ()
@@ -146,18 +153,27 @@ def layer_plan(config):
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - set("SL"):
         raise ValueError(f"window_pattern {config.window_pattern!r} must be a non-empty string of S and L")
+    mixers = config.mamba_pattern.upper() or "A"
+    if set(mixers) - set("AM"):
+        raise ValueError(f"mamba_pattern {config.mamba_pattern!r} must be a string of A (attention) and M (Mamba-3)")
     T, tile = config.sequence_len, config.window_tile
     # floor(T / div) (the old S = T // 2 exactly), then up to the tile; the reference takes the
     # ceiling of T / 4 first, which differs only when that crosses a tile boundary
     short = min(-(-(T // config.short_window_div) // tile) * tile, T)
     windows = {"S": short, "L": T}
-    extras = [("value_embed",) if has_value_embed(config, i) else () for i in range(config.n_layer)]
-    plan = [LayerSpec("attn", windows[pattern[i % len(pattern)]], extras[i]) for i in range(config.n_layer)]
-    plan[-1] = LayerSpec("attn", T, extras[-1])  # the last layer always sees the full context
+    plan, n_attn = [], 0
+    for i in range(config.n_layer):
+        if mixers[i % len(mixers)] == "M" and i < config.n_layer - 1:  # the last layer stays attention
+            plan.append(LayerSpec("mamba3", 0))
+            continue
+        # the window pattern runs over the attention layers; the last one sees the full context
+        window = T if i == config.n_layer - 1 else windows[pattern[n_attn % len(pattern)]]
+        plan.append(LayerSpec("attn", window, ("value_embed",) if has_value_embed(config, i) else ()))
+        n_attn += 1
     return plan
 
 
-MIXERS = {"attn": CausalSelfAttention}
+MIXERS = {"attn": CausalSelfAttention, "mamba3": Mamba3}
 
 
 class MLP(nn.Module):
@@ -208,14 +224,18 @@ class ModelCache:
             self.prev_emb = self.prev_emb.repeat(n, 1, 1)
 
     def snapshot(self):
-        """A copy of the state that is not indexed by position (the smear's prev_emb): a
-        dummy decode step (CUDA-graph warmup and capture) overwrites it, unlike the KV
-        entries it writes at a position that real decoding overwrites before reading."""
-        return None if self.prev_emb is None else self.prev_emb.clone()
+        """A copy of the state that is not indexed by position (the smear's prev_emb, a
+        Mamba layer's recurrent state): a dummy decode step (CUDA-graph warmup and capture)
+        overwrites it, unlike the KV entries it writes at a position that real decoding
+        overwrites before reading."""
+        return (None if self.prev_emb is None else self.prev_emb.clone(), [l.snapshot() for l in self.layers])
 
     def restore(self, snap):
-        if snap is not None:
-            self.prev_emb.copy_(snap)  # in place: the captured graph holds this tensor
+        prev, layers = snap
+        if prev is not None:
+            self.prev_emb.copy_(prev)  # in place: the captured graph holds this tensor
+        for layer, saved in zip(self.layers, layers):
+            layer.restore(saved)
 
 
 class GPT(nn.Module):
@@ -324,7 +344,7 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
         masks = {}
         if pos0 == 0 and self.training:
-            masks = block_masks({s.window for s in self.plan}, T, self.kernel, device, self._block_masks)
+            masks = block_masks({s.window for s in self.plan if s.window}, T, self.kernel, device, self._block_masks)
         return Context(cos, sin, pos0, T, masks, idx=idx)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
@@ -393,7 +413,7 @@ class GPT(nn.Module):
         whole cache under a mask; the caller keeps cache.pos."""
         cos = self.cos.index_select(1, pos_t.view(1))
         sin = self.sin.index_select(1, pos_t.view(1))
-        masks = decode_masks({s.window for s in self.plan}, cache.max_len, pos_t)
+        masks = decode_masks({s.window for s in self.plan if s.window}, cache.max_len, pos_t)
         ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks, idx=idx)
         x = self._trunk(self._embed(idx, cache), ctx, cache)
         return self._logits(x[:, -1])
@@ -423,6 +443,9 @@ class GPT(nn.Module):
             "adamw_resid": (scalar_lr * 0.01, (0.8, 0.95), 0.05),
             "adamw_x0": (scalar_lr, (0.96, 0.95), 0.0),  # a slower beta1 for x0 (reference LOG, Jan 2026)
             "adamw_smear": (0.2, (0.8, 0.95), 0.0),
+            # Mamba-3's per-head controls and vectors (ctrl_proj, dt_bias, D, norms, biases, MIMO):
+            # 0.002 at the default scalar_lr, in the Mamba papers' AdamW range, no decay; not tuned
+            "adamw_ssm": (scalar_lr * 0.004, adam_betas, 0.0),
         }
         tags = self.opt_tags()
         by_group = {}

@@ -6,6 +6,7 @@ random prompt by default (speed does not depend on the values); --model_tag load
 base checkpoint instead. Prints a table, then one JSON line.
 
     python -m scripts.engine_bench                                # d12, prompt 1792, 256 new, batch 1 and 128
+    python -m scripts.engine_bench --mamba_pattern=AAM            # the same with Mamba-3 layers
     python -m scripts.engine_bench --depth=2 --prompt_len=64 --new_tokens=32 --batch_sizes=1,4 --device_type=cpu
 """
 
@@ -29,6 +30,7 @@ parser.add_argument("--prompt_len", type=int, default=1792)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
+parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
 args = parser.parse_args()
@@ -36,7 +38,9 @@ args = parser.parse_args()
 device_type = autodetect_device_type(args.device_type)
 _, _, _, _, device = compute_init(device_type)
 dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+hybrid = dict(mamba_pattern=args.mamba_pattern, mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
+              mamba3_trapezoidal=True) if args.mamba_pattern else {}
+config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid)
 model = build_model(config, device).to(dtype).eval()
 # a byte-level tokenizer needs no training: the engine only uses it for special tokens here
 tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
@@ -62,7 +66,10 @@ for B in [int(b) for b in args.batch_sizes.split(",")]:
         t_end = time.time()
     decode_steps = n - 1
     step_s = (t_end - t_first) / max(decode_steps, 1)
-    cache_bytes = 2 * config.n_layer * B * config.n_kv_head * max_len * head_dim * elt
+    # attention reads its whole static KV cache; a Mamba-3 layer reads and writes its fp32 state
+    cache_bytes = sum(2 * B * config.n_kv_head * max_len * head_dim * elt if s.mixer == "attn" else
+                      2 * 4 * B * sum(t.numel() for t in (c.phi, c.state, c.k_prev, c.x_prev))
+                      for s, c in zip(model.plan, model.init_cache(1, 1, "meta").layers))
     bw = (weight_bytes + cache_bytes) / step_s
     rows.append({"batch": B, "ttft_ms": round(1000 * (t_first - t0), 1), "decode_step_ms": round(1000 * step_s, 3),
                  "decode_tok_per_s": round(B / step_s), "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
@@ -72,7 +79,7 @@ print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} 
 for r in rows:
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
-print(json.dumps({"depth": args.depth, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+print(json.dumps({"depth": args.depth, "mamba_pattern": args.mamba_pattern, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda", "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

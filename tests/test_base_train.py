@@ -215,7 +215,7 @@ SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
 UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
            "--gradient_checkpointing": "--gradient_checkpointing", "--fim_rate=0.5": "--fim_rate",
-           "--mamba": "--mamba", "--engram": "--engram", "--mhc": "--mhc", "--mtp": "--mtp", "--dsa": "--dsa"}
+           "--engram": "--engram", "--mhc": "--mhc", "--mtp": "--mtp", "--dsa": "--dsa"}
 
 
 def seed_command(corpus_dir, flags):
@@ -241,7 +241,7 @@ def test_each_unbuilt_feature_flag_names_itself(flag):
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     built = [f for f in SEED_FLAGS if f.split("=")[0] in {a for o in parser._actions for a in o.option_strings}
-             and f not in UNBUILT and not f.startswith("--mamba3_")]
+             and f not in UNBUILT]
     config_from_args(parser.parse_args(built), 100)  # the rest is accepted
     with pytest.raises(SystemExit, match=f"{UNBUILT[flag]}.*not built yet"):
         config_from_args(parser.parse_args(built + [flag]), 100)
@@ -257,23 +257,39 @@ def test_fim_rate_stops_at_once(base_dir, corpus_dir):
 
 
 def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
-    built = [f for f in SEED_FLAGS if f not in UNBUILT and not f.startswith("--mamba3_")
+    """Everything of the seed's command that is built, Mamba-3 included (depth 4: AAM gives
+    layer 2 to Mamba-3): it trains, and the checkpoint alone rebuilds the hybrid and samples."""
+    built = [f for f in SEED_FLAGS if f not in UNBUILT
              and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
-    out = run_train(base_dir, corpus_dir, *built, "--model_tag=seed")
+    out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--model_tag=seed")
     assert "step 00006/00006" in out
     meta = json.loads((base_dir / "base_checkpoints" / "seed" / "meta_000006.json").read_text())
     cfg = meta["model_config"]
-    assert cfg["mamba_pattern"] == "" and cfg["engram_layers"] == "" and cfg["dsa_start_layer"] == -1
-    assert not cfg["mhc"] and not cfg["mtp"]
+    assert cfg["mamba_pattern"] == "AAM" and cfg["mamba3_trapezoidal"] and cfg["mamba3_complex_rope"]
+    assert cfg["engram_layers"] == "" and cfg["dsa_start_layer"] == -1 and not cfg["mhc"] and not cfg["mtp"]
     assert meta["user_config"]["kernel"] == "current" and meta["user_config"]["no_compile"]
+    from nanochat.checkpoint_manager import build_from_checkpoint
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "seed"), 6, torch.device("cpu"), "eval")
+    assert [s.mixer for s in model.plan] == ["attn", "attn", "mamba3", "attn"]
+    tokenizer = get_tokenizer(str(base_dir / "tokenizer"))
+    rows, _ = Engine(model, tokenizer).generate_batch(tokenizer.encode("int main", prepend="<|bos|>"), num_samples=2,
+                                                      max_tokens=5, temperature=1.0)
+    assert len(rows) == 2
 
-    # the same checkpoint as written before the extension fields existed still loads
+
+def test_checkpoint_from_before_the_extension_fields_loads(base_dir, corpus_dir):
+    run_train(base_dir, corpus_dir, "--model_tag=old")
+    path = base_dir / "base_checkpoints" / "old" / "meta_000006.json"
+    meta = json.loads(path.read_text())
     from nanochat.checkpoint_manager import build_from_checkpoint
     extension_fields = ("mamba_pattern", "mamba3_qknorm", "mamba3_bias", "mamba3_complex_rope", "mamba3_trapezoidal",
+                        "mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk",
                         "engram_layers", "mhc", "mtp", "mtp_lambda", "dsa_start_layer")
-    old = {k: v for k, v in cfg.items() if k not in extension_fields}
-    (base_dir / "base_checkpoints" / "seed" / "meta_000006.json").write_text(json.dumps(dict(meta, model_config=old)))
-    model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "seed"), 6, torch.device("cpu"), "eval")
+    old = {k: v for k, v in meta["model_config"].items() if k not in extension_fields}
+    path.write_text(json.dumps(dict(meta, model_config=old)))
+    model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "old"), 6, torch.device("cpu"), "eval")
     assert model.config.n_layer == 2 and model.config.mamba_pattern == ""
 
 

@@ -21,10 +21,14 @@ def model_for(tokenizer, pattern="L", T=64, **kw):
     return model.eval()
 
 
-@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSL", False), ("SSL", True)])
+HYBRID = dict(mamba_pattern="AM", mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
+              mamba3_trapezoidal=True, mamba3_d_state=16, mamba3_headdim=16, mamba3_chunk=8)
+
+
+@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSL", False), ("SSL", True), ("SSL", "hybrid")])
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_greedy_engine_equals_full_recompute(tokenizer, pattern, recipe, num_samples):
-    model = model_for(tokenizer, pattern, **(RECIPE if recipe else {}))
+    model = model_for(tokenizer, pattern, **({} if not recipe else RECIPE if recipe is True else {**RECIPE, **HYBRID}))
     engine = Engine(model, tokenizer)
     engine.stop_tokens = set()  # a random model may emit a stop token; compare the raw streams
     for prompt in ["int main() {", "def f(x):\n    return", "The"]:
@@ -36,9 +40,9 @@ def test_greedy_engine_equals_full_recompute(tokenizer, pattern, recipe, num_sam
             assert m == [1] * 20
 
 
-@pytest.mark.parametrize("recipe", [False, True])
+@pytest.mark.parametrize("recipe", [False, True, "hybrid"])
 def test_decode_step_equals_forward(tokenizer, recipe):
-    model = model_for(tokenizer, "SSL", T=32, **(RECIPE if recipe else {}))
+    model = model_for(tokenizer, "SSL", T=32, **({} if not recipe else RECIPE if recipe is True else {**RECIPE, **HYBRID}))
     idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
     full = model(idx)
     cache = model.init_cache(2, 32)
@@ -166,7 +170,7 @@ def test_dummy_decode_steps_then_restore_leave_decoding_unchanged(tokenizer):
     snap = cache.snapshot()
     for _ in range(3):
         model.decode_step(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor(31))
-    assert not torch.equal(cache.prev_emb, snap)  # without the restore, decoding would be wrong
+    assert not torch.equal(cache.prev_emb, snap[0])  # without the restore, decoding would be wrong
     cache.restore(snap)
     for t in range(12, 20):
         assert torch.allclose(model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)

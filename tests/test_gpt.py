@@ -198,7 +198,7 @@ def test_weight_decay_flags_reach_both_optimizers():
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
 
 
-@pytest.mark.parametrize("field,value,flag", [("mamba_pattern", "AAM", "--mamba"), ("engram_layers", "0,3", "--engram"),
+@pytest.mark.parametrize("field,value,flag", [("engram_layers", "0,3", "--engram"),
                                               ("mhc", True, "--mhc"), ("mtp", True, "--mtp"),
                                               ("dsa_start_layer", 1, "--dsa")])
 def test_unbuilt_extension_stops_with_its_flag(field, value, flag):

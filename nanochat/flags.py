@@ -1,0 +1,112 @@
+"""
+Command-line flags shared by scripts/base_train and scripts/base_bench: the model's shape,
+its extensions (spelled as the seed's launch command spells them) and the flags that
+change how a training step runs; config_from_args turns them into a GPTConfig.
+"""
+
+import torch
+
+from nanochat.attention import KERNELS
+from nanochat.common import require_positive
+from nanochat.gpt import GPT
+
+
+
+def add_model_args(parser):
+    """The model's shape and extension flags, and the flags that change how a training
+    step runs, spelled as the seed's launch command spells them."""
+    a = parser.add_argument
+    a("--depth", type=int, default=20, help="number of layers; width follows from it")
+    a("--aspect_ratio", type=int, default=64, help="n_embd = depth * aspect_ratio (rounded to head_dim)")
+    a("--head_dim", type=int, default=128)
+    a("--n_kv_head", type=int, default=0, help="key/value heads for GQA (default: = query heads)")
+    a("--max_seq_len", type=int, default=2048, help="context length")
+    a("--window_pattern", default="L", help="per-layer S (half context) / L (full) attention windows, e.g. SSSL")
+    a("--kernel", default="current", choices=KERNELS, help="attention kernel: current = SDPA (flash/cuDNN) for "
+      "full layers + flex_attention for windows; flex = flex_attention everywhere; sdpa = SDPA everywhere")
+    a("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
+    a("--no_compile", action="store_true", help="same as --compile=0")
+    a("--tensor_parallel", type=int, default=1, help="tensor-parallel degree (TPU SPMD)")
+    a("--xla_flash_attn", action="store_true", help="XLA (Pallas) flash attention on TPU")
+    a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--mamba", action="store_true", help="hybrid model with Mamba-3 layers (see --mamba_pattern)")
+    a("--mamba_pattern", default="AAM", help="A = attention, M = Mamba-3, tiled over depth (with --mamba)")
+    a("--mamba3_qknorm", action="store_true", help="Mamba-3: RMSNorm (learned weight) on B and C (with --mamba)")
+    a("--mamba3_bias", action="store_true", help="Mamba-3: per-head B/C biases, init 1 (with --mamba)")
+    a("--mamba3_complex_rope", action="store_true", help="Mamba-3: data-dependent rotation of B/C, a complex "
+      "state (with --mamba)")
+    a("--mamba3_trapezoidal", action="store_true", help="Mamba-3: exponential-trapezoidal discretization "
+      "(with --mamba; off = Euler, Mamba-2's)")
+    a("--mamba3_mimo_rank", type=int, default=1, help="Mamba-3 MIMO rank (1 = SISO)")
+    a("--mamba3_d_state", type=int, default=128, help="Mamba-3 state size N (official default 128)")
+    a("--mamba3_headdim", type=int, default=64, help="Mamba-3 head dim P (official default 64)")
+    a("--mamba3_expand", type=int, default=2, help="Mamba-3 inner width = expand * n_embd (official default 2)")
+    a("--mamba3_chunk", type=int, default=64, help="tokens per chunk of Mamba-3's chunked form (official: 64)")
+    a("--mamba3_outproj_norm", type=int, default=1, help="1: RMSNorm per head before the gate (official option, "
+      "off there; on here for Muon, docs/model.md)")
+    a("--engram", action="store_true", help="Engram n-gram memory (at --engram_layers)")
+    a("--engram_layers", default="0,3,6", help="comma-separated layers with Engram (with --engram)")
+    a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
+    a("--mtp", action="store_true", help="multi-token prediction head")
+    a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
+    a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
+    a("--dsa_start_layer", type=int, default=7, help="first layer with DSA (with --dsa)")
+    # the quality recipe's model half (issue 25, from the reference nanochat 2026; docs/model.md has
+    # the table): on by default since it measured val bpb 1.032 vs 1.175 at 100 d12 steps
+    # (docs/benchmarks.md); 0 / 1.0 / 10000 / 1 give the January 2026 model
+    a("--value_embeds", type=int, default=1, help="1: ResFormer value embeddings on alternating layers")
+    a("--smear", type=int, default=1, help="1: smear gate, the previous token's embedding mixed in (modded-nanogpt)")
+    a("--backout", type=int, default=1, help="1: subtract a learned share of the mid-depth residual at the end")
+    a("--layer_lambdas", type=int, default=1, help="1: per-layer resid/x0 scalars, x = r[i] x + a[i] x0 (modded-nanogpt)")
+    a("--qk_scale", type=float, default=1.2, help="q and k times this after QK-norm (reference: 1.2)")
+    a("--rope_base", type=float, default=100000.0, help="rotary embedding base (reference: 100000)")
+    a("--pad_vocab_to", type=int, default=64, help="pad wte/lm_head rows to a multiple of this (reference: 64)")
+    a("--short_window_div", type=int, default=2, help="S window = context / this (reference: 4)")
+    a("--window_tile", type=int, default=1, help="S window rounded up to a multiple of this (reference: 128)")
+    a("--ref_init", type=int, default=1, help="1: reference init, wte std 0.8 and MLP c_fc at 0.4x")
+
+
+# runtime features whose code has not landed yet: (is it asked for, the flag)
+UNBUILT_RUNTIME = [
+    (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),
+    (lambda a: a.xla_flash_attn, "--xla_flash_attn (XLA flash attention)"),
+    (lambda a: a.gradient_checkpointing, "--gradient_checkpointing"),
+    (lambda a: getattr(a, "fim_rate", 0) != 0, "--fim_rate (fill-in-the-middle training)"),  # base_train's data flag
+]
+
+
+def config_from_args(args, vocab_size):
+    """GPTConfig from add_model_args' flags; SystemExit with one line for a feature that
+    is not built yet or a sub-flag given without its feature."""
+    require_positive(args, ("depth", "aspect_ratio", "head_dim", "max_seq_len"))
+    if args.n_kv_head < 0:
+        raise SystemExit(f"--n_kv_head={args.n_kv_head}: must be 0 (= query heads) or a positive divisor of them")
+    for asked, flag in UNBUILT_RUNTIME:
+        if asked(args):
+            raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
+    require_positive(args, ("mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk"))
+    if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
+        raise SystemExit("--mamba3_* flags configure Mamba-3 layers: add --mamba (and --mamba_pattern)")
+    if args.mamba and "M" not in args.mamba_pattern.upper():
+        raise SystemExit(f"--mamba_pattern={args.mamba_pattern}: has no M (Mamba-3) layer; e.g. AAM")
+    ext = dict(mamba_pattern=args.mamba_pattern if args.mamba else "",
+               mamba3_qknorm=args.mamba3_qknorm, mamba3_bias=args.mamba3_bias,
+               mamba3_complex_rope=args.mamba3_complex_rope, mamba3_trapezoidal=args.mamba3_trapezoidal,
+               mamba3_mimo_rank=args.mamba3_mimo_rank, mamba3_d_state=args.mamba3_d_state,
+               mamba3_headdim=args.mamba3_headdim, mamba3_expand=args.mamba3_expand, mamba3_chunk=args.mamba3_chunk,
+               mamba3_outproj_norm=bool(args.mamba3_outproj_norm),
+               engram_layers=args.engram_layers if args.engram else "", mhc=args.mhc,
+               mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
+               value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
+               layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,
+               pad_vocab_to=args.pad_vocab_to, short_window_div=args.short_window_div,
+               window_tile=args.window_tile, ref_init=bool(args.ref_init))
+    config = GPT.config_for_depth(args.depth, vocab_size=vocab_size, sequence_len=args.max_seq_len,
+                                  aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+                                  n_kv_head=args.n_kv_head or None, window_pattern=args.window_pattern, **ext)
+    try:
+        with torch.device("meta"):  # builds nothing real; catches every shape the modules refuse
+            GPT(config)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    return config

@@ -1,0 +1,315 @@
+"""
+Mamba-3, the sequence mixer of the 'M' layers in a hybrid pattern such as "AAM".
+
+Paper: Lahoti, Li, Chen, Wang, Bick, Kolter, Dao, Gu, "Mamba-3: Improved Sequence
+Modeling using State Space Principles" (arXiv:2603.15569, ICLR 2026), built on the SSD
+form of Mamba-2 (Dao & Gu 2024, "Transformers are SSMs"). Equations as the official
+module and step references define them (state-spaces/mamba, mamba_ssm/modules/mamba3.py,
+mamba3_siso_step_ref / mamba3_MIMO_step_ref). Per token t and head h, with P = head
+dim, N = d_state, R = MIMO rank (1 = SISO) and projections of the normed input u_t:
+
+    z, x, B, C, dd_dt, dd_A, trap, angle = projections of u_t      (no conv1d)
+    A_t = -max(softplus(dd_A), 1e-4)       data-dependent decay rate, one per head
+    Δ_t = softplus(dd_dt + dt_bias)        step size, one per head
+    λ_t = sigmoid(trap)                    trapezoid weight           (--mamba3_trapezoidal; else 1)
+    θ_t = π tanh(angle)                    rotation speeds, N/4 pairs (--mamba3_complex_rope; else none)
+    φ_t = φ_{t-1} + Δ_t θ_t                accumulated angle, per head
+    k_t = rot(RMSNorm_w(B_t) + b_B[h], φ_t)   (norm: --mamba3_qknorm, bias init 1: --mamba3_bias)
+    q_t = rot(RMSNorm_w(C_t) + b_C[h], φ_t)   rot turns pairs (0,1), (2,3), ... of the first N/2 dims
+    v_{t,r} = x_t ⊙ mimo_x[h, r]           (SISO: v_t = x_t)
+    α_t = exp(A_t Δ_t),  β_t = (1 - λ_t) Δ_t α_t,  γ_t = λ_t Δ_t
+    H_t = α_t H_{t-1} + β_t Σ_r v_{t-1,r} k_{t-1,r}ᵀ + γ_t Σ_r v_{t,r} k_{t,r}ᵀ     H ∈ R^{P×N}
+    y_{t,r} = norm_w(H_t q_{t,r} + D_h v_{t,r}) ⊙ silu(z_t ⊙ mimo_z[h, r])         (SISO: silu(z_t))
+    y_t = Σ_r y_{t,r} ⊙ mimo_o[h, r];   out = c_proj(y)
+    norm_w: RMSNorm per head with a learned weight (--mamba3_outproj_norm, the official
+    is_outproj_norm option; on by default here, see below), else the identity
+
+The trapezoid (exponential-trapezoidal discretization) mixes the previous and the current
+input into the state; λ ≡ 1 is Euler, i.e. Mamba-2. The rotation is a complex-valued
+(data-dependent RoPE) state. With every toggle off this is Mamba-2's SSD without its
+conv1d, with Mamba-3's data-dependent A_t (always on).
+
+Training and prefill use the chunked (matmul) form, which equals the recurrence exactly:
+with scale_s = λ_s Δ_s + (1 - λ_{s+1}) Δ_{s+1} (the next token's β-term folded into
+token s; 0 past the end), Y = SSD(X = v, a = A Δ, B = k scale_s, C = q) over chunks of
+`mamba3_chunk` tokens, minus the diagonal term (q_t·k_t)(1 - λ_{t+1}) Δ_{t+1} v_t that
+SSD adds at s = t but the recurrence adds only at t + 1. Decoding runs the recurrence.
+A segment continued from a cache starts from H + (1 - λ_0) Δ_0 Σ_r v_prev k_prevᵀ (the
+β-term that the previous segment could not add yet) and from its angle φ.
+
+Our choices where the official module differs: the input projection is four matrices
+(z, x, B/C, the per-head controls) rather than one, so Muon orthogonalizes like with like;
+the output projection is named c_proj and starts at zero (nanochat's block-as-identity
+init); the output norm is on by default (official default: off), because Muon's
+fixed-size updates of c_proj assume inputs of unit scale while H_t q_t grows with
+N (q·k is about N with the biases at 1); the per-head controls train with AdamW; MIMO rotates interleaved pairs as SISO does (the official MIMO kernel pairs i
+with i + N/2, a fixed permutation of the B/C dims); A_t uses the softplus of the first
+release (later official code has a heavier-tailed f); the SSD runs in PyTorch (matmuls,
+torch.compile'd with the model), not the official Triton/TileLang kernels.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+A_FLOOR = 1e-4
+
+
+def at_least_fp32(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def segsum_exp(a_cs):
+    """(..., Q) inclusive cumsums -> (..., Q, Q): exp(a[s+1] + ... + a[l]) for l >= s, 0 above
+    the diagonal (the decay from s to l), as a difference of cumsums like the fused kernels."""
+    Q = a_cs.size(-1)
+    causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=a_cs.device))
+    return torch.exp((a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, float("-inf")))
+
+
+def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
+    """Chunked SSD (Mamba-2's, with MIMO ranks and the trapezoid's two input weights):
+        H_t = exp(a_t) H_{t-1} + w_t Σ_u X_{t,u} K_{t,u}ᵀ + exp(a_t) w_next_{t-1} Σ_u X_{t-1,u} K_{t-1,u}ᵀ
+        Y_{t,r} = H_t Qm_{t,r}
+    so token s reaches a later t with weight exp(a_{s+1} + ... + a_t) (w_s + [s < t] w_next_s).
+    X (B, T, R, H, P); a, w, w_next (B, T, H), fp32; K and Qm (B, T, R, H, N);
+    initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
+    token, without its w_next term (the next segment adds it). w_next_s may depend on
+    token s+1: it only ever reaches outputs at t > s, so causality holds bit for bit."""
+    Bsz, T, R, H, P = X.shape
+    pad = (-T) % chunk
+    if pad:  # zero inputs with zero decay after the end: outputs before it and the final state unchanged
+        X, K, Qm = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (X, K, Qm))
+        a, w, w_next = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, w_next))
+    c = X.size(1) // chunk
+    # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
+    fold = lambda t: t.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
+    Xf, Kf, Qf = fold(X), fold(K), fold(Qm)
+    per_head = lambda t: at_least_fp32(t.view(Bsz, c, chunk, H).permute(0, 3, 1, 2))  # (B, H, c, chunk)
+    a, w, w_next = per_head(a), per_head(w), per_head(w_next)
+    a_cs = torch.cumsum(a, dim=-1)
+    rep = lambda t: t.repeat_interleave(R, dim=-1) if R > 1 else t
+    # 1. within each chunk: a causal, decay-weighted "attention" of Q over K
+    later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=a.device), diagonal=-1)
+    L = segsum_exp(a_cs) * (w[..., None, :] + w_next[..., None, :] * later)  # (B, H, c, chunk, chunk)
+    if R > 1:
+        L = L.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
+    scores = (Qf @ Kf.transpose(-1, -2)) * L.to(Qf.dtype)
+    Y = scores @ Xf                                                  # (B, H, c, chunk*R, P)
+    # 2. each chunk's own state after its last token (w_next of the last one included: it
+    #    only reaches the next chunks)
+    decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
+    states = (Xf * decay_to_end[..., None]).transpose(-1, -2) @ Kf   # (B, H, c, P, N)
+    # 3. across chunks: the state entering each chunk (the initial state first)
+    states = torch.cat([initial_state[:, :, None].to(states.dtype), states], dim=2)
+    decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
+    entering, final = states[:, :, :-1], states[:, :, -1]
+    # 4. what the entering state adds to each position, decayed to it
+    Y = Y + (Qf @ entering.transpose(-1, -2)) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
+    Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)
+    return Y[:, :T], at_least_fp32(final)
+
+
+def rotate(v, phi):
+    """Turn pairs (0,1), (2,3), ... of v's first 2A dims by the angles phi (..., A)."""
+    A = phi.size(-1)
+    if A == 0:
+        return v
+    cos, sin = torch.cos(phi).to(v.dtype), torch.sin(phi).to(v.dtype)
+    v1, v2 = v[..., 0:2 * A:2], v[..., 1:2 * A:2]
+    turned = torch.stack([v1 * cos - v2 * sin, v1 * sin + v2 * cos], dim=-1).flatten(-2)
+    return torch.cat([turned, v[..., 2 * A:]], dim=-1)
+
+
+class Mamba3(nn.Module):
+    def __init__(self, config, layer_idx, spec):
+        super().__init__()
+        C = config.n_embd
+        self.P, self.N, self.R = config.mamba3_headdim, config.mamba3_d_state, config.mamba3_mimo_rank
+        self.d_inner = config.mamba3_expand * C
+        if self.d_inner % self.P or self.N % 4 or self.R < 1:
+            raise ValueError(f"Mamba-3: expand * n_embd ({self.d_inner}) must divide by mamba3_headdim ({self.P}), "
+                             f"mamba3_d_state ({self.N}) by 4, and mamba3_mimo_rank ({self.R}) must be >= 1")
+        self.H = self.d_inner // self.P
+        self.chunk = config.mamba3_chunk
+        self.qknorm, self.bias, self.trapezoidal = config.mamba3_qknorm, config.mamba3_bias, config.mamba3_trapezoidal
+        self.outproj_norm = config.mamba3_outproj_norm
+        self.n_angles = self.N // 4 if config.mamba3_complex_rope else 0  # rope_fraction 0.5: pairs of N/2 dims
+        self.z_proj = nn.Linear(C, self.d_inner, bias=False)
+        self.x_proj = nn.Linear(C, self.d_inner, bias=False)
+        self.bc_proj = nn.Linear(C, 2 * self.R * self.N, bias=False)
+        # per head: dd_dt, dd_A (and trap); then the angles shared by the heads
+        self.ctrl_proj = nn.Linear(C, (3 if self.trapezoidal else 2) * self.H + self.n_angles, bias=False)
+        self.c_proj = nn.Linear(self.d_inner, C, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.D = nn.Parameter(torch.empty(self.H))
+        if self.qknorm:
+            self.B_norm = nn.Parameter(torch.empty(self.N))
+            self.C_norm = nn.Parameter(torch.empty(self.N))
+        if self.bias:
+            self.B_bias = nn.Parameter(torch.empty(self.H, self.R, self.N))
+            self.C_bias = nn.Parameter(torch.empty(self.H, self.R, self.N))
+        if self.outproj_norm:
+            self.out_norm = nn.Parameter(torch.empty(self.H, self.P))
+        if self.R > 1:
+            self.mimo_x = nn.Parameter(torch.empty(self.H, self.R, self.P))
+            self.mimo_z = nn.Parameter(torch.empty(self.H, self.R, self.P))
+            self.mimo_o = nn.Parameter(torch.empty(self.H, self.R, self.P))
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Projections uniform with std 1/sqrt(n_embd), c_proj zero (the block starts as the
+        identity); the rest as the official module: Δ log-uniform in [1e-3, 0.1] (floor 1e-4)
+        stored as softplus⁻¹ in dt_bias, D = 1, norm weights 1, B/C biases 1, mimo_x and
+        mimo_o 1/R, mimo_z 1."""
+        bound = math.sqrt(3) / math.sqrt(self.z_proj.in_features)
+        for lin in (self.z_proj, self.x_proj, self.bc_proj, self.ctrl_proj):
+            nn.init.uniform_(lin.weight, -bound, bound)
+        nn.init.zeros_(self.c_proj.weight)
+        dt = torch.exp(torch.rand(self.H, device=self.D.device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        nn.init.ones_(self.D)
+        for name in ("B_norm", "C_norm", "B_bias", "C_bias", "out_norm", "mimo_z"):
+            if hasattr(self, name):
+                nn.init.ones_(getattr(self, name))
+        for name in ("mimo_x", "mimo_o"):
+            if hasattr(self, name):
+                nn.init.constant_(getattr(self, name), 1.0 / self.R)
+
+    def opt_tags(self):
+        """Muon for the matrices that carry features; AdamW ("adamw_ssm") for the per-head
+        controls (ctrl_proj: Δ, A, λ, θ, whose scale is their meaning: Muon's fixed-size
+        updates drove Δ up and stalled training, docs/benchmarks.md) and for the vectors."""
+        tags = {f"{n}.weight": "muon" for n in ("z_proj", "x_proj", "bc_proj", "c_proj")}
+        tags.update({n: "adamw_ssm" for n, _ in self.named_parameters() if "." not in n})
+        tags["ctrl_proj.weight"] = "adamw_ssm"
+        return tags
+
+    def flops_per_token(self, T):
+        """6 per weight, plus the SSD's matmuls (forward x 3 for forward + backward): per
+        chunk of Q tokens, scores and values 2 Q R^2 (N + P) H per token, chunk states and
+        their readout 4 R N P H per token."""
+        weights = sum(p.numel() for p in self.parameters())
+        Q = min(self.chunk, T)
+        return 6 * weights + 3 * (2 * Q * self.R ** 2 * (self.N + self.P) * self.H + 4 * self.R * self.N * self.P * self.H)
+
+    def init_cache(self, batch_size, max_len, device, dtype):
+        return Mamba3Cache(batch_size, self.H, self.n_angles, self.P, self.N, self.R, device,
+                           torch.promote_types(dtype, torch.float32))
+
+    def _inputs(self, u):
+        """Everything per token that does not need the past: z, x, B, C (normed, biased, not
+        yet turned), Δ, A Δ, λ and the angle increments Δ θ."""
+        Bsz, T, _ = u.shape
+        H, R, N = self.H, self.R, self.N
+        z = self.z_proj(u).view(Bsz, T, H, self.P)
+        x = self.x_proj(u).view(Bsz, T, H, self.P)
+        Bm, Cm = self.bc_proj(u).view(Bsz, T, 2, R, N).unbind(2)
+        if self.qknorm:
+            Bm = F.rms_norm(Bm, (N,), self.B_norm.to(Bm.dtype), eps=1e-5)
+            Cm = F.rms_norm(Cm, (N,), self.C_norm.to(Cm.dtype), eps=1e-5)
+        Bm, Cm = Bm.unsqueeze(3), Cm.unsqueeze(3)  # (B, T, R, 1, N): shared by the heads ...
+        if self.bias:  # ... until each head adds its own bias
+            Bm = Bm + self.B_bias.transpose(0, 1).to(Bm.dtype)
+            Cm = Cm + self.C_bias.transpose(0, 1).to(Cm.dtype)
+        ctrl = at_least_fp32(self.ctrl_proj(u))
+        dt = F.softplus(ctrl[..., :H] + self.dt_bias)                                   # (B, T, H)
+        A = -F.softplus(ctrl[..., H:2 * H]).clamp(min=A_FLOOR)
+        lam = torch.sigmoid(ctrl[..., 2 * H:3 * H]) if self.trapezoidal else torch.ones_like(dt)
+        theta = math.pi * torch.tanh(ctrl[..., -self.n_angles:]) if self.n_angles else ctrl[..., :0]
+        dphi = dt[..., None] * theta[:, :, None, :]                                     # (B, T, H, A)
+        return z, x, Bm.expand(-1, -1, -1, H, -1), Cm.expand(-1, -1, -1, H, -1), dt, A * dt, lam, dphi
+
+    def _values(self, x):
+        """v_r = x ⊙ mimo_x[:, r]: (B, T, H, P) -> (B, T, R, H, P)."""
+        if self.R == 1:
+            return x.unsqueeze(2)
+        return x.unsqueeze(2) * self.mimo_x.transpose(0, 1).to(x.dtype)
+
+    def _output(self, y, v, z):
+        """y (B, T, R, H, P) from the state -> (B, T, d_inner): skip, (norm), gate, MIMO readout."""
+        y = y + self.D.to(y.dtype)[:, None] * v
+        z = z.unsqueeze(2) if self.R == 1 else z.unsqueeze(2) * self.mimo_z.transpose(0, 1).to(z.dtype)
+        if self.outproj_norm:  # the official is_outproj_norm: RMSNorm per head, before the gate
+            y = F.rms_norm(y, (self.P,), eps=1e-5) * self.out_norm.to(y.dtype)
+        y = y * F.silu(z)
+        y = y.squeeze(2) if self.R == 1 else (y * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(2)
+        return y.flatten(-2)
+
+    def forward(self, u, ctx, cache=None):
+        if cache is not None and ctx.pos_t is not None:
+            return self._step(u, cache)
+        Bsz, T, _ = u.shape
+        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
+        phi = torch.cumsum(dphi, dim=1)
+        if cache is not None:
+            phi = phi + cache.phi[:, None]
+        k = rotate(Bm, phi[:, :, None])  # (B, T, R, H, N)
+        q = rotate(Cm, phi[:, :, None])
+        v = self._values(x)
+        # the trapezoid's β-term: token s enters the state again at s+1, weighted (1 - λ_{s+1}) Δ_{s+1}
+        w_next = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))                     # (B, T, H); none after the last
+        state0 = torch.zeros(Bsz, self.H, self.P, self.N, device=u.device, dtype=dt.dtype)
+        if cache is not None:
+            v_prev = self._values(cache.x_prev[:, None])[:, 0]                         # (B, R, H, P)
+            prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
+            state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
+        y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0)
+        if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
+            cache.phi.copy_(torch.remainder(phi[:, -1], 2 * math.pi))
+            cache.state.copy_(final)
+            cache.k_prev.copy_(k[:, -1])
+            cache.x_prev.copy_(x[:, -1])
+        return self.c_proj(self._output(y, v, z).to(u.dtype))
+
+    def _step(self, u, cache):
+        """One token per row by the recurrence, the cache updated in place (fixed shapes)."""
+        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
+        phi = cache.phi + dphi[:, 0]
+        k = rotate(Bm[:, 0].to(phi.dtype), phi[:, None])  # (B, R, H, N), in the cache's precision
+        q = rotate(Cm[:, 0].to(phi.dtype), phi[:, None])
+        v = self._values(x).to(phi.dtype)[:, 0]            # (B, R, H, P)
+        v_prev = self._values(cache.x_prev[:, None])[:, 0]
+        dt, lam, alpha = dt[:, 0], lam[:, 0], torch.exp(adt[:, 0])  # (B, H)
+        beta, gamma = (1 - lam) * dt * alpha, lam * dt
+        state = (alpha[..., None, None] * cache.state
+                 + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
+                 + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
+        y = torch.einsum("bhpn,brhn->brhp", state, q)
+        cache.phi.copy_(torch.remainder(phi, 2 * math.pi))
+        cache.state.copy_(state)
+        cache.k_prev.copy_(k)
+        cache.x_prev.copy_(x[:, 0])
+        return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
+
+
+class Mamba3Cache:
+    """One Mamba-3 layer's inference state, fp32 (fp64 for an fp64 model): the angle φ (B, H, A), the state H
+    (B, H, P, N), and the previous token's turned key (B, R, H, N) and input x (B, H, P)
+    for the trapezoid's β-term. Not position-indexed, so snapshot/restore copy it."""
+
+    def __init__(self, batch_size, H, A, P, N, R, device, dtype=torch.float32):
+        f32 = dict(device=device, dtype=dtype)
+        self.phi = torch.zeros(batch_size, H, A, **f32)
+        self.state = torch.zeros(batch_size, H, P, N, **f32)
+        self.k_prev = torch.zeros(batch_size, R, H, N, **f32)
+        self.x_prev = torch.zeros(batch_size, H, P, **f32)
+
+    def _tensors(self):
+        return ("phi", "state", "k_prev", "x_prev")
+
+    def repeat(self, n):
+        for name in self._tensors():
+            t = getattr(self, name)
+            setattr(self, name, t.repeat(n, *([1] * (t.dim() - 1))))
+
+    def snapshot(self):
+        return [getattr(self, n).clone() for n in self._tensors()]
+
+    def restore(self, snap):
+        for name, saved in zip(self._tensors(), snap):
+            getattr(self, name).copy_(saved)
