@@ -288,9 +288,10 @@ class Mamba3(nn.Module):
 
 
 class Mamba3Cache:
-    """One Mamba-3 layer's inference state, fp32 (fp64 for an fp64 model): the angle φ (B, H, A), the state H
-    (B, H, P, N), and the previous token's turned key (B, R, H, N) and input x (B, H, P)
-    for the trapezoid's β-term. Not position-indexed, so snapshot/restore copy it."""
+    """One Mamba-3 layer's inference state, fp32 (fp64 for an fp64 model): the angle φ
+    (B, H, A), the state H (B, H, P, N), and the previous token's turned key (B, R, H, N)
+    and input x (B, H, P) for the trapezoid's β-term. Not position-indexed, so
+    snapshot/restore copy it."""
 
     def __init__(self, batch_size, H, A, P, N, R, device, dtype=torch.float32):
         f32 = dict(device=device, dtype=dtype)
