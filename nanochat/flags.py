@@ -46,6 +46,10 @@ def add_model_args(parser):
       "off there; on here for Muon, docs/model.md)")
     a("--engram", action="store_true", help="Engram n-gram memory (at --engram_layers)")
     a("--engram_layers", default="0,3,6", help="comma-separated layers with Engram (with --engram)")
+    a("--engram_order", type=int, default=3, help="Engram n-grams of 2..order tokens")
+    a("--engram_heads", type=int, default=4, help="Engram hash heads per n-gram order")
+    a("--engram_dim", type=int, default=256, help="Engram memory width per n-gram order")
+    a("--engram_table", type=int, default=0, help="Engram rows per hash head (0 = vocab size)")
     a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
     a("--mtp", action="store_true", help="multi-token prediction head")
     a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
@@ -85,6 +89,9 @@ def config_from_args(args, vocab_size):
         if asked(args):
             raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
     require_positive(args, ("mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk"))
+    require_positive(args, ("engram_order", "engram_heads", "engram_dim"))
+    if args.engram_table < 0:
+        raise SystemExit(f"--engram_table={args.engram_table}: must be 0 (= vocab size) or a positive number of rows")
     if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
         raise SystemExit("--mamba3_* flags configure Mamba-3 layers: add --mamba (and --mamba_pattern)")
     if args.mamba and "M" not in args.mamba_pattern.upper():
@@ -95,7 +102,8 @@ def config_from_args(args, vocab_size):
                mamba3_mimo_rank=args.mamba3_mimo_rank, mamba3_d_state=args.mamba3_d_state,
                mamba3_headdim=args.mamba3_headdim, mamba3_expand=args.mamba3_expand, mamba3_chunk=args.mamba3_chunk,
                mamba3_outproj_norm=bool(args.mamba3_outproj_norm),
-               engram_layers=args.engram_layers if args.engram else "", mhc=args.mhc,
+               engram_layers=args.engram_layers if args.engram else "", engram_order=args.engram_order,
+               engram_heads=args.engram_heads, engram_dim=args.engram_dim, engram_table=args.engram_table, mhc=args.mhc,
                mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
                value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
                layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,

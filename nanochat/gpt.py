@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm,
                                 rotary_tables)
+from nanochat.engram import Engram, layer_hash_params
 from nanochat.mamba3 import Mamba3
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding (reference nanochat)
@@ -66,6 +67,10 @@ class GPTConfig:
     mamba3_chunk: int = 64       # tokens per chunk of the chunked (SSD) form
     mamba3_outproj_norm: bool = True  # RMSNorm per head before the gate (the official is_outproj_norm)
     engram_layers: str = ""      # comma-separated layer indices with Engram memory ("" = none)
+    engram_order: int = 3        # n-grams of 2..order tokens (nanochat/engram.py)
+    engram_heads: int = 4        # hash heads per n-gram order
+    engram_dim: int = 256        # memory width per n-gram order
+    engram_table: int = 0        # rows per hash head (0 = vocab_size)
     mhc: bool = False            # manifold-constrained hyper-connections on the residual stream
     mtp: bool = False            # a multi-token-prediction head beside lm_head
     mtp_lambda: float = 0.3      # weight of the MTP loss
@@ -103,7 +108,8 @@ class GPTConfig:
 # that is not in the oldest checkpoints must be here (tests/test_gpt.py checks).
 LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_complex_rope=False,
               mamba3_trapezoidal=False, mamba3_mimo_rank=1, mamba3_d_state=128, mamba3_headdim=64, mamba3_expand=2,
-              mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
+              mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", engram_order=3,
+              engram_heads=4, engram_dim=256, engram_table=0, mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
               value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
               pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
 
@@ -122,7 +128,6 @@ def has_value_embed(config, i):
 # Extensions whose modules have not landed yet: their settings stop the model from being
 # built, with one line naming the flag, rather than being silently ignored.
 UNBUILT = {
-    "--engram (Engram n-gram memory)": lambda c: bool(c.engram_layers),
     "--mhc (manifold-constrained hyper-connections)": lambda c: c.mhc,
     "--mtp (multi-token prediction)": lambda c: c.mtp,
     "--dsa (DeepSeek sparse attention)": lambda c: c.dsa_start_layer >= 0,
@@ -161,19 +166,32 @@ def layer_plan(config):
     # ceiling of T / 4 first, which differs only when that crosses a tile boundary
     short = min(-(-(T // config.short_window_div) // tile) * tile, T)
     windows = {"S": short, "L": T}
+    engram = engram_layers(config)
     plan, n_attn = [], 0
     for i in range(config.n_layer):
+        extras = ("engram",) if i in engram else ()
         if mixers[i % len(mixers)] == "M" and i < config.n_layer - 1:  # the last layer stays attention
-            plan.append(LayerSpec("mamba3", 0))
+            plan.append(LayerSpec("mamba3", 0, extras))
             continue
         # the window pattern runs over the attention layers; the last one sees the full context
         window = T if i == config.n_layer - 1 else windows[pattern[n_attn % len(pattern)]]
-        plan.append(LayerSpec("attn", window, ("value_embed",) if has_value_embed(config, i) else ()))
+        plan.append(LayerSpec("attn", window, extras + (("value_embed",) if has_value_embed(config, i) else ())))
         n_attn += 1
     return plan
 
 
 MIXERS = {"attn": CausalSelfAttention, "mamba3": Mamba3}
+
+
+def engram_layers(config):
+    """The layer indices of config.engram_layers ("0,3,6"), checked against the depth."""
+    try:
+        layers = sorted({int(p) for p in config.engram_layers.split(",") if p.strip()})
+    except ValueError:
+        raise ValueError(f"engram_layers {config.engram_layers!r} must be comma-separated layer indices, e.g. 0,3,6")
+    if layers and not 0 <= layers[0] <= layers[-1] < config.n_layer:
+        raise ValueError(f"engram_layers {config.engram_layers!r}: indices must be in 0..{config.n_layer - 1}")
+    return layers
 
 
 class MLP(nn.Module):
@@ -197,12 +215,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer_idx, spec):
+    def __init__(self, config, layer_idx, spec, engram_hash=None):
         super().__init__()
+        # Engram memory (an extra of the spec) adds to the residual stream before the mixer
+        self.engram = Engram(config, layer_idx, engram_hash) if "engram" in spec.extras else None
         self.mixer = MIXERS[spec.mixer](config, layer_idx, spec)
         self.mlp = MLP(config)
 
-    def forward(self, x, ctx, cache=None):
+    def forward(self, x, ctx, cache=None, engram_cache=None):
+        if self.engram is not None:
+            x = x + self.engram(x, ctx.idx, engram_cache)
         x = x + self.mixer(norm(x), ctx, cache)
         x = x + self.mlp(norm(x))
         return x
@@ -211,31 +233,35 @@ class Block(nn.Module):
 class ModelCache:
     """Inference state for every layer plus the number of positions already filled."""
 
-    def __init__(self, layers, max_len, prev_emb=None):
+    def __init__(self, layers, max_len, prev_emb=None, engram=None):
         self.layers, self.pos, self.max_len = layers, 0, max_len
         # smear: the previous token's normed embedding, (B, 1, C), written in place each step
         # (fixed shape and address, so the CUDA-graph decode step can own it); zeros before token 0
         self.prev_emb = prev_emb
+        self.engram = engram or {}  # {layer index: EngramCache} for the layers with Engram
+
+    def _states(self):
+        return list(self.layers) + list(self.engram.values())
 
     def repeat(self, n):
-        for layer in self.layers:
+        for layer in self._states():
             layer.repeat(n)
         if self.prev_emb is not None:
             self.prev_emb = self.prev_emb.repeat(n, 1, 1)
 
     def snapshot(self):
         """A copy of the state that is not indexed by position (the smear's prev_emb, a
-        Mamba layer's recurrent state): a dummy decode step (CUDA-graph warmup and capture)
-        overwrites it, unlike the KV entries it writes at a position that real decoding
-        overwrites before reading."""
-        return (None if self.prev_emb is None else self.prev_emb.clone(), [l.snapshot() for l in self.layers])
+        Mamba layer's recurrent state, Engram's recent ids and conv inputs): a dummy decode
+        step (CUDA-graph warmup and capture) overwrites it, unlike the KV entries it writes
+        at a position that real decoding overwrites before reading."""
+        return (None if self.prev_emb is None else self.prev_emb.clone(), [s.snapshot() for s in self._states()])
 
     def restore(self, snap):
-        prev, layers = snap
+        prev, states = snap
         if prev is not None:
             self.prev_emb.copy_(prev)  # in place: the captured graph holds this tensor
-        for layer, saved in zip(self.layers, layers):
-            layer.restore(saved)
+        for state, saved in zip(self._states(), states):
+            state.restore(saved)
 
 
 class GPT(nn.Module):
@@ -246,7 +272,10 @@ class GPT(nn.Module):
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         V, C, L = padded_vocab(config), config.n_embd, config.n_layer
         self.wte = nn.Embedding(V, C)
-        self.blocks = nn.ModuleList(Block(config, i, spec) for i, spec in enumerate(self.plan))
+        engram = [i for i, spec in enumerate(self.plan) if "engram" in spec.extras]
+        hashes = layer_hash_params(engram, config.engram_order, config.engram_heads,
+                                   config.engram_table or config.vocab_size, config.vocab_size) if engram else {}
+        self.blocks = nn.ModuleList(Block(config, i, spec, hashes.get(i)) for i, spec in enumerate(self.plan))
         self.lm_head = nn.Linear(C, V, bias=False)
         # the optional residual-stream parameters of the quality recipe exist only when on,
         # so older checkpoints' state dicts load unchanged
@@ -334,7 +363,8 @@ class GPT(nn.Module):
         T = self.config.sequence_len
         smear = 6 * self.smear_gate.weight.numel() if self.config.smear else 0
         return 6 * self.lm_head.weight.numel() + smear + sum(
-            b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters()) for b in self.blocks)
+            b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters())
+            + (b.engram.flops_per_token() if b.engram else 0) for b in self.blocks)
 
     @torch.compiler.disable
     def _context(self, idx, pos0):
@@ -351,7 +381,9 @@ class GPT(nn.Module):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
-        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev)
+        engram = {i: b.engram.init_cache(batch_size, device, dtype) for i, b in enumerate(self.blocks) if b.engram}
+        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev,
+                          engram)
 
     def _embed(self, idx, cache):
         """The normed token embedding in the compute dtype, smeared when on: each position
@@ -380,7 +412,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if c.layer_lambdas:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            x = block(x, ctx, cache.layers[i] if cache is not None else None)
+            x = block(x, ctx, *((cache.layers[i], cache.engram.get(i)) if cache is not None else ()))
             if i == c.n_layer // 2:
                 mid = x
         if c.backout:  # remove a share of the low-level features of mid-depth before the readout
