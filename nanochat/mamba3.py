@@ -30,10 +30,12 @@ input into the state; λ ≡ 1 is Euler, i.e. Mamba-2. The rotation is a complex
 conv1d, with Mamba-3's data-dependent A_t (always on).
 
 Training and prefill use the chunked (matmul) form, which equals the recurrence exactly:
-with scale_s = λ_s Δ_s + (1 - λ_{s+1}) Δ_{s+1} (the next token's β-term folded into
-token s; 0 past the end), Y = SSD(X = v, a = A Δ, B = k scale_s, C = q) over chunks of
-`mamba3_chunk` tokens, minus the diagonal term (q_t·k_t)(1 - λ_{t+1}) Δ_{t+1} v_t that
-SSD adds at s = t but the recurrence adds only at t + 1. Decoding runs the recurrence.
+token s reaches a later token t with weight exp(a_{s+1} + ... + a_t) (λ_s Δ_s + [s < t]
+(1 - λ_{s+1}) Δ_{s+1}) (the β-term of step s+1 folded into token s, counted only for
+t > s, so causality holds bit for bit), computed as SSD (X = v, a = A Δ, B = k, C = q)
+over chunks of `mamba3_chunk` tokens. Decoding runs the recurrence. Under bf16 autocast
+the matmuls within a chunk run in bf16; the states passed between chunks, the angles
+and the decode step stay fp32.
 A segment continued from a cache starts from H + (1 - λ_0) Δ_0 Σ_r v_prev k_prevᵀ (the
 β-term that the previous segment could not add yet) and from its angle φ.
 
@@ -102,15 +104,16 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     #    only reaches the next chunks)
     decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
     states = (Xf * decay_to_end[..., None]).transpose(-1, -2) @ Kf   # (B, H, c, P, N)
-    # 3. across chunks: the state entering each chunk (the initial state first)
-    states = torch.cat([initial_state[:, :, None].to(states.dtype), states], dim=2)
-    decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
-    states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
-    entering, final = states[:, :, :-1], states[:, :, -1]
+    # 3. across chunks: the state entering each chunk (the initial state first), in fp32
+    with torch.autocast(X.device.type, enabled=False):
+        states = torch.cat([at_least_fp32(initial_state)[:, :, None], at_least_fp32(states)], dim=2)
+        decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
+        states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
+    entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
     # 4. what the entering state adds to each position, decayed to it
     Y = Y + (Qf @ entering.transpose(-1, -2)) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
     Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)
-    return Y[:, :T], at_least_fp32(final)
+    return Y[:, :T], final
 
 
 def rotate(v, phi):
@@ -118,10 +121,10 @@ def rotate(v, phi):
     A = phi.size(-1)
     if A == 0:
         return v
-    cos, sin = torch.cos(phi).to(v.dtype), torch.sin(phi).to(v.dtype)
+    cos, sin = torch.cos(phi), torch.sin(phi)  # products in the angle's precision (fp32), as the kernels do
     v1, v2 = v[..., 0:2 * A:2], v[..., 1:2 * A:2]
     turned = torch.stack([v1 * cos - v2 * sin, v1 * sin + v2 * cos], dim=-1).flatten(-2)
-    return torch.cat([turned, v[..., 2 * A:]], dim=-1)
+    return torch.cat([turned.to(v.dtype), v[..., 2 * A:]], dim=-1)
 
 
 class Mamba3(nn.Module):
@@ -192,10 +195,13 @@ class Mamba3(nn.Module):
     def flops_per_token(self, T):
         """6 per weight, plus the SSD's matmuls (forward x 3 for forward + backward): per
         chunk of Q tokens, scores and values 2 Q R^2 (N + P) H per token, chunk states and
-        their readout 4 R N P H per token."""
+        their readout 4 R N P H per token, and the pass between the T/Q chunks, 2 (T/Q) N P H
+        per chunk, i.e. 2 T N P H / Q^2 per token."""
         weights = sum(p.numel() for p in self.parameters())
         Q = min(self.chunk, T)
-        return 6 * weights + 3 * (2 * Q * self.R ** 2 * (self.N + self.P) * self.H + 4 * self.R * self.N * self.P * self.H)
+        NPH = self.N * self.P * self.H
+        return 6 * weights + 3 * (2 * Q * self.R ** 2 * (self.N + self.P) * self.H + 4 * self.R * NPH
+                                  + 2 * math.ceil(T / Q) * NPH // Q)
 
     def init_cache(self, batch_size, max_len, device, dtype):
         return Mamba3Cache(batch_size, self.H, self.n_angles, self.P, self.N, self.R, device,
@@ -245,9 +251,11 @@ class Mamba3(nn.Module):
             return self._step(u, cache)
         Bsz, T, _ = u.shape
         z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
-        phi = torch.cumsum(dphi, dim=1)
+        # accumulated in fp64 and reduced mod 2π: over long sequences fp32 would lose the angle
+        phi = torch.cumsum(dphi.double(), dim=1)
         if cache is not None:
             phi = phi + cache.phi[:, None]
+        phi = torch.remainder(phi, 2 * math.pi).to(dphi.dtype)
         k = rotate(Bm, phi[:, :, None])  # (B, T, R, H, N)
         q = rotate(Cm, phi[:, :, None])
         v = self._values(x)
@@ -255,12 +263,13 @@ class Mamba3(nn.Module):
         w_next = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))                     # (B, T, H); none after the last
         state0 = torch.zeros(Bsz, self.H, self.P, self.N, device=u.device, dtype=dt.dtype)
         if cache is not None:
-            v_prev = self._values(cache.x_prev[:, None])[:, 0]                         # (B, R, H, P)
-            prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
-            state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
+            with torch.autocast(u.device.type, enabled=False):  # the carried state stays in the cache's precision
+                v_prev = self._values(cache.x_prev[:, None])[:, 0]                     # (B, R, H, P)
+                prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
+                state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
         y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0)
         if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
-            cache.phi.copy_(torch.remainder(phi[:, -1], 2 * math.pi))
+            cache.phi.copy_(phi[:, -1])
             cache.state.copy_(final)
             cache.k_prev.copy_(k[:, -1])
             cache.x_prev.copy_(x[:, -1])
@@ -269,11 +278,16 @@ class Mamba3(nn.Module):
     def _step(self, u, cache):
         """One token per row by the recurrence, the cache updated in place (fixed shapes)."""
         z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
+        with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
+            y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dphi)
+        return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
+
+    def _recur(self, cache, x, Bm, Cm, dt, adt, lam, dphi):
         phi = cache.phi + dphi[:, 0]
         k = rotate(Bm[:, 0].to(phi.dtype), phi[:, None])  # (B, R, H, N), in the cache's precision
         q = rotate(Cm[:, 0].to(phi.dtype), phi[:, None])
-        v = self._values(x).to(phi.dtype)[:, 0]            # (B, R, H, P)
-        v_prev = self._values(cache.x_prev[:, None])[:, 0]
+        v = self._values(x.to(phi.dtype))[:, 0]            # (B, R, H, P)
+        v_prev = self._values(cache.x_prev[:, None])[:, 0].to(phi.dtype)
         dt, lam, alpha = dt[:, 0], lam[:, 0], torch.exp(adt[:, 0])  # (B, H)
         beta, gamma = (1 - lam) * dt * alpha, lam * dt
         state = (alpha[..., None, None] * cache.state
@@ -284,7 +298,7 @@ class Mamba3(nn.Module):
         cache.state.copy_(state)
         cache.k_prev.copy_(k)
         cache.x_prev.copy_(x[:, 0])
-        return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
+        return y, v
 
 
 class Mamba3Cache:

@@ -87,8 +87,9 @@ def reference(m, u):
 
 @pytest.mark.parametrize("R", [1, 2])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 16])  # 3 does not divide T = 11; 16 > T
-def test_chunked_equals_the_recurrence(R, chunk):
-    m = layer(R, chunk)
+@pytest.mark.parametrize("outproj_norm", [True, False])
+def test_chunked_equals_the_recurrence(R, chunk, outproj_norm):
+    m = layer(R, chunk, **{**ALL, "mamba3_outproj_norm": outproj_norm})
     u = torch.randn(2, 11, 32, dtype=torch.float64)
     ref = reference(m, u)
     assert ref.abs().max() > 1  # a non-trivial output
@@ -302,3 +303,31 @@ def test_hybrid_flops_count_the_mamba_layers():
     h = GPT(GPTConfig(sequence_len=64, n_layer=3, n_embd=64, n_head=2, n_kv_head=2, mamba_pattern="AM")).estimate_flops()
     m = Mamba3(GPTConfig(sequence_len=64, n_embd=64, n_head=2, mamba_pattern="AM"), 1, LayerSpec("mamba3", 0))
     assert h != a and m.flops_per_token(64) > 6 * sum(p.numel() for p in m.parameters())
+
+
+def test_bf16_autocast_prefill_and_decode_stay_close_to_fp32():
+    """Under bf16 autocast (as the engine runs), the carried state and the decode step stay
+    fp32: prefill + decode is as close to the fp32 result as a bf16 full forward is."""
+    m = layer(R=2, chunk=4, dtype=torch.float32)
+    u = torch.randn(2, 24, 32)
+    ref = m(u, ctx(0, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = m(u, ctx(0, 24)).float()
+        cache = m.init_cache(2, 0, "cpu", torch.bfloat16)
+        assert cache.state.dtype == torch.float32
+        outs = [m(u[:, :9], ctx(0, 9), cache).float()]
+        for t in range(9, 24):
+            outs.append(m(u[:, t:t + 1], Context(None, None, None, 1, {}, pos_t=torch.tensor(t)), cache).float())
+    rel = lambda a: ((a - ref).norm() / ref.norm()).item()
+    assert rel(full) < 2e-2 and rel(torch.cat(outs, 1)) < 2e-2, (rel(full), rel(torch.cat(outs, 1)))
+
+
+def test_long_sequences_with_strong_decay_stay_finite():
+    m = layer(chunk=8)
+    with torch.no_grad():
+        m.ctrl_proj.weight[m.H:2 * m.H] += 3.0  # large dd_A: strong decay
+        m.dt_bias += 4.0                          # and large steps
+    u = torch.randn(1, 300, 32, dtype=torch.float64, requires_grad=True)
+    y = m(u, ctx(0, 300))
+    y.square().mean().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(u.grad).all()
