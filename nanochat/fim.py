@@ -74,8 +74,12 @@ def fim_context(tokenizer, row, rng, fim_rate, spm_rate=0.5):
     fragment into FIM with probability fim_rate, re-pack, and cut or pad (with <|bos|>) back
     to len(row). Returns an int32 array of len(row)."""
     row = np.asarray(row)
+    if len(row) == 0:
+        return row.astype(np.int32)
     bos = tokenizer.get_bos_token_id()
-    specials = set(sentinel_ids(tokenizer)) | {bos}
+    # special tokens other than <|bos|> decode to their names, which would re-encode as text
+    specials = [tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()]
+    has_special = np.isin(row, [t for t in specials if t != bos])
     starts = np.flatnonzero(row == bos).tolist()
     bounds = ([0] if not starts or starts[0] != 0 else []) + starts + [len(row)]
     out = []
@@ -83,7 +87,7 @@ def fim_context(tokenizer, row, rng, fim_rate, spm_rate=0.5):
         frag = row[s:e].tolist()
         head, body = (frag[:1], frag[1:]) if frag[0] == bos else ([], frag)
         # one draw per fragment whatever happens next, so the rate is per fragment
-        if rng.random() >= fim_rate or any(t in specials for t in body):
+        if rng.random() >= fim_rate or has_special[s:e].any():
             out.extend(frag)  # not chosen, or not plain text (already FIM, or chat tokens)
             continue
         try:

@@ -136,6 +136,8 @@ def test_rows_keep_length_rate_zero_is_identity_and_one_fim_per_fragment(tokeniz
             assert [frag.count(s) for s in (pre, suf, mid)] == [1, 1, 1]
         again = fim_context(tokenizer, out, row_rng(1, 0, i), 1.0)  # already FIM: left alone
         assert np.array_equal(again, out)
+    chat = np.asarray(tokenizer.encode("hi", prepend="<|bos|>", append="<|user_end|>") * 3, dtype=np.int32)
+    assert np.array_equal(fim_context(tokenizer, chat, row_rng(0, 0, 0), 1.0), chat)  # special tokens: left alone
 
 
 def test_fragment_cut_inside_a_utf8_character_is_kept(tokenizer):
