@@ -17,8 +17,8 @@ Context level: the transform runs after the loader has packed a row of T+1 token
 row is split at <|bos|> into fragments, each fragment is turned into FIM with probability
 fim_rate (SPM with probability spm_rate, else PSM), and the row is re-packed and cut or
 padded back to T+1 tokens. Transforming before packing instead would let packing crop
-FIM examples (losing the middle); here only the row's last fragment can lose its tail,
-as it always could. Randomness comes from a generator seeded by the loader's position
+FIM examples (losing the middle); here only the row's end is cut, as packing always
+cut it. Randomness comes from a generator seeded by the loader's position
 (row_rng), so a resumed loader makes the same FIM rows.
 
 fim_prompt builds the inference prompt (chat_web's /v1/completions with a suffix) with
