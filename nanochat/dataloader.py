@@ -27,6 +27,9 @@ The pretraining data loader: parquet shards -> tokens -> packed (inputs, targets
   so W GPUs with A accumulation steps train each step on exactly the batches that one
   GPU with W*A steps would. It costs W times the tokenization; the default "sharded"
   has each rank read only its own row groups.
+- fim_rate > 0 (base_train --fim_rate): each packed row goes through context-level
+  fill-in-the-middle (nanochat/fim.py) with a generator seeded by (fim_seed, the stream's
+  rank, the row's index), so resume stays exact and the global order stays rank-free.
 """
 
 import bisect
@@ -40,6 +43,7 @@ import torch
 
 from nanochat.common import get_dist_info
 from nanochat.dataset import list_parquet_files, open_shard, split_files
+from nanochat.fim import fim_context, row_rng
 
 
 class DocumentStream:
@@ -159,12 +163,16 @@ class DataLoader:
 
     def __init__(self, tokenizer, B, T, split="train", device="cpu", data_dir=None,
                  rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, resume_state=None,
-                 data_order="sharded", streaming=False):
+                 data_order="sharded", streaming=False, fim_rate=0.0, fim_spm_rate=0.5, fim_seed=0):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         if data_order not in ("sharded", "global"):
             raise ValueError(f"data_order must be 'sharded' or 'global', not {data_order!r}")
+        for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name}={rate}: must be in [0, 1]")
         self.data_order = data_order
+        self.fim_rate, self.fim_spm_rate, self.fim_seed = fim_rate, fim_spm_rate, fim_seed
         ddp_rank, ddp_world = get_dist_info()[1], get_dist_info()[3]
         self.rank = ddp_rank if rank is None else rank
         self.world_size = ddp_world if world_size is None else world_size
@@ -250,8 +258,13 @@ class DataLoader:
                 doc = doc[:remaining]
             pieces.append(doc)
             remaining -= len(doc)
+        row = np.concatenate(pieces)
+        if self.fim_rate > 0:
+            # the row's index in this stream (restored by resume_state) seeds its FIM draws
+            rng = row_rng(self.fim_seed, self.stream.rank, self.emitted_tokens // cap)
+            row = fim_context(self.tokenizer, row, rng, self.fim_rate, self.fim_spm_rate)
         self.emitted_tokens += cap
-        return np.concatenate(pieces)
+        return row
 
     # ---- iteration ---------------------------------------------------------
 

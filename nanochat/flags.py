@@ -75,7 +75,6 @@ UNBUILT_RUNTIME = [
     (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),
     (lambda a: a.xla_flash_attn, "--xla_flash_attn (XLA flash attention)"),
     (lambda a: a.gradient_checkpointing, "--gradient_checkpointing"),
-    (lambda a: getattr(a, "fim_rate", 0) != 0, "--fim_rate (fill-in-the-middle training)"),  # base_train's data flag
 ]
 
 

@@ -153,8 +153,9 @@ class Tokenizer:
             return token
         return self.encode_special(token)
 
-    def decode(self, ids):
-        return self.enc.decode(ids)
+    def decode(self, ids, errors="replace"):
+        """errors="strict" raises UnicodeDecodeError on ids that end inside a UTF-8 character."""
+        return self.enc.decode(ids, errors=errors)
 
     def stream_decoder(self):
         """For text that arrives one token at a time (chat_cli, chat_web): returns

@@ -92,7 +92,10 @@ parser.add_argument("--data_dir", default=None, help="parquet shards (default: $
 parser.add_argument("--streaming_data", action="store_true",
                     help="--data_dir is being written while training: at the end of its shards wait for new ones "
                          "instead of starting another epoch (shards must sort before the last, validation, shard)")
-parser.add_argument("--fim_rate", type=float, default=0.0, help="fraction of documents turned into fill-in-the-middle")
+parser.add_argument("--fim_rate", type=float, default=0.0, help="fraction of documents turned into fill-in-the-middle "
+                    "(context-level, in the loader: nanochat/fim.py; the paper and the seed use 0.5)")
+parser.add_argument("--fim_spm_rate", type=float, default=0.5, help="fraction of the FIM documents in SPM order "
+                    "(the rest PSM)")
 parser.add_argument("--data_order", default="sharded", choices=["sharded", "global"],
                     help="sharded: each rank reads its own documents; global: the batches of a step do not depend "
                          "on the number of GPUs (each rank tokenizes everything; for comparing runs)")
@@ -102,6 +105,9 @@ if args.no_compile:
     args.compile = 0
 config_from_args(args, vocab_size=1)  # a bad model flag, or one whose feature is not built yet, stops here
 require_positive(args, ("device_batch_size", "total_batch_size", "eval_tokens"))
+for flag in ("fim_rate", "fim_spm_rate"):
+    if not 0.0 <= getattr(args, flag) <= 1.0:
+        raise SystemExit(f"--{flag}={getattr(args, flag)}: must be in [0, 1]")
 checkpoint_dir("base", args.model_tag or f"d{args.depth}")  # the tag names a directory under the base dir
 if args.num_iterations == 0 or args.num_iterations < -1:
     raise SystemExit(f"--num_iterations={args.num_iterations}: a positive number of steps, or -1 to derive it "
@@ -228,10 +234,11 @@ if use_compile:
 print0(f"data: {resolve_data_dir(args.data_dir)}")
 train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
                           data_dir=args.data_dir, resume_state=loader_state, data_order=args.data_order,
-                          streaming=args.streaming_data)
+                          streaming=args.streaming_data, fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate,
+                          fim_seed=args.seed)
 
 
-def make_val_loader():
+def make_val_loader():  # no FIM: val bpb stays left-to-right
     return DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device, data_dir=args.data_dir)
 
 

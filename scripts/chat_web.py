@@ -55,6 +55,7 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
 from nanochat.engine import Engine
 from nanochat.execution import isolation
+from nanochat.fim import fim_prompt
 
 # limits: generous for people, small enough that nobody can tie up a worker for long
 MAX_MESSAGES = 500
@@ -627,9 +628,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     async def v1_completions(req: CompletionRequest, request: Request):
         tok = state["tokenizer"]
         if req.suffix is not None:  # fill-in-the-middle, PSM order: prefix, suffix, then the middle
-            s = tok.encode_special
-            tokens = ([tok.get_bos_token_id(), s("<|fim_prefix|>")] + tok.encode(req.prompt)
-                      + [s("<|fim_suffix|>")] + tok.encode(req.suffix) + [s("<|fim_middle|>")])
+            tokens = fim_prompt(tok, req.prompt, req.suffix)
         else:
             tokens = tok.encode(req.prompt, prepend="<|bos|>")
         return await openai_complete(fitting(tokens, "prompt"), req, "text", request)

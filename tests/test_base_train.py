@@ -214,7 +214,7 @@ SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_
               "--dsa", "--dsa_start_layer=7", "--gradient_checkpointing", "--fim_rate=0.5", "--streaming_data",
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
 UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
-           "--gradient_checkpointing": "--gradient_checkpointing", "--fim_rate=0.5": "--fim_rate",
+           "--gradient_checkpointing": "--gradient_checkpointing",
            "--mhc": "--mhc", "--mtp": "--mtp", "--dsa": "--dsa"}
 
 
@@ -234,7 +234,7 @@ def test_seed_launch_command_stops_at_once_naming_an_unbuilt_feature(base_dir, c
     assert out.stdout == ""  # stopped before any work
 
 
-@pytest.mark.parametrize("flag", [f for f in UNBUILT if f != "--fim_rate=0.5"])
+@pytest.mark.parametrize("flag", list(UNBUILT))
 def test_each_unbuilt_feature_flag_names_itself(flag):
     import argparse
     from nanochat.flags import add_model_args, config_from_args
@@ -249,11 +249,19 @@ def test_each_unbuilt_feature_flag_names_itself(flag):
         config_from_args(parser.parse_args(["--mamba3_bias"]), 100)
 
 
-def test_fim_rate_stops_at_once(base_dir, corpus_dir):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    out = subprocess.run(seed_command(corpus_dir, ["--fim_rate=0.5"]), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode != 0 and "--fim_rate" in out.stderr and "not built yet" in out.stderr, out.stderr
+def test_fim_training_learns_and_resumes_exactly(base_dir, corpus_dir):
+    """--fim_rate=0.5 (the seed's): the loader's FIM rows follow its state, so a run resumed
+    at step 3 trains on the same rows as the uninterrupted one."""
+    full = run_train(base_dir, corpus_dir, "--fim_rate=0.5", "--save_every=3", "--model_tag=fim")
+    lf = losses(full)
+    assert list(lf) == [f"{i:05d}" for i in range(1, 7)] and float(lf["00006"]) < float(lf["00001"])
+    meta = json.loads((base_dir / "base_checkpoints" / "fim" / "meta_000006.json").read_text())
+    assert meta["user_config"]["fim_rate"] == 0.5 and meta["user_config"]["fim_spm_rate"] == 0.5
+    plain = losses(run_train(base_dir, corpus_dir, "--model_tag=nofim"))  # the same run without FIM
+    assert plain["00006"] != lf["00006"]  # FIM changed the rows (step 1 is ln(vocab) either way)
+    os.remove(base_dir / "base_checkpoints" / "fim" / "meta_000006.json")
+    resumed = losses(run_train(base_dir, corpus_dir, "--fim_rate=0.5", "--resume_from_step=3", "--model_tag=fim"))
+    assert resumed == {s: lf[s] for s in ("00004", "00005", "00006")}
 
 
 def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
@@ -301,7 +309,9 @@ def test_checkpoint_from_before_the_extension_fields_loads(base_dir, corpus_dir)
                                        ("--aspect_ratio=0", "--aspect_ratio=0: must be a positive"),
                                        ("--num_iterations=0", "--num_iterations=0: a positive number"),
                                        ("--num_iterations=-5", "--num_iterations=-5: a positive number"),
-                                       ("--model_tag=../../x", "must be a plain directory name")])
+                                       ("--model_tag=../../x", "must be a plain directory name"),
+                                       ("--fim_rate=1.5", "--fim_rate=1.5: must be in [0, 1]"),
+                                       ("--fim_spm_rate=-0.1", "--fim_spm_rate=-0.1: must be in [0, 1]")])
 def test_bad_command_lines_give_one_line_errors(base_dir, corpus_dir, flag, says):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
     out = subprocess.run(seed_command(corpus_dir, [flag]), cwd=ROOT, env=env, capture_output=True, text=True,
