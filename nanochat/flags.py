@@ -51,6 +51,7 @@ def add_model_args(parser):
     a("--engram_dim", type=int, default=256, help="Engram memory width per n-gram order")
     a("--engram_table", type=int, default=0, help="Engram rows per hash head (0 = vocab size)")
     a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
+    a("--mhc_streams", type=int, default=4, help="mHC residual streams (with --mhc)")
     a("--mtp", action="store_true", help="multi-token prediction head")
     a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
     a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
@@ -88,7 +89,7 @@ def config_from_args(args, vocab_size):
         if asked(args):
             raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
     require_positive(args, ("mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk"))
-    require_positive(args, ("engram_order", "engram_heads", "engram_dim"))
+    require_positive(args, ("engram_order", "engram_heads", "engram_dim", "mhc_streams"))
     if args.engram_table < 0:
         raise SystemExit(f"--engram_table={args.engram_table}: must be 0 (= vocab size) or a positive number of rows")
     if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
@@ -103,6 +104,7 @@ def config_from_args(args, vocab_size):
                mamba3_outproj_norm=bool(args.mamba3_outproj_norm),
                engram_layers=args.engram_layers if args.engram else "", engram_order=args.engram_order,
                engram_heads=args.engram_heads, engram_dim=args.engram_dim, engram_table=args.engram_table, mhc=args.mhc,
+               mhc_streams=args.mhc_streams,
                mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
                value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
                layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,

@@ -40,6 +40,7 @@ from nanochat.attention import (CausalSelfAttention, Context, block_masks, decod
                                 rotary_tables)
 from nanochat.engram import Engram, layer_hash_params
 from nanochat.mamba3 import Mamba3
+from nanochat.mhc import HyperConnection
 
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding (reference nanochat)
 
@@ -72,6 +73,7 @@ class GPTConfig:
     engram_dim: int = 256        # memory width per n-gram order
     engram_table: int = 0        # rows per hash head (0 = vocab_size)
     mhc: bool = False            # manifold-constrained hyper-connections on the residual stream
+    mhc_streams: int = 4         # n residual streams under mHC (nanochat/mhc.py)
     mtp: bool = False            # a multi-token-prediction head beside lm_head
     mtp_lambda: float = 0.3      # weight of the MTP loss
     dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off)
@@ -109,7 +111,7 @@ class GPTConfig:
 LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_complex_rope=False,
               mamba3_trapezoidal=False, mamba3_mimo_rank=1, mamba3_d_state=128, mamba3_headdim=64, mamba3_expand=2,
               mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", engram_order=3,
-              engram_heads=4, engram_dim=256, engram_table=0, mhc=False, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
+              engram_heads=4, engram_dim=256, engram_table=0, mhc=False, mhc_streams=4, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
               value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
               pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
 
@@ -128,7 +130,6 @@ def has_value_embed(config, i):
 # Extensions whose modules have not landed yet: their settings stop the model from being
 # built, with one line naming the flag, rather than being silently ignored.
 UNBUILT = {
-    "--mhc (manifold-constrained hyper-connections)": lambda c: c.mhc,
     "--mtp (multi-token prediction)": lambda c: c.mtp,
     "--dsa (DeepSeek sparse attention)": lambda c: c.dsa_start_layer >= 0,
 }
@@ -166,6 +167,8 @@ def layer_plan(config):
     # ceiling of T / 4 first, which differs only when that crosses a tile boundary
     short = min(-(-(T // config.short_window_div) // tile) * tile, T)
     windows = {"S": short, "L": T}
+    if config.mhc and config.mhc_streams < 1:
+        raise ValueError(f"mhc_streams {config.mhc_streams} must be at least 1")
     engram = engram_layers(config)
     plan, n_attn = [], 0
     for i in range(config.n_layer):
@@ -221,13 +224,29 @@ class Block(nn.Module):
         self.engram = Engram(config, layer_idx, engram_hash) if "engram" in spec.extras else None
         self.mixer = MIXERS[spec.mixer](config, layer_idx, spec)
         self.mlp = MLP(config)
+        # mHC: x is (B, T, n, C), n streams, and each sublayer is wrapped in a hyper-connection
+        self.hc_mixer = HyperConnection(config, layer_idx, 0) if config.mhc else None
+        self.hc_mlp = HyperConnection(config, layer_idx, 1) if config.mhc else None
 
     def forward(self, x, ctx, cache=None, engram_cache=None):
+        if self.hc_mixer is None:
+            if self.engram is not None:
+                x = x + self.engram(x, ctx.idx, engram_cache)
+            x = x + self.mixer(norm(x), ctx, cache)
+            return x + self.mlp(norm(x))
         if self.engram is not None:
-            x = x + self.engram(x, ctx.idx, engram_cache)
-        x = x + self.mixer(norm(x), ctx, cache)
-        x = x + self.mlp(norm(x))
-        return x
+            x = x + self._engram_streams(x, ctx.idx, engram_cache)
+        x = self.hc_mixer(x, lambda u: self.mixer(norm(u), ctx, cache))
+        return self.hc_mlp(x, lambda u: self.mlp(norm(u)))
+
+    def _engram_streams(self, x, idx, cache):
+        """Engram on every mHC stream, as its demo runs it: one lookup and value projection
+        shared by the streams, a gate per stream (each stream is its own query) and the
+        conv per stream. The streams ride in the batch dimension (cache rows b * n + s)."""
+        B, T, n, C = x.shape
+        h = x.transpose(1, 2).reshape(B * n, T, C)
+        o = self.engram(h, idx.repeat_interleave(n, dim=0), cache)
+        return o.view(B, n, T, C).transpose(1, 2)
 
 
 class ModelCache:
@@ -358,13 +377,15 @@ class GPT(nn.Module):
     def estimate_flops(self):
         """Training FLOPs per token: 6 per weight outside the embedding lookups (2 forward,
         4 backward) for lm_head, the MLPs and the smear gate, plus each mixer's own count
-        (attention: its weights and its scores, see CausalSelfAttention.flops_per_token).
+        (attention: its weights and its scores, see CausalSelfAttention.flops_per_token),
+        Engram's (once per mHC stream under mHC) and mHC's projections Phi.
         The per-layer scalars are elementwise, not matmuls: not counted."""
         T = self.config.sequence_len
         smear = 6 * self.smear_gate.weight.numel() if self.config.smear else 0
         return 6 * self.lm_head.weight.numel() + smear + sum(
             b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters())
-            + (b.engram.flops_per_token() if b.engram else 0) for b in self.blocks)
+            + (b.engram.flops_per_token() * (self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
+            + (b.hc_mixer.flops_per_token() + b.hc_mlp.flops_per_token() if b.hc_mixer else 0) for b in self.blocks)
 
     @torch.compiler.disable
     def _context(self, idx, pos0):
@@ -381,7 +402,8 @@ class GPT(nn.Module):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
-        engram = {i: b.engram.init_cache(batch_size, device, dtype) for i, b in enumerate(self.blocks) if b.engram}
+        rows = batch_size * (self.config.mhc_streams if self.config.mhc else 1)  # Engram runs per mHC stream
+        engram = {i: b.engram.init_cache(rows, device, dtype) for i, b in enumerate(self.blocks) if b.engram}
         return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev,
                           engram)
 
@@ -406,8 +428,14 @@ class GPT(nn.Module):
         return x + gate * prev
 
     def _trunk(self, x, ctx, cache):
-        """The blocks, with the optional per-layer lambdas and the backout, then the final norm."""
+        """The blocks, with the optional per-layer lambdas and the backout, then the final norm.
+        Under mHC the embedding is copied into n streams first and the streams' mean is
+        normed at the end; the lambdas and the backout act on every stream alike (x0 is
+        the embedding, the same for every stream), so with equal streams they do what
+        they do on the single residual."""
         c = self.config
+        if c.mhc:
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], c.mhc_streams, x.size(-1))
         x0, mid = x, None
         for i, block in enumerate(self.blocks):
             if c.layer_lambdas:
@@ -417,6 +445,8 @@ class GPT(nn.Module):
                 mid = x
         if c.backout:  # remove a share of the low-level features of mid-depth before the readout
             x = x - self.backout_lambda.to(x.dtype) * mid
+        if c.mhc:
+            x = x.mean(-2)  # the mean, not the sum: at init every stream is the baseline's x
         return norm(x)
 
     def _logits(self, x):
@@ -478,6 +508,9 @@ class GPT(nn.Module):
             # Mamba-3's per-head controls and vectors (ctrl_proj, dt_bias, D, norms, biases, MIMO):
             # 0.002 at the default scalar_lr, in the Mamba papers' AdamW range, no decay; not tuned
             "adamw_ssm": (scalar_lr * 0.004, adam_betas, 0.0),
+            # mHC's Phi, scales and biases: 0.005 at the default scalar_lr, not adamw_scalar's 0.5,
+            # which would move the +-6 logits of the init by a tenth per step; no decay; not tuned
+            "adamw_mhc": (scalar_lr * 0.01, adam_betas, 0.0),
         }
         tags = self.opt_tags()
         by_group = {}

@@ -1,0 +1,107 @@
+"""
+mHC: manifold-constrained hyper-connections, n residual streams instead of one (--mhc).
+
+Papers: DeepSeek-AI, "mHC: Manifold-Constrained Hyper-Connections" (arXiv:2512.24880),
+on Zhu et al., "Hyper-Connections" (arXiv:2409.19606, ICLR 2025); equations as in the
+torch references of DeepSeek's TileKernels. The residual state of a token is X in R^{n x C}
+(n = --mhc_streams, 4). Around each sublayer F (the mixer and the MLP of every block),
+for each token on its own:
+
+    r       = RMSNorm(vec(X))                                   (nC, no weight)
+    m       = r Phi                                             Phi: nC -> n(n+2)
+    m       = m * [s_pre 1_n, s_post 1_n, s_res 1_{n^2}] + base (3 scales, n(n+2) biases)
+    H_pre   = sigmoid(m[:n]) + eps                              (n)
+    H_post  = 2 sigmoid(m[n:2n])                                (n)
+    H_res   = SinkhornKnopp(m[2n:] as a full n x n matrix)      (n x n, doubly stochastic)
+    u       = sum_i H_pre[i] X[i]             -> RMSNorm -> F -> f   (C)
+    X'[j]   = sum_i H_res[i, j] X[i] + H_post[j] f
+
+Sinkhorn-Knopp (20 iterations, eps 1e-6): softmax over each row, then alternately divide
+by the column sums and the row sums (ending on the columns). Doubly stochastic matrices
+are closed under products and have spectral norm <= 1, so the mixing over depth can
+neither blow up nor vanish: that constraint is mHC's point over plain HC.
+
+Every coefficient comes from the token's own residual: nothing pools over time, and
+decoding needs no cache of its own. The model expands the embedding into n copies before
+the first block and takes the mean of the streams before the final norm (gpt.py).
+
+Init (ours; the paper's values are not published): Phi = 0, scales 0.01, base_res = 6 I,
+base_pre = +6 on stream (2 layer + sublayer) mod n and -6 on the others, base_post = 0.
+Then H_post = 1 on every stream, so f reaches every stream, and all streams stay equal
+to today's single residual x. With equal streams the model is exactly the pre-norm
+baseline up to rounding: u = (1 + 2 sigmoid(-6) + n eps) x, and the pre-norm removes the
+scale; H_res's columns sum to 1, so the mix of equal streams is x again. The residual
+"leak" (H_res's off-diagonal mass, about e^-6 = 0.25% per entry, and H_pre's sigmoid(-6)
+on the other streams) only matters once the streams differ. The selected stream rotates
+over the sublayers to break the symmetry between streams.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SINKHORN_ITERS = 20
+SINKHORN_EPS = 1e-6
+PRE_EPS = 1e-6
+INIT_LOGIT = 6.0   # base_res = 6 I, base_pre = +-6
+INIT_SCALE = 0.01
+
+
+def sinkhorn(logits, iters=SINKHORN_ITERS, eps=SINKHORN_EPS):
+    """(..., n, n) logits -> doubly stochastic matrices, computed in fp32."""
+    m = logits.float().softmax(-1) + eps
+    m = m / (m.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-1, keepdim=True) + eps)
+        m = m / (m.sum(-2, keepdim=True) + eps)
+    return m
+
+
+class HyperConnection(nn.Module):
+    """The mHC wrapper of one sublayer: X (B, T, n, C) -> X' (B, T, n, C)."""
+
+    def __init__(self, config, layer_idx, sublayer):
+        super().__init__()
+        n, C = config.mhc_streams, config.n_embd
+        self.n = n
+        self.phi = nn.Linear(n * C, n * (n + 2), bias=False)
+        self.scale = nn.Parameter(torch.empty(3))
+        self.base = nn.Parameter(torch.empty(n * (n + 2)))
+        self.stream = (2 * layer_idx + sublayer) % n  # the stream H_pre reads at init
+
+    @torch.no_grad()
+    def init_weights(self):
+        n = self.n
+        nn.init.zeros_(self.phi.weight)
+        nn.init.constant_(self.scale, INIT_SCALE)
+        pre = torch.full((n,), -INIT_LOGIT)
+        pre[self.stream] = INIT_LOGIT
+        post = torch.zeros(n)
+        res = INIT_LOGIT * torch.eye(n)
+        self.base.copy_(torch.cat([pre, post, res.flatten()]))
+
+    def opt_tags(self):
+        return {"phi.weight": "adamw_mhc", "scale": "adamw_mhc", "base": "adamw_mhc"}
+
+    def flops_per_token(self):
+        return 6 * self.phi.weight.numel()  # the stream mixing itself is elementwise-sized (n^2 C)
+
+    def coefficients(self, x):
+        """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), all fp32."""
+        n = self.n
+        r = F.rms_norm(x.flatten(-2), (x.size(-2) * x.size(-1),))
+        s = self.scale.float()
+        scale = torch.cat([s[0].expand(n), s[1].expand(n), s[2].expand(n * n)])
+        m = self.phi(r).float() * scale + self.base.float()
+        pre = torch.sigmoid(m[..., :n]) + PRE_EPS
+        post = 2 * torch.sigmoid(m[..., n:2 * n])
+        res = sinkhorn(m[..., 2 * n:].unflatten(-1, (n, n)))
+        return pre, post, res
+
+    def forward(self, x, sublayer):
+        """x (B, T, n, C); sublayer: u (B, T, C) -> f (B, T, C), the norm and F."""
+        pre, post, res = self.coefficients(x)
+        u = (pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
+        f = sublayer(u)
+        mixed = torch.einsum("btij,btic->btjc", res.to(x.dtype), x)
+        return mixed + post.to(x.dtype).unsqueeze(-1) * f.unsqueeze(-2)

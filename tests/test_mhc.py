@@ -1,0 +1,188 @@
+"""mHC (nanochat/mhc.py): Sinkhorn, the init that equals the baseline, causality, decoding,
+gradients, optimizer groups, and a CPU training run."""
+
+import json
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, Block, GPTConfig, build_model, layer_plan
+from nanochat.mhc import sinkhorn
+from tests.test_base_train import base_dir, losses, run_train  # noqa: F401 (base_dir is a fixture)
+
+KW = dict(sequence_len=32, vocab_size=97, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
+MAMBA = dict(mamba_pattern="AM", mamba3_trapezoidal=True, mamba3_d_state=16, mamba3_headdim=16)
+RECIPE = dict(layer_lambdas=True, backout=True, smear=True, value_embeds=True)
+
+
+def doubly_stochastic_error(m):
+    return max((m.sum(-1) - 1).abs().max().item(), (m.sum(-2) - 1).abs().max().item())
+
+
+def products_of_ten(h):
+    prod = h[:200]
+    for k in range(1, 10):
+        prod = prod @ h[200 * k:200 * (k + 1)]
+    return prod
+
+
+def test_sinkhorn_is_doubly_stochastic_and_so_are_its_products():
+    """Columns sum to 1 to rounding (the last step divides by them): every new stream is a
+    convex combination of the old ones. Rows converge more slowly. Measured at 20
+    iterations, worst row-sum error over 2000 random 4x4 matrices: logits N(0, 1) 9e-5;
+    uniform in [-10, 10] 0.07 (79% of matrices beyond 1e-3; 1000 iterations bring all
+    within 1e-3); 6 I + uniform [-1, 1] (near our init) 0.015. Products of 10 keep a
+    spectral norm within 1.003 in every case."""
+    torch.manual_seed(0)
+    wide = sinkhorn(torch.rand(2000, 4, 4) * 20 - 10)
+    assert (wide >= 0).all() and (wide.sum(-2) - 1).abs().max() <= 1e-5 and (wide.sum(-1) - 1).abs().max() <= 0.1
+    prod = products_of_ten(wide)
+    assert (prod.sum(-2) - 1).abs().max() <= 1e-4 and torch.linalg.matrix_norm(prod, ord=2).max() <= 1 + 1e-2
+    h = sinkhorn(torch.randn(2000, 4, 4))
+    assert (h >= 0).all() and doubly_stochastic_error(h) <= 1e-3
+    prod = products_of_ten(h)
+    assert doubly_stochastic_error(prod) <= 1e-3 and torch.linalg.matrix_norm(prod, ord=2).max() <= 1 + 1e-3
+
+
+def test_sinkhorn_of_random_logits_is_not_uniform():
+    """The fork fed Sinkhorn exp(l_i + l_j), a rank-one matrix, which it maps to the uniform
+    matrix whatever l is; a full n x n matrix of logits must not come out uniform."""
+    torch.manual_seed(0)
+    l = torch.randn(100, 4, 4) * 2
+    assert (sinkhorn(l) - 0.25).abs().amax((-2, -1)).min() > 0.05
+    rank_one = l[:, 0, :, None] + l[:, 0, None, :]  # the fork's bug: what this test catches
+    assert (sinkhorn(rank_one) - 0.25).abs().max() < 1e-3
+    m = build_model(GPTConfig(mhc=True, **KW), "cpu")  # and through the model's coefficients
+    hc = m.blocks[1].hc_mixer
+    with torch.no_grad():
+        hc.phi.weight.normal_(0, 256 ** -0.5)  # logits of unit scale
+        hc.scale.fill_(1.0)
+        hc.base.zero_()
+    _, _, res = hc.coefficients(torch.randn(3, 5, 4, 64))
+    assert (res - 0.25).abs().amax((-2, -1)).min() > 0.05 and doubly_stochastic_error(res) <= 1e-3
+
+
+def model(T=32, **kw):
+    torch.manual_seed(0)
+    m = build_model(GPTConfig(**{**KW, "sequence_len": T, "mhc": True, **kw}), "cpu")
+    with torch.no_grad():  # off the init, where every stream is equal
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+CASES = [{}, dict(engram_layers="0,2", engram_dim=32, engram_table=50), dict(MAMBA, **RECIPE),
+         dict(MAMBA, engram_layers="1,3", engram_dim=32, engram_table=50, mhc_streams=3)]
+
+
+@pytest.mark.parametrize("extra", CASES)
+def test_causality_is_bit_exact(extra):
+    m = model(**extra)
+    idx = torch.randint(0, 97, (2, 24))
+    base = m(idx)
+    for t in (1, 5, 17):
+        other = idx.clone()
+        other[:, t:] = torch.randint(0, 97, (2, 24 - t))
+        assert torch.equal(m(other)[:, :t], base[:, :t]), t
+
+
+@pytest.mark.parametrize("extra", CASES)
+def test_prefill_and_decode_equal_the_full_forward(extra):
+    m = model(**extra)
+    idx = torch.randint(0, 97, (3, 22))
+    full = m(idx)
+    cache = m.init_cache(3, 32)
+    a = m(idx[:, :7], cache=cache)
+    b = m(idx[:, 7:16], cache=cache)
+    assert torch.allclose(torch.cat([a, b], 1), full[:, :16], atol=1e-4)
+    for t in range(16, 22):
+        assert torch.allclose(m.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)
+
+
+def test_one_stream_with_identity_coefficients_is_the_plain_block_exactly():
+    cfg = GPTConfig(mhc=True, mhc_streams=1, **KW)
+    torch.manual_seed(0)
+    m = build_model(cfg, "cpu")
+    block = m.blocks[1]
+    plain = Block(GPTConfig(**KW), 1, layer_plan(GPTConfig(**KW))[1])
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.1)
+    plain.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("hc_")})
+    ones = lambda x: (x.new_ones(*x.shape[:-2], 1), x.new_ones(*x.shape[:-2], 1), x.new_ones(*x.shape[:-2], 1, 1))
+    block.hc_mixer.coefficients = block.hc_mlp.coefficients = ones
+    x = torch.randn(2, 9, 64)
+    ctx = m._context(torch.zeros(2, 9, dtype=torch.long), 0)
+    assert torch.equal(block(x.unsqueeze(-2), ctx).squeeze(-2), plain(x, ctx))
+    block.hc_mlp.coefficients = lambda x: (x.new_ones(*x.shape[:-2], 1), 2 * x.new_ones(*x.shape[:-2], 1),
+                                           x.new_ones(*x.shape[:-2], 1, 1))
+    assert not torch.equal(block(x.unsqueeze(-2), ctx).squeeze(-2), plain(x, ctx))  # the coefficients are used
+
+
+@pytest.mark.parametrize("extra", [{}, RECIPE, dict(engram_layers="0,2", engram_dim=32, engram_table=50)])
+def test_init_is_the_baseline_model(extra):
+    """At init every stream equals the baseline's residual and the mean of them is read out;
+    the only differences are rounding (the pre-norm removes u's scale 1 + 2 sigmoid(-6))."""
+    torch.manual_seed(0)
+    m = build_model(GPTConfig(mhc=True, **KW, **extra), "cpu")
+    plain = build_model(GPTConfig(**KW, **extra), "cpu")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0, 0.05)  # the zero-initialised output projections, so the blocks do something
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if ".hc_" not in k})
+    idx = torch.randint(0, 97, (2, 20))
+    assert torch.allclose(m(idx), plain(idx), atol=1e-5)
+    pre, post, res = m.blocks[2].hc_mixer.coefficients(torch.randn(1, 1, 4, 64))
+    assert pre.argmax().item() == 0 and pre.max() > 0.99 and pre.min() < 0.01  # stream (2*2+0) mod 4
+    assert torch.allclose(post, torch.ones(4)) and (res.diagonal(dim1=-2, dim2=-1) > 0.99).all()
+
+
+def test_init_groups_gradients_and_learning():
+    from tests.test_gpt import init_twice_over_garbage
+    cfg = GPTConfig(mhc=True, engram_layers="0", engram_dim=16, engram_table=20, **{**KW, "n_layer": 3}, **MAMBA)
+    built, states = init_twice_over_garbage(cfg)
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]) and torch.isfinite(states[0][k].float()).all(), k
+    torch.manual_seed(0)
+    m = build_model(GPTConfig(mhc=True, **KW, **RECIPE), "cpu").train()
+    opts = m.setup_optimizers()
+    seen = [id(p) for opt in opts for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in m.parameters())  # each parameter in exactly one group
+    (mhc_group,) = [g for g in opts[0].param_groups if g["tag"] == "adamw_mhc"]
+    assert len(mhc_group["params"]) == 3 * 2 * 4 and mhc_group["lr"] == 0.005
+    assert m.estimate_flops() - build_model(GPTConfig(**KW, **RECIPE), "cpu").estimate_flops() == 6 * 24 * 256 * 8
+    idx = torch.randint(0, 97, (4, 17))
+    first = None
+    for _ in range(25):  # from the init: the streams must come apart and every mHC parameter learn
+        loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        first = first or loss.item()
+        for opt in opts:
+            opt.step()
+        m.zero_grad(set_to_none=True)
+    assert loss.item() < 0.5 * first
+    m(idx[:, :-1], idx[:, 1:]).backward()
+    for name, p in m.named_parameters():
+        if ".hc_" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+            if name.endswith("base"):  # the pre, post and res parts each
+                assert all(p.grad[s].abs().sum() > 0 for s in (slice(0, 4), slice(4, 8), slice(8, 24))), name
+
+
+def test_streams_must_be_positive():
+    with pytest.raises(ValueError, match="mhc_streams"):
+        layer_plan(GPTConfig(mhc=True, mhc_streams=0))
+
+
+def test_base_train_with_mhc_trains_and_its_checkpoint_rebuilds(base_dir, corpus_dir):  # noqa: F811
+    out = run_train(base_dir, corpus_dir, "--mhc", "--mhc_streams=3", "--model_tag=mhc")
+    ls = losses(out)
+    assert list(ls) == [f"{i:05d}" for i in range(1, 7)] and float(ls["00006"]) < float(ls["00001"])
+    ckpt = base_dir / "base_checkpoints" / "mhc"
+    cfg = json.loads((ckpt / "meta_000006.json").read_text())["model_config"]
+    assert cfg["mhc"] and cfg["mhc_streams"] == 3
+    from nanochat.checkpoint_manager import build_from_checkpoint
+    model, _ = build_from_checkpoint(str(ckpt), 6, torch.device("cpu"), "eval")
+    assert isinstance(model, GPT) and model.blocks[0].hc_mixer.n == 3
+    assert model.blocks[1].hc_mlp.scale.ne(0.01).any()  # the trained values, not a fresh init
