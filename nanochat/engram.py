@@ -24,7 +24,9 @@ ids x and the residual stream h_t (n_embd = C):
 Our choices, where the demo differs or says nothing: no tokenizer compression (the demo
 first maps token ids to a normalized, lowercased vocabulary; for C++ that would merge
 identifiers that differ by case, so ids are used as they are); no biases on W_K and W_V
-(nanochat has none anywhere); one residual stream (the demo runs it per mHC stream); the
+(nanochat has none anywhere); under mHC, Block runs it on every stream with all weights shared
+(the demo has a key projection, norms and conv weights per stream), so each stream gets its own
+gate and conv input; the
 tables start at N(0, 1) like wte and train with the embedding's AdamW group; PAD is the
 id vocab_size (no real token has it). Sizes default to the notes' advice for d12-d20
 models: M = vocab size rows per head, K = 4, d = 256 per n-gram order.
