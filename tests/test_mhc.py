@@ -99,6 +99,20 @@ def test_prefill_and_decode_equal_the_full_forward(extra):
         assert torch.allclose(m.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)
 
 
+def test_a_repeated_cache_decodes_each_row_like_its_full_forward():
+    """The engine prefills one row and repeats the cache for its samples; Engram's cache
+    holds a row per (sample, stream), so the repeat must keep each sample's streams together."""
+    m = model(**CASES[3])
+    prompt, tails = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (3, 4))
+    cache = m.init_cache(1, 32)
+    m(prompt, cache=cache)
+    cache.repeat(3)
+    full = m(torch.cat([prompt.expand(3, -1), tails], 1))
+    for t in range(4):
+        out = m.decode_step(tails[:, t:t + 1], cache, torch.tensor(9 + t))
+        assert torch.allclose(out, full[:, 9 + t], atol=1e-4), t
+
+
 def test_one_stream_with_identity_coefficients_is_the_plain_block_exactly():
     cfg = GPTConfig(mhc=True, mhc_streams=1, **KW)
     torch.manual_seed(0)
