@@ -21,6 +21,8 @@ Choices, one line each:
   GPT.init_weights and setup_optimizers follow those, never tensor shapes;
 - built on the meta device and materialized with to_empty + init_weights, so large
   models never allocate twice;
+- optional mHC (nanochat/mhc.py): n residual streams, each mixer and MLP wrapped in a
+  manifold-constrained hyper-connection, initialised to equal this pre-norm residual;
 - inference state lives in a cache object made by init_cache(); each mixer makes its own
   part, so the engine never assumes attention.
 
@@ -240,9 +242,10 @@ class Block(nn.Module):
         return self.hc_mlp(x, lambda u: self.mlp(norm(u)))
 
     def _engram_streams(self, x, idx, cache):
-        """Engram on every mHC stream, as its demo runs it: one lookup and value projection
-        shared by the streams, a gate per stream (each stream is its own query) and the
-        conv per stream. The streams ride in the batch dimension (cache rows b * n + s)."""
+        """Engram on every mHC stream, as its demo runs it: the same lookup and value for
+        every stream (all weights shared; recomputed per stream, for simplicity), a gate
+        per stream (each stream is its own query) and the conv per stream. The streams
+        ride in the batch dimension (cache rows b * n + s)."""
         B, T, n, C = x.shape
         h = x.transpose(1, 2).reshape(B * n, T, C)
         o = self.engram(h, idx.repeat_interleave(n, dim=0), cache)
