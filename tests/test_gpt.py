@@ -199,7 +199,7 @@ def test_weight_decay_flags_reach_both_optimizers():
 
 
 @pytest.mark.parametrize("field,value,flag", [("engram_layers", "0,3", "--engram"),
-                                              ("mhc", True, "--mhc"), ("mtp", True, "--mtp"),
+                                              ("mhc", True, "--mhc"),
                                               ("dsa_start_layer", 1, "--dsa")])
 def test_unbuilt_extension_stops_with_its_flag(field, value, flag):
     cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, **{field: value})
