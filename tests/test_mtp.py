@@ -6,13 +6,12 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.gpt import GPTConfig, build_model
 from test_base_train import base_dir, run_train  # noqa: F401 (a fixture)
 from test_gpt import init_twice_over_garbage
 
@@ -228,3 +227,27 @@ def test_base_train_with_mtp_logs_its_loss_and_the_checkpoint_rebuilds(base_dir,
     for k, v in model.state_dict().items():
         if k.startswith("mtp."):
             assert torch.equal(v, state[k].to(v.dtype)), k  # the trained module, not a fresh one
+
+
+def test_mid_train_and_chat_sft_train_the_module_from_the_checkpoint(tmp_path, tokenizer, corpus_dir):
+    """The later stages rebuild the model from the checkpoint's config (mtp=True) and keep
+    training the module: its weights move in each stage, on SFT's masked, padded targets too."""
+    from tasks.fixtures import write_task_fixtures
+    from test_chat_chain import run
+    shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
+    data = write_task_fixtures(str(tmp_path / "task_data"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_TASK_DATA=data, OMP_NUM_THREADS="1",
+               NANOCHAT_WORDS_FILE=os.path.join(data, "words.txt"), HF_HUB_OFFLINE="1")
+    run(env, "scripts.base_train", "--depth=2", "--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=256",
+        "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1",
+        f"--data_dir={corpus_dir}", "--mtp")
+    run(env, "scripts.mid_train", "--device_batch_size=2", "--total_batch_size=512", "--num_iterations=2",
+        "--eval_every=-1", "--eval_tokens=512", "--simple_spelling=20", "--spelling_bee=20")
+    run(env, "scripts.chat_sft", "--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=2",
+        "--eval_every=-1", "--eval_steps=1", "--eval_metrics_every=-1", "--smoltalk_examples=8",
+        "--simple_spelling=4", "--spelling_bee=4")
+    states = [torch.load(tmp_path / d / "d2" / f"model_00000{s}.pt", map_location="cpu")
+              for d, s in (("base_checkpoints", 2), ("mid_checkpoints", 2), ("chatsft_checkpoints", 2))]
+    for before, after in zip(states, states[1:]):
+        assert not torch.equal(before["mtp.proj.0.weight"], after["mtp.proj.0.weight"])
+        assert not torch.equal(before["mtp.blocks.0.mlp.c_fc.weight"], after["mtp.blocks.0.mlp.c_fc.weight"])
