@@ -241,11 +241,14 @@ def test_mid_train_and_chat_sft_train_the_module_from_the_checkpoint(tmp_path, t
     run(env, "scripts.base_train", "--depth=2", "--max_seq_len=128", "--device_batch_size=2", "--total_batch_size=256",
         "--num_iterations=2", "--eval_every=-1", "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1",
         f"--data_dir={corpus_dir}", "--mtp")
-    run(env, "scripts.mid_train", "--device_batch_size=2", "--total_batch_size=512", "--num_iterations=2",
-        "--eval_every=-1", "--eval_tokens=512", "--simple_spelling=20", "--spelling_bee=20")
-    run(env, "scripts.chat_sft", "--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=2",
-        "--eval_every=-1", "--eval_steps=1", "--eval_metrics_every=-1", "--smoltalk_examples=8",
-        "--simple_spelling=4", "--spelling_bee=4")
+    mid = run(env, "scripts.mid_train", "--device_batch_size=2", "--total_batch_size=512", "--num_iterations=2",
+              "--eval_every=-1", "--eval_tokens=512", "--simple_spelling=20", "--spelling_bee=20").stdout
+    sft = run(env, "scripts.chat_sft", "--device_batch_size=2", "--target_examples_per_step=4", "--num_iterations=2",
+              "--eval_every=-1", "--eval_steps=1", "--eval_metrics_every=-1", "--smoltalk_examples=8",
+              "--simple_spelling=4", "--spelling_bee=4").stdout
+    for out in (mid, sft):
+        mtp = [float(v) for v in re.findall(r"step \d+/00002 \| loss: [\d.]+ \| mtp_loss: ([\d.]+)", out)]
+        assert len(mtp) == 2 and all(0 < v < 20 for v in mtp), out
     states = [torch.load(tmp_path / d / "d2" / f"model_00000{s}.pt", map_location="cpu")
               for d, s in (("base_checkpoints", 2), ("mid_checkpoints", 2), ("chatsft_checkpoints", 2))]
     for before, after in zip(states, states[1:]):
