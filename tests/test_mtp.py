@@ -215,9 +215,17 @@ def test_sft_style_sum_loss_with_padding_trains_the_module():
 
 
 def test_base_train_with_mtp_logs_its_loss_and_the_checkpoint_rebuilds(base_dir, corpus_dir):  # noqa: F811
-    out = run_train(base_dir, corpus_dir, "--mtp", "--mtp_lambda=0.3", "--mtp_depth=2", "--model_tag=mtp")
-    mtp = [float(v) for v in re.findall(r"mtp_loss: ([\d.]+)", out)]
-    assert len(mtp) == 6 and mtp[-1] < mtp[0], out
+    flags = ("--mtp", "--mtp_lambda=0.3", "--mtp_depth=2")
+    out = run_train(base_dir, corpus_dir, *flags, "--save_every=3", "--model_tag=mtp")
+    mtp = re.findall(r"mtp_loss: ([\d.]+)", out)
+    assert len(mtp) == 6 and float(mtp[-1]) < float(mtp[0]), out
+    # a run resumed at step 3 continues exactly, the modules' loss included
+    ckpt = base_dir / "base_checkpoints" / "mtp"
+    shutil.copytree(ckpt, base_dir / "base_checkpoints" / "mtp_resumed")
+    for f in ("meta_000006.json", "model_000006.pt", "state_000006_rank0.pt"):
+        os.remove(base_dir / "base_checkpoints" / "mtp_resumed" / f)
+    resumed = run_train(base_dir, corpus_dir, *flags, "--resume_from_step=3", "--model_tag=mtp_resumed")
+    assert re.findall(r"mtp_loss: ([\d.]+)", resumed) == mtp[3:], resumed
     meta = json.loads((base_dir / "base_checkpoints" / "mtp" / "meta_000006.json").read_text())
     assert meta["model_config"]["mtp"] and meta["model_config"]["mtp_depth"] == 2
     from nanochat.checkpoint_manager import build_from_checkpoint
