@@ -250,9 +250,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i, spec) for i, spec in enumerate(self.plan))
         self.lm_head = nn.Linear(C, V, bias=False)
         if config.mtp:  # training-only extra predictions; a submodule, so checkpoints keep it
-            from nanochat.mtp import MTP
-            if config.mtp_depth < 1:
-                raise ValueError(f"mtp_depth={config.mtp_depth}: must be a positive number of MTP modules")
+            from nanochat.mtp import MTP  # mtp.py imports Block from here
             self.mtp = MTP(config)
         # the optional residual-stream parameters of the quality recipe exist only when on,
         # so older checkpoints' state dicts load unchanged

@@ -40,6 +40,8 @@ class MTP(nn.Module):
         super().__init__()
         from nanochat.gpt import Block, LayerSpec  # gpt imports this module
         C, D = config.n_embd, config.mtp_depth
+        if D < 1:
+            raise ValueError(f"mtp_depth={D}: must be a positive number of MTP modules")
         self.proj = nn.ModuleList(nn.Linear(2 * C, C, bias=False) for _ in range(D))  # M_k
         spec = LayerSpec("attn", config.sequence_len)
         self.blocks = nn.ModuleList(Block(config, config.n_layer + k, spec) for k in range(D))  # TRM_k
