@@ -22,7 +22,9 @@ Choices, one line each:
 - built on the meta device and materialized with to_empty + init_weights, so large
   models never allocate twice;
 - inference state lives in a cache object made by init_cache(); each mixer makes its own
-  part, so the engine never assumes attention.
+  part, so the engine never assumes attention;
+- optional DeepSeek-V3 multi-token prediction (config.mtp, nanochat/mtp.py): extra
+  modules that only add to the training loss; inference never runs them.
 
 Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
 layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
