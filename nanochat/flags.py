@@ -52,8 +52,10 @@ def add_model_args(parser):
     a("--engram_table", type=int, default=0, help="Engram rows per hash head (0 = vocab size)")
     a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
     a("--mhc_streams", type=int, default=4, help="mHC residual streams (with --mhc)")
-    a("--mtp", action="store_true", help="multi-token prediction head")
+    a("--mtp", action="store_true", help="DeepSeek-V3 multi-token prediction modules (training loss only)")
     a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
+    a("--mtp_depth", type=int, default=1, help="sequential MTP modules D; module k predicts k+1 tokens ahead "
+      "(with --mtp)")
     a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
     a("--dsa_start_layer", type=int, default=7, help="first layer with DSA (with --dsa)")
     # the quality recipe's model half (issue 25, from the reference nanochat 2026; docs/model.md has
@@ -88,8 +90,8 @@ def config_from_args(args, vocab_size):
     for asked, flag in UNBUILT_RUNTIME:
         if asked(args):
             raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
-    require_positive(args, ("mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk"))
-    require_positive(args, ("engram_order", "engram_heads", "engram_dim", "mhc_streams"))
+    require_positive(args, ("mtp_depth", "mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand",
+                            "mamba3_chunk", "engram_order", "engram_heads", "engram_dim", "mhc_streams"))
     if args.engram_table < 0:
         raise SystemExit(f"--engram_table={args.engram_table}: must be 0 (= vocab size) or a positive number of rows")
     if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
@@ -104,8 +106,8 @@ def config_from_args(args, vocab_size):
                mamba3_outproj_norm=bool(args.mamba3_outproj_norm),
                engram_layers=args.engram_layers if args.engram else "", engram_order=args.engram_order,
                engram_heads=args.engram_heads, engram_dim=args.engram_dim, engram_table=args.engram_table, mhc=args.mhc,
-               mhc_streams=args.mhc_streams,
-               mtp=args.mtp, mtp_lambda=args.mtp_lambda, dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
+               mhc_streams=args.mhc_streams, mtp=args.mtp, mtp_lambda=args.mtp_lambda, mtp_depth=args.mtp_depth,
+               dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
                value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
                layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,
                pad_vocab_to=args.pad_vocab_to, short_window_div=args.short_window_div,

@@ -24,7 +24,9 @@ Choices, one line each:
 - optional mHC (nanochat/mhc.py): n residual streams, each mixer and MLP wrapped in a
   manifold-constrained hyper-connection, initialised to equal this pre-norm residual;
 - inference state lives in a cache object made by init_cache(); each mixer makes its own
-  part, so the engine never assumes attention.
+  part, so the engine never assumes attention;
+- optional DeepSeek-V3 multi-token prediction (config.mtp, nanochat/mtp.py): extra
+  modules that only add to the training loss; inference never runs them.
 
 Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
 layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
@@ -76,8 +78,9 @@ class GPTConfig:
     engram_table: int = 0        # rows per hash head (0 = vocab_size)
     mhc: bool = False            # manifold-constrained hyper-connections on the residual stream
     mhc_streams: int = 4         # n residual streams under mHC (nanochat/mhc.py)
-    mtp: bool = False            # a multi-token-prediction head beside lm_head
+    mtp: bool = False            # DeepSeek-V3 multi-token prediction modules (nanochat/mtp.py)
     mtp_lambda: float = 0.3      # weight of the MTP loss
+    mtp_depth: int = 1           # D: sequential MTP modules, module k predicts the token k+1 ahead
     dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off)
     # quality recipe (issue 25; the reference nanochat's 2026 model); defaults = the old model,
     # the values of the new recipe are in dev/quality_ablation.sh and docs/model.md
@@ -112,8 +115,9 @@ class GPTConfig:
 # that is not in the oldest checkpoints must be here (tests/test_gpt.py checks).
 LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_complex_rope=False,
               mamba3_trapezoidal=False, mamba3_mimo_rank=1, mamba3_d_state=128, mamba3_headdim=64, mamba3_expand=2,
-              mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", engram_order=3,
-              engram_heads=4, engram_dim=256, engram_table=0, mhc=False, mhc_streams=4, mtp=False, mtp_lambda=0.3, dsa_start_layer=-1,
+              mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", engram_order=3, engram_heads=4,
+              engram_dim=256, engram_table=0, mhc=False, mhc_streams=4, mtp=False, mtp_lambda=0.3, mtp_depth=1,
+              dsa_start_layer=-1,
               value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
               pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
 
@@ -132,7 +136,6 @@ def has_value_embed(config, i):
 # Extensions whose modules have not landed yet: their settings stop the model from being
 # built, with one line naming the flag, rather than being silently ignored.
 UNBUILT = {
-    "--mtp (multi-token prediction)": lambda c: c.mtp,
     "--dsa (DeepSeek sparse attention)": lambda c: c.dsa_start_layer >= 0,
 }
 
@@ -299,6 +302,9 @@ class GPT(nn.Module):
                                    config.engram_table or config.vocab_size, config.vocab_size) if engram else {}
         self.blocks = nn.ModuleList(Block(config, i, spec, hashes.get(i)) for i, spec in enumerate(self.plan))
         self.lm_head = nn.Linear(C, V, bias=False)
+        if config.mtp:  # training-only extra predictions; a submodule, so checkpoints keep it
+            from nanochat.mtp import MTP  # mtp.py imports Block from here
+            self.mtp = MTP(config)
         # the optional residual-stream parameters of the quality recipe exist only when on,
         # so older checkpoints' state dicts load unchanged
         if config.smear:
@@ -381,11 +387,13 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per weight outside the embedding lookups (2 forward,
         4 backward) for lm_head, the MLPs and the smear gate, plus each mixer's own count
         (attention: its weights and its scores, see CausalSelfAttention.flops_per_token),
-        Engram's (once per mHC stream under mHC) and mHC's projections Phi.
+        Engram's (once per mHC stream under mHC), mHC's projections Phi, and with MTP its
+        projections, blocks and extra lm_head passes (MTP.flops_per_token).
         The per-layer scalars are elementwise, not matmuls: not counted."""
         T = self.config.sequence_len
         smear = 6 * self.smear_gate.weight.numel() if self.config.smear else 0
-        return 6 * self.lm_head.weight.numel() + smear + sum(
+        mtp = self.mtp.flops_per_token(T, self.lm_head.weight.numel()) if self.config.mtp else 0
+        return 6 * self.lm_head.weight.numel() + smear + mtp + sum(
             b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters())
             + (b.engram.flops_per_token() * (self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
             + (b.hc_mixer.flops_per_token() + b.hc_mlp.flops_per_token() if b.hc_mixer else 0) for b in self.blocks)
@@ -456,9 +464,14 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # crop the padded rows
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", return_parts=False):
         """idx (B, T) token ids. With targets: the loss (ignore_index -1). Without: logits
-        (B, T, vocab) in fp32. With a cache: positions continue from cache.pos."""
+        (B, T, vocab) in fp32. With a cache: positions continue from cache.pos.
+        With MTP (config.mtp) and a "mean" or "sum" reduction the loss is
+        main + mtp_lambda * L_MTP (nanochat/mtp.py; "sum": the main sum plus the MTP
+        modules' summed losses); "none" gives the main per-token losses only (evaluation).
+        return_parts=True: (loss, main loss, MTP loss), the last two detached, for logging
+        (the MTP loss is 0 without MTP)."""
         B, T = idx.shape
         pos0 = cache.pos if cache is not None else 0
         ctx = self._context(idx, pos0)
@@ -468,8 +481,15 @@ class GPT(nn.Module):
         logits = self._logits(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
+        main, mtp = loss, torch.zeros((), device=loss.device)
+        if self.config.mtp and loss_reduction != "none":
+            if cache is not None:
+                raise ValueError("the MTP loss needs whole sequences from position 0, not a cache")
+            mtp = self.mtp(x, idx, targets, self.wte, self._logits, ctx.cos, ctx.sin, loss_reduction)
+            loss = main + self.config.mtp_lambda * mtp
+        return (loss, main.detach(), mtp.detach()) if return_parts else loss
 
     def decode_step(self, idx, cache, pos_t):
         """Logits (B, vocab) for one new token per row at position pos_t (a 0-dim device

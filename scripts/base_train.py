@@ -349,10 +349,12 @@ while True:
     synchronize(device_type)
     t0 = time.time()
     train_loss = torch.zeros((), device=device)
+    mtp_loss = torch.zeros((), device=device)  # the MTP modules' loss L_MTP, logged on its own
     for micro in range(grad_accum_steps):
         with autocast:
-            loss = model(x, y)
-        train_loss += loss.detach() / grad_accum_steps
+            loss, main_loss, micro_mtp = model(x, y, return_parts=True)
+        train_loss += main_loss / grad_accum_steps  # the main loss, comparable to runs without MTP
+        mtp_loss += micro_mtp / grad_accum_steps
         (loss / grad_accum_steps).backward()
         loader_state = train_loader.state_dict()
         x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
@@ -375,7 +377,9 @@ while True:
     orig_model.zero_grad(set_to_none=True)
     if ddp:  # the step's loss: the mean over all micro-batches of all ranks
         torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
-    train_loss = train_loss.item()  # syncs with the device
+        if config.mtp:
+            torch.distributed.all_reduce(mtp_loss, op=torch.distributed.ReduceOp.AVG)
+    train_loss, mtp_loss = train_loss.item(), mtp_loss.item()  # syncs with the device
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
@@ -391,12 +395,13 @@ while True:
         timed_time += dt
     eta = (num_iterations - step) * timed_time / (steps_run - 10) if steps_run > 10 else float("nan")
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
-           f"(step: {train_loss:.6f}) | "
+           f"(step: {train_loss:.6f}) | " + (f"mtp_loss: {mtp_loss:.6f} | " if config.mtp else "") +
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "
            f"eta: {eta / 60:.1f}m" + (f" | grad norm: {grad_norm:.3f}" if grad_norm is not None else ""))
     loss_curve.append((step, debiased))
     wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
-                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+                   "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
+                   **({"train/mtp_loss": mtp_loss} if config.mtp else {})})
 
 print0(f"peak memory: {max_memory_allocated_mib(device_type):.0f} MiB; training time: {train_time / 60:.2f}m; "
        f"min val bpb: {min_val_bpb:.4f}; data cropped by packing: {train_loader.crop_fraction:.2%}")

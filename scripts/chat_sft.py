@@ -158,7 +158,8 @@ while True:
     for micro in range(grad_accum):
         x, y = next(train_loader)
         with autocast:  # mean over the batch's trained tokens; 0, not NaN, if it has none (all cut off)
-            loss = model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
+            n = (y >= 0).sum().clamp(min=1)
+            loss, main_loss, mtp_loss = (l / n for l in model(x, y, loss_reduction="sum", return_parts=True))
         (loss / grad_accum).backward()
         num_tokens += (y >= 0).sum()
     lrm = lr_multiplier(step)
@@ -168,12 +169,13 @@ while True:
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
-    train_loss = loss.item()
+    train_loss = main_loss.item()  # the main loss; with MTP the modules' own is logged beside it
     if ddp:
         torch.distributed.all_reduce(num_tokens)
     synchronize(device_type)
     step += 1
-    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.6f} | lrm: {lrm:.4f} | "
+    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.6f} | "
+           + (f"mtp_loss: {mtp_loss.item():.6f} | " if model.config.mtp else "") + f"lrm: {lrm:.4f} | "
            f"trained tokens: {num_tokens.item():,} | dt: {1000 * (time.time() - t0):.0f}ms")
     loss_curve.append((step, train_loss))
     wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm, "train/num_tokens": num_tokens.item()})

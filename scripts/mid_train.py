@@ -162,7 +162,7 @@ while True:
     for micro in range(grad_accum):
         x, y = batch
         with autocast:
-            loss = model(x, y)
+            loss, main_loss, mtp_loss = model(x, y, return_parts=True)  # main, MTP: detached, for the log
         (loss / grad_accum).backward()
         loader_state = train_loader.state_dict()
         batch = next(train_loader, None)
@@ -175,12 +175,13 @@ while True:
     for opt in optimizers:
         opt.step()
     orig_model.zero_grad(set_to_none=True)
-    train_loss = loss.item()
+    train_loss = main_loss.item()
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
-    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.4f} | lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms "
-           f"| tok/sec: {args.total_batch_size / dt:,.0f}")
+    print0(f"step {step:05d}/{num_iterations:05d} | loss: {train_loss:.4f} | "
+           + (f"mtp_loss: {mtp_loss.item():.4f} | " if orig_model.config.mtp else "") +
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.0f}ms | tok/sec: {args.total_batch_size / dt:,.0f}")
     loss_curve.append((step, train_loss))
     wandb_run.log({"step": step, "train/loss": train_loss, "train/lrm": lrm})
 

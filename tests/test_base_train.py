@@ -215,7 +215,7 @@ SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
 UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
            "--gradient_checkpointing": "--gradient_checkpointing",
-           "--mtp": "--mtp", "--dsa": "--dsa"}
+           "--dsa": "--dsa"}
 
 
 def seed_command(corpus_dir, flags):
@@ -265,16 +265,18 @@ def test_fim_training_learns_and_resumes_exactly(base_dir, corpus_dir):
 
 
 def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
-    """Everything of the seed's command that is built, Mamba-3 and mHC included (depth 4: AAM gives
-    layer 2 to Mamba-3): it trains, and the checkpoint alone rebuilds the hybrid and samples."""
+    """Everything of the seed's command that is built, Mamba-3, Engram, mHC and MTP included
+    (depth 4: AAM gives layer 2 to Mamba-3): it trains, and the checkpoint alone rebuilds the
+    hybrid and samples."""
     built = [f for f in SEED_FLAGS if f not in UNBUILT
              and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
     out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--engram_layers=0,3", "--model_tag=seed")
-    assert "step 00006/00006" in out
+    assert "step 00006/00006" in out and "mtp_loss: " in out
     meta = json.loads((base_dir / "base_checkpoints" / "seed" / "meta_000006.json").read_text())
     cfg = meta["model_config"]
     assert cfg["mamba_pattern"] == "AAM" and cfg["mamba3_trapezoidal"] and cfg["mamba3_complex_rope"]
-    assert cfg["engram_layers"] == "0,3" and cfg["dsa_start_layer"] == -1 and cfg["mhc"] and not cfg["mtp"]
+    assert cfg["engram_layers"] == "0,3" and cfg["dsa_start_layer"] == -1 and cfg["mhc"]
+    assert cfg["mtp"] and cfg["mtp_lambda"] == 0.3 and cfg["mtp_depth"] == 1
     assert meta["user_config"]["kernel"] == "current" and meta["user_config"]["no_compile"]
     from nanochat.checkpoint_manager import build_from_checkpoint
     from nanochat.engine import Engine
@@ -295,7 +297,8 @@ def test_checkpoint_from_before_the_extension_fields_loads(base_dir, corpus_dir)
     from nanochat.checkpoint_manager import build_from_checkpoint
     extension_fields = ("mamba_pattern", "mamba3_qknorm", "mamba3_bias", "mamba3_complex_rope", "mamba3_trapezoidal",
                         "mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand", "mamba3_chunk",
-                        "mamba3_outproj_norm", "engram_layers", "engram_order", "engram_heads", "engram_dim", "engram_table", "mhc", "mhc_streams", "mtp", "mtp_lambda", "dsa_start_layer")
+                        "mamba3_outproj_norm", "engram_layers", "engram_order", "engram_heads", "engram_dim",
+                        "engram_table", "mhc", "mhc_streams", "mtp", "mtp_lambda", "mtp_depth", "dsa_start_layer")
     old = {k: v for k, v in meta["model_config"].items() if k not in extension_fields}
     path.write_text(json.dumps(dict(meta, model_config=old)))
     model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "old"), 6, torch.device("cpu"), "eval")

@@ -123,3 +123,31 @@ def test_fp8_compiled_training_step_close_to_bf16(recipe):
         # the CPU (tests/test_fp8.py); what FP8 costs over a run is measured in docs/benchmarks.md
         rel = ((g_f8[n] - g_ref[n]).norm() / g_ref[n].norm()).item()
         assert (1e-3 < rel or recipe) and rel < 0.3, (n, rel)  # recipe: some scalars barely feel FP8
+
+
+@pytest.mark.parametrize("kernel", ["current", "flex"])
+def test_gpu_mtp_loss_matches_cpu(kernel):
+    """MTP (depth 2) compiled under bf16 autocast, as base_train runs it: the total, main and
+    MTP losses agree with the fp32 CPU path, and the backward reaches the modules."""
+    cfg = GPTConfig(sequence_len=256, vocab_size=500, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                    window_pattern="SSSL", mtp=True, mtp_depth=2, **RECIPE)
+    torch.manual_seed(0)
+    cpu = build_model(cfg, "cpu")
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    gpu = build_model(cfg, "cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.kernel = kernel
+    idx = torch.randint(0, 500, (2, 256))
+    y = idx.roll(-1, 1)
+    y[:, -1] = -1
+    y[:, :20] = -1
+    ref = cpu(idx, y, return_parts=True)
+    with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        out = torch.compile(gpu, dynamic=False)(idx.cuda(), y.cuda(), return_parts=True)
+    for r, o in zip(ref, out):
+        assert abs(o.float().item() - r.item()) < 2e-2 * r.item(), (ref, out)
+    out[0].backward()
+    g = gpu.mtp.proj[1].weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
