@@ -19,11 +19,12 @@ HYBRID = dict(mamba_pattern="AAM", mamba3_qknorm=True, mamba3_bias=True, mamba3_
               mamba3_trapezoidal=True, mamba3_mimo_rank=2)
 
 
-def model_pair(pattern, T=256, recipe=False):
-    """recipe: False, True (the quality recipe) or "hybrid" (the recipe with Mamba-3)."""
+def model_pair(pattern, T=256, recipe=False, **kw):
+    """recipe: False, True (the quality recipe) or "hybrid" (the recipe with Mamba-3); kw: more
+    GPTConfig fields."""
     extra = {} if not recipe else RECIPE if recipe is True else {**RECIPE, **HYBRID}
     cfg = GPTConfig(sequence_len=T, vocab_size=500 if recipe else 512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                    window_pattern=pattern, **extra)
+                    window_pattern=pattern, **extra, **kw)
     torch.manual_seed(0)
     cpu = build_model(cfg, "cpu")
     with torch.no_grad():
@@ -129,15 +130,7 @@ def test_fp8_compiled_training_step_close_to_bf16(recipe):
 def test_gpu_mtp_loss_matches_cpu(kernel):
     """MTP (depth 2) compiled under bf16 autocast, as base_train runs it: the total, main and
     MTP losses agree with the fp32 CPU path, and the backward reaches the modules."""
-    cfg = GPTConfig(sequence_len=256, vocab_size=500, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
-                    window_pattern="SSSL", mtp=True, mtp_depth=2, **RECIPE)
-    torch.manual_seed(0)
-    cpu = build_model(cfg, "cpu")
-    with torch.no_grad():
-        for p in cpu.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    gpu = build_model(cfg, "cuda")
-    gpu.load_state_dict(cpu.state_dict())
+    cpu, gpu = model_pair("SSSL", recipe=True, mtp=True, mtp_depth=2)
     gpu.kernel = kernel
     idx = torch.randint(0, 500, (2, 256))
     y = idx.roll(-1, 1)
