@@ -145,6 +145,17 @@ def test_tiny_batch_overfits(recipe):
     assert first > 3.5 and loss.item() < 0.1, (first, loss.item())
 
 
+def assert_causal_bit_exact(fn, vocab, T=24, cuts=(1, 5, 17)):
+    """fn(idx) -> (B, T', ...) outputs per position: changing the tokens from t on leaves
+    the outputs before t bit-identical (fp32), for each cut t."""
+    idx = torch.randint(0, vocab, (2, T))
+    base = fn(idx)
+    for t in cuts:
+        other = idx.clone()
+        other[:, t:] = torch.randint(0, vocab, (2, T - t))
+        assert torch.equal(fn(other)[:, :t], base[:, :t]), t
+
+
 def init_twice_over_garbage(cfg):
     """Build twice on meta, fill the materialized memory with different garbage, init with
     the same seed; returns the last model and both state dicts."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPTConfig, build_model
 from test_base_train import base_dir, run_train  # noqa: F401 (a fixture)
-from test_gpt import init_twice_over_garbage
+from test_gpt import assert_causal_bit_exact, init_twice_over_garbage
 
 V = 8
 
@@ -120,6 +120,23 @@ def test_main_logits_losses_and_decoding_unaffected_by_the_module():
             m(idx[:, :10], cache=cache)
             decoded.append(torch.stack([m.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(10, 30)]))
     assert torch.equal(decoded[0], decoded[1])
+
+
+def test_mtp_modules_are_causal():
+    """Module k's hidden state at position i sees tokens up to i + k only (its input token
+    t_{i+k}): changing the tokens from t on leaves positions before t - k bit-identical."""
+    model = perturbed(config(mtp=True, mtp_depth=2)).eval()
+    seen = {}
+    for k, block in enumerate(model.mtp.blocks, start=1):
+        block.register_forward_hook(lambda mod, inp, out, k=k: seen.__setitem__(k, out))
+
+    def module_states(k):
+        def fn(idx):
+            model(idx[:, :-1], idx[:, 1:])
+            return F.pad(seen[k], (0, 0, k, 0))  # shift by k: position i + k holds module k's state at i
+        return fn
+    for k in (1, 2):
+        assert_causal_bit_exact(module_states(k), V, T=30, cuts=(3, 9, 20))
 
 
 def test_masked_targets_never_reach_wte_and_count_zero():
