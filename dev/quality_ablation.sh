@@ -11,10 +11,11 @@
 # (logs, default /tmp), NPROC (GPUs, default 1), EXTRA (flags appended to every run),
 # DEPTH, SEQ, DBS (device batch), TBS (total batch), EVAL_TOKENS, PYTHON (default python).
 #
-# Sets: "default" = today's defaults (the recipe's model half); "legacy" = the January 2026
-# model and optimizer; "new" = every flag of the new recipe; "new-minus-X"
-# = new with X back at its old value; "only-X" = default plus X; "new-model" / "new-opt" =
-# only the model / only the optimizer half of the recipe.
+# Sets: "default" = today's defaults (no flags); "legacy" = the January 2026 model and
+# optimizer; "new" = every change of the recipe; "new-model" / "new-opt" = only the model /
+# only the optimizer half (the other half at its January value); "new-minus-X" = new with X
+# back at its January value; "only-X" = legacy plus X alone. Every set but "default" spells
+# out every flag, so its meaning does not move when the defaults do.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -47,22 +48,22 @@ OPT_PARTS="lrs adam wd mom sched ratio normuon muoneq muonplus"
 
 new_of() { echo "${RECIPE[$1]%%|*}"; }
 old_of() { echo "${RECIPE[$1]#*|}"; }
-flags_of() {  # the flags of a named set
-  local name=$1 parts="" p
+flags_of() {  # the flags of a named set: each part at its new or its January value
+  local name=$1 q p="" keep
   case "$name" in
-    default) ;;
-    legacy) for q in $MODEL_PARTS $OPT_PARTS; do old_of "$q"; done | tr '\n' ' '; return ;;  # January 2026
-    new) parts="$MODEL_PARTS $OPT_PARTS" ;;
-    new-model) parts="$MODEL_PARTS" ;;
-    new-opt) parts="$OPT_PARTS" ;;
-    new-minus-*) p=${name#new-minus-}; [[ -n "${RECIPE[$p]:-}" ]] || { echo "unknown part: $p" >&2; return 1; }
-                 for q in $MODEL_PARTS $OPT_PARTS; do [[ $q == "$p" ]] || parts="$parts $q"; done
-                 echo "$(for q in $parts; do new_of "$q"; done | tr '\n' ' ')$(old_of "$p")"; return ;;
-    only-*) p=${name#only-}; [[ -n "${RECIPE[$p]:-}" ]] || { echo "unknown part: $p" >&2; return 1; }
-            parts="$p" ;;
+    default) return ;;
+    legacy) keep="" ;;
+    new) keep="$MODEL_PARTS $OPT_PARTS" ;;
+    new-model) keep="$MODEL_PARTS" ;;
+    new-opt) keep="$OPT_PARTS" ;;
+    new-minus-*|only-*) p=${name#new-minus-}; p=${p#only-}
+                 [[ -n "${RECIPE[$p]:-}" ]] || { echo "unknown part: $p" >&2; return 1; }
+                 if [[ $name == only-* ]]; then keep="$p"; else keep="$(echo " $MODEL_PARTS $OPT_PARTS " | sed "s/ $p / /")"; fi ;;
     *) echo "unknown set: $name (try: list)" >&2; return 1 ;;
   esac
-  for q in $parts; do new_of "$q"; done | tr '\n' ' '
+  for q in $MODEL_PARTS $OPT_PARTS; do
+    if [[ " $keep " == *" $q "* ]]; then new_of "$q"; else old_of "$q"; fi
+  done | tr '\n' ' '
 }
 
 if [[ $# -eq 0 || $1 == list ]]; then
@@ -80,8 +81,8 @@ if [[ ${TINY:-0} == 1 ]]; then  # CPU smoke test of this script
   EXTRA="--device_type=cpu ${EXTRA:-}"
 fi
 DEPTH=${DEPTH:-12}; SEQ=${SEQ:-2048}; DBS=${DBS:-32}; TBS=${TBS:-524288}; EVAL_TOKENS=${EVAL_TOKENS:-4194304}
-if [[ -z "${DATA:-}" && ${DRY:-0} != 1 ]]; then echo "set DATA to the parquet shards directory" >&2; exit 1; fi
 for name in "$@"; do flags_of "$name" >/dev/null; done  # a typo stops before any run
+if [[ -z "${DATA:-}" && ${DRY:-0} != 1 ]]; then echo "set DATA to the parquet shards directory" >&2; exit 1; fi
 mkdir -p "$OUT"
 launcher=("${PYTHON:-python}" -m scripts.base_train)
 [[ $NPROC -gt 1 ]] && launcher=(torchrun --standalone --nproc_per_node="$NPROC" -m scripts.base_train --)

@@ -42,7 +42,10 @@ if args.sdpa != "auto":
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.endswith(args.sdpa))
 model = build_model(config, device)
 model.kernel = args.kernel
-adamw, muon = optimizers = model.setup_optimizers()
+# base_train's default optimizer (the reference nanochat 2026's; docs/model.md)
+adamw, muon = optimizers = model.setup_optimizers(embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.28,
+                                                  adam_per_group=True, cautious_wd=True, normuon_beta2=0.9,
+                                                  muon_eq=True, muon_plus=True)
 flops_per_token = model.estimate_flops()
 if args.fp8:
     from nanochat import fp8

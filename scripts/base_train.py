@@ -52,27 +52,30 @@ parser.add_argument("--param_count", default="all", choices=["all", "scaling"], 
 # batch
 parser.add_argument("--device_batch_size", type=int, default=32, help="sequences per device per micro-step")
 parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-# optimization (nanochat's defaults)
-parser.add_argument("--embedding_lr", type=float, default=0.2, help="AdamW lr for the embedding")
-parser.add_argument("--unembedding_lr", type=float, default=0.004, help="AdamW lr for lm_head")
+# optimization: the reference nanochat 2026's optimizer with nanochat's January schedule (no
+# warmup, 20% warmdown to 0): val bpb 0.856 vs 1.032 (January optimizer) and 1.259 (with the
+# reference's schedule too) at 100 d12 steps (docs/benchmarks.md); docs/model.md lists the
+# January 2026 value of each flag
+parser.add_argument("--embedding_lr", type=float, default=0.3, help="AdamW lr for the embedding (January 2026: 0.2)")
+parser.add_argument("--unembedding_lr", type=float, default=0.008, help="AdamW lr for lm_head (January 2026: 0.004)")
 parser.add_argument("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
 parser.add_argument("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
-parser.add_argument("--weight_decay", type=float, default=0.0, help="Muon weight decay")
+parser.add_argument("--weight_decay", type=float, default=0.28, help="Muon weight decay (January 2026: 0)")
 parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
-parser.add_argument("--adam_per_group", type=int, default=0, help="1: embedding and lm_head get the reference "
+parser.add_argument("--adam_per_group", type=int, default=1, help="1: embedding and lm_head get the reference "
                     "nanochat's own AdamW betas and weight decays (emb (0.8, 0.995) wd 0.001; lm_head (0.8, 0.96) wd 0.01)")
-parser.add_argument("--cautious_wd", type=int, default=0, help="1: Muon decays only where update and weight agree in "
+parser.add_argument("--cautious_wd", type=int, default=1, help="1: Muon decays only where update and weight agree in "
                     "sign (cautious weight decay; reference nanochat)")
-parser.add_argument("--weight_decay_scaling", type=int, default=0, help="1: Muon's weight decay = "
+parser.add_argument("--weight_decay_scaling", type=int, default=1, help="1: Muon's weight decay = "
                     "wd * sqrt(B / 2**19) * (D_d12 / D) (reference nanochat, tuned at d12)")
-parser.add_argument("--weight_decay_schedule", default="constant", choices=["constant", "cosine"],
+parser.add_argument("--weight_decay_schedule", default="cosine", choices=["constant", "cosine"],
                     help="Muon's weight decay over training: constant, or cosine to 0 (reference nanochat)")
-parser.add_argument("--muon_momentum_schedule", default="legacy", choices=["legacy", "ref"], help="legacy: 0.85 -> "
+parser.add_argument("--muon_momentum_schedule", default="ref", choices=["legacy", "ref"], help="legacy: 0.85 -> "
                     "0.95 over 300 steps; ref: 0.85 -> 0.97 over 400 steps, 0.90 at the end of the warmdown (ref. nanochat)")
-parser.add_argument("--normuon_beta2", type=float, default=0.0, help="NorMuon per-neuron variance normalization "
+parser.add_argument("--normuon_beta2", type=float, default=0.9, help="NorMuon per-neuron variance normalization "
                     "in Muon, EMA beta2 (0: off; reference nanochat: 0.9)")
-parser.add_argument("--muon_eq", type=int, default=0, help="1: MuonEq row equilibration before orthogonalizing")
-parser.add_argument("--muon_plus", type=int, default=0, help="1: Muon+ Frobenius renormalization after orthogonalizing")
+parser.add_argument("--muon_eq", type=int, default=1, help="1: MuonEq row equilibration before orthogonalizing")
+parser.add_argument("--muon_plus", type=int, default=1, help="1: Muon+ Frobenius renormalization after orthogonalizing")
 parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of lr warmup")
 parser.add_argument("--warmup_steps", type=int, default=-1, help="steps of lr warmup (-1: use --warmup_ratio; "
