@@ -164,12 +164,16 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
-                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, speculative=False):
         """Streams (token_column, mask_column) per step: the next token of each row, and
         1 where it was sampled, 0 where the tool forced it. Rows that are done keep
         producing (ignored) tokens until all are done, so the batch stays in lockstep.
         frequency_penalty, presence_penalty and logit_bias ({token id: bias}) adjust the
-        logits before sampling, as OpenAI's parameters of those names (adjust_logits)."""
+        logits before sampling, as OpenAI's parameters of those names (adjust_logits).
+        speculative=True: greedy self-speculative decoding with the model's MTP modules
+        (mtp.speculative_generate), the same tokens in fewer forwards; temperature 0, one
+        sample, no tools or logit adjustments, no CUDA graphs; self.spec_stats then
+        counts the drafted and accepted tokens."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
@@ -177,6 +181,10 @@ class Engine:
         max_len = max(max_len, len(tokens) + 1)
         if max_len > model.rotary_len:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
+        if speculative:
+            yield from self._speculative(tokens, num_samples, max_len - len(tokens) if max_tokens is None else max_tokens,
+                                         temperature, frequency_penalty or presence_penalty or logit_bias)
+            return
         rng = torch.Generator(device=device).manual_seed(seed)
         # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
         # a few shapes and the compiled decode step is reused rather than recompiled
@@ -219,6 +227,19 @@ class Engine:
             logits = step(torch.tensor(column, device=device).view(-1, 1), pos)
             pos += 1
         cache.pos = pos
+
+    def _speculative(self, tokens, num_samples, max_tokens, temperature, adjust):
+        from nanochat.mtp import speculative_generate
+        if temperature >= 1e-5:
+            raise ValueError("speculative decoding is greedy only (temperature 0); the sampling version is not built")
+        if num_samples != 1 or self.use_tools or adjust:
+            raise ValueError("speculative decoding runs one sample, without tools (Engine(use_tools=False)) "
+                             "or logit adjustments")
+        self.spec_stats = {}
+        for tok in speculative_generate(self.model, tokens, max_tokens, self.spec_stats):
+            yield [tok], [1]
+            if tok in self.stop_tokens:
+                break
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """All samples at once: (token lists, mask lists), each without the prompt and

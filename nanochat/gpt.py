@@ -26,7 +26,8 @@ Choices, one line each:
 - inference state lives in a cache object made by init_cache(); each mixer makes its own
   part, so the engine never assumes attention;
 - optional DeepSeek-V3 multi-token prediction (config.mtp, nanochat/mtp.py): extra
-  modules that only add to the training loss; inference never runs them.
+  modules that add to the training loss; the forward and decode_step never run them,
+  only greedy self-speculative decoding does (mtp.speculative_generate).
 
 Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
 layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
@@ -302,7 +303,7 @@ class GPT(nn.Module):
                                    config.engram_table or config.vocab_size, config.vocab_size) if engram else {}
         self.blocks = nn.ModuleList(Block(config, i, spec, hashes.get(i)) for i, spec in enumerate(self.plan))
         self.lm_head = nn.Linear(C, V, bias=False)
-        if config.mtp:  # training-only extra predictions; a submodule, so checkpoints keep it
+        if config.mtp:  # extra predictions for training (and drafts); a submodule, so checkpoints keep it
             from nanochat.mtp import MTP  # mtp.py imports Block from here
             self.mtp = MTP(config)
         # the optional residual-stream parameters of the quality recipe exist only when on,
@@ -464,9 +465,10 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # crop the padded rows
         return self.config.softcap * torch.tanh(logits / self.config.softcap)
 
-    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", return_parts=False):
+    def forward(self, idx, targets=None, cache=None, loss_reduction="mean", return_parts=False, return_hidden=False):
         """idx (B, T) token ids. With targets: the loss (ignore_index -1). Without: logits
-        (B, T, vocab) in fp32. With a cache: positions continue from cache.pos.
+        (B, T, vocab) in fp32, or with return_hidden=True (logits, final hidden state (B, T, C)),
+        which the MTP modules draft from (nanochat/mtp.py). With a cache: positions continue from cache.pos.
         With MTP (config.mtp) and a "mean" or "sum" reduction the loss is
         main + mtp_lambda * L_MTP (nanochat/mtp.py; "sum": the main sum plus the MTP
         modules' summed losses); "none" gives the main per-token losses only (evaluation).
@@ -480,7 +482,7 @@ class GPT(nn.Module):
             cache.pos += T
         logits = self._logits(x)
         if targets is None:
-            return logits
+            return (logits, x) if return_hidden else logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         main, mtp = loss, torch.zeros((), device=loss.device)

@@ -22,8 +22,9 @@ and a masked target does not hide the MTP target after it), and its target t_{i+
 is targets[:, k:]. Only the last k positions of each row, whose target lies past the
 row, are dropped. Each L^k is normalised by its own count of valid targets.
 
-Used only for the training loss: inference (forward without targets, the engine,
-decode_step) never runs it. Speculative decoding with it is issue 20's item 3.
+The modules add to the training loss; the forward without targets and decode_step never
+run them. At inference they can draft tokens for greedy self-speculative decoding
+(speculative_generate, below; Engine.generate(speculative=True)).
 """
 
 import dataclasses
@@ -86,3 +87,108 @@ class MTP(nn.Module):
             ce = F.cross_entropy(z.reshape(-1, z.size(-1)), target.reshape(-1), ignore_index=-1, reduction="sum")
             total = total + (ce if reduction == "sum" else ce / (target >= 0).sum().clamp(min=1))
         return total / len(self.blocks)
+
+
+class Drafter:
+    """The MTP modules' inference state for speculative decoding: each module's own KV
+    cache, the hidden states h[k] (h[0] the main model's, h[k] module k's output), and the
+    token ids (true ones up to position n, the main model's cache length, then the
+    drafts). Module k at position i reads ids[i + k], a draft when i + k > n, so done[k]
+    counts its leading positions whose inputs were all true; its cache and h[k] are exact
+    there, and it recomputes from there on each draft. Its block is attention only, so
+    rewinding its position is exact (stale KV entries are overwritten before they are read)."""
+
+    def __init__(self, model, max_len):
+        D, C = len(model.mtp.blocks), model.config.n_embd
+        device, dtype = model.wte.weight.device, model.wte.weight.dtype
+        self.model = model
+        self.kv = [b.mixer.init_cache(1, max_len, device, dtype) for b in model.mtp.blocks]
+        self.h = torch.zeros(D + 1, 1, max_len, C, device=device, dtype=dtype)
+        self.ids = torch.zeros(1, max_len + D + 1, dtype=torch.long, device=device)
+        self.n, self.done = 0, [0] * (D + 1)
+
+    def accept(self, tokens, h):
+        """The main model's cache grew by the m positions of h (its final hidden states);
+        tokens: the m + 1 true ids at positions n .. n + m (the last one its next token)."""
+        m = h.size(1)
+        self.h[0, :, self.n:self.n + m] = h
+        self.ids[0, self.n:self.n + m + 1] = torch.tensor(tokens, device=self.ids.device)
+        self.n += m
+        self.done = [max(0, min(d, self.n - k)) for k, d in enumerate(self.done)]  # ids[i + k] was true
+
+    def draft(self, d):
+        """d <= D draft ids after position n, module k drafting ids[n + k] from its last position."""
+        model, n = self.model, self.n
+        for k, (proj, block) in enumerate(zip(model.mtp.proj[:d], model.mtp.blocks[:d]), start=1):
+            a = self.done[k]  # positions a .. n-1 are new or were computed from drafts
+            e = norm(model.wte(self.ids[:, a + k:n + k]))
+            x = proj(torch.cat([norm(self.h[k - 1, :, a:n]), e], dim=-1))
+            x = block(x, Context(model.cos[:, a:n], model.sin[:, a:n], a, n - a, {}), self.kv[k - 1])
+            self.h[k, :, a:n], self.done[k] = x, n
+            self.ids[:, n + k] = model._logits(norm(x[:, -1])).argmax(-1)
+        return self.ids[0, n + 1:n + 1 + d].tolist()
+
+
+def verify(model, cache, block):
+    """One main forward over block = [its next token, drafts...] from cache.pos. Keeps the
+    longest prefix of drafts equal to its own greedy choices: returns (n accepted, its next
+    token after them, its hidden states at the 1 + n kept positions); the cache then holds
+    exactly those positions. Rollback: attention rewinds cache.pos (its entries past it are
+    overwritten before they are read, exact); state that is not indexed by position
+    (Mamba-3, Engram, the smear's prev_emb) is restored from a snapshot taken before the
+    block and advanced again over the kept tokens (exact: the same forward on true tokens)."""
+    pos0, snap = cache.pos, cache.snapshot()
+    ids = torch.tensor([block], device=model.wte.weight.device)
+    logits, h = model(ids, cache=cache, return_hidden=True)
+    greedy = logits[0].argmax(-1).tolist()
+    n = 0
+    while n < len(block) - 1 and block[n + 1] == greedy[n]:
+        n += 1
+    if n < len(block) - 1:
+        cache.pos = pos0 + n + 1
+        if snap[0] is not None or any(s is not None for s in snap[1]):
+            cache.restore(snap)
+            cache.pos = pos0
+            _, h = model(ids[:, :n + 1], cache=cache, return_hidden=True)
+    return n, greedy[n], h[:, :n + 1]
+
+
+@torch.inference_mode()
+def speculative_generate(model, tokens, max_tokens, stats=None):
+    """Greedy self-speculative decoding with the MTP modules; yields max_tokens ids, the
+    same as greedy decoding (token for token, up to floating-point ties), in fewer main
+    forwards when drafts are accepted. DeepSeek-V3 (arXiv:2412.19437, §2.2 and §5.4.3)
+    proposes its MTP module for this; the draft-then-verify scheme is Leviathan et al.
+    2023 (arXiv:2211.17192) at temperature 0, with the model drafting for itself as in
+    Medusa (Cai et al. 2024), here from its sequential MTP modules:
+
+      1. the main model has its next token t and final hidden state h at the last position;
+      2. draft: module 1 reads (h, t) and drafts d_1, module k reads module k-1's state
+         and d_{k-1} and drafts d_k (up to D = mtp_depth drafts);
+      3. verify: one main forward over [t, d_1 .. d_D] with the cache; accept d_1 .. d_n
+         while each equals the main model's greedy choice at the position before it, and
+         take its own choice after them as the new t (n + 1 tokens per forward);
+      4. roll the rejected positions back in every cache (verify) and in the modules' (Drafter).
+
+    Batch 1; plain PyTorch, no CUDA graphs. stats, a dict, gets "drafted" and "accepted"
+    (the acceptance rate is accepted / drafted)."""
+    if not model.config.mtp:
+        raise ValueError("speculative decoding drafts with the MTP modules: this model has none (train with --mtp)")
+    stats = {} if stats is None else stats
+    stats.update(drafted=0, accepted=0)
+    max_len = len(tokens) + max_tokens
+    cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
+    logits, h = model(torch.tensor([tokens], device=model.wte.weight.device), cache=cache, return_hidden=True)
+    t = int(logits[0, -1].argmax())
+    drafter.accept(list(tokens) + [t], h)
+    yield t
+    produced = 1
+    while produced < max_tokens:
+        drafts = drafter.draft(min(model.config.mtp_depth, max_tokens - produced - 1))  # none past the budget
+        n, t_next, h = verify(model, cache, [t] + drafts)
+        stats["drafted"] += len(drafts)
+        stats["accepted"] += n
+        new = drafts[:n] + [t_next]
+        drafter.accept([t] + new, h)
+        yield from new
+        produced, t = produced + len(new), t_next

@@ -1,0 +1,157 @@
+"""Greedy self-speculative decoding with the MTP modules (nanochat/mtp.py): the same tokens
+as greedy decoding on every kind of model, drafts equal to the modules' full recomputation
+whatever was accepted, every cache rolled back exactly, and the Engine's switch."""
+
+import random
+
+import pytest
+import torch
+
+from nanochat.attention import Context, norm
+from nanochat.engine import Engine, naive_generate
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.mtp import Drafter, speculative_generate, verify
+from nanochat.tokenizer import Tokenizer
+from test_engine import HYBRID, RECIPE
+
+V = 50
+MODELS = {"attn": dict(), "attn D=2": dict(mtp_depth=2), "recipe D=2": dict(mtp_depth=2, **RECIPE),
+          "hybrid+engram+recipe D=3": dict(mtp_depth=3, engram_layers="0", **RECIPE, **HYBRID)}
+
+
+def model_for(mtp=True, vocab_size=V, **kw):
+    cfg = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                    window_pattern="SSL", mtp=mtp, **kw)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    with torch.no_grad():  # random but non-trivial: perturb the zero-initialised projections
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+PROMPT = [1, 5, 7, 9, 3, 3, 8]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_speculative_equals_greedy(name):
+    model = model_for(**MODELS[name])
+    stats = {}
+    assert list(speculative_generate(model, PROMPT, 24, stats)) == naive_generate(model, PROMPT, 24)
+    assert 0 <= stats["accepted"] <= stats["drafted"] and stats["drafted"] > 0
+
+
+@pytest.mark.parametrize("name", ["attn D=2", "hybrid+engram+recipe D=3"])
+@pytest.mark.parametrize("mode", ["true", "partly true"])
+def test_accepted_drafts_keep_the_output(name, mode, monkeypatch):
+    """Random modules rarely draft right, so draft the true continuation (or its first few
+    tokens, then a wrong one): every draft or a prefix of them is accepted, and the rollback
+    after an accepted prefix leaves the output unchanged."""
+    model = model_for(**MODELS[name])
+    ref = naive_generate(model, PROMPT, 24)
+    rng = random.Random(0)
+
+    def draft(self, d):
+        truth = ref[self.n - len(PROMPT) + 1:][:d]
+        if mode == "partly true" and d:
+            j = rng.randrange(d)
+            truth[j] = (truth[j] + 1) % V
+        return truth
+
+    monkeypatch.setattr(Drafter, "draft", draft)
+    stats = {}
+    assert list(speculative_generate(model, PROMPT, 24, stats)) == ref
+    if mode == "true":
+        assert stats["accepted"] == stats["drafted"] > 0
+    else:
+        assert 0 < stats["accepted"] < stats["drafted"]
+
+
+def cache_state(cache):
+    """Every tensor of a model cache at its filled positions."""
+    out = [] if cache.prev_emb is None else [cache.prev_emb]
+    for layer in cache.layers:
+        out += [layer.k[:, :, :cache.pos], layer.v[:, :, :cache.pos]] if hasattr(layer, "k") else layer.snapshot()
+    for e in cache.engram.values():
+        out += list(e.snapshot())
+    return out
+
+
+@pytest.mark.parametrize("name", ["recipe D=2", "hybrid+engram+recipe D=3"])
+def test_verify_rolls_back_every_cache(name):
+    """A draft of the true continuation is kept whole, a wrong one rolled back to the one
+    token before it; either way the cache equals the one of plain decoding of the kept tokens."""
+    model = model_for(**MODELS[name])
+    ref = naive_generate(model, PROMPT, 6)
+    D = model.config.mtp_depth
+    for drafts, n_expected in [(ref[1:1 + D], D), ([(ref[1] + 1) % V] + ref[2:1 + D], 0), (ref[1:D] + [(ref[D] + 1) % V], D - 1)]:
+        cache = model.init_cache(1, 32)
+        model(torch.tensor([PROMPT]), cache=cache)
+        n, nxt, h = verify(model, cache, [ref[0]] + drafts)
+        assert n == n_expected and nxt == ref[n + 1] and h.shape[1] == n + 1
+        plain = model.init_cache(1, 32)
+        _, h_plain = model(torch.tensor([PROMPT]), cache=plain, return_hidden=True)
+        for t in ref[:n + 1]:
+            _, h_plain = model(torch.tensor([[t]]), cache=plain, return_hidden=True)
+        assert cache.pos == plain.pos == len(PROMPT) + n + 1
+        assert torch.allclose(h[:, -1], h_plain[:, -1], atol=1e-5)
+        for a, b in zip(cache_state(cache), cache_state(plain), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def reference_drafts(model, ids, n):
+    """The modules' drafts after the true ids[:n + 1], each recomputed over the whole sequence
+    (true ids, then the drafts so far), as in training."""
+    _, h = model(torch.tensor([ids[:n]]), return_hidden=True)
+    ids = list(ids[:n + 1])
+    for k, (proj, block) in enumerate(zip(model.mtp.proj, model.mtp.blocks), start=1):
+        e = norm(model.wte(torch.tensor([ids[k:n + k]])))
+        h = block(proj(torch.cat([norm(h), e], -1)), Context(model.cos[:, :n], model.sin[:, :n], 0, n, {}))
+        ids.append(int(model._logits(norm(h[:, -1])).argmax()))
+    return ids[n + 1:]
+
+
+@pytest.mark.parametrize("name", ["attn D=2", "hybrid+engram+recipe D=3"])
+def test_drafter_equals_full_recompute_whatever_was_accepted(name):
+    """The modules' KV caches and done counts: after any accepted prefix (the true sequence
+    continues with the accepted drafts, then another token), the next drafts equal those of
+    a full recomputation."""
+    model = model_for(**MODELS[name])
+    D, rng = model.config.mtp_depth, random.Random(1)
+    ids = PROMPT + [4]
+    drafter = Drafter(model, 64)
+    with torch.no_grad():
+        drafter.accept(ids, model(torch.tensor([PROMPT]), return_hidden=True)[1])
+        accepted = []
+        for _ in range(10):
+            drafts = drafter.draft(D)
+            assert drafts == reference_drafts(model, ids, drafter.n)
+            n = rng.randrange(D + 1)
+            accepted.append(n)
+            new = drafts[:n] + [(drafts[n] + 1) % V if n < D else rng.randrange(V)]
+            m = len(ids)
+            ids += new
+            h = model(torch.tensor([ids[:-1]]), return_hidden=True)[1][:, m - 1:]
+            drafter.accept(ids[m - 1:], h)
+    assert len(set(accepted)) == D + 1  # every outcome, from none to all, was exercised
+
+
+def test_engine_speculative_switch():
+    tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    model = model_for(vocab_size=tokenizer.get_vocab_size(), mtp_depth=2)
+    engine = Engine(model, tokenizer, use_tools=False)
+    engine.stop_tokens = set()
+    tokens = tokenizer.encode("int main() {", prepend="<|bos|>")
+    plain, _ = engine.generate_batch(tokens, max_tokens=16, temperature=0.0)
+    fast, masks = engine.generate_batch(tokens, max_tokens=16, temperature=0.0, speculative=True)
+    assert fast == plain and masks == [[1] * 16]
+    assert set(engine.spec_stats) == {"drafted", "accepted"} and engine.spec_stats["drafted"] > 0
+    for kw, engine_kw, match in [(dict(temperature=1.0), {}, "greedy"), (dict(num_samples=2), {}, "one sample"),
+                                 ({}, dict(use_tools=True), "tools")]:
+        with pytest.raises(ValueError, match=match):
+            Engine(model, tokenizer, **{"use_tools": False, **engine_kw}).generate_batch(
+                tokens, max_tokens=4, **{"temperature": 0.0, **kw}, speculative=True)
+    plain_model = model_for(mtp=False, vocab_size=tokenizer.get_vocab_size())
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(plain_model, tokenizer, use_tools=False).generate_batch(tokens, max_tokens=4, temperature=0.0,
+                                                                       speculative=True)
