@@ -114,7 +114,9 @@ class Drafter:
         self.h[0, :, self.n:self.n + m] = h
         self.ids[0, self.n:self.n + m + 1] = torch.tensor(tokens, device=self.ids.device)
         self.n += m
-        self.done = [max(0, min(d, self.n - k)) for k, d in enumerate(self.done)]  # ids[i + k] was true
+        # module k's position i read ids[i + k]; only those before n were true then (n held
+        # a rejected draft, now the main model's own token, or was not read yet)
+        self.done = [max(0, min(d, self.n - k)) for k, d in enumerate(self.done)]
 
     def draft(self, d):
         """d <= D draft ids after position n, module k drafting ids[n + k] from its last position."""
@@ -156,8 +158,9 @@ def verify(model, cache, block):
 @torch.inference_mode()
 def speculative_generate(model, tokens, max_tokens, stats=None):
     """Greedy self-speculative decoding with the MTP modules; yields max_tokens ids, the
-    same as greedy decoding (token for token, up to floating-point ties), in fewer main
-    forwards when drafts are accepted. DeepSeek-V3 (arXiv:2412.19437, §2.2 and §5.4.3)
+    same as greedy decoding, in fewer main forwards when drafts are accepted (token for
+    token, up to argmax ties within the rounding difference between a forward over a few
+    positions and one position at a time). DeepSeek-V3 (arXiv:2412.19437, §2.2 and §5.4.3)
     proposes its MTP module for this; the draft-then-verify scheme is Leviathan et al.
     2023 (arXiv:2211.17192) at temperature 0, with the model drafting for itself as in
     Medusa (Cai et al. 2024), here from its sequential MTP modules:

@@ -8,6 +8,12 @@ base checkpoint instead. Prints a table, then one JSON line.
     python -m scripts.engine_bench                                # d12, prompt 1792, 256 new, batch 1 and 128
     python -m scripts.engine_bench --mamba_pattern=AAM            # the same with Mamba-3 layers
     python -m scripts.engine_bench --depth=2 --prompt_len=64 --new_tokens=32 --batch_sizes=1,4 --device_type=cpu
+    python -m scripts.engine_bench --speculative=2 --batch_sizes=1  # + greedy self-speculative decoding, 2 MTP modules
+
+--speculative=D adds D MTP modules to the model and one more row: batch 1 decoded by
+self-speculative decoding (nanochat/mtp.py; no CUDA graphs), with its acceptance rate.
+With random weights the drafts are almost never accepted, so that row measures the cost
+of drafting and verifying, not the gain a trained model would get.
 """
 
 import argparse
@@ -31,6 +37,7 @@ parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
+parser.add_argument("--speculative", type=int, default=0, help="D > 0: D MTP modules, and a batch-1 row decoded speculatively")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
 args = parser.parse_args()
@@ -40,7 +47,8 @@ _, _, _, _, device = compute_init(device_type)
 dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
 hybrid = dict(mamba_pattern=args.mamba_pattern, mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
               mamba3_trapezoidal=True) if args.mamba_pattern else {}
-config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid)
+mtp = dict(mtp=True, mtp_depth=args.speculative) if args.speculative else {}
+config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid, **mtp)
 model = build_model(config, device).to(dtype).eval()
 # a byte-level tokenizer needs no training: the engine only uses it for special tokens here
 tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
@@ -53,33 +61,41 @@ head_dim = config.n_embd // config.n_head
 max_len = args.prompt_len + args.new_tokens
 
 rows = []
-for B in [int(b) for b in args.batch_sizes.split(",")]:
+runs = [(int(b), False) for b in args.batch_sizes.split(",")] + ([(1, True)] if args.speculative else [])
+for B, speculative in runs:
     for attempt in range(2):  # the first run compiles and captures; time the second
         synchronize(device_type)
         t0 = time.time()
-        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0)
+        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0, speculative=speculative)
         next(gen)
         synchronize(device_type)
         t_first = time.time()
         n = 1 + sum(1 for _ in gen)
         synchronize(device_type)
         t_end = time.time()
-    decode_steps = n - 1
+    decode_steps = n - 1  # speculative: tokens after the first, in fewer (longer) forwards
     step_s = (t_end - t_first) / max(decode_steps, 1)
     # attention reads its whole static KV cache; a Mamba-3 layer reads and writes its fp32 state
     cache_bytes = sum(2 * B * config.n_kv_head * max_len * head_dim * elt if s.mixer == "attn" else
                       2 * 4 * B * sum(t.numel() for t in (c.phi, c.state, c.k_prev, c.x_prev))
                       for s, c in zip(model.plan, model.init_cache(1, 1, "meta").layers))
     bw = (weight_bytes + cache_bytes) / step_s
-    rows.append({"batch": B, "ttft_ms": round(1000 * (t_first - t0), 1), "decode_step_ms": round(1000 * step_s, 3),
+    spec = {"speculative": speculative}
+    if speculative:
+        spec["acceptance"] = round(engine.spec_stats["accepted"] / max(engine.spec_stats["drafted"], 1), 3)
+    rows.append({"batch": B, **spec, "ttft_ms": round(1000 * (t_first - t0), 1), "decode_step_ms": round(1000 * step_s, 3),
                  "decode_tok_per_s": round(B / step_s), "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
                  "bandwidth_util_percent": round(100 * bw / args.peak_bandwidth, 1), "tokens": n})
 
 print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8}")
 for r in rows:
+    if r["speculative"]:  # per token, not per forward: the bytes per step do not apply
+        print(f"{'1 spec':>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,}   "
+              f"acceptance {r['acceptance']:.1%}")
+        continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
-print(json.dumps({"depth": args.depth, "mamba_pattern": args.mamba_pattern, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+print(json.dumps({"depth": args.depth, "mamba_pattern": args.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda", "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))
