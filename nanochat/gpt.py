@@ -245,13 +245,13 @@ class Block(nn.Module):
         return self.hc_mlp(x, lambda u: self.mlp(norm(u)))
 
     def _engram_streams(self, x, idx, cache):
-        """Engram on every mHC stream, as its demo runs it: the same lookup and value for
-        every stream (all weights shared; recomputed per stream, for simplicity), a gate
-        per stream (each stream is its own query) and the conv per stream. The streams
-        ride in the batch dimension (cache rows b * n + s)."""
+        """Engram on every mHC stream, as its demo runs it: one lookup, key and value for all
+        streams (all weights shared), a gate per stream (each stream is its own query) and
+        the conv per stream. The streams ride in the batch dimension (rows b * n + s)."""
         B, T, n, C = x.shape
+        k, v = self.engram.lookup(idx, x.dtype, cache)
         h = x.transpose(1, 2).reshape(B * n, T, C)
-        o = self.engram(h, idx.repeat_interleave(n, dim=0), cache)
+        o = self.engram.mix(h, k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0), cache)
         return o.view(B, n, T, C).transpose(1, 2)
 
 
@@ -395,7 +395,7 @@ class GPT(nn.Module):
         mtp = self.mtp.flops_per_token(T, self.lm_head.weight.numel()) if self.config.mtp else 0
         return 6 * self.lm_head.weight.numel() + smear + mtp + sum(
             b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters())
-            + (b.engram.flops_per_token() * (self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
+            + (b.engram.flops_per_token(self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
             + (b.hc_mixer.flops_per_token() + b.hc_mlp.flops_per_token() if b.hc_mixer else 0) for b in self.blocks)
 
     @torch.compiler.disable
@@ -413,8 +413,9 @@ class GPT(nn.Module):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
-        rows = batch_size * (self.config.mhc_streams if self.config.mhc else 1)  # Engram runs per mHC stream
-        engram = {i: b.engram.init_cache(rows, device, dtype) for i, b in enumerate(self.blocks) if b.engram}
+        streams = self.config.mhc_streams if self.config.mhc else 1  # Engram's conv runs per mHC stream
+        engram = {i: b.engram.init_cache(batch_size, device, dtype, streams) for i, b in enumerate(self.blocks)
+                  if b.engram}
         return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev,
                           engram)
 
