@@ -67,3 +67,34 @@ def test_wrong_function_is_wrong_answer(task_data):
     wrong = "```cpp\nlong add_one(long x) {\n    return x + 2;\n}\n```"
     [r] = task.evaluate_batch([conv], [wrong])
     assert r.status == "wrong_answer" and "Assertion" in r.stderr
+
+
+class ScriptedEngine:
+    """Stands in for Engine + Tokenizer in run_generative: the 'model' answers example i
+    (the engine is called with seed=i) with answers(i), one string per sample."""
+
+    device = "cpu"
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    # the tokenizer side
+    def render_for_completion(self, conversation):
+        return [0]
+
+    def decode(self, row):
+        return row
+
+    # the engine side: the "tokens" are the answer strings themselves
+    def generate_batch(self, prompt, num_samples, seed, **kwargs):
+        return self.answers(seed)[:num_samples], None
+
+
+def test_run_generative_scores_pass_at_k_over_a_cpp_task(task_data):
+    from nanochat.chat_eval import run_generative
+    task = HumanEvalCpp(workers=2)
+    canonical = [c["messages"][1]["content"] for c in task]
+    # sample 0 right, sample 1 garbage: pass@1 = 1/2 and pass@2 = 1 on every problem
+    scripted = ScriptedEngine(lambda i: [canonical[i], GARBAGE])
+    scores = run_generative(task, scripted, scripted, num_samples=2, progress=False)
+    assert scores == {"pass@1": 0.5, "pass@2": 1.0, "accuracy": 1.0}
