@@ -53,7 +53,8 @@ CPP_FIXTURES = {
          "prompt": _CPP_HEAD + "// The sum of the numbers in the vector (0 when it is empty).\n"
                                "// >>> sum_vector((std::vector<long>({(long)1, (long)2, (long)3})))\n// (6)\n"
                                "long sum_vector(std::vector<long> numbers) {\n",
-         "canonical_solution": "    long total = 0;\n    for (long x : numbers) {\n        total += x;\n    }\n    return total;\n",
+         "canonical_solution": ("    long total = 0;\n    for (long x : numbers) {\n        total += x;\n    }\n"
+                                "    return total;\n"),
          "tests": "}\nint main() {\n    auto candidate = sum_vector;\n"
                   "    assert(candidate((std::vector<long>({(long)1, (long)2, (long)3}))) == (6));\n"
                   "    assert(candidate((std::vector<long>())) == (0));\n}\n"},

@@ -78,7 +78,8 @@ class MultiPLECpp(Task):
         m = ENTRY_POINT.search(row["tests"])
         solution = row.get("canonical_solution")
         reference = row["prompt"] + solution + "}\n" if solution is not None else ""
-        user = f"Complete this C++ function. Answer with the whole function in a ```cpp block.\n\n```cpp\n{row['prompt']}```"
+        user = ("Complete this C++ function. Answer with the whole function in a ```cpp block.\n\n"
+                f"```cpp\n{row['prompt']}```")
         return {
             "messages": [
                 {"role": "user", "content": user},
