@@ -30,6 +30,8 @@ class DistAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
+                if p.grad is None:  # not trained this step (DSA's warm-up trains only the indexers)
+                    continue
                 sliced = W > 1 and p.size(0) % W == 0
                 if sliced:
                     n = p.size(0) // W

@@ -61,11 +61,13 @@ class Context:
     tensor instead, and decode_masks hold each window's mask over the whole cache.
     idx: the token ids, for mixers that look something up per token."""
 
-    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None):
+    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse"):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
         self.idx = idx  # (B, T) token ids of this forward, for per-layer lookups (value embeddings)
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
         self.pos_t, self.decode_masks = pos_t, decode_masks
+        self.dsa_stage = dsa_stage  # DSA layers (nanochat/dsa.py): "warmup" (dense) or "sparse"
+        self.aux_losses = []  # training losses that mixers add (DSA's indexer loss)
 
 
 def sliding_window_mask(q_len, k_len, pos0, window, device):
@@ -158,6 +160,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
+        q, k, v = self.project(x, ctx)
+        if cache is not None:
+            k, v = self.cached(k, v, ctx, cache)
+        y = self.attend(q, k, v, ctx)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project(self, x, ctx):
+        """q (B, n_head, T, D), k and v (B, n_kv_head, T, D) of x (B, T, C): rotary, QK-norm,
+        the value embedding."""
+        B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -169,15 +181,16 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(q), norm(k)
         if self.qk_scale != 1.0:  # sharper attention than QK-norm's unit rms (reference nanochat: 1.2)
             q, k = q * self.qk_scale, k * self.qk_scale
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        if cache is not None:
-            if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache
-                k, v = cache.write(k, v, ctx.pos_t)
-            else:
-                k, v = cache.update(k, v, ctx.pos0)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may keep another dtype than autocast's
-        y = self.attend(q, k, v, ctx)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+    @staticmethod
+    def cached(k, v, ctx, cache):
+        """This forward's k and v written into the cache; all the cached ones back."""
+        if ctx.pos_t is not None:  # static decode: write at a device-side position, read the whole cache
+            k2, v2 = cache.write(k, v, ctx.pos_t)
+        else:
+            k2, v2 = cache.update(k, v, ctx.pos0)
+        return k2.to(k.dtype), v2.to(v.dtype)  # the cache may keep another dtype than autocast's
 
     def attend(self, q, k, v, ctx):
         gqa = self.n_head != self.n_kv_head

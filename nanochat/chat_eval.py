@@ -5,9 +5,12 @@ Evaluating a chat model on tasks (used by scripts/chat_eval.py, chat_sft and cha
   would start; the model's logits there are compared over the allowed letters only, and
   the highest wins. Batched, with right padding (the logits are read at each row's last
   real position, so padding never matters).
-- Generative tasks (GSM8K, HumanEval, SpellingBee): the engine samples completions (with
-  the Python tool on), the task checks them. With num_samples > 1 an example counts as
-  solved when any sample is right (pass@k).
+- Generative tasks (GSM8K, HumanEval, SpellingBee, HumanEval-cpp, MBPP-cpp): the engine
+  samples n = num_samples completions per example (with the Python tool on), the task
+  checks them. From the c right ones, pass@k for k <= n is the unbiased estimator of
+  Chen et al. 2021 (pass_at_k), averaged over the examples; "accuracy" is pass@n, an
+  example solved when any sample is right. A task with evaluate_batch (the C++ tasks)
+  gets all its samples at once, so that it compiles and runs them in parallel.
 - ChatCORE: the mean over tasks of centered accuracy (acc - baseline) / (1 - baseline),
   the baseline being random guessing (0.25 for four choices, 0 for generative tasks),
   so 0 means chance and 1 means perfect, as in the CORE metric for base models.
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
-             "SpellingBee": 0.0}
+             "SpellingBee": 0.0, "HumanEval-cpp": 0.0, "MBPP-cpp": 0.0}
 
 
 def _sum_across_ranks(*values, device):
@@ -71,24 +74,65 @@ def run_categorical(task, tokenizer, model, batch_size=8, max_problems=None, ran
     return correct / max(total, 1)
 
 
+def pass_at_k(n, c, k):
+    """Unbiased estimate of pass@k from n samples of which c are right (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn from the n without
+    replacement include a right one. Computed as a product, 1 - prod_{i=n-c+1}^{n} (1 - k/i),
+    since the binomials overflow floats for large n."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:  # every draw of k holds a right sample
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def pass_at_ks(num_samples):
+    """The k reported for n samples: 1, 10, 100 where <= n, and n."""
+    return sorted({k for k in (1, 10, 100) if k <= num_samples} | {num_samples})
+
+
 @torch.no_grad()
 def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                    max_problems=None, rank=0, world_size=1, progress=True):
-    """Fraction of examples where at least one of num_samples completions is right."""
+    """{"accuracy": pass@n, "pass@k": ... for k in pass_at_ks(n)} over the examples."""
     device = engine.device
     indices = _indices(task, max_problems, rank, world_size)
-    passed = total = 0
+    ks = pass_at_ks(num_samples)
+    batched = hasattr(task, "evaluate_batch")
+    sums = [0.0] * len(ks)
+    total = 0
+    pending = []  # (conversation, responses) waiting for evaluate_batch
     bar = tqdm(indices, desc=type(task).__name__, disable=not progress or rank != 0)
+
+    def count(c):
+        nonlocal total
+        for j, k in enumerate(ks):
+            sums[j] += pass_at_k(num_samples, c, k)
+        total += 1
+
     for i in bar:
         conv = task[i]
         prompt = tokenizer.render_for_completion(conv)
         rows, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, seed=i)
-        passed += any(task.evaluate(conv, tokenizer.decode(row)) for row in rows)
-        total += 1
-        bar.set_postfix(acc=f"{passed / total:.3f}")
-    passed, total = _sum_across_ranks(passed, total, device=device)
-    return passed / max(total, 1)
+        responses = [tokenizer.decode(row) for row in rows]
+        if batched:
+            pending.append((conv, responses))
+            continue
+        count(sum(task.evaluate(conv, r) for r in responses))
+        bar.set_postfix(acc=f"{sums[-1] / total:.3f}")
+    if pending:  # compile/run every sample of every example in one parallel batch
+        convs = [c for c, rs in pending for _ in rs]
+        results = task.evaluate_batch(convs, [r for _, rs in pending for r in rs])
+        for j in range(len(pending)):
+            count(sum(r.passed for r in results[j * num_samples:(j + 1) * num_samples]))
+    *sums, total = _sum_across_ranks(*sums, total, device=device)
+    out = {f"pass@{k}": v / max(total, 1) for k, v in zip(ks, sums)}
+    out["accuracy"] = out[f"pass@{num_samples}"]
+    return out
 
 
 def chatcore(results):

@@ -24,10 +24,9 @@ ids x and the residual stream h_t (n_embd = C):
 Our choices, where the demo differs or says nothing: no tokenizer compression (the demo
 first maps token ids to a normalized, lowercased vocabulary; for C++ that would merge
 identifiers that differ by case, so ids are used as they are); no biases on W_K and W_V
-(nanochat has none anywhere); under mHC, Block runs it on every stream with all weights shared
-(the demo has a key projection, norms and conv weights per stream), so each stream gets its own
-gate and conv input; the
-tables start at N(0, 1) like wte and train with the embedding's AdamW group; PAD is the
+(nanochat has none anywhere); under mHC the lookup, k and W_V e are computed once and every
+stream gets its own gate and conv input, with all weights shared (the demo has a key
+projection, norms and conv weights per stream); the tables start at N(0, 1) like wte and train with the embedding's AdamW group; PAD is the
 id vocab_size (no real token has it). Sizes default to the notes' advice for d12-d20
 models: M = vocab size rows per head, K = 4, d = 256 per n-gram order.
 """
@@ -122,45 +121,57 @@ class Engram(nn.Module):
         return {"table.weight": "adamw_embedding", "w_k.weight": "muon", "w_v.weight": "muon",
                 "k_norm": "adamw_ssm", "q_norm": "adamw_ssm", "u_norm": "adamw_ssm", "conv": "adamw_ssm"}
 
-    def flops_per_token(self):
-        """6 per weight of W_K, W_V and the conv (the table is a lookup)."""
-        return 6 * (self.w_k.weight.numel() + self.w_v.weight.numel() + self.conv.numel())
+    def flops_per_token(self, streams=1):
+        """6 per weight of W_K and W_V, and of the conv per mHC stream (the table is a lookup)."""
+        return 6 * (self.w_k.weight.numel() + self.w_v.weight.numel() + streams * self.conv.numel())
 
-    def init_cache(self, batch_size, device, dtype):
-        return EngramCache(batch_size, self.order - 1, (self.kernel - 1) * self.order, self.u_norm.numel(),
+    def init_cache(self, batch_size, device, dtype, streams=1):
+        return EngramCache(batch_size, streams, self.order - 1, (self.kernel - 1) * self.order, self.u_norm.numel(),
                            self.pad, device, dtype)
 
     def forward(self, h, idx, cache=None):
         """h (B, T, C) the residual stream, idx (B, T) its token ids -> o (B, T, C)."""
-        B, T, C = h.shape
+        return self.mix(h, *self.lookup(idx, h.dtype, cache), cache)
+
+    def lookup(self, idx, dtype, cache=None):
+        """The part that depends only on the token ids: k = RMSNorm_w(W_K e) and W_V e, each
+        (B, T, C). Under mHC it is computed once and shared by every stream."""
+        T, C = idx.size(1), self.k_norm.numel()
         ids = idx if cache is None else torch.cat([cache.ids, idx], dim=1)
         rows = ngram_hashes(ids, self.mult, self.primes, self.pad)[:, -T:] + self.offsets
-        e = self.table(rows).flatten(-2).to(h.dtype)                        # (B, T, d_e)
-        k = F.rms_norm(self.w_k(e), (C,), self.k_norm.to(h.dtype))
+        e = self.table(rows).flatten(-2).to(dtype)                            # (B, T, d_e)
+        if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
+            cache.ids.copy_(ids[:, -(self.order - 1):])
+        return F.rms_norm(self.w_k(e), (C,), self.k_norm.to(dtype)), self.w_v(e)
+
+    def mix(self, h, k, v, cache=None):
+        """The part that depends on the stream h (B', T, C): gate, value, short conv. k and v
+        have h's rows (B' = B * streams under mHC, streams repeated per batch row)."""
+        B, T, C = h.shape
         q = F.rms_norm(h, (C,), self.q_norm.to(h.dtype))
         s = (q * k).sum(-1, keepdim=True).float() / math.sqrt(C)
         g = torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt()).to(h.dtype)
-        u = g * self.w_v(e)
+        u = g * v
         un = F.rms_norm(u, (C,), self.u_norm.to(u.dtype))
         reach = (self.kernel - 1) * self.order  # the conv sees this many earlier positions
         past = un.new_zeros(B, reach, C) if cache is None else cache.conv.to(un.dtype)
-        full = torch.cat([past, un], dim=1).transpose(1, 2)                # (B, C, reach + T)
+        full = torch.cat([past, un], dim=1).transpose(1, 2)                # (B', C, reach + T)
         conv = F.conv1d(full, self.conv.to(un.dtype), groups=C, dilation=self.order).transpose(1, 2)
-        if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
-            cache.ids.copy_(ids[:, -(self.order - 1):])
+        if cache is not None:
             cache.conv.copy_(torch.cat([past, un], dim=1)[:, -reach:])
         return u + F.silu(conv)
 
 
 class EngramCache:
-    """An Engram layer's decoding state: the last order-1 token ids (PAD before the start)
-    and the last (kernel-1)*order normed conv inputs. Not position-indexed: snapshot/restore copy it."""
+    """An Engram layer's decoding state: the last order-1 token ids (PAD before the start),
+    one row per sequence, and the last (kernel-1)*order normed conv inputs, one row per
+    sequence and mHC stream (b * streams + s). Not position-indexed: snapshot/restore copy it."""
 
-    def __init__(self, batch_size, n_ids, reach, C, pad, device, dtype):
+    def __init__(self, batch_size, streams, n_ids, reach, C, pad, device, dtype):
         self.ids = torch.full((batch_size, n_ids), pad, dtype=torch.long, device=device)
-        self.conv = torch.zeros(batch_size, reach, C, device=device, dtype=dtype)
+        self.conv = torch.zeros(batch_size * streams, reach, C, device=device, dtype=dtype)
 
-    def repeat(self, n):
+    def repeat(self, n):  # sequence r * B + b keeps its streams together: rows (r * B + b) * streams + s
         self.ids, self.conv = self.ids.repeat(n, 1), self.conv.repeat(n, 1, 1)
 
     def snapshot(self):

@@ -102,7 +102,7 @@ try:
 except ImportError:  # Windows: no rlimits, only the timeout
     resource = None
 
-__all__ = ["ExecutionResult", "execute_code", "isolation", "MAX_FILE_BYTES"]
+__all__ = ["ExecutionResult", "execute_code", "execute_native", "isolation", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: the largest file the code may write
 _STATUS_BYTES = 4096  # how much of the status pipe the parent keeps
@@ -130,6 +130,7 @@ class ExecutionResult:
     stdout: str
     stderr: str
     reason: str | None = None  # None on success, else "timeout" | "memory" | "error" | "killed"
+    returncode: int | None = None  # the sandbox's exit status (128 + N for signal N under bwrap/unshare)
 
     @property
     def timeout(self) -> bool:
@@ -176,6 +177,33 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
 
 def _interpreter(entry: str) -> list[str]:
     return [sys.executable, "-I", "-B", "-X", "utf8", "-c", _LOADER, os.path.abspath(__file__), entry]
+
+
+def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
+                   max_output_bytes: int = 1 << 20, allow_processes: bool = False) -> ExecutionResult:
+    """Run a native program (g++, a compiled candidate) in the same sandbox as
+    execute_code: namespaces, rlimits, the group kill, capped output. `workdir` (made by
+    the caller, removed by the caller) is its cwd and the only writable place; argv[0]
+    must be an absolute path the sandbox sees (under /usr or in workdir). The seccomp
+    filter is installed before exec and so holds for the program, unless
+    allow_processes (a compiler driver must fork cc1plus, as and ld; it runs no
+    untrusted code). reason: None (exit 0), "timeout", "killed" (a signal) or "error"
+    (a nonzero exit); returncode says which. Raises RuntimeError if the sandbox itself
+    could not be set up, so that an infrastructure fault never reads as a wrong answer."""
+    if not (timeout > 0):
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if os.name != "posix":
+        raise RuntimeError("execute_native needs a POSIX system")
+    level = isolation()
+    workdir = os.path.realpath(workdir)
+    nonce = secrets.token_hex(16)
+    cfg = {"argv": list(argv), "nonce": nonce, "timeout": float(timeout), "max_memory_bytes": int(max_memory_bytes or 0),
+           "isolation": level, "allow_processes": bool(allow_processes)}
+    result = _run_posix(_sandboxed(level, workdir, _interpreter("_native_main")), cfg, _child_env(workdir), workdir,
+                        timeout, max_output_bytes, nonce, native=True)
+    if result.reason == "setup":
+        raise RuntimeError(f"sandbox setup failed for {argv[0]}: {result.stderr.strip()[-500:]}")
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +316,7 @@ class _Capture:
         return text
 
 
-def _run_posix(argv, cfg, env, workdir, timeout, max_output_bytes, nonce) -> ExecutionResult:
+def _run_posix(argv, cfg, env, workdir, timeout, max_output_bytes, nonce, native=False) -> ExecutionResult:
     status_r, status_w = os.pipe()
     cfg["status_fd"] = status_w  # pass_fds keeps the descriptor number in the child
     try:
@@ -370,12 +398,17 @@ def _run_posix(argv, cfg, env, workdir, timeout, max_output_bytes, nonce) -> Exe
         parts = line.split()
         if len(parts) == 2 and parts[0] == nonce.encode():
             state = parts[1].decode("ascii", errors="replace")
-    return _classify(timed_out, state, proc.returncode, out.text(), err.text())
+    return _classify(timed_out, state, proc.returncode, out.text(), err.text(), native)
 
 
-def _classify(timed_out, state, returncode, stdout, stderr) -> ExecutionResult:
+def _classify(timed_out, state, returncode, stdout, stderr, native=False) -> ExecutionResult:
     if timed_out:
         reason = "timeout"
+    elif native and state is None:  # an exec'd program writes no record: its exit status is the answer
+        killed = returncode is not None and (returncode < 0 or 128 < returncode <= 128 + 64)
+        reason = None if returncode == 0 else "killed" if killed else "error"
+    elif native and state == "setup":
+        reason = "setup"
     elif state == "ok" and returncode == 0:
         reason = None
     elif state == "memory":
@@ -386,7 +419,7 @@ def _classify(timed_out, state, returncode, stdout, stderr) -> ExecutionResult:
         reason = "killed"  # died from a signal (SIGKILL, SIGSEGV, SIGXCPU...); bwrap and the launcher say 128 + N
     else:  # exited without a valid completion record
         reason = "error"
-    return ExecutionResult(success=reason is None, stdout=stdout, stderr=stderr, reason=reason)
+    return ExecutionResult(success=reason is None, stdout=stdout, stderr=stderr, reason=reason, returncode=returncode)
 
 
 def _read_some(sel, key) -> None:
@@ -566,6 +599,34 @@ def _child_main() -> None:
         finish("error")
     del reserve
     finish("ok")
+
+
+def _native_main() -> None:
+    """execute_native's child: the limits and (unless allow_processes) the seccomp filter,
+    then exec the program, which inherits both. Only a setup failure writes a record."""
+    cfg = json.loads(sys.stdin.buffer.read())
+    status_fd = cfg.get("status_fd")
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        os.close(fd)
+        nproc_limit = _nproc_limit()
+        if cfg["isolation"] == "none":
+            _isolate_network()
+        _apply_limits(cfg["max_memory_bytes"], cfg["timeout"], nproc_limit)
+        if not cfg["allow_processes"]:
+            _install_seccomp()
+        if status_fd is not None:
+            os.set_inheritable(status_fd, False)  # closed by a successful exec: the program cannot forge a record
+        os.execv(cfg["argv"][0], cfg["argv"])
+    except BaseException as exc:
+        os.write(2, f"sandbox setup failed: {type(exc).__name__}: {exc}\n".encode())
+        if status_fd is not None:
+            try:
+                os.write(status_fd, f"{cfg['nonce']} setup\n".encode())
+            except OSError:
+                pass
+        os._exit(126)
 
 
 # Linux constants (the same on every architecture unless noted)

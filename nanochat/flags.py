@@ -58,6 +58,9 @@ def add_model_args(parser):
       "(with --mtp)")
     a("--dsa", action="store_true", help="DeepSeek sparse attention (from --dsa_start_layer on)")
     a("--dsa_start_layer", type=int, default=7, help="first layer with DSA (with --dsa)")
+    a("--dsa_top_k", type=int, default=2048, help="DSA keys per query (>= the context: dense attention exactly)")
+    a("--dsa_heads", type=int, default=4, help="DSA lightning indexer heads")
+    a("--dsa_dim", type=int, default=64, help="DSA lightning indexer dims (a multiple of 4)")
     # the quality recipe's model half (issue 25, from the reference nanochat 2026; docs/model.md has
     # the table): on by default since it measured val bpb 1.032 vs 1.175 at 100 d12 steps
     # (docs/benchmarks.md); 0 / 1.0 / 10000 / 1 give the January 2026 model
@@ -91,7 +94,8 @@ def config_from_args(args, vocab_size):
         if asked(args):
             raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
     require_positive(args, ("mtp_depth", "mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand",
-                            "mamba3_chunk", "engram_order", "engram_heads", "engram_dim", "mhc_streams"))
+                            "mamba3_chunk", "engram_order", "engram_heads", "engram_dim", "mhc_streams", "dsa_top_k",
+                            "dsa_heads", "dsa_dim"))
     if args.engram_table < 0:
         raise SystemExit(f"--engram_table={args.engram_table}: must be 0 (= vocab size) or a positive number of rows")
     if not args.mamba and any(getattr(args, f"mamba3_{p}") for p in ("qknorm", "bias", "complex_rope", "trapezoidal")):
@@ -107,7 +111,8 @@ def config_from_args(args, vocab_size):
                engram_layers=args.engram_layers if args.engram else "", engram_order=args.engram_order,
                engram_heads=args.engram_heads, engram_dim=args.engram_dim, engram_table=args.engram_table, mhc=args.mhc,
                mhc_streams=args.mhc_streams, mtp=args.mtp, mtp_lambda=args.mtp_lambda, mtp_depth=args.mtp_depth,
-               dsa_start_layer=args.dsa_start_layer if args.dsa else -1,
+               dsa_start_layer=args.dsa_start_layer if args.dsa else -1, dsa_top_k=args.dsa_top_k,
+               dsa_heads=args.dsa_heads, dsa_dim=args.dsa_dim,
                value_embeds=bool(args.value_embeds), smear=bool(args.smear), backout=bool(args.backout),
                layer_lambdas=bool(args.layer_lambdas), qk_scale=args.qk_scale, rope_base=args.rope_base,
                pad_vocab_to=args.pad_vocab_to, short_window_div=args.short_window_div,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm,
                                 rotary_tables)
+from nanochat.dsa import SparseAttention
 from nanochat.engram import Engram, layer_hash_params
 from nanochat.mamba3 import Mamba3
 from nanochat.mhc import HyperConnection
@@ -82,7 +83,10 @@ class GPTConfig:
     mtp: bool = False            # DeepSeek-V3 multi-token prediction modules (nanochat/mtp.py)
     mtp_lambda: float = 0.3      # weight of the MTP loss
     mtp_depth: int = 1           # D: sequential MTP modules, module k predicts the token k+1 ahead
-    dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off)
+    dsa_start_layer: int = -1    # DeepSeek sparse attention from this layer on (-1 = off; nanochat/dsa.py)
+    dsa_top_k: int = 2048        # keys per query (>= the keys a query sees: dense attention exactly)
+    dsa_heads: int = 4           # lightning indexer heads H_I
+    dsa_dim: int = 64            # indexer dims d_I
     # quality recipe (issue 25; the reference nanochat's 2026 model); defaults = the old model,
     # the values of the new recipe are in dev/quality_ablation.sh and docs/model.md
     value_embeds: bool = False   # ResFormer value embeddings on alternating layers (the last included)
@@ -118,7 +122,7 @@ LEGACY = dict(mamba_pattern="", mamba3_qknorm=False, mamba3_bias=False, mamba3_c
               mamba3_trapezoidal=False, mamba3_mimo_rank=1, mamba3_d_state=128, mamba3_headdim=64, mamba3_expand=2,
               mamba3_chunk=64, mamba3_outproj_norm=True, engram_layers="", engram_order=3, engram_heads=4,
               engram_dim=256, engram_table=0, mhc=False, mhc_streams=4, mtp=False, mtp_lambda=0.3, mtp_depth=1,
-              dsa_start_layer=-1,
+              dsa_start_layer=-1, dsa_top_k=2048, dsa_heads=4, dsa_dim=64,
               value_embeds=False, smear=False, backout=False, layer_lambdas=False, qk_scale=1.0, rope_base=10000.0,
               pad_vocab_to=1, short_window_div=2, window_tile=1, ref_init=False)
 
@@ -134,20 +138,6 @@ def has_value_embed(config, i):
     return config.value_embeds and i % 2 == (config.n_layer - 1) % 2
 
 
-# Extensions whose modules have not landed yet: their settings stop the model from being
-# built, with one line naming the flag, rather than being silently ignored.
-UNBUILT = {
-    "--dsa (DeepSeek sparse attention)": lambda c: c.dsa_start_layer >= 0,
-}
-
-
-def check_buildable(config):
-    """Raise ValueError naming the first requested extension that is not built yet."""
-    for flag, is_on in UNBUILT.items():
-        if is_on(config):
-            raise ValueError(f"{flag} is not built yet in this nanochat; train without it")
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     """What one layer is: its sequence mixer (a key of MIXERS), the attention window in
@@ -161,7 +151,6 @@ class LayerSpec:
 def layer_plan(config):
     """One LayerSpec per layer: the one place that decides what each layer is; Block
     builds whatever this says."""
-    check_buildable(config)
     pattern = config.window_pattern.upper()
     if not pattern or set(pattern) - set("SL"):
         raise ValueError(f"window_pattern {config.window_pattern!r} must be a non-empty string of S and L")
@@ -173,6 +162,8 @@ def layer_plan(config):
     # ceiling of T / 4 first, which differs only when that crosses a tile boundary
     short = min(-(-(T // config.short_window_div) // tile) * tile, T)
     windows = {"S": short, "L": T}
+    if not -1 <= config.dsa_start_layer < config.n_layer:
+        raise ValueError(f"dsa_start_layer {config.dsa_start_layer} must be a layer index (0..{config.n_layer - 1})")
     if config.mhc and config.mhc_streams < 1:
         raise ValueError(f"mhc_streams {config.mhc_streams} must be at least 1")
     engram = engram_layers(config)
@@ -184,12 +175,13 @@ def layer_plan(config):
             continue
         # the window pattern runs over the attention layers; the last one sees the full context
         window = T if i == config.n_layer - 1 else windows[pattern[n_attn % len(pattern)]]
-        plan.append(LayerSpec("attn", window, extras + (("value_embed",) if has_value_embed(config, i) else ())))
+        mixer = "dsa" if 0 <= config.dsa_start_layer <= i else "attn"  # DSA: attention layers from its start on
+        plan.append(LayerSpec(mixer, window, extras + (("value_embed",) if has_value_embed(config, i) else ())))
         n_attn += 1
     return plan
 
 
-MIXERS = {"attn": CausalSelfAttention, "mamba3": Mamba3}
+MIXERS = {"attn": CausalSelfAttention, "mamba3": Mamba3, "dsa": SparseAttention}
 
 
 def engram_layers(config):
@@ -246,13 +238,13 @@ class Block(nn.Module):
         return self.hc_mlp(x, lambda u: self.mlp(norm(u)))
 
     def _engram_streams(self, x, idx, cache):
-        """Engram on every mHC stream, as its demo runs it: the same lookup and value for
-        every stream (all weights shared; recomputed per stream, for simplicity), a gate
-        per stream (each stream is its own query) and the conv per stream. The streams
-        ride in the batch dimension (cache rows b * n + s)."""
+        """Engram on every mHC stream, as its demo runs it: one lookup, key and value for all
+        streams (all weights shared), a gate per stream (each stream is its own query) and
+        the conv per stream. The streams ride in the batch dimension (rows b * n + s)."""
         B, T, n, C = x.shape
+        k, v = self.engram.lookup(idx, x.dtype, cache)
         h = x.transpose(1, 2).reshape(B * n, T, C)
-        o = self.engram(h, idx.repeat_interleave(n, dim=0), cache)
+        o = self.engram.mix(h, k.repeat_interleave(n, dim=0), v.repeat_interleave(n, dim=0), cache)
         return o.view(B, n, T, C).transpose(1, 2)
 
 
@@ -296,6 +288,7 @@ class GPT(nn.Module):
         self.config = config
         self.plan = layer_plan(config)
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
+        self.dsa_stage = "sparse"  # DSA layers: "warmup" = dense attention, only the indexer trains (base_train)
         V, C, L = padded_vocab(config), config.n_embd, config.n_layer
         self.wte = nn.Embedding(V, C)
         engram = [i for i, spec in enumerate(self.plan) if "engram" in spec.extras]
@@ -396,7 +389,7 @@ class GPT(nn.Module):
         mtp = self.mtp.flops_per_token(T, self.lm_head.weight.numel()) if self.config.mtp else 0
         return 6 * self.lm_head.weight.numel() + smear + mtp + sum(
             b.mixer.flops_per_token(T) + 6 * sum(p.numel() for p in b.mlp.parameters())
-            + (b.engram.flops_per_token() * (self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
+            + (b.engram.flops_per_token(self.config.mhc_streams if self.config.mhc else 1) if b.engram else 0)
             + (b.hc_mixer.flops_per_token() + b.hc_mlp.flops_per_token() if b.hc_mixer else 0) for b in self.blocks)
 
     @torch.compiler.disable
@@ -408,14 +401,15 @@ class GPT(nn.Module):
         masks = {}
         if pos0 == 0 and self.training:
             masks = block_masks({s.window for s in self.plan if s.window}, T, self.kernel, device, self._block_masks)
-        return Context(cos, sin, pos0, T, masks, idx=idx)
+        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device
         dtype = dtype or self.wte.weight.dtype
         prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
-        rows = batch_size * (self.config.mhc_streams if self.config.mhc else 1)  # Engram runs per mHC stream
-        engram = {i: b.engram.init_cache(rows, device, dtype) for i, b in enumerate(self.blocks) if b.engram}
+        streams = self.config.mhc_streams if self.config.mhc else 1  # Engram's conv runs per mHC stream
+        engram = {i: b.engram.init_cache(batch_size, device, dtype, streams) for i, b in enumerate(self.blocks)
+                  if b.engram}
         return ModelCache([b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks], max_len, prev,
                           engram)
 
@@ -473,7 +467,10 @@ class GPT(nn.Module):
         main + mtp_lambda * L_MTP (nanochat/mtp.py; "sum": the main sum plus the MTP
         modules' summed losses); "none" gives the main per-token losses only (evaluation).
         return_parts=True: (loss, main loss, MTP loss), the last two detached, for logging
-        (the MTP loss is 0 without MTP)."""
+        (the MTP loss is 0 without MTP).
+        With DSA layers in training, their indexer loss L^I (the mean over layers) is added
+        (it reaches only the indexers) and kept detached in self.indexer_loss for logging;
+        in the "warmup" stage the loss is L^I alone, so only the indexers train."""
         B, T = idx.shape
         pos0 = cache.pos if cache is not None else 0
         ctx = self._context(idx, pos0)
@@ -491,6 +488,10 @@ class GPT(nn.Module):
                 raise ValueError("the MTP loss needs whole sequences from position 0, not a cache")
             mtp = self.mtp(x, idx, targets, self.wte, self._logits, ctx.cos, ctx.sin, loss_reduction)
             loss = main + self.config.mtp_lambda * mtp
+        if ctx.aux_losses and loss_reduction != "none":
+            indexer = torch.stack(ctx.aux_losses).mean()
+            self.indexer_loss = indexer.detach()
+            loss = indexer if self.dsa_stage == "warmup" else loss + indexer
         return (loss, main.detach(), mtp.detach()) if return_parts else loss
 
     def decode_step(self, idx, cache, pos_t):
@@ -507,7 +508,7 @@ class GPT(nn.Module):
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,
-                         cautious_wd=False, normuon_beta2=0.0, muon_eq=False, muon_plus=False):
+                         cautious_wd=False, normuon_beta2=0.0, muon_eq=False, muon_plus=False, dsa_lr=1e-3):
         """Muon for the parameters tagged "muon" (the blocks' matrices); AdamW for the
         rest, one group per tag: the embedding, the lm_head, scalars/vectors/biases
         ("adamw_scalar"), and the quality recipe's value embeddings and residual scalars.
@@ -536,6 +537,8 @@ class GPT(nn.Module):
             # mHC's Phi, scales and biases: 0.005 at the default scalar_lr, not adamw_scalar's 0.5,
             # which would move the +-6 logits of the init by a tenth per step; no decay; not tuned
             "adamw_mhc": (scalar_lr * 0.01, adam_betas, 0.0),
+            # DSA's lightning indexers: AdamW at the paper's warm-up lr 1e-3, no decay; not tuned
+            "adamw_dsa": (dsa_lr, adam_betas, 0.0),
         }
         tags = self.opt_tags()
         by_group = {}

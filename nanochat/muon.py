@@ -98,6 +98,8 @@ class Muon(torch.optim.Optimizer):
         rank = torch.distributed.get_rank() if W > 1 else 0
         for group in self.param_groups:
             params = group["params"]
+            if all(p.grad is None for p in params):  # not trained this step (DSA's warm-up)
+                continue
             n = -(-len(params) // W)  # matrices per rank (the last rank may have padding)
             grads = torch.stack([p.grad for p in params])
             if n * W > len(params):

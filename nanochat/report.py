@@ -10,8 +10,9 @@ shows) and as JSON (what the summary table reads). Stages may also log curves
 (log_curve: (step, value) points), which generate plots as PNG next to report.md.
 
 The summary table reads these keys: "CORE metric" from the section "Base model
-evaluation"; "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"
-from "Chat evaluation mid", "Chat evaluation sft" and "Chat evaluation rl".
+evaluation"; "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE" and
+the C++ ones "HumanEval-cpp", "MBPP-cpp", "C++ pass@1" (their mean) from "Chat evaluation
+mid", "Chat evaluation sft" and "Chat evaluation rl".
 """
 
 import datetime
@@ -30,7 +31,8 @@ from nanochat.common import atomic_write, get_base_dir, get_dist_info
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
                  "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
                  "Chat RL", "Chat evaluation rl"]
-SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE",
+                   "HumanEval-cpp", "MBPP-cpp", "C++ pass@1"]
 STAGES = ["BASE", "MID", "SFT", "RL"]
 CODE_EXTENSIONS = (".py", ".md", ".html", ".toml", ".sh", ".rs")
 

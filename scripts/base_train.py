@@ -77,6 +77,8 @@ parser.add_argument("--normuon_beta2", type=float, default=0.9, help="NorMuon pe
 parser.add_argument("--muon_eq", type=int, default=1, help="1: MuonEq row equilibration before orthogonalizing")
 parser.add_argument("--muon_plus", type=int, default=1, help="1: Muon+ Frobenius renormalization after orthogonalizing")
 parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
+parser.add_argument("--dsa_warmup_steps", type=int, default=0, help="with --dsa: first steps with dense attention "
+                    "where only the indexers train, on their KL loss (DeepSeek-V3.2's warm-up; for a dense checkpoint)")
 parser.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of steps of lr warmup")
 parser.add_argument("--warmup_steps", type=int, default=-1, help="steps of lr warmup (-1: use --warmup_ratio; "
                     "reference nanochat: 40)")
@@ -138,6 +140,9 @@ vocab_size = tokenizer.get_vocab_size()
 # Model
 
 config = config_from_args(args, vocab_size)
+dsa = config.dsa_start_layer >= 0
+if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
+    raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
 model = build_model(config, device)
 model.kernel = args.kernel
 model_tag = args.model_tag or f"d{args.depth}"
@@ -353,11 +358,15 @@ while True:
     t0 = time.time()
     train_loss = torch.zeros((), device=device)
     mtp_loss = torch.zeros((), device=device)  # the MTP modules' loss L_MTP, logged on its own
+    index_loss = torch.zeros((), device=device)  # DSA's indexer loss L^I, logged on its own
+    orig_model.dsa_stage = "warmup" if step < args.dsa_warmup_steps else "sparse"
     for micro in range(grad_accum_steps):
         with autocast:
             loss, main_loss, micro_mtp = model(x, y, return_parts=True)
         train_loss += main_loss / grad_accum_steps  # the main loss, comparable to runs without MTP
         mtp_loss += micro_mtp / grad_accum_steps
+        if dsa:
+            index_loss += orig_model.indexer_loss / grad_accum_steps
         (loss / grad_accum_steps).backward()
         loader_state = train_loader.state_dict()
         x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
@@ -382,7 +391,9 @@ while True:
         torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
         if config.mtp:
             torch.distributed.all_reduce(mtp_loss, op=torch.distributed.ReduceOp.AVG)
-    train_loss, mtp_loss = train_loss.item(), mtp_loss.item()  # syncs with the device
+        if dsa:
+            torch.distributed.all_reduce(index_loss, op=torch.distributed.ReduceOp.AVG)
+    train_loss, mtp_loss, index_loss = train_loss.item(), mtp_loss.item(), index_loss.item()  # syncs with the device
     synchronize(device_type)
     dt = time.time() - t0
     step += 1
@@ -399,12 +410,14 @@ while True:
     eta = (num_iterations - step) * timed_time / (steps_run - 10) if steps_run > 10 else float("nan")
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
            f"(step: {train_loss:.6f}) | " + (f"mtp_loss: {mtp_loss:.6f} | " if config.mtp else "") +
+           (f"indexer_loss: {index_loss:.6f} | " if dsa else "") +
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/sec: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | "
            f"eta: {eta / 60:.1f}m" + (f" | grad norm: {grad_norm:.3f}" if grad_norm is not None else ""))
     loss_curve.append((step, debiased))
     wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
                    "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
-                   **({"train/mtp_loss": mtp_loss} if config.mtp else {})})
+                   **({"train/mtp_loss": mtp_loss} if config.mtp else {}),
+                   **({"train/indexer_loss": index_loss} if dsa else {})})
 
 print0(f"peak memory: {max_memory_allocated_mib(device_type):.0f} MiB; training time: {train_time / 60:.2f}m; "
        f"min val bpb: {min_val_bpb:.4f}; data cropped by packing: {train_loader.crop_fraction:.2%}")

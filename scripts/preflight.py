@@ -46,7 +46,8 @@ DATASETS = {
             ("allenai/ai2_arc", "ARC-Easy", "test")],
     "chat_eval": [("allenai/ai2_arc", "ARC-Easy", "test"), ("allenai/ai2_arc", "ARC-Challenge", "test"),
                   ("cais/mmlu", "all", "test"), ("openai/gsm8k", "main", "test"),
-                  ("openai/openai_humaneval", None, "test")],
+                  ("openai/openai_humaneval", None, "test"), ("nuprl/MultiPL-E", "humaneval-cpp", "test"),
+                  ("nuprl/MultiPL-E", "mbpp-cpp", "test")],
     "rl": [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")],
 }
 WORD_STAGES = ("mid", "sft", "chat_eval")  # SimpleSpelling / SpellingBee

@@ -38,6 +38,59 @@ def _mc_row(rng, i):
     return f"What is {a} plus {b}?", choices, choices.index(str(c))
 
 
+_CPP_HEAD = "#include<assert.h>\n#include<bits/stdc++.h>\n"
+
+# MultiPL-E C++ rows written for the tests (not taken from the benchmark), with the
+# body that solves each one as canonical_solution (a field the hub's rows do not have)
+CPP_FIXTURES = {
+    "humaneval-cpp": [
+        {"name": "HumanEval_0_add_one", "language": "cpp",
+         "prompt": _CPP_HEAD + "// Return x plus one.\n// >>> add_one((1))\n// (2)\nlong add_one(long x) {\n",
+         "canonical_solution": "    return x + 1;\n",
+         "tests": "}\nint main() {\n    auto candidate = add_one;\n    assert(candidate((1)) == (2));\n"
+                  "    assert(candidate((-1)) == (0));\n}\n"},
+        {"name": "HumanEval_1_sum_vector", "language": "cpp",
+         "prompt": _CPP_HEAD + "// The sum of the numbers in the vector (0 when it is empty).\n"
+                               "// >>> sum_vector((std::vector<long>({(long)1, (long)2, (long)3})))\n// (6)\n"
+                               "long sum_vector(std::vector<long> numbers) {\n",
+         "canonical_solution": ("    long total = 0;\n    for (long x : numbers) {\n        total += x;\n    }\n"
+                                "    return total;\n"),
+         "tests": "}\nint main() {\n    auto candidate = sum_vector;\n"
+                  "    assert(candidate((std::vector<long>({(long)1, (long)2, (long)3}))) == (6));\n"
+                  "    assert(candidate((std::vector<long>())) == (0));\n}\n"},
+        {"name": "HumanEval_2_reverse_words", "language": "cpp",
+         "prompt": _CPP_HEAD + "// The words of the sentence (separated by single spaces) in reverse order.\n"
+                               "// >>> reverse_words((\"a b c\"))\n// (\"c b a\")\n"
+                               "std::string reverse_words(std::string s) {\n",
+         "canonical_solution": "    std::vector<std::string> words;\n    std::stringstream in(s);\n    std::string w;\n"
+                               "    while (in >> w) {\n        words.push_back(w);\n    }\n"
+                               "    std::string out;\n    for (long i = (long)words.size() - 1; i >= 0; i--) {\n"
+                               "        out += words[i];\n        if (i > 0) {\n            out += \" \";\n        }\n    }\n"
+                               "    return out;\n",
+         "tests": "}\nint main() {\n    auto candidate = reverse_words;\n"
+                  "    assert(candidate((\"a b c\")) == (\"c b a\"));\n    assert(candidate((\"hello\")) == (\"hello\"));\n"
+                  "    assert(candidate((\"\")) == (\"\"));\n}\n"},
+    ],
+    "mbpp-cpp": [
+        {"name": "mbpp_1_is_even", "language": "cpp",
+         "prompt": _CPP_HEAD + "// Write a function to check whether a number is even.\nbool is_even(long n) {\n",
+         "canonical_solution": "    return n % 2 == 0;\n",
+         "tests": "}\nint main() {\n    auto candidate = is_even;\n    assert(candidate((4)) == (true));\n"
+                  "    assert(candidate((7)) == (false));\n}\n"},
+        {"name": "mbpp_2_max_of_three", "language": "cpp",
+         "prompt": _CPP_HEAD + "// Write a function to find the largest of three numbers.\n"
+                               "long max_of_three(long a, long b, long c) {\n",
+         "canonical_solution": "    return std::max(a, std::max(b, c));\n",
+         "tests": "}\nint main() {\n    auto candidate = max_of_three;\n    assert(candidate((1), (5), (3)) == (5));\n"
+                  "    assert(candidate((-1), (-5), (-3)) == (-1));\n}\n"},
+    ],
+}
+for _rows in CPP_FIXTURES.values():
+    for _row in _rows:
+        _row.update(doctests="transform", original=f"fixture/{_row['name']}.py", prompt_terminology="reworded",
+                    stop_tokens=["\n}"])
+
+
 def write_task_fixtures(root, n=24, seed=0):
     """Write every dataset split the chat stages read under root (the layout of
     $NANOCHAT_TASK_DATA) plus root/words.txt; returns root."""
@@ -76,6 +129,8 @@ def write_task_fixtures(root, n=24, seed=0):
                      "canonical_solution": f"    return x + {k}\n",
                      "test": f"def check(candidate):\n    assert candidate(1) == {1 + k}\n    assert candidate(-{k}) == 0\n"})
     _write(root, ["openai", "openai_humaneval"], "test", rows)
+    for config, cpp_rows in CPP_FIXTURES.items():
+        _write(root, ["nuprl", "MultiPL-E", config], "test", cpp_rows)
     for split in ("train", "test"):
         rows = []
         for i in range(n):

@@ -214,8 +214,7 @@ SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_
               "--dsa", "--dsa_start_layer=7", "--gradient_checkpointing", "--fim_rate=0.5", "--streaming_data",
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
 UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
-           "--gradient_checkpointing": "--gradient_checkpointing",
-           "--dsa": "--dsa"}
+           "--gradient_checkpointing": "--gradient_checkpointing"}
 
 
 def seed_command(corpus_dir, flags):
@@ -265,24 +264,25 @@ def test_fim_training_learns_and_resumes_exactly(base_dir, corpus_dir):
 
 
 def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
-    """Everything of the seed's command that is built, Mamba-3, Engram, mHC and MTP included
-    (depth 4: AAM gives layer 2 to Mamba-3): it trains, and the checkpoint alone rebuilds the
-    hybrid and samples."""
+    """Everything of the seed's command that is built, Mamba-3, Engram, mHC, MTP and DSA included
+    (depth 4: AAM gives layer 2 to Mamba-3, DSA from layer 3): it trains, and the checkpoint
+    alone rebuilds the hybrid and samples."""
     built = [f for f in SEED_FLAGS if f not in UNBUILT
              and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
-    out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--engram_layers=0,3", "--model_tag=seed")
-    assert "step 00006/00006" in out and "mtp_loss: " in out
+    out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--engram_layers=0,3", "--dsa_start_layer=3",
+                    "--model_tag=seed")
+    assert "step 00006/00006" in out and "mtp_loss: " in out and "indexer_loss: " in out
     meta = json.loads((base_dir / "base_checkpoints" / "seed" / "meta_000006.json").read_text())
     cfg = meta["model_config"]
     assert cfg["mamba_pattern"] == "AAM" and cfg["mamba3_trapezoidal"] and cfg["mamba3_complex_rope"]
-    assert cfg["engram_layers"] == "0,3" and cfg["dsa_start_layer"] == -1 and cfg["mhc"]
+    assert cfg["engram_layers"] == "0,3" and cfg["dsa_start_layer"] == 3 and cfg["mhc"]
     assert cfg["mtp"] and cfg["mtp_lambda"] == 0.3 and cfg["mtp_depth"] == 1
     assert meta["user_config"]["kernel"] == "current" and meta["user_config"]["no_compile"]
     from nanochat.checkpoint_manager import build_from_checkpoint
     from nanochat.engine import Engine
     from nanochat.tokenizer import get_tokenizer
     model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "seed"), 6, torch.device("cpu"), "eval")
-    assert [s.mixer for s in model.plan] == ["attn", "attn", "mamba3", "attn"]
+    assert [s.mixer for s in model.plan] == ["attn", "attn", "mamba3", "dsa"]
     assert [i for i, s in enumerate(model.plan) if "engram" in s.extras] == [0, 3]
     tokenizer = get_tokenizer(str(base_dir / "tokenizer"))
     rows, _ = Engine(model, tokenizer).generate_batch(tokenizer.encode("int main", prepend="<|bos|>"), num_samples=2,

@@ -78,7 +78,9 @@ def test_chain_base_mid_sft_rl_eval(chain):
 
     out = run(env, "scripts.chat_eval", "-i", "rl", "-x", "4", "-m", "12").stdout
     table = dict(re.findall(r"^\| (\S+) \| ([\d.]+) \|$", out, re.M))
-    assert set(table) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"}, out
+    assert set(table) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE",
+                          "HumanEval-cpp", "MBPP-cpp"}, out
+    assert re.search(r"^\| C\+\+ pass@1 \| [\d.]+ \|$", out, re.M), out  # the C++ summary beside ChatCORE
     assert all(0 <= float(v) <= 1 for k, v in table.items() if k != "ChatCORE")
     section = json.loads((base / "report" / "chat-evaluation-rl.json").read_text())
     assert section["data"][1]["ChatCORE"] == pytest.approx(float(table["ChatCORE"]), abs=1e-4)

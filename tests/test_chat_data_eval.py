@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.chat_data import PackedConversations, PaddedConversations, pad_batch
-from nanochat.chat_eval import chatcore, run_categorical
+from nanochat.chat_eval import chatcore, pass_at_k, pass_at_ks, run_categorical
 from tasks.common import Task, render_mc
 
 
@@ -137,3 +137,28 @@ def test_policy_gradient_step_moves_sampled_tokens_the_advantage_way(advantage):
     after = logp()
     assert (after - before) * advantage > 0, (before, after)
     assert loss.item() * advantage > 0  # = advantage * mean nll of the sampled tokens
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 0, 1, 0.0),
+    (5, 5, 3, 1.0),
+    (5, 2, 1, 0.4),  # c/n
+    (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+    (4, 1, 4, 1.0),  # n - c < k: every draw holds the right one
+    (200, 1, 100, 0.5),  # 1 - C(199,100)/C(200,100) = 1 - 100/200
+])
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_is_stable_where_binomials_overflow():
+    from fractions import Fraction
+    from math import comb
+    exact = 1 - Fraction(comb(1990, 500), comb(2000, 500))  # C(2000, 500) is far beyond a float
+    assert pass_at_k(2000, 10, 500) == pytest.approx(float(exact), rel=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+    assert pass_at_ks(1) == [1] and pass_at_ks(20) == [1, 10, 20] and pass_at_ks(100) == [1, 10, 100]

@@ -209,13 +209,6 @@ def test_weight_decay_flags_reach_both_optimizers():
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
 
 
-@pytest.mark.parametrize("field,value,flag", [("dsa_start_layer", 1, "--dsa")])
-def test_unbuilt_extension_stops_with_its_flag(field, value, flag):
-    cfg = GPTConfig(sequence_len=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, **{field: value})
-    with pytest.raises(ValueError, match=f"{flag}.*not built yet"):
-        build_model(cfg, "cpu")
-
-
 def test_config_from_old_checkpoint_and_unknown_fields():
     old = {"sequence_len": 64, "vocab_size": 50, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 32,
            "window_pattern": "L", "softcap": 15.0}  # a checkpoint from before the extension fields

@@ -24,11 +24,13 @@ RECIPE = dict(value_embeds=True, smear=True, backout=True, layer_lambdas=True, q
 
 
 # the recipe plus extensions: "hybrid" = every Mamba-3 part on (AAM over 4 layers: layer 2 is
-# Mamba-3), MIMO rank 2; "memory" = Engram on layers 0 and 2 under mHC with 4 streams
+# Mamba-3), MIMO rank 2; "memory" = Engram on layers 0 and 2 under mHC with 4 streams; "dsa" =
+# DeepSeek sparse attention on layers 2 and 3, 48 keys per query
 EXTRAS = {False: {}, True: RECIPE,
           "hybrid": dict(RECIPE, mamba_pattern="AAM", mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
                          mamba3_trapezoidal=True, mamba3_mimo_rank=2),
-          "memory": dict(RECIPE, engram_layers="0,2", engram_table=1024, mhc=True)}
+          "memory": dict(RECIPE, engram_layers="0,2", engram_table=1024, mhc=True),
+          "dsa": dict(RECIPE, dsa_start_layer=2, dsa_top_k=48, dsa_dim=32)}
 
 
 def model_pair(pattern, T=256, recipe=False, **kw):
@@ -63,7 +65,8 @@ def test_gpu_training_path_matches_cpu(pattern, recipe, kernel):
     assert rel < 2e-2, rel
 
 
-@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSSL", False), ("L", "hybrid"), ("L", "memory")])
+@pytest.mark.parametrize("pattern,recipe", [("L", False), ("SSSL", False), ("L", "hybrid"), ("L", "memory"),
+                                            ("SSSL", "dsa")])
 def test_gpu_causality(pattern, recipe):
     _, gpu = model_pair(pattern, recipe=recipe)
     idx = torch.randint(0, 512, (2, 256), device="cuda")
@@ -75,7 +78,7 @@ def test_gpu_causality(pattern, recipe):
     assert torch.equal(out[:, :101], base[:, :101])
 
 
-@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory"])
+@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory", "dsa"])
 def test_compiled_model_matches_eager(recipe):
     _, gpu = model_pair("SSSL", recipe=recipe)
     idx = torch.randint(0, 500, (2, 256), device="cuda")
@@ -96,7 +99,7 @@ def test_muon_cuda_matches_fp32_reference():
             assert rel < 5e-2, (shape, rel)  # bf16 lands near 3e-2 (CPU bf16 too)
 
 
-@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory"])
+@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory", "dsa"])
 def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     """With the recipe, the smear's prev_emb, in a hybrid the Mamba states, and with Engram its
     token history, must survive the graph's warmup and capture."""

@@ -1,0 +1,100 @@
+"""C++ tasks (MultiPL-E humaneval-cpp, mbpp-cpp) on the offline fixtures of tasks/fixtures.py,
+read through NANOCHAT_TASK_DATA as a local copy of the hub's dataset would be. The
+"models" are scripted: one returns the canonical solution, one returns garbage."""
+
+import shutil
+
+import pytest
+
+from tasks.fixtures import CPP_FIXTURES, write_task_fixtures
+from tasks.humaneval_cpp import HumanEvalCpp, MBPPCpp, cut_at_stop, strip_closing_brace
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+
+GARBAGE = "I am not sure, but maybe:\n```cpp\nthis is not C++ at all\n```"
+
+
+@pytest.fixture
+def task_data(tmp_path, monkeypatch):
+    write_task_fixtures(str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path))
+    return tmp_path
+
+
+def test_rows_load_from_the_local_copy(task_data):
+    he, mbpp = HumanEvalCpp(), MBPPCpp()
+    assert (len(he), len(mbpp)) == (len(CPP_FIXTURES["humaneval-cpp"]), len(CPP_FIXTURES["mbpp-cpp"]))
+    assert (task_data / "nuprl" / "MultiPL-E" / "humaneval-cpp" / "test.jsonl").is_file()
+    conv = he[0]
+    assert conv["entry_point"] == "add_one" and conv["stop_tokens"] == ["\n}"]
+    assert "```cpp\n#include<assert.h>" in conv["messages"][0]["content"]
+    assert conv["messages"][1]["content"].startswith("```cpp\n#include<assert.h>")
+    with pytest.raises(ValueError):
+        HumanEvalCpp(split="train")
+
+
+def test_stop_tokens_and_test_main():
+    assert cut_at_stop("    return x;\n}\n\nint main() {}", ["\n}"]) == "    return x;"
+    assert cut_at_stop("    return x;", ["\n}"]) == "    return x;"  # cut off by the token limit: kept whole
+    assert cut_at_stop("a;\n}b;\n}", ["\n}", "b"]) == "a;"
+    assert strip_closing_brace("}\nint main() {\n}\n") == "int main() {\n}\n"
+
+
+def test_scripted_models_score_one_and_zero(task_data):
+    # every fixture problem once with its canonical solution, garbage once per task and
+    # style: each compile parses <bits/stdc++.h>, seconds on a small machine
+    for task in (HumanEvalCpp(workers=2), MBPPCpp(workers=2)):
+        convs = list(task)
+        rows = {r["name"]: r for r in CPP_FIXTURES[task.config]}
+        canonical_chat = [c["messages"][1]["content"] for c in convs]
+        results = task.evaluate_batch(convs + convs[:1], canonical_chat + [GARBAGE])
+        assert [r.status for r in results] == ["passed"] * len(convs) + ["compile_error"]
+        assert sum(r.passed for r in results[:-1]) / len(convs) == 1.0
+    # base-model style: the prompt continued; what comes after the stop token is cut away
+    task = HumanEvalCpp(workers=2)
+    convs = list(task)
+    rows = {r["name"]: r for r in CPP_FIXTURES[task.config]}
+    completions = [rows[c["name"]]["canonical_solution"] + "}\n\nint unused() { return 0; }\n" for c in convs]
+    results = task.evaluate_batch(convs + convs[:1], completions + ["    return retrun;\n}"], completion=True)
+    assert [r.status for r in results] == ["passed"] * len(convs) + ["compile_error"]
+    # the one-at-a-time path
+    assert task.evaluate(convs[1], "no code here") == 0
+
+
+def test_wrong_function_is_wrong_answer(task_data):
+    task = HumanEvalCpp()
+    conv = task[0]
+    wrong = "```cpp\nlong add_one(long x) {\n    return x + 2;\n}\n```"
+    [r] = task.evaluate_batch([conv], [wrong])
+    assert r.status == "wrong_answer" and "Assertion" in r.stderr
+
+
+class ScriptedEngine:
+    """Stands in for Engine + Tokenizer in run_generative: the 'model' answers example i
+    (the engine is called with seed=i) with answers(i), one string per sample."""
+
+    device = "cpu"
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    # the tokenizer side
+    def render_for_completion(self, conversation):
+        return [0]
+
+    def decode(self, row):
+        return row
+
+    # the engine side: the "tokens" are the answer strings themselves
+    def generate_batch(self, prompt, num_samples, seed, **kwargs):
+        return self.answers(seed)[:num_samples], None
+
+
+def test_run_generative_scores_pass_at_k_over_a_cpp_task(task_data):
+    from nanochat.chat_eval import run_generative
+    task = HumanEvalCpp(workers=2)
+    canonical = [c["messages"][1]["content"] for c in task]
+    # sample 0 right, sample 1 garbage: pass@1 = 1/2 and pass@2 = 1 on every problem
+    scripted = ScriptedEngine(lambda i: [canonical[i], GARBAGE])
+    scores = run_generative(task, scripted, scripted, num_samples=2, progress=False)
+    assert scores == {"pass@1": 0.5, "pass@2": 1.0, "accuracy": 1.0}
