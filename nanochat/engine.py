@@ -182,8 +182,9 @@ class Engine:
         if max_len > model.rotary_len:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
         if speculative:
-            yield from self._speculative(tokens, num_samples, max_len - len(tokens) if max_tokens is None else max_tokens,
-                                         temperature, frequency_penalty or presence_penalty or logit_bias)
+            n = max_len - len(tokens) if max_tokens is None else max_tokens
+            yield from self._speculative(tokens, num_samples, n, temperature,
+                                         frequency_penalty or presence_penalty or logit_bias)
             return
         rng = torch.Generator(device=device).manual_seed(seed)
         # the cache length is rounded up to a multiple of 256, so prompts of many lengths share

@@ -37,7 +37,8 @@ parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
-parser.add_argument("--speculative", type=int, default=0, help="D > 0: D MTP modules, and a batch-1 row decoded speculatively")
+parser.add_argument("--speculative", type=int, default=0,
+                    help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
 args = parser.parse_args()
@@ -66,7 +67,8 @@ for B, speculative in runs:
     for attempt in range(2):  # the first run compiles and captures; time the second
         synchronize(device_type)
         t0 = time.time()
-        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0, speculative=speculative)
+        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0,
+                              speculative=speculative)
         next(gen)
         synchronize(device_type)
         t_first = time.time()

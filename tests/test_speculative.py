@@ -1,6 +1,8 @@
 """Greedy self-speculative decoding with the MTP modules (nanochat/mtp.py): the same tokens
-as greedy decoding on every kind of model, drafts equal to the modules' full recomputation
-whatever was accepted, every cache rolled back exactly, and the Engine's switch."""
+as greedy decoding on every kind of model (attention, quality recipe, Mamba-3 + Engram
+hybrid, DSA), also when drafts are accepted (forced, or from briefly trained modules),
+drafts equal to the modules' full recomputation whatever was accepted, every cache rolled
+back exactly, and the Engine's switch."""
 
 import random
 
@@ -16,7 +18,8 @@ from test_engine import HYBRID, RECIPE
 
 V = 50
 MODELS = {"attn": dict(), "attn D=2": dict(mtp_depth=2), "recipe D=2": dict(mtp_depth=2, **RECIPE),
-          "hybrid+engram+recipe D=3": dict(mtp_depth=3, engram_layers="0", **RECIPE, **HYBRID)}
+          "hybrid+engram+recipe D=3": dict(mtp_depth=3, engram_layers="0", **RECIPE, **HYBRID),
+          "dsa D=2": dict(mtp_depth=2, dsa_start_layer=1, dsa_top_k=6, dsa_heads=2, dsa_dim=16)}
 
 
 def model_for(mtp=True, vocab_size=V, **kw):
@@ -71,20 +74,25 @@ def cache_state(cache):
     """Every tensor of a model cache at its filled positions."""
     out = [] if cache.prev_emb is None else [cache.prev_emb]
     for layer in cache.layers:
-        out += [layer.k[:, :, :cache.pos], layer.v[:, :, :cache.pos]] if hasattr(layer, "k") else layer.snapshot()
+        if hasattr(layer, "k"):  # attention, position-indexed (DSA: and its indexer keys)
+            out += [layer.k[:, :, :cache.pos], layer.v[:, :, :cache.pos]]
+            out += [layer.ik[:, :cache.pos]] if hasattr(layer, "ik") else []
+        else:
+            out += layer.snapshot()
     for e in cache.engram.values():
         out += list(e.snapshot())
     return out
 
 
-@pytest.mark.parametrize("name", ["recipe D=2", "hybrid+engram+recipe D=3"])
+@pytest.mark.parametrize("name", ["recipe D=2", "hybrid+engram+recipe D=3", "dsa D=2"])
 def test_verify_rolls_back_every_cache(name):
     """A draft of the true continuation is kept whole, a wrong one rolled back to the one
     token before it; either way the cache equals the one of plain decoding of the kept tokens."""
     model = model_for(**MODELS[name])
     ref = naive_generate(model, PROMPT, 6)
     D = model.config.mtp_depth
-    for drafts, n_expected in [(ref[1:1 + D], D), ([(ref[1] + 1) % V] + ref[2:1 + D], 0), (ref[1:D] + [(ref[D] + 1) % V], D - 1)]:
+    wrong = [(t + 1) % V for t in ref]
+    for drafts, n_expected in [(ref[1:1 + D], D), (wrong[1:2] + ref[2:1 + D], 0), (ref[1:D] + wrong[D:D + 1], D - 1)]:
         cache = model.init_cache(1, 32)
         model(torch.tensor([PROMPT]), cache=cache)
         n, nxt, h = verify(model, cache, [ref[0]] + drafts)
