@@ -140,6 +140,7 @@ vocab_size = tokenizer.get_vocab_size()
 config = config_from_args(args, vocab_size)
 model = build_model(config, device)
 model.kernel = args.kernel
+model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
 num_params = model.num_params()
