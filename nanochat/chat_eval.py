@@ -96,12 +96,16 @@ def pass_at_ks(num_samples):
 
 @torch.no_grad()
 def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                   max_problems=None, rank=0, world_size=1, progress=True):
-    """{"accuracy": pass@n, "pass@k": ... for k in pass_at_ks(n)} over the examples."""
+                   max_problems=None, rank=0, world_size=1, progress=True, completion=False):
+    """{"accuracy": pass@n, "pass@k": ... for k in pass_at_ks(n)} over the examples.
+    completion=True (base models; tasks with evaluate_batch(..., completion=True), the C++
+    ones): the prompt is the example's raw "prompt" text after <|bos|>, continued as is."""
     device = engine.device
     indices = _indices(task, max_problems, rank, world_size)
     ks = pass_at_ks(num_samples)
     batched = hasattr(task, "evaluate_batch")
+    if completion and not batched:
+        raise ValueError(f"{type(task).__name__} has no completion-style scoring (evaluate_batch(..., completion=True))")
     sums = [0.0] * len(ks)
     total = 0
     pending = []  # (conversation, responses) waiting for evaluate_batch
@@ -115,7 +119,8 @@ def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, t
 
     for i in bar:
         conv = task[i]
-        prompt = tokenizer.render_for_completion(conv)
+        prompt = (tokenizer.encode(conv["prompt"], prepend="<|bos|>") if completion
+                  else tokenizer.render_for_completion(conv))
         rows, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, seed=i)
         responses = [tokenizer.decode(row) for row in rows]
@@ -126,7 +131,9 @@ def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, t
         bar.set_postfix(acc=f"{sums[-1] / total:.3f}")
     if pending:  # compile/run every sample of every example in one parallel batch
         convs = [c for c, rs in pending for _ in rs]
-        results = task.evaluate_batch(convs, [r for _, rs in pending for r in rs])
+        responses = [r for _, rs in pending for r in rs]
+        results = (task.evaluate_batch(convs, responses, completion=True) if completion
+                   else task.evaluate_batch(convs, responses))
         for j in range(len(pending)):
             count(sum(r.passed for r in results[j * num_samples:(j + 1) * num_samples]))
     *sums, total = _sum_across_ranks(*sums, total, device=device)

@@ -28,7 +28,8 @@ def add_model_args(parser):
     a("--no_compile", action="store_true", help="same as --compile=0")
     a("--tensor_parallel", type=int, default=1, help="tensor-parallel degree (TPU SPMD)")
     a("--xla_flash_attn", action="store_true", help="XLA (Pallas) flash attention on TPU")
-    a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward: less "
+      "memory, one more forward per block (a runtime switch; checkpoints do not change)")
     a("--mamba", action="store_true", help="hybrid model with Mamba-3 layers (see --mamba_pattern)")
     a("--mamba_pattern", default="AAM", help="A = attention, M = Mamba-3, tiled over depth (with --mamba)")
     a("--mamba3_qknorm", action="store_true", help="Mamba-3: RMSNorm (learned weight) on B and C (with --mamba)")
@@ -80,7 +81,6 @@ def add_model_args(parser):
 UNBUILT_RUNTIME = [
     (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),
     (lambda a: a.xla_flash_attn, "--xla_flash_attn (XLA flash attention)"),
-    (lambda a: a.gradient_checkpointing, "--gradient_checkpointing"),
 ]
 
 

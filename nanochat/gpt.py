@@ -27,7 +27,10 @@ Choices, one line each:
   part, so the engine never assumes attention;
 - optional DeepSeek-V3 multi-token prediction (config.mtp, nanochat/mtp.py): extra
   modules that add to the training loss; the forward and decode_step never run them,
-  only greedy self-speculative decoding does (mtp.speculative_generate).
+  only greedy self-speculative decoding does (mtp.speculative_generate);
+- gradient checkpointing is a runtime switch the training script sets from outside
+  (model.gradient_checkpointing, like model.kernel), not a config field: each block's
+  activations are then recomputed in backward (GPT.run_block).
 
 Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
 layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
@@ -40,6 +43,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm,
                                 rotary_tables)
@@ -289,6 +293,7 @@ class GPT(nn.Module):
         self.plan = layer_plan(config)
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         self.dsa_stage = "sparse"  # DSA layers: "warmup" = dense attention, only the indexer trains (base_train)
+        self.gradient_checkpointing = False  # recompute each block in backward (set by the training script)
         V, C, L = padded_vocab(config), config.n_embd, config.n_layer
         self.wte = nn.Embedding(V, C)
         engram = [i for i, spec in enumerate(self.plan) if "engram" in spec.extras]
@@ -446,7 +451,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if c.layer_lambdas:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            x = block(x, ctx, *((cache.layers[i], cache.engram.get(i)) if cache is not None else ()))
+            x = self.run_block(block, x, ctx) if cache is None else block(x, ctx, cache.layers[i], cache.engram.get(i))
             if i == c.n_layer // 2:
                 mid = x
         if c.backout:  # remove a share of the low-level features of mid-depth before the readout
@@ -454,6 +459,16 @@ class GPT(nn.Module):
         if c.mhc:
             x = x.mean(-2)  # the mean, not the sum: at init every stream is the baseline's x
         return norm(x)
+
+    def run_block(self, block, x, ctx):
+        """block(x, ctx) without a cache (the trunk's blocks and MTP's). With
+        gradient_checkpointing and grad enabled, it runs under torch.utils.checkpoint
+        (non-reentrant): backward keeps only the block's input and runs its forward once
+        more to get the activations it needs. ctx rides in a closure, so the checkpoint
+        (and torch.compile's version of it) sees one tensor input."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(lambda u: block(u, ctx), x, use_reentrant=False)
+        return block(x, ctx)
 
     def _logits(self, x):
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # crop the padded rows
@@ -486,7 +501,7 @@ class GPT(nn.Module):
         if self.config.mtp and loss_reduction != "none":
             if cache is not None:
                 raise ValueError("the MTP loss needs whole sequences from position 0, not a cache")
-            mtp = self.mtp(x, idx, targets, self.wte, self._logits, ctx.cos, ctx.sin, loss_reduction)
+            mtp = self.mtp(x, idx, targets, self.wte, self._logits, ctx.cos, ctx.sin, loss_reduction, self.run_block)
             loss = main + self.config.mtp_lambda * mtp
         if ctx.aux_losses and loss_reduction != "none":
             indexer = torch.stack(ctx.aux_losses).mean()

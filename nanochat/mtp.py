@@ -68,11 +68,13 @@ class MTP(nn.Module):
         return sum(6 * p.weight.numel() + b.mixer.flops_per_token(T) + 6 * sum(q.numel() for q in b.mlp.parameters())
                    + 6 * lm_head_weights for p, b in zip(self.proj, self.blocks))
 
-    def forward(self, h, idx, targets, wte, logits, cos, sin, reduction="mean"):
+    def forward(self, h, idx, targets, wte, logits, cos, sin, reduction="mean", run_block=None):
         """(1/D) sum_k L^k. h: (B, T, C) the main model's final hidden state; wte, logits:
         the main model's embedding and its softcapped head (a function of hidden states);
         cos, sin: the rotary tables of positions 0..T-1. reduction "mean": each L^k is
-        the mean over its valid targets (0 when it has none); "sum": their sum."""
+        the mean over its valid targets (0 when it has none); "sum": their sum.
+        run_block(block, h, ctx): how the main model runs a block (GPT.run_block, which
+        checkpoints it under gradient checkpointing); default: block(h, ctx)."""
         T = idx.size(1)
         total = torch.zeros((), device=h.device)
         for k, (proj, block) in enumerate(zip(self.proj, self.blocks), start=1):
@@ -81,7 +83,8 @@ class MTP(nn.Module):
                 break
             e = norm(wte(idx[:, k:])).to(h.dtype)                # t_{i+k}, i < T-k
             h = proj(torch.cat([norm(h[:, :n]), e], dim=-1))    # h'^k
-            h = block(h, Context(cos[:, :n], sin[:, :n], 0, n, {}))
+            ctx = Context(cos[:, :n], sin[:, :n], 0, n, {})
+            h = block(h, ctx) if run_block is None else run_block(block, h, ctx)
             z = logits(norm(h))
             target = targets[:, k:]                              # t_{i+k+1}
             ce = F.cross_entropy(z.reshape(-1, z.size(-1)), target.reshape(-1), ignore_index=-1, reduction="sum")

@@ -42,6 +42,7 @@ if args.sdpa != "auto":
         getattr(torch.backends.cuda, f"enable_{name}_sdp")(name.endswith(args.sdpa))
 model = build_model(config, device)
 model.kernel = args.kernel
+model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 # base_train's default optimizer (the reference nanochat 2026's; docs/model.md)
 adamw, muon = optimizers = model.setup_optimizers(embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.28,
                                                   adam_per_group=True, cautious_wd=True, normuon_beta2=0.9,
@@ -95,6 +96,7 @@ if args.profile:
     sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
 print(json.dumps({"sdpa": args.sdpa, "fp8": args.fp8, "kernel": args.kernel, "compile": use_compile,
+    "gradient_checkpointing": args.gradient_checkpointing,
     "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
     "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,
     "steps": args.steps, "step_ms": round(1000 * dt / args.steps, 1), "tok_per_sec": round(tok_per_sec),

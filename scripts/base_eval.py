@@ -1,8 +1,13 @@
 """
-Evaluate a base model on the CORE metric (DCLM; see nanochat/core_eval.py).
+Evaluate a base model on the CORE metric (DCLM; see nanochat/core_eval.py) and, with
+--cpp=1, on C++ code: HumanEval and MBPP in C++ (MultiPL-E, tasks/humaneval_cpp.py),
+completion-style (the prompt's signature and comment continued, cut at the stop token),
+compiled with g++ and run in the sandbox, scored pass@k over -n samples.
 
     python -m scripts.base_eval                         # latest base checkpoint, every example
     python -m scripts.base_eval --max_per_task=100      # quicker estimate
+    python -m scripts.base_eval --cpp=1 -n 10 -t 0.8    # + C++ pass@1 / pass@10
+    python -m scripts.base_eval --core=0 --cpp=1        # C++ only (no eval bundle needed)
     torchrun --nproc_per_node=8 -m scripts.base_eval    # examples split over ranks
 
 The eval bundle is downloaded once to $NANOCHAT_BASE_DIR/eval_bundle. Results are
@@ -38,6 +43,14 @@ def parse_args(argv=None):
                    help="device (default: autodetect)")
     p.add_argument("--bundle_url", default=os.environ.get("NANOCHAT_EVAL_BUNDLE_URL", EVAL_BUNDLE_URL),
                    help="where eval_bundle.zip is served (env NANOCHAT_EVAL_BUNDLE_URL); a local path works too")
+    p.add_argument("--core", type=int, default=1, help="1: the CORE metric (needs the eval bundle)")
+    p.add_argument("--cpp", type=int, default=0, help="1: C++ pass@k on HumanEval-cpp and MBPP-cpp (needs g++)")
+    p.add_argument("-n", "--num_samples", type=int, default=1, help="C++: completions per problem (pass@n)")
+    p.add_argument("-t", "--temperature", type=float, default=0.0, help="C++: sampling temperature")
+    p.add_argument("-k", "--top_k", type=int, default=50, help="C++: top-k sampling")
+    p.add_argument("-m", "--max_new_tokens", type=int, default=384, help="C++: tokens per completion")
+    p.add_argument("-x", "--max_problems", type=int, default=None, help="C++: at most this many problems per task")
+    p.add_argument("--workers", type=int, default=None, help="C++: parallel compiles/runs (default: every core)")
     p.add_argument("--bundle_dir", default=None, help="where the bundle is unpacked (default: $NANOCHAT_BASE_DIR/eval_bundle)")
     return p.parse_args(argv)
 
@@ -63,48 +76,83 @@ def results_csv(out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not args.core and not args.cpp:
+        raise SystemExit("nothing to evaluate: --core=0 and --cpp=0")
+    if args.cpp:
+        from nanochat.cpp_exec import find_compiler
+        if find_compiler() is None:
+            raise SystemExit("--cpp=1 needs g++ (apt-get install g++)")
     device_type = autodetect_device_type(args.device_type)
-    ddp, rank, _, _, device = compute_init(device_type)
+    ddp, rank, _, world_size, device = compute_init(device_type)
     try:
         from nanochat.checkpoint_manager import load_model
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
         meta = meta or {}
-
-        bundle_dir = os.path.abspath(args.bundle_dir or os.path.join(get_base_dir(), "eval_bundle"))
-        if rank == 0:
-            try:
-                ensure_eval_bundle(args.bundle_url, bundle_dir)
-            except (RuntimeError, ValueError) as e:  # offline, or a broken bundle: say so in one line
-                print(f"error: {e}\nPut an unpacked eval bundle at {bundle_dir} (or pass --bundle_dir), "
-                      "or point --bundle_url / NANOCHAT_EVAL_BUNDLE_URL at a mirror of eval_bundle.zip", file=sys.stderr)
-                raise SystemExit(EXIT_NO_BUNDLE)
-        if ddp:
-            dist.barrier()  # the other ranks wait for rank 0's download
-
+        model_tag = args.model_tag or meta.get("model_tag") or "base"
+        step = args.step if args.step is not None else meta.get("step", "last")
         dtype = compute_dtype(device_type)
         autocast = (torch.amp.autocast(device_type=device_type, dtype=dtype)
                     if device_type == "cuda" and dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
-            out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
-
-        model_tag = args.model_tag or meta.get("model_tag") or "base"
-        step = args.step if args.step is not None else meta.get("step", "last")
-        print0(f"\nCORE evaluation of {model_tag} step {step}"
-               + (f" ({args.max_per_task} examples per task)" if args.max_per_task >= 0 else ""))
-        print0(format_table(out))
-        if rank == 0:
-            csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.csv")
-            text = results_csv(out)
-            atomic_write(csv_path, lambda f: f.write(text), mode="w")
-            print0(f"wrote {csv_path}")
-            get_report().log(section="Base model evaluation", data=[
-                {"Model": f"{model_tag} (step {step})", "Max examples per task": args.max_per_task,
-                 "CORE metric": out["core_metric"]},
-                {f"{label} (centered)": c for label, c in out["centered_results"].items()},
-            ])
+        out = {}
+        if args.core:
+            out = core(args, model, tokenizer, device, autocast, rank, ddp, model_tag, step)
+        if args.cpp:
+            out["cpp"] = cpp(args, model, tokenizer, autocast, rank, world_size, model_tag, step)
         return out
     finally:
         compute_cleanup()
+
+
+def core(args, model, tokenizer, device, autocast, rank, ddp, model_tag, step):
+    bundle_dir = os.path.abspath(args.bundle_dir or os.path.join(get_base_dir(), "eval_bundle"))
+    if rank == 0:
+        try:
+            ensure_eval_bundle(args.bundle_url, bundle_dir)
+        except (RuntimeError, ValueError) as e:  # offline, or a broken bundle: say so in one line
+            print(f"error: {e}\nPut an unpacked eval bundle at {bundle_dir} (or pass --bundle_dir), "
+                  "or point --bundle_url / NANOCHAT_EVAL_BUNDLE_URL at a mirror of eval_bundle.zip", file=sys.stderr)
+            raise SystemExit(EXIT_NO_BUNDLE)
+    if ddp:
+        dist.barrier()  # the other ranks wait for rank 0's download
+    with autocast:
+        out = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
+    print0(f"\nCORE evaluation of {model_tag} step {step}"
+           + (f" ({args.max_per_task} examples per task)" if args.max_per_task >= 0 else ""))
+    print0(format_table(out))
+    if rank == 0:
+        csv_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.csv")
+        text = results_csv(out)
+        atomic_write(csv_path, lambda f: f.write(text), mode="w")
+        print0(f"wrote {csv_path}")
+        get_report().log(section="Base model evaluation", data=[
+            {"Model": f"{model_tag} (step {step})", "Max examples per task": args.max_per_task,
+             "CORE metric": out["core_metric"]},
+            {f"{label} (centered)": c for label, c in out["centered_results"].items()},
+        ])
+    return out
+
+
+def cpp(args, model, tokenizer, autocast, rank, world_size, model_tag, step):
+    """{task: {"pass@k": ...}} for the C++ tasks, completion-style (nanochat/chat_eval.run_generative)."""
+    from nanochat.chat_eval import run_generative
+    from nanochat.engine import Engine
+    from tasks.humaneval_cpp import HumanEvalCpp, MBPPCpp
+    engine = Engine(model, tokenizer, use_tools=False)
+    results = {}
+    for name, task in (("HumanEval-cpp", HumanEvalCpp(workers=args.workers)), ("MBPP-cpp", MBPPCpp(workers=args.workers))):
+        with autocast:
+            results[name] = run_generative(task, tokenizer, engine, num_samples=args.num_samples,
+                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_k=args.top_k, max_problems=args.max_problems, rank=rank,
+                                           world_size=world_size, completion=True)
+        print0(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if k.startswith("pass@")))
+    if rank == 0:
+        get_report().log(section="Base model C++ evaluation", data=[
+            {"Model": f"{model_tag} (step {step})", "Samples per problem": args.num_samples,
+             "Temperature": args.temperature},
+            {f"{name} {k}": v for name, r in results.items() for k, v in r.items() if k.startswith("pass@")},
+        ])
+    return results
 
 
 if __name__ == "__main__":

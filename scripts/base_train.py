@@ -145,6 +145,7 @@ if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
 model = build_model(config, device)
 model.kernel = args.kernel
+model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
 num_params = model.num_params()

@@ -213,8 +213,7 @@ SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_
               "--mamba3_trapezoidal", "--engram", "--engram_layers=0,3,6", "--mhc", "--mtp", "--mtp_lambda=0.3",
               "--dsa", "--dsa_start_layer=7", "--gradient_checkpointing", "--fim_rate=0.5", "--streaming_data",
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
-UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn",
-           "--gradient_checkpointing": "--gradient_checkpointing"}
+UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn"}
 
 
 def seed_command(corpus_dir, flags):
@@ -264,9 +263,9 @@ def test_fim_training_learns_and_resumes_exactly(base_dir, corpus_dir):
 
 
 def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
-    """Everything of the seed's command that is built, Mamba-3, Engram, mHC, MTP and DSA included
-    (depth 4: AAM gives layer 2 to Mamba-3, DSA from layer 3): it trains, and the checkpoint
-    alone rebuilds the hybrid and samples."""
+    """Everything of the seed's command that is built, Mamba-3, Engram, mHC, MTP, DSA and gradient
+    checkpointing included (depth 4: AAM gives layer 2 to Mamba-3, DSA from layer 3): it trains,
+    and the checkpoint alone rebuilds the hybrid and samples."""
     built = [f for f in SEED_FLAGS if f not in UNBUILT
              and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
     out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--engram_layers=0,3", "--dsa_start_layer=3",
@@ -278,6 +277,7 @@ def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_di
     assert cfg["engram_layers"] == "0,3" and cfg["dsa_start_layer"] == 3 and cfg["mhc"]
     assert cfg["mtp"] and cfg["mtp_lambda"] == 0.3 and cfg["mtp_depth"] == 1
     assert meta["user_config"]["kernel"] == "current" and meta["user_config"]["no_compile"]
+    assert meta["user_config"]["gradient_checkpointing"] and "gradient_checkpointing" not in cfg
     from nanochat.checkpoint_manager import build_from_checkpoint
     from nanochat.engine import Engine
     from nanochat.tokenizer import get_tokenizer
