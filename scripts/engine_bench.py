@@ -57,7 +57,8 @@ engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_to
 engine.stop_tokens = set()  # random weights: decode exactly new_tokens tokens
 prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 elt = torch.finfo(dtype).bits // 8
-weight_bytes = (model.num_params() - model.wte.weight.numel()) * elt  # every matrix is read each step
+mtp_params = sum(p.numel() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
+weight_bytes = (model.num_params() - model.wte.weight.numel() - mtp_params) * elt  # every matrix is read each step
 head_dim = config.n_embd // config.n_head
 max_len = args.prompt_len + args.new_tokens
 
@@ -82,16 +83,18 @@ for B, speculative in runs:
                       2 * 4 * B * sum(t.numel() for t in (c.phi, c.state, c.k_prev, c.x_prev))
                       for s, c in zip(model.plan, model.init_cache(1, 1, "meta").layers))
     bw = (weight_bytes + cache_bytes) / step_s
-    spec = {"speculative": speculative}
-    if speculative:
-        spec["acceptance"] = round(engine.spec_stats["accepted"] / max(engine.spec_stats["drafted"], 1), 3)
-    rows.append({"batch": B, **spec, "ttft_ms": round(1000 * (t_first - t0), 1), "decode_step_ms": round(1000 * step_s, 3),
-                 "decode_tok_per_s": round(B / step_s), "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
+    rows.append({"batch": B, "speculative": speculative, "ttft_ms": round(1000 * (t_first - t0), 1),
+                 "decode_step_ms": round(1000 * step_s, 3), "decode_tok_per_s": round(B / step_s),
+                 "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
                  "bandwidth_util_percent": round(100 * bw / args.peak_bandwidth, 1), "tokens": n})
+    if speculative:  # per token, not per forward: the bytes per step do not apply
+        s = engine.spec_stats
+        rows[-1].update(acceptance=round(s["accepted"] / max(s["drafted"], 1), 3), bytes_per_step_mb=None,
+                        bandwidth_util_percent=None)
 
 print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8}")
 for r in rows:
-    if r["speculative"]:  # per token, not per forward: the bytes per step do not apply
+    if r["speculative"]:
         print(f"{'1 spec':>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,}   "
               f"acceptance {r['acceptance']:.1%}")
         continue
