@@ -2,8 +2,8 @@
 Inference benchmark: time to first token (prefill) and decode tokens/s of the engine
 for several batch sizes, with the memory bandwidth each decode step achieves against
 the bytes it must read (weights + the whole static KV cache). Random weights and a
-random prompt by default (speed does not depend on the values); --model_tag loads a
-base checkpoint instead. Prints a table, then one JSON line.
+random prompt (speed does not depend on the values; speculative decoding's acceptance
+does, so its rate here says nothing about a trained model). Prints a table, then one JSON line.
 
     python -m scripts.engine_bench                                # d12, prompt 1792, 256 new, batch 1 and 128
     python -m scripts.engine_bench --mamba_pattern=AAM            # the same with Mamba-3 layers
