@@ -111,3 +111,24 @@ def run_many(sources: list[str], workers: int | None = None, **kwargs) -> list[C
         return [compile_and_run(s, **kwargs) for s in sources]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: compile_and_run(s, **kwargs), sources))
+
+
+def syntax_check(source: str, timeout: float = 30.0, memory_bytes: int = 2 * 2**30, cxx: str | None = None) -> bool:
+    """Whether `source` passes g++ -fsyntax-only -std=c++17 (in the sandbox, nothing run):
+    the FIM evaluation's test that a filled-in file still parses."""
+    cxx = cxx or find_compiler()
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"nanochat-exec-{os.getpid()}-"))
+    try:
+        with open(os.path.join(workdir, "doc.cpp"), "w", encoding="utf-8") as f:
+            f.write(source)
+        return execute_native([cxx, "-fsyntax-only", "-std=c++17", "-w", "doc.cpp"], workdir, timeout=timeout,
+                              max_memory_bytes=memory_bytes, allow_processes=True).success
+    finally:
+        _remove_tree(workdir)
+
+
+def syntax_check_many(sources: list[str], workers: int | None = None, **kwargs) -> list[bool]:
+    """syntax_check over many sources in parallel (as run_many)."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(sources) or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda s: syntax_check(s, **kwargs), sources))

@@ -29,7 +29,8 @@ from nanochat.common import atomic_write, get_base_dir, get_dist_info
 
 # the order sections appear in, whatever order the stages ran in
 SECTION_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-                 "Base model evaluation", "Base model C++ evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
+                 "Base model evaluation", "Base model C++ evaluation", "Base model C++ FIM", "Midtraining",
+                 "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
                  "Chat RL", "Chat evaluation rl"]
 SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE",
                    "HumanEval-cpp", "MBPP-cpp", "C++ pass@1"]

@@ -8,6 +8,7 @@ compiled with g++ and run in the sandbox, scored pass@k over -n samples.
     python -m scripts.base_eval --max_per_task=100      # quicker estimate
     python -m scripts.base_eval --cpp=1 -n 10 -t 0.8    # + C++ pass@1 / pass@10
     python -m scripts.base_eval --core=0 --cpp=1        # C++ only (no eval bundle needed)
+    python -m scripts.base_eval --core=0 --fim=DIR      # C++ fill-in-the-middle (tasks/cpp_fim.py)
     torchrun --nproc_per_node=8 -m scripts.base_eval    # examples split over ranks
 
 The eval bundle is downloaded once to $NANOCHAT_BASE_DIR/eval_bundle. Results are
@@ -51,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("-m", "--max_new_tokens", type=int, default=384, help="C++: tokens per completion")
     p.add_argument("-x", "--max_problems", type=int, default=None, help="C++: at most this many problems per task")
     p.add_argument("--workers", type=int, default=None, help="C++: parallel compiles/runs (default: every core)")
+    p.add_argument("--fim", default=None, help="C++ fill-in-the-middle on the documents of this directory (cpp_data "
+                   "shards: the last one; or C++ sources): exact match and g++ -fsyntax-only of the filled file")
+    p.add_argument("--fim_docs", type=int, default=100, help="FIM: at most this many documents")
+    p.add_argument("--fim_max_tokens", type=int, default=256, help="FIM: tokens per middle")
     p.add_argument("--bundle_dir", default=None, help="where the bundle is unpacked (default: $NANOCHAT_BASE_DIR/eval_bundle)")
     return p.parse_args(argv)
 
@@ -76,12 +81,12 @@ def results_csv(out):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.core and not args.cpp:
-        raise SystemExit("nothing to evaluate: --core=0 and --cpp=0")
-    if args.cpp:
+    if not args.core and not args.cpp and not args.fim:
+        raise SystemExit("nothing to evaluate: --core=0, --cpp=0 and no --fim")
+    if args.cpp or args.fim:
         from nanochat.cpp_exec import find_compiler
         if find_compiler() is None:
-            raise SystemExit("--cpp=1 needs g++ (apt-get install g++)")
+            raise SystemExit("--cpp=1 and --fim need g++ (apt-get install g++)")
     device_type = autodetect_device_type(args.device_type)
     ddp, rank, _, world_size, device = compute_init(device_type)
     try:
@@ -98,6 +103,8 @@ def main(argv=None):
             out = core(args, model, tokenizer, device, autocast, rank, ddp, model_tag, step)
         if args.cpp:
             out["cpp"] = cpp(args, model, tokenizer, autocast, rank, world_size, model_tag, step)
+        if args.fim and rank == 0:
+            out["fim"] = fim(args, model, tokenizer, autocast, model_tag, step)
         return out
     finally:
         compute_cleanup()
@@ -153,6 +160,35 @@ def cpp(args, model, tokenizer, autocast, rank, world_size, model_tag, step):
             {f"{name} {k}": v for name, r in results.items() for k, v in r.items() if k.startswith("pass@")},
         ])
     return results
+
+
+def fim(args, model, tokenizer, autocast, model_tag, step):
+    """{kind: {"exact", "syntax", "n"}} of C++ fill-in-the-middle (tasks/cpp_fim.py), greedy, on rank 0."""
+    from nanochat.engine import Engine
+    from nanochat.fim import fim_prompt
+    from tasks import cpp_fim
+    try:
+        texts = cpp_fim.usable(cpp_fim.load_documents(args.fim, args.fim_docs), workers=args.workers)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--fim={args.fim}: {e}")
+    examples = cpp_fim.make_examples(texts)
+    if not examples:
+        raise SystemExit(f"--fim={args.fim}: no document passes g++ -fsyntax-only on its own, so none gives an example")
+    engine = Engine(model, tokenizer, use_tools=False)
+    completions = []
+    for e in examples:
+        with autocast:
+            rows, _ = engine.generate_batch(fim_prompt(tokenizer, e["prefix"], e["suffix"]), num_samples=1,
+                                            max_tokens=args.fim_max_tokens, temperature=0.0)
+        completions.append(tokenizer.decode(rows[0]))
+    out = cpp_fim.score(examples, completions, workers=args.workers)
+    for kind, r in out.items():
+        print0(f"FIM {kind}: exact {r['exact']:.4f}, syntax {r['syntax']:.4f} ({r['n']} examples)")
+    get_report().log(section="Base model C++ FIM", data=[
+        {"Model": f"{model_tag} (step {step})", "Documents": len(texts)},
+        {f"FIM {kind} {m}": r[m] for kind, r in out.items() for m in ("exact", "syntax", "n")},
+    ])
+    return out
 
 
 if __name__ == "__main__":
