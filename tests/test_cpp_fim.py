@@ -91,22 +91,9 @@ def test_scripted_models_score_one_and_zero():
 
 
 def test_base_eval_fim_end_to_end(cpp_dir, tmp_path, monkeypatch, capsys):
-    import sys
-    import types
-
-    import torch
-
-    from nanochat.gpt import GPTConfig, build_model
-    from nanochat.tokenizer import Tokenizer
     from scripts import base_eval
-    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
-    torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=1024, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2,
-                                  n_kv_head=2, n_embd=32), "cpu").eval()
-    fake = types.ModuleType("nanochat.checkpoint_manager")
-    fake.load_model = lambda *a, **kw: (model, tok, {"step": 2})
-    monkeypatch.setitem(sys.modules, "nanochat.checkpoint_manager", fake)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    from tests.test_tasks_cpp import tiny_base_checkpoint
+    tiny_base_checkpoint(monkeypatch, tmp_path / "base", sequence_len=1024)
     out = base_eval.main(["--device_type", "cpu", "--core=0", f"--fim={cpp_dir}", "--fim_max_tokens=4",
                           "--workers=2"])
     assert out["fim"]["all"]["n"] == 4 and 0.0 <= out["fim"]["all"]["syntax"] <= 1.0

@@ -119,9 +119,9 @@ def test_run_generative_completion_style_for_base_models(task_data):
     assert prompts == [("<|bos|>", c["prompt"]) for c in task]
 
 
-def test_base_eval_cpp_end_to_end(task_data, tmp_path, monkeypatch, capsys):
-    """scripts/base_eval --core=0 --cpp=1 on a tiny random model (its C++ is garbage: 0.0), the
-    wiring from checkpoint to pass@k and the report."""
+def tiny_base_checkpoint(monkeypatch, base_dir, sequence_len=512):
+    """A tiny random GPT with a byte tokenizer, served by a stand-in checkpoint manager to
+    scripts/base_eval (NANOCHAT_BASE_DIR=base_dir for its report)."""
     import sys
     import types
 
@@ -129,15 +129,21 @@ def test_base_eval_cpp_end_to_end(task_data, tmp_path, monkeypatch, capsys):
 
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.tokenizer import Tokenizer
-    from scripts import base_eval
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     torch.manual_seed(0)
-    model = build_model(GPTConfig(sequence_len=512, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2,
+    model = build_model(GPTConfig(sequence_len=sequence_len, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2,
                                   n_kv_head=2, n_embd=32), "cpu").eval()
     fake = types.ModuleType("nanochat.checkpoint_manager")
     fake.load_model = lambda *a, **kw: (model, tok, {"step": 3})
     monkeypatch.setitem(sys.modules, "nanochat.checkpoint_manager", fake)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+
+
+def test_base_eval_cpp_end_to_end(task_data, tmp_path, monkeypatch, capsys):
+    """scripts/base_eval --core=0 --cpp=1 on a tiny random model (its C++ is garbage: 0.0), the
+    wiring from checkpoint to pass@k and the report."""
+    from scripts import base_eval
+    tiny_base_checkpoint(monkeypatch, tmp_path / "base")
     out = base_eval.main(["--device_type", "cpu", "--core=0", "--cpp=1", "-x", "1", "-m", "8", "--workers", "2"])
     assert out["cpp"] == {name: {"pass@1": 0.0, "accuracy": 0.0} for name in ("HumanEval-cpp", "MBPP-cpp")}
     assert "HumanEval-cpp: pass@1 0.0000" in capsys.readouterr().out
