@@ -77,6 +77,38 @@ def add_model_args(parser):
     a("--ref_init", type=int, default=1, help="1: reference init, wte std 0.8 and MLP c_fc at 0.4x")
 
 
+def add_optimizer_args(parser):
+    """The optimizer's flags (GPT.setup_optimizers), shared by base_train and base_bench so a
+    benchmark steps the optimizer that training uses. Defaults: the reference nanochat
+    2026's optimizer, val bpb 0.856 vs 1.032 for the January one at 100 d12 steps
+    (docs/benchmarks.md); docs/model.md lists the January 2026 value of each flag."""
+    a = parser.add_argument
+    a("--embedding_lr", type=float, default=0.3, help="AdamW lr for the embedding (January 2026: 0.2)")
+    a("--unembedding_lr", type=float, default=0.008, help="AdamW lr for lm_head (January 2026: 0.004)")
+    a("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
+    a("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
+    a("--weight_decay", type=float, default=0.28, help="Muon weight decay (January 2026: 0)")
+    a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
+    a("--adam_per_group", type=int, default=1, help="1: embedding and lm_head get the reference nanochat's own AdamW "
+      "betas and weight decays (emb (0.8, 0.995) wd 0.001; lm_head (0.8, 0.96) wd 0.01)")
+    a("--cautious_wd", type=int, default=1, help="1: Muon decays only where update and weight agree in sign "
+      "(cautious weight decay; reference nanochat)")
+    a("--normuon_beta2", type=float, default=0.9, help="NorMuon per-neuron variance normalization in Muon, EMA "
+      "beta2 (0: off; reference nanochat: 0.9)")
+    a("--muon_eq", type=int, default=1, help="1: MuonEq row equilibration before orthogonalizing")
+    a("--muon_plus", type=int, default=1, help="1: Muon+ Frobenius renormalization after orthogonalizing")
+
+
+def optimizer_kwargs(args, weight_decay=None):
+    """GPT.setup_optimizers' arguments from add_optimizer_args' flags; weight_decay: Muon's,
+    when the caller has scaled --weight_decay (base_train)."""
+    return dict(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                scalar_lr=args.scalar_lr, weight_decay=args.weight_decay if weight_decay is None else weight_decay,
+                adam_weight_decay=args.adam_weight_decay, adam_per_group=bool(args.adam_per_group),
+                cautious_wd=bool(args.cautious_wd), normuon_beta2=args.normuon_beta2, muon_eq=bool(args.muon_eq),
+                muon_plus=bool(args.muon_plus))
+
+
 # runtime features whose code has not landed yet: (is it asked for, the flag)
 UNBUILT_RUNTIME = [
     (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),

@@ -386,7 +386,7 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 per weight outside the embedding lookups (2 forward,
         4 backward) for lm_head, the MLPs and the smear gate, plus each mixer's own count
         (attention: its weights and its scores, see CausalSelfAttention.flops_per_token),
-        Engram's (once per mHC stream under mHC), mHC's projections Phi, and with MTP its
+        Engram's (its conv once per mHC stream under mHC), mHC's projections Phi, and with MTP its
         projections, blocks and extra lm_head passes (MTP.flops_per_token).
         The per-layer scalars are elementwise, not matmuls: not counted."""
         T = self.config.sequence_len

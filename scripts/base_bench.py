@@ -16,11 +16,12 @@ import torch
 
 from nanochat.common import (autodetect_device_type, compute_dtype, compute_init, device_name, get_peak_flops,
                              synchronize)
-from nanochat.flags import add_model_args, config_from_args
+from nanochat.flags import add_model_args, add_optimizer_args, config_from_args, optimizer_kwargs
 from nanochat.gpt import build_model
 
 parser = argparse.ArgumentParser(description="Benchmark the pretraining step; prints a JSON line")
 add_model_args(parser)  # the model and step flags of scripts/base_train
+add_optimizer_args(parser)  # and its optimizer flags, with their defaults
 parser.add_argument("--device_batch_size", type=int, default=32)
 parser.add_argument("--total_batch_size", type=int, default=-1, help="tokens per optimizer step (default: one micro-step)")
 parser.add_argument("--vocab_size", type=int, default=32768)
@@ -43,10 +44,7 @@ if args.sdpa != "auto":
 model = build_model(config, device)
 model.kernel = args.kernel
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
-# base_train's default optimizer (the reference nanochat 2026's; docs/model.md)
-adamw, muon = optimizers = model.setup_optimizers(embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.28,
-                                                  adam_per_group=True, cautious_wd=True, normuon_beta2=0.9,
-                                                  muon_eq=True, muon_plus=True)
+adamw, muon = optimizers = model.setup_optimizers(**optimizer_kwargs(args))  # base_train's optimizer flags
 flops_per_token = model.estimate_flops()
 if args.fp8:
     from nanochat import fp8

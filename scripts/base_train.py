@@ -27,7 +27,7 @@ from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type
 from nanochat import schedules
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
-from nanochat.flags import add_model_args, config_from_args
+from nanochat.flags import add_model_args, add_optimizer_args, config_from_args, optimizer_kwargs
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -52,30 +52,14 @@ parser.add_argument("--param_count", default="all", choices=["all", "scaling"], 
 # batch
 parser.add_argument("--device_batch_size", type=int, default=32, help="sequences per device per micro-step")
 parser.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step")
-# optimization: the reference nanochat 2026's optimizer with nanochat's January schedule (no
-# warmup, 20% warmdown to 0): val bpb 0.856 vs 1.032 (January optimizer) and 1.259 (with the
-# reference's schedule too) at 100 d12 steps (docs/benchmarks.md); docs/model.md lists the
-# January 2026 value of each flag
-parser.add_argument("--embedding_lr", type=float, default=0.3, help="AdamW lr for the embedding (January 2026: 0.2)")
-parser.add_argument("--unembedding_lr", type=float, default=0.008, help="AdamW lr for lm_head (January 2026: 0.004)")
-parser.add_argument("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
-parser.add_argument("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
-parser.add_argument("--weight_decay", type=float, default=0.28, help="Muon weight decay (January 2026: 0)")
-parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
-parser.add_argument("--adam_per_group", type=int, default=1, help="1: embedding and lm_head get the reference "
-                    "nanochat's own AdamW betas and weight decays (emb (0.8, 0.995) wd 0.001; lm_head (0.8, 0.96) wd 0.01)")
-parser.add_argument("--cautious_wd", type=int, default=1, help="1: Muon decays only where update and weight agree in "
-                    "sign (cautious weight decay; reference nanochat)")
+# optimization: the optimizer's flags are shared with base_bench (nanochat/flags.py), the schedules are here
+add_optimizer_args(parser)
 parser.add_argument("--weight_decay_scaling", type=int, default=1, help="1: Muon's weight decay = "
                     "wd * sqrt(B / 2**19) * (D_d12 / D) (reference nanochat, tuned at d12)")
 parser.add_argument("--weight_decay_schedule", default="cosine", choices=["constant", "cosine"],
                     help="Muon's weight decay over training: constant, or cosine to 0 (reference nanochat)")
 parser.add_argument("--muon_momentum_schedule", default="ref", choices=["legacy", "ref"], help="legacy: 0.85 -> "
                     "0.95 over 300 steps; ref: 0.85 -> 0.97 over 400 steps, 0.90 at the end of the warmdown (ref. nanochat)")
-parser.add_argument("--normuon_beta2", type=float, default=0.9, help="NorMuon per-neuron variance normalization "
-                    "in Muon, EMA beta2 (0: off; reference nanochat: 0.9)")
-parser.add_argument("--muon_eq", type=int, default=1, help="1: MuonEq row equilibration before orthogonalizing")
-parser.add_argument("--muon_plus", type=int, default=1, help="1: Muon+ Frobenius renormalization after orthogonalizing")
 parser.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm (0: off)")
 parser.add_argument("--dsa_warmup_steps", type=int, default=0, help="with --dsa: first steps with dense attention "
                     "where only the indexers train, on their KL loss (DeepSeek-V3.2's warm-up; for a dense checkpoint)")
@@ -190,12 +174,7 @@ if args.weight_decay_scaling:
     weight_decay = schedules.scaled_weight_decay(args.weight_decay, args.total_batch_size,
                                                  ratio * ratio_params(model), ratio * ratio_params(d12))
     print0(f"Muon weight decay scaled from {args.weight_decay} to {weight_decay:.6f}")
-optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                    matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-                                    weight_decay=weight_decay, adam_weight_decay=args.adam_weight_decay,
-                                    adam_per_group=bool(args.adam_per_group), cautious_wd=bool(args.cautious_wd),
-                                    normuon_beta2=args.normuon_beta2, muon_eq=bool(args.muon_eq),
-                                    muon_plus=bool(args.muon_plus))
+optimizers = model.setup_optimizers(**optimizer_kwargs(args, weight_decay=weight_decay))
 adamw, muon = optimizers
 
 # -----------------------------------------------------------------------------
