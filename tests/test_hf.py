@@ -212,3 +212,22 @@ def test_refusals(tokenizer, tmp_path):
         hf.config_from_hf(dict(cfg, hidden_act="gelu", attention_bias=True), tokenizer.get_vocab_size())
     with pytest.raises(ValueError, match="model_type"):
         hf.config_from_hf(dict(cfg, model_type="llama"), tokenizer.get_vocab_size())
+
+
+def test_command_lines(tokenizer, tmp_path, fresh_base, capsys):
+    """export_hf and import_hf as a user runs them: a chat checkpoint out with --check, back in."""
+    import scripts.export_hf
+    import scripts.import_hf
+    from chat_model_fixture import make_chat_checkpoint
+    make_chat_checkpoint(tmp_path / "base", tokenizer)
+    out = scripts.export_hf.main(["--source", "sft", "--out", str(tmp_path / "out"), "--dtype", "fp32", "--check"])
+    printed = capsys.readouterr().out
+    diff = float(printed.split("fp32: ")[1].split()[0])
+    assert diff < 1e-4
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        scripts.export_hf.main(["--source", "sft", "--out", out])
+    scripts.import_hf.main(["--repo_or_dir", out, "--model_tag", "back", "--source", "mid"])
+    model, _, meta = load_model("mid", "cpu", model_tag="back")
+    assert meta["imported_from"] == out and model.config.n_layer == 2
+    with pytest.raises(SystemExit, match="neither a directory nor a hub id"):
+        scripts.import_hf.main(["--repo_or_dir", str(tmp_path / "nothing"), "--model_tag", "x"])
