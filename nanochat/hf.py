@@ -194,6 +194,19 @@ def tokenizer_json(tokenizer):
     return tok
 
 
+SAMPLE_TEXTS = ["Hello world! It's 2026.", "    for (int i = 0; i < n; ++i) {\n        sum += a[i];\n    }\n",
+                "naïve café 東京 🙂\t\r\n  x", "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>", "1234567 + 89"]
+
+
+def check_tokenizer_json(hf_tokenizer, tokenizer, texts=SAMPLE_TEXTS):
+    """ValueError unless the tokenizers.Tokenizer gives our ids (specials allowed) on `texts`."""
+    for s in texts:
+        a = tokenizer.enc.encode(s, allowed_special="all")
+        b = hf_tokenizer.encode(s, add_special_tokens=False).ids
+        if a != b:
+            raise ValueError(f"the two tokenizers split {s!r} differently: ours {a}, tokenizer.json's {b}")
+
+
 def tokenizer_from_json(path):
     """Our Tokenizer from a tokenizer.json that tokenizer_json (or an equivalent tiktoken
     conversion, as the published nanochat models have) wrote; ValueError for another kind."""

@@ -88,7 +88,9 @@ def export(model, tokenizer, meta, source, out, dtype="bf16", overwrite=False):
         save_file(tensors, os.path.join(tmp, hf.MODEL_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, "config.json"), dict(hf.hf_config(config, tokenizer),
                                                           dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype]))
-        hf.tokenizer_json(tokenizer).save(os.path.join(tmp, "tokenizer.json"))
+        hf_tokenizer = hf.tokenizer_json(tokenizer)
+        hf.check_tokenizer_json(hf_tokenizer, tokenizer)
+        hf_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         write_json(os.path.join(tmp, "tokenizer_config.json"), hf.tokenizer_config(tokenizer))
         write_json(os.path.join(tmp, "special_tokens_map.json"),
                    {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"})

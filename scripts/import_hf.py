@@ -28,9 +28,6 @@ from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
 from nanochat.gpt import GPT
 from nanochat.tokenizer import TOKENIZER_FILE, Tokenizer, tokenizer_dir
 
-SELF_CHECK = ["Hello world! It's 2026.", "    for (int i = 0; i < n; ++i) {\n        sum += a[i];\n    }\n",
-              "naïve café 東京 🙂\t\r\n  x", "<|bos|><|user_start|>hi<|user_end|><|assistant_start|>", "1234567 + 89"]
-
 
 def resolve(repo_or_dir, revision=None):
     """A local directory as is; anything else is a hub id, downloaded (json, safetensors, md)."""
@@ -45,17 +42,6 @@ def resolve(repo_or_dir, revision=None):
     except Exception as e:  # no network, no such repo, a gated one: say which and why
         raise FileNotFoundError(f"could not download {repo_or_dir} from the Hugging Face hub ({type(e).__name__}: "
                                 f"{e}); download it elsewhere and pass its directory") from None
-
-
-def self_check(directory, tokenizer):
-    """Our tokenizer gives the ids that the checkpoint's tokenizer.json gives (specials allowed)."""
-    from tokenizers import Tokenizer as HFTokenizer
-    theirs = HFTokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-    for s in SELF_CHECK:
-        a = tokenizer.enc.encode(s, allowed_special="all")
-        b = theirs.encode(s, add_special_tokens=False).ids
-        if a != b:
-            raise ValueError(f"the converted tokenizer splits {s!r} differently: {a} vs the checkpoint's {b}")
 
 
 def install_tokenizer(tokenizer, replace=False):
@@ -85,7 +71,8 @@ def import_checkpoint(directory, model_tag, source="sft", step=None, replace_tok
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{tok_path} is missing: nanochat needs the model's tokenizer.json")
     tokenizer = hf.tokenizer_from_json(tok_path)
-    self_check(directory, tokenizer)
+    from tokenizers import Tokenizer as HFTokenizer
+    hf.check_tokenizer_json(HFTokenizer.from_file(tok_path), tokenizer)  # the conversion back is faithful
     config = hf.config_from_hf(cfg, tokenizer.get_vocab_size())
     state = hf.from_hf_state(hf.load_safetensors(directory), config)
     with torch.device("meta"):

@@ -231,3 +231,23 @@ def test_command_lines(tokenizer, tmp_path, fresh_base, capsys):
     assert meta["imported_from"] == out and model.config.n_layer == 2
     with pytest.raises(SystemExit, match="neither a directory nor a hub id"):
         scripts.import_hf.main(["--repo_or_dir", str(tmp_path / "nothing"), "--model_tag", "x"])
+
+
+def test_import_refuses_other_tokenizers(exported, tmp_path):
+    """tokenizer.json files that our tiktoken runtime would split differently are refused."""
+    import json
+    _, out = exported
+    d = json.load(open(os.path.join(out, "tokenizer.json")))
+    assert hf.tokenizer_from_json(os.path.join(out, "tokenizer.json")).get_vocab_size() == len(d["model"]["vocab"]) + 12
+
+    def refused(change, match):
+        e = json.loads(json.dumps(d))
+        change(e)
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(e))
+        with pytest.raises(ValueError, match=match):
+            hf.tokenizer_from_json(str(path))
+    refused(lambda e: e["model"]["merges"].reverse(), "out of id order")
+    refused(lambda e: e["added_tokens"][0].update(content="<|endoftext|>"), "special tokens")
+    refused(lambda e: e.update(added_tokens=e["added_tokens"][:5]), "special tokens")
+    refused(lambda e: e.update(pre_tokenizer={"type": "Metaspace"}), "byte-level BPE")
