@@ -221,7 +221,14 @@ def tokenizer_from_json(path):
     pattern = splits[0]["pattern"].get("Regex")
     if pattern is None:
         raise ValueError(f"{path}: the Split pre-tokenizer has no regex pattern")
-    ranks = {bytes(CHAR_BYTES[c] for c in w): i for w, i in model["vocab"].items()}
+    added = sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
+    # some converters also list the special tokens in the BPE vocabulary: they are not byte sequences
+    specials = set(added)
+    vocab = {w: i for w, i in model["vocab"].items() if (i, w) not in specials}
+    try:
+        ranks = {bytes(CHAR_BYTES[c] for c in w): i for w, i in vocab.items()}
+    except KeyError as e:
+        raise ValueError(f"{path}: vocabulary entry with {e} is not in the byte-level alphabet") from None
     n = len(ranks)
     if sorted(ranks.values()) != list(range(n)):
         raise ValueError(f"{path}: the BPE ids are not 0..{n - 1}")
@@ -230,12 +237,11 @@ def tokenizer_from_json(path):
     last = -1
     for m in merges:
         a, b = m.split(" ", 1) if isinstance(m, str) else m
-        r = model["vocab"].get(a + b)
+        r = vocab.get(a + b)
         if r is None or r < last:
             raise ValueError(f"{path}: merge {a!r} + {b!r} is out of id order; this BPE is not a tiktoken one and "
                              "nanochat's tokenizer would split text differently")
         last = r
-    added = sorted((t["id"], t["content"]) for t in d.get("added_tokens", []))
     names = [s for _, s in added]
     if [i for i, _ in added] != list(range(n, n + len(added))) or names != SPECIAL_TOKENS[:len(names)] \
             or len(names) < 9:
