@@ -37,21 +37,20 @@ RMS_EPS = torch.finfo(torch.float32).eps  # what F.rms_norm(x) uses for fp32 x
 
 # ---- the model -------------------------------------------------------------
 
-def unsupported(config):
-    """What of `config` the transformers NanoChat class cannot express: one line each."""
-    c, why = config, []
-    if set(c.window_pattern.upper()) != {"L"}:
-        why.append(f"sliding-window attention (window_pattern={c.window_pattern!r}; NanoChat attends to the whole "
-                   "context in every layer, train with --window_pattern=L)")
-    flags = [("mamba_pattern", "Mamba-3 layers", c.mamba_pattern), ("engram_layers", "Engram memory", c.engram_layers),
-             ("mhc", "mHC hyper-connections", c.mhc), ("dsa_start_layer", "DeepSeek sparse attention",
-                                                      c.dsa_start_layer >= 0),
-             ("value_embeds", "value embeddings", c.value_embeds), ("smear", "the smear gate", c.smear),
-             ("backout", "the backout", c.backout), ("layer_lambdas", "per-layer resid/x0 scalars", c.layer_lambdas)]
-    why += [f"{what} ({name}={getattr(c, name)!r})" for name, what, on in flags if on]
-    if c.qk_scale != 1.0:
-        why.append(f"a QK scale (qk_scale={c.qk_scale}; NanoChat's attention scale is fixed at 1/sqrt(head_dim))")
-    return why
+def unsupported(config, remote_code=False):
+    """What of `config` the transformers NanoChat class cannot express, one line each; with
+    remote_code, what our own modeling file (nanochat/hf_modeling.py) cannot: the extensions."""
+    c = config
+    extensions = [(c.mamba_pattern, f"Mamba-3 layers (mamba_pattern={c.mamba_pattern!r})"),
+                  (c.engram_layers, f"Engram memory (engram_layers={c.engram_layers!r})"),
+                  (c.mhc, "mHC hyper-connections (mhc=True)"),
+                  (c.dsa_start_layer >= 0, f"DeepSeek sparse attention (dsa_start_layer={c.dsa_start_layer})")]
+    recipe = [(set(c.window_pattern.upper()) != {"L"}, f"sliding-window attention (window_pattern="
+               f"{c.window_pattern!r}; NanoChat attends to the whole context in every layer)"),
+              (c.value_embeds, "value embeddings (value_embeds=True)"), (c.smear, "the smear gate (smear=True)"),
+              (c.backout, "the backout (backout=True)"), (c.layer_lambdas, "per-layer resid/x0 scalars (layer_lambdas=True)"),
+              (c.qk_scale != 1.0, f"a QK scale (qk_scale={c.qk_scale}; NanoChat's attention scale is 1/sqrt(head_dim))")]
+    return [line for on, line in extensions + ([] if remote_code else recipe) if on]
 
 
 def hf_config(config, tokenizer):
@@ -96,13 +95,43 @@ def to_hf_state(state, config, dtype):
     return out
 
 
+REMOTE_MODEL_FILE = "modeling_nanochat_recipe.py"
+
+
+def remote_config(config, tokenizer):
+    """config.json for the trust_remote_code export (nanochat/hf_modeling.py): our GPTConfig
+    plus the per-layer plan, under model_type nanochat_recipe."""
+    from nanochat.gpt import layer_plan
+    plan = layer_plan(config)
+    nanochat = dict(config.to_dict(), windows=[s.window for s in plan], rows=padded_vocab(config),
+                    value_embed_layers=[i for i, s in enumerate(plan) if "value_embed" in s.extras])
+    module = REMOTE_MODEL_FILE.removesuffix(".py")
+    bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    return {"architectures": ["NanoChatRecipeForCausalLM"], "model_type": "nanochat_recipe",
+            "auto_map": {"AutoConfig": f"{module}.NanoChatRecipeConfig",
+                         "AutoModelForCausalLM": f"{module}.NanoChatRecipeForCausalLM"},
+            "nanochat": nanochat, "vocab_size": config.vocab_size, "max_position_embeddings": config.sequence_len,
+            "bos_token_id": bos, "eos_token_id": end, "pad_token_id": bos, "use_cache": False}
+
+
+def to_remote_state(state, dtype):
+    """Our state dict as the remote-code model names it (the same names), MTP heads dropped."""
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items() if not k.startswith("mtp.")}
+
+
 def config_from_hf(cfg, vocab_size):
     """GPTConfig for a transformers NanoChat config.json dict; ValueError naming what our
     model cannot be (so the imported model computes what transformers computes).
     vocab_size: the tokenizer's; the model's extra rows (if any) become padding."""
+    if cfg.get("model_type") == "nanochat_recipe":  # our own remote-code export: our config as it was
+        c = {k: v for k, v in cfg["nanochat"].items() if k not in ("windows", "rows", "value_embed_layers")}
+        if c["vocab_size"] != vocab_size:
+            raise ValueError(f"vocab_size={c['vocab_size']} but the tokenizer has {vocab_size}")
+        return GPTConfig.from_dict(c)
     if cfg.get("model_type") != "nanochat":
         raise ValueError(f"model_type is {cfg.get('model_type')!r}, not 'nanochat': only the transformers NanoChat "
-                         "format can be imported")
+                         "format (and export_hf --remote_code's nanochat_recipe) can be imported")
     why = []
     C, H = cfg["hidden_size"], cfg["num_attention_heads"]
     KV = cfg.get("num_key_value_heads") or H
@@ -126,8 +155,11 @@ def config_from_hf(cfg, vocab_size):
                      qk_scale=1.0, pad_vocab_to=cfg["vocab_size"] if cfg["vocab_size"] != vocab_size else 1)
 
 
-def from_hf_state(tensors, config):
-    """transformers tensors -> our state dict (fp32 for training; checkpoints keep fp32)."""
+def from_hf_state(tensors, config, remote=False):
+    """transformers tensors -> our state dict (fp32 for training; checkpoints keep fp32).
+    remote: a nanochat_recipe export, whose tensors have our names already."""
+    if remote:
+        return {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
     pairs = _key_map(config.n_layer)
     missing = [b for _, b in pairs if b not in tensors]
     extra = sorted(set(tensors) - {b for _, b in pairs})

@@ -44,17 +44,21 @@ def report_summary():
     return text[start:].strip() if start >= 0 else None
 
 
-def model_card(config, meta, source, dtype):
+def model_card(config, meta, source, dtype, remote_code=False):
     summary = report_summary()
+    how = ("its own modeling file (modeling_nanochat_recipe.py: value embeddings, smear, backout, per-layer "
+           "scalars, QK scale, sliding windows); load it with trust_remote_code=True" if remote_code else
+           "the transformers NanoChat format")
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanochat]", "---", "",
              f"# nanochat {meta.get('model_tag', '')} ({source})", "",
              f"A {config.n_layer}-layer nanochat model ({source} stage, step {meta.get('step')}), exported with "
-             "`python -m scripts.export_hf` to the transformers NanoChat format.", "",
+             f"`python -m scripts.export_hf` with {how}.", "",
              f"- width {config.n_embd}, {config.n_head} heads ({config.n_kv_head} key/value), context "
              f"{config.sequence_len}, vocabulary {config.vocab_size}, rotary base {config.rope_base:g}, "
              f"logit soft-cap {config.softcap:g}, weights in {dtype}", "",
              "```python", "from transformers import pipeline",
-             "chat = pipeline('text-generation', model='PATH_OR_REPO')",
+             "chat = pipeline('text-generation', model='PATH_OR_REPO'" +
+             (", trust_remote_code=True)" if remote_code else ")"),
              "print(chat([{'role': 'user', 'content': 'Why is the sky blue?'}], max_new_tokens=128))", "```", "",
              "The chat template renders conversations as nanochat's `render_conversation`; assistant content may be "
              "a list of parts of type text, python (a tool call) and python_output (the tool's answer).", ""]
@@ -68,15 +72,21 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def export(model, tokenizer, meta, source, out, dtype="bf16", overwrite=False):
-    """Write the export directory; returns its path. ValueError if the model can't be expressed."""
+def export(model, tokenizer, meta, source, out, dtype="bf16", overwrite=False, remote_code=False):
+    """Write the export directory; returns its path. ValueError if the model can't be expressed.
+    remote_code: our own modeling file beside the weights (trust_remote_code), for the recipe."""
     from safetensors.torch import save_file
     config = model.config
-    why = hf.unsupported(config)
+    why = hf.unsupported(config, remote_code)
+    if why and remote_code:
+        raise ValueError("nanochat's exports cannot express this model's\n  - " + "\n  - ".join(why) +
+                         "\n(transformers has no implementation of these extensions)")
     if why:
         raise ValueError("the transformers NanoChat model cannot express this model's\n  - " + "\n  - ".join(why) +
-                         "\nExport a model trained without them (scripts.base_train --window_pattern=L "
-                         "--value_embeds=0 --smear=0 --backout=0 --layer_lambdas=0 --qk_scale=1.0, no extensions).")
+                         "\nPass --remote_code to export it with its own modeling file (loaded with "
+                         "trust_remote_code=True; vLLM and plain pipelines cannot use it), or export a model trained "
+                         "without them (scripts.base_train --window_pattern=L --value_embeds=0 --smear=0 --backout=0 "
+                         "--layer_lambdas=0 --qk_scale=1.0).")
     out = os.path.abspath(out)
     if os.path.exists(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or pick another --out")
@@ -84,19 +94,25 @@ def export(model, tokenizer, meta, source, out, dtype="bf16", overwrite=False):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tensors = hf.to_hf_state(model.state_dict(), config, DTYPES[dtype])
+        if remote_code:
+            tensors = hf.to_remote_state(model.state_dict(), DTYPES[dtype])
+            cfg = hf.remote_config(config, tokenizer)
+            shutil.copy(os.path.join(os.path.dirname(hf.__file__), "hf_modeling.py"),
+                        os.path.join(tmp, hf.REMOTE_MODEL_FILE))
+        else:
+            tensors, cfg = hf.to_hf_state(model.state_dict(), config, DTYPES[dtype]), hf.hf_config(config, tokenizer)
         save_file(tensors, os.path.join(tmp, hf.MODEL_FILE), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, "config.json"), dict(hf.hf_config(config, tokenizer),
-                                                          dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype]))
+        write_json(os.path.join(tmp, "config.json"), dict(cfg, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype]))
         hf_tokenizer = hf.tokenizer_json(tokenizer)
         hf.check_tokenizer_json(hf_tokenizer, tokenizer)
         hf_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         write_json(os.path.join(tmp, "tokenizer_config.json"), hf.tokenizer_config(tokenizer))
         write_json(os.path.join(tmp, "special_tokens_map.json"),
                    {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"})
-        write_json(os.path.join(tmp, "generation_config.json"), hf.generation_config(tokenizer))
+        write_json(os.path.join(tmp, "generation_config.json"),
+                   dict(hf.generation_config(tokenizer), **({"use_cache": False} if remote_code else {})))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(config, meta, source, dtype))
+            f.write(model_card(config, meta, source, dtype, remote_code))
         if os.path.exists(out):  # --overwrite: the old directory goes only once the new one is complete
             old = f"{out}.old-{os.getpid()}"
             os.rename(out, old)
@@ -117,14 +133,14 @@ def check(out, tokenizer, device, prompts=CHECK_PROMPTS):
     {"bf16": d} (transformers in bf16 vs ours under bf16 autocast)."""
     from transformers import AutoModelForCausalLM
     cfg = hf.read_json(os.path.join(out, "config.json"))
-    config = hf.config_from_hf(cfg, tokenizer.get_vocab_size())
+    config, remote = hf.config_from_hf(cfg, tokenizer.get_vocab_size()), "auto_map" in cfg
     ours = GPT(config).to(device)
     ours.init_weights()  # the rotary buffers; the weights come next
-    ours.load_state_dict(hf.from_hf_state(hf.load_safetensors(out), config))
+    ours.load_state_dict(hf.from_hf_state(hf.load_safetensors(out), config, remote))
     ours.eval()
     result = {}
     for name, dtype in [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else []):
-        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, trust_remote_code=remote).to(device).eval()
         diff = 0.0
         for p in prompts:
             ids = torch.tensor([tokenizer.encode(p, prepend="<|bos|>")], device=device)
@@ -145,6 +161,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory to write (created atomically)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="weights' dtype in model.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--remote_code", action="store_true", help="for models NanoChat cannot express (the quality "
+                        "recipe, sliding windows): ship our own modeling file; loads with trust_remote_code=True")
     parser.add_argument("--check", action="store_true", help="load the export with transformers and print the max "
                         "|logit difference| to our forward (fp32; on CUDA also bf16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --check")
@@ -155,7 +173,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     try:
-        out = export(model, tokenizer, meta, args.source, args.out, args.dtype, args.overwrite)
+        out = export(model, tokenizer, meta, args.source, args.out, args.dtype, args.overwrite, args.remote_code)
     except (ValueError, FileExistsError) as e:
         raise SystemExit(f"export_hf: {e}")
     if model.config.mtp:

@@ -74,7 +74,7 @@ def import_checkpoint(directory, model_tag, source="sft", step=None, replace_tok
     from tokenizers import Tokenizer as HFTokenizer
     hf.check_tokenizer_json(HFTokenizer.from_file(tok_path), tokenizer)  # the conversion back is faithful
     config = hf.config_from_hf(cfg, tokenizer.get_vocab_size())
-    state = hf.from_hf_state(hf.load_safetensors(directory), config)
+    state = hf.from_hf_state(hf.load_safetensors(directory), config, remote=cfg.get("model_type") == "nanochat_recipe")
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, strict=True, assign=True)  # every shape checked against the config

@@ -251,3 +251,29 @@ def test_import_refuses_other_tokenizers(exported, tmp_path):
     refused(lambda e: e["added_tokens"][0].update(content="<|endoftext|>"), "special tokens")
     refused(lambda e: e.update(added_tokens=e["added_tokens"][:5]), "special tokens")
     refused(lambda e: e.update(pre_tokenizer={"type": "Metaspace"}), "byte-level BPE")
+
+
+def test_remote_code_export_of_the_recipe(tokenizer, tmp_path, fresh_base):
+    """Today's default model (value embeddings, smear, backout, per-layer scalars, QK scale,
+    rope 1e5, padded vocab) plus sliding windows: exported with our modeling file, loaded
+    with trust_remote_code, same logits; and imported back to the same weights."""
+    model = tiny(tokenizer, n_layer=4, value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2,
+                 window_pattern="SL", short_window_div=4)
+    out = export(model, tokenizer, {"model_tag": "d4", "step": 1}, "base", str(tmp_path / "r"), dtype="fp32",
+                 remote_code=True)
+    assert "modeling_nanochat_recipe.py" in os.listdir(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True).eval()
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = model(ids), theirs(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-4, (a - b).abs().max().item()
+    prompt = torch.tensor([tokenizer.encode("int main", prepend="<|bos|>")])
+    gen = theirs.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        assert gen[0, prompt.size(1):].tolist() == model(gen[:, :-1])[0, prompt.size(1) - 1:].argmax(-1).tolist()
+    import_checkpoint(out, "d4", source="base")
+    back, _, _ = load_model("base", "cpu", model_tag="d4")
+    s1, s2 = model.state_dict(), back.state_dict()
+    assert back.config == model.config and all(torch.equal(s1[k], s2[k]) for k in s1)
+    with pytest.raises(ValueError, match="Mamba-3"):  # the extensions stay refused
+        export(tiny(tokenizer, mamba_pattern="AM"), tokenizer, {}, "base", str(tmp_path / "m"), remote_code=True)
