@@ -15,7 +15,9 @@ What the transformers class implements, and how our model maps onto it:
   uses finfo(dtype).eps, so we write float32's eps: the fp32 forward matches to rounding.
 It has no sliding windows, no value embeddings, smear, backout or per-layer scalars, no
 QK scale, and none of the extensions: export refuses such a model and names each
-(`unsupported`); only the MTP heads, which the forward never runs, are dropped.
+(`unsupported`), or (--remote_code) writes it with our own modeling file,
+nanochat/hf_modeling.py, for all but the extensions. The MTP heads, which the forward
+never runs, are dropped.
 
 The tokenizer becomes a tokenizers BPE (byte-level, the same split regex, one merge per
 way of splitting each token into two tokens, ordered by the merged token's rank, and

@@ -10,8 +10,10 @@ chat template), generation_config.json and a README.md model card (with the repo
 card's summary table when $NANOCHAT_BASE_DIR/report/report.md exists), all into a temp
 directory renamed to --out at the end. A model with something the NanoChat class cannot
 express (sliding windows, value embeddings, smear, backout, per-layer scalars, QK scale,
-Mamba-3, Engram, mHC, DSA) is refused with the list (nanochat/hf.py says why each);
-MTP heads are dropped (the forward never runs them). --check loads the export with
+Mamba-3, Engram, mHC, DSA) is refused with the list (nanochat/hf.py says why each), or
+with --remote_code written with our own modeling file (nanochat/hf_modeling.py; every
+one of those but the four extensions, which stay refused). MTP heads are dropped (the
+forward never runs them). --check loads the export with
 transformers and prints the max |logit difference| to our forward on a few prompts.
 Format details and the differences from our chat rendering: docs/serving.md.
 """
