@@ -69,8 +69,11 @@ def test_export_loads_and_logits_match(exported, tokenizer):
     assert gen[0, prompt.size(1):].tolist() == ours.tolist()
 
 
-def test_export_bf16_and_the_card(tokenizer, tmp_path):
+def test_export_bf16_and_the_card(tokenizer, tmp_path, fresh_base):
     model = tiny(tokenizer)
+    os.makedirs(tmp_path / "base" / "report")
+    (tmp_path / "base" / "report" / "report.md").write_text("# report\n\n## Chat SFT\n\nx\n\n## Summary\n\n"
+                                                             "| Metric | BASE | SFT |\n|---|---|---|\n| CORE | 0.2100 | - |\n")
     out = export(model, tokenizer, {"model_tag": "d2", "step": 3}, "base", str(tmp_path / "b"))
     from safetensors.torch import load_file
     w = load_file(os.path.join(out, "model.safetensors"))
@@ -84,6 +87,8 @@ def test_export_bf16_and_the_card(tokenizer, tmp_path):
     assert (a - b).abs().max().item() < 0.25  # bf16 weights and activations on both sides
     card = open(os.path.join(out, "README.md")).read()
     assert "library_name: transformers" in card and "step 3" in card
+    assert "## Summary\n\n| Metric | BASE | SFT |\n|---|---|---|\n| CORE | 0.2100 | - |" in card
+    assert "## Chat SFT" not in card  # the summary only
     with pytest.raises(FileExistsError):
         export(model, tokenizer, {}, "base", out)
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the failed export left no temp dir
