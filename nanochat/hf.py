@@ -105,7 +105,8 @@ def remote_config(config, tokenizer):
     plus the per-layer plan, under model_type nanochat_recipe."""
     from nanochat.gpt import layer_plan
     plan = layer_plan(config)
-    nanochat = dict(config.to_dict(), windows=[s.window for s in plan], rows=padded_vocab(config),
+    nanochat = dict(config.to_dict(), mtp=False,  # the MTP heads are not exported
+                    windows=[s.window for s in plan], rows=padded_vocab(config),
                     value_embed_layers=[i for i, s in enumerate(plan) if "value_embed" in s.extras])
     module = REMOTE_MODEL_FILE.removesuffix(".py")
     bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")

@@ -3,6 +3,7 @@ nanochat/hf.py), without network: our tiny models exported and loaded by transfo
 a tiny random transformers NanoChat model imported, tokenizer and chat template checked
 id for id against ours."""
 
+import dataclasses
 import os
 import random
 
@@ -263,7 +264,7 @@ def test_remote_code_export_of_the_recipe(tokenizer, tmp_path, fresh_base):
     rope 1e5, padded vocab) plus sliding windows: exported with our modeling file, loaded
     with trust_remote_code, same logits; and imported back to the same weights."""
     model = tiny(tokenizer, n_layer=4, value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2,
-                 window_pattern="SL", short_window_div=4)
+                 window_pattern="SL", short_window_div=4, mtp=True)  # MTP heads: dropped
     out = export(model, tokenizer, {"model_tag": "d4", "step": 1}, "base", str(tmp_path / "r"), dtype="fp32",
                  remote_code=True)
     assert "modeling_nanochat_recipe.py" in os.listdir(out)
@@ -279,6 +280,7 @@ def test_remote_code_export_of_the_recipe(tokenizer, tmp_path, fresh_base):
     import_checkpoint(out, "d4", source="base")
     back, _, _ = load_model("base", "cpu", model_tag="d4")
     s1, s2 = model.state_dict(), back.state_dict()
-    assert back.config == model.config and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert back.config == dataclasses.replace(model.config, mtp=False)
+    assert s2.keys() == {k for k in s1 if not k.startswith("mtp.")} and all(torch.equal(s1[k], s2[k]) for k in s2)
     with pytest.raises(ValueError, match="Mamba-3"):  # the extensions stay refused
         export(tiny(tokenizer, mamba_pattern="AM"), tokenizer, {}, "base", str(tmp_path / "m"), remote_code=True)
