@@ -35,6 +35,10 @@ SPECIAL_TOKENS = [
     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",  # fill-in-the-middle (PSM order)
 ]
 
+# the reference nanochat's models (and so its published checkpoints) have the first 9 only;
+# such a tokenizer (scripts.import_hf) loads, and only the FIM features miss their tokens
+REFERENCE_SPECIAL = 9
+
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 DEFAULT_VOCAB_SIZE = 32768
@@ -53,9 +57,9 @@ class Tokenizer:
     # ---- construction -----------------------------------------------------
 
     @classmethod
-    def from_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN):
+    def from_ranks(cls, mergeable_ranks, pattern=SPLIT_PATTERN, special_tokens=SPECIAL_TOKENS):
         offset = len(mergeable_ranks)
-        special = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special = {name: offset + i for i, name in enumerate(special_tokens)}
         enc = tiktoken.Encoding(name="nanochat", pat_str=pattern,
                                 mergeable_ranks=mergeable_ranks, special_tokens=special)
         return cls(enc)
@@ -78,7 +82,7 @@ class Tokenizer:
         """sha256 of what defines the tokenizer (split pattern, merges, special tokens): the
         same for the same tokenizer however it was saved. Checkpoints record it."""
         sha = hashlib.sha256()
-        for part in (self.enc._pat_str, *SPECIAL_TOKENS):
+        for part in (self.enc._pat_str, *self.special_tokens):
             sha.update(part.encode() + b"\0")
         for token, rank in sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
             sha.update(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
@@ -91,7 +95,7 @@ class Tokenizer:
         (a save killed between the two files) is refused by get_token_bytes."""
         import torch
         state = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks,
-                 "special_tokens": SPECIAL_TOKENS}
+                 "special_tokens": self.special_tokens}
         atomic_write(os.path.join(directory, TOKENIZER_FILE), lambda f: pickle.dump(state, f))
         tb = {"token_bytes": torch.tensor(self.token_bytes_list(), dtype=torch.int32), "tokenizer_hash": self.hash}
         atomic_write(os.path.join(directory, TOKEN_BYTES_FILE), lambda f: torch.save(tb, f))
@@ -103,10 +107,11 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer at {path}; train one first: python -m scripts.tok_train")
         with open(path, "rb") as f:
             state = pickle.load(f)
-        if state["special_tokens"] != SPECIAL_TOKENS:
-            raise ValueError(f"{path} was trained with other special tokens ({state['special_tokens']}); "
+        special = state["special_tokens"]
+        if special != SPECIAL_TOKENS[:len(special)] or len(special) < REFERENCE_SPECIAL:
+            raise ValueError(f"{path} was trained with other special tokens ({special}); "
                              "retrain it with python -m scripts.tok_train")
-        return cls.from_ranks(state["mergeable_ranks"], state["pattern"])
+        return cls.from_ranks(state["mergeable_ranks"], state["pattern"], special)
 
     # ---- basic encode / decode --------------------------------------------
 
@@ -116,6 +121,11 @@ class Tokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
+    @property
+    def special_tokens(self):
+        """The special token names in id order."""
+        return sorted(self.enc._special_tokens, key=self.enc._special_tokens.get)
+
     def get_special_tokens(self):
         return set(self.enc.special_tokens_set)
 
@@ -123,7 +133,7 @@ class Tokenizer:
         try:
             return self.enc.encode_single_token(text)
         except KeyError:
-            raise KeyError(f"unknown special token {text!r}; known: {', '.join(SPECIAL_TOKENS)}") from None
+            raise KeyError(f"unknown special token {text!r}; known: {', '.join(self.special_tokens)}") from None
 
     def id_to_token(self, token_id):
         return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
