@@ -1,11 +1,12 @@
 """
-Preflight for speedrun.sh and run1000.sh: before hours of pretraining, check every input
+Preflight for speedrun.sh, run1000.sh and cpp_speedrun.sh: before hours of pretraining, check every input
 a later stage will need, fetch what can be fetched, and stop at once with the list of
 what is missing and how to fix each.
 
     python -m scripts.preflight --depth=20 --num_shards=240            # speedrun's stages
     python -m scripts.preflight --depth=20 --num_shards=240 --rl       # and RL
     python -m scripts.preflight --stages=mid,sft --no_fetch            # only check
+    python -m scripts.preflight --stages=cpp,tok --depth=24            # cpp_speedrun's
 
 Checks, per stage that will run:
     tok        the tokenizer trainer (rustbpe, tiktoken) imports
@@ -18,6 +19,8 @@ Checks, per stage that will run:
                the Hugging Face cache, or the hub answering for it
     chat_eval  the same for the evaluation tasks
     rl         GSM8K
+    cpp        the C++ pipeline (cpp_speedrun.sh): cargo or a built tools/cpp_chunker, g++
+               for the C++ evals, and their task data (MultiPL-E humaneval-cpp, mbpp-cpp)
 and the free disk space under $NANOCHAT_BASE_DIR against an estimate: the shards still
 to download (~100 MB each) plus a checkpoint per training stage (model + optimizer
 state, ~12 bytes per parameter, parameters from the depth).
@@ -33,7 +36,8 @@ from urllib.parse import urlparse
 ALL_STAGES = ("tok", "base", "base_eval", "mid", "sft", "chat_eval")  # speedrun.sh's; --rl adds rl
 SHARD_BYTES = 100e6  # a fineweb-edu shard is ~90-100 MB
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights + optimizer state (momentum, Adam moments)
-TRAINING_STAGES = ("base", "mid", "sft", "rl")
+TRAINING_STAGES = ("base", "mid", "sft", "rl", "cpp")
+KNOWN_STAGES = ALL_STAGES + ("rl", "cpp")
 
 # (stage) -> task dataset splits it reads: (hub path, subset, split); see scripts/*.py
 DATASETS = {
@@ -49,6 +53,7 @@ DATASETS = {
                   ("openai/openai_humaneval", None, "test"), ("nuprl/MultiPL-E", "humaneval-cpp", "test"),
                   ("nuprl/MultiPL-E", "mbpp-cpp", "test")],
     "rl": [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")],
+    "cpp": [("nuprl/MultiPL-E", "humaneval-cpp", "test"), ("nuprl/MultiPL-E", "mbpp-cpp", "test")],
 }
 WORD_STAGES = ("mid", "sft", "chat_eval")  # SimpleSpelling / SpellingBee
 
@@ -87,7 +92,7 @@ def check_tokenizer(stages):
             return [(f"tokenizer training: python module(s) {', '.join(missing)} not importable",
                      "source dev/setup.sh (uv sync installs them)")]
         return []
-    if any(s in stages for s in ("base", "mid", "sft", "rl", "chat_eval", "base_eval")):
+    if any(s in stages for s in ("base", "mid", "sft", "rl", "chat_eval", "base_eval", "cpp")):
         path = os.path.join(tokenizer_dir(), TOKENIZER_FILE)
         if not os.path.isfile(path):
             return [(f"tokenizer: no {path}", "train it first: python -m scripts.tok_train (or run the tok stage)")]
@@ -100,6 +105,19 @@ def _imports(module):
         return True
     except ImportError:
         return False
+
+
+def check_cpp_tools():
+    """cpp_data builds tools/cpp_chunker with cargo (unless built); the C++ evals compile with g++."""
+    problems = []
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    binary = os.path.join(repo, "tools", "cpp_chunker", "target", "release", "cpp_chunker")
+    if shutil.which("cargo") is None and not os.path.isfile(binary):
+        problems.append(("cpp_data: no cargo to build tools/cpp_chunker (and no built binary)",
+                         "install Rust: curl https://sh.rustup.rs -sSf | sh -s -- -y && source ~/.cargo/env"))
+    if shutil.which("g++") is None:
+        problems.append(("C++ evals: g++ not found", "apt-get install g++"))
+    return problems
 
 
 def check_shards(num_shards, reach):
@@ -209,6 +227,8 @@ def run_checks(args):
         problems += check_eval_bundle(args.fetch)
     if any(s in stages for s in WORD_STAGES):
         problems += check_words(args.fetch)
+    if "cpp" in stages:
+        problems += check_cpp_tools()
     problems += check_datasets(stages, reach)
     problems += check_disk(args, new_shards)
     return problems
@@ -227,9 +247,9 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=10, help="seconds per network check")
     args = p.parse_args(argv)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [s for s in args.stages if s not in ALL_STAGES + ("rl",)]
+    unknown = [s for s in args.stages if s not in KNOWN_STAGES]
     if unknown:
-        p.error(f"unknown stage(s) {unknown}; known: {', '.join(ALL_STAGES + ('rl',))}")
+        p.error(f"unknown stage(s) {unknown}; known: {', '.join(KNOWN_STAGES)}")
     problems = run_checks(args)
     if problems:
         print(f"preflight: {len(problems)} thing(s) missing; fix them before the run starts:", file=sys.stderr)

@@ -82,3 +82,24 @@ def test_all_present_passes_and_fetches(tmp_path, served, tokenizer):
     # the tok stage runs first: no trained tokenizer needed yet
     shutil.rmtree(base / "tokenizer")
     assert preflight(dict(env), "--stages", "tok,base", "--num_shards", "2", "--depth", "4").returncode == 0
+
+
+def test_cpp_stage(tmp_path):
+    """cpp_speedrun's stage: the MultiPL-E splits from a local copy or the hub, g++ and cargo
+    on the PATH; without g++ and cargo (PATH with no compilers) both are named with their fix."""
+    base = tmp_path / "base"
+    task_data = tmp_path / "task_data"
+    subprocess.run([sys.executable, "-m", "tasks.fixtures", str(task_data)], cwd=ROOT, check=True, capture_output=True)
+    env = {"NANOCHAT_BASE_DIR": str(base), "HF_ENDPOINT": CLOSED, "NANOCHAT_TASK_DATA": str(task_data)}
+    out = preflight(dict(env), "--stages", "cpp,tok", "--depth", "4")
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = preflight(dict(env, NANOCHAT_TASK_DATA=str(tmp_path / "empty")), "--stages", "cpp,tok", "--depth", "4")
+    assert out.returncode == 1 and "nuprl/MultiPL-E (humaneval-cpp) test" in out.stderr
+    assert "nuprl/MultiPL-E (mbpp-cpp) test" in out.stderr
+    bare = tmp_path / "bin"  # only python itself on the PATH
+    bare.mkdir()
+    os.symlink(sys.executable, bare / "python")
+    out = preflight(dict(env, PATH=str(bare)), "--stages", "cpp,tok", "--depth", "4")
+    assert out.returncode == 1 and "g++ not found" in out.stderr, out.stderr
+    built = os.path.isfile(os.path.join(ROOT, "tools", "cpp_chunker", "target", "release", "cpp_chunker"))
+    assert ("no cargo" in out.stderr) == (not built)
