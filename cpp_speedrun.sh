@@ -16,6 +16,7 @@ cd "$(dirname "$0")"
 ROOTS=${ROOTS:-}                      # C++ repository roots, space separated
 ROOTS_FILE=${ROOTS_FILE:-}            # or a file of them
 MODE=${MODE:-compilable}              # cpp_data mode: file, crossfile, project, compilable
+CPP_DATA_FLAGS=${CPP_DATA_FLAGS:-}    # more cpp_data flags, e.g. --dedup=exact --val_fraction=0.02
 DEPTH=${DEPTH:-24}
 MAX_SEQ_LEN=${MAX_SEQ_LEN:-65536}
 DOC_TOKENS=${DOC_TOKENS:-$MAX_SEQ_LEN}  # cpp_data's token budget per document
@@ -64,7 +65,8 @@ run python -m nanochat.report reset
 if [ -f "$DATA_DIR/manifest.json" ]; then
     echo "cpp_speedrun: reusing the shards in $DATA_DIR"
 else
-    run python -m scripts.cpp_data "${ROOTS_ARGS[@]}" --mode="$MODE" --max_tokens="$DOC_TOKENS" --out="$DATA_DIR"
+    run python -m scripts.cpp_data "${ROOTS_ARGS[@]}" --mode="$MODE" --max_tokens="$DOC_TOKENS" --out="$DATA_DIR" \
+        $CPP_DATA_FLAGS
 fi
 run python -m scripts.tok_train --data_dir="$DATA_DIR" --vocab_size="$VOCAB_SIZE" --max_chars="$TOK_MAX_CHARS" --overwrite
 run python -m scripts.tok_eval --data_dir="$DATA_DIR"

@@ -21,12 +21,13 @@ if [ -z "${NANOCHAT_TASK_DATA:-}" ] && ! python -c "import socket; socket.create
 fi
 # depth 4 is [A, A, M, A]: Engram at 0 and 3, DSA from 3 with a top-k below the context so
 # the sparse path runs
-# the documents keep 2048 tokens: shorter pieces rarely compile on their own, and FIM needs some that do
-ROOTS="$ROOTS" DEVICE_TYPE=cpu DEPTH=4 MAX_SEQ_LEN=128 DOC_TOKENS=2048 DEVICE_BATCH_SIZE=1 TOTAL_BATCH_SIZE=128 \
+# documents of up to 2048 tokens and 10% of them held out: FIM needs held-out ones that compile on their
+# own, and shorter pieces rarely do
+ROOTS="$ROOTS" DEVICE_TYPE=cpu DEPTH=4 MAX_SEQ_LEN=128 DOC_TOKENS=2048 CPP_DATA_FLAGS="--val_fraction=0.1" DEVICE_BATCH_SIZE=1 TOTAL_BATCH_SIZE=128 \
 NUM_ITERATIONS="$ITERS" VOCAB_SIZE=4096 TOK_MAX_CHARS=20000000 MODEL_TAG=cpp_d4 \
 MODEL_FLAGS="--window_pattern=L --mamba --mamba_pattern=AAM --mamba3_qknorm --mamba3_bias --mamba3_complex_rope \
 --mamba3_trapezoidal --engram --engram_layers=0,3 --mhc --mtp --mtp_lambda=0.3 --dsa --dsa_start_layer=3 \
 --dsa_top_k=32 --gradient_checkpointing --fim_rate=0.5" \
 TRAIN_FLAGS="--core_metric_every=-1 --save_every=-1 --sample_every=-1 --eval_every=$ITERS --eval_tokens=1024" \
-LOSS_FLAGS="--split_tokens=1024" EVAL_FLAGS="-n 2 -t 0.8 -m 16 -x 2 --fim_docs=8 --fim_max_tokens=8" \
+LOSS_FLAGS="--split_tokens=1024" EVAL_FLAGS="-n 2 -t 0.8 -m 16 -x 2 --fim_docs=60 --fim_max_tokens=8" \
     bash cpp_speedrun.sh
