@@ -6,7 +6,7 @@
 # them). Re-running skips the finished depths and resumes an unfinished one from its
 # last checkpoint.
 #   DRY_RUN=1 bash miniseries.sh                      # print the commands, run nothing
-#   DEPTHS="4 6 8 10" NUM_ITERS=300 bash miniseries.sh   # a quick series on one GPU
+#   DEPTHS="4 6 8" NUM_ITERS=200 SAVE_EVERY=50 bash miniseries.sh   # a quick look on one GPU
 #   CPU=1 bash miniseries.sh                          # tiny depths on the CPU, embedded corpus (CI)
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 set -euo pipefail
@@ -46,9 +46,9 @@ if [ "$CPU" = 1 ]; then
 --eval_every=-1 --eval_tokens=8192"
     EVAL_FLAGS="--device_type=cpu"
 else
-    # preflight (the largest depth's checkpoint on disk, the eval bundle), data, tokenizer; a
-    # tokenizer already there is kept: the models of an earlier run (speedrun.sh's) stay usable
-    STAGES=base,base_eval SHARDS=$NUM_SHARDS
+    # preflight (data, disk for the largest depth's checkpoint), data, tokenizer; a tokenizer
+    # already there is kept: the models of an earlier run (speedrun.sh's) stay usable
+    STAGES=base SHARDS=$NUM_SHARDS
     [ -f "$TOKENIZER" ] || STAGES=tok,$STAGES
     [ -z "${NANOCHAT_DATA_DIR:-}" ] || SHARDS=1  # your own shards: nothing to download
     MAX_DEPTH=$(printf '%s\n' $DEPTHS | sort -n | tail -1)
@@ -58,6 +58,9 @@ else
         run python -m nanochat.dataset -n "$NUM_SHARDS"
     fi
     [ -f "$TOKENIZER" ] || run python -m scripts.tok_train --max_chars=2000000000
+    # the CORE eval bundle: without it (offline) the series still trains, with CORE left empty
+    run python -m scripts.preflight --stages=base_eval --min_free_gb=0 ||
+        echo "warning: no CORE eval bundle: the models train without CORE; a re-run measures it once there is one"
     LAUNCH="torchrun --standalone --nproc_per_node=$NPROC -m" SEP="--"
     SIZE_FLAGS="--fp8=$FP8"
     EVAL_FLAGS=""
@@ -70,7 +73,8 @@ for d in $DEPTHS; do
     [ "$CPU" = 1 ] || [ "$d" -le 20 ] || BATCH=$(( DEVICE_BATCH_SIZE / 2 ))
     RUN=$WANDB_RUN
     [ "$RUN" = dummy ] || RUN="${WANDB_RUN}_d$d"
-    FLAGS="--depth=$d --model_tag=$TAG --target_param_data_ratio=$RATIO ${NUM_ITERS:+--num_iterations=$NUM_ITERS} \
+    # --num_iterations=-1: the length from the ratio (given even then, so that status sees a change of NUM_ITERS)
+    FLAGS="--depth=$d --model_tag=$TAG --target_param_data_ratio=$RATIO --num_iterations=${NUM_ITERS:--1} \
 --core_metric_every=999999 --core_metric_max_per_task=$CORE_MAX_PER_TASK --sample_every=-1 --save_every=$SAVE_EVERY \
 --run=$RUN"
     [ "$CPU" = 1 ] || FLAGS="$FLAGS --device_batch_size=$BATCH"

@@ -29,8 +29,11 @@ import os
 import re
 import sys
 
-# base_train flags that may differ between a checkpoint and the run that continues it
-FREE_FLAGS = {"run", "resume_from_step"}
+# base_train flags that change how a run goes, not what it trains: they may differ between a
+# depth's checkpoint and a re-run of the series (e.g. a smaller DEVICE_BATCH_SIZE after an OOM)
+FREE_FLAGS = {"run", "resume_from_step", "device_batch_size", "fp8", "compile", "no_compile", "kernel",
+              "gradient_checkpointing", "eval_every", "eval_tokens", "save_every", "sample_every",
+              "core_metric_every", "core_metric_max_per_task"}
 
 
 def base_dir():
@@ -70,7 +73,7 @@ def read_core(tag, step, meta):
 
 
 def finished(meta):
-    return meta is not None and meta["step"] >= meta["num_iterations"]
+    return meta is not None and meta.get("num_iterations") is not None and meta["step"] >= meta["num_iterations"]
 
 
 def depth_state(tag):
@@ -103,7 +106,10 @@ def parse_flags(argv):
 
 def flag_mismatches(user_config, argv):
     """The base_train flags of argv whose value differs from the checkpoint's run (its
-    user_config), and the switches (--mamba, ...) that run had on and argv leaves out."""
+    user_config), and the switches (--mamba, ...) that run had on and argv leaves out. A
+    valued flag that argv leaves out is not compared (its default is base_train's to know):
+    miniseries.sh gives every flag it varies, and a model changed by dropping a flag from
+    MODEL_FLAGS needs a new SERIES name."""
     flags = parse_flags(argv)
     out = []
     for name, old in user_config.items():

@@ -48,10 +48,12 @@ def test_dry_run_one_base_train_per_depth(tmp_path):
     assert len(trains) == 3
     for d, cmd in zip((4, 6, 8), trains):
         assert cmd.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- ")
-        assert f" --depth={d} --model_tag=miniseries_d{d} --target_param_data_ratio=12 " in cmd
-        assert "--num_iterations" not in cmd and "--resume_from_step" not in cmd  # the ratio sets the length
+        # the ratio sets the length (-1: no fixed step count)
+        assert f" --depth={d} --model_tag=miniseries_d{d} --target_param_data_ratio=12 --num_iterations=-1 " in cmd
+        assert "--resume_from_step" not in cmd
         assert cmd.endswith("--device_batch_size=32 --fp8=0 --param_count=scaling --window_pattern=SSSL")
-    assert cmds[0] == "python -m scripts.preflight --stages=tok,base,base_eval --depth=8 --num_shards=240"
+    assert cmds[0] == "python -m scripts.preflight --stages=tok,base --depth=8 --num_shards=240"
+    assert cmds[4] == "python -m scripts.preflight --stages=base_eval --min_free_gb=0"  # after the tokenizer
     assert cmds[-1] == "python -m scripts.miniseries report --series=miniseries --depths=4 6 8"
     assert not any("scripts.base_eval" in c for c in cmds)  # CORE comes from training's last step
     assert os.listdir(tmp_path) == []  # nothing ran
@@ -75,8 +77,9 @@ def test_dry_run_one_base_train_per_depth(tmp_path):
 
 def test_flag_mismatches():
     ran = {"depth": 8, "target_param_data_ratio": 20.0, "mamba": True, "mhc": False, "data_dir": None,
-           "window_pattern": "L", "run": "jan_d8", "fp8": 0}
-    same = ["--depth=8", "--target_param_data_ratio=20", "--mamba", "--window_pattern", "L", "--run=other", "--fp8=0"]
+           "window_pattern": "L", "run": "jan_d8", "fp8": 0, "device_batch_size": 32}
+    same = ["--depth=8", "--target_param_data_ratio=20", "--mamba", "--window_pattern", "L", "--run=other", "--fp8=1",
+            "--device_batch_size=16"]  # a re-run after an OOM, say
     assert flag_mismatches(ran, same) == []
     bad = flag_mismatches(ran, ["--depth=8", "--target_param_data_ratio=12", "--window_pattern=SSSL", "--fp8=0"])
     assert bad == ["--target_param_data_ratio: 20.0 in the checkpoint's run, 12 now",
@@ -145,6 +148,10 @@ def test_cpu_profile_interrupted_resumed_and_reported(tmp_path, corpus_dir, toke
     # each model's own sections went to its own report directory, not the series'
     assert (base / "miniseries" / "miniseries_d2" / "base-model-training.json").exists()
     assert not (report / "base-model-training.json").exists()
-    # a third run has nothing left to train
-    assert base_trains(dry_run(base, CPU="1", DEPTHS="1 2", NUM_ITERS="12", SAVE_EVERY="4", CORE_MAX_PER_TASK="4",
-                               NANOCHAT_DATA_DIR=corpus_dir)) == []
+    # a third run has nothing left to train; one that asks for other models stops, naming the flag
+    same = dict(CPU="1", DEPTHS="1 2", NUM_ITERS="12", SAVE_EVERY="4", CORE_MAX_PER_TASK="4", NANOCHAT_DATA_DIR=corpus_dir)
+    assert base_trains(dry_run(base, **same)) == []
+    other = subprocess.run(["bash", "miniseries.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, DRY_RUN="1", NANOCHAT_BASE_DIR=str(base), **dict(same, NUM_ITERS="24")))
+    assert other.returncode != 0 and "--num_iterations: 12 in the checkpoint's run, 24 now" in other.stderr
+    assert "SERIES=" in other.stderr and "scripts.base_train" not in other.stdout
