@@ -5,7 +5,8 @@ The report card: every stage appends a section, `generate` assembles report.md.
     ... run the stages; each calls get_report().log(section=..., data=[...]) ...
     python -m nanochat.report generate   # -> $NANOCHAT_BASE_DIR/report/report.md and ./report.md
 
-A section is stored twice in $NANOCHAT_BASE_DIR/report/: as markdown (what the report
+A section is stored twice in $NANOCHAT_BASE_DIR/report/ ($NANOCHAT_REPORT_DIR if set:
+miniseries.sh gives each of its models its own): as markdown (what the report
 shows) and as JSON (what the summary table reads). Stages may also log curves
 (log_curve: (step, value) points), which generate plots as PNG next to report.md.
 
@@ -209,8 +210,8 @@ class Report:
         if copy_to:
             dest = os.path.join(copy_to, "report.md")
             atomic_write(dest, lambda f: f.write(text), mode="w")
-            for p in plots:  # so the images next to ./report.md resolve too
-                shutil.copy(os.path.join(self.dir, p), os.path.join(copy_to, p))
+            for p in sorted(glob.glob(os.path.join(self.dir, "*.png"))):  # so ./report.md's images resolve too
+                shutil.copy(p, os.path.join(copy_to, os.path.basename(p)))
         return path
 
 
@@ -224,8 +225,12 @@ class DummyReport:
         pass
 
 
+def report_dir():
+    return os.environ.get("NANOCHAT_REPORT_DIR") or os.path.join(get_base_dir(), "report")
+
+
 def get_report():
-    return Report(os.path.join(get_base_dir(), "report")) if get_dist_info()[1] == 0 else DummyReport()
+    return Report(report_dir()) if get_dist_info()[1] == 0 else DummyReport()
 
 
 def main(argv=None):

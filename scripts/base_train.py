@@ -181,6 +181,8 @@ adamw, muon = optimizers
 # Resume
 
 step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0, 0.0, None, float("inf")
+timed_steps = 0  # the steps train_time covers, over every resume (for the run's mean tok/s and MFU)
+core_metric = None  # the last CORE measured (saved with the checkpoints: miniseries.sh reads it there)
 if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
     print0(f"warning: {ckpt_dir} holds checkpoints of an earlier run (up to step {find_last_step(ckpt_dir)}); this run "
            "replaces the steps it saves. To continue that run: --resume_from_step=0; to keep it: --model_tag=NEW")
@@ -198,13 +200,14 @@ if args.resume_from_step >= 0:
             g.update(h)
     loader_state = rank_state["loader"]
     step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
+    timed_steps = meta.get("timed_steps", 0)
     if step > num_iterations:
         raise SystemExit(f"checkpoint step {step} is past this run's {num_iterations} steps: resume with the flags "
                          f"that set the length (--num_iterations, --total_batch_size, ...; it was {meta.get('num_iterations')} steps)")
     if meta.get("num_iterations") not in (None, num_iterations):
         print0(f"warning: the checkpoint's run had {meta['num_iterations']} steps, this one {num_iterations}: "
                "the learning-rate schedule continues at the new length")
-    val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
+    val_bpb, min_val_bpb, core_metric = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf")), meta.get("core_metric")
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
 
@@ -277,11 +280,22 @@ def muon_weight_decay(it):
     return schedules.muon_weight_decay(it, num_iterations, weight_decay, args.weight_decay_schedule)
 
 
+def throughput():
+    """Mean tok/s and MFU (%) of the timed steps so far; MFU None where the peak is unknown."""
+    tok_per_sec = timed_steps * args.total_batch_size / train_time if train_time > 0 else None
+    known = tok_per_sec is not None and peak_flops < float("inf")
+    return tok_per_sec, 100 * tok_per_sec * flops_per_token / (peak_flops * world_size) if known else None
+
+
 def checkpoint(step):
+    tok_per_sec, mfu = throughput()
     meta = {"step": step, "model_config": config.to_dict(), "user_config": user_config,
             "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
             "world_size": world_size, "smooth_loss": smooth_loss, "train_time": train_time,
-            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations}
+            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations,
+            "num_params": num_params, "num_scaling_params": orig_model.num_scaling_params(),
+            "flops_per_token": flops_per_token, "total_batch_size": args.total_batch_size,
+            "timed_steps": timed_steps, "tok_per_sec": tok_per_sec, "mfu": mfu, "core_metric": core_metric}
     save_checkpoint(ckpt_dir, step, orig_model.state_dict(),
                     {"optimizers": [o.state_dict() for o in optimizers], "loader": loader_state}, meta, rank)
 
@@ -318,6 +332,7 @@ while True:
             orig_model.eval()
             with autocast:
                 core = evaluate_core(orig_model, tokenizer, device, bundle_dir, max_per_task=args.core_metric_max_per_task)
+            core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE: {core['core_metric']:.4f}")
             wandb_run.log({"step": step, "core_metric": core["core_metric"]})
             orig_model.train()
@@ -387,6 +402,7 @@ while True:
     if steps_run > 10:  # the first steps of a process include compilation
         train_time += dt
         timed_time += dt
+        timed_steps += 1
     eta = (num_iterations - step) * timed_time / (steps_run - 10) if steps_run > 10 else float("nan")
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
            f"(step: {train_loss:.6f}) | " + (f"mtp_loss: {mtp_loss:.6f} | " if config.mtp else "") +
@@ -401,11 +417,13 @@ while True:
 
 print0(f"peak memory: {max_memory_allocated_mib(device_type):.0f} MiB; training time: {train_time / 60:.2f}m; "
        f"min val bpb: {min_val_bpb:.4f}; data cropped by packing: {train_loader.crop_fraction:.2%}")
+tok_per_sec, mfu = throughput()
 report = get_report()
 report.log(section="Base model training", data=[user_config, {
     "parameters": num_params, "flops_per_token": flops_per_token, "num_iterations": num_iterations,
-    "tokens": total_tokens, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb,
-    "training_time_min": round(train_time / 60, 2), "peak_memory_mib": round(max_memory_allocated_mib(device_type))}])
+    "tokens": total_tokens, "min_val_bpb": min_val_bpb, "final_val_bpb": val_bpb, "core_metric": core_metric,
+    "training_time_min": round(train_time / 60, 2), "tok_per_sec": tok_per_sec, "mfu_percent": mfu,
+    "peak_memory_mib": round(max_memory_allocated_mib(device_type))}])
 report.log_curve("base", "train loss", loss_curve)
 report.log_curve("base", "val bpb", bpb_curve)
 train_loader.close()
