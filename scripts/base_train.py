@@ -118,7 +118,7 @@ ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.
 num_devices = world_size  # for MFU
 if xla:  # one process, SPMD over a (data, model) mesh: the data axis plays the DDP ranks' part in the batch
     mesh = tpu.make_mesh(args.tensor_parallel)
-    num_devices = mesh.size()
+    num_devices = int(mesh.size())
     world_size = num_devices // args.tensor_parallel
 master = rank == 0
 dtype = compute_dtype(device_type)
@@ -147,7 +147,8 @@ if xla:
 dsa = config.dsa_start_layer >= 0
 if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
-model = build_model(config, device)
+# on XLA built on the CPU and moved: the CPU's generator gives the init a CPU run of the same seed has
+model = build_model(config, "cpu").to(device) if xla else build_model(config, device)
 model.kernel = args.kernel
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"

@@ -224,7 +224,8 @@ def seed_command(corpus_dir, flags):
 
 def test_seed_launch_command_on_the_cpu_stops_at_once_naming_a_tpu_flag(base_dir, corpus_dir):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    out = subprocess.run(seed_command(corpus_dir, SEED_FLAGS), cwd=ROOT, env=env, capture_output=True, text=True,
+    flags = SEED_FLAGS + ["--engram_layers=0,3", "--dsa_start_layer=3"]  # the layers depth 4 has
+    out = subprocess.run(seed_command(corpus_dir, flags), cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
