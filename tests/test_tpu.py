@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanochat import tpu
 from nanochat.gpt import GPT, GPTConfig, build_model

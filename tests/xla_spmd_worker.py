@@ -49,15 +49,15 @@ def batches():
 
 
 def train(model, device, mesh=None, checkpointing=False, sync=lambda: None):
-    """STEPS base_train steps (loss with its parts, backward, both optimizers); the losses."""
+    """STEPS base_train steps (loss with its parts, backward, both optimizers): (losses, optimizers)."""
     model.gradient_checkpointing = checkpointing
     optimizers = model.setup_optimizers(**OPT)
-    losses, specs = [], None
+    losses = []
     for x, y in batches():
         x, y = x.to(device), y.to(device)
         if mesh is not None:
             x, y = tpu.shard_batch(x, mesh), tpu.shard_batch(y, mesh)
-        loss, main, mtp = model(x, y, return_parts=True)
+        loss, _, _ = model(x, y, return_parts=True)  # as base_train calls it
         loss.backward()
         for opt in optimizers:
             opt.step()
