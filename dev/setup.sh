@@ -9,5 +9,7 @@ if ! command -v uv >/dev/null 2>&1; then
         || python3 -m pip install --quiet uv
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-uv sync --locked ${NANOCHAT_EXTRAS:-}
+# the tpu extra (torch_xla, 80 MB) by default: tests/test_tpu.py runs SPMD on CPU XLA devices, and a
+# plain `uv sync` would remove it again between scripts; NANOCHAT_EXTRAS= (empty) leaves it out
+uv sync --locked ${NANOCHAT_EXTRAS---extra tpu}
 source .venv/bin/activate

@@ -61,13 +61,15 @@ class Context:
     tensor instead, and decode_masks hold each window's mask over the whole cache.
     idx: the token ids, for mixers that look something up per token."""
 
-    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse"):
+    def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse",
+                 flash=None):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
         self.idx = idx  # (B, T) token ids of this forward, for per-layer lookups (value embeddings)
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
         self.pos_t, self.decode_masks = pos_t, decode_masks
         self.dsa_stage = dsa_stage  # DSA layers (nanochat/dsa.py): "warmup" (dense) or "sparse"
         self.aux_losses = []  # training losses that mixers add (DSA's indexer loss)
+        self.flash = flash  # (q, k, v) -> causal attention of full-context layers (XLA flash, nanochat/tpu.py)
 
 
 def sliding_window_mask(q_len, k_len, pos0, window, device):
@@ -201,6 +203,8 @@ class CausalSelfAttention(nn.Module):
             # GPU training through flex_attention: it skips the masked-out blocks
             return flex_attention(q, k, v, block_mask=ctx.block_masks[self.window], enable_gqa=gqa)
         if T == S and ctx.pos0 == 0 and self.window >= T:
+            if ctx.flash is not None:  # TPU: the Pallas flash kernel (no windows, so only here)
+                return ctx.flash(q, k, v)
             # full causal attention: SDPA picks flash / cuDNN on GPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # CPU, the "sdpa" kernel, or decoding with a cache: an explicit boolean mask

@@ -228,7 +228,12 @@ def compute_init(device_type="cuda", seed=42):
     if local_rank == 0:
         clean_stale_exec_dirs()
     if device_type == "xla":
+        if ddp:  # SPMD: one process per host drives all its chips; no process group to join
+            raise SystemExit("--device_type=xla runs as one process that drives every chip of the host (XLA SPMD): "
+                             "start it with python -m, not torchrun (docs/TPU_SETUP.md)")
         import torch_xla
+        import torch_xla.runtime as xr
+        xr.use_spmd()  # before the runtime starts; nanochat/tpu.py shards over the mesh
         device = torch_xla.device()
     elif ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -254,8 +259,8 @@ def compute_dtype(device_type):
     because bf16 on CPU is slow and loses precision for no speed gain."""
     if device_type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    if device_type == "xla":
-        return torch.bfloat16
+    if device_type == "xla":  # a TPU; XLA's CPU backend (PJRT_DEVICE=CPU, the tests) computes like the CPU
+        return torch.float32 if os.environ.get("PJRT_DEVICE", "").upper() == "CPU" else torch.bfloat16
     return torch.float32
 
 

@@ -26,8 +26,10 @@ def add_model_args(parser):
       "full layers + flex_attention for windows; flex = flex_attention everywhere; sdpa = SDPA everywhere")
     a("--compile", type=int, default=-1, help="torch.compile the model (default: on for CUDA)")
     a("--no_compile", action="store_true", help="same as --compile=0")
-    a("--tensor_parallel", type=int, default=1, help="tensor-parallel degree (TPU SPMD)")
-    a("--xla_flash_attn", action="store_true", help="XLA (Pallas) flash attention on TPU")
+    a("--tensor_parallel", type=int, default=1, help="tensor-parallel degree on TPU (XLA SPMD, nanochat/tpu.py): a "
+      "(devices / tp, tp) data x model mesh")
+    a("--xla_flash_attn", action="store_true", help="on TPU: the Pallas flash attention for full-context layers "
+      "(nanochat/tpu.py; SDPA where it cannot run)")
     a("--gradient_checkpointing", action="store_true", help="recompute each block's activations in backward: less "
       "memory, one more forward per block (a runtime switch; checkpoints do not change)")
     a("--mamba", action="store_true", help="hybrid model with Mamba-3 layers (see --mamba_pattern)")
@@ -109,22 +111,24 @@ def optimizer_kwargs(args, weight_decay=None):
                 muon_plus=bool(args.muon_plus))
 
 
-# runtime features whose code has not landed yet: (is it asked for, the flag)
-UNBUILT_RUNTIME = [
-    (lambda a: a.tensor_parallel != 1, "--tensor_parallel (TPU tensor parallelism)"),
-    (lambda a: a.xla_flash_attn, "--xla_flash_attn (XLA flash attention)"),
-]
+def check_tpu_flags(args, device_type):
+    """--tensor_parallel and --xla_flash_attn are TPU features (XLA SPMD, nanochat/tpu.py):
+    SystemExit with one line when they are asked for on another device."""
+    for asked, flag in ((args.tensor_parallel != 1, f"--tensor_parallel={args.tensor_parallel}"),
+                        (args.xla_flash_attn, "--xla_flash_attn")):
+        if asked and device_type != "xla":
+            raise SystemExit(f"{flag} is for TPUs (--device_type=xla, XLA SPMD; docs/TPU_SETUP.md), not "
+                             f"--device_type={device_type}: on GPUs data parallelism is torchrun's")
 
 
 def config_from_args(args, vocab_size):
-    """GPTConfig from add_model_args' flags; SystemExit with one line for a feature that
-    is not built yet or a sub-flag given without its feature."""
+    """GPTConfig from add_model_args' flags; SystemExit with one line for a bad value or a
+    sub-flag given without its feature."""
     require_positive(args, ("depth", "aspect_ratio", "head_dim", "max_seq_len"))
     if args.n_kv_head < 0:
         raise SystemExit(f"--n_kv_head={args.n_kv_head}: must be 0 (= query heads) or a positive divisor of them")
-    for asked, flag in UNBUILT_RUNTIME:
-        if asked(args):
-            raise SystemExit(f"{flag} is not built yet in this nanochat; run without it")
+    if args.tensor_parallel < 1:
+        raise SystemExit(f"--tensor_parallel={args.tensor_parallel}: must be a positive divisor of the XLA devices")
     require_positive(args, ("mtp_depth", "mamba3_mimo_rank", "mamba3_d_state", "mamba3_headdim", "mamba3_expand",
                             "mamba3_chunk", "engram_order", "engram_heads", "engram_dim", "mhc_streams", "dsa_top_k",
                             "dsa_heads", "dsa_dim"))

@@ -30,7 +30,9 @@ Choices, one line each:
   only greedy self-speculative decoding does (mtp.speculative_generate);
 - gradient checkpointing is a runtime switch the training script sets from outside
   (model.gradient_checkpointing, like model.kernel), not a config field: each block's
-  activations are then recomputed in backward (GPT.run_block).
+  activations are then recomputed in backward (GPT.run_block); on XLA nanochat/tpu.py
+  also sets model.checkpoint_block (torch_xla's checkpoint) and model.flash (the
+  Pallas flash attention), the model's only hooks for TPU training.
 
 Each layer's sequence mixer and extras come from `layer_plan(config)`, one LayerSpec per
 layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (the
@@ -294,6 +296,8 @@ class GPT(nn.Module):
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         self.dsa_stage = "sparse"  # DSA layers: "warmup" = dense attention, only the indexer trains (base_train)
         self.gradient_checkpointing = False  # recompute each block in backward (set by the training script)
+        self.checkpoint_block = None  # (block, x, ctx) -> y: another checkpoint than torch's (nanochat/tpu.py on XLA)
+        self.flash = None  # (q, k, v) -> y: causal attention for full-context layers (nanochat/tpu.py on XLA)
         V, C, L = padded_vocab(config), config.n_embd, config.n_layer
         self.wte = nn.Embedding(V, C)
         engram = [i for i, spec in enumerate(self.plan) if "engram" in spec.extras]
@@ -406,7 +410,7 @@ class GPT(nn.Module):
         masks = {}
         if pos0 == 0 and self.training:
             masks = block_masks({s.window for s in self.plan if s.window}, T, self.kernel, device, self._block_masks)
-        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage)
+        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=self.flash)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device
@@ -467,6 +471,8 @@ class GPT(nn.Module):
         more to get the activations it needs. ctx rides in a closure, so the checkpoint
         (and torch.compile's version of it) sees one tensor input."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.checkpoint_block is not None:
+                return self.checkpoint_block(block, x, ctx)
             return checkpoint(lambda u: block(u, ctx), x, use_reentrant=False)
         return block(x, ctx)
 

@@ -33,7 +33,10 @@ parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn",
                     help="restrict SDPA (full-context layers) to one backend, to compare them")
 parser.add_argument("--profile", type=int, default=0, help="also profile one step and print the top N kernels")
 args = parser.parse_args()
-config = config_from_args(args, args.vocab_size)  # stops at once on a feature that is not built yet
+config = config_from_args(args, args.vocab_size)  # stops at once on a bad model flag
+if args.tensor_parallel != 1 or args.xla_flash_attn:
+    raise SystemExit("--tensor_parallel and --xla_flash_attn are base_train's (TPU SPMD, docs/TPU_SETUP.md); "
+                     "base_bench measures one device")
 
 device_type = autodetect_device_type(args.device_type)
 _, _, _, world_size, device = compute_init(device_type)

@@ -6,9 +6,12 @@ Pretrain the base model.
     python -m scripts.base_train --depth=4 --max_seq_len=256 --device_batch_size=8 \
         --total_batch_size=4096 --num_iterations=50 --eval_tokens=8192 \
         --core_metric_every=-1 --device_type=cpu                              # CPU
+    python -m scripts.base_train --depth=24 --tensor_parallel=4 --xla_flash_attn \
+        --device_type=xla                                    # TPU v6e-8: TP=4 x DP=2 (docs/TPU_SETUP.md)
 
 Gradient accumulation is derived: total_batch_size = device_batch_size * max_seq_len
-* world_size * grad_accum_steps. MFU = tokens/s * model.estimate_flops() / (peak bf16
+* world_size * grad_accum_steps; on XLA world_size is the mesh's data axis (devices /
+--tensor_parallel; one process, SPMD: nanochat/tpu.py). MFU = tokens/s * model.estimate_flops() / (peak bf16
 FLOP/s of the device * world_size); see GPT.estimate_flops for what is counted.
 """
 
@@ -27,7 +30,7 @@ from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type
 from nanochat import schedules
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import resolve_data_dir
-from nanochat.flags import add_model_args, add_optimizer_args, config_from_args, optimizer_kwargs
+from nanochat.flags import add_model_args, add_optimizer_args, check_tpu_flags, config_from_args, optimizer_kwargs
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -106,7 +109,17 @@ if args.num_iterations == 0 or args.num_iterations < -1:
 # Compute
 
 device_type = autodetect_device_type(args.device_type)
+check_tpu_flags(args, device_type)
+xla = device_type == "xla"
+if xla:
+    from nanochat import tpu
+    tpu.require_xla()
 ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+num_devices = world_size  # for MFU
+if xla:  # one process, SPMD over a (data, model) mesh: the data axis plays the DDP ranks' part in the batch
+    mesh = tpu.make_mesh(args.tensor_parallel)
+    num_devices = int(mesh.size())
+    world_size = num_devices // args.tensor_parallel
 master = rank == 0
 dtype = compute_dtype(device_type)
 autocast = torch.amp.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device_type, enabled=False)
@@ -124,10 +137,18 @@ vocab_size = tokenizer.get_vocab_size()
 # Model
 
 config = config_from_args(args, vocab_size)
+if xla:
+    try:
+        table = tpu.layout(config, args.tensor_parallel, world_size, args.device_batch_size * world_size,
+                           flash=args.xla_flash_attn)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    print0(f"mesh: (data, model) = ({world_size}, {args.tensor_parallel})\n" + tpu.format_layout(table, args.tensor_parallel))
 dsa = config.dsa_start_layer >= 0
 if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
-model = build_model(config, device)
+# on XLA built on the CPU and moved: the CPU's generator gives the init a CPU run of the same seed has
+model = build_model(config, "cpu").to(device) if xla else build_model(config, device)
 model.kernel = args.kernel
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"
@@ -211,6 +232,19 @@ if args.resume_from_step >= 0:
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
 
+if xla:  # shard after any resume: the plan annotates the parameters in place
+    tpu.shard_model(model, mesh, args.tensor_parallel)
+    if args.gradient_checkpointing:
+        model.checkpoint_block = tpu.checkpoint_block
+    if args.xla_flash_attn:
+        why = tpu.flash_unavailable()
+        if why:
+            print0(f"--xla_flash_attn: {why}; full-context layers use SDPA")
+        else:
+            model.flash = tpu.FlashAttention(mesh)
+    if args.sample_every > 0 or args.core_metric_every > 0:
+        print0("note: on XLA, sampling and CORE compile a graph per sequence length (slow); "
+               "--sample_every=-1 --core_metric_every=-1 skip them")
 if args.fp8:
     from nanochat import fp8
     try:
@@ -223,20 +257,22 @@ if use_compile:
     model = torch.compile(model, dynamic=False)
 
 print0(f"data: {resolve_data_dir(args.data_dir)}")
-train_loader = DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device,
+rows = args.device_batch_size * (world_size if xla else 1)  # SPMD: one loader for all data-parallel slices
+place = (lambda b: tuple(tpu.shard_batch(t, mesh) for t in b)) if xla else (lambda b: b)
+train_loader = DataLoader(tokenizer, rows, args.max_seq_len, "train", device,
                           data_dir=args.data_dir, resume_state=loader_state, data_order=args.data_order,
                           streaming=args.streaming_data, fim_rate=args.fim_rate, fim_spm_rate=args.fim_spm_rate,
                           fim_seed=args.seed)
 
 
 def make_val_loader():  # no FIM: val bpb stays left-to-right
-    return DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, "val", device, data_dir=args.data_dir)
+    return DataLoader(tokenizer, rows, args.max_seq_len, "val", device, data_dir=args.data_dir)
 
 
 # the loader runs one batch ahead of training; a checkpoint stores its state from before
 # that batch was fetched, so a resumed run trains on exactly the batches it would have
 loader_state = train_loader.state_dict()
-x, y = next(train_loader)
+x, y = place(next(train_loader))
 
 # -----------------------------------------------------------------------------
 # Schedules
@@ -284,7 +320,7 @@ def throughput():
     """Mean tok/s and MFU (%) of the timed steps so far; MFU None where the peak is unknown."""
     tok_per_sec = timed_steps * args.total_batch_size / train_time if train_time > 0 else None
     known = tok_per_sec is not None and peak_flops < float("inf")
-    return tok_per_sec, 100 * tok_per_sec * flops_per_token / (peak_flops * world_size) if known else None
+    return tok_per_sec, 100 * tok_per_sec * flops_per_token / (peak_flops * num_devices) if known else None
 
 
 def checkpoint(step):
@@ -296,8 +332,9 @@ def checkpoint(step):
             "num_params": num_params, "num_scaling_params": orig_model.num_scaling_params(),
             "flops_per_token": flops_per_token, "total_batch_size": args.total_batch_size,
             "timed_steps": timed_steps, "tok_per_sec": tok_per_sec, "mfu": mfu, "core_metric": core_metric}
-    save_checkpoint(ckpt_dir, step, orig_model.state_dict(),
-                    {"optimizers": [o.state_dict() for o in optimizers], "loader": loader_state}, meta, rank)
+    host = tpu.to_cpu if xla else (lambda o: o)  # whole CPU tensors: the GPU checkpoint format
+    save_checkpoint(ckpt_dir, step, host(orig_model.state_dict()),
+                    host({"optimizers": [o.state_dict() for o in optimizers], "loader": loader_state}), meta, rank)
 
 # -----------------------------------------------------------------------------
 # Training loop
@@ -316,7 +353,7 @@ while True:
         val_loader = make_val_loader()
         eval_steps = max(1, args.eval_tokens // tokens_per_micro)
         with autocast:
-            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            val_bpb = evaluate_bpb(model, map(place, val_loader), eval_steps, token_bytes)
         val_loader.close()
         min_val_bpb = min(min_val_bpb, val_bpb)
         bpb_curve.append((step, val_bpb))
@@ -364,7 +401,7 @@ while True:
             index_loss += orig_model.indexer_loss / grad_accum_steps
         (loss / grad_accum_steps).backward()
         loader_state = train_loader.state_dict()
-        x, y = next(train_loader)  # overlaps the host-side packing with the GPU's work
+        x, y = place(next(train_loader))  # overlaps the host-side packing with the GPU's work
     grad_norm = None
     if args.grad_clip > 0:
         if ddp:  # clip the gradient averaged over ranks, as one process would (the optimizers'
@@ -388,8 +425,8 @@ while True:
             torch.distributed.all_reduce(mtp_loss, op=torch.distributed.ReduceOp.AVG)
         if dsa:
             torch.distributed.all_reduce(index_loss, op=torch.distributed.ReduceOp.AVG)
-    train_loss, mtp_loss, index_loss = train_loss.item(), mtp_loss.item(), index_loss.item()  # syncs with the device
-    synchronize(device_type)
+    synchronize(device_type)  # on XLA this runs the step's graph; .item() before it would run the forward twice
+    train_loss, mtp_loss, index_loss = train_loss.item(), mtp_loss.item(), index_loss.item()
     dt = time.time() - t0
     step += 1
 
@@ -397,7 +434,7 @@ while True:
     smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
     debiased = smooth_loss / (1 - ema_beta ** step)
     tok_per_sec = args.total_batch_size / dt
-    mfu = 100 * tok_per_sec * flops_per_token / (peak_flops * world_size)
+    mfu = 100 * tok_per_sec * flops_per_token / (peak_flops * num_devices)
     steps_run += 1
     if steps_run > 10:  # the first steps of a process include compilation
         train_time += dt

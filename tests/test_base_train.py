@@ -207,13 +207,13 @@ def test_core_metric_with_two_processes(base_dir, corpus_dir, tmp_path):
 
 
 # The seed's launch command (shared/ARCHITECTURE.md), scaled down to a CPU: depth 4, short
-# sequences, a few steps. Flags of features that are not built yet must stop it at once.
+# sequences, a few steps. Its TPU flags must stop it at once on the CPU (tests/test_tpu.py runs them on CPU XLA).
 SEED_FLAGS = ["--tensor_parallel=4", "--kernel=current", "--no_compile", "--xla_flash_attn", "--window_pattern=L",
               "--mamba", "--mamba_pattern=AAM", "--mamba3_qknorm", "--mamba3_bias", "--mamba3_complex_rope",
               "--mamba3_trapezoidal", "--engram", "--engram_layers=0,3,6", "--mhc", "--mtp", "--mtp_lambda=0.3",
               "--dsa", "--dsa_start_layer=7", "--gradient_checkpointing", "--fim_rate=0.5", "--streaming_data",
               "--run=dummy", "--core_metric_every=5000", "--save_every=5000", "--sample_every=5000"]
-UNBUILT = {"--tensor_parallel=4": "--tensor_parallel", "--xla_flash_attn": "--xla_flash_attn"}
+TPU_ONLY = {"--tensor_parallel=4": "--tensor_parallel=4", "--xla_flash_attn": "--xla_flash_attn"}
 
 
 def seed_command(corpus_dir, flags):
@@ -222,27 +222,29 @@ def seed_command(corpus_dir, flags):
             f"--data_dir={corpus_dir}", *flags]
 
 
-def test_seed_launch_command_stops_at_once_naming_an_unbuilt_feature(base_dir, corpus_dir):
+def test_seed_launch_command_on_the_cpu_stops_at_once_naming_a_tpu_flag(base_dir, corpus_dir):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    out = subprocess.run(seed_command(corpus_dir, SEED_FLAGS), cwd=ROOT, env=env, capture_output=True, text=True,
+    flags = SEED_FLAGS + ["--engram_layers=0,3", "--dsa_start_layer=3"]  # the layers depth 4 has
+    out = subprocess.run(seed_command(corpus_dir, flags), cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not built yet" in lines[0], out.stderr
+    assert len(lines) == 1 and "--tensor_parallel=4 is for TPUs" in lines[0], out.stderr
     assert out.stdout == ""  # stopped before any work
 
 
-@pytest.mark.parametrize("flag", list(UNBUILT))
-def test_each_unbuilt_feature_flag_names_itself(flag):
+@pytest.mark.parametrize("flag", list(TPU_ONLY))
+def test_each_tpu_flag_names_itself_off_xla(flag):
     import argparse
-    from nanochat.flags import add_model_args, config_from_args
+    from nanochat.flags import add_model_args, check_tpu_flags, config_from_args
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     built = [f for f in SEED_FLAGS if f.split("=")[0] in {a for o in parser._actions for a in o.option_strings}
-             and f not in UNBUILT]
-    config_from_args(parser.parse_args(built), 100)  # the rest is accepted
-    with pytest.raises(SystemExit, match=f"{UNBUILT[flag]}.*not built yet"):
-        config_from_args(parser.parse_args(built + [flag]), 100)
+             and f not in TPU_ONLY]
+    check_tpu_flags(parser.parse_args(built), "cpu")  # the rest runs anywhere
+    config_from_args(parser.parse_args(built + [flag]), 100)  # and every flag is a valid model flag
+    with pytest.raises(SystemExit, match=f"{TPU_ONLY[flag]} is for TPUs"):
+        check_tpu_flags(parser.parse_args(built + [flag]), "cpu")
     with pytest.raises(SystemExit, match="add --mamba"):
         config_from_args(parser.parse_args(["--mamba3_bias"]), 100)
 
@@ -262,11 +264,11 @@ def test_fim_training_learns_and_resumes_exactly(base_dir, corpus_dir):
     assert resumed == {s: lf[s] for s in ("00004", "00005", "00006")}
 
 
-def test_seed_launch_command_without_unbuilt_features_trains(base_dir, corpus_dir):
+def test_seed_launch_command_without_tpu_flags_trains(base_dir, corpus_dir):
     """Everything of the seed's command that is built, Mamba-3, Engram, mHC, MTP, DSA and gradient
     checkpointing included (depth 4: AAM gives layer 2 to Mamba-3, DSA from layer 3): it trains,
     and the checkpoint alone rebuilds the hybrid and samples."""
-    built = [f for f in SEED_FLAGS if f not in UNBUILT
+    built = [f for f in SEED_FLAGS if f not in TPU_ONLY
              and f != "--streaming_data"]  # streaming would wait for new shards after the small corpus
     out = run_train(base_dir, corpus_dir, *built, "--depth=4", "--engram_layers=0,3", "--dsa_start_layer=3",
                     "--model_tag=seed")

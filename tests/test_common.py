@@ -25,9 +25,12 @@ def test_peak_flops_table():
     assert common.get_peak_flops("some new chip") == float("inf")  # MFU shows 0, never a made-up number
 
 
-def test_compute_dtype():
+def test_compute_dtype(monkeypatch):
     assert common.compute_dtype("cpu") == torch.float32
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")
     assert common.compute_dtype("xla") == torch.bfloat16
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")  # XLA's CPU backend (the tests' 8 virtual devices) computes as the CPU
+    assert common.compute_dtype("xla") == torch.float32
 
 
 def test_base_dir_env(tmp_path, monkeypatch):
