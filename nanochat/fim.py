@@ -57,10 +57,21 @@ def fim_document(tokenizer, text, rng, spm_rate=0.5):
     return fim_tokens(tokenizer, prefix, middle, suffix, spm=rng.random() < spm_rate)
 
 
-def fim_prompt(tokenizer, prefix, suffix, spm=False):
+def fim_prompt(tokenizer, prefix, suffix, spm=False, max_len=None):
     """The prompt for filling in between prefix and suffix: <|bos|> and the layout with an
-    empty middle; the model writes the middle and ends it with <|bos|>."""
-    return [tokenizer.get_bos_token_id()] + fim_tokens(tokenizer, prefix, "", suffix, spm=spm)
+    empty middle; the model writes the middle and ends it with <|bos|>. max_len: at most
+    this many tokens, cropped away from the middle (the prefix keeps its end, the suffix
+    its start), half the room each, or more where the other needs less."""
+    p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    if max_len is not None:
+        room = max_len - 4  # <|bos|> and the three sentinels
+        if room < 0:
+            raise ValueError(f"max_len={max_len} leaves no room for a FIM prompt (4 tokens are its markers)")
+        ns = min(len(s), max(room // 2, room - len(p)))
+        p, s = p[max(len(p) - (room - ns), 0):], s[:ns]
+    pre, suf, mid = sentinel_ids(tokenizer)
+    body = [pre, suf] + s + [mid] + p if spm else [pre] + p + [suf] + s + [mid]
+    return [tokenizer.get_bos_token_id()] + body
 
 
 def row_rng(seed, rank, row):

@@ -175,10 +175,14 @@ def fim(args, model, tokenizer, autocast, model_tag, step):
     if not examples:
         raise SystemExit(f"--fim={args.fim}: no document passes g++ -fsyntax-only on its own, so none gives an example")
     engine = Engine(model, tokenizer, use_tools=False)
+    room = model.config.sequence_len - args.fim_max_tokens  # prompts longer than the trained context are cropped
+    if room < 64:
+        raise SystemExit(f"--fim_max_tokens={args.fim_max_tokens} leaves {room} tokens of the model's context "
+                         f"({model.config.sequence_len}) for the prompt; lower it")
     completions = []
     for e in examples:
         with autocast:
-            rows, _ = engine.generate_batch(fim_prompt(tokenizer, e["prefix"], e["suffix"]), num_samples=1,
+            rows, _ = engine.generate_batch(fim_prompt(tokenizer, e["prefix"], e["suffix"], max_len=room), num_samples=1,
                                             max_tokens=args.fim_max_tokens, temperature=0.0)
         completions.append(tokenizer.decode(rows[0]))
     out = cpp_fim.score(examples, completions, workers=args.workers)

@@ -171,6 +171,29 @@ def test_prompt_is_the_start_of_a_training_example(tokenizer):
     assert fim_tokens(tokenizer, prefix, middle, suffix, spm=True)[:len(spm) - 1] == spm[1:]
 
 
+@pytest.mark.parametrize("spm", [False, True])
+def test_prompt_cropped_to_max_len_keeps_the_code_nearest_the_middle(tokenizer, spm):
+    prefix = "".join(f"int f{i}(int x) {{ return x + {i}; }}\n" for i in range(60)) + "int g() {\n"
+    suffix = "\n}\n" + "".join(f"int h{i}() {{ return {i}; }}\n" for i in range(3))
+    p, s = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    assert len(p) > 100 > len(s)
+    pre, suf, mid = sentinel_ids(tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    full = fim_prompt(tokenizer, prefix, suffix, spm=spm)
+    assert fim_prompt(tokenizer, prefix, suffix, spm=spm, max_len=len(full)) == full  # fits: unchanged
+    for max_len in (100, 40, 4):
+        out = fim_prompt(tokenizer, prefix, suffix, spm=spm, max_len=max_len)
+        assert len(out) == max_len
+        room = max_len - 4
+        ns = min(len(s), max(room // 2, room - len(p)))  # the short suffix whole when there is room
+        kept_p, kept_s = p[len(p) - (room - ns):], s[:ns]
+        assert ns == (len(s) if max_len == 100 else room // 2)
+        body = [pre, suf] + kept_s + [mid] + kept_p if spm else [pre] + kept_p + [suf] + kept_s + [mid]
+        assert out == [bos] + body
+    with pytest.raises(ValueError, match="no room"):
+        fim_prompt(tokenizer, prefix, suffix, max_len=3)
+
+
 # ---- the loader ----------------------------------------------------------------
 
 def take(loader, n):

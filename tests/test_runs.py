@@ -1,6 +1,7 @@
 """speedrun.sh and run1000.sh in dry-run mode: every stage's command, with the flags
 set at the top of the script, and nothing executed."""
 
+import json
 import os
 import subprocess
 
@@ -74,3 +75,55 @@ def test_runcpu_short_profile(tmp_path):
     assert (tmp_path / "base" / "report" / "base_train-loss.png").exists()
     assert "step 00004/00004" in out.stdout
     assert "python -m scripts.chat_web" in out.stdout.splitlines()[-2]  # where to go next
+
+
+def test_cpp_speedrun_dry_run(tmp_path):
+    """The C++ pipeline: preflight, cpp_data over the roots, a tokenizer on that C++, the seed's
+    model flags (the TPU and streaming ones named as left out), bpb, the C++ evals, the report."""
+    cmds = dry_run("cpp_speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), ROOTS="/src/fmt /src/json")
+    data = f"{tmp_path}/cpp_data"
+    assert cmds[0] == "python -m scripts.preflight --stages=cpp,tok --depth=24"
+    assert cmds[1] == "python -m nanochat.report reset" and cmds[-1] == "python -m nanochat.report generate"
+    assert cmds[2] == f"python -m scripts.cpp_data --roots /src/fmt /src/json --mode=compilable --max_tokens=65536 --out={data}"
+    assert cmds[3] == f"python -m scripts.tok_train --data_dir={data} --vocab_size=32768 --max_chars=2000000000 --overwrite"
+    train = next(c for c in cmds if "scripts.base_train" in c)
+    assert train.startswith("torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 "
+                            "--max_seq_len=65536 --device_batch_size=1 --total_batch_size=524288 --num_iterations=50000")
+    seed = ("--window_pattern=L --mamba --mamba_pattern=AAM --mamba3_qknorm --mamba3_bias --mamba3_complex_rope "
+            "--mamba3_trapezoidal --engram --engram_layers=0,3,6 --mhc --mtp --mtp_lambda=0.3 --dsa --dsa_start_layer=7 "
+            "--gradient_checkpointing --fim_rate=0.5")
+    assert seed in train and f"--data_dir={data}" in train and "--model_tag=cpp_d24" in train
+    assert "--tensor_parallel" not in train and "--streaming_data" not in train
+    assert any(c.endswith(f"scripts.base_eval -- --model_tag=cpp_d24 --core=0 --cpp=1 --fim={data} -n 10 -t 0.8")
+               for c in cmds)
+    assert os.listdir(tmp_path) == []  # nothing ran
+    roots = tmp_path / "roots.txt"
+    cmds = dry_run("cpp_speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), ROOTS_FILE=str(roots), DEPTH="12", MODE="file")
+    assert f"--roots_file {roots} --mode=file" in cmds[2] and "--model_tag=cpp_d12" in "\n".join(cmds)
+    out = subprocess.run(["bash", "cpp_speedrun.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k not in ("ROOTS", "ROOTS_FILE")} | {"DRY_RUN": "1"})
+    assert out.returncode == 1 and "set ROOTS" in out.stderr
+
+
+def test_cpp_runcpu_profile(tmp_path):
+    """dev/cpp_runcpu.sh end to end: C++ shards from the compiler's own headers, a tokenizer,
+    a 4-layer model with every built extension of the seed's, bpb, HumanEval-cpp / MBPP-cpp
+    through g++, FIM on held-out documents, the report card."""
+    base = tmp_path / "base"
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), ITERS="3", NANOCHAT_TASK_DATA=str(base / "task_fixtures"),
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    out = subprocess.run(["bash", "dev/cpp_runcpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = (base / "report" / "report.md").read_text()
+    for section in ("## Tokenizer training", "## Base model training", "## Base model loss",
+                    "## Base model C++ evaluation", "## Base model C++ FIM"):
+        assert section in report, section
+    assert "HumanEval-cpp pass@2" in report and "MBPP-cpp pass@1" in report
+    n_fim = int(next(line for line in report.splitlines() if line.startswith("- FIM all n:")).split(":")[1])
+    assert n_fim > 0  # held-out documents that compile on their own gave examples
+    meta = json.loads((base / "base_checkpoints" / "cpp_d4" / "meta_000003.json").read_text())
+    cfg = meta["model_config"]
+    assert cfg["mamba_pattern"] == "AAM" and cfg["engram_layers"] == "0,3" and cfg["mhc"] and cfg["mtp"]
+    assert cfg["dsa_start_layer"] == 3 and meta["user_config"]["fim_rate"] == 0.5
+    assert json.loads((base / "cpp_data" / "manifest.json").read_text())["mode"] == "compilable"
+    assert "python -m scripts.chat_web -i base -g cpp_d4" in out.stdout.splitlines()[-1]
