@@ -97,8 +97,9 @@ def pass_at_ks(num_samples):
 @torch.no_grad()
 def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                    max_problems=None, rank=0, world_size=1, progress=True, completion=False):
-    """{"accuracy": pass@n, "pass@k": ... for k in pass_at_ks(n)} over the examples.
-    completion=True (base models; tasks with evaluate_batch(..., completion=True), the C++
+    """{"accuracy": pass@n, "pass@k": ... for k in pass_at_ks(n)} over the examples; for
+    the C++ tasks also "statuses": the share of samples per way they ended (passed,
+    compile_error, timeout, crash, wrong_answer). completion=True (base models; tasks with evaluate_batch(..., completion=True), the C++
     ones): the prompt is the example's raw "prompt" text after <|bos|>, continued as is."""
     device = engine.device
     indices = _indices(task, max_problems, rank, world_size)
@@ -108,6 +109,9 @@ def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, t
         raise ValueError(f"{type(task).__name__} has no completion-style scoring (evaluate_batch(..., completion=True))")
     sums = [0.0] * len(ks)
     total = 0
+    if batched:
+        from nanochat.cpp_exec import STATUSES
+    statuses = [0] * len(STATUSES) if batched else []
     pending = []  # (conversation, responses) waiting for evaluate_batch
     bar = tqdm(indices, desc=type(task).__name__, disable=not progress or rank != 0)
 
@@ -136,9 +140,13 @@ def run_generative(task, tokenizer, engine, num_samples=1, max_new_tokens=512, t
                    else task.evaluate_batch(convs, responses))
         for j in range(len(pending)):
             count(sum(r.passed for r in results[j * num_samples:(j + 1) * num_samples]))
-    *sums, total = _sum_across_ranks(*sums, total, device=device)
+        statuses = [sum(r.status == st for r in results) for st in STATUSES]
+    summed = _sum_across_ranks(*sums, total, *statuses, device=device)
+    sums, total, statuses = summed[:len(ks)], summed[len(ks)], summed[len(ks) + 1:]
     out = {f"pass@{k}": v / max(total, 1) for k, v in zip(ks, sums)}
     out["accuracy"] = out[f"pass@{num_samples}"]
+    if batched:
+        out["statuses"] = {st: c / max(sum(statuses), 1) for st, c in zip(STATUSES, statuses)}
     return out
 
 

@@ -152,12 +152,14 @@ def cpp(args, model, tokenizer, autocast, rank, world_size, model_tag, step):
                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                            top_k=args.top_k, max_problems=args.max_problems, rank=rank,
                                            world_size=world_size, completion=True)
-        print0(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if k.startswith("pass@")))
+        print0(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items() if k.startswith("pass@"))
+               + "; samples: " + ", ".join(f"{st} {v:.1%}" for st, v in results[name]["statuses"].items()))
     if rank == 0:
         get_report().log(section="Base model C++ evaluation", data=[
             {"Model": f"{model_tag} (step {step})", "Samples per problem": args.num_samples,
              "Temperature": args.temperature},
             {f"{name} {k}": v for name, r in results.items() for k, v in r.items() if k.startswith("pass@")},
+            {f"{name} samples {st}": v for name, r in results.items() for st, v in r["statuses"].items()},
         ])
     return results
 

@@ -94,7 +94,7 @@ except FileNotFoundError as e:
 engine = Engine(model, tokenizer)
 print0(f"evaluating {args.source}/{meta['model_tag']} step {meta['step']} on {', '.join(names)}")
 
-results, pass_k = {}, {}
+results, pass_k, statuses = {}, {}, {}
 for name in names:
     task = TASKS[name]()
     t0 = time.time()
@@ -105,6 +105,8 @@ for name in names:
             scores = run_generative(task, tokenizer, engine, args.num_samples, args.max_new_tokens,
                                     args.temperature, args.top_k, args.max_problems, rank, world_size)
             acc = scores.pop("accuracy")
+            for st, share in scores.pop("statuses", {}).items():  # C++: how the samples ended
+                statuses[f"{name} samples {st}"] = share
             if args.num_samples > 1:
                 pass_k.update({f"{name} {k}": v for k, v in scores.items()})
     results[name] = acc
@@ -116,6 +118,7 @@ if all(n in results for n in CHATCORE_TASKS):  # ChatCORE only over the full set
 if all(n in results for n in CPP_TASKS):  # the C++ summary: mean pass@1 (pass@n with -n > 1 is in pass_k)
     row["C++ pass@1"] = sum(pass_k.get(f"{n} pass@1", results[n]) for n in CPP_TASKS) / len(CPP_TASKS)
 row.update(pass_k)
+row.update(statuses)
 print0("\n| task | accuracy |\n| --- | --- |")
 for name, acc in row.items():
     print0(f"| {name} | {acc:.4f} |")

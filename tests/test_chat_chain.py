@@ -81,6 +81,8 @@ def test_chain_base_mid_sft_rl_eval(chain):
     assert set(table) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE",
                           "HumanEval-cpp", "MBPP-cpp"}, out
     assert re.search(r"^\| C\+\+ pass@1 \| [\d.]+ \|$", out, re.M), out  # the C++ summary beside ChatCORE
+    for st in ("passed", "compile_error", "timeout", "crash", "wrong_answer"):  # how the C++ samples ended
+        assert re.search(rf"^\| MBPP-cpp samples {st} \| [\d.]+ \|$", out, re.M), out
     assert all(0 <= float(v) <= 1 for k, v in table.items() if k != "ChatCORE")
     section = json.loads((base / "report" / "chat-evaluation-rl.json").read_text())
     assert section["data"][1]["ChatCORE"] == pytest.approx(float(table["ChatCORE"]), abs=1e-4)

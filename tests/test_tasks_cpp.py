@@ -97,7 +97,10 @@ def test_run_generative_scores_pass_at_k_over_a_cpp_task(task_data):
     # sample 0 right, sample 1 garbage: pass@1 = 1/2 and pass@2 = 1 on every problem
     scripted = ScriptedEngine(lambda i: [canonical[i], GARBAGE])
     scores = run_generative(task, scripted, scripted, num_samples=2, progress=False)
+    statuses = scores.pop("statuses")
     assert scores == {"pass@1": 0.5, "pass@2": 1.0, "accuracy": 1.0}
+    # how the samples ended, told apart: half pass, the garbage half does not compile
+    assert statuses == {"passed": 0.5, "compile_error": 0.5, "timeout": 0.0, "crash": 0.0, "wrong_answer": 0.0}
 
 
 def test_run_generative_completion_style_for_base_models(task_data):
@@ -115,6 +118,7 @@ def test_run_generative_completion_style_for_base_models(task_data):
             return [0]
     scripted = Base(lambda i: [bodies[i], "    return retrun;\n}"])
     scores = run_generative(task, scripted, scripted, num_samples=2, progress=False, completion=True)
+    assert scores.pop("statuses")["compile_error"] == 0.5
     assert scores == {"pass@1": 0.5, "pass@2": 1.0, "accuracy": 1.0}
     assert prompts == [("<|bos|>", c["prompt"]) for c in task]
 
@@ -145,7 +149,10 @@ def test_base_eval_cpp_end_to_end(task_data, tmp_path, monkeypatch, capsys):
     from scripts import base_eval
     tiny_base_checkpoint(monkeypatch, tmp_path / "base")
     out = base_eval.main(["--device_type", "cpu", "--core=0", "--cpp=1", "-x", "1", "-m", "8", "--workers", "2"])
+    statuses = {name: out["cpp"][name].pop("statuses") for name in ("HumanEval-cpp", "MBPP-cpp")}
     assert out["cpp"] == {name: {"pass@1": 0.0, "accuracy": 0.0} for name in ("HumanEval-cpp", "MBPP-cpp")}
-    assert "HumanEval-cpp: pass@1 0.0000" in capsys.readouterr().out
+    assert all(s["passed"] == 0.0 and sum(s.values()) == 1.0 for s in statuses.values())
+    assert "HumanEval-cpp: pass@1 0.0000; samples: passed 0.0%" in capsys.readouterr().out
     report = (tmp_path / "base" / "report" / "base-model-c-evaluation.md")
     assert report.is_file() and "HumanEval-cpp pass@1" in report.read_text()
+    assert "MBPP-cpp samples compile_error" in report.read_text()
