@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use tree_sitter::Node;
 
 use crate::cpp::{for_each_node, parse};
+use crate::pp;
 
 /// Namespaces nested deeper than this are kept whole, as one entity (bounds recursion).
 const MAX_WRAPPER_DEPTH: usize = 64;
@@ -61,18 +62,147 @@ pub struct Entity {
     pub defines: Vec<String>,
     /// Names it uses, in order of first use, its own definitions left out.
     pub uses: Vec<String>,
-    /// Where its code (not its leading comments) ends in the file, and whether
-    /// tree-sitter found a syntax error in it (used to glue entities around errors).
+    /// Where its code (not its leading comments) starts and ends in the file (`text`
+    /// ends with the code), and whether tree-sitter found a syntax error in it (used to
+    /// glue entities around errors and to keep conditional groups whole).
+    pub start: usize,
     pub end: usize,
     pub error: bool,
 }
 
 /// The entities of `text` in source order; `None` if it cannot be parsed.
 pub fn extract(text: &str) -> Option<Vec<Entity>> {
-    let tree = parse(text)?;
-    let mut c = Collector { src: text, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
-    c.children(tree.root_node());
-    Some(glue_errors(c.out, text))
+    extract_checked(text).map(|(es, _)| es)
+}
+
+/// The entities of `text`, and whether the file had to be kept whole (one entity).
+///
+/// The preprocessor structure is taken from a text scan ([`crate::pp`]), not from the
+/// tree: an include guard (or `#pragma once`) is blanked out before parsing, so it is
+/// looked through whatever tree-sitter makes of the code inside; then every conditional
+/// group (`#if` ... `#endif`) must lie inside one entity, and entities that share a group
+/// are merged. When that cannot be done cleanly (entities of one group in different
+/// namespaces, or an entity whose own text does not balance its conditionals and braces,
+/// where tree-sitter left an `#endif` or `}` outside every node), the file becomes one
+/// entity, its text as written, guard removed: kept whole rather than broken.
+pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
+    let scan = pp::scan(text);
+    let guard = pp::guard_lines(text, &scan);
+    let blanked;
+    let (src, scan) = if guard.is_empty() {
+        (text, scan)
+    } else {
+        blanked = pp::blank(text, &guard);
+        (blanked.as_str(), pp::scan(&blanked))
+    };
+    let tree = parse(src)?;
+    let root = tree.root_node();
+    let mut c = Collector { src, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
+    c.children(root);
+    let es = glue_errors(c.out, src);
+    let groups = pp::top_groups(&scan, src.len());
+    let (mut es, whole) = match keep_groups_whole(es, src, &groups) {
+        Some(es) if es.iter().all(|e| pp::balanced(&e.text)) => (es, false),
+        _ => (vec![whole_file(root, src)], true),
+    };
+    if !guard.is_empty() {
+        for e in &mut es {
+            e.text = drop_blanked_lines(&e.text);
+        }
+    }
+    Some((es, whole))
+}
+
+/// Merges the entities that touch one conditional group (and everything between them)
+/// into one entity holding the whole group; `None` if they are not in the same
+/// namespaces. `groups` are disjoint and sorted; so are the entities' code ranges.
+fn keep_groups_whole(es: Vec<Entity>, src: &str, groups: &[std::ops::Range<usize>]) -> Option<Vec<Entity>> {
+    let mut out: Vec<Entity> = Vec::with_capacity(es.len());
+    let mut gi = 0;
+    let mut es = es.into_iter().peekable();
+    while let Some(mut e) = es.next() {
+        // merge while a group starts before this entity's code ends and ends after it
+        loop {
+            while gi < groups.len() && groups[gi].end <= e.start {
+                gi += 1; // a group before this entity, touching none (comments only): dropped whole
+            }
+            let Some(g) = groups.get(gi) else { break };
+            if g.start >= e.end {
+                break; // the next group starts after this entity
+            }
+            if g.start >= e.start && g.end <= e.end {
+                gi += 1; // wholly inside
+                continue;
+            }
+            // the group sticks out of `e`: take it whole, and the entities it reaches
+            let lo = g.start.min(e.start);
+            let hi = g.end.max(e.end);
+            let prefix = e.text.len() - (e.end - e.start); // leading comments, if any
+            let mut text = e.text[..prefix].to_string();
+            text.push_str(&src[lo..e.end]);
+            e.text = text;
+            e.start = lo;
+            e.error = true;
+            while let Some(next) = es.next_if(|n| n.start < hi) {
+                if next.wrappers != e.wrappers {
+                    return None;
+                }
+                e.text.push_str(&src[e.end..next.end.max(e.end)]);
+                e.end = next.end.max(e.end);
+                if e.kind != next.kind {
+                    e.kind = if e.kind.rank() == 2 && next.kind.rank() == 2 { Kind::Function } else { Kind::Decl };
+                }
+                for d in next.defines {
+                    push_unique(&mut e.defines, d);
+                }
+                for u in next.uses {
+                    if !e.defines.contains(&u) {
+                        push_unique(&mut e.uses, u);
+                    }
+                }
+            }
+            if e.end < hi {
+                e.text.push_str(&src[e.end..hi]);
+                e.end = hi;
+            }
+            if e.kind.rank() == 0 {
+                e.kind = Kind::Decl; // a conditional block: code, not the preamble
+            }
+            gi += 1;
+        }
+        out.push(e);
+    }
+    Some(out)
+}
+
+/// The whole file as one entity, with what it defines and uses.
+fn whole_file(root: Node, src: &str) -> Entity {
+    let defines = defines_of(root, src);
+    let uses = uses_of(root, src, &defines);
+    Entity {
+        kind: Kind::Decl,
+        wrappers: Vec::new(),
+        text: src.to_string(),
+        defines,
+        uses,
+        start: 0,
+        end: src.len(),
+        error: true,
+    }
+}
+
+/// `t` without the lines that blanking an include guard left (spaces only), unless a
+/// backslash continues the line before into one.
+fn drop_blanked_lines(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    for l in t.split_inclusive('\n') {
+        let body = l.trim_end_matches(['\n', '\r']);
+        let blanked = !body.is_empty() && body.bytes().all(|b| b == b' ');
+        if !blanked || out.trim_end_matches(['\n', '\r']).ends_with('\\') {
+            out.push_str(l);
+        }
+    }
+    out
 }
 
 /// Where tree-sitter recovered from a syntax error (often a macro it cannot expand, as
@@ -137,6 +267,7 @@ pub fn opaque(text: &str) -> Entity {
         text: text.to_string(),
         defines: Vec::new(),
         uses: Vec::new(),
+        start: 0,
         end: text.len(),
         error: true,
     }
@@ -177,7 +308,6 @@ impl<'s> Collector<'s> {
                 self.children(body);
                 self.wrappers.pop();
             }
-            "preproc_ifdef" if self.is_include_guard(n) => self.guard_body(n),
             "preproc_call" if self.text(n).split_whitespace().collect::<Vec<_>>() == ["#pragma", "once"] => {
                 self.pending.clear();
             }
@@ -192,7 +322,8 @@ impl<'s> Collector<'s> {
                     }
                 }
                 let error = n.is_error() || n.has_error();
-                self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, end, error });
+                let start = n.start_byte();
+                self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, start, end, error });
             }
         }
     }
@@ -212,34 +343,6 @@ impl<'s> Collector<'s> {
         let mut text: String = pending.iter().map(|r| format!("{}\n", &self.src[r.clone()])).collect();
         text.push_str(&self.src[start..end]);
         text
-    }
-
-    /// `#ifndef X` whose first item is `#define X`, with no `#else`: an include guard.
-    fn is_include_guard(&self, n: Node) -> bool {
-        if n.child_by_field_name("alternative").is_some() || !self.text(n).starts_with("#ifndef") {
-            return false;
-        }
-        let Some(name) = n.child_by_field_name("name") else { return false };
-        let mut cursor = n.walk();
-        let first = n.named_children(&mut cursor).filter(|c| c.kind() != "comment").nth(1);
-        first.is_some_and(|d| {
-            d.kind() == "preproc_def"
-                && d.child_by_field_name("name").is_some_and(|dn| self.text(dn) == self.text(name))
-        })
-    }
-
-    fn guard_body(&mut self, n: Node) {
-        let mut seen_define = false;
-        for (k, end) in items(n) {
-            if n.child_by_field_name("name") == Some(k) {
-                continue;
-            }
-            if !seen_define && k.kind() == "preproc_def" {
-                seen_define = true; // the guard's own #define
-                continue;
-            }
-            self.node(k, end);
-        }
     }
 }
 
@@ -411,7 +514,7 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
                 }
             }
         }
-        "preproc_if" | "preproc_ifdef" | "ERROR" | "namespace_definition" => {
+        "preproc_if" | "preproc_ifdef" | "ERROR" | "namespace_definition" | "translation_unit" => {
             // opaque blocks: whatever is defined anywhere inside
             for_each_node(n, |c| {
                 let own = match c.kind() {
