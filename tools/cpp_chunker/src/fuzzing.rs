@@ -69,7 +69,12 @@ fn check_compilable(text: &str) {
     // a file balanced as written gives balanced entities: groups and guards are never cut
     if crate::pp::balanced(text) {
         for e in &es {
-            assert!(crate::pp::balanced(&e.text), "unbalanced entity {:?}: {:?}", crate::pp::structure_error(&e.text), e.text);
+            assert!(
+                crate::pp::balanced(&e.text),
+                "unbalanced entity {:?}: {:?}",
+                crate::pp::structure_error(&e.text),
+                e.text
+            );
         }
     }
     let refs: Vec<&crate::entities::Entity> = es.iter().collect();

@@ -110,7 +110,11 @@ pub fn scan(text: &str) -> Scan {
                 close.push(b')');
                 close.extend_from_slice(delim);
                 close.push(b'"');
-                i = if open < n && delim.len() <= 16 { find(b, open + 1, &close).map_or(n, |j| j + close.len()) } else { i + 1 };
+                i = if open < n && delim.len() <= 16 {
+                    find(b, open + 1, &close).map_or(n, |j| j + close.len())
+                } else {
+                    i + 1
+                };
             } else {
                 i = literal_end(b, i, c);
             }

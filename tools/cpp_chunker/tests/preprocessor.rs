@@ -59,8 +59,12 @@ fn ldb(root: &Path) {
         namespace ldb {\nnamespace port {\nclass Mutex {\n public:\n  void Lock() { mu_.lock(); }\n  void Unlock() { mu_.unlock(); }\n\
         \n private:\n  std::mutex mu_;\n};\n\ninline bool HasCrc() {\n#if HAVE_CRC32C\n  return true;\n#else\n  return false;\n#endif\n}\n\
         }  // namespace port\n}  // namespace ldb\n\n#endif  // LDB_PORT_PORT_STDCXX_H_\n");
-    write(root, "util/coding.h", "#pragma once\n#include <cstdint>\n#include \"port/port.h\"\nnamespace ldb {\n\
-        inline uint32_t Decode(const char* p) { uint32_t v; memcpy(&v, p, 4); return v; }\n}  // namespace ldb\n");
+    write(
+        root,
+        "util/coding.h",
+        "#pragma once\n#include <cstdint>\n#include \"port/port.h\"\nnamespace ldb {\n\
+        inline uint32_t Decode(const char* p) { uint32_t v; memcpy(&v, p, 4); return v; }\n}  // namespace ldb\n",
+    );
     write(root, "db/db_impl.cc", "#include \"util/coding.h\"\n#include \"port/port.h\"\n\nnamespace ldb {\n\n\
         class DBImpl {\n public:\n  int Get() EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return Helper() + (int)Decode(buf_); }\n\
         \n private:\n  int Helper() { return 1; }\n  port::Mutex mutex_;\n  char buf_[4] GUARDED_BY(mutex_);\n};\n\n\
@@ -84,7 +88,9 @@ fn guards_and_groups_around_includes_stay_whole() {
     // the group around the port includes is whole: its in-unit include is gone, the rest kept
     assert!(t.contains("#if defined(LDB_PLATFORM_POSIX) || defined(LDB_PLATFORM_WINDOWS)\n#elif defined(LDB_PLATFORM_CHROMIUM)\n#include \"port/port_chromium.h\"\n#endif"), "{t}");
     assert!(t.contains("#if HAVE_CRC32C\n#include <crc32c/crc32c.h>\n#endif  // HAVE_CRC32C"), "{t}");
-    assert!(t.contains("#if defined(NDEBUG)\nstatic const bool kDebug = false;\n#else\nstatic const bool kDebug = true;\n#endif"));
+    assert!(t.contains(
+        "#if defined(NDEBUG)\nstatic const bool kDebug = false;\n#else\nstatic const bool kDebug = true;\n#endif"
+    ));
     gxx_ok(dir.path(), t, &[&root]);
 }
 
@@ -97,7 +103,11 @@ fn nested_groups_and_elif_chains_are_one_entity() {
     let es = extract(src).unwrap();
     let groups: Vec<&Entity> = es.iter().filter(|e| e.text.contains("#if")).collect();
     assert_eq!(groups.len(), 1, "{es:#?}");
-    assert!(groups[0].text.starts_with("#if defined(A)") && groups[0].text.ends_with("#endif  // A"), "{}", groups[0].text);
+    assert!(
+        groups[0].text.starts_with("#if defined(A)") && groups[0].text.ends_with("#endif  // A"),
+        "{}",
+        groups[0].text
+    );
     assert!(es.iter().all(|e| balanced(&e.text) && e.wrappers == vec!["namespace n".to_string()]));
     let refs: Vec<&Entity> = es.iter().collect();
     let t = render(&refs, &order(&refs).order);
@@ -134,7 +144,9 @@ fn guard_forms() {
         assert!(es.iter().any(|e| e.text.contains("int a();")));
     }
     // not guards: the group is kept as written
-    for src in ["#ifndef A\n#define A 1\n#endif\nint a();\n", "#ifndef A\n#define A\nint a();\n#else\nint b();\n#endif\n"] {
+    for src in
+        ["#ifndef A\n#define A 1\n#endif\nint a();\n", "#ifndef A\n#define A\nint a();\n#else\nint b();\n#endif\n"]
+    {
         let es = extract(src).unwrap();
         assert!(es.iter().any(|e| e.text.contains("#ifndef A\n#define A")), "{src}: {es:#?}");
     }
@@ -255,7 +267,12 @@ fn seeds() -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -265,7 +282,8 @@ fn seeds() -> Vec<(String, String)> {
 fn property_every_entity_and_rendering_of_a_balanced_file_is_balanced() {
     let mut g = Gen(7);
     let mut checked = 0;
-    let inputs: Vec<(String, String)> = seeds().into_iter().chain((0..300).map(|i| (format!("gen{i}"), g.file()))).collect();
+    let inputs: Vec<(String, String)> =
+        seeds().into_iter().chain((0..300).map(|i| (format!("gen{i}"), g.file()))).collect();
     for (name, text) in &inputs {
         if !balanced(text) {
             continue; // unbalanced as written: nothing to keep (the pipeline drops it)
@@ -273,7 +291,12 @@ fn property_every_entity_and_rendering_of_a_balanced_file_is_balanced() {
         let Some(es) = extract(text) else { continue };
         checked += 1;
         for e in &es {
-            assert!(balanced(&e.text), "{name}: entity {:?}: {:?}\n--- file:\n{text}", e.text, structure_error(&e.text));
+            assert!(
+                balanced(&e.text),
+                "{name}: entity {:?}: {:?}\n--- file:\n{text}",
+                e.text,
+                structure_error(&e.text)
+            );
         }
         let refs: Vec<&Entity> = es.iter().collect();
         let t = render(&refs, &order(&refs).order);
