@@ -95,22 +95,108 @@ pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
         blanked = pp::blank(text, &guard);
         (blanked.as_str(), pp::scan(&blanked))
     };
-    let tree = parse(src)?;
+    // tree-sitter reads `class LOCKABLE Mutex {` as a class named LOCKABLE: it parses a
+    // copy with such macros blanked (offsets kept); the texts are then taken back from `src`
+    let unmacroed = blank_class_macros(src);
+    let psrc = unmacroed.as_deref().unwrap_or(src);
+    let tree = parse(psrc)?;
     let root = tree.root_node();
-    let mut c = Collector { src, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
+    let mut c = Collector { src: psrc, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
     c.children(root);
-    let es = glue_errors(c.out, src);
+    let es = glue_errors(c.out, psrc);
     let groups = pp::top_groups(&scan, src.len());
-    let (mut es, whole) = match keep_groups_whole(es, src, &groups) {
+    let (mut es, whole) = match keep_groups_whole(es, psrc, &groups) {
         Some(es) if es.iter().all(|e| pp::balanced(&e.text)) => (es, false),
-        _ => (vec![whole_file(root, src)], true),
+        _ => (vec![whole_file(root, psrc)], true),
     };
+    if unmacroed.is_some() {
+        for e in &mut es {
+            restore_text(e, psrc, src);
+        }
+    }
     if !guard.is_empty() {
         for e in &mut es {
             e.text = drop_blanked_lines(&e.text);
         }
     }
     Some((es, whole))
+}
+
+/// `src` with annotation macros between a class key and the class name blanked:
+/// `class|struct|union MACRO[(args)] Name` followed by `{`, `:` or `final`, where MACRO is
+/// all capitals, digits and `_` (LOCKABLE, LEVELDB_EXPORT, GTEST_API_); `None` if none.
+fn blank_class_macros(src: &str) -> Option<String> {
+    let b = src.as_bytes();
+    let ident = |i: usize| {
+        let mut j = i;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        j
+    };
+    let ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < b.len() {
+        if !(b[i].is_ascii_alphabetic() || b[i] == b'_')
+            || (i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+        {
+            i += 1;
+            continue;
+        }
+        let e = ident(i);
+        if matches!(&src[i..e], "class" | "struct" | "union") {
+            let m = ws(e);
+            let me = ident(m);
+            let macro_like = me - m >= 3
+                && b[m..me].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_')
+                && b[m].is_ascii_uppercase();
+            if macro_like && m > e {
+                let mut k = me;
+                if k < b.len() && b[k] == b'(' {
+                    k = src[k..].find(')').map_or(b.len(), |p| k + p + 1);
+                }
+                let n = ws(k);
+                let ne = ident(n);
+                let after = ws(ne);
+                let follows = after < b.len()
+                    && (b[after] == b'{' || b[after] == b':' && b.get(after + 1) != Some(&b':'))
+                    || src[after..].starts_with("final");
+                if ne > n && n > k && follows && !b[n].is_ascii_digit() {
+                    let o = out.get_or_insert_with(|| b.to_vec());
+                    for x in &mut o[m..k] {
+                        if *x != b'\n' {
+                            *x = b' ';
+                        }
+                    }
+                }
+            }
+        }
+        i = e.max(i + 1);
+    }
+    out.map(|o| String::from_utf8(o).expect("only ASCII was blanked"))
+}
+
+/// Takes `e`'s text back from `src` where it is a slice of the parsed copy `psrc`
+/// (same offsets): the whole text when it is one slice, else its code part.
+fn restore_text(e: &mut Entity, psrc: &str, src: &str) {
+    let n = e.text.len();
+    if n <= e.end && psrc.get(e.end - n..e.end) == Some(e.text.as_str()) {
+        if let Some(t) = src.get(e.end - n..e.end) {
+            e.text = t.to_string();
+        }
+    } else if e.start <= e.end && e.text.ends_with(&psrc[e.start..e.end]) {
+        let code = e.end - e.start;
+        if let Some(t) = src.get(e.start..e.end) {
+            e.text.truncate(n - code);
+            e.text.push_str(t);
+        }
+    }
 }
 
 /// Merges the entities that touch one conditional group (and everything between them)
@@ -682,6 +768,25 @@ mod tests {
         assert!(es[1].defines.is_empty() && es[1].uses.contains(&"X".to_string()), "{:?}", es[1]);
         assert_eq!(es[2].defines, vec!["get"]);
         assert!(es[2].uses.contains(&"ns".to_string()) && es[2].uses.contains(&"X".to_string()));
+    }
+
+    #[test]
+    fn annotation_macros_between_class_key_and_name() {
+        let src = "namespace p {\nclass LOCKABLE Mutex {\n int x;\n};\nstruct LDB_EXPORT Range : Base { int y; };\n\
+            class API_(x) Final final { };\nclass CondVar { Mutex* mu_; };\n}\n";
+        let es = extract(src).unwrap();
+        let m = find(&es, "Mutex {");
+        assert_eq!(
+            (m.defines.clone(), m.text.as_str()),
+            (vec!["Mutex".to_string()], "class LOCKABLE Mutex {\n int x;\n};")
+        );
+        let r = find(&es, "Range");
+        assert_eq!(r.defines, vec!["Range"]);
+        assert!(r.text.starts_with("struct LDB_EXPORT Range") && r.text.ends_with("};"), "{}", r.text);
+        assert_eq!(find(&es, "Final").defines, vec!["Final"]);
+        assert!(find(&es, "CondVar").uses.contains(&"Mutex".to_string()));
+        // not macros: a lower-case name, `struct S s;`, `class X::Y {`
+        assert!(blank_class_macros("class foo Bar {};\nstruct ABC abc;\nclass ABC::D {};\n").is_none());
     }
 
     #[test]
