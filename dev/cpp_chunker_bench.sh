@@ -2,11 +2,13 @@
 # cpp_chunker throughput: MB/s of source per mode next to tree-sitter's parse-only floor,
 # at 1 and 2 threads (median of 3 runs each). Roots: the arguments, default the
 # Debian-packaged C++ that dev/cpp_syntax_check.py --debian uses.
+# $CPP_CHUNKER_BINARY, when set, is the binary measured (to compare two builds); else the
+# crate's release build, built first.
 #   bash dev/cpp_chunker_bench.sh [ROOT ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=tools/cpp_chunker/target/release/cpp_chunker
-(cd tools/cpp_chunker && cargo build --release --locked -q)
+BIN=${CPP_CHUNKER_BINARY:-tools/cpp_chunker/target/release/cpp_chunker}
+[ -n "${CPP_CHUNKER_BINARY:-}" ] || (cd tools/cpp_chunker && cargo build --release --locked -q)
 ROOTS=("$@")
 [ ${#ROOTS[@]} -gt 0 ] || ROOTS=(/usr/include/eigen3 /usr/include/fmt /usr/include/spdlog /usr/include/nlohmann
     /usr/share/doc/nlohmann-json3-dev/examples /usr/src/googletest /usr/include/boost/smart_ptr

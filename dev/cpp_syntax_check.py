@@ -24,7 +24,9 @@ A document passes when g++ exits 0 within --timeout seconds. Per project: docume
 checked, passed, the fraction, the same for whole files and for pieces of split files (a
 document is a piece when the tool made several documents with the same `files`), and the
 most common first errors (location dropped, quoted names replaced by '...', numbers by N;
-"[in an included file]" when the error is not in the document itself). Markdown on stdout;
+"[in an included file]" when the error is not in the document itself), and how many of ALL its
+documents (not only the sample) fail the structural check of dev/cpp_structure.py (unbalanced
+#if/#endif or braces; "unbalanced" in the JSON, with the first few). Markdown on stdout;
 --json_out writes everything, with the first error of every failed document. --mode is
 passed to the tool as is (a mode it does not know makes it exit with an error, shown
 here). The output is the same for the same inputs, flags and g++.
@@ -45,6 +47,8 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpp_structure import structure_error  # noqa: E402  (dev/cpp_structure.py)
 
 # label, root, include dirs (None: the generic rule of the docstring), extra flags
 SPDLOG_FLAGS = ["-DSPDLOG_SHARED_LIB", "-DSPDLOG_COMPILED_LIB", "-DSPDLOG_FMT_EXTERNAL"]  # pkg-config --cflags spdlog
@@ -196,12 +200,14 @@ with tempfile.TemporaryDirectory(prefix="cpp_syntax_check_") as tmp, \
         for path in paths:
             os.remove(path)
         passed = sum(ok for ok, _, _ in outcomes)
+        unbalanced = [(d["files"], err) for d in docs if (err := structure_error(d["text"]))]
         kinds = collections.Counter(kind for ok, _, kind in outcomes if not ok)
         results.append({
             "project": label, "root": root, "documents": len(docs), "checked": len(picked), "passed": passed,
             "fraction": round(passed / len(picked), 4) if picked else None,
             "whole_checked": piece.count(False), "whole_passed": sum(ok for (ok, _, _), p in zip(outcomes, piece) if not p),
             "pieces_checked": piece.count(True), "pieces_passed": sum(ok for (ok, _, _), p in zip(outcomes, piece) if p),
+            "unbalanced": len(unbalanced), "unbalanced_first": [{"files": f, "error": e} for f, e in unbalanced[:5]],
             "files_used": summary["files_used"], "documents_split": summary["documents_split"],
             "top_errors": [{"kind": k, "count": c} for k, c in sorted(kinds.items(), key=lambda kc: (-kc[1], kc[0]))],
             "failed": [{"files": docs[j]["files"], "piece": p, "first_error": line}
@@ -225,6 +231,8 @@ for r in results:
 total = {k: sum(r[k] for r in results) for k in ("documents", "whole_checked", "whole_passed", "pieces_checked", "pieces_passed")}
 print(f"| **all** | {total['documents']} | {checked} | {passed} | {(f'{passed / checked:.1%}' if checked else '-')} | "
       f"{total['whole_passed']}/{total['whole_checked']} | {total['pieces_passed']}/{total['pieces_checked']} | |")
+print(f"\nDocuments with unbalanced #if/#endif or braces (dev/cpp_structure.py, all documents): "
+      f"{sum(r['unbalanced'] for r in results)} of {total['documents']}")
 print("\nMost common first errors:")
 for r in results:
     if r["top_errors"]:

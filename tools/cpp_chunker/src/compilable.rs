@@ -260,7 +260,7 @@ pub fn compilable_documents(
     if text.len() <= budget {
         stats.type_cycles_broken += ord.type_cycles_broken;
         stats.call_cycles_broken += ord.call_cycles_broken;
-        return vec![Document::new(text, project, names, "compilable")];
+        return balanced_only(vec![Document::new(text, project, names, "compilable")], stats);
     }
     // Over budget: the source alone, its project headers back to `#include` lines, cut
     // between entities into pieces that each start with the same preamble (includes,
@@ -295,6 +295,16 @@ pub fn compilable_documents(
         stats.pieces_from_splits += docs.len() as u64;
         out.extend(docs);
     }
+    balanced_only(out, stats)
+}
+
+/// The documents whose conditionals and braces balance; the others are counted and left
+/// out. Entities are balanced and `render` closes what it opens, so only the splitter's
+/// cuts through one over-budget entity (or a file that is unbalanced as written) land here.
+fn balanced_only(docs: Vec<Document>, stats: &mut Stats) -> Vec<Document> {
+    let n = docs.len();
+    let out: Vec<Document> = docs.into_iter().filter(|d| crate::pp::balanced(&d.text)).collect();
+    stats.unbalanced_documents_dropped += (n - out.len()) as u64;
     out
 }
 

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use tree_sitter::Node;
 
 use crate::cpp::{for_each_node, parse};
+use crate::pp;
 
 /// Namespaces nested deeper than this are kept whole, as one entity (bounds recursion).
 const MAX_WRAPPER_DEPTH: usize = 64;
@@ -61,18 +62,233 @@ pub struct Entity {
     pub defines: Vec<String>,
     /// Names it uses, in order of first use, its own definitions left out.
     pub uses: Vec<String>,
-    /// Where its code (not its leading comments) ends in the file, and whether
-    /// tree-sitter found a syntax error in it (used to glue entities around errors).
+    /// Where its code (not its leading comments) starts and ends in the file (`text`
+    /// ends with the code), and whether tree-sitter found a syntax error in it (used to
+    /// glue entities around errors and to keep conditional groups whole).
+    pub start: usize,
     pub end: usize,
     pub error: bool,
 }
 
 /// The entities of `text` in source order; `None` if it cannot be parsed.
 pub fn extract(text: &str) -> Option<Vec<Entity>> {
-    let tree = parse(text)?;
-    let mut c = Collector { src: text, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
-    c.children(tree.root_node());
-    Some(glue_errors(c.out, text))
+    extract_checked(text).map(|(es, _)| es)
+}
+
+/// The entities of `text`, and whether the file had to be kept whole (one entity).
+///
+/// The preprocessor structure is taken from a text scan ([`crate::pp`]), not from the
+/// tree: an include guard (or `#pragma once`) is blanked out before parsing, so it is
+/// looked through whatever tree-sitter makes of the code inside; then every conditional
+/// group (`#if` ... `#endif`) must lie inside one entity, and entities that share a group
+/// are merged. When that cannot be done cleanly (entities of one group in different
+/// namespaces, or an entity whose own text does not balance its conditionals and braces,
+/// where tree-sitter left an `#endif` or `}` outside every node), the file becomes one
+/// entity, its text as written, guard removed: kept whole rather than broken.
+pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
+    let scan = pp::scan(text);
+    let guard = pp::guard_lines(text, &scan);
+    let blanked;
+    let (src, scan) = if guard.is_empty() {
+        (text, scan)
+    } else {
+        blanked = pp::blank(text, &guard);
+        (blanked.as_str(), pp::scan(&blanked))
+    };
+    // tree-sitter reads `class LOCKABLE Mutex {` as a class named LOCKABLE: it parses a
+    // copy with such macros blanked (offsets kept); the texts are then taken back from `src`
+    let unmacroed = blank_class_macros(src);
+    let psrc = unmacroed.as_deref().unwrap_or(src);
+    let tree = parse(psrc)?;
+    let root = tree.root_node();
+    let mut c = Collector { src: psrc, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
+    c.children(root);
+    let es = glue_errors(c.out, psrc);
+    let groups = pp::top_groups(&scan, src.len());
+    let (mut es, whole) = match keep_groups_whole(es, psrc, &groups) {
+        Some(es) if es.iter().all(|e| pp::balanced(&e.text)) => (es, false),
+        _ => (vec![whole_file(root, psrc)], true),
+    };
+    if unmacroed.is_some() {
+        for e in &mut es {
+            restore_text(e, psrc, src);
+        }
+    }
+    if !guard.is_empty() {
+        for e in &mut es {
+            e.text = drop_blanked_lines(&e.text);
+        }
+    }
+    Some((es, whole))
+}
+
+/// `src` with annotation macros between a class key and the class name blanked:
+/// `class|struct|union MACRO[(args)] Name` followed by `{`, `:` or `final`, where MACRO is
+/// all capitals, digits and `_` (LOCKABLE, LEVELDB_EXPORT, GTEST_API_); `None` if none.
+fn blank_class_macros(src: &str) -> Option<String> {
+    let b = src.as_bytes();
+    let ident = |i: usize| {
+        let mut j = i;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        j
+    };
+    let ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let mut out: Option<Vec<u8>> = None;
+    let mut i = 0;
+    while i < b.len() {
+        if !(b[i].is_ascii_alphabetic() || b[i] == b'_')
+            || (i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+        {
+            i += 1;
+            continue;
+        }
+        let e = ident(i);
+        if matches!(&src[i..e], "class" | "struct" | "union") {
+            let m = ws(e);
+            let me = ident(m);
+            let macro_like = me - m >= 3
+                && b[m..me].iter().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_')
+                && b[m].is_ascii_uppercase();
+            if macro_like && m > e {
+                let mut k = me;
+                if k < b.len() && b[k] == b'(' {
+                    k = src[k..].find(')').map_or(b.len(), |p| k + p + 1);
+                }
+                let n = ws(k);
+                let ne = ident(n);
+                let after = ws(ne);
+                let follows = after < b.len()
+                    && (b[after] == b'{' || b[after] == b':' && b.get(after + 1) != Some(&b':'))
+                    || src[after..].starts_with("final");
+                if ne > n && n > k && follows && !b[n].is_ascii_digit() {
+                    let o = out.get_or_insert_with(|| b.to_vec());
+                    for x in &mut o[m..k] {
+                        if *x != b'\n' {
+                            *x = b' ';
+                        }
+                    }
+                }
+            }
+        }
+        i = e.max(i + 1);
+    }
+    out.map(|o| String::from_utf8(o).expect("only ASCII was blanked"))
+}
+
+/// Takes `e`'s text back from `src` where it is a slice of the parsed copy `psrc`
+/// (same offsets): the whole text when it is one slice, else its code part.
+fn restore_text(e: &mut Entity, psrc: &str, src: &str) {
+    let n = e.text.len();
+    if n <= e.end && psrc.get(e.end - n..e.end) == Some(e.text.as_str()) {
+        if let Some(t) = src.get(e.end - n..e.end) {
+            e.text = t.to_string();
+        }
+    } else if e.start <= e.end && e.text.ends_with(&psrc[e.start..e.end]) {
+        let code = e.end - e.start;
+        if let Some(t) = src.get(e.start..e.end) {
+            e.text.truncate(n - code);
+            e.text.push_str(t);
+        }
+    }
+}
+
+/// Merges the entities that touch one conditional group (and everything between them)
+/// into one entity holding the whole group; `None` if they are not in the same
+/// namespaces. `groups` are disjoint and sorted; so are the entities' code ranges.
+fn keep_groups_whole(es: Vec<Entity>, src: &str, groups: &[std::ops::Range<usize>]) -> Option<Vec<Entity>> {
+    let mut out: Vec<Entity> = Vec::with_capacity(es.len());
+    let mut gi = 0;
+    let mut es = es.into_iter().peekable();
+    while let Some(mut e) = es.next() {
+        // merge while a group starts before this entity's code ends and ends after it
+        loop {
+            while gi < groups.len() && groups[gi].end <= e.start {
+                gi += 1; // a group before this entity, touching none (comments only): dropped whole
+            }
+            let Some(g) = groups.get(gi) else { break };
+            if g.start >= e.end {
+                break; // the next group starts after this entity
+            }
+            if g.start >= e.start && g.end <= e.end {
+                gi += 1; // wholly inside
+                continue;
+            }
+            // the group sticks out of `e`: take it whole, and the entities it reaches
+            let lo = g.start.min(e.start);
+            let hi = g.end.max(e.end);
+            let prefix = e.text.len() - (e.end - e.start); // leading comments, if any
+            let mut text = e.text[..prefix].to_string();
+            text.push_str(&src[lo..e.end]);
+            e.text = text;
+            e.start = lo;
+            e.error = true;
+            while let Some(next) = es.next_if(|n| n.start < hi) {
+                if next.wrappers != e.wrappers {
+                    return None;
+                }
+                e.text.push_str(&src[e.end..next.end.max(e.end)]);
+                e.end = next.end.max(e.end);
+                if e.kind != next.kind {
+                    e.kind = if e.kind.rank() == 2 && next.kind.rank() == 2 { Kind::Function } else { Kind::Decl };
+                }
+                for d in next.defines {
+                    push_unique(&mut e.defines, d);
+                }
+                for u in next.uses {
+                    if !e.defines.contains(&u) {
+                        push_unique(&mut e.uses, u);
+                    }
+                }
+            }
+            if e.end < hi {
+                e.text.push_str(&src[e.end..hi]);
+                e.end = hi;
+            }
+            if e.kind.rank() == 0 {
+                e.kind = Kind::Decl; // a conditional block: code, not the preamble
+            }
+            gi += 1;
+        }
+        out.push(e);
+    }
+    Some(out)
+}
+
+/// The whole file as one entity, with what it defines and uses.
+fn whole_file(root: Node, src: &str) -> Entity {
+    let defines = defines_of(root, src);
+    let uses = uses_of(root, src, &defines);
+    Entity {
+        kind: Kind::Decl,
+        wrappers: Vec::new(),
+        text: src.to_string(),
+        defines,
+        uses,
+        start: 0,
+        end: src.len(),
+        error: true,
+    }
+}
+
+/// `t` without the lines that blanking an include guard left (spaces only), unless a
+/// backslash continues the line before into one.
+fn drop_blanked_lines(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    for l in t.split_inclusive('\n') {
+        let body = l.trim_end_matches(['\n', '\r']);
+        let blanked = !body.is_empty() && body.bytes().all(|b| b == b' ');
+        if !blanked || out.trim_end_matches(['\n', '\r']).ends_with('\\') {
+            out.push_str(l);
+        }
+    }
+    out
 }
 
 /// Where tree-sitter recovered from a syntax error (often a macro it cannot expand, as
@@ -137,6 +353,7 @@ pub fn opaque(text: &str) -> Entity {
         text: text.to_string(),
         defines: Vec::new(),
         uses: Vec::new(),
+        start: 0,
         end: text.len(),
         error: true,
     }
@@ -177,7 +394,6 @@ impl<'s> Collector<'s> {
                 self.children(body);
                 self.wrappers.pop();
             }
-            "preproc_ifdef" if self.is_include_guard(n) => self.guard_body(n),
             "preproc_call" if self.text(n).split_whitespace().collect::<Vec<_>>() == ["#pragma", "once"] => {
                 self.pending.clear();
             }
@@ -192,7 +408,8 @@ impl<'s> Collector<'s> {
                     }
                 }
                 let error = n.is_error() || n.has_error();
-                self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, end, error });
+                let start = n.start_byte();
+                self.out.push(Entity { kind, wrappers: self.wrappers.clone(), text, defines, uses, start, end, error });
             }
         }
     }
@@ -212,34 +429,6 @@ impl<'s> Collector<'s> {
         let mut text: String = pending.iter().map(|r| format!("{}\n", &self.src[r.clone()])).collect();
         text.push_str(&self.src[start..end]);
         text
-    }
-
-    /// `#ifndef X` whose first item is `#define X`, with no `#else`: an include guard.
-    fn is_include_guard(&self, n: Node) -> bool {
-        if n.child_by_field_name("alternative").is_some() || !self.text(n).starts_with("#ifndef") {
-            return false;
-        }
-        let Some(name) = n.child_by_field_name("name") else { return false };
-        let mut cursor = n.walk();
-        let first = n.named_children(&mut cursor).filter(|c| c.kind() != "comment").nth(1);
-        first.is_some_and(|d| {
-            d.kind() == "preproc_def"
-                && d.child_by_field_name("name").is_some_and(|dn| self.text(dn) == self.text(name))
-        })
-    }
-
-    fn guard_body(&mut self, n: Node) {
-        let mut seen_define = false;
-        for (k, end) in items(n) {
-            if n.child_by_field_name("name") == Some(k) {
-                continue;
-            }
-            if !seen_define && k.kind() == "preproc_def" {
-                seen_define = true; // the guard's own #define
-                continue;
-            }
-            self.node(k, end);
-        }
     }
 }
 
@@ -411,7 +600,7 @@ fn defines_of(n: Node, src: &str) -> Vec<String> {
                 }
             }
         }
-        "preproc_if" | "preproc_ifdef" | "ERROR" | "namespace_definition" => {
+        "preproc_if" | "preproc_ifdef" | "ERROR" | "namespace_definition" | "translation_unit" => {
             // opaque blocks: whatever is defined anywhere inside
             for_each_node(n, |c| {
                 let own = match c.kind() {
@@ -579,6 +768,25 @@ mod tests {
         assert!(es[1].defines.is_empty() && es[1].uses.contains(&"X".to_string()), "{:?}", es[1]);
         assert_eq!(es[2].defines, vec!["get"]);
         assert!(es[2].uses.contains(&"ns".to_string()) && es[2].uses.contains(&"X".to_string()));
+    }
+
+    #[test]
+    fn annotation_macros_between_class_key_and_name() {
+        let src = "namespace p {\nclass LOCKABLE Mutex {\n int x;\n};\nstruct LDB_EXPORT Range : Base { int y; };\n\
+            class API_(x) Final final { };\nclass CondVar { Mutex* mu_; };\n}\n";
+        let es = extract(src).unwrap();
+        let m = find(&es, "Mutex {");
+        assert_eq!(
+            (m.defines.clone(), m.text.as_str()),
+            (vec!["Mutex".to_string()], "class LOCKABLE Mutex {\n int x;\n};")
+        );
+        let r = find(&es, "Range");
+        assert_eq!(r.defines, vec!["Range"]);
+        assert!(r.text.starts_with("struct LDB_EXPORT Range") && r.text.ends_with("};"), "{}", r.text);
+        assert_eq!(find(&es, "Final").defines, vec!["Final"]);
+        assert!(find(&es, "CondVar").uses.contains(&"Mutex".to_string()));
+        // not macros: a lower-case name, `struct S s;`, `class X::Y {`
+        assert!(blank_class_macros("class foo Bar {};\nstruct ABC abc;\nclass ABC::D {};\n").is_none());
     }
 
     #[test]

@@ -66,6 +66,17 @@ pub fn fuzz_check(data: &[u8]) {
 /// rendered unit holds every entity's code (reordering loses nothing).
 fn check_compilable(text: &str) {
     let Some(es) = crate::entities::extract(text) else { return };
+    // a file balanced as written gives balanced entities: groups and guards are never cut
+    if crate::pp::balanced(text) {
+        for e in &es {
+            assert!(
+                crate::pp::balanced(&e.text),
+                "unbalanced entity {:?}: {:?}",
+                crate::pp::structure_error(&e.text),
+                e.text
+            );
+        }
+    }
     let refs: Vec<&crate::entities::Entity> = es.iter().collect();
     let ord = crate::compilable::order(&refs);
     let mut seen = ord.order.clone();

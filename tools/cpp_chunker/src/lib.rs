@@ -30,6 +30,7 @@ pub mod includes;
 pub mod load;
 pub mod output;
 pub mod pipeline;
+pub mod pp;
 pub mod split;
 pub mod stats;
 pub mod tokens;

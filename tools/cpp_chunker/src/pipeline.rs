@@ -83,6 +83,12 @@ pub struct Summary {
     /// compilable: dependency cycles among declarations / functions broken by source order.
     pub type_cycles_broken: u64,
     pub call_cycles_broken: u64,
+    /// compilable / project: files whose conditional groups or braces could not be cut
+    /// into entities cleanly, kept as one entity each (see `entities::extract_checked`).
+    pub files_kept_whole: u64,
+    /// compilable: documents left out because their `#if`/`#endif` or braces did not
+    /// balance (pieces of one over-budget entity cut by the splitter).
+    pub unbalanced_documents_dropped: u64,
     /// project: definitions pulled from other files, and those left out for the budget.
     pub definitions_pulled: u64,
     pub definitions_dropped_for_budget: u64,
@@ -283,6 +289,8 @@ fn summary(cfg: &Config, totals: &RunTotals, max_tokens: u64, bucket: Option<&Bu
         compilable_units: stats.compilable_units,
         type_cycles_broken: stats.type_cycles_broken,
         call_cycles_broken: stats.call_cycles_broken,
+        files_kept_whole: stats.files_kept_whole,
+        unbalanced_documents_dropped: stats.unbalanced_documents_dropped,
         definitions_pulled: stats.definitions_pulled,
         definitions_dropped_for_budget: stats.definitions_dropped_for_budget,
         dedup: w.map(ShardWriter::dedup_summary).unwrap_or_default(),
@@ -447,13 +455,14 @@ fn unit_project(
         .par_iter()
         .map(|f| {
             let mut s = Stats::default();
-            let es = guarded(|| entities::extract(&f.text)).unwrap_or_else(|| {
+            let es = guarded(|| entities::extract_checked(&f.text)).unwrap_or_else(|| {
                 s.skip(SkipReason::InternalError);
                 None
             });
             match es {
-                Some(es) => {
+                Some((es, whole)) => {
                     s.files_parsed += 1;
+                    s.files_kept_whole += u64::from(whole);
                     (s, es)
                 }
                 None => {

@@ -85,6 +85,8 @@ pub struct Stats {
     pub compilable_units: u64,
     pub type_cycles_broken: u64,
     pub call_cycles_broken: u64,
+    pub files_kept_whole: u64,
+    pub unbalanced_documents_dropped: u64,
     pub definitions_pulled: u64,
     pub definitions_dropped_for_budget: u64,
 }
@@ -125,6 +127,8 @@ impl Stats {
         self.compilable_units += o.compilable_units;
         self.type_cycles_broken += o.type_cycles_broken;
         self.call_cycles_broken += o.call_cycles_broken;
+        self.files_kept_whole += o.files_kept_whole;
+        self.unbalanced_documents_dropped += o.unbalanced_documents_dropped;
         self.definitions_pulled += o.definitions_pulled;
         self.definitions_dropped_for_budget += o.definitions_dropped_for_budget;
     }
