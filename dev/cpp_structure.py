@@ -13,11 +13,23 @@ tests/test_cpp_structure.py runs it on every compilable document of the test cor
     python dev/cpp_structure.py FILE.jsonl ...     # lists the unbalanced documents, exit 1 if any
 """
 
+import glob
 import json
+import os
 import re
 import sys
 
 _DIRECTIVE = re.compile(r"[ \t]*([A-Za-z_]\w*)?")
+
+
+def read_output(out):
+    """A cpp_chunker output directory -> (its documents, in shard order; its summary.json)."""
+    docs = []
+    for shard in sorted(glob.glob(os.path.join(out, "shard_*.jsonl"))):
+        with open(shard) as f:
+            docs += [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(out, "summary.json")) as f:
+        return docs, json.load(f)
 
 
 def structure_error(text):

@@ -48,7 +48,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpp_structure import structure_error  # noqa: E402  (dev/cpp_structure.py)
+from cpp_structure import read_output, structure_error  # noqa: E402  (dev/cpp_structure.py)
 
 # label, root, include dirs (None: the generic rule of the docstring), extra flags
 SPDLOG_FLAGS = ["-DSPDLOG_SHARED_LIB", "-DSPDLOG_COMPILED_LIB", "-DSPDLOG_FMT_EXTERNAL"]  # pkg-config --cflags spdlog
@@ -172,12 +172,7 @@ def run_tool(root, out):
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         fail(f"cpp_chunker failed on {root} (exit code {r.returncode}): {shlex.join(cmd)}\n{r.stderr[-3000:]}")
-    docs = []
-    for shard in sorted(glob.glob(os.path.join(out, "shard_*.jsonl"))):
-        with open(shard) as f:
-            docs += [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(out, "summary.json")) as f:
-        return docs, json.load(f)
+    return read_output(out)
 
 
 # 2. per project: run the tool, sample its documents, compile each sample

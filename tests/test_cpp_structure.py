@@ -5,8 +5,6 @@ projects of tests/test_cpp_data.py and tests/test_cpp_syntax_check.py, and a lev
 project with guards, #pragma once and #if groups around #include lines). Runs the tool's
 release binary (built by scripts/cpp_data.py's rule when missing or stale)."""
 
-import glob
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
-from cpp_structure import structure_error  # noqa: E402
+from cpp_structure import read_output, structure_error  # noqa: E402
 
 from scripts.cpp_data import BINARY, ensure_binary  # noqa: E402
 from tests.test_cpp_data import PROJECT as GEO  # noqa: E402
@@ -65,12 +63,7 @@ def documents(root, out, mode, max_tokens):
     r = subprocess.run([BINARY, "--roots", root, "--mode", mode, "--max-tokens", str(max_tokens), "--out", out,
                         "--overwrite", "--dedup", "none", "--threads", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    docs = []
-    for shard in sorted(glob.glob(os.path.join(out, "shard_*.jsonl"))):
-        with open(shard) as f:
-            docs += [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(out, "summary.json")) as f:
-        return docs, json.load(f)
+    return read_output(out)
 
 
 @pytest.fixture(scope="module")
