@@ -35,13 +35,16 @@ def sentinel_ids(tokenizer):
     return tuple(tokenizer.encode_special(name) for name in SENTINELS)
 
 
+def _layout(tokenizer, p, m, s, spm):
+    """The FIM layout of the three pieces' token ids: PSM or SPM (no <|bos|>)."""
+    pre, suf, mid = sentinel_ids(tokenizer)
+    return [pre, suf] + s + [mid] + p + m if spm else [pre] + p + [suf] + s + [mid] + m
+
+
 def fim_tokens(tokenizer, prefix, middle, suffix, spm=False):
     """The FIM layout of three text pieces, each tokenized separately (no <|bos|>)."""
-    pre, suf, mid = sentinel_ids(tokenizer)
     enc = tokenizer.encode
-    if spm:
-        return [pre, suf] + enc(suffix) + [mid] + enc(prefix) + enc(middle)
-    return [pre] + enc(prefix) + [suf] + enc(suffix) + [mid] + enc(middle)
+    return _layout(tokenizer, enc(prefix), enc(middle), enc(suffix), spm)
 
 
 def fim_split(text, rng):
@@ -69,9 +72,7 @@ def fim_prompt(tokenizer, prefix, suffix, spm=False, max_len=None):
             raise ValueError(f"max_len={max_len} leaves no room for a FIM prompt (4 tokens are its markers)")
         ns = min(len(s), max(room // 2, room - len(p)))
         p, s = p[max(len(p) - (room - ns), 0):], s[:ns]
-    pre, suf, mid = sentinel_ids(tokenizer)
-    body = [pre, suf] + s + [mid] + p if spm else [pre] + p + [suf] + s + [mid]
-    return [tokenizer.get_bos_token_id()] + body
+    return [tokenizer.get_bos_token_id()] + _layout(tokenizer, p, [], s, spm)
 
 
 def row_rng(seed, rank, row):

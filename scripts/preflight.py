@@ -109,10 +109,9 @@ def _imports(module):
 
 def check_cpp_tools():
     """cpp_data builds tools/cpp_chunker with cargo (unless built); the C++ evals compile with g++."""
+    from scripts.cpp_data import BINARY
     problems = []
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    binary = os.path.join(repo, "tools", "cpp_chunker", "target", "release", "cpp_chunker")
-    if shutil.which("cargo") is None and not os.path.isfile(binary):
+    if shutil.which("cargo") is None and not os.path.isfile(BINARY):
         problems.append(("cpp_data: no cargo to build tools/cpp_chunker (and no built binary)",
                          "install Rust: curl https://sh.rustup.rs -sSf | sh -s -- -y && source ~/.cargo/env"))
     if shutil.which("g++") is None:
