@@ -14,8 +14,9 @@
 # Sets: "default" = today's defaults (no flags); "legacy" = the January 2026 model and
 # optimizer; "new" = every change of the recipe; "new-model" / "new-opt" = only the model /
 # only the optimizer half (the other half at its January value); "new-minus-X" = new with X
-# back at its January value; "only-X" = legacy plus X alone. Every set but "default" spells
-# out every flag, so its meaning does not move when the defaults do.
+# back at its January value, "new-minus-X-Y" without X and Y; "only-X" = legacy plus X alone,
+# "only-X-Y" plus X and Y. Today's defaults = new-minus-window-sched-ratio-lrs-adam-muoneq. Every
+# set but "default" spells out every flag, so its meaning does not move when the defaults do.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -49,25 +50,28 @@ OPT_PARTS="lrs adam wd mom sched ratio normuon muoneq muonplus"
 new_of() { echo "${RECIPE[$1]%%|*}"; }
 old_of() { echo "${RECIPE[$1]#*|}"; }
 flags_of() {  # the flags of a named set: each part at its new or its January value
-  local name=$1 q p="" keep
+  local name=$1 q p keep drop=""
   case "$name" in
     default) return ;;
     legacy) keep="" ;;
     new) keep="$MODEL_PARTS $OPT_PARTS" ;;
     new-model) keep="$MODEL_PARTS" ;;
     new-opt) keep="$OPT_PARTS" ;;
-    new-minus-*|only-*) p=${name#new-minus-}; p=${p#only-}
-                 [[ -n "${RECIPE[$p]:-}" ]] || { echo "unknown part: $p" >&2; return 1; }
-                 if [[ $name == only-* ]]; then keep="$p"; else keep="$(echo " $MODEL_PARTS $OPT_PARTS " | sed "s/ $p / /")"; fi ;;
+    new-minus-*) keep="$MODEL_PARTS $OPT_PARTS"; drop=${name#new-minus-} ;;
+    only-*) keep=${name#only-}; keep=${keep//-/ } ;;
     *) echo "unknown set: $name (try: list)" >&2; return 1 ;;
   esac
+  for p in $keep ${drop//-/ }; do
+    [[ -n "${RECIPE[$p]:-}" ]] || { echo "unknown part: $p (in $name)" >&2; return 1; }
+  done
+  for p in ${drop//-/ }; do keep=$(echo " $keep " | sed "s/ $p / /"); done
   for q in $MODEL_PARTS $OPT_PARTS; do
     if [[ " $keep " == *" $q "* ]]; then new_of "$q"; else old_of "$q"; fi
   done | tr '\n' ' '
 }
 
 if [[ $# -eq 0 || $1 == list ]]; then
-  echo "sets: default legacy new new-model new-opt new-minus-<part> only-<part>"
+  echo "sets: default legacy new new-model new-opt new-minus-<part>[-<part>...] only-<part>[-<part>...]"
   echo "parts: $MODEL_PARTS $OPT_PARTS"
   echo "new recipe: $(flags_of new)"
   exit 0

@@ -82,22 +82,23 @@ def add_model_args(parser):
 def add_optimizer_args(parser):
     """The optimizer's flags (GPT.setup_optimizers), shared by base_train and base_bench so a
     benchmark steps the optimizer that training uses. Defaults: the reference nanochat
-    2026's optimizer, val bpb 0.856 vs 1.032 for the January one at 100 d12 steps
-    (docs/benchmarks.md); docs/model.md lists the January 2026 value of each flag."""
+    2026's optimizer without three parts that lost when left out one at a time (its lrs,
+    per-group AdamW, MuonEq): val bpb 0.813 vs 1.032 for the January optimizer at 100 d12
+    steps (docs/benchmarks.md); docs/model.md lists the January 2026 value of each flag."""
     a = parser.add_argument
-    a("--embedding_lr", type=float, default=0.3, help="AdamW lr for the embedding (January 2026: 0.2)")
-    a("--unembedding_lr", type=float, default=0.008, help="AdamW lr for lm_head (January 2026: 0.004)")
+    a("--embedding_lr", type=float, default=0.2, help="AdamW lr for the embedding (reference: 0.3)")
+    a("--unembedding_lr", type=float, default=0.004, help="AdamW lr for lm_head (reference: 0.008)")
     a("--matrix_lr", type=float, default=0.02, help="Muon lr for the block matrices")
     a("--scalar_lr", type=float, default=0.5, help="AdamW lr for non-matrix block parameters")
     a("--weight_decay", type=float, default=0.28, help="Muon weight decay (January 2026: 0)")
     a("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay (embedding, lm_head, scalars)")
-    a("--adam_per_group", type=int, default=1, help="1: embedding and lm_head get the reference nanochat's own AdamW "
+    a("--adam_per_group", type=int, default=0, help="1: embedding and lm_head get the reference nanochat's own AdamW "
       "betas and weight decays (emb (0.8, 0.995) wd 0.001; lm_head (0.8, 0.96) wd 0.01)")
     a("--cautious_wd", type=int, default=1, help="1: Muon decays only where update and weight agree in sign "
       "(cautious weight decay; reference nanochat)")
     a("--normuon_beta2", type=float, default=0.9, help="NorMuon per-neuron variance normalization in Muon, EMA "
       "beta2 (0: off; reference nanochat: 0.9)")
-    a("--muon_eq", type=int, default=1, help="1: MuonEq row equilibration before orthogonalizing")
+    a("--muon_eq", type=int, default=0, help="1: MuonEq row equilibration before orthogonalizing")
     a("--muon_plus", type=int, default=1, help="1: Muon+ Frobenius renormalization after orthogonalizing")
 
 

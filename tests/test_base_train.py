@@ -326,6 +326,30 @@ def test_bad_command_lines_give_one_line_errors(base_dir, corpus_dir, flag, says
     assert not (base_dir.parent / "x").exists()
 
 
+def test_ablation_defaults_set_is_base_train_defaults():
+    """dev/quality_ablation.sh's spelled-out set for today's defaults sets every flag to
+    base_train's default, so docs/benchmarks.md's table names the defaults truly."""
+    import argparse
+    from nanochat import flags
+    cmd = subprocess.run(["bash", "dev/quality_ablation.sh", "new-minus-window-sched-ratio-lrs-adam-muoneq"], cwd=ROOT,
+                         env=dict(os.environ, DRY="1"), capture_output=True, text=True, check=True).stdout
+    spelled = dict(f[2:].split("=", 1) for f in cmd.split("--data_dir=DATA --model_tag=")[1].split()[1:])
+    parser = argparse.ArgumentParser()
+    flags.add_model_args(parser)
+    flags.add_optimizer_args(parser)
+    defaults = vars(parser.parse_args([]))
+    source = open(os.path.join(ROOT, "scripts", "base_train.py")).read()
+    for k, v in spelled.items():
+        if k in defaults:
+            assert float(defaults[k]) == float(v), (k, defaults[k], v)
+        else:
+            m = re.search(r'"--%s",[^)]*?default=("?[\w.-]+"?)' % k, source)
+            assert m, k
+            got = m.group(1).strip('"')
+            assert got == v or float(got) == float(v), (k, got, v)
+    assert len(spelled) > 20
+
+
 def test_quality_recipe_trains_resumes_exactly_and_samples(base_dir, corpus_dir):
     """The new-recipe flag set of dev/quality_ablation.sh (all of it): it learns, a resumed
     run continues exactly (NorMuon state, per-group AdamW), and sampling with the smear cache works."""
