@@ -13,12 +13,7 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-cpp}"
 ITERS=${ITERS:-10}
 # the compiler's own C++ library headers: C++ that is on every machine with g++
 ROOTS=${ROOTS:-$(python -c "from nanochat.corpus import compiler_include_dirs as d; print(d()[0])")}
-FIXTURES="$NANOCHAT_BASE_DIR/task_fixtures"
-python -m tasks.fixtures "$FIXTURES" > /dev/null
-if [ -z "${NANOCHAT_TASK_DATA:-}" ] && ! python -c "import socket; socket.create_connection(('huggingface.co', 443), timeout=5)" 2>/dev/null; then
-    echo "Hugging Face hub unreachable: the C++ evals use the generated stand-in tasks in $FIXTURES"
-    export NANOCHAT_TASK_DATA="$FIXTURES" HF_HUB_OFFLINE=1
-fi
+task_fixtures  # offline: the generated stand-in C++ tasks (dev/setup.sh)
 # depth 4 is [A, A, M, A]: Engram at 0 and 3, DSA from 3 with a top-k below the context so
 # the sparse path runs
 # documents of up to 2048 tokens and 10% of them held out: FIM needs held-out ones that compile on their

@@ -29,15 +29,8 @@ python -m scripts.base_loss --device_batch_size=4 --split_tokens=8192 --device_t
 # exit code 3 means no eval bundle (offline); any other failure stops the script
 python -m scripts.base_eval --max_per_task=16 --device_type=cpu || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"
     echo "CORE skipped: the DCLM eval bundle could not be downloaded (offline?); see python -m scripts.base_eval --help"; }
-# 5. chat stages. Offline (no Hugging Face hub), a generated stand-in for the datasets;
-# without a system dictionary, its word list for the spelling tasks.
-FIXTURES="$NANOCHAT_BASE_DIR/task_fixtures"
-python -m tasks.fixtures "$FIXTURES" > /dev/null
-if [ -z "${NANOCHAT_TASK_DATA:-}" ] && ! python -c "import socket; socket.create_connection(('huggingface.co', 443), timeout=5)" 2>/dev/null; then
-    echo "Hugging Face hub unreachable: the chat stages use the generated stand-in datasets in $FIXTURES"
-    export NANOCHAT_TASK_DATA="$FIXTURES" HF_HUB_OFFLINE=1
-fi
-[ -n "${NANOCHAT_WORDS_FILE:-}" ] || [ -f /usr/share/dict/words ] || export NANOCHAT_WORDS_FILE="$FIXTURES/words.txt"
+# 5. chat stages (offline: the generated stand-in datasets, dev/setup.sh)
+task_fixtures
 python -m scripts.mid_train --device_batch_size=4 --max_seq_len=512 --total_batch_size=2048 \
     --num_iterations="$CHAT_ITERS" --eval_every="$CHAT_ITERS" --eval_tokens=4096 \
     --simple_spelling=2000 --spelling_bee=2000 --device_type=cpu
