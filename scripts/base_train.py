@@ -149,7 +149,7 @@ if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
 # on XLA built on the CPU and moved: the CPU's generator gives the init a CPU run of the same seed has
 model = build_model(config, "cpu").to(device) if xla else build_model(config, device)
-model.kernel = args.kernel
+model.kernel, model.dsa_kernel = args.kernel, args.dsa_kernel
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
