@@ -55,8 +55,9 @@ missed by one row with probability (1 - 2048/t)^128 ~ e^-4 and by all 128 rows ~
 so every visible block is touched: dense cost plus the mask_mod's. If the keys are local
 (each row's 2048 most recent), the block touches ~17-18 key blocks: ~15x fewer than the
 ~256 of an average causal row at 64K. A trained indexer lies between; issue 19's 3x target
-needs a query block to touch under ~1/3 of its visible blocks, plus the indexer's own cost
-(its scores, O(T^2 H_I d_I), and the top-k). Measure with dev/dsa_bench.py (not yet run on
+needs a query block to touch under ~1/4 of its visible blocks (flex on full causal ran 1.4x
+slower than cuDNN SDPA at T = 2048 on an H100, docs/benchmarks.md), plus the indexer's own
+cost (its scores, O(T^2 H_I d_I), and the top-k). Measure with dev/dsa_bench.py (not yet run on
 a GPU).
 """
 
