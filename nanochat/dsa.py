@@ -39,8 +39,8 @@ Two paths, the same selection (ctx.dsa_kernel; base_train --dsa_kernel):
           (torch.nn.attention.flex_attention) reads it in a mask_mod and gets a BlockMask of
           the 128 x 128 blocks that hold any chosen key (blocks where every key is chosen
           skip the mask_mod). The KL loss scores only its KL_ROWS rows: O(rows x S).
-  "auto" (default): "mask" below LONG_T query tokens, "flex" from LONG_T on. Decoding with
-          a cache always takes the reference path.
+  "auto" (default): "mask" below LONG_T query tokens, "flex" from LONG_T on (not on XLA,
+          which has no flex_attention). Decoding with a cache takes the reference path.
 Why flex_attention and not a Triton gather kernel over the k chosen keys: flex runs eagerly
 (unfused, the same math) on the CPU, so its values and gradients are tested here against the
 reference; compiled on the GPU it is a fused tensor-core kernel that skips untouched blocks.
@@ -203,7 +203,8 @@ class SparseAttention(CausalSelfAttention):
         if cache is not None:
             k, v = self.cached(k, v, ctx, cache)
         gqa = self.n_head != self.n_kv_head
-        if cache is None and (ctx.dsa_kernel == "flex" or (ctx.dsa_kernel == "auto" and T >= LONG_T)):
+        auto = ctx.dsa_kernel == "auto" and T >= LONG_T and x.device.type != "xla"  # XLA has no flex_attention
+        if cache is None and (ctx.dsa_kernel == "flex" or auto):
             # the long-context path: nothing T x T (see the module docstring)
             bits = self.select_packed(iq, iw, ik) if sparse else None
             y = flex_attention(q, k, v, block_mask_of(bits, S), gqa) if sparse else self.attend(q, k, v, ctx)

@@ -203,7 +203,7 @@ def test_bits_round_trip_and_block_mask_covers_exactly_the_chosen_blocks():
 
 @pytest.mark.parametrize("pattern", ["L", "SL"])
 def test_chunked_selection_equals_the_reference(pattern, monkeypatch):
-    monkeypatch.setattr(dsa, "CHUNK", 3 * 96 * 2)  # 3 query rows per chunk: many chunks, a short last one
+    monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
     m = model_of(config(top_k=7, T=96, window_pattern=pattern))
     idx = torch.randint(0, V, (2, 96))
     for layer in (1, 2):
@@ -215,14 +215,14 @@ def test_chunked_selection_equals_the_reference(pattern, monkeypatch):
             bits = mixer.select_packed(iq, iw, mixer.indexer.keys(x, ctx))
             ref = chosen_sets_of_input(mixer, x, ctx)  # the stable sort of the T x T scores
         assert torch.equal(dsa.unpack_bits(bits, 96), ref), layer
-        assert ref.sum() < 0.2 * torch.ones(96, 96).tril().sum() * 2  # really sparse
+        assert ref.sum(-1).max() == 7  # really sparse: top_k keys of up to 96
 
 
 def chosen_sets_of_input(mixer, x, ctx):
     """The reference's chosen sets (B, T, S) for the mixer input x (a training-mode forward)."""
     seen = {}
     orig = mixer.indexer_loss
-    mixer.indexer_loss = lambda q, k, rows, scores, allowed: seen.setdefault("chosen", allowed.expand(x.size(0), -1, -1))
+    mixer.indexer_loss = lambda q, k, rows, scores, allowed: seen.setdefault("chosen", allowed.expand(len(x), -1, -1))
     was, mixer.training = mixer.training, True
     ctx.dsa_kernel = "mask"
     mixer(x, ctx)
