@@ -43,7 +43,10 @@ Two paths, the same selection (ctx.dsa_kernel; base_train --dsa_kernel):
           which has no flex_attention). Decoding with a cache takes the reference path.
 Why flex_attention and not a Triton gather kernel over the k chosen keys: flex runs eagerly
 (unfused, the same math) on the CPU, so its values and gradients are tested here against the
-reference; compiled on the GPU it is a fused tensor-core kernel that skips untouched blocks.
+reference (eager flex reads only the mask_mod, not the BlockMask, so the tests check the
+BlockMask against the bits on their own; compiled flex on the CPU needs setuptools and a C++
+toolchain, not used); compiled on the GPU it is a fused tensor-core kernel that skips
+untouched blocks.
 A per-token gather is memory-bound in our GQA layout: each gathered key row serves only
 n_head / n_kv_head heads (DSA on MLA shares one 576-dim key among 128 heads), so at d20
 (10 kv heads, head_dim 128) one layer's forward gathers T * k * 10 * 128 * 2 (K and V) *
