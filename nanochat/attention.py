@@ -62,12 +62,13 @@ class Context:
     idx: the token ids, for mixers that look something up per token."""
 
     def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse",
-                 flash=None):
+                 flash=None, dsa_kernel="auto"):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
         self.idx = idx  # (B, T) token ids of this forward, for per-layer lookups (value embeddings)
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
         self.pos_t, self.decode_masks = pos_t, decode_masks
         self.dsa_stage = dsa_stage  # DSA layers (nanochat/dsa.py): "warmup" (dense) or "sparse"
+        self.dsa_kernel = dsa_kernel  # DSA layers: one of dsa.KERNELS ("mask" = the T x T reference)
         self.aux_losses = []  # training losses that mixers add (DSA's indexer loss)
         self.flash = flash  # (q, k, v) -> causal attention of full-context layers (XLA flash, nanochat/tpu.py)
 

@@ -26,10 +26,42 @@ Our adaptation (nanochat has GQA, not MLA): the selection is per query token and
 by all query and key/value heads, as DSA on MLA's MQA mode shares it; the indexer's
 LayerNorm has no affine parameters; L^I is computed on KL_ROWS evenly spaced query rows
 per sequence rather than all of them (the exact probabilities of a row cost a row of
-QK^T per head); the attention itself is the exact reference form, a (T, S) boolean
-mask into SDPA, O(T^2) memory: correct at any length, fast only at short ones (a sparse
-kernel for long contexts is issue 19's item 2, not built). With top_k >= the keys a
-query can see (top_k 2048 at a 2048 context) DSA is dense attention exactly.
+QK^T per head). With top_k >= the keys a query can see (top_k 2048 at a 2048 context)
+DSA is dense attention exactly.
+
+Two paths, the same selection (ctx.dsa_kernel; base_train --dsa_kernel):
+  "mask": the exact reference: I as a (T, S) matrix, a stable sort, a (T, S) boolean mask
+          into SDPA. O(T^2) memory: 64K context would need 16 GiB per score matrix.
+  "flex": the long-context path, never T x T. The indexer scores CHUNK query rows at a time
+          (O(chunk x S)); each chunk's top-k is the same set the stable sort picks (topk's
+          k-th value, then the ties equal to it in key order) and is packed into a per-query
+          bitmask, (B, T, S/32) int32 (512 MiB at T = S = 65,536). flex_attention
+          (torch.nn.attention.flex_attention) reads it in a mask_mod and gets a BlockMask of
+          the 128 x 128 blocks that hold any chosen key (blocks where every key is chosen
+          skip the mask_mod). The KL loss scores only its KL_ROWS rows: O(rows x S).
+  "auto" (default): "mask" below LONG_T query tokens, "flex" from LONG_T on (not on XLA,
+          which has no flex_attention). Decoding with a cache takes the reference path.
+Why flex_attention and not a Triton gather kernel over the k chosen keys: flex runs eagerly
+(unfused, the same math) on the CPU, so its values and gradients are tested here against the
+reference (eager flex reads only the mask_mod, not the BlockMask, so the tests check the
+BlockMask against the bits on their own; compiled flex on the CPU needs setuptools and a C++
+toolchain, not used); compiled on the GPU it is a fused tensor-core kernel that skips
+untouched blocks.
+A per-token gather is memory-bound in our GQA layout: each gathered key row serves only
+n_head / n_kv_head heads (DSA on MLA shares one 576-dim key among 128 heads), so at d20
+(10 kv heads, head_dim 128) one layer's forward gathers T * k * 10 * 128 * 2 (K and V) *
+2 bytes = 687 GB at T = 65,536, k = 2048: ~140 ms at the H200's 4.8 TB/s, slower than
+dense flash attention's forward. flex's cost is the blocks it touches instead, and that
+depends on how the chosen keys cluster. A query block of 128 rows at position t sees ~t/128
+key blocks; if each row's 2048 keys are spread uniformly over t = 65,536, a key block is
+missed by one row with probability (1 - 2048/t)^128 ~ e^-4 and by all 128 rows ~ never,
+so every visible block is touched: dense cost plus the mask_mod's. If the keys are local
+(each row's 2048 most recent), the block touches ~17-18 key blocks: ~15x fewer than the
+~256 of an average causal row at 64K. A trained indexer lies between; issue 19's 3x target
+needs a query block to touch under ~1/4 of its visible blocks (flex on full causal ran 1.4x
+slower than cuDNN SDPA at T = 2048 on an H100, docs/benchmarks.md), plus the indexer's own
+cost (its scores, O(T^2 H_I d_I), and the top-k). Measure with dev/dsa_bench.py (not yet run on
+a GPU).
 """
 
 import math
@@ -38,9 +70,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import CausalSelfAttention, KVCache, apply_rotary_emb, sliding_window_mask
+from nanochat.attention import CausalSelfAttention, KVCache, apply_rotary_emb, flex_attention, sliding_window_mask
 
 KL_ROWS = 256  # query rows per sequence that the indexer's KL loss uses
+KERNELS = ("auto", "mask", "flex")  # --dsa_kernel (see the module docstring)
+LONG_T = 8192  # "auto": the flex path from this many query tokens on
+CHUNK = 2 ** 28  # flex path: indexer scores (rows x keys x heads) per query chunk, 1 GiB of fp32
+BLOCK = 128  # flex_attention's block size
 
 
 class Indexer(nn.Module):
@@ -78,14 +114,65 @@ class Indexer(nn.Module):
         k = F.layer_norm(self.wk(x), (self.dim,))
         return self._rope(k.unsqueeze(2), ctx).squeeze(2)
 
-    def scores(self, x, ctx, keys):
-        """I (B, T, S) in fp32 of the queries x (B, T, C) against keys (B, S, d_I)."""
+    def queries(self, x, ctx):
+        """q^I (B, T, H_I, d_I) and the head weights w (B, T, H_I) of x (B, T, C)."""
         B, T, _ = x.shape
-        q = self._rope(self.wq(x).view(B, T, self.heads, self.dim), ctx)
-        w = self.ww(x)
-        with torch.autocast(x.device.type, enabled=False):  # fp32: the top-k and the KL read these
+        return self._rope(self.wq(x).view(B, T, self.heads, self.dim), ctx), self.ww(x)
+
+    def scores(self, q, w, keys):
+        """I (B, T, S) in fp32 of the queries q, w (from queries(), any rows) against keys (B, S, d_I)."""
+        with torch.autocast(q.device.type, enabled=False):  # fp32: the top-k and the KL read these
             s = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu()
             return torch.einsum("bths,bth->bts", s, w.float() / math.sqrt(self.heads * self.dim))
+
+
+def top_k_mask(scores, visible, k):
+    """(B, t, S) bool: the k best visible keys of each row, ties to the earlier key; the set the
+    reference's stable sort picks, without sorting: everything above the k-th value, then the
+    keys equal to it in key order until k are chosen."""
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above, tie = scores > kth, scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    return (above | (tie & (tie.cumsum(-1) <= room))) & visible
+
+
+_BIT = [1 << j for j in range(31)] + [-(1 << 31)]  # bit j of an int32 word, the sign bit as two's complement
+
+
+def pack_bits(mask):
+    """(..., S) bool -> (..., ceil(S / 32)) int32: bit j of word i says key 32 i + j."""
+    mask = F.pad(mask, (0, -mask.size(-1) % 32))
+    bit = torch.tensor(_BIT, dtype=torch.int32, device=mask.device)
+    return (mask.view(*mask.shape[:-1], -1, 32).int() * bit).sum(-1, dtype=torch.int32)
+
+
+def unpack_bits(words, S):
+    """pack_bits' inverse: (..., W) int32 -> (..., S) bool."""
+    shift = torch.arange(32, dtype=torch.int32, device=words.device)
+    return ((words.unsqueeze(-1) >> shift) & 1).bool().flatten(-2)[..., :S]
+
+
+def block_mask_of(bits, S, block=BLOCK):
+    """flex_attention's BlockMask for the packed selection bits (B, T, W): a block of `block`
+    queries x `block` keys (a multiple of 32) is computed iff it holds a chosen key, without the
+    mask_mod iff all its keys are chosen for all its queries."""
+    from torch.nn.attention.flex_attention import BlockMask
+    B, T, W = bits.shape
+    nq, nk, wpb = -(-T // block), -(-S // block), block // 32
+    if (nq * block, nk * wpb) != (T, W):
+        bits = F.pad(bits, (0, nk * wpb - W, 0, nq * block - T))
+    words = bits.view(B, nq, block, nk, wpb)
+    full = (words == -1).all(4).all(2)                    # (B, nq, nk); the padding is never -1
+    partial = (words != 0).any(4).any(2) & ~full
+
+    def listed(blocks):  # (B, 1, nq) counts and (B, 1, nq, nk) the block indices first
+        return (blocks.sum(-1, dtype=torch.int32)[:, None],
+                blocks.int().argsort(dim=-1, descending=True, stable=True).int()[:, None])
+
+    def mask_mod(b, h, q, k):
+        return ((bits[b, q, k // 32] >> (k % 32)) & 1) == 1
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, S))
 
 
 class SparseAttention(CausalSelfAttention):
@@ -111,28 +198,56 @@ class SparseAttention(CausalSelfAttention):
         if cache is not None:
             ik = cache.write_index(ik, ctx)
         S = ik.size(1)
-        visible = self.visible(T, S, ctx)                                  # (1, T, S) bool
+        iq, iw = self.indexer.queries(xd, ctx)
         sparse = ctx.dsa_stage != "warmup" and self.top_k < min(S, self.window)  # else all visible keys
         train = self.training and cache is None  # the indexer's loss is a training-time loss
-        scores = self.indexer.scores(xd, ctx, ik).masked_fill(~visible, float("-inf")) if sparse or train else None
-        chosen = visible
-        if sparse:
-            # a stable sort, not topk: ties (ReLU makes many scores exactly 0) then go to the earlier
-            # key whatever the row's length, so a cached decode chooses what the full forward does
-            top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :self.top_k]
-            # a row that sees fewer than k keys gets -inf (invisible) ones in its top-k: drop them
-            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & visible
+        rows = torch.linspace(0, T - 1, min(KL_ROWS, T), device=x.device).round().long() if train else None
         q, k, v = self.project(x, ctx)
         if cache is not None:
             k, v = self.cached(k, v, ctx, cache)
-        if sparse:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=chosen.unsqueeze(1),
-                                               enable_gqa=self.n_head != self.n_kv_head)
-        else:
-            y = self.attend(q, k, v, ctx)  # dense: the same kernels as plain attention
+        gqa = self.n_head != self.n_kv_head
+        auto = ctx.dsa_kernel == "auto" and T >= LONG_T and x.device.type != "xla"  # XLA has no flex_attention
+        if cache is None and (ctx.dsa_kernel == "flex" or auto):
+            # the long-context path: nothing T x T (see the module docstring)
+            bits = self.select_packed(iq, iw, ik) if sparse else None
+            y = flex_attention(q, k, v, block_mask_of(bits, S), gqa) if sparse else self.attend(q, k, v, ctx)
+            if train:
+                scores = self.indexer.scores(iq[:, rows], iw[:, rows], ik)
+                allowed = unpack_bits(bits[:, rows], S) if sparse else self.visible_rows(rows, S)
+        else:  # the exact reference: (T, S) scores and mask
+            visible = self.visible(T, S, ctx)                              # (1, T, S) bool
+            scores = self.indexer.scores(iq, iw, ik).masked_fill(~visible, float("-inf")) if sparse or train else None
+            chosen = visible
+            if sparse:
+                # a stable sort, not topk: ties (ReLU makes many scores exactly 0) then go to the earlier
+                # key whatever the row's length, so a cached decode chooses what the full forward does
+                top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :self.top_k]
+                # a row that sees fewer than k keys gets -inf (invisible) ones in its top-k: drop them
+                chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & visible
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=chosen.unsqueeze(1), enable_gqa=gqa)
+            else:
+                y = self.attend(q, k, v, ctx)  # dense: the same kernels as plain attention
+            if train:
+                scores, allowed = scores[:, rows], chosen.expand(B, -1, -1)[:, rows]
         if train:
-            ctx.aux_losses.append(self.indexer_loss(q, k, scores, chosen))
+            ctx.aux_losses.append(self.indexer_loss(q, k, rows, scores, allowed))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @torch.no_grad()
+    @torch.compiler.disable  # eager under torch.compile: big ops in a loop that compiling would unroll
+    def select_packed(self, iq, iw, ik):
+        """The chosen keys of every query as bits (B, T, ceil(S / 32)) int32, scored CHUNK // S
+        query rows at a time: the same sets as the reference's stable sort."""
+        B, T = iq.shape[:2]
+        S = ik.size(1)
+        bits = torch.empty(B, T, -(-S // 32), dtype=torch.int32, device=iq.device)
+        step = max(1, CHUNK // (S * self.indexer.heads))
+        for a in range(0, T, step):
+            b = min(T, a + step)
+            visible = sliding_window_mask(b - a, S, a, self.window, iq.device)
+            scores = self.indexer.scores(iq[:, a:b], iw[:, a:b], ik).masked_fill(~visible, float("-inf"))
+            bits[:, a:b] = pack_bits(top_k_mask(scores, visible, self.top_k))
+        return bits
 
     def visible(self, T, S, ctx):
         """(1, T, S): the keys each query may see (causal, within the window)."""
@@ -140,18 +255,23 @@ class SparseAttention(CausalSelfAttention):
             return ctx.decode_masks[self.window].view(1, 1, S)
         return sliding_window_mask(T, S, ctx.pos0, self.window, ctx.cos.device).unsqueeze(0)
 
-    def indexer_loss(self, q, k, scores, allowed):
-        """L^I: the mean over KL_ROWS evenly spaced query rows of KL(p_t || softmax(I_t)) over
-        the allowed keys (warm-up: every visible key; sparse stage: the chosen ones)."""
+    def visible_rows(self, rows, S):
+        """(1, R, S): visible() of the query rows `rows` alone (no cache)."""
+        kpos = torch.arange(S, device=rows.device)
+        return ((kpos <= rows[:, None]) & (rows[:, None] - kpos < self.window)).unsqueeze(0)
+
+    def indexer_loss(self, q, k, rows, scores, allowed):
+        """L^I: the mean over the query rows `rows` (KL_ROWS evenly spaced) of KL(p_t || softmax(I_t))
+        over the allowed keys (warm-up: every visible key; sparse stage: the chosen ones).
+        scores (B, R, S) and allowed (B or 1, R, S) are those rows'."""
         B, _, T, D = q.shape
-        rows = torch.linspace(0, T - 1, min(KL_ROWS, T), device=q.device).round().long()
-        allowed = allowed.expand(B, -1, -1)[:, rows]                       # (B, R, S)
+        allowed = allowed.expand(B, -1, -1)
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             kk = k.float().repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             logits = q[:, :, rows].float() @ kk.transpose(-1, -2) / math.sqrt(D)   # SDPA's scale
             p = logits.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1).sum(1)
             p = p / p.sum(-1, keepdim=True)
-        log_q = scores[:, rows].masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1)
         kl = torch.where(allowed, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
         return kl.mean()
 

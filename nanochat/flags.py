@@ -7,6 +7,7 @@ change how a training step runs; config_from_args turns them into a GPTConfig.
 import torch
 
 from nanochat.attention import KERNELS
+from nanochat.dsa import KERNELS as DSA_KERNELS
 from nanochat.common import require_positive
 from nanochat.gpt import GPT
 
@@ -64,6 +65,8 @@ def add_model_args(parser):
     a("--dsa_top_k", type=int, default=2048, help="DSA keys per query (>= the context: dense attention exactly)")
     a("--dsa_heads", type=int, default=4, help="DSA lightning indexer heads")
     a("--dsa_dim", type=int, default=64, help="DSA lightning indexer dims (a multiple of 4)")
+    a("--dsa_kernel", default="auto", choices=DSA_KERNELS, help="DSA attention: mask = the T x T reference, flex = "
+      "chunked top-k + flex_attention (nothing T x T), auto = flex from 8192 tokens on")
     # the quality recipe's model half (issue 25, from the reference nanochat 2026; docs/model.md has
     # the table): on by default since it measured val bpb 1.032 vs 1.175 at 100 d12 steps
     # (docs/benchmarks.md); 0 / 1.0 / 10000 / 1 give the January 2026 model

@@ -295,6 +295,7 @@ class GPT(nn.Module):
         self.plan = layer_plan(config)
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         self.dsa_stage = "sparse"  # DSA layers: "warmup" = dense attention, only the indexer trains (base_train)
+        self.dsa_kernel = "auto"  # DSA layers: one of dsa.KERNELS, "auto" = the T x T reference below dsa.LONG_T
         self.gradient_checkpointing = False  # recompute each block in backward (set by the training script)
         self.checkpoint_block = None  # (block, x, ctx) -> y: another checkpoint than torch's (nanochat/tpu.py on XLA)
         self.flash = None  # (q, k, v) -> y: causal attention for full-context layers (nanochat/tpu.py on XLA)
@@ -410,7 +411,8 @@ class GPT(nn.Module):
         masks = {}
         if pos0 == 0 and self.training:
             masks = block_masks({s.window for s in self.plan if s.window}, T, self.kernel, device, self._block_masks)
-        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=self.flash)
+        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=self.flash,
+                       dsa_kernel=self.dsa_kernel)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = device or self.wte.weight.device

@@ -1,15 +1,25 @@
 """DeepSeek sparse attention (nanochat/dsa.py): the selection, its causality, the detached
-indexer and its KL loss, the stages, and decoding with the index cache."""
+indexer and its KL loss, the stages, decoding with the index cache, and the long-context
+"flex" path (chunked top-k, packed bits, flex_attention) against the T x T reference."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from nanochat import dsa
 from nanochat.gpt import GPTConfig, build_model
 from tests.test_gpt import assert_causal_bit_exact, init_twice_over_garbage
 
 V = 97
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Eager flex_attention runs through an internal torch.compile (backend "eager"); a second
+    shape in one process recompiles it with dynamic shapes, whose guards import
+    torch.utils.cpp_extension (setuptools, absent here). A reset per test keeps each one static."""
+    torch._dynamo.reset()
 
 
 def config(top_k=6, T=32, **kw):
@@ -31,7 +41,9 @@ def chosen_sets(m, idx, layer=1):
     mixer = m.blocks[layer].mixer
     seen = {}
     orig = mixer.indexer_loss
-    mixer.indexer_loss = lambda q, k, scores, allowed: (seen.setdefault("chosen", allowed), orig(q, k, scores, allowed))[1]
+    # T <= KL_ROWS here, so the loss's rows are all of them
+    mixer.indexer_loss = lambda q, k, rows, scores, allowed: (seen.setdefault("chosen", allowed),
+                                                              orig(q, k, rows, scores, allowed))[1]
     m(idx, idx)
     mixer.indexer_loss = orig
     return seen["chosen"]
@@ -51,9 +63,11 @@ def test_plan_and_groups():
         build_model(dataclasses.replace(config(), dsa_start_layer=5), "cpu")
 
 
-def test_top_k_at_least_the_context_is_dense_attention_exactly():
+@pytest.mark.parametrize("kernel", ["mask", "flex"])
+def test_top_k_at_least_the_context_is_dense_attention_exactly(kernel):
     dense = model_of(dataclasses.replace(config(), dsa_start_layer=-1))
     sparse = model_of(config(top_k=32))
+    sparse.dsa_kernel = kernel
     sparse.load_state_dict(dense.state_dict(), strict=False)  # the indexers are extra
     idx = torch.randint(0, V, (2, 32))
     for mode in ("eval", "train"):
@@ -75,9 +89,10 @@ def test_selected_sets_are_causal_and_of_size_min_k_t_plus_1():
     assert not torch.allclose(m(idx), dense(idx))
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_causality_bit_exact(mode):
+@pytest.mark.parametrize("mode,kernel", [("eval", "mask"), ("train", "mask"), ("eval", "flex"), ("train", "flex")])
+def test_causality_bit_exact(mode, kernel):
     m = model_of(config(top_k=4))
+    m.dsa_kernel = kernel
     getattr(m, mode)()
     assert_causal_bit_exact(lambda idx: m(idx), V, T=32, cuts=(1, 6, 20))
 
@@ -147,3 +162,108 @@ def test_base_train_flag_checks():
         config_from_args(parser.parse_args(["--depth=4", "--dsa", "--dsa_top_k=0"]), 100)
     with pytest.raises(SystemExit, match="dsa_start_layer 7"):
         config_from_args(parser.parse_args(["--depth=4", "--dsa"]), 100)
+
+
+# --- the long-context path ("flex") against the reference ("mask")
+
+def test_top_k_mask_is_the_stable_sorts_set():
+    torch.manual_seed(0)
+    T = 50
+    visible = torch.ones(T, T, dtype=torch.bool).tril()
+    scores = torch.randint(0, 4, (3, T, T)).float().masked_fill(~visible, float("-inf"))  # many ties
+    for k in (1, 5, 20, 49):
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+        ref = torch.zeros_like(visible).expand(3, T, T).clone().scatter_(-1, top, True) & visible
+        assert torch.equal(dsa.top_k_mask(scores, visible, k), ref), k
+
+
+def test_bits_round_trip_and_block_mask_covers_exactly_the_chosen_blocks():
+    torch.manual_seed(0)
+    B, T, S, blk = 2, 72, 72, 32  # not a multiple of the block
+    chosen = (torch.rand(B, T, S) < 0.05) & torch.ones(T, S, dtype=torch.bool).tril()
+    chosen[:, 32:64, :32] = True  # one block fully chosen
+    chosen[0, 40, 70] = True     # a bit in the padded last word
+    bits = dsa.pack_bits(chosen)
+    assert bits.shape == (B, T, 3) and bits.dtype == torch.int32
+    assert torch.equal(dsa.unpack_bits(bits, S), chosen)
+    bm = dsa.block_mask_of(bits, S, block=blk)
+    nq, nk = -(-T // blk), -(-S // blk)
+    padded = torch.nn.functional.pad(chosen, (0, nk * blk - S, 0, nq * blk - T)).view(B, nq, blk, nk, blk)
+
+    def dense(num, idx):  # (B, 1, nq) counts and (B, 1, nq, nk) indices -> (B, nq, nk) bool
+        on = torch.arange(nk) < num[:, 0, :, None]
+        return torch.zeros(B, nq, nk, dtype=torch.bool).scatter_(-1, idx[:, 0].long(), on)
+    full = dense(bm.full_kv_num_blocks, bm.full_kv_indices)
+    assert torch.equal(full, padded.all(4).all(2)) and full[:, 1, 0].all()
+    assert torch.equal(full | dense(bm.kv_num_blocks, bm.kv_indices), padded.any(4).any(2))
+    # the mask_mod reads the bits back, key by key
+    b, q, k = torch.meshgrid(torch.arange(B), torch.arange(T), torch.arange(S), indexing="ij")
+    assert torch.equal(bm.mask_mod(b, 0, q, k), chosen)
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_chunked_selection_equals_the_reference(pattern, monkeypatch):
+    monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
+    m = model_of(config(top_k=7, T=96, window_pattern=pattern))
+    idx = torch.randint(0, V, (2, 96))
+    for layer in (1, 2):
+        mixer = m.blocks[layer].mixer
+        with torch.no_grad():
+            x = m.wte(idx)  # any input: the selection of an input, both ways
+            ctx = m._context(idx, 0)
+            iq, iw = mixer.indexer.queries(x, ctx)
+            bits = mixer.select_packed(iq, iw, mixer.indexer.keys(x, ctx))
+            ref = chosen_sets_of_input(mixer, x, ctx)  # the stable sort of the T x T scores
+        assert torch.equal(dsa.unpack_bits(bits, 96), ref), layer
+        assert ref.sum(-1).max() == 7  # really sparse: top_k keys of up to 96
+
+
+def chosen_sets_of_input(mixer, x, ctx):
+    """The reference's chosen sets (B, T, S) for the mixer input x (a training-mode forward)."""
+    seen = {}
+    orig = mixer.indexer_loss
+    mixer.indexer_loss = lambda q, k, rows, scores, allowed: seen.setdefault("chosen", allowed.expand(len(x), -1, -1))
+    was, mixer.training = mixer.training, True
+    ctx.dsa_kernel = "mask"
+    mixer(x, ctx)
+    mixer.indexer_loss, mixer.training = orig, was
+    return seen["chosen"]
+
+
+@pytest.mark.parametrize("stage", ["sparse", "warmup"])
+def test_flex_path_equals_the_reference_values_and_gradients(stage):
+    m = model_of(config(top_k=9, T=128)).train()
+    mixer = m.blocks[1].mixer
+    idx = torch.randint(0, V, (2, 128))
+    x0 = torch.randn(2, 128, 64)
+    g = torch.randn(2, 128, 64)
+    results = {}
+    for kernel in ("mask", "flex"):
+        m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        m.dsa_stage, m.dsa_kernel = stage, kernel
+        ctx = m._context(idx, 0)
+        y = mixer(x, ctx)
+        (aux,) = ctx.aux_losses
+        ((y * g).sum() + aux).backward()
+        results[kernel] = [y, aux, x.grad] + [p.grad for p in mixer.parameters()]
+    for a, b in zip(results["mask"], results["flex"]):
+        assert a is not None and (a - b).norm() <= 1e-6 * a.norm(), (a - b).norm() / a.norm()  # fp32 rounding
+    # and the whole model's loss (LM + indexer) agrees
+    m.dsa_kernel = "mask"
+    ref = m(idx, idx)
+    m.dsa_kernel = "flex"
+    assert torch.allclose(m(idx, idx), ref, rtol=1e-5)
+
+
+def test_auto_takes_the_flex_path_from_long_t(monkeypatch):
+    m = model_of(config(top_k=4)).eval()
+    calls = []
+    orig = dsa.SparseAttention.select_packed
+    monkeypatch.setattr(dsa.SparseAttention, "select_packed", lambda self, *a: calls.append(1) or orig(self, *a))
+    idx = torch.randint(0, V, (1, 32))
+    m(idx)
+    assert not calls  # 32 < LONG_T: the reference
+    monkeypatch.setattr(dsa, "LONG_T", 32)
+    m(idx)
+    assert len(calls) == 2  # both DSA layers

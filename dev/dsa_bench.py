@@ -1,0 +1,128 @@
+"""
+One DSA layer (nanochat/dsa.py, the long-context "flex" path) forward + backward against
+one dense causal attention layer (SDPA: flash / cuDNN) at a long context, on one GPU,
+compiled, bf16 autocast. Issue 19's item 2 asks for >= 3x at T = 65,536 on one H200.
+Prints one JSON line per case. GPU only.
+
+    python dev/dsa_bench.py                          # d20 shapes, T = 65,536, top-k 2048
+    python dev/dsa_bench.py --seq_len=16384 --depth=12
+
+Cases:
+  dense            CausalSelfAttention layer: projections + causal SDPA
+  dsa_layer        SparseAttention layer in training (indexer keys and queries, chunked
+                   top-k, flex_attention, the KL loss on 256 rows) with its random-init
+                   indexer, whose choices are spread: the worst case for block sparsity
+  dsa_select       the indexer's chunked scores + top-k + bits alone (no grad)
+  flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
+                   per query, against sdpa_causal: "local" (the k most recent keys), "spread"
+                   (k random visible keys), "blocks" (k / 128 random key blocks per query block)
+"blocks" is the fraction of 128 x 128 blocks computed, relative to causal attention's.
+What a trained indexer chooses lies between local and spread: time dsa_layer on a trained
+checkpoint's selection to know (not done yet).
+"""
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from nanochat.attention import CausalSelfAttention, Context, rotary_tables
+from nanochat.dsa import BLOCK, SparseAttention, block_mask_of, pack_bits
+from nanochat.gpt import GPT, LayerSpec
+
+parser = argparse.ArgumentParser(description="Time one DSA layer (fwd+bwd) against dense causal attention")
+parser.add_argument("--depth", type=int, default=20, help="model shape: n_embd = 64 * depth, head_dim 128")
+parser.add_argument("--seq_len", type=int, default=65536)
+parser.add_argument("--top_k", type=int, default=2048)
+parser.add_argument("--iters", type=int, default=5)
+args = parser.parse_args()
+assert torch.cuda.is_available(), "dsa_bench needs a CUDA GPU"
+T, k = args.seq_len, args.top_k
+config = GPT.config_for_depth(args.depth, sequence_len=T, dsa_start_layer=0, dsa_top_k=k)
+H, D = config.n_head, config.n_embd // config.n_head
+cos, sin = (t.cuda() for t in rotary_tables(T, D))
+
+
+def timeit(fn):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(args.iters):
+        fn()
+    torch.cuda.synchronize()
+    return 1000 * (time.time() - t0) / args.iters, torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def report(case, fn, **extra):
+    try:
+        ms, gib = timeit(fn)
+        print(json.dumps({"case": case, "T": T, "top_k": k, "H": H, "D": D, "ms": round(ms, 2),
+                          "peak_gib": round(gib, 2), **extra}), flush=True)
+    except Exception as e:  # a case that can't run (memory, compile) says so and the rest go on
+        print(json.dumps({"case": case, "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+
+
+def layer_step(layer, x):
+    def step():
+        ctx = Context(cos, sin, 0, T, {}, dsa_kernel="flex")
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+            loss = layer(x, ctx).float().square().mean() + sum(ctx.aux_losses)
+        loss.backward()
+    return step
+
+
+spec = LayerSpec("dsa", T)
+x = torch.randn(1, T, config.n_embd, device="cuda", requires_grad=True)
+dense = CausalSelfAttention(config, 0, spec).cuda().train()
+dsa = SparseAttention(config, 0, spec).cuda().train()
+for m in (dense, dsa):
+    m.init_weights()
+    torch.nn.init.normal_(m.c_proj.weight, std=0.02)  # c_proj starts at zero: give the backward some work
+report("dense", layer_step(torch.compile(dense, dynamic=False), x))
+report("dsa_layer", layer_step(torch.compile(dsa, dynamic=False), x))
+with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+    ctx = Context(cos, sin, 0, T, {})
+    iq, iw = dsa.indexer.queries(x, ctx)
+    ik = dsa.indexer.keys(x, ctx)
+report("dsa_select", lambda: dsa.select_packed(iq, iw, ik))
+
+# flex_attention alone on synthetic selections
+q, kk, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+report("sdpa_causal", lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=True).sum().backward())
+flex = torch.compile(flex_attention, dynamic=False)
+pos = torch.arange(T, device="cuda")
+
+
+def pattern_bits(name, rows=1024):
+    """(1, T, T/32) bits of a synthetic selection, built `rows` query rows at a time."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    blocks = torch.rand(T // BLOCK, T // BLOCK, device="cuda", generator=g)  # per query block: key block order
+    bits = torch.empty(1, T, T // 32, dtype=torch.int32, device="cuda")
+    for a in range(0, T, rows):
+        t = pos[a:a + rows, None]
+        visible = pos[None] <= t
+        if name == "local":
+            chosen = visible & (t - pos[None] < k)
+        else:
+            if name == "spread":
+                score = torch.rand(len(t), T, device="cuda", generator=g)
+            else:  # the same random key blocks for every query of a block, the diagonal block first
+                score = blocks[t[:, 0] // BLOCK].repeat_interleave(BLOCK, dim=1) + (pos[None] // BLOCK == t // BLOCK)
+            score = score.masked_fill(~visible, -1)
+            chosen = visible & (score >= score.topk(min(k, T), dim=-1).values[:, -1:])
+        bits[0, a:a + rows] = pack_bits(chosen)
+    return bits
+
+
+causal_blocks = (T // BLOCK) * (T // BLOCK + 1) / 2
+for name in ("local", "spread", "blocks"):
+    bits = pattern_bits(name)
+    bm = block_mask_of(bits, T)
+    used = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item() / causal_blocks
+    report(f"flex_{name}", lambda bm=bm: flex(q, kk, v, block_mask=bm).sum().backward(), blocks=round(used, 3))
+    del bits, bm
