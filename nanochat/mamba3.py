@@ -78,6 +78,8 @@ def triton_unusable(x, R):
     reason = None
     if R > 1:
         reason = "MIMO (mamba3_mimo_rank > 1): the fused kernels are SISO only"
+    elif x.dtype == torch.float64:
+        reason = "an fp64 model: the fused kernels compute in fp32"
     elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         reason = f"{x.device.type} tensors need a CUDA GPU or TRITON_INTERPRET=1"
     else:
