@@ -61,30 +61,35 @@ import torch.nn.functional as F
 A_FLOOR = 1e-4
 KERNELS = ("torch", "triton")  # the chunked form: `ssd` below, or nanochat/mamba3_triton.py (SISO)
 _told = set()
+_ssd_rotated = None  # nanochat.mamba3_triton.ssd_rotated once imported (only when asked for: it needs Triton)
 
 
 def set_mamba3_kernel(model, kernel):
     """The chunked form's kernel for every Mamba-3 layer of model (a runtime switch, like
-    model.kernel for attention; checkpoints do not change)."""
+    model.kernel for attention; checkpoints do not change). Decided here, for the layer's
+    device, dtype and rank, not per call, so the compiled forward reads a plain attribute;
+    set it again after moving the model."""
     if kernel not in KERNELS:
         raise ValueError(f"mamba3 kernel {kernel!r}: use one of {KERNELS}")
     for m in model.modules():
         if isinstance(m, Mamba3):
-            m.kernel = kernel
+            usable = kernel == "triton" and not triton_unusable(m.D.device, m.D.dtype, m.R)
+            m.kernel = "triton" if usable else "torch"
 
 
-def triton_unusable(x, R):
-    """Why the Triton kernels cannot run on x (None if they can), told once per reason."""
+def triton_unusable(device, dtype, R):
+    """Why the Triton kernels cannot run (None if they can), told once per reason."""
+    global _ssd_rotated
     reason = None
     if R > 1:
         reason = "MIMO (mamba3_mimo_rank > 1): the fused kernels are SISO only"
-    elif x.dtype == torch.float64:
+    elif dtype == torch.float64:
         reason = "an fp64 model: the fused kernels compute in fp32"
-    elif x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        reason = f"{x.device.type} tensors need a CUDA GPU or TRITON_INTERPRET=1"
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"{device.type} tensors need a CUDA GPU or TRITON_INTERPRET=1"
     else:
         try:
-            import nanochat.mamba3_triton  # noqa: F401
+            from nanochat.mamba3_triton import ssd_rotated as _ssd_rotated
         except ImportError as e:
             reason = f"Triton is not importable ({e})"
     if reason and reason not in _told:
@@ -294,7 +299,7 @@ class Mamba3(nn.Module):
         if cache is not None:
             phi = phi + cache.phi[:, None]
         phi = torch.remainder(phi, 2 * math.pi).to(dphi.dtype)
-        triton = self.kernel == "triton" and not triton_unusable(u, self.R)
+        triton = self.kernel == "triton"  # (set_mamba3_kernel checked that the kernels can run here)
         if triton:  # the kernels turn B and C themselves; only the last key is needed here (the cache)
             k = rotate(self._per_head(Bm[:, -1:], "B_bias"), phi[:, -1:, None])
         else:
@@ -310,9 +315,8 @@ class Mamba3(nn.Module):
                 prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
                 state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
         if triton:
-            from nanochat.mamba3_triton import ssd_rotated
             bias = lambda name: getattr(self, name)[:, 0] if self.bias else None
-            y, final = ssd_rotated(x, Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"), phi, adt, lam * dt,
+            y, final = _ssd_rotated(x, Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"), phi, adt, lam * dt,
                                    w_next, state0, self.chunk)
             y = y.unsqueeze(2)
         else:

@@ -82,6 +82,7 @@ def test_layer_with_the_switch_on_equals_it_off_with_gradients_and_from_a_cache(
     outs, grads = {}, {}
     for kernel in KERNELS:
         set_mamba3_kernel(m, kernel)
+        assert m.kernel == kernel
         m.zero_grad()
         outs[kernel] = m(u, Context(None, None, 0, 19, {}))
         outs[kernel].pow(2).sum().backward()
@@ -100,7 +101,9 @@ def test_mimo_falls_back_to_torch_and_bad_names_are_refused(capsys):
     u = torch.randn(1, 9, 32, device=DEV)
     want = m(u, Context(None, None, 0, 9, {}))
     set_mamba3_kernel(m, "triton")
+    assert m.kernel == "torch" and "MIMO" in capsys.readouterr().out
     assert torch.equal(m(u, Context(None, None, 0, 9, {})), want)
-    assert "MIMO" in capsys.readouterr().out
+    set_mamba3_kernel(layer().double(), "triton")
+    assert "fp64" in capsys.readouterr().out
     with pytest.raises(ValueError, match="mamba3 kernel"):
         set_mamba3_kernel(m, "cuda")
