@@ -27,13 +27,15 @@ w_next_s) and G = dY:
     dx_s  = Σ_t S[t, s] G_t + d_s dH k_s            dq_t = Σ_s (G_t·x_s) L[t,s] k_s + exp(a_cs[t]) G_t H
     dk_s  = Σ_t (G_t·x_s) L[t,s] q_t + d_s dHᵀ x_s   dH_entering = exp(a_last) dH + Σ_t exp(a_cs[t]) G_t q_tᵀ
 and the scalars' gradients from L, d and exp(a_cs) (da by a reverse cumsum of d a_cs).
-dk, dq leave turned back by -φ (and dφ = dk_e k_o... see _bwd) as per-head (B, T, H, N)
-tensors, summed over the heads in PyTorch for dB, dC and the biases.
+dk, dq leave turned back by -φ, with dφ = dk_o k_e - dk_e k_o (turned values) summed over
+k and q, as per-head (B, T, H, N) tensors, summed over the heads in PyTorch for dB, dC
+and the biases.
 
-Design as Mamba-2's SSD kernels (state-spaces/mamba, mamba_ssm/ops/triton/ssd_*.py) and
-Mamba-3's (mamba_ssm/ops/triton/mamba3/), read for understanding; these are simpler: one
-sequential program per (b, h) (parallel over B·H, not over chunks). Not yet measured on a
-GPU (docs/benchmarks.md, "Mamba-3 hybrids"). The kernels compute in fp32; the matmuls
+The official SISO kernels (state-spaces/mamba, mamba_ssm/ops/triton/mamba3/
+mamba3_siso_fwd.py, _bwd.py) also run one program per (head, batch row) over the chunks
+in order; these are our own, simpler (no autotuning, no varlen, no fused output gate
+or D). Mamba-2's instead split the chunks over programs (ssd_chunk_state, ssd_state_passing,
+ssd_chunk_scan in mamba_ssm/ops/triton/). Not yet measured on a GPU (docs/benchmarks.md, "Mamba-3 hybrids"). The kernels compute in fp32; the matmuls
 take their inputs in x's dtype (bf16 under autocast, as the PyTorch path does).
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
