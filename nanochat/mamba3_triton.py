@@ -7,7 +7,7 @@ Per batch row b and head h, one program walks the chunks of `chunk` tokens in or
 carrying the state H ∈ R^{P×N} in registers. Per chunk, with t, s the chunk's tokens and
 a_cs the inclusive cumsum of a = A Δ within it (a_last its sum):
 
-    k_s = rot(B_s + b_B[h], φ_s),  q_t = rot(C_s + b_C[h], φ_t)      B, C shared by the heads
+    k_s = rot(B_s + b_B[h], φ_s),  q_t = rot(C_t + b_C[h], φ_t)      B, C shared by the heads
     L[t, s]   = exp(a_cs[t] - a_cs[s]) (w_s + [s < t] w_next_s)       for s <= t, else 0
     Y_t       = Σ_s (q_t · k_s) L[t, s] x_s + exp(a_cs[t]) H q_t
     H        <- exp(a_last) H + Σ_s exp(a_last - a_cs[s]) (w_s + w_next_s) x_s k_sᵀ
