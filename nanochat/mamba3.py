@@ -47,16 +47,55 @@ fixed-size updates of c_proj assume inputs of unit scale while H_t q_t grows wit
 N (q·k is about N with the biases at 1); the per-head controls train with AdamW; MIMO rotates interleaved pairs as SISO does (the official MIMO kernel pairs i
 with i + N/2, a fixed permutation of the B/C dims); A_t uses the softplus of the first
 release (later official code has a heavier-tailed f); the SSD runs in PyTorch (matmuls,
-torch.compile'd with the model), not the official Triton/TileLang kernels.
+torch.compile'd with the model), not the official Triton/TileLang kernels; our own fused
+Triton kernels (nanochat/mamba3_triton.py, SISO) are opt-in: set_mamba3_kernel(model, "triton").
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 A_FLOOR = 1e-4
+KERNELS = ("torch", "triton")  # the chunked form: `ssd` below, or nanochat/mamba3_triton.py (SISO)
+_told = set()
+_ssd_rotated = None  # nanochat.mamba3_triton.ssd_rotated once imported (only when asked for: it needs Triton)
+
+
+def set_mamba3_kernel(model, kernel):
+    """The chunked form's kernel for every Mamba-3 layer of model (a runtime switch, like
+    model.kernel for attention; checkpoints do not change). Decided here, for the layer's
+    device, dtype and rank, not per call, so the compiled forward reads a plain attribute;
+    set it again after moving the model."""
+    if kernel not in KERNELS:
+        raise ValueError(f"mamba3 kernel {kernel!r}: use one of {KERNELS}")
+    for m in model.modules():
+        if isinstance(m, Mamba3):
+            usable = kernel == "triton" and not triton_unusable(m.D.device, m.D.dtype, m.R)
+            m.kernel = "triton" if usable else "torch"
+
+
+def triton_unusable(device, dtype, R):
+    """Why the Triton kernels cannot run (None if they can), told once per reason."""
+    global _ssd_rotated
+    reason = None
+    if R > 1:
+        reason = "MIMO (mamba3_mimo_rank > 1): the fused kernels are SISO only"
+    elif dtype == torch.float64:
+        reason = "an fp64 model: the fused kernels compute in fp32"
+    elif device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = f"{device.type} tensors need a CUDA GPU or TRITON_INTERPRET=1"
+    else:
+        try:
+            from nanochat.mamba3_triton import ssd_rotated as _ssd_rotated
+        except ImportError as e:
+            reason = f"Triton is not importable ({e})"
+    if reason and reason not in _told:
+        _told.add(reason)
+        print(f"Mamba-3: the PyTorch chunked form instead of the Triton kernels: {reason}")
+    return reason
 
 
 def at_least_fp32(t):
@@ -138,6 +177,7 @@ class Mamba3(nn.Module):
                              f"mamba3_d_state ({self.N}) by 4, and mamba3_mimo_rank ({self.R}) must be >= 1")
         self.H = self.d_inner // self.P
         self.chunk = config.mamba3_chunk
+        self.kernel = "torch"  # the chunked form's kernel, one of KERNELS (set_mamba3_kernel)
         self.qknorm, self.bias, self.trapezoidal = config.mamba3_qknorm, config.mamba3_bias, config.mamba3_trapezoidal
         self.outproj_norm = config.mamba3_outproj_norm
         self.n_angles = self.N // 4 if config.mamba3_complex_rope else 0  # rope_fraction 0.5: pairs of N/2 dims
@@ -208,8 +248,8 @@ class Mamba3(nn.Module):
                            torch.promote_types(dtype, torch.float32))
 
     def _inputs(self, u):
-        """Everything per token that does not need the past: z, x, B, C (normed, biased, not
-        yet turned), Δ, A Δ, λ and the angle increments Δ θ."""
+        """Everything per token that does not need the past: z, x, B, C (normed, shared by the
+        heads: (B, T, R, N)), Δ, A Δ, λ and the angle increments Δ θ."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
         z = self.z_proj(u).view(Bsz, T, H, self.P)
@@ -218,17 +258,20 @@ class Mamba3(nn.Module):
         if self.qknorm:
             Bm = F.rms_norm(Bm, (N,), self.B_norm.to(Bm.dtype), eps=1e-5)
             Cm = F.rms_norm(Cm, (N,), self.C_norm.to(Cm.dtype), eps=1e-5)
-        Bm, Cm = Bm.unsqueeze(3), Cm.unsqueeze(3)  # (B, T, R, 1, N): shared by the heads ...
-        if self.bias:  # ... until each head adds its own bias
-            Bm = Bm + self.B_bias.transpose(0, 1).to(Bm.dtype)
-            Cm = Cm + self.C_bias.transpose(0, 1).to(Cm.dtype)
         ctrl = at_least_fp32(self.ctrl_proj(u))
         dt = F.softplus(ctrl[..., :H] + self.dt_bias)                                   # (B, T, H)
         A = -F.softplus(ctrl[..., H:2 * H]).clamp(min=A_FLOOR)
         lam = torch.sigmoid(ctrl[..., 2 * H:3 * H]) if self.trapezoidal else torch.ones_like(dt)
         theta = math.pi * torch.tanh(ctrl[..., -self.n_angles:]) if self.n_angles else ctrl[..., :0]
         dphi = dt[..., None] * theta[:, :, None, :]                                     # (B, T, H, A)
-        return z, x, Bm.expand(-1, -1, -1, H, -1), Cm.expand(-1, -1, -1, H, -1), dt, A * dt, lam, dphi
+        return z, x, Bm, Cm, dt, A * dt, lam, dphi
+
+    def _per_head(self, Bm, bias):
+        """(B, T, R, N) shared by the heads -> (B, T, R, H, N), each head's bias added."""
+        Bm = Bm.unsqueeze(3)
+        if self.bias:
+            return Bm + getattr(self, bias).transpose(0, 1).to(Bm.dtype)
+        return Bm.expand(-1, -1, -1, self.H, -1)
 
     def _values(self, x):
         """v_r = x ⊙ mimo_x[:, r]: (B, T, H, P) -> (B, T, R, H, P)."""
@@ -256,8 +299,12 @@ class Mamba3(nn.Module):
         if cache is not None:
             phi = phi + cache.phi[:, None]
         phi = torch.remainder(phi, 2 * math.pi).to(dphi.dtype)
-        k = rotate(Bm, phi[:, :, None])  # (B, T, R, H, N)
-        q = rotate(Cm, phi[:, :, None])
+        triton = self.kernel == "triton"  # (set_mamba3_kernel checked that the kernels can run here)
+        if triton:  # the kernels turn B and C themselves; only the last key is needed here (the cache)
+            k = rotate(self._per_head(Bm[:, -1:], "B_bias"), phi[:, -1:, None])
+        else:
+            k = rotate(self._per_head(Bm, "B_bias"), phi[:, :, None])  # (B, T, R, H, N)
+            q = rotate(self._per_head(Cm, "C_bias"), phi[:, :, None])
         v = self._values(x)
         # the trapezoid's β-term: token s enters the state again at s+1, weighted (1 - λ_{s+1}) Δ_{s+1}
         w_next = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))                     # (B, T, H); none after the last
@@ -267,7 +314,13 @@ class Mamba3(nn.Module):
                 v_prev = self._values(cache.x_prev[:, None])[:, 0]                     # (B, R, H, P)
                 prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
                 state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
-        y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0)
+        if triton:
+            bias = lambda name: getattr(self, name)[:, 0] if self.bias else None
+            y, final = _ssd_rotated(x, Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"), phi, adt, lam * dt,
+                                   w_next, state0, self.chunk)
+            y = y.unsqueeze(2)
+        else:
+            y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0)
         if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
             cache.phi.copy_(phi[:, -1])
             cache.state.copy_(final)
@@ -284,8 +337,9 @@ class Mamba3(nn.Module):
 
     def _recur(self, cache, x, Bm, Cm, dt, adt, lam, dphi):
         phi = cache.phi + dphi[:, 0]
-        k = rotate(Bm[:, 0].to(phi.dtype), phi[:, None])  # (B, R, H, N), in the cache's precision
-        q = rotate(Cm[:, 0].to(phi.dtype), phi[:, None])
+        # (B, R, H, N), in the cache's precision
+        k = rotate(self._per_head(Bm, "B_bias")[:, 0].to(phi.dtype), phi[:, None])
+        q = rotate(self._per_head(Cm, "C_bias")[:, 0].to(phi.dtype), phi[:, None])
         v = self._values(x.to(phi.dtype))[:, 0]            # (B, R, H, P)
         v_prev = self._values(cache.x_prev[:, None])[:, 0].to(phi.dtype)
         dt, lam, alpha = dt[:, 0], lam[:, 0], torch.exp(adt[:, 0])  # (B, H)
