@@ -204,9 +204,9 @@ fn unit_entities<'e>(
                     out.push(Cow::Owned(edited));
                     continue;
                 }
-            } else if e.text.contains("#include") {
-                // includes inside an `#if` block: in-unit files dropped, other project files
-                // named from the root (as above), or the unit cannot find them
+            } else if e.text.contains("include") {
+                // includes inside an `#if` block (`#    include` too): in-unit files dropped,
+                // other project files named from the root (as above), or the unit cannot find them
                 let mut text = String::with_capacity(e.text.len());
                 let mut changed = false;
                 for l in e.text.split_inclusive('\n') {

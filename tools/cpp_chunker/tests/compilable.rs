@@ -198,6 +198,13 @@ fn includes_kept_inside_if_blocks_are_named_from_the_root() {
         "src/details/pool.cpp",
         "#include <cstdio>\n#ifdef LIB_HEADER_ONLY\n#include \"pool-inl.h\"\n#endif\nint main() { return 0; }\n",
     );
+    // spdlog's spelling, `#    include`, of an include of a file that is in the unit: dropped
+    write(&root, "src/details/small-inl.h", "#pragma once\ninline int small_fn() { return 1; }\n");
+    write(
+        &root,
+        "src/details/small.cpp",
+        "#ifdef LIB_HEADER_ONLY\n#    include \"small-inl.h\"\n#endif\nint f() { return small_fn(); }\n",
+    );
     let out = dir.path().join("out");
     let s = run_ok(&{
         let mut c = config(&[&root], &out, Mode::Compilable);
@@ -212,4 +219,7 @@ fn includes_kept_inside_if_blocks_are_named_from_the_root() {
         "{}",
         d.text
     );
+    let d = docs.iter().find(|d| d.files.last().unwrap() == "src/details/small.cpp").unwrap();
+    assert_eq!(d.files, vec!["src/details/small-inl.h", "src/details/small.cpp"]);
+    assert!(!d.text.contains("include"), "{}", d.text);
 }
