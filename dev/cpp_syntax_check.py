@@ -30,6 +30,17 @@ documents (not only the sample) fail the structural check of dev/cpp_structure.p
 --json_out writes everything, with the first error of every failed document. --mode is
 passed to the tool as is (a mode it does not know makes it exit with an error, shown
 here). The output is the same for the same inputs, flags and g++.
+
+Whose failure is it? A failed document is the environment's when its first error is a
+missing header (`fatal error: X: No such file or directory`) that no file of the project
+provides (a generated config header, a third-party or platform header). With --originals the
+unit's own file (the last of its `files`) is also compiled alone with the same flags; a
+failure whose original fails too is the original's, and the rest are the tool's: the
+"tool" column, and "whole passed | original passes", the guarantee that the tool does not make a
+compiling file fail.
+
+    python dev/cpp_syntax_check.py --roots $(bash dev/cpp_corpus.sh /tmp/corpus) --mode compilable \
+        --sample 40 --originals --cxxflags=-DLEVELDB_PLATFORM_POSIX
 """
 
 import argparse
@@ -42,6 +53,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +93,7 @@ parser.add_argument("--cxxflags", default="", help="extra compiler flags (one st
 parser.add_argument("--binary", default=os.environ.get("CPP_CHUNKER_BINARY"), help="cpp_chunker binary to use (default: $CPP_CHUNKER_BINARY, else build tools/cpp_chunker if needed)")
 parser.add_argument("--threads", type=int, default=2, help="tool worker threads")
 parser.add_argument("--top_errors", type=int, default=5, help="error kinds listed per project")
+parser.add_argument("--originals", action="store_true", help="also compile each checked document's own file alone (see the docstring)")
 parser.add_argument("--json_out", default=None, help="write the full results here")
 args = parser.parse_args()
 
@@ -151,11 +164,16 @@ def check(path, root, includes, flags, doc_files):
     """(passed, first error line or '', error kind or '')"""
     cmd = [cxx, "-fsyntax-only", f"-std={args.std}", "-w", *flags, *shlex.split(args.cxxflags),
            *include_flags(root, includes, doc_files), path]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=args.timeout,
-                           env=dict(os.environ, LC_ALL="C"))
-    except subprocess.TimeoutExpired:
-        return False, f"timeout after {args.timeout:g} s", "timeout"
+    # its own process group, so that a timeout ends cc1plus too, not only the g++ driver
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                          env=dict(os.environ, LC_ALL="C"), start_new_session=True) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return False, f"timeout after {args.timeout:g} s", "timeout"
+    r = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
     if r.returncode == 0:
         return True, "", ""
     for line in r.stderr.splitlines():
@@ -175,6 +193,18 @@ def run_tool(root, out):
     return read_output(out)
 
 
+MISSING = re.compile(r"fatal error: (?P<header>[^:]+): No such file or directory")
+
+
+def project_files(root):
+    """Every path under root, relative, for 'does the project provide this header?'."""
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+def provided(header, files):
+    return any(f == header or f.endswith("/" + header) for f in files)
+
+
 # 2. per project: run the tool, sample its documents, compile each sample
 results = []
 with tempfile.TemporaryDirectory(prefix="cpp_syntax_check_") as tmp, \
@@ -192,6 +222,16 @@ with tempfile.TemporaryDirectory(prefix="cpp_syntax_check_") as tmp, \
             paths.append(path)
         outcomes = list(pool.map(lambda a: check(a[0], root, includes, flags, docs[a[1]]["files"]), zip(paths, picked)))
         piece = [per_files[tuple(docs[j]["files"])] > 1 for j in picked]
+        # whose failure: the environment's (a header the project does not have), the original's, or the tool's
+        files = project_files(root)
+        env = [not ok and bool(m := MISSING.search(line)) and not provided(m["header"], files) for ok, line, _ in outcomes]
+        original = [None] * len(picked)  # does the document's own file pass alone?
+        if args.originals:
+            own = sorted({docs[j]["files"][-1] for j in picked})
+            alone = dict(zip(own, pool.map(lambda f: check(os.path.join(root, f), root, includes, flags, [f])[0], own)))
+            original = [alone[docs[j]["files"][-1]] for j in picked]
+        owner = ["" if ok else "env" if e else "original" if o is False else "tool"
+                 for (ok, _, _), e, o in zip(outcomes, env, original)]
         for path in paths:
             os.remove(path)
         passed = sum(ok for ok, _, _ in outcomes)
@@ -202,41 +242,59 @@ with tempfile.TemporaryDirectory(prefix="cpp_syntax_check_") as tmp, \
             "fraction": round(passed / len(picked), 4) if picked else None,
             "whole_checked": piece.count(False), "whole_passed": sum(ok for (ok, _, _), p in zip(outcomes, piece) if not p),
             "pieces_checked": piece.count(True), "pieces_passed": sum(ok for (ok, _, _), p in zip(outcomes, piece) if p),
+            "env_failures": owner.count("env"), "original_failures": owner.count("original"),
+            "tool_failures": owner.count("tool"), "originals_passed": sum(o is True for o in original),
+            "whole_original_passes": sum(o is True and not p for o, p in zip(original, piece)),
+            "whole_passed_original_passes": sum(ok and o is True and not p for (ok, _, _), o, p in zip(outcomes, original, piece)),
+            "tool_errors": [{"kind": k, "count": c} for k, c in collections.Counter(
+                kind for (_, _, kind), w in zip(outcomes, owner) if w == "tool").most_common()],
             "unbalanced": len(unbalanced), "unbalanced_first": [{"files": f, "error": e} for f, e in unbalanced[:5]],
             "files_used": summary["files_used"], "documents_split": summary["documents_split"],
             "top_errors": [{"kind": k, "count": c} for k, c in sorted(kinds.items(), key=lambda kc: (-kc[1], kc[0]))],
-            "failed": [{"files": docs[j]["files"], "piece": p, "first_error": line}
-                       for j, (ok, line, _), p in zip(picked, outcomes, piece) if not ok],
+            "failed": [{"files": docs[j]["files"], "piece": p, "first_error": line, "owner": w, "original_passes": o}
+                       for j, (ok, line, _), p, w, o in zip(picked, outcomes, piece, owner, original) if not ok],
         })
         print(f"{label}: {passed}/{len(picked)} passed ({len(docs)} documents)", file=sys.stderr, flush=True)
 
 # 3. report
+def given(r):
+    """whole units passed where the original passes, '-' without --originals"""
+    return f"{r['whole_passed_original_passes']}/{r['whole_original_passes']}" if args.originals else "-"
+
+
 checked = sum(r["checked"] for r in results)
 passed = sum(r["passed"] for r in results)
 print(f"g++ -fsyntax-only -std={args.std}: mode {args.mode}, max_tokens {args.max_tokens}, sample {args.sample} "
       f"per project (seed {args.seed}); {cxx_version}\n")
-print("| project | documents | checked | passed | fraction | whole files passed | pieces passed | most common first error |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+print("| project | documents | checked | passed | fraction | whole files passed | pieces passed | failures env/original/tool "
+      "| whole passed \\| original passes | most common first error |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for r in results:
     top = r["top_errors"][0] if r["top_errors"] else None
     frac = f"{r['fraction']:.1%}" if r["fraction"] is not None else "-"
     err = f"{top['kind']} ({top['count']})".replace("|", "\\|") if top else ""
     print(f"| {r['project']} | {r['documents']} | {r['checked']} | {r['passed']} | {frac} | "
-          f"{r['whole_passed']}/{r['whole_checked']} | {r['pieces_passed']}/{r['pieces_checked']} | {err} |")
-total = {k: sum(r[k] for r in results) for k in ("documents", "whole_checked", "whole_passed", "pieces_checked", "pieces_passed")}
+          f"{r['whole_passed']}/{r['whole_checked']} | {r['pieces_passed']}/{r['pieces_checked']} | "
+          f"{r['env_failures']}/{r['original_failures']}/{r['tool_failures']} | {given(r)} | {err} |")
+total = {k: sum(r[k] for r in results) for k in ("documents", "whole_checked", "whole_passed", "pieces_checked", "pieces_passed",
+                                                  "env_failures", "original_failures", "tool_failures",
+                                                  "whole_original_passes", "whole_passed_original_passes")}
 print(f"| **all** | {total['documents']} | {checked} | {passed} | {(f'{passed / checked:.1%}' if checked else '-')} | "
-      f"{total['whole_passed']}/{total['whole_checked']} | {total['pieces_passed']}/{total['pieces_checked']} | |")
+      f"{total['whole_passed']}/{total['whole_checked']} | {total['pieces_passed']}/{total['pieces_checked']} | "
+      f"{total['env_failures']}/{total['original_failures']}/{total['tool_failures']} | {given(total)} | |")
 print(f"\nDocuments with unbalanced #if/#endif or braces (dev/cpp_structure.py, all documents): "
       f"{sum(r['unbalanced'] for r in results)} of {total['documents']}")
-print("\nMost common first errors:")
+print("\nMost common first errors (tool: those of the tool's failures):")
 for r in results:
     if r["top_errors"]:
         print(f"\n- {r['project']}:")
         for e in r["top_errors"][:args.top_errors]:
             print(f"  - {e['count']} x `{e['kind']}`")
+        for e in r["tool_errors"][:args.top_errors]:
+            print(f"  - tool: {e['count']} x `{e['kind']}`")
 if args.json_out:
     with open(args.json_out, "w") as f:
         json.dump({"command": shlex.join(["python", "dev/cpp_syntax_check.py", *sys.argv[1:]]), "mode": args.mode, "max_tokens": args.max_tokens,
                    "sample": args.sample, "seed": args.seed, "std": args.std, "cxx": cxx_version,
-                   "cxxflags": args.cxxflags, "checked": checked, "passed": passed, "projects": results}, f, indent=2)
+                   "cxxflags": args.cxxflags, "originals": args.originals, "checked": checked, "passed": passed, "projects": results}, f, indent=2)
         f.write("\n")

@@ -2,10 +2,13 @@
 the guarantee it stands for: every compilable-mode document of every C++ test corpus the
 project ships is balanced (the crate's test inputs in tools/cpp_chunker/fuzz/seeds, the
 projects of tests/test_cpp_data.py and tests/test_cpp_syntax_check.py, and a leveldb-like
-project with guards, #pragma once and #if groups around #include lines). Runs the tool's
-release binary (built by scripts/cpp_data.py's rule when missing or stale)."""
+project with guards, #pragma once and #if groups around #include lines); and, where the
+Debian packages of dev/cpp_corpus.sh are installed, their small header trees (the synthetic
+corpora above are the coverage that always runs). Runs the tool's release binary (built by
+scripts/cpp_data.py's rule when missing or stale)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -107,3 +110,28 @@ def test_whole_files_stay_as_balanced_as_written(corpora, tmp_path):
         with open(os.path.join(root, d["files"][0]), encoding="utf-8", errors="replace") as f:
             original = f.read().lstrip("\ufeff")
         assert (structure_error(d["text"]) is None) == (structure_error(original) is None), d["files"]
+
+
+# installed header trees of dev/cpp_corpus.sh's packages, small enough to check every document:
+# Google-style guards (yaml-cpp, re2, leveldb), #pragma once (spdlog), namespace-opening macros
+# (fmt), C-with-classes (tinyxml2, pugixml, jsoncpp), a generated config header (snappy)
+PACKAGED = ["/usr/include/yaml-cpp", "/usr/include/re2", "/usr/include/leveldb", "/usr/include/spdlog",
+            "/usr/include/fmt", "/usr/include/tinyxml2.h", "/usr/include/pugixml.hpp", "/usr/include/jsoncpp/json",
+            "/usr/include/snappy.h", "/usr/include/snappy-stubs-public.h"]
+
+
+def test_packaged_headers_are_balanced(tmp_path):
+    present = [p for p in PACKAGED if os.path.exists(p)]
+    if len(present) < len(PACKAGED) // 2:
+        pytest.skip("the Debian packages of dev/cpp_corpus.sh are not installed (bash dev/cpp_corpus.sh DIR installs them)")
+    ensure_binary()
+    root = tmp_path / "packaged"
+    root.mkdir()
+    for p in present:
+        dest = root / os.path.basename(p)
+        (shutil.copytree if os.path.isdir(p) else shutil.copy)(p, dest)
+    for max_tokens in (16384, 2000):
+        docs, summary = documents(str(root), str(tmp_path / f"out{max_tokens}"), "compilable", max_tokens)
+        assert len(docs) >= 20 and summary["compilable_units"] >= 10, (len(docs), summary["compilable_units"])
+        bad = [(d["files"], structure_error(d["text"])) for d in docs if structure_error(d["text"])]
+        assert not bad, bad

@@ -86,3 +86,22 @@ def test_clear_errors(tmp_path):
     r = run_check("--roots", make(tmp_path / "t", TWO_FILES), "--mode", "no-such-mode")
     assert r.returncode == 2
     assert "cpp_chunker failed" in r.stderr
+
+
+def test_whose_failure(tmp_path):
+    # a missing third-party header is the environment's; a file that does not compile as
+    # written fails as the original does; a good file passes, as its original does
+    root = make(tmp_path / "owners", {
+        "needs_dep.cpp": "#include <no_such_dep/dep.h>\nint f() { return dep(); }\n",
+        "not_alone.cpp": "inline Widget make_widget() { return Widget{}; }\n",
+        "good.cpp": "#include <vector>\nint g(const std::vector<int>& v) { return (int)v.size(); }\n",
+    })
+    out = tmp_path / "r.json"
+    r = run_check("--roots", root, "--mode", "compilable", "--originals", "--json_out", out)
+    assert r.returncode == 0, r.stderr
+    (p,) = json.loads(out.read_text())["projects"]
+    owners = {tuple(f["files"]): (f["owner"], f["original_passes"]) for f in p["failed"]}
+    assert owners == {("needs_dep.cpp",): ("env", False), ("not_alone.cpp",): ("original", False)}, p["failed"]
+    assert (p["env_failures"], p["original_failures"], p["tool_failures"]) == (1, 1, 0)
+    assert (p["originals_passed"], p["whole_original_passes"], p["whole_passed_original_passes"]) == (1, 1, 1)
+    assert "| 1/1/0 | 1/1 |" in r.stdout

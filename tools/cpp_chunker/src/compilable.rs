@@ -161,7 +161,8 @@ pub fn render(es: &[&Entity], order: &[usize]) -> String {
 /// The entities of a unit (`unit`: file indices, headers first, source last) for the
 /// compilable order: `#include`s of files inside the unit are dropped (their code is
 /// there), also inside `#if` blocks, whose text is then edited; other `#include`s are
-/// kept once, those of project files rewritten as `#include "<root-relative path>"`.
+/// kept once, those of project files rewritten as `#include "<root-relative path>"`
+/// (inside `#if` blocks too).
 fn unit_entities<'e>(
     files: &[SourceFile],
     ents: &'e [Vec<Entity>],
@@ -203,17 +204,33 @@ fn unit_entities<'e>(
                     out.push(Cow::Owned(edited));
                     continue;
                 }
-            } else if e.text.contains("#include")
-                && e.text.lines().any(|l| l.trim_start().starts_with('#') && inside(f, l))
-            {
-                let mut edited = e.clone();
-                edited.text = e
-                    .text
-                    .split_inclusive('\n')
-                    .filter(|l| !(l.trim_start().starts_with('#') && inside(f, l)))
-                    .collect();
-                out.push(Cow::Owned(edited));
-                continue;
+            } else if e.text.contains("include") {
+                // includes inside an `#if` block (`#    include` too): in-unit files dropped,
+                // other project files named from the root (as above), or the unit cannot find them
+                let mut text = String::with_capacity(e.text.len());
+                let mut changed = false;
+                for l in e.text.split_inclusive('\n') {
+                    let target = if l.trim_start().starts_with('#') {
+                        extract_includes(l).first().and_then(|inc| index.resolve(&files[f].rel, inc))
+                    } else {
+                        None
+                    };
+                    match target {
+                        Some(t) if members.contains(&t) => changed = true,
+                        Some(t) => {
+                            let line = format!("#include \"{}\"{}", files[t].rel, if l.ends_with('\n') { "\n" } else { "" });
+                            changed |= line != l;
+                            text.push_str(&line);
+                        }
+                        None => text.push_str(l),
+                    }
+                }
+                if changed {
+                    let mut edited = e.clone();
+                    edited.text = text;
+                    out.push(Cow::Owned(edited));
+                    continue;
+                }
             }
             out.push(Cow::Borrowed(e));
         }

@@ -183,3 +183,43 @@ fn broken_code_never_crashes_and_keeps_every_byte_of_code() {
         assert!(docs.iter().any(|d| d.text.contains("void g() LOCKED(x) { h(); }")));
     }
 }
+
+#[test]
+fn includes_kept_inside_if_blocks_are_named_from_the_root() {
+    // spdlog's header-only switch: `#ifdef LIB_HEADER_ONLY #include "pool-inl.h" #endif`; when
+    // the included header is not inlined (here: over the budget) the kept include must still
+    // resolve from the unit, so it is named from the root like a top-level include
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lib");
+    let body: String = (0..60).map(|i| format!("inline int pool_fn_{i}(int x) {{ return x + {i}; }}\n")).collect();
+    write(&root, "src/details/pool-inl.h", format!("#pragma once\n{body}"));
+    write(
+        &root,
+        "src/details/pool.cpp",
+        "#include <cstdio>\n#ifdef LIB_HEADER_ONLY\n#include \"pool-inl.h\"\n#endif\nint main() { return 0; }\n",
+    );
+    // spdlog's spelling, `#    include`, of an include of a file that is in the unit: dropped
+    write(&root, "src/details/small-inl.h", "#pragma once\ninline int small_fn() { return 1; }\n");
+    write(
+        &root,
+        "src/details/small.cpp",
+        "#ifdef LIB_HEADER_ONLY\n#    include \"small-inl.h\"\n#endif\nint f() { return small_fn(); }\n",
+    );
+    let out = dir.path().join("out");
+    let s = run_ok(&{
+        let mut c = config(&[&root], &out, Mode::Compilable);
+        c.max_tokens = vec![300];
+        c
+    });
+    assert!(s.headers_dropped_for_budget >= 1, "the header is left out: {s:?}");
+    let docs = read_docs(&out);
+    let d = docs.iter().find(|d| d.files.last().unwrap() == "src/details/pool.cpp").unwrap();
+    assert!(
+        d.text.contains("#ifdef LIB_HEADER_ONLY\n#include \"src/details/pool-inl.h\"\n#endif\n"),
+        "{}",
+        d.text
+    );
+    let d = docs.iter().find(|d| d.files.last().unwrap() == "src/details/small.cpp").unwrap();
+    assert_eq!(d.files, vec!["src/details/small-inl.h", "src/details/small.cpp"]);
+    assert!(!d.text.contains("include"), "{}", d.text);
+}
