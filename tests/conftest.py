@@ -4,8 +4,14 @@ in a temporary NANOCHAT_BASE_DIR (tests never touch the user's ~/.cache/nanochat
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("NANOCHAT_BASE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"nanochat-tests-{os.getpid()}"))
+# Without a GPU, Triton kernels (tests/test_mamba3_triton.py) run in Triton's CPU interpreter. It
+# must be on before anything imports triton (torch's inductor does, early): triton.language's own
+# helpers (tl.cumsum's combine function) are defined interpreted or compiled at that import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

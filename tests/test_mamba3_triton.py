@@ -1,32 +1,18 @@
 """The fused Triton kernels for Mamba-3's chunked form (nanochat/mamba3_triton.py) against
 the PyTorch reference `ssd()` with the bias and rotation applied the PyTorch way: outputs,
 final states and every input's gradient, then the whole layer with the switch on and off.
-Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before
-the kernels are defined); tests/test_gpu.py checks the compiled kernels on a GPU."""
-import os
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before anything imports triton); tests/test_gpu.py checks the compiled kernels on a GPU."""
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:  # read when the kernels are defined (the import below) ...
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 from nanochat.attention import Context  # noqa: E402
 from nanochat.gpt import GPTConfig, LayerSpec  # noqa: E402
 from nanochat.mamba3 import KERNELS, Mamba3, rotate, set_mamba3_kernel, ssd  # noqa: E402
 from nanochat.mamba3_triton import ssd_rotated  # noqa: E402
-
-if INTERPRET:  # ... and not left set for the rest of the session (inductor reads it too)
-    del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch):
-    """set_mamba3_kernel takes the Triton path for CPU tensors only under the interpreter."""
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
