@@ -61,6 +61,16 @@ def _load_bc(ptr, bias_ptr, phi_ptr, b, t, h, T, H, N, A, offs_j, mask_t, mask_j
 
 
 @triton.jit
+def _load_decay(AA, W, WN, b, t, h, T, H, mask_t):
+    """A Δ's cumsum over the chunk's tokens t and its total, and the trapezoid's weights w, w_next."""
+    off = (b * T + t) * H + h
+    a = tl.load(AA + off, mask=mask_t, other=0.0)
+    w = tl.load(W + off, mask=mask_t, other=0.0)
+    wn = tl.load(WN + off, mask=mask_t, other=0.0)
+    return tl.cumsum(a, 0), tl.sum(a, 0), w, wn
+
+
+@triton.jit
 def _fwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, S0, Y, SF, SCH, T, H, P, N, A, n_chunks,
          CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN2: tl.constexpr):
     pid = tl.program_id(0)
@@ -80,11 +90,7 @@ def _fwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, S0, Y, SF, SCH, T, H, P, N, A, n_chu
         tl.store(SCH + (pid * n_chunks + ci) * P * N + s_off + 1, Ho, mask=sm)
         t = ci * CHUNK + offs_t
         mask_t = (offs_t < CHUNK) & (t < T)
-        a = tl.load(AA + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        w = tl.load(W + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        wn = tl.load(WN + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        a_cs = tl.cumsum(a, 0)
-        a_last = tl.sum(a, 0)
+        a_cs, a_last, w, wn = _load_decay(AA, W, WN, b, t, h, T, H, mask_t)
         ke, ko, _, _, _, _ = _load_bc(Bm, bB, PHI, b, t, h, T, H, N, A, offs_j, mask_t, mask_j)
         qe, qo, _, _, _, _ = _load_bc(Cm, bC, PHI, b, t, h, T, H, N, A, offs_j, mask_t, mask_j)
         x_ptr = X + ((b * T + t[:, None]) * H + h) * P + offs_p[None, :]
@@ -135,11 +141,7 @@ def _bwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, SCH, DY, DSF,
         Ho = tl.load(SCH + (pid * n_chunks + ci) * P * N + s_off + 1, mask=sm, other=0.0)
         t = ci * CHUNK + offs_t
         mask_t = (offs_t < CHUNK) & (t < T)
-        a = tl.load(AA + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        w = tl.load(W + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        wn = tl.load(WN + (b * T + t) * H + h, mask=mask_t, other=0.0)
-        a_cs = tl.cumsum(a, 0)
-        a_last = tl.sum(a, 0)
+        a_cs, a_last, w, wn = _load_decay(AA, W, WN, b, t, h, T, H, mask_t)
         ke, ko, _, _, kc, ks = _load_bc(Bm, bB, PHI, b, t, h, T, H, N, A, offs_j, mask_t, mask_j)
         qe, qo, _, _, qc, qs = _load_bc(Cm, bC, PHI, b, t, h, T, H, N, A, offs_j, mask_t, mask_j)
         tp_off = ((b * T + t[:, None]) * H + h) * P + offs_p[None, :]
