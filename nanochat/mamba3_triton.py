@@ -35,14 +35,25 @@ The official SISO kernels (state-spaces/mamba, mamba_ssm/ops/triton/mamba3/
 mamba3_siso_fwd.py, _bwd.py) also run one program per (head, batch row) over the chunks
 in order; these are our own, simpler (no autotuning, no varlen, no fused output gate
 or D). Mamba-2's instead split the chunks over programs (ssd_chunk_state, ssd_state_passing,
-ssd_chunk_scan in mamba_ssm/ops/triton/). Not yet measured on a GPU (docs/benchmarks.md, "Mamba-3 hybrids"). The kernels compute in fp32; the matmuls
-take their inputs in x's dtype (bf16 under autocast, as the PyTorch path does).
+ssd_chunk_scan in mamba_ssm/ops/triton/). Measured on an H200 (docs/benchmarks.md, "Mamba-3
+hybrids"): as accurate as the PyTorch form, 24 GiB less memory at d20, but 29% slower, hence
+opt-in. The kernels compute in fp32; the matmuls take their inputs in x's dtype (bf16 under
+autocast, as the PyTorch path does; fp32 products are IEEE, not TF32).
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, dt: tl.constexpr):
+    """a @ b with both in dt (the model's dtype), accumulated in fp32; an fp32 model gets
+    full-precision products (Triton's default for fp32 is TF32: ~1e-3 relative error)."""
+    if dt == tl.float32:
+        return tl.dot(a.to(dt), b.to(dt), input_precision="ieee")
+    return tl.dot(a.to(dt), b.to(dt))
 
 
 @triton.jit
@@ -97,13 +108,13 @@ def _fwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, S0, Y, SF, SCH, T, H, P, N, A, n_chu
         x = tl.load(x_ptr, mask=mask_t[:, None] & mask_p[None, :], other=0.0)
         L = tl.exp(tl.where(causal, a_cs[:, None] - a_cs[None, :], float("-inf")))
         L = L * (w[None, :] + tl.where(later, wn[None, :], 0.0))
-        scores = tl.dot(qe.to(dt), tl.trans(ke.to(dt))) + tl.dot(qo.to(dt), tl.trans(ko.to(dt)))
-        y = tl.dot((scores * L).to(dt), x.to(dt))
-        y += tl.exp(a_cs)[:, None] * (tl.dot(qe.to(dt), tl.trans(He.to(dt))) + tl.dot(qo.to(dt), tl.trans(Ho.to(dt))))
+        scores = _dot(qe, tl.trans(ke), dt) + _dot(qo, tl.trans(ko), dt)
+        y = _dot(scores * L, x, dt)
+        y += tl.exp(a_cs)[:, None] * (_dot(qe, tl.trans(He), dt) + _dot(qo, tl.trans(Ho), dt))
         tl.store(Y + ((b * T + t[:, None]) * H + h) * P + offs_p[None, :], y, mask=mask_t[:, None] & mask_p[None, :])
         xd = (x * (tl.exp(a_last - a_cs) * (w + wn))[:, None]).to(dt)
-        He = tl.exp(a_last) * He + tl.dot(tl.trans(xd), ke.to(dt))
-        Ho = tl.exp(a_last) * Ho + tl.dot(tl.trans(xd), ko.to(dt))
+        He = tl.exp(a_last) * He + _dot(tl.trans(xd), ke, dt)
+        Ho = tl.exp(a_last) * Ho + _dot(tl.trans(xd), ko, dt)
         ci += 1
     tl.store(SF + pid * P * N + s_off, He, mask=sm)
     tl.store(SF + pid * P * N + s_off + 1, Ho, mask=sm)
@@ -150,25 +161,25 @@ def _bwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, SCH, DY, DSF,
         g = tl.load(DY + tp_off, mask=tp_mask, other=0.0).to(tl.float32)
         E = tl.exp(tl.where(causal, a_cs[:, None] - a_cs[None, :], float("-inf")))
         L = E * (w[None, :] + tl.where(later, wn[None, :], 0.0))
-        qk = tl.dot(qe.to(dt), tl.trans(ke.to(dt))) + tl.dot(qo.to(dt), tl.trans(ko.to(dt)))
-        dS = tl.dot(g.to(dt), tl.trans(x.to(dt)))             # (t, s): G_t · x_s
+        qk = _dot(qe, tl.trans(ke), dt) + _dot(qo, tl.trans(ko), dt)
+        dS = _dot(g, tl.trans(x), dt)             # (t, s): G_t · x_s
         dqk = (dS * L).to(dt)
         dL = dS * qk
         decay_end = tl.exp(a_last - a_cs)
         d = decay_end * (w + wn)
         eacs = tl.exp(a_cs)
         # x
-        dx = tl.dot(tl.trans((qk * L).to(dt)), g.to(dt))
-        dx += d[:, None] * (tl.dot(ke.to(dt), tl.trans(dHe.to(dt))) + tl.dot(ko.to(dt), tl.trans(dHo.to(dt))))
+        dx = _dot(tl.trans(qk * L), g, dt)
+        dx += d[:, None] * (_dot(ke, tl.trans(dHe), dt) + _dot(ko, tl.trans(dHo), dt))
         tl.store(DX + tp_off, dx, mask=tp_mask)
         # q (turned), then k (turned)
         ge = (g * eacs[:, None]).to(dt)
-        dqe = tl.dot(dqk, ke.to(dt)) + tl.dot(ge, He.to(dt))
-        dqo = tl.dot(dqk, ko.to(dt)) + tl.dot(ge, Ho.to(dt))
-        xdHe = tl.dot(x.to(dt), dHe.to(dt))                    # (t, N/2): Σ_p x_p dH[p, :]
-        xdHo = tl.dot(x.to(dt), dHo.to(dt))
-        dke = tl.dot(tl.trans(dqk), qe.to(dt)) + d[:, None] * xdHe
-        dko = tl.dot(tl.trans(dqk), qo.to(dt)) + d[:, None] * xdHo
+        dqe = _dot(dqk, ke, dt) + _dot(ge, He, dt)
+        dqo = _dot(dqk, ko, dt) + _dot(ge, Ho, dt)
+        xdHe = _dot(x, dHe, dt)                    # (t, N/2): Σ_p x_p dH[p, :]
+        xdHo = _dot(x, dHo, dt)
+        dke = _dot(tl.trans(dqk), qe, dt) + d[:, None] * xdHe
+        dko = _dot(tl.trans(dqk), qo, dt) + d[:, None] * xdHo
         dphi = tl.zeros((BT, BN2), dtype=tl.float32)
         dphi = _store_bc_grad(DQB, b, t, h, T, H, N, A, offs_j, mask_t, mask_j, dqe, dqo, qe, qo, qc, qs, dphi)
         dphi = _store_bc_grad(DKB, b, t, h, T, H, N, A, offs_j, mask_t, mask_j, dke, dko, ke, ko, kc, ks, dphi)
@@ -180,7 +191,7 @@ def _bwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, SCH, DY, DSF,
         dw = tl.sum(dEL, 0) + dd * decay_end
         dwn = tl.sum(tl.where(later, dEL, 0.0), 0) + dd * decay_end
         dLL = dL * L
-        qH = tl.dot(qe.to(dt), tl.trans(He.to(dt))) + tl.dot(qo.to(dt), tl.trans(Ho.to(dt)))
+        qH = _dot(qe, tl.trans(He), dt) + _dot(qo, tl.trans(Ho), dt)
         dacs = tl.sum(dLL, 1) - tl.sum(dLL, 0) + eacs * tl.sum(g * qH, 1) - dd * d
         dlast = tl.sum(dd * d, 0) + tl.exp(a_last) * tl.sum(tl.sum(He * dHe + Ho * dHo, 1), 0)
         da = tl.sum(dacs, 0) - tl.cumsum(dacs, 0) + dacs + dlast  # a_j enters a_cs[t] for t >= j, and a_last
@@ -188,8 +199,8 @@ def _bwd(X, Bm, Cm, bB, bC, PHI, AA, W, WN, SCH, DY, DSF,
         tl.store(DW + (b * T + t) * H + h, dw, mask=mask_t)
         tl.store(DWN + (b * T + t) * H + h, dwn, mask=mask_t)
         # the gradient of the state entering this chunk = leaving the previous one
-        dHe = tl.exp(a_last) * dHe + tl.dot(tl.trans(ge), qe.to(dt))
-        dHo = tl.exp(a_last) * dHo + tl.dot(tl.trans(ge), qo.to(dt))
+        dHe = tl.exp(a_last) * dHe + _dot(tl.trans(ge), qe, dt)
+        dHo = tl.exp(a_last) * dHo + _dot(tl.trans(ge), qo, dt)
         ci -= 1
     tl.store(DS0 + pid * P * N + s_off, dHe, mask=sm)
     tl.store(DS0 + pid * P * N + s_off + 1, dHo, mask=sm)

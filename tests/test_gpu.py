@@ -93,25 +93,29 @@ def test_compiled_model_matches_eager(recipe):
 
 def test_mamba3_triton_kernels_match_the_torch_chunked_form():
     """nanochat/mamba3_triton.py compiled in a SISO hybrid under bf16 autocast, as base_train
-    runs it with --mamba3_kernel=triton: the loss and every gradient against the PyTorch
-    chunked form (also bf16, compiled), then causality (bit for bit) with the kernels eager."""
+    runs it with --mamba3_kernel=triton, and the PyTorch chunked form in bf16 too: each one's
+    loss and gradients against the PyTorch form in fp32. The kernels may be no less accurate
+    than the PyTorch bf16 path, parameter by parameter: a per-layer scalar's gradient is one
+    sum with cancellation (the kernels' smear_lambda was 0.099 off the PyTorch bf16 one on the
+    H200, 2026-11-29, against the fixed bound 0.05 this test had then). Then causality (bit
+    for bit) with the kernels eager."""
     _, gpu = model_pair("SSSL", recipe="hybrid_siso")
     idx = torch.randint(0, 500, (2, 256), device="cuda")
     runs = {}
-    for kernel in ("torch", "triton"):
+    for kernel, bf16 in (("torch", False), ("torch", True), ("triton", True)):
         set_mamba3_kernel(gpu, kernel)
         torch._dynamo.reset()
         gpu.zero_grad(set_to_none=True)
-        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             loss = torch.compile(gpu, dynamic=False)(idx, idx)
         loss.backward()
-        runs[kernel] = loss.item(), {n: p.grad.float().clone() for n, p in gpu.named_parameters() if p.grad is not None}
-    (loss0, grads0), (loss1, grads1) = runs["torch"], runs["triton"]
-    assert abs(loss0 - loss1) < 1e-2
-    assert grads0.keys() == grads1.keys()
-    for name, want in grads0.items():
-        rel = (grads1[name] - want).norm() / want.norm().clamp(min=1e-12)
-        assert rel < 5e-2, (name, rel)
+        runs[kernel, bf16] = loss.item(), {n: p.grad.float().clone() for n, p in gpu.named_parameters() if p.grad is not None}
+    (loss32, want), (loss_torch, torch16), (loss_triton, triton16) = runs["torch", False], runs["torch", True], runs["triton", True]
+    assert abs(loss_triton - loss32) < 1e-2 and abs(loss_triton - loss32) <= 2 * abs(loss_torch - loss32) + 2e-3
+    assert want.keys() == torch16.keys() == triton16.keys()
+    rel = lambda got, n: ((got[n] - want[n]).norm() / want[n].norm().clamp(min=1e-12)).item()
+    for name in want:
+        assert rel(triton16, name) <= 1.5 * rel(torch16, name) + 1e-2, (name, rel(triton16, name), rel(torch16, name))
     with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         base = gpu(idx)
         changed = idx.clone()
