@@ -224,7 +224,7 @@ fn blank_namespace_macros(src: &str, macros: &pp::NamespaceMacros) -> (Option<St
     let mut pairs: Vec<(usize, usize, usize, usize)> = Vec::new(); // opener start and length, closer's
     let mut line_start = 0;
     for line in src.split_inclusive('\n') {
-        let start = line_start + (line.len() - line.trim_start().len());
+        let start = line_start + (line.len() - line.trim_start_matches([' ', '\t']).len());
         line_start += line.len();
         if !b.get(start).is_some_and(|c| c.is_ascii_uppercase() || *c == b'_') {
             continue;
@@ -879,7 +879,7 @@ mod tests {
     #[test]
     fn namespace_macros_are_wrappers() {
         let fmt =
-            "FMT_BEGIN_NAMESPACE\n// S holds\nstruct S { int a; };\nint f(S s) { return s.a; }\nFMT_END_NAMESPACE\n";
+            "\nFMT_BEGIN_NAMESPACE\n  \n// S holds\nstruct S { int a; };\nint f(S s) { return s.a; }\nFMT_END_NAMESPACE\n";
         let es = extract(&format!("{FMT_MACROS}{fmt}")).unwrap();
         let w = vec!["FMT_BEGIN_NAMESPACE\nFMT_END_NAMESPACE".to_string()];
         assert_eq!(find(&es, "struct S").wrappers, w);
@@ -901,7 +901,7 @@ mod tests {
     #[test]
     fn nested_namespace_macros_pair_like_braces() {
         let src = format!(
-            "{FMT_MACROS}FMT_BEGIN_NAMESPACE\nFMT_BEGIN_DETAIL_NAMESPACE\nint g();\nFMT_END_DETAIL_NAMESPACE\n\
+            "{FMT_MACROS}FMT_BEGIN_NAMESPACE\n\n  FMT_BEGIN_DETAIL_NAMESPACE\nint g();\n  FMT_END_DETAIL_NAMESPACE\n\n\
              int h();\nFMT_END_NAMESPACE\n"
         );
         let es = extract(&src).unwrap();
