@@ -32,7 +32,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
 
 use crate::docs::{part_text, split_into_documents, Document, FILE_MARKER};
-use crate::entities::{Entity, Kind};
+use crate::entities::{wrapper_lines, Entity, Kind};
 use crate::includes::{extract_includes, ProjectIndex};
 use crate::load::SourceFile;
 use crate::stats::Stats;
@@ -123,8 +123,8 @@ pub fn order(es: &[&Entity]) -> Ordering {
     out
 }
 
-/// The entities in `order`, each inside its namespaces / `extern "C"` blocks (opened and
-/// closed as needed), a blank line between sections.
+/// The entities in `order`, each inside its namespaces / `extern "C"` blocks / namespace
+/// macros (opened and closed as needed), a blank line between sections.
 pub fn render(es: &[&Entity], order: &[usize]) -> String {
     let mut out = String::new();
     let mut open: Vec<&str> = Vec::new();
@@ -133,17 +133,14 @@ pub fn render(es: &[&Entity], order: &[usize]) -> String {
         let e = es[i];
         let common = open.iter().zip(&e.wrappers).take_while(|(a, b)| **a == b.as_str()).count();
         while open.len() > common {
-            let w = open.pop().expect("non-empty");
-            out.push_str("}  // ");
-            out.push_str(w);
-            out.push('\n');
+            close(&mut out, open.pop().expect("non-empty"));
         }
         if last_rank.is_some_and(|r| r != e.kind.rank()) {
             out.push('\n');
         }
         for w in &e.wrappers[common..] {
-            out.push_str(w);
-            out.push_str(" {\n");
+            out.push_str(&wrapper_lines(w).0);
+            out.push('\n');
             open.push(w);
         }
         out.push_str(e.text.trim_end());
@@ -151,11 +148,14 @@ pub fn render(es: &[&Entity], order: &[usize]) -> String {
         last_rank = Some(e.kind.rank());
     }
     while let Some(w) = open.pop() {
-        out.push_str("}  // ");
-        out.push_str(w);
-        out.push('\n');
+        close(&mut out, w);
     }
     out
+}
+
+fn close(out: &mut String, wrapper: &str) {
+    out.push_str(&wrapper_lines(wrapper).1);
+    out.push('\n');
 }
 
 /// The entities of a unit (`unit`: file indices, headers first, source last) for the
@@ -525,6 +525,19 @@ mod tests {
     fn specialization_declarations_follow_the_primary() {
         let (t, _) = ordered("template <class T> class V<T&>;\ntemplate <class T> class V { T t; };\n");
         assert!(pos(&t, "class V {") < pos(&t, "class V<T&>;"), "{t}");
+    }
+
+    #[test]
+    fn namespace_macros_are_reopened_as_written() {
+        let (t, _) = ordered(
+            "#define LIB_INLINE_BEGIN inline namespace v2 {\n#define LIB_INLINE_END }\nnamespace lib {\nLIB_INLINE_BEGIN\n\
+             int top() { return leaf(); }\nint leaf() { return 1; }\nLIB_INLINE_END  // v2\n}  // namespace lib\n",
+        );
+        assert_eq!(
+            t,
+            "#define LIB_INLINE_BEGIN inline namespace v2 {\n#define LIB_INLINE_END }\n\nnamespace lib {\nLIB_INLINE_BEGIN\n\
+             int leaf() { return 1; }\nint top() { return leaf(); }\nLIB_INLINE_END\n}  // namespace lib\n"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! variables, function prototypes, static_asserts, conditional `#if` blocks, anything
 //! unrecognized) and function definitions. Namespaces and `extern "C" { }` blocks are
 //! not entities: each entity records them as its *wrappers*, so entities can be
-//! reordered and wrapped again. Include guards are looked through; comments stay with the
+//! reordered and wrapped again. So are the lines of macros that open and close namespaces
+//! (`FMT_BEGIN_NAMESPACE` ... `FMT_END_NAMESPACE`, known from the project's `#define`s, see
+//! [`pp::NamespaceMacros`]). Include guards are looked through; comments stay with the
 //! entity that follows them.
 //!
 //! Each entity lists the names it defines and the names it uses (identifiers, type and
@@ -14,7 +16,7 @@
 //! alone, without C++ name lookup: a simplification that can see a dependency where
 //! there is none (two things of the same name), which only costs ordering freedom.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tree_sitter::Node;
 
@@ -54,7 +56,9 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entity {
     pub kind: Kind,
-    /// Enclosing `namespace a`, `inline namespace v1`, `extern "C"` headers, outermost first.
+    /// Enclosing `namespace a`, `inline namespace v1`, `extern "C"` headers, outermost
+    /// first; a namespace macro is its opening and closing lines, `"OPEN\nCLOSE"` (see
+    /// [`wrapper_lines`]).
     pub wrappers: Vec<String>,
     /// Source text, leading comments included, trailing `;` included.
     pub text: String,
@@ -70,12 +74,26 @@ pub struct Entity {
     pub error: bool,
 }
 
-/// The entities of `text` in source order; `None` if it cannot be parsed.
-pub fn extract(text: &str) -> Option<Vec<Entity>> {
-    extract_checked(text).map(|(es, _)| es)
+/// The lines that open and close a wrapper: `namespace a {` and `}  // namespace a`, or
+/// a namespace macro's two lines.
+pub fn wrapper_lines(w: &str) -> (String, String) {
+    match w.split_once('\n') {
+        Some((open, close)) => (open.to_string(), close.to_string()),
+        None => (format!("{w} {{"), format!("}}  // {w}")),
+    }
 }
 
-/// The entities of `text`, and whether the file had to be kept whole (one entity).
+/// The entities of `text` in source order (namespace macros known from its own
+/// `#define`s); `None` if it cannot be parsed.
+pub fn extract(text: &str) -> Option<Vec<Entity>> {
+    let scan = pp::scan(text);
+    let mut macros = pp::NamespaceMacros::default();
+    macros.add(&scan);
+    extract_checked(text, scan, &macros).map(|(es, _)| es)
+}
+
+/// The entities of `text` (`scan`: its [`pp::scan`]; `macros`: the project's namespace
+/// macros), and whether the file had to be kept whole (one entity).
 ///
 /// The preprocessor structure is taken from a text scan ([`crate::pp`]), not from the
 /// tree: an include guard (or `#pragma once`) is blanked out before parsing, so it is
@@ -85,8 +103,7 @@ pub fn extract(text: &str) -> Option<Vec<Entity>> {
 /// namespaces, or an entity whose own text does not balance its conditionals and braces,
 /// where tree-sitter left an `#endif` or `}` outside every node), the file becomes one
 /// entity, its text as written, guard removed: kept whole rather than broken.
-pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
-    let scan = pp::scan(text);
+pub fn extract_checked(text: &str, scan: pp::Scan, macros: &pp::NamespaceMacros) -> Option<(Vec<Entity>, bool)> {
     let guard = pp::guard_lines(text, &scan);
     let blanked;
     let (src, scan) = if guard.is_empty() {
@@ -98,10 +115,18 @@ pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
     // tree-sitter reads `class LOCKABLE Mutex {` as a class named LOCKABLE: it parses a
     // copy with such macros blanked (offsets kept); the texts are then taken back from `src`
     let unmacroed = blank_class_macros(src);
-    let psrc = unmacroed.as_deref().unwrap_or(src);
+    // and namespace macros written as `namespace{` and `}`, their lines kept as wrappers
+    let (ns_blanked, macro_wrappers) = blank_namespace_macros(unmacroed.as_deref().unwrap_or(src), macros);
+    let psrc = ns_blanked.as_deref().or(unmacroed.as_deref()).unwrap_or(src);
     let tree = parse(psrc)?;
     let root = tree.root_node();
-    let mut c = Collector { src: psrc, out: Vec::new(), wrappers: Vec::new(), pending: Vec::new() };
+    let mut c = Collector {
+        src: psrc,
+        out: Vec::new(),
+        wrappers: Vec::new(),
+        pending: Vec::new(),
+        macro_wrappers: &macro_wrappers,
+    };
     c.children(root);
     let es = glue_errors(c.out, psrc);
     let groups = pp::top_groups(&scan, src.len());
@@ -109,7 +134,7 @@ pub fn extract_checked(text: &str) -> Option<(Vec<Entity>, bool)> {
         Some(es) if es.iter().all(|e| pp::balanced(&e.text)) => (es, false),
         _ => (vec![whole_file(root, psrc)], true),
     };
-    if unmacroed.is_some() {
+    if unmacroed.is_some() || ns_blanked.is_some() {
         for e in &mut es {
             restore_text(e, psrc, src);
         }
@@ -180,6 +205,58 @@ fn blank_class_macros(src: &str) -> Option<String> {
         i = e.max(i + 1);
     }
     out.map(|o| String::from_utf8(o).expect("only ASCII was blanked"))
+}
+
+/// The lines of `src` that use a namespace macro of `macros` (the macro name alone, a
+/// `//` comment may follow), openers paired with closers like braces, rewritten in a copy
+/// for the parse: the opener as `namespace{` (so its name and the spaces after it need 10
+/// bytes, which every such macro seen so far has), the closer as `}`, offsets kept. Also
+/// the wrapper (`"OPEN\nCLOSE"`) of each rewritten opener, by its offset. `None` and
+/// nothing when no line qualifies; unpaired lines are left as they are.
+fn blank_namespace_macros(src: &str, macros: &pp::NamespaceMacros) -> (Option<String>, HashMap<usize, String>) {
+    const OPEN: &[u8] = b"namespace{";
+    let mut wrappers = HashMap::new();
+    if macros.is_empty() {
+        return (None, wrappers);
+    }
+    let b = src.as_bytes();
+    let mut open: Vec<(usize, &str)> = Vec::new();
+    let mut pairs: Vec<(usize, usize, usize, usize)> = Vec::new(); // opener start and length, closer's
+    let mut line_start = 0;
+    for line in src.split_inclusive('\n') {
+        let start = line_start + (line.len() - line.trim_start_matches([' ', '\t']).len());
+        line_start += line.len();
+        if !b.get(start).is_some_and(|c| c.is_ascii_uppercase() || *c == b'_') {
+            continue;
+        }
+        let name_end =
+            start + src[start..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(src.len() - start);
+        let rest = src[name_end..line_start].trim();
+        if !(rest.is_empty() || rest.starts_with("//")) {
+            continue;
+        }
+        let name = &src[start..name_end];
+        let room = name.len() + src[name_end..].bytes().take_while(|c| *c == b' ' || *c == b'\t').count();
+        if macros.opens(name) && room >= OPEN.len() {
+            open.push((start, name));
+        } else if macros.closes(name) {
+            if let Some((o, open_name)) = open.pop() {
+                pairs.push((o, open_name.len(), start, name.len()));
+                wrappers.insert(o, format!("{open_name}\n{name}"));
+            }
+        }
+    }
+    if pairs.is_empty() {
+        return (None, wrappers);
+    }
+    let mut out = b.to_vec();
+    for (o, olen, c, clen) in pairs {
+        out[o..o + OPEN.len()].copy_from_slice(OPEN);
+        out[c] = b'}';
+        out[o + OPEN.len()..o + olen.max(OPEN.len())].fill(b' ');
+        out[c + 1..c + clen].fill(b' ');
+    }
+    (Some(String::from_utf8(out).expect("only ASCII was rewritten")), wrappers)
 }
 
 /// Takes `e`'s text back from `src` where it is a slice of the parsed copy `psrc`
@@ -365,6 +442,8 @@ struct Collector<'s> {
     wrappers: Vec<String>,
     /// Comments not yet attached to an entity.
     pending: Vec<std::ops::Range<usize>>,
+    /// Namespace macro wrappers by the offset of their opener (see `blank_namespace_macros`).
+    macro_wrappers: &'s HashMap<usize, String>,
 }
 
 impl<'s> Collector<'s> {
@@ -389,7 +468,10 @@ impl<'s> Collector<'s> {
                     && n.child_by_field_name("body").is_some_and(|b| b.kind() == "declaration_list") =>
             {
                 let body = n.child_by_field_name("body").expect("checked");
-                let header = self.src[n.start_byte()..body.start_byte()].trim().to_string();
+                let header = match self.macro_wrappers.get(&n.start_byte()) {
+                    Some(w) => w.clone(),
+                    None => self.src[n.start_byte()..body.start_byte()].trim().to_string(),
+                };
                 self.wrappers.push(header);
                 self.children(body);
                 self.wrappers.pop();
@@ -787,6 +869,72 @@ mod tests {
         assert!(find(&es, "CondVar").uses.contains(&"Mutex".to_string()));
         // not macros: a lower-case name, `struct S s;`, `class X::Y {`
         assert!(blank_class_macros("class foo Bar {};\nstruct ABC abc;\nclass ABC::D {};\n").is_none());
+    }
+
+    const FMT_MACROS: &str =
+        "#define FMT_BEGIN_NAMESPACE \\\n  namespace fmt {           \\\n  inline namespace v9 {\n\
+        #define FMT_END_NAMESPACE \\\n  }                       \\\n  }\n\
+        #define FMT_BEGIN_DETAIL_NAMESPACE namespace detail {\n#define FMT_END_DETAIL_NAMESPACE }\n";
+
+    #[test]
+    fn namespace_macros_are_wrappers() {
+        let fmt =
+            "\nFMT_BEGIN_NAMESPACE\n  \n// S holds\nstruct S { int a; };\nint f(S s) { return s.a; }\nFMT_END_NAMESPACE\n";
+        let es = extract(&format!("{FMT_MACROS}{fmt}")).unwrap();
+        let w = vec!["FMT_BEGIN_NAMESPACE\nFMT_END_NAMESPACE".to_string()];
+        assert_eq!(find(&es, "struct S").wrappers, w);
+        assert_eq!(find(&es, "struct S").text, "// S holds\nstruct S { int a; };");
+        assert_eq!((find(&es, "int f").wrappers.clone(), find(&es, "int f").kind), (w, Kind::Function));
+        assert!(!es.iter().any(|e| e.text.contains("FMT_BEGIN_NAMESPACE\n") && !e.text.contains("#define")), "{es:#?}");
+        // absl's: an inline namespace, named by another macro, inside a plain one
+        let absl = "#define ABSL_NAMESPACE_BEGIN \\\n  inline namespace ABSL_OPTION_INLINE_NAMESPACE_NAME {\n\
+            #define ABSL_NAMESPACE_END }  // inline\nnamespace absl {\nABSL_NAMESPACE_BEGIN\nnamespace base_internal {\n\
+            class T {};\n}  // namespace base_internal\nABSL_NAMESPACE_END  // absl\n}  // namespace absl\n";
+        let es = extract(absl).unwrap();
+        assert_eq!(
+            find(&es, "class T").wrappers,
+            ["namespace absl", "ABSL_NAMESPACE_BEGIN\nABSL_NAMESPACE_END", "namespace base_internal"]
+        );
+        assert_eq!(es.len(), 3, "two #defines and the class: {es:#?}");
+    }
+
+    #[test]
+    fn nested_namespace_macros_pair_like_braces() {
+        let src = format!(
+            "{FMT_MACROS}FMT_BEGIN_NAMESPACE\n\n  FMT_BEGIN_DETAIL_NAMESPACE\nint g();\n  FMT_END_DETAIL_NAMESPACE\n\n\
+             int h();\nFMT_END_NAMESPACE\n"
+        );
+        let es = extract(&src).unwrap();
+        assert_eq!(
+            find(&es, "int g").wrappers,
+            ["FMT_BEGIN_NAMESPACE\nFMT_END_NAMESPACE", "FMT_BEGIN_DETAIL_NAMESPACE\nFMT_END_DETAIL_NAMESPACE"]
+        );
+        assert_eq!(find(&es, "int h").wrappers, ["FMT_BEGIN_NAMESPACE\nFMT_END_NAMESPACE"]);
+        assert_eq!(wrapper_lines("FMT_BEGIN_NAMESPACE\nFMT_END_NAMESPACE").1, "FMT_END_NAMESPACE");
+        assert_eq!(wrapper_lines("namespace a"), ("namespace a {".to_string(), "}  // namespace a".to_string()));
+    }
+
+    #[test]
+    fn other_macros_are_left_as_written() {
+        // not a namespace (extern "C", a statement), not defined here, or never closed: as without macros
+        let cases = [
+            "#define C_BEGIN_DECLS extern \"C\" {\n#define C_END_DECLS }\nC_BEGIN_DECLS\nint c(void);\nC_END_DECLS\n",
+            "#define REGISTER_ALL_THINGS int registered = 1;\nREGISTER_ALL_THINGS\nint after();\n",
+            "UNKNOWN_BEGIN_NAMESPACE\nint u();\nUNKNOWN_END_NAMESPACE\n",
+            "#define LIB_BEGIN_NAMESPACE namespace lib {\nLIB_BEGIN_NAMESPACE\nint v();\n",
+            "#define NS_BEGIN namespace ns {\n#define NS_END }\nNS_BEGIN\nint w();\nNS_END\n", // no room for `namespace{`
+        ];
+        for src in cases {
+            let plain = extract_checked(src, pp::scan(src), &pp::NamespaceMacros::default()).unwrap();
+            assert_eq!(extract(src).unwrap(), plain.0, "{src}");
+            assert!(plain.0.iter().all(|e| e.wrappers.is_empty()), "{src}");
+        }
+        let (copy, wrappers) = blank_namespace_macros(cases[1], &{
+            let mut m = pp::NamespaceMacros::default();
+            m.add(&pp::scan(cases[1]));
+            m
+        });
+        assert!(copy.is_none() && wrappers.is_empty());
     }
 
     #[test]

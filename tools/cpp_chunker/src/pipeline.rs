@@ -23,6 +23,7 @@ use crate::entities::{self, Entity};
 use crate::includes::{extract_includes, IncludeKind, ProjectIndex};
 use crate::load::{load, SourceFile};
 use crate::output::{prepare_out_dir, write_atomic, ShardWriter};
+use crate::pp;
 use crate::stats::{SkipReason, Stats};
 use crate::tokens::{budget_bytes, BYTES_PER_TOKEN};
 
@@ -450,12 +451,20 @@ fn unit_project(
     buckets: &mut [Bucket],
 ) -> Result<()> {
     let l = load_and_resolve(name, cands, cfg, stats);
+    // the preprocessor scans first: the namespace macros of the whole project are needed
+    // before any file is cut into entities
+    let scans: Vec<pp::Scan> = l.files.par_iter().map(|f| guarded(|| pp::scan(&f.text)).unwrap_or_default()).collect();
+    let mut macros = pp::NamespaceMacros::default();
+    for s in &scans {
+        macros.add(s);
+    }
     let parsed: Vec<(Stats, Vec<Entity>)> = l
         .files
         .par_iter()
-        .map(|f| {
+        .zip(scans)
+        .map(|(f, scan)| {
             let mut s = Stats::default();
-            let es = guarded(|| entities::extract_checked(&f.text)).unwrap_or_else(|| {
+            let es = guarded(|| entities::extract_checked(&f.text, scan, &macros)).unwrap_or_else(|| {
                 s.skip(SkipReason::InternalError);
                 None
             });

@@ -379,6 +379,77 @@ pub fn blank(text: &str, ranges: &[Range<usize>]) -> String {
     String::from_utf8(out).expect("blanking keeps UTF-8")
 }
 
+/// Macros of a project that open and close namespaces, from their `#define`s: fmt's
+/// `FMT_BEGIN_NAMESPACE` (`namespace fmt { inline namespace v9 {`) and `FMT_END_NAMESPACE`
+/// (`} }`), absl's `ABSL_NAMESPACE_BEGIN` (`inline namespace ABSL_OPTION_INLINE_NAMESPACE_NAME {`).
+/// Only all-caps object-like macros count; a name is an opener (closer) when some definition
+/// expands to namespace openings (closing braces only) and every other one is empty (absl
+/// defines them empty when its inline namespace is off).
+#[derive(Debug, Default, Clone)]
+pub struct NamespaceMacros {
+    /// name -> (some definition opens, some closes, some is anything else)
+    seen: std::collections::HashMap<String, (bool, bool, bool)>,
+}
+
+impl NamespaceMacros {
+    /// Adds the `#define`s of one file (from its scan).
+    pub fn add(&mut self, s: &Scan) {
+        for d in s.directives.iter().filter(|d| d.name == "define") {
+            let name_len = d.args.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(d.args.len());
+            let (name, body) = d.args.split_at(name_len);
+            let all_caps = name.bytes().any(|c| c.is_ascii_uppercase())
+                && name.bytes().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_');
+            if !all_caps || body.starts_with('(') {
+                continue; // function-like, or not a macro-looking name
+            }
+            let body = body.trim();
+            let opens = !body.is_empty() && opens_namespaces(body);
+            let closes = !body.is_empty() && body.bytes().all(|c| c == b'}' || c == b' ');
+            let e = self.seen.entry(name.to_string()).or_default();
+            *e = (e.0 || opens, e.1 || closes, e.2 || !(body.is_empty() || opens || closes));
+        }
+    }
+
+    pub fn opens(&self, name: &str) -> bool {
+        self.seen.get(name) == Some(&(true, false, false))
+    }
+
+    pub fn closes(&self, name: &str) -> bool {
+        self.seen.get(name) == Some(&(false, true, false))
+    }
+
+    /// Whether no macro opens a namespace (then nothing needs doing).
+    pub fn is_empty(&self) -> bool {
+        !self.seen.values().any(|&v| v == (true, false, false))
+    }
+}
+
+/// Whether `body` is one or more `[inline] namespace [name[::name]] {`.
+fn opens_namespaces(body: &str) -> bool {
+    let spaced = body.replace('{', " { ");
+    let mut toks = spaced.split_whitespace().peekable();
+    let mut any = false;
+    while toks.peek().is_some() {
+        if toks.peek() == Some(&"inline") {
+            toks.next();
+        }
+        if toks.next() != Some("namespace") {
+            return false;
+        }
+        if toks.peek().is_some_and(|t| *t != "{") {
+            let name = toks.next().expect("peeked");
+            if !name.split("::").all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')) {
+                return false;
+            }
+        }
+        if toks.next() != Some("{") {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,5 +501,28 @@ mod tests {
         let t = "#if A\n#ifdef B\n#endif\n#elif C\n#endif\nint x;\n#ifndef D\n";
         let s = scan(t);
         assert_eq!(top_groups(&s, t.len()), vec![0..36, 44..t.len()]);
+    }
+
+    #[test]
+    fn namespace_macros_from_defines() {
+        let t = "#define FMT_BEGIN_NAMESPACE \\\n  namespace fmt {  \\\n  inline namespace v9 {\n\
+            #define FMT_END_NAMESPACE \\\n  }  \\\n  }\n#if OFF\n#define NS_BEGIN\n#else\n\
+            #define NS_BEGIN inline namespace NS_NAME {  // versioned\n#endif\n#define NS_END }\n\
+            #define A_B_NAMESPACE namespace a::b{\n#define EXTERN_C_BEGIN extern \"C\" {\n\
+            #define MIXED namespace x {\n#define MIXED int\n#define FN(x) namespace x {\n#define lower namespace l {\n";
+        let mut m = NamespaceMacros::default();
+        assert!(m.is_empty());
+        m.add(&scan(t));
+        for name in ["FMT_BEGIN_NAMESPACE", "NS_BEGIN", "A_B_NAMESPACE"] {
+            assert!(m.opens(name) && !m.closes(name), "{name}");
+        }
+        for name in ["FMT_END_NAMESPACE", "NS_END"] {
+            assert!(m.closes(name) && !m.opens(name), "{name}");
+        }
+        // not namespaces: extern "C", a macro also defined as something else, function-like, lower case
+        for name in ["EXTERN_C_BEGIN", "MIXED", "FN", "lower", "OTHER"] {
+            assert!(!m.opens(name) && !m.closes(name), "{name}");
+        }
+        assert!(!m.is_empty());
     }
 }

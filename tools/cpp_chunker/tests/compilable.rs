@@ -214,12 +214,52 @@ fn includes_kept_inside_if_blocks_are_named_from_the_root() {
     assert!(s.headers_dropped_for_budget >= 1, "the header is left out: {s:?}");
     let docs = read_docs(&out);
     let d = docs.iter().find(|d| d.files.last().unwrap() == "src/details/pool.cpp").unwrap();
-    assert!(
-        d.text.contains("#ifdef LIB_HEADER_ONLY\n#include \"src/details/pool-inl.h\"\n#endif\n"),
-        "{}",
-        d.text
-    );
+    assert!(d.text.contains("#ifdef LIB_HEADER_ONLY\n#include \"src/details/pool-inl.h\"\n#endif\n"), "{}", d.text);
     let d = docs.iter().find(|d| d.files.last().unwrap() == "src/details/small.cpp").unwrap();
     assert_eq!(d.files, vec!["src/details/small-inl.h", "src/details/small.cpp"]);
     assert!(!d.text.contains("include"), "{}", d.text);
+}
+
+#[test]
+fn namespace_macros_defined_in_another_header_wrap_their_contents() {
+    // fmt's style: the macros are defined in one header and used in every file of the project
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lib");
+    write(
+        &root,
+        "lib/config.h",
+        "#pragma once\n#define LIB_BEGIN_NAMESPACE \\\n  namespace lib {     \\\n  inline namespace v1 {\n\
+        #define LIB_END_NAMESPACE \\\n  }                   \\\n  }\n",
+    );
+    write(
+        &root,
+        "lib/api.h",
+        "#pragma once\n#include \"config.h\"\nLIB_BEGIN_NAMESPACE\nstruct Box { int v; };\nLIB_END_NAMESPACE\n",
+    );
+    // out of order: the caller first, as written it does not compile
+    write(
+        &root,
+        "lib/api.cc",
+        "#include \"api.h\"\nLIB_BEGIN_NAMESPACE\nint twice(Box b) { return unbox(b) * 2; }\n\
+        int unbox(Box b) { return b.v; }\nLIB_END_NAMESPACE\nint main() { return lib::v1::twice(lib::Box{1}) - 2; }\n",
+    );
+    let out = dir.path().join("out");
+    run_ok(&config(&[&root], &out, Mode::Compilable));
+    let docs = read_docs(&out);
+    assert_eq!(docs.len(), 1);
+    let t = &docs[0].text;
+    assert!(pos(t, "int unbox") < pos(t, "int twice"), "{t}");
+    // one block for the header's type and the source's functions, opened and closed by the macros
+    assert_eq!(t.matches("\nLIB_BEGIN_NAMESPACE\n").count(), 1, "{t}");
+    assert!(
+        t.contains("LIB_BEGIN_NAMESPACE\nstruct Box { int v; };\n\nint unbox(Box b) { return b.v; }\nint twice"),
+        "{t}"
+    );
+    assert!(t.contains("int twice(Box b) { return unbox(b) * 2; }\nLIB_END_NAMESPACE\n"), "{t}");
+    if Command::new("g++").arg("--version").output().is_ok() {
+        let f = dir.path().join("unit.cpp");
+        std::fs::write(&f, t).unwrap();
+        let r = Command::new("g++").args(["-fsyntax-only", "-std=c++17"]).arg(&f).output().unwrap();
+        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), t);
+    }
 }
