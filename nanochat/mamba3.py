@@ -244,21 +244,28 @@ class Mamba3(nn.Module):
                                   + 2 * math.ceil(T / Q) * NPH // Q)
 
     def init_cache(self, batch_size, max_len, device, dtype):
+        with torch.no_grad():  # decoding's one matmul for the four input projections (Mamba3Cache.w_in)
+            w_in = torch.cat([m.weight for m in (self.z_proj, self.x_proj, self.bc_proj, self.ctrl_proj)]).to(device)
         return Mamba3Cache(batch_size, self.H, self.n_angles, self.P, self.N, self.R, device,
-                           torch.promote_types(dtype, torch.float32))
+                           torch.promote_types(dtype, torch.float32), w_in)
 
-    def _inputs(self, u):
+    def _inputs(self, u, w_in=None):
         """Everything per token that does not need the past: z, x, B, C (normed, shared by the
-        heads: (B, T, R, N)), Δ, A Δ, λ and the angle increments Δ θ."""
+        heads: (B, T, R, N)), Δ, A Δ, λ and the angle increments Δ θ. w_in: the four input
+        projections' weights stacked (decoding: one matmul instead of four)."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
-        z = self.z_proj(u).view(Bsz, T, H, self.P)
-        x = self.x_proj(u).view(Bsz, T, H, self.P)
-        Bm, Cm = self.bc_proj(u).view(Bsz, T, 2, R, N).unbind(2)
+        if w_in is None:
+            z, x, bc, ctrl = self.z_proj(u), self.x_proj(u), self.bc_proj(u), self.ctrl_proj(u)
+        else:
+            z, x, bc, ctrl = F.linear(u, w_in).split([self.d_inner, self.d_inner, 2 * R * N,
+                                                      self.ctrl_proj.out_features], dim=-1)
+        z, x = z.view(Bsz, T, H, self.P), x.view(Bsz, T, H, self.P)
+        Bm, Cm = bc.view(Bsz, T, 2, R, N).unbind(2)
         if self.qknorm:
             Bm = F.rms_norm(Bm, (N,), self.B_norm.to(Bm.dtype), eps=1e-5)
             Cm = F.rms_norm(Cm, (N,), self.C_norm.to(Cm.dtype), eps=1e-5)
-        ctrl = at_least_fp32(self.ctrl_proj(u))
+        ctrl = at_least_fp32(ctrl)
         dt = F.softplus(ctrl[..., :H] + self.dt_bias)                                   # (B, T, H)
         A = -F.softplus(ctrl[..., H:2 * H]).clamp(min=A_FLOOR)
         lam = torch.sigmoid(ctrl[..., 2 * H:3 * H]) if self.trapezoidal else torch.ones_like(dt)
@@ -329,8 +336,10 @@ class Mamba3(nn.Module):
         return self.c_proj(self._output(y, v, z).to(u.dtype))
 
     def _step(self, u, cache):
-        """One token per row by the recurrence, the cache updated in place (fixed shapes)."""
-        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
+        """One token per row by the recurrence, the cache updated in place (fixed shapes).
+        Without autograd (the engine), the input projections are the cache's one stacked
+        matmul: a decode step at batch 1 is bound by kernel launches, not bytes."""
+        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in)
         with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
             y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dphi)
         return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
@@ -344,10 +353,12 @@ class Mamba3(nn.Module):
         v_prev = self._values(cache.x_prev[:, None])[:, 0].to(phi.dtype)
         dt, lam, alpha = dt[:, 0], lam[:, 0], torch.exp(adt[:, 0])  # (B, H)
         beta, gamma = (1 - lam) * dt * alpha, lam * dt
-        state = (alpha[..., None, None] * cache.state
-                 + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
-                 + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", v, k))
-        y = torch.einsum("bhpn,brhn->brhp", state, q)
+        # outer products and the readout as broadcasts and sums, not einsums: torch.compile
+        # fuses them into a kernel or two, where einsum's batched matmuls are one launch each
+        outer = lambda v, k: (v[..., :, None] * k[..., None, :]).sum(1)   # (B, R, H, P) x (B, R, H, N) -> (B, H, P, N)
+        state = (alpha[..., None, None] * cache.state + beta[..., None, None] * outer(v_prev, cache.k_prev)
+                 + gamma[..., None, None] * outer(v, k))
+        y = (state[:, None] * q[..., None, :]).sum(-1)                      # (B, R, H, P)
         cache.phi.copy_(torch.remainder(phi, 2 * math.pi))
         cache.state.copy_(state)
         cache.k_prev.copy_(k)
@@ -359,9 +370,12 @@ class Mamba3Cache:
     """One Mamba-3 layer's inference state, fp32 (fp64 for an fp64 model): the angle φ
     (B, H, A), the state H (B, H, P, N), and the previous token's turned key (B, R, H, N)
     and input x (B, H, P) for the trapezoid's β-term. Not position-indexed, so
-    snapshot/restore copy it."""
+    snapshot/restore copy it. w_in: a copy of the layer's four input projections stacked,
+    taken when the cache is made (a cache serves one generation, during which the weights
+    do not change), shared by the rows."""
 
-    def __init__(self, batch_size, H, A, P, N, R, device, dtype=torch.float32):
+    def __init__(self, batch_size, H, A, P, N, R, device, dtype=torch.float32, w_in=None):
+        self.w_in = w_in
         f32 = dict(device=device, dtype=dtype)
         self.phi = torch.zeros(batch_size, H, A, **f32)
         self.state = torch.zeros(batch_size, H, P, N, **f32)

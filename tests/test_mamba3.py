@@ -134,16 +134,20 @@ def test_continuation_at_every_split_equals_the_full_forward(R):
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("grad", [True, False])  # without autograd the step takes the cache's stacked projections
 @pytest.mark.parametrize("R", [1, 2])
-def test_prefill_then_decode_steps_equal_the_full_forward(R):
+def test_prefill_then_decode_steps_equal_the_full_forward(R, grad):
     m = layer(R, chunk=4)
     u = torch.randn(3, 12, 32, dtype=torch.float64)
     full = m(u, ctx(0, 12))
     cache = m.init_cache(3, 0, "cpu", torch.float64)
-    outs = [m(u[:, :5], ctx(0, 5), cache)]
-    for t in range(5, 12):
-        step = Context(None, None, None, 1, {}, pos_t=torch.tensor(t))
-        outs.append(m(u[:, t:t + 1], step, cache))
+    assert cache.w_in.shape == (sum(p.size(0) for p in (m.z_proj.weight, m.x_proj.weight, m.bc_proj.weight,
+                                                         m.ctrl_proj.weight)), 32)
+    with torch.set_grad_enabled(grad):
+        outs = [m(u[:, :5], ctx(0, 5), cache)]
+        for t in range(5, 12):
+            step = Context(None, None, None, 1, {}, pos_t=torch.tensor(t))
+            outs.append(m(u[:, t:t + 1], step, cache))
     assert (torch.cat(outs, 1) - full).abs().max() < 1e-10
 
 
