@@ -4,7 +4,7 @@ final states and every input's gradient, then the whole layer with the switch on
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py before anything imports triton), in fp32 only: the interpreter's tl.dot on
 bf16 inputs returns garbage (~1e10 for unit inputs, Triton 3.5), so bf16 is checked on the GPU
-(tests/test_gpu.py). On a GPU these tests pass too (fp32 products are IEEE there, not TF32).""
+(tests/test_gpu.py). On a GPU these tests pass too (fp32 products are IEEE there, not TF32)."""
 
 import pytest
 import torch
