@@ -215,9 +215,13 @@ def _blocks(chunk, P, N):
 def _ssd_fwd(x: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.Tensor, C_bias: torch.Tensor,
              phi: torch.Tensor, a: torch.Tensor, w: torch.Tensor, w_next: torch.Tensor, state0: torch.Tensor,
              chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the kernels index every tensor as contiguous; inside a compiled graph the caller's
+    # .contiguous() can be traced away and inductor may hand over another layout
+    x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0 = (
+        t.contiguous() for t in (x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0))
     Bsz, T, H, P = x.shape
     N, A, c = Bm.size(-1), phi.size(-1), triton.cdiv(T, chunk)
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)
     final = torch.empty(Bsz, H, P, N, device=x.device, dtype=torch.float32)
     states = torch.empty(Bsz, H, c, P, N, device=x.device, dtype=torch.float32)
     _fwd[(Bsz * H,)](x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0, y, final, states,
@@ -229,7 +233,7 @@ def _ssd_fwd(x: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.
 def _(x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0, chunk):
     Bsz, T, H, P = x.shape
     N, c = Bm.size(-1), -(-T // chunk)
-    return (torch.empty_like(x), x.new_empty(Bsz, H, P, N, dtype=torch.float32),
+    return (x.new_empty(x.shape), x.new_empty(Bsz, H, P, N, dtype=torch.float32),
             x.new_empty(Bsz, H, c, P, N, dtype=torch.float32))
 
 
@@ -237,6 +241,8 @@ def _(x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0, chunk):
 def _ssd_bwd(x: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.Tensor, C_bias: torch.Tensor,
              phi: torch.Tensor, a: torch.Tensor, w: torch.Tensor, w_next: torch.Tensor, states: torch.Tensor,
              dy: torch.Tensor, dfinal: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, states, dy, dfinal = (  # contiguous, as in _ssd_fwd
+        t.contiguous() for t in (x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, states, dy, dfinal))
     Bsz, T, H, P = x.shape
     N, A, c = Bm.size(-1), phi.size(-1), states.size(2)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -245,7 +251,7 @@ def _ssd_bwd(x: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.
     dphi = torch.empty(Bsz, T, H, A, **f32)
     da, dw, dwn = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
     ds0 = torch.empty(Bsz, H, P, N, **f32)
-    _bwd[(Bsz * H,)](x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, states, dy.contiguous(), dfinal.contiguous(),
+    _bwd[(Bsz * H,)](x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, states, dy, dfinal,
                      dx, dkb, dqb, dphi, da, dw, dwn, ds0, T, H, P, N, A, c, **_blocks(chunk, P, N))
     return [dx, dkb, dqb, dphi, da, dw, dwn, ds0]
 

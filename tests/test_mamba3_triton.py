@@ -62,6 +62,27 @@ def test_fused_ssd_and_its_gradients_equal_the_torch_ssd(T, chunk, init, bias, A
         close(gg, ww, 1e-5)
 
 
+def test_the_ops_take_any_layout():
+    """The custom ops make their inputs contiguous themselves (under torch.compile the caller's
+    .contiguous() can be traced away): the same outputs and gradients from strided inputs."""
+    torch.manual_seed(0)
+    Bsz, T, H, P, N, A = 2, 20, 2, 16, 32, 8
+    strided = lambda t: t.transpose(0, -1).contiguous().transpose(0, -1)  # same values, other strides
+    ins = [torch.randn(Bsz, T, H, P), torch.randn(Bsz, T, N), torch.randn(Bsz, T, N), torch.randn(H, N),
+           torch.randn(H, N), 6 * torch.rand(Bsz, T, H, A), -0.5 * torch.rand(Bsz, T, H), torch.rand(Bsz, T, H),
+           torch.rand(Bsz, T, H), torch.randn(Bsz, H, P, N)]
+    ins = [t.to(DEV) for t in ins]
+    outs = [torch.ops.nanochat.mamba3_ssd_fwd(*[f(t) for t in ins], 8) for f in (lambda t: t, strided)]
+    assert not strided(ins[0]).is_contiguous() and outs[1][0].is_contiguous()
+    for got, want in zip(outs[1], outs[0]):
+        close(got, want, 1e-6)
+    dy, df = torch.randn_like(outs[0][0]), torch.randn_like(outs[0][1])
+    grads = [torch.ops.nanochat.mamba3_ssd_bwd(*[f(t) for t in ins[:9]], f(outs[0][2]), f(dy), f(df), 8)
+             for f in (lambda t: t, strided)]
+    for got, want in zip(grads[1], grads[0]):
+        close(got, want, 1e-6)
+
+
 def layer(R=1):
     cfg = GPTConfig(n_embd=32, n_head=2, n_kv_head=2, mamba_pattern="AM", mamba3_d_state=32, mamba3_headdim=16,
                     mamba3_chunk=8, mamba3_mimo_rank=R, mamba3_qknorm=True, mamba3_bias=True,
