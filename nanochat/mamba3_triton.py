@@ -290,12 +290,11 @@ def ssd_rotated(x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0, chunk):
     for R = 1: x (B, T, H, P); Bm, Cm (B, T, N), shared by the heads; B_bias, C_bias (H, N);
     φ (B, T, H, A) fp32, turning the first A pairs; a, w, w_next (B, T, H) fp32; state0
     (B, H, P, N); a bias may be None. Returns y (B, T, H, P) in x's dtype and the final state (fp32)."""
-    f32 = lambda t: t.float().contiguous()
+    f32 = lambda t: t.float()  # (the op makes every input contiguous itself)
     if phi.size(-1) == 0:  # no rotation: one pair turned by 0 keeps the kernels free of empty tensors
         phi = phi.new_zeros(*phi.shape[:-1], 1)
     H, N = x.size(2), Bm.size(-1)
     B_bias = Bm.new_zeros(H, N) if B_bias is None else B_bias
     C_bias = Cm.new_zeros(H, N) if C_bias is None else C_bias
-    y, final, _ = _ssd_fwd(x.contiguous(), Bm.contiguous(), Cm.contiguous(), B_bias.contiguous(), C_bias.contiguous(),
-                           f32(phi), f32(a), f32(w), f32(w_next), f32(state0), chunk)
+    y, final, _ = _ssd_fwd(x, Bm, Cm, B_bias, C_bias, f32(phi), f32(a), f32(w), f32(w_next), f32(state0), chunk)
     return y, final
