@@ -111,7 +111,8 @@ def test_mamba3_triton_kernels_match_the_torch_chunked_form():
         loss.backward()
         runs[kernel, bf16] = loss.item(), {n: p.grad.float().clone() for n, p in gpu.named_parameters() if p.grad is not None}
     (loss32, want), (loss_torch, torch16), (loss_triton, triton16) = runs["torch", False], runs["torch", True], runs["triton", True]
-    assert abs(loss_triton - loss32) < 1e-2 and abs(loss_triton - loss32) <= 2 * abs(loss_torch - loss32) + 2e-3
+    assert abs(loss_triton - loss32) < 1e-2 and abs(loss_triton - loss32) <= 2 * abs(loss_torch - loss32) + 2e-3, \
+        ("loss", loss_triton, loss_torch, loss32)
     assert want.keys() == torch16.keys() == triton16.keys()
     rel = lambda got, n: ((got[n] - want[n]).norm() / want[n].norm().clamp(min=1e-12)).item()
     for name in want:
@@ -120,7 +121,8 @@ def test_mamba3_triton_kernels_match_the_torch_chunked_form():
         base = gpu(idx)
         changed = idx.clone()
         changed[:, 101:] = torch.randint(0, 500, (2, 155), device="cuda")
-        assert torch.equal(gpu(changed)[:, :101], base[:, :101])
+        diff = (gpu(changed)[:, :101] - base[:, :101]).abs().max().item()
+        assert diff == 0, ("causality", diff)
 
 
 def test_muon_cuda_matches_fp32_reference():
