@@ -3,6 +3,7 @@ set at the top of the script, and nothing executed."""
 
 import json
 import os
+import shutil
 import subprocess
 
 from eval_bundle_fixture import make_bundle_zip
@@ -127,3 +128,45 @@ def test_cpp_runcpu_profile(tmp_path):
     assert cfg["dsa_start_layer"] == 3 and meta["user_config"]["fim_rate"] == 0.5
     assert json.loads((base / "cpp_data" / "manifest.json").read_text())["mode"] == "compilable"
     assert "python -m scripts.chat_web -i base -g cpp_d4" in out.stdout.splitlines()[-1]
+
+
+def _setup_in(tmp_path, python_body):
+    """Source dev/setup.sh with NANOCHAT_SYSTEM_PYTHON=1, a PATH whose python3 is the given
+    script (no `python` on it) and a `uv` that records that it was called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\n" + python_body)
+    (bin_dir / "uv").write_text(f"#!/bin/sh\ntouch {tmp_path}/uv_called\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    for tool in ("sh", "dirname", "touch"):  # the PATH is this folder alone: no other python on it
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = dict(os.environ, NANOCHAT_SYSTEM_PYTHON="1", HOME=str(tmp_path), PATH=str(bin_dir))
+    return subprocess.run([shutil.which("bash"), "-c", "source dev/setup.sh && python -c 'print(\"which python: ok\")'"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_system_python_mode_uses_the_environment_as_it_is(tmp_path):
+    """A container whose python3 has the dependencies and no `python`: no uv, no .venv,
+    and `python` in the scripts runs that python3."""
+    import sys
+    out = _setup_in(tmp_path, f'exec {sys.executable} "$@"\n')
+    assert out.returncode == 0, out.stderr
+    assert "which python: ok" in out.stdout
+    assert not (tmp_path / "uv_called").exists()
+
+
+def test_system_python_mode_names_what_is_missing(tmp_path):
+    import sys
+    # a python3 that lacks rustbpe and pyarrow (a meta-path hook hides them)
+    hide = ("import sys, importlib.abc\n"
+            "class Hide(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name in ('rustbpe', 'pyarrow'): raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Hide())\n")
+    (tmp_path / "sitecustomize.py").write_text(hide)
+    out = _setup_in(tmp_path, f'PYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    assert out.returncode == 1
+    assert "NANOCHAT_SYSTEM_PYTHON=1" in out.stderr and "rustbpe pyarrow" in out.stderr
+    assert "unset NANOCHAT_SYSTEM_PYTHON" in out.stderr
+    assert not (tmp_path / "uv_called").exists()
