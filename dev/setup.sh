@@ -18,7 +18,8 @@ def gone(m):
         return True
 print(' '.join(m for m in ('torch', 'tiktoken', 'rustbpe', 'pyarrow', 'numpy') if gone(m)))") \
         || [ -n "$missing" ]; then
-        echo "NANOCHAT_SYSTEM_PYTHON=1 but $(command -v python || command -v python3) lacks: ${missing:-(it did not run)}." \
+        echo "NANOCHAT_SYSTEM_PYTHON=1 but $(python -c 'import sys; print(sys.executable)' 2>/dev/null || echo python)" \
+             "lacks: ${missing:-(it did not run)}." \
              "Install them (pip install $missing), or unset NANOCHAT_SYSTEM_PYTHON to let uv build .venv" >&2
         exit 1
     fi

@@ -233,6 +233,9 @@ def plot(rows, others, fit, out_dir):
                 ax.annotate(f"d{r['depth']}" if group is rows else r["tag"], (r["flops"], r[key]),
                             textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xscale("log")
+        if not any(r[key] is not None for r in rows + others):  # e.g. no CORE without the eval bundle:
+            flops = [r["flops"] for r in rows + others]      # empty log axes would keep limits (0, 1) and fail
+            ax.set_xlim(min(flops) / 2, max(flops) * 2)
         ax.xaxis.set_minor_formatter(NullFormatter())  # within a decade they overlap
         ax.set_xlabel("training FLOPs")
         ax.grid(alpha=0.3, which="both")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from eval_bundle_fixture import make_bundle_zip
 
-from scripts.miniseries import flag_mismatches, power_law_fit
+from scripts.miniseries import flag_mismatches, plot, power_law_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,19 @@ def test_power_law_fit_recovers_the_exponent():
     a, b, r2 = power_law_fit(flops, noisy)
     assert abs(b + 0.048) < 0.003 and 0.9 < r2 < 1.0
     assert power_law_fit([1e15], [1.0]) is None and power_law_fit([1e15, 1e15], [1.0, 0.9]) is None
+
+
+def test_plots_without_core_or_with_one_depth(tmp_path):
+    """No eval bundle (CORE not measured for any model) and a single depth: the plots are
+    still written (an empty log axis once failed in matplotlib's layout)."""
+    row = lambda depth, flops, core: dict(depth=depth, tag=f"miniseries_d{depth}", flops=flops, val_bpb=1.5 - depth / 10,
+                                          core=core, tok_per_sec=1000.0, mfu=None)
+    for rows, others in (([row(1, 5e10, None)], []), ([row(1, 5e10, None), row(2, 2e11, None)], [row(20, 4e18, 0.2)])):
+        out = tmp_path / str(len(rows))
+        out.mkdir()
+        names = plot(rows, others, power_law_fit([r["flops"] for r in rows], [r["val_bpb"] for r in rows]), str(out))
+        assert names == ["miniseries_bpb.png", "miniseries_core.png", "miniseries_throughput.png"]
+        assert all((out / n).stat().st_size > 1000 for n in names)
 
 
 def test_dry_run_one_base_train_per_depth(tmp_path):
