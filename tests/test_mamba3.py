@@ -207,9 +207,8 @@ def test_gradcheck_through_the_chunked_form():
 
 @pytest.mark.parametrize("R", [1, 2])
 def test_parameter_gradients_of_the_chunked_form_equal_the_recurrences(R):
-    """Every parameter's gradient through the chunked form (the rotation's hand-written
-    backward included: B/C, their per-head biases, the angles) equals autograd's through
-    the step-by-step reference, in fp64."""
+    """Every parameter's gradient through the chunked form (B/C, their per-head biases, the
+    angles' projection included) equals autograd's through the step-by-step reference, in fp64."""
     m = layer(R=R, chunk=3)
     u = torch.randn(2, 8, 32, dtype=torch.float64)
     gy = torch.randn(2, 8, 32, dtype=torch.float64)

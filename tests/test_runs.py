@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 from eval_bundle_fixture import make_bundle_zip
 
@@ -149,7 +150,6 @@ def _setup_in(tmp_path, python_body):
 def test_system_python_mode_uses_the_environment_as_it_is(tmp_path):
     """A container whose python3 has the dependencies and no `python`: no uv, no .venv,
     and `python` in the scripts runs that python3."""
-    import sys
     out = _setup_in(tmp_path, f'exec {sys.executable} "$@"\n')
     assert out.returncode == 0, out.stderr
     assert "which python: ok" in out.stdout
@@ -157,7 +157,6 @@ def test_system_python_mode_uses_the_environment_as_it_is(tmp_path):
 
 
 def test_system_python_mode_names_what_is_missing(tmp_path):
-    import sys
     # a python3 that lacks rustbpe and pyarrow (a meta-path hook hides them)
     hide = ("import sys, importlib.abc\n"
             "class Hide(importlib.abc.MetaPathFinder):\n"
