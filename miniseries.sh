@@ -24,6 +24,7 @@ DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}  # halved above d20, as run1000.sh do
 NUM_SHARDS=${NUM_SHARDS:-240}        # ~20 tokens/param for d20; not downloaded if NANOCHAT_DATA_DIR is set
 WANDB_RUN=${WANDB_RUN:-dummy}        # set a name to log to wandb (each depth as NAME_d<depth>)
 FP8=${FP8:-0}                        # 1: FP8 matmuls (H100/H200)
+NO_BUNDLE=${NO_BUNDLE:-0}            # 1: no CORE (set by the check below when the eval bundle cannot be had)
 SAVE_EVERY=${SAVE_EVERY:-$([ "$CPU" = 1 ] && echo 10 || echo 1000)}  # checkpoint steps to resume from
 CORE_MAX_PER_TASK=${CORE_MAX_PER_TASK:-$([ "$CPU" = 1 ] && echo 8 || echo -1)}  # -1: every example
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}  # not MIG slices
@@ -59,12 +60,17 @@ else
     fi
     [ -f "$TOKENIZER" ] || run python -m scripts.tok_train --max_chars=2000000000
     # the CORE eval bundle: without it (offline) the series still trains, with CORE left empty
-    run python -m scripts.preflight --stages=base_eval --min_free_gb=0 ||
-        echo "warning: no CORE eval bundle: the models train without CORE; a re-run measures it once there is one"
+    # (torchrun turns base_eval's "no bundle" exit code 3 into 1, so the check is made here once,
+    # and neither base_train nor base_eval spends minutes on retries it cannot win)
+    [ "$NO_BUNDLE" = 1 ] || run python -m scripts.preflight --stages=base_eval --min_free_gb=0 || { NO_BUNDLE=1
+        echo "warning: no CORE eval bundle: the models train without CORE; a re-run measures it once there is one"; }
     LAUNCH="torchrun --standalone --nproc_per_node=$NPROC -m" SEP="--"
     SIZE_FLAGS="--fp8=$FP8"
     EVAL_FLAGS=""
 fi
+
+CORE_EVERY=999999                    # base_train's CORE at its last step only
+[ "$NO_BUNDLE" = 0 ] || CORE_EVERY=-1
 
 # one model after another: train (or resume) with CORE at the last step, keep only the last checkpoint
 for d in $DEPTHS; do
@@ -75,7 +81,7 @@ for d in $DEPTHS; do
     [ "$RUN" = dummy ] || RUN="${WANDB_RUN}_d$d"
     # --num_iterations=-1: the length from the ratio (given even then, so that status sees a change of NUM_ITERS)
     FLAGS="--depth=$d --model_tag=$TAG --target_param_data_ratio=$RATIO --num_iterations=${NUM_ITERS:--1} \
---core_metric_every=999999 --core_metric_max_per_task=$CORE_MAX_PER_TASK --sample_every=-1 --save_every=$SAVE_EVERY \
+--core_metric_every=$CORE_EVERY --core_metric_max_per_task=$CORE_MAX_PER_TASK --sample_every=-1 --save_every=$SAVE_EVERY \
 --run=$RUN"
     [ "$CPU" = 1 ] || FLAGS="$FLAGS --device_batch_size=$BATCH"
     FLAGS="$FLAGS $SIZE_FLAGS $MODEL_FLAGS"
@@ -92,7 +98,9 @@ for d in $DEPTHS; do
     # CORE comes from training's last step; where that found no eval bundle (offline), base_eval tries
     # again (exit code 3: still none; a re-run of the series tries once more)
     dry || STATE=$(python -m scripts.miniseries status --tag="$TAG" -- $FLAGS)
-    if [ "$STATE" = evaluate ]; then
+    if [ "$STATE" = evaluate ] && [ "$NO_BUNDLE" = 1 ]; then
+        echo "CORE skipped for $TAG: no eval bundle (see base_eval --help)"
+    elif [ "$STATE" = evaluate ]; then
         run $LAUNCH scripts.base_eval $SEP --model_tag="$TAG" --max_per_task="$CORE_MAX_PER_TASK" $EVAL_FLAGS || {
             rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; echo "CORE skipped for $TAG: no eval bundle (see base_eval --help)"; }
     fi

@@ -80,6 +80,11 @@ def test_dry_run_one_base_train_per_depth(tmp_path):
     assert "--model_tag=hyb_d22" in trains[1] and "--run=jan_d22" in trains[1]
     assert not any("nanochat.dataset" in c for c in cmds) and "--num_shards=1" in cmds[0]
 
+    # no eval bundle (offline): base_train does not try for CORE (set by the preflight's check;
+    # torchrun would turn base_eval's exit code 3 for it into 1); with one, at the last step
+    assert all("--core_metric_every=999999 " in c for c in trains)
+    assert all("--core_metric_every=-1 " in c for c in base_trains(dry_run(tmp_path, DEPTHS="4", NO_BUNDLE="1")))
+
     # the CPU profile: no torchrun; builds the corpus and a tokenizer when there are none
     cmds = dry_run(tmp_path, CPU="1")
     assert cmds[0].startswith("python -m nanochat.corpus") and cmds[1] == "python -m scripts.tok_train --vocab_size=4096"
