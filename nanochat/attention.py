@@ -107,9 +107,9 @@ def block_masks(windows, T, kernel, device, cache):
     return masks
 
 
-def flex_attention(q, k, v, block_mask, enable_gqa):
+def flex_attention(q, k, v, block_mask, enable_gqa, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention as _flex
-    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=kernel_options)
 
 
 class CausalSelfAttention(nn.Module):

@@ -177,6 +177,14 @@ def block_mask_of(bits, S, block=BLOCK):
                                     seq_lengths=(T, S))
 
 
+def flex_options(q):
+    """flex_attention's forward blocks for the selection's mask: inductor's H100 default for
+    16-bit head_dim 64 (128 x 128 keys, 3 stages) plus the mask's reads of the bits asks for
+    240 KiB of shared memory, over the H200's 227 KiB ("No valid triton configs", 2026-11-30);
+    128 x 64 is its default at head_dim 128, which fits."""
+    return {"fwd_BLOCK_N": 64} if q.dtype != torch.float32 and q.size(-1) <= 64 else None
+
+
 class SparseAttention(CausalSelfAttention):
     """Causal self-attention whose keys are chosen per query by the lightning indexer.
     ctx.dsa_stage: "warmup" (dense attention, only the indexer's loss) or "sparse"."""
@@ -212,7 +220,7 @@ class SparseAttention(CausalSelfAttention):
         if cache is None and (ctx.dsa_kernel == "flex" or auto):
             # the long-context path: nothing T x T (see the module docstring)
             bits = self.select_packed(iq, iw, ik) if sparse else None
-            y = flex_attention(q, k, v, block_mask_of(bits, S), gqa) if sparse else self.attend(q, k, v, ctx)
+            y = flex_attention(q, k, v, block_mask_of(bits, S), gqa, flex_options(q)) if sparse else self.attend(q, k, v, ctx)
             if train:
                 scores = self.indexer.scores(iq[:, rows], iw[:, rows], ik)
                 allowed = unpack_bits(bits[:, rows], S) if sparse else self.visible_rows(rows, S)
