@@ -110,6 +110,35 @@ def segsum_exp(a_cs):
     return torch.exp((a_cs[..., :, None] - a_cs[..., None, :]).masked_fill(~causal, float("-inf")))
 
 
+class MatmulNT(torch.autograd.Function):
+    """a @ bᵀ whose gradients leave in the plain layout: autograd's own backward returns b's
+    as the transpose of (aᵀ g), which the next fused kernel then reads across its rows."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return g @ b, g.transpose(-1, -2) @ a
+
+
+class MatmulTN(torch.autograd.Function):
+    """aᵀ @ b, likewise (autograd returns a's gradient as the transpose of b gᵀ)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a.transpose(-1, -2) @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return b @ g.transpose(-1, -2), a @ g
+
+
 def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     """Chunked SSD (Mamba-2's, with MIMO ranks and the trapezoid's two input weights):
         H_t = exp(a_t) H_{t-1} + w_t Σ_u X_{t,u} K_{t,u}ᵀ + exp(a_t) w_next_{t-1} Σ_u X_{t-1,u} K_{t-1,u}ᵀ
@@ -137,12 +166,12 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     L = segsum_exp(a_cs) * (w[..., None, :] + w_next[..., None, :] * later)  # (B, H, c, chunk, chunk)
     if R > 1:
         L = L.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
-    scores = (Qf @ Kf.transpose(-1, -2)) * L.to(Qf.dtype)
+    scores = MatmulNT.apply(Qf, Kf) * L.to(Qf.dtype)
     Y = scores @ Xf                                                  # (B, H, c, chunk*R, P)
     # 2. each chunk's own state after its last token (w_next of the last one included: it
     #    only reaches the next chunks)
     decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
-    states = (Xf * decay_to_end[..., None]).transpose(-1, -2) @ Kf   # (B, H, c, P, N)
+    states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)       # (B, H, c, P, N)
     # 3. across chunks: the state entering each chunk (the initial state first), in fp32
     with torch.autocast(X.device.type, enabled=False):
         states = torch.cat([at_least_fp32(initial_state)[:, :, None], at_least_fp32(states)], dim=2)
@@ -150,7 +179,7 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
     entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
     # 4. what the entering state adds to each position, decayed to it
-    Y = Y + (Qf @ entering.transpose(-1, -2)) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
+    Y = Y + MatmulNT.apply(Qf, entering) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
     Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)
     return Y[:, :T], final
 
