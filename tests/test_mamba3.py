@@ -342,6 +342,25 @@ def test_bf16_autocast_prefill_and_decode_stay_close_to_fp32():
     assert rel(full) < 2e-2 and rel(torch.cat(outs, 1)) < 2e-2, (rel(full), rel(torch.cat(outs, 1)))
 
 
+@pytest.mark.parametrize("R,toggles", [(1, {}), (2, {}), (1, dict(mamba3_qknorm=False, mamba3_bias=False,
+                                                                      mamba3_complex_rope=False, mamba3_trapezoidal=False))])
+def test_bf16_autocast_gradients_stay_close_to_fp32(R, toggles):
+    """Training's backward under bf16 autocast: ssd()'s own matmul Functions get bf16 gradients
+    against the operands they saved; every parameter's gradient stays near fp32's."""
+    m = layer(R=R, chunk=4, dtype=torch.float32, **toggles)
+    u, gy = torch.randn(2, 24, 32), torch.randn(2, 24, 32)
+    grads = []
+    for bf16 in (False, True):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = m(u, ctx(0, 24))
+        (y.float() * gy).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n, want in grads[0].items():
+        rel = ((grads[1][n] - want).norm() / want.norm()).item()
+        assert rel < 5e-2, (n, rel)
+
+
 def test_long_sequences_with_strong_decay_stay_finite():
     m = layer(chunk=8)
     with torch.no_grad():
