@@ -20,6 +20,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The slowest files first (CI's durations, 2026-11-30): the workers take whole files in this
+# order, so the run does not end with one worker on a long file and the other idle.
+SLOW_FILES = ["test_runs.py", "test_base_train.py", "test_tpu.py", "test_chat_web.py", "test_mtp.py",
+              "test_checkpoint.py", "test_chat_chain.py", "test_cpp_data.py", "test_chat_cli.py", "test_miniseries.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: in-file order kept
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     from nanochat.corpus import build
