@@ -95,8 +95,9 @@ for d in $DEPTHS; do
         resume) run $LAUNCH scripts.base_train $SEP $FLAGS --resume_from_step=0 ;;
     esac
     [ "$STATE" = done ] || run python -m scripts.miniseries prune --tag="$TAG"
-    # CORE comes from training's last step; where that found no eval bundle (offline), base_eval tries
-    # again (exit code 3: still none; a re-run of the series tries once more)
+    # CORE comes from training's last step. Without an eval bundle (NO_BUNDLE) it stays empty;
+    # else, where training did not measure it, base_eval does (exit code 3: no bundle after all,
+    # as on the CPU profile offline); a re-run of the series tries once more
     dry || STATE=$(python -m scripts.miniseries status --tag="$TAG" -- $FLAGS)
     if [ "$STATE" = evaluate ] && [ "$NO_BUNDLE" = 1 ]; then
         echo "CORE skipped for $TAG: no eval bundle (see base_eval --help)"
