@@ -8,7 +8,8 @@
 #   TINY=1 DATA=... bash dev/quality_ablation.sh default new   # CPU smoke test, tiny sizes
 #
 # Needs a tokenizer in $NANOCHAT_BASE_DIR/tokenizer (no internet needed). Env: STEPS, OUT
-# (logs, default /tmp), NPROC (GPUs, default 1), EXTRA (flags appended to every run),
+# (logs, default /tmp), NPROC (GPUs, default 1), EXTRA (flags appended to every run), TAG (a
+# prefix for the runs' names, logs and checkpoints, so runs with different EXTRA can share OUT),
 # DEPTH, SEQ, DBS (device batch), TBS (total batch), EVAL_TOKENS, PYTHON (default python).
 #
 # Sets: "default" = today's defaults (no flags); "legacy" = the January 2026 model and
@@ -97,14 +98,14 @@ for name in "$@"; do
   flags=($(flags_of "$name"))
   cmd=("${launcher[@]}" --depth="$DEPTH" --window_pattern=L --max_seq_len="$SEQ" --device_batch_size="$DBS"
        --num_iterations="$STEPS" --total_batch_size="$TBS" --eval_every="$STEPS" --eval_tokens="$EVAL_TOKENS"
-       --core_metric_every=-1 --sample_every=-1 --save_every=-1 --data_dir="${DATA:-DATA}" --model_tag="abl_$name"
+       --core_metric_every=-1 --sample_every=-1 --save_every=-1 --data_dir="${DATA:-DATA}" --model_tag="abl_${TAG:-}$name"
        "${flags[@]}" ${EXTRA:-})
-  log="$OUT/abl_$name.log"
+  log="$OUT/abl_${TAG:-}$name.log"
   echo "== $name: ${cmd[*]}"
   [[ ${DRY:-0} == 1 ]] && continue
   if "${cmd[@]}" >"$log" 2>&1; then status=ok; else status=FAILED; fi
   # final val bpb, median tok/s over the logged steps after 10, peak memory
-  row=$("${PYTHON:-python}" - "$log" "$name" "$status" <<'EOF'
+  row=$("${PYTHON:-python}" - "$log" "${TAG:-}$name" "$status" <<'EOF'
 import re, statistics, sys
 log, name, status = sys.argv[1:]
 text = open(log).read()
