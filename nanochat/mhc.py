@@ -89,10 +89,13 @@ class HyperConnection(nn.Module):
     def coefficients(self, x):
         """H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n), all fp32."""
         n = self.n
-        r = F.rms_norm(x.flatten(-2), (x.size(-2) * x.size(-1),))
+        # RMSNorm(vec X) Φ = (vec X Φ) / rms(vec X): the norm applied after the projection (the
+        # paper's kernels do the same), so the normed nC-wide copy of X is never made or kept
+        xf = x.flatten(-2)
+        inv_rms = torch.rsqrt(xf.float().square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
         s = self.scale.float()
         scale = torch.cat([s[0].expand(n), s[1].expand(n), s[2].expand(n * n)])
-        m = self.phi(r).float() * scale + self.base.float()
+        m = self.phi(xf).float() * inv_rms * scale + self.base.float()
         pre = torch.sigmoid(m[..., :n]) + PRE_EPS
         post = 2 * torch.sigmoid(m[..., n:2 * n])
         res = sinkhorn(m[..., 2 * n:].unflatten(-1, (n, n)))
@@ -103,5 +106,10 @@ class HyperConnection(nn.Module):
         pre, post, res = self.coefficients(x)
         u = (pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
         f = sublayer(u)
-        mixed = torch.einsum("btij,btic->btjc", res.to(x.dtype), x)
-        return mixed + post.to(x.dtype).unsqueeze(-1) * f.unsqueeze(-2)
+        # X'[j] = sum_i H_res[i, j] X[i] + H_post[j] f as n broadcast products, which the compiler
+        # fuses into one elementwise pass (an einsum would be a batched matmul of 4 x 4 matrices)
+        res = res.to(x.dtype)
+        mixed = post.to(x.dtype).unsqueeze(-1) * f.unsqueeze(-2)
+        for i in range(self.n):
+            mixed = mixed + res[..., i, :, None] * x[..., i, None, :]
+        return mixed

@@ -195,3 +195,41 @@ def test_base_train_with_mhc_trains_and_its_checkpoint_rebuilds(base_dir, corpus
     model, _ = build_from_checkpoint(str(ckpt), 6, torch.device("cpu"), "eval")
     assert isinstance(model, GPT) and model.blocks[0].hc_mixer.n == 3
     assert model.blocks[1].hc_mlp.scale.ne(0.01).any()  # the trained values, not a fresh init
+
+
+def test_hyper_connection_equals_the_equations():
+    """The wrapper (norm applied after Φ, streams mixed as broadcast products) equals the
+    docstring's equations written plainly: RMSNorm(vec X) Φ, Sinkhorn, an einsum mix."""
+    from nanochat.mhc import HyperConnection
+    cfg = GPTConfig(**KW, mhc=True)
+    hc = HyperConnection(cfg, 1, 0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hc.parameters():
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(2, 5, 4, 64) * 3
+    f_of = lambda u: torch.tanh(u) * 2  # any sublayer
+    n, C = 4, 64
+    m = torch.nn.functional.rms_norm(x.flatten(-2), (n * C,)) @ hc.phi.weight.T
+    m = m * torch.cat([hc.scale[0].expand(n), hc.scale[1].expand(n), hc.scale[2].expand(n * n)]) + hc.base
+    pre, post = torch.sigmoid(m[..., :n]) + 1e-6, 2 * torch.sigmoid(m[..., n:2 * n])
+    res = sinkhorn(m[..., 2 * n:].unflatten(-1, (n, n)))
+    f = f_of((pre.unsqueeze(-1) * x).sum(-2))
+    ref = torch.einsum("btij,btic->btjc", res, x) + post.unsqueeze(-1) * f.unsqueeze(-2)
+    torch.testing.assert_close(hc(x, f_of), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dev_saved_bytes_counts_the_streams():
+    """dev/saved_bytes.py (activation memory on the CPU): mHC's four streams keep more for
+    backward than the single residual."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def kib(*flags):
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run([sys.executable, "dev/saved_bytes.py", "--depth=2", "--seq_len=32", *flags],
+                             capture_output=True, text=True, check=True, cwd=root).stdout
+        return float(re.search(r"([\d.]+) KiB saved per token", out).group(1))
+    assert kib("--mhc") > 1.2 * kib()
