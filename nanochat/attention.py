@@ -57,8 +57,8 @@ def apply_rotary_emb(x, cos, sin):
 class Context:
     """What one forward pass shares across layers: rotary tables for its positions, the
     position offset (pos0 > 0 when decoding with a cache), and cached attention masks.
-    For the static one-token decode step (GPT.decode_step) the position is a device
-    tensor instead, and decode_masks hold each window's mask over the whole cache.
+    For the static decode step (GPT.decode_step, decode_hidden) the first position is a
+    device tensor instead, and decode_masks hold each window's mask over the whole cache.
     idx: the token ids, for mixers that look something up per token."""
 
     def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse",
@@ -81,10 +81,11 @@ def sliding_window_mask(q_len, k_len, pos0, window, device):
     return (kpos <= qpos) & (qpos - kpos < window)
 
 
-def decode_masks(windows, max_len, pos_t):
-    """{window: (1, 1, 1, max_len) mask} for one query at device position pos_t over a whole cache."""
-    kpos = torch.arange(max_len, device=pos_t.device)
-    return {w: ((kpos <= pos_t) & (pos_t - kpos < w)).view(1, 1, 1, -1) for w in windows}
+def decode_masks(windows, max_len, pos):
+    """{window: (1, 1, T, max_len) mask} for T queries at the device positions pos (T,) over a whole cache."""
+    kpos = torch.arange(max_len, device=pos.device)
+    qpos = pos.view(-1, 1)
+    return {w: ((kpos <= qpos) & (qpos - kpos < w)).view(1, 1, qpos.size(0), -1) for w in windows}
 
 
 def block_masks(windows, T, kernel, device, cache):
@@ -232,9 +233,10 @@ class KVCache:
         return self.k[:, :, :pos0 + T], self.v[:, :, :pos0 + T]
 
     def write(self, k, v, pos_t):
-        """One position given as a device tensor: same shapes every step (CUDA graphs)."""
-        self.k.index_copy_(2, pos_t.view(1), k.to(self.k.dtype))
-        self.v.index_copy_(2, pos_t.view(1), v.to(self.v.dtype))
+        """T positions from pos_t, a device tensor: same shapes every step (CUDA graphs)."""
+        pos = pos_t + torch.arange(k.size(2), device=pos_t.device)
+        self.k.index_copy_(2, pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
 
     def repeat(self, n):

@@ -171,9 +171,10 @@ class Engine:
         frequency_penalty, presence_penalty and logit_bias ({token id: bias}) adjust the
         logits before sampling, as OpenAI's parameters of those names (adjust_logits).
         speculative=True: greedy self-speculative decoding with the model's MTP modules
-        (mtp.speculative_generate), the same tokens in fewer forwards; temperature 0, one
-        sample, no tools or logit adjustments, no CUDA graphs; self.spec_stats then
-        counts the drafted and accepted tokens."""
+        (nanochat/mtp.py), the same tokens in fewer forwards; temperature 0, one sample,
+        no tools or logit adjustments; one CUDA graph per round for models with one MTP
+        module and attention-only layers (speculative_static), else plain PyTorch
+        (speculative_generate); self.spec_stats then counts the drafted and accepted tokens."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
@@ -230,14 +231,20 @@ class Engine:
         cache.pos = pos
 
     def _speculative(self, tokens, num_samples, max_tokens, temperature, adjust):
-        from nanochat.mtp import speculative_generate
+        from nanochat.mtp import speculative_generate, speculative_static, static_ready
         if temperature >= 1e-5:
             raise ValueError("speculative decoding is greedy only (temperature 0); the sampling version is not built")
         if num_samples != 1 or self.use_tools or adjust:
             raise ValueError("speculative decoding runs one sample, without tools (Engine(use_tools=False)) "
                              "or logit adjustments")
         self.spec_stats = {}
-        for tok in speculative_generate(self.model, tokens, max_tokens, self.spec_stats):
+        if static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
+            # one MTP module, attention only: fixed-shape rounds, each one CUDA graph
+            graph = self.device.type == "cuda" and self.use_cuda_graphs
+            gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph)
+        else:
+            gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats)
+        for tok in gen:
             yield [tok], [1]
             if tok in self.stop_tokens:
                 break

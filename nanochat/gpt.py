@@ -522,12 +522,20 @@ class GPT(nn.Module):
         tensor), written into the cache. Every shape is fixed whatever the position, so
         the engine can compile this and replay it as a CUDA graph. Attention reads the
         whole cache under a mask; the caller keeps cache.pos."""
-        cos = self.cos.index_select(1, pos_t.view(1))
-        sin = self.sin.index_select(1, pos_t.view(1))
-        masks = decode_masks({s.window for s in self.plan if s.window}, cache.max_len, pos_t)
-        ctx = Context(cos, sin, None, 1, {}, pos_t=pos_t, decode_masks=masks, idx=idx)
-        x = self._trunk(self._embed(idx, cache), ctx, cache)
-        return self._logits(x[:, -1])
+        return self._logits(self.decode_hidden(idx, cache, pos_t)[:, -1])
+
+    def decode_hidden(self, idx, cache, pos_t):
+        """decode_step's final hidden states (B, T, C), for T tokens per row at positions
+        pos_t .. pos_t + T - 1. T > 1 (speculative decoding's verify, nanochat/mtp.py) needs
+        every layer's state indexed by position: attention layers only, no Engram."""
+        T = idx.size(1)
+        if T > 1 and any(s.mixer != "attn" or "engram" in s.extras for s in self.plan):
+            raise ValueError("a static decode step over several tokens needs attention-only layers without Engram")
+        pos = pos_t + torch.arange(T, device=pos_t.device)
+        cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
+        masks = decode_masks({s.window for s in self.plan if s.window}, cache.max_len, pos)
+        ctx = Context(cos, sin, None, T, {}, pos_t=pos_t, decode_masks=masks, idx=idx)
+        return self._trunk(self._embed(idx, cache), ctx, cache)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import Context, norm
+from nanochat.attention import Context, decode_masks, norm
 
 
 class MTP(nn.Module):
@@ -156,6 +156,109 @@ def verify(model, cache, block):
             cache.pos = pos0
             _, h = model(ids[:, :n + 1], cache=cache, return_hidden=True)
     return n, greedy[n], h[:, :n + 1]
+
+
+def static_ready(model):
+    """Whether speculative_static can serve the model: one MTP module, and every layer's
+    cache indexed by position (attention only, no Engram), so a rejected draft needs no
+    rollback beyond the smear's previous embedding."""
+    return (model.config.mtp and model.config.mtp_depth == 1
+            and all(s.mixer == "attn" and "engram" not in s.extras for s in model.plan))
+
+
+def static_round(model, cache, mcache, blk, pos_t):
+    """One round of speculative decoding with one MTP module, in fixed shapes and without a
+    host sync, so that it can be one CUDA graph. blk (1, 2) = [t, d]: the main model's next
+    token t, at position pos_t, and the draft d after it. Returns (g, acc, t', d'): g (1, 2)
+    the main model's greedy tokens after t and after d, acc (1,) whether d == g[0] (kept),
+    then the next round's token and draft. The main model's and the module's caches get
+    positions pos_t and pos_t + 1; when d is rejected, the entries at pos_t + 1 are
+    overwritten by the next round before they are read, and the smear's previous
+    embedding is set to the last kept token's (the only state not indexed by position)."""
+    h = model.decode_hidden(blk, cache, pos_t)                  # (1, 2, C)
+    g = model._logits(h).argmax(-1)
+    acc = g[:, 0] == blk[:, 1]
+    keep = acc.long().view(-1, 1)                               # the last kept position: 0 or 1
+    if cache.prev_emb is not None:
+        cache.prev_emb.copy_(norm(model.wte(blk.gather(1, keep))))
+    # module 1 at positions p, p+1 reads h there and the tokens at p+1, p+2: g[0], the true
+    # token after t whether d was kept or not, and g[1], true when d was kept
+    pos = pos_t + torch.arange(2, device=pos_t.device)
+    masks = decode_masks({model.config.sequence_len}, mcache.k.size(2), pos)
+    ctx = Context(model.cos.index_select(1, pos), model.sin.index_select(1, pos), None, 2, {}, pos_t=pos_t,
+                  decode_masks=masks, idx=g)
+    x = model.mtp.proj[0](torch.cat([norm(h), norm(model.wte(g))], dim=-1))
+    drafts = model._logits(norm(model.mtp.blocks[0](x, ctx, mcache))).argmax(-1)  # for p+2 (from p) and p+3
+    return g, acc, g.gather(1, keep), drafts.gather(1, keep)
+
+
+_compiled_round = None  # compiled once per process; recompiled only for another cache length
+
+
+def _round_runner(model, cache, mcache, blk, pos_t, cuda_graph):
+    """static_round as a function of no arguments: plain, or compiled and captured as one
+    CUDA graph (warmed up at the cache's last two positions, which every round writes
+    before it reads them, with the smear's state restored after)."""
+    if not cuda_graph:
+        return lambda: static_round(model, cache, mcache, blk, pos_t)
+    global _compiled_round
+    if _compiled_round is None:
+        _compiled_round = torch.compile(static_round, dynamic=False)
+    step = _compiled_round
+    pos_t.fill_(cache.max_len - 2)
+    snap = cache.snapshot()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(model, cache, mcache, blk, pos_t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(model, cache, mcache, blk, pos_t)
+    cache.restore(snap)
+    return lambda: (graph.replay(), out)[1]
+
+
+@torch.inference_mode()
+def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
+    """speculative_generate for static_ready models, one fixed-shape round per step
+    (static_round; one CUDA graph with cuda_graph=True) and one host sync per round to
+    read its tokens. The same tokens as greedy decoding, up to argmax ties within the
+    rounding difference between a two-token forward and one token at a time."""
+    if not static_ready(model):
+        raise ValueError("speculative_static needs one MTP module and attention-only layers without Engram")
+    stats = {} if stats is None else stats
+    stats.update(drafted=0, accepted=0)
+    n, dev = len(tokens), model.wte.weight.device
+    max_len = n + max_tokens + 1  # a round writes one position past the last token it keeps
+    if max_len > model.rotary_len:
+        raise ValueError(f"{n} prompt + {max_tokens} new tokens are longer than the rotary tables ({model.rotary_len})")
+    max_len = min(-(-max_len // 256) * 256, model.rotary_len)  # as the engine: fewer lengths to compile for
+    cache = model.init_cache(1, max_len)
+    mcache = model.mtp.blocks[0].mixer.init_cache(1, max_len, dev, model.wte.weight.dtype)
+    logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)
+    t = int(logits[0, -1].argmax())
+    # the module over the prompt: position i reads h_i and token i+1 (t after the last)
+    ids = torch.tensor([list(tokens[1:]) + [t]], device=dev)
+    x = model.mtp.proj[0](torch.cat([norm(h), norm(model.wte(ids))], dim=-1))
+    x = model.mtp.blocks[0](x, Context(model.cos[:, :n], model.sin[:, :n], 0, n, {}), mcache)
+    d = int(model._logits(norm(x[:, -1])).argmax(-1))
+    blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
+    pos_t = torch.zeros((), dtype=torch.long, device=dev)
+    run = _round_runner(model, cache, mcache, blk, pos_t, cuda_graph)  # before the first token, as the engine
+    yield t
+    p, produced = n, 1
+    while produced < max_tokens:
+        blk.copy_(torch.tensor([[t, d]]))
+        pos_t.fill_(p)
+        g, acc, t_next, d_next = run()
+        g0, g1, kept, t_next, d_next = torch.cat([g[0], acc.long(), t_next[0], d_next[0]]).tolist()
+        new = [d, g1] if kept else [g0]  # kept: d == g0
+        stats["drafted"] += 1
+        stats["accepted"] += kept
+        yield from new[:max_tokens - produced]
+        produced, p, t, d = produced + len(new), p + len(new), t_next, d_next
 
 
 @torch.inference_mode()

@@ -11,9 +11,14 @@ does, so its rate here says nothing about a trained model). Prints a table, then
     python -m scripts.engine_bench --speculative=2 --batch_sizes=1  # + greedy self-speculative decoding, 2 MTP modules
 
 --speculative=D adds D MTP modules to the model and one more row: batch 1 decoded by
-self-speculative decoding (nanochat/mtp.py; no CUDA graphs), with its acceptance rate.
-With random weights the drafts are almost never accepted, so that row measures the cost
-of drafting and verifying, not the gain a trained model would get.
+self-speculative decoding (nanochat/mtp.py; one CUDA graph per round when D = 1 on an
+attention-only model, plain PyTorch otherwise), with its acceptance rate. With random
+weights the drafts are almost never accepted, so that row measures the cost of drafting
+and verifying, not the gain a trained model would get: for that, --model_tag benchmarks a
+trained base checkpoint (its own config, its MTP modules if it has them) on a prompt cut
+from the validation shard of --data_dir:
+
+    python -m scripts.engine_bench --model_tag=d12 --data_dir=DIR --speculative=1 --batch_sizes=1
 """
 
 import argparse
@@ -39,6 +44,8 @@ parser.add_argument("--cuda_graphs", type=int, default=1)
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
+parser.add_argument("--model_tag", default="", help="benchmark this base checkpoint (trained weights) instead of random ones")
+parser.add_argument("--data_dir", default=None, help="with --model_tag: the prompt is text from this directory's validation shard")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
 args = parser.parse_args()
@@ -48,19 +55,31 @@ _, _, _, _, device = compute_init(device_type)
 dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
 hybrid = dict(mamba_pattern=args.mamba_pattern, mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
               mamba3_trapezoidal=True) if args.mamba_pattern else {}
-mtp = dict(mtp=True, mtp_depth=args.speculative) if args.speculative else {}
-config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid, **mtp)
-model = build_model(config, device).to(dtype).eval()
-# a byte-level tokenizer needs no training: the engine only uses it for special tokens here
-tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+if args.model_tag:
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataset import list_parquet_files, parquets_iter_batched, split_files
+    model, tokenizer, _ = load_model("base", device, model_tag=args.model_tag)
+    model, config = model.to(dtype).eval(), model.config
+    if args.speculative and config.mtp_depth != args.speculative:
+        raise SystemExit(f"--speculative={args.speculative}, but checkpoint {args.model_tag} has "
+                         f"{config.mtp_depth if config.mtp else 0} MTP modules")
+    split_files(list_parquet_files(args.data_dir), "val")  # a clear error without shards
+    text = "".join(doc for batch in parquets_iter_batched("val", args.data_dir) for doc in batch)
+    prompt = tokenizer.encode(text[:args.prompt_len * 20], prepend="<|bos|>")[:args.prompt_len]
+else:
+    mtp = dict(mtp=True, mtp_depth=args.speculative) if args.speculative else {}
+    config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid, **mtp)
+    model = build_model(config, device).to(dtype).eval()
+    # a byte-level tokenizer needs no training: the engine only uses it for special tokens here
+    tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
-engine.stop_tokens = set()  # random weights: decode exactly new_tokens tokens
-prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 elt = torch.finfo(dtype).bits // 8
 mtp_params = sum(p.numel() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
 weight_bytes = (model.num_params() - model.wte.weight.numel() - mtp_params) * elt  # every matrix is read each step
 head_dim = config.n_embd // config.n_head
-max_len = args.prompt_len + args.new_tokens
+max_len = len(prompt) + args.new_tokens
 
 rows = []
 runs = [(int(b), False) for b in args.batch_sizes.split(",")] + ([(1, True)] if args.speculative else [])
@@ -100,7 +119,7 @@ for r in rows:
         continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
-print(json.dumps({"depth": args.depth, "mamba_pattern": args.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda", "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

@@ -161,6 +161,21 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
         assert all(row == ref for row in out)
 
 
+def test_speculative_cuda_graph_rounds_equal_greedy():
+    """Speculative decoding's rounds captured as CUDA graphs (one MTP module, attention only)
+    give greedy decoding's tokens, with drafts kept (trained modules) and rejected."""
+    from nanochat.engine import naive_generate
+    from nanochat.mtp import speculative_static
+    from test_speculative import progression_model
+    model = progression_model(smear=True).cuda()
+    drafted = accepted = 0
+    for prompt in ([3, 5, 7], [1, 2, 3, 4], [0, 3, 6]):
+        stats = {}
+        assert list(speculative_static(model, prompt, 20, stats, cuda_graph=True)) == naive_generate(model, prompt, 20)
+        drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+    assert 0 < accepted < drafted, (accepted, drafted)
+
+
 @pytest.mark.parametrize("recipe", [False, True])
 def test_fp8_compiled_training_step_close_to_bf16(recipe):
     # FP8 tensor-core matmuls (torch._scaled_mm on sm_89+), compiled, against the bf16 step

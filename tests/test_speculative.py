@@ -12,7 +12,7 @@ import torch
 from nanochat.attention import Context, norm
 from nanochat.engine import Engine, naive_generate
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.mtp import Drafter, speculative_generate, verify
+from nanochat.mtp import Drafter, speculative_generate, speculative_static, static_ready, verify
 from nanochat.tokenizer import Tokenizer
 from test_engine import HYBRID, RECIPE
 
@@ -188,3 +188,61 @@ def test_trained_modules_draft_what_the_model_says():
         assert list(speculative_generate(model, prompt, 20, stats)) == naive_generate(model, prompt, 20)
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert accepted / drafted > 0.5, (accepted, drafted)  # 35 / 40 when written
+
+
+STATIC = {"attn": dict(), "recipe": dict(**RECIPE), "mhc+recipe": dict(mhc=True, **RECIPE)}
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_static_rounds_equal_greedy(name):
+    """The fixed-shape round (one CUDA graph on a GPU) gives greedy decoding's tokens, with
+    drafts kept and rejected: the random module's own drafts, then the true continuation
+    forced by a model whose module always drafts greedy's next-next token."""
+    model = model_for(**STATIC[name])
+    if model.config.smear:  # a strong smear, so a wrong previous embedding after a rejected draft shows
+        with torch.no_grad():
+            model.smear_lambda.fill_(3.0)
+    ref = naive_generate(model, PROMPT, 24)
+    stats = {}
+    assert static_ready(model)
+    assert list(speculative_static(model, PROMPT, 24, stats)) == ref
+    assert stats["drafted"] > 0
+    for n in (1, 2, 3, 7):  # budgets that end inside a round
+        assert list(speculative_static(model, PROMPT, n)) == ref[:n]
+
+
+def progression_model(**kw):
+    """A tiny model with MTP trained 20 steps on arithmetic progressions mod 16: its modules
+    then draft what the model says most of the time."""
+    cfg = GPTConfig(sequence_len=32, vocab_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, mtp=True,
+                    mtp_lambda=1.0, **kw)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        start, step = torch.randint(0, 16, (8, 1), generator=g), torch.randint(1, 4, (8, 1), generator=g)
+        seq = (start + step * torch.arange(33)) % 16
+        model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def test_static_rounds_keep_accepted_drafts():
+    """Trained modules draft right most of the time: those rounds emit two tokens, still greedy's."""
+    model = progression_model(smear=True)
+    drafted = accepted = 0
+    for prompt in ([3, 5, 7], [1, 2, 3, 4], [0, 3, 6]):
+        stats = {}
+        assert list(speculative_static(model, prompt, 20, stats)) == naive_generate(model, prompt, 20)
+        drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
+    assert 0 < accepted < drafted and accepted / drafted > 0.5, (accepted, drafted)  # 28 / 31 when written
+
+
+def test_static_ready_only_for_position_indexed_caches():
+    assert not static_ready(model_for(mtp_depth=2))
+    assert not static_ready(model_for(**MODELS["hybrid+engram+recipe D=3"]))
+    assert not static_ready(model_for(mtp=False))
+    with pytest.raises(ValueError, match="attention-only"):
+        list(speculative_static(model_for(mtp_depth=2), PROMPT, 4))
