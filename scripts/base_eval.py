@@ -56,6 +56,9 @@ def parse_args(argv=None):
                    "shards: the last one; or C++ sources): exact match and g++ -fsyntax-only of the filled file")
     p.add_argument("--fim_docs", type=int, default=100, help="FIM: at most this many documents")
     p.add_argument("--fim_max_tokens", type=int, default=256, help="FIM: tokens per middle")
+    p.add_argument("--fim_syntax", type=int, default=1, help="FIM: 1 = only documents that pass g++ -fsyntax-only "
+                   "alone, and the filled file's syntax scored too; 0 = every document, exact match only, no g++ "
+                   "(for files that do not compile on their own, e.g. library headers)")
     p.add_argument("--bundle_dir", default=None, help="where the bundle is unpacked (default: $NANOCHAT_BASE_DIR/eval_bundle)")
     return p.parse_args(argv)
 
@@ -83,10 +86,10 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.core and not args.cpp and not args.fim:
         raise SystemExit("nothing to evaluate: --core=0, --cpp=0 and no --fim")
-    if args.cpp or args.fim:
+    if args.cpp or (args.fim and args.fim_syntax):
         from nanochat.cpp_exec import find_compiler
         if find_compiler() is None:
-            raise SystemExit("--cpp=1 and --fim need g++ (apt-get install g++)")
+            raise SystemExit("--cpp=1 and --fim need g++ (apt-get install g++; --fim_syntax=0 scores exact match without it)")
     device_type = autodetect_device_type(args.device_type)
     ddp, rank, _, world_size, device = compute_init(device_type)
     try:
@@ -170,12 +173,16 @@ def fim(args, model, tokenizer, autocast, model_tag, step):
     from nanochat.fim import fim_prompt
     from tasks import cpp_fim
     try:
-        texts = cpp_fim.usable(cpp_fim.load_documents(args.fim, args.fim_docs), workers=args.workers)
+        texts = cpp_fim.load_documents(args.fim, args.fim_docs)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--fim={args.fim}: {e}")
+    if args.fim_syntax:
+        texts = cpp_fim.usable(texts, workers=args.workers)
     examples = cpp_fim.make_examples(texts)
     if not examples:
-        raise SystemExit(f"--fim={args.fim}: no document passes g++ -fsyntax-only on its own, so none gives an example")
+        why = "passes g++ -fsyntax-only on its own (--fim_syntax=0 skips that check)" if args.fim_syntax else \
+              "has a line or a function body to cut out"
+        raise SystemExit(f"--fim={args.fim}: no document {why}, so none gives an example")
     engine = Engine(model, tokenizer, use_tools=False)
     room = model.config.sequence_len - args.fim_max_tokens  # prompts longer than the trained context are cropped
     if room < 64:
@@ -187,12 +194,13 @@ def fim(args, model, tokenizer, autocast, model_tag, step):
             rows, _ = engine.generate_batch(fim_prompt(tokenizer, e["prefix"], e["suffix"], max_len=room), num_samples=1,
                                             max_tokens=args.fim_max_tokens, temperature=0.0)
         completions.append(tokenizer.decode(rows[0]))
-    out = cpp_fim.score(examples, completions, workers=args.workers)
+    out = cpp_fim.score(examples, completions, workers=args.workers, syntax=bool(args.fim_syntax))
     for kind, r in out.items():
-        print0(f"FIM {kind}: exact {r['exact']:.4f}, syntax {r['syntax']:.4f} ({r['n']} examples)")
+        syntax = f", syntax {r['syntax']:.4f}" if args.fim_syntax else ""
+        print0(f"FIM {kind}: exact {r['exact']:.4f}{syntax} ({r['n']} examples)")
     get_report().log(section="Base model C++ FIM", data=[
         {"Model": f"{model_tag} (step {step})", "Documents": len(texts)},
-        {f"FIM {kind} {m}": r[m] for kind, r in out.items() for m in ("exact", "syntax", "n")},
+        {f"FIM {kind} {m}": r[m] for kind, r in out.items() for m in ("exact", "syntax", "n") if r[m] is not None},
     ])
     return out
 

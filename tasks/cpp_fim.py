@@ -9,7 +9,9 @@ in by a base model from the prompt chat_web's /v1/completions builds for a "suff
 Documents: the last parquet shard of a directory (cpp_data's validation shard; column
 "text"), or the C++ sources (.cpp .cc .cxx .h .hpp) under a directory. Only documents
 that pass the syntax check as they are give examples, so a failure is the model's, not
-the file's (its includes must resolve with the system's headers alone).
+the file's (its includes must resolve with the system's headers alone). Without the
+syntax check (base_eval --fim_syntax=0: exact match only) every document gives examples,
+e.g. library headers that do not compile on their own (the embedded corpus).
 
 Two kinds of middle, drawn per document from a generator seeded by (seed, document index):
 - line: one whole line (with its newline) that is not blank, a preprocessor line or a
@@ -94,16 +96,18 @@ def make_examples(texts, kinds=("line", "body"), seed=0):
     return examples
 
 
-def score(examples, completions, workers=None):
-    """{kind: {"exact", "syntax", "n"}} and "all", the fractions over the examples."""
+def score(examples, completions, workers=None, syntax=True):
+    """{kind: {"exact", "syntax", "n"}} and "all", the fractions over the examples.
+    syntax=False: exact match only ("syntax" None), no compiler needed."""
     from nanochat.cpp_exec import syntax_check_many
     filled = [e["prefix"] + c + e["suffix"] for e, c in zip(examples, completions, strict=True)]
-    syntax = syntax_check_many(filled, workers=workers)
+    ok = syntax_check_many(filled, workers=workers) if syntax else None
     out = {}
     for kind in sorted({e["kind"] for e in examples}) + ["all"]:
         idx = [i for i, e in enumerate(examples) if kind in ("all", e["kind"])]
         exact = sum(completions[i].strip() == examples[i]["middle"].strip() for i in idx)
-        out[kind] = {"exact": exact / len(idx), "syntax": sum(syntax[i] for i in idx) / len(idx), "n": len(idx)}
+        out[kind] = {"exact": exact / len(idx), "syntax": sum(ok[i] for i in idx) / len(idx) if syntax else None,
+                     "n": len(idx)}
     return out
 
 

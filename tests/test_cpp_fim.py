@@ -88,6 +88,8 @@ def test_scripted_models_score_one_and_zero():
     wrong = cpp_fim.score(examples, ["this is not C++ at all (\n"] * len(examples), workers=2)
     assert wrong["all"] == {"exact": 0.0, "syntax": 0.0, "n": 4}
     assert set(wrong) == {"line", "body", "all"}
+    no_compiler = cpp_fim.score(examples, [e["middle"] for e in examples[:-1]] + ["x"], syntax=False)
+    assert no_compiler["all"] == {"exact": 0.75, "syntax": None, "n": 4}
 
 
 def test_base_eval_fim_end_to_end(cpp_dir, tmp_path, monkeypatch, capsys):
@@ -99,5 +101,9 @@ def test_base_eval_fim_end_to_end(cpp_dir, tmp_path, monkeypatch, capsys):
     assert out["fim"]["all"]["n"] == 4 and 0.0 <= out["fim"]["all"]["syntax"] <= 1.0
     assert "FIM all: exact" in capsys.readouterr().out
     assert "FIM body exact" in (tmp_path / "base" / "report" / "base-model-c-fim.md").read_text()
+    # without the syntax check the broken file gives examples too, scored by exact match only
+    out = base_eval.main(["--device_type", "cpu", "--core=0", f"--fim={cpp_dir}", "--fim_max_tokens=4",
+                          "--fim_syntax=0"])
+    assert out["fim"]["all"]["n"] == 5 and out["fim"]["all"]["syntax"] is None
     with pytest.raises(SystemExit, match="no C\\+\\+ documents"):
         base_eval.main(["--device_type", "cpu", "--core=0", f"--fim={tmp_path / 'empty'}"])
