@@ -28,7 +28,8 @@ TOK_MAX_CHARS=${TOK_MAX_CHARS:-2000000000}
 MODEL_TAG=${MODEL_TAG:-cpp_d$DEPTH}
 MODEL_FLAGS=${MODEL_FLAGS:-"--window_pattern=L --mamba --mamba_pattern=AAM --mamba3_qknorm --mamba3_bias \
 --mamba3_complex_rope --mamba3_trapezoidal --engram --engram_layers=0,3,6 --mhc --mtp --mtp_lambda=0.3 \
---dsa --dsa_start_layer=7 --gradient_checkpointing --fim_rate=0.5"}
+--dsa --dsa_start_layer=7 --gradient_checkpointing --fim_rate=0.5 --rope_base=10000000"}
+# rope_base 1e7: Men et al. 2024's bound for 64K tokens at head dim 128 (docs/model.md, "Rotary base")
 TRAIN_FLAGS=${TRAIN_FLAGS:-"--core_metric_every=-1 --save_every=5000 --sample_every=5000"}  # CORE is English text
 EVAL_FLAGS=${EVAL_FLAGS:-"-n 10 -t 0.8"}  # C++ pass@1 and pass@10 from 10 samples per problem
 LOSS_FLAGS=${LOSS_FLAGS:-}            # base_loss, e.g. --split_tokens=N

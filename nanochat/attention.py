@@ -46,6 +46,32 @@ def rotary_tables(length, head_dim, base=10000.0, device=None):
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
 
+def rope_base_enough(base, context, head_dim):
+    """Whether a rotary base suits a context length by the criterion of Men et al. 2024
+    ("Base of RoPE Bounds Context Length", arXiv:2405.14591), as we read it: attention can
+    favour a key similar to the query over a random one at distance m only while
+    sum_i cos(m theta_i) >= 0 (theta_i = base^(-2i/d)), so that must hold at every distance
+    up to the context. Computed exactly for the given head dim; not monotone in the base
+    near the bound, hence suggest_rope_base."""
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    m = torch.arange(context, dtype=torch.float64)[:, None]
+    return bool((torch.cos(m * theta).sum(1) >= 0).all())
+
+
+ROPE_BASES = [c * 10.0 ** e for e in range(4, 10) for c in (1, 2, 5)]
+
+
+def suggest_rope_base(context, head_dim):
+    """The smallest of 1e4, 2e4, 5e4, 1e5, ... 5e9 that suits the context, as does every larger
+    one. Head dim 128: 2e4 for 2K tokens, 5e4 for 4K, 2e5 for 8K, 5e5 for 16K, 2e6 for 32K,
+    5e6 for 64K (the recipe's 1e5 suits up to 4K)."""
+    ok = [rope_base_enough(b, context, head_dim) for b in ROPE_BASES]
+    for i, b in enumerate(ROPE_BASES):
+        if all(ok[i:]):
+            return b
+    return None
+
+
 def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x1, x2) = (first half, second half) of each head by position angles."""
     d = x.shape[-1] // 2

@@ -29,6 +29,7 @@ from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type
                              require_positive, synchronize)
 from nanochat import schedules
 from nanochat.dataloader import DataLoader
+from nanochat.attention import rope_base_enough, suggest_rope_base
 from nanochat.dataset import resolve_data_dir
 from nanochat.flags import add_model_args, add_optimizer_args, check_tpu_flags, config_from_args, optimizer_kwargs
 from nanochat.gpt import GPT, GPTConfig, build_model
@@ -145,6 +146,10 @@ if xla:
     except ValueError as e:
         raise SystemExit(str(e))
     print0(f"mesh: (data, model) = ({world_size}, {args.tensor_parallel})\n" + tpu.format_layout(table, args.tensor_parallel))
+head_dim = config.n_embd // config.n_head
+if master and not rope_base_enough(config.rope_base, args.max_seq_len, head_dim):
+    print0(f"warning: --rope_base={config.rope_base:g} is too small for {args.max_seq_len}-token context at head dim "
+           f"{head_dim} (Men et al. 2024, docs/model.md): --rope_base={suggest_rope_base(args.max_seq_len, head_dim):g} suits it")
 dsa = config.dsa_start_layer >= 0
 if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")

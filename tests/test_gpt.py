@@ -370,3 +370,19 @@ def test_old_checkpoint_config_gets_legacy_values_not_defaults():
         assert getattr(cfg, k) == v, k
     model = build_model(GPTConfig.from_dict(old), "cpu")
     assert not hasattr(model, "smear_gate") and model.wte.weight.shape[0] == 50
+
+
+def test_rope_base_bound_for_long_contexts():
+    """Men et al. 2024's criterion (sum_i cos(m theta_i) >= 0 at every distance m up to the
+    context), computed for head dim 128: the recipe's 1e5 suits 2K but not 64K; 1e7 (the C++
+    run's choice) suits 64K; the suggestion is the smallest listed base from which all pass."""
+    import numpy as np
+    from nanochat.attention import ROPE_BASES, rope_base_enough, suggest_rope_base
+    assert rope_base_enough(1e5, 2048, 128) and not rope_base_enough(1e5, 65536, 128)
+    assert rope_base_enough(1e7, 65536, 128)
+    theta = 1e5 ** (-np.arange(0, 128, 2) / 128)  # a plain numpy reading of the criterion at 16K
+    assert rope_base_enough(1e5, 16384, 128) == bool((np.cos(np.arange(16384)[:, None] * theta).sum(1) >= 0).all())
+    best = suggest_rope_base(65536, 128)
+    assert best == 5e6 and not rope_base_enough(ROPE_BASES[ROPE_BASES.index(best) - 1], 65536, 128)
+    assert all(rope_base_enough(b, 65536, 128) for b in ROPE_BASES if b >= best)
+    assert suggest_rope_base(2048, 128) == 2e4

@@ -93,7 +93,7 @@ def test_cpp_speedrun_dry_run(tmp_path):
                             "--max_seq_len=65536 --device_batch_size=1 --total_batch_size=524288 --num_iterations=50000")
     seed = ("--window_pattern=L --mamba --mamba_pattern=AAM --mamba3_qknorm --mamba3_bias --mamba3_complex_rope "
             "--mamba3_trapezoidal --engram --engram_layers=0,3,6 --mhc --mtp --mtp_lambda=0.3 --dsa --dsa_start_layer=7 "
-            "--gradient_checkpointing --fim_rate=0.5")
+            "--gradient_checkpointing --fim_rate=0.5 --rope_base=10000000")
     assert seed in train and f"--data_dir={data}" in train and "--model_tag=cpp_d24" in train
     assert "--tensor_parallel" not in train and "--streaming_data" not in train
     assert any(c.endswith(f"scripts.base_eval -- --model_tag=cpp_d24 --core=0 --cpp=1 --fim={data} -n 10 -t 0.8")
