@@ -54,8 +54,11 @@ def rope_base_enough(base, context, head_dim):
     up to the context. Computed exactly for the given head dim; not monotone in the base
     near the bound, hence suggest_rope_base."""
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    m = torch.arange(context, dtype=torch.float64)[:, None]
-    return bool((torch.cos(m * theta).sum(1) >= 0).all())
+    for start in range(0, context, 65536):  # in slices: a 1M context would be 512 MB at once
+        m = torch.arange(start, min(start + 65536, context), dtype=torch.float64)[:, None]
+        if (torch.cos(m * theta).sum(1) < 0).any():
+            return False
+    return True
 
 
 ROPE_BASES = [c * 10.0 ** e for e in range(4, 10) for c in (1, 2, 5)]

@@ -148,8 +148,10 @@ if xla:
     print0(f"mesh: (data, model) = ({world_size}, {args.tensor_parallel})\n" + tpu.format_layout(table, args.tensor_parallel))
 head_dim = config.n_embd // config.n_head
 if master and not rope_base_enough(config.rope_base, args.max_seq_len, head_dim):
+    better = suggest_rope_base(args.max_seq_len, head_dim)
     print0(f"warning: --rope_base={config.rope_base:g} is too small for {args.max_seq_len}-token context at head dim "
-           f"{head_dim} (Men et al. 2024, docs/model.md): --rope_base={suggest_rope_base(args.max_seq_len, head_dim):g} suits it")
+           f"{head_dim} (Men et al. 2024, docs/model.md): " +
+           (f"--rope_base={better:g} suits it" if better else "no base up to 5e9 does"))
 dsa = config.dsa_start_layer >= 0
 if args.dsa_warmup_steps < 0 or (args.dsa_warmup_steps and not dsa):
     raise SystemExit(f"--dsa_warmup_steps={args.dsa_warmup_steps}: needs --dsa and a number of steps >= 0")
