@@ -279,7 +279,8 @@ def speculative_generate(model, tokens, max_tokens, stats=None):
          take its own choice after them as the new t (n + 1 tokens per forward);
       4. roll the rejected positions back in every cache (verify) and in the modules' (Drafter).
 
-    Batch 1; plain PyTorch, no CUDA graphs. stats, a dict, gets "drafted" and "accepted"
+    Batch 1; plain PyTorch (speculative_static is the CUDA-graph path for one module on
+    attention-only models). stats, a dict, gets "drafted" and "accepted"
     (the acceptance rate is accepted / drafted)."""
     if not model.config.mtp:
         raise ValueError("speculative decoding drafts with the MTP modules: this model has none (train with --mtp)")
