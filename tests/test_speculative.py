@@ -165,12 +165,11 @@ def test_engine_speculative_switch():
                                                                        speculative=True)
 
 
-def test_trained_modules_draft_what_the_model_says():
-    """A model and its two MTP modules trained briefly on arithmetic progressions mod 16:
-    their drafts are mostly accepted (all of them, or a prefix), and the output is still
-    exactly greedy decoding's."""
+def progression_model(**kw):
+    """A tiny model with MTP trained 20 steps on arithmetic progressions mod 16: its modules
+    then draft what the model says most of the time."""
     cfg = GPTConfig(sequence_len=32, vocab_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, mtp=True,
-                    mtp_depth=2, mtp_lambda=1.0)
+                    mtp_lambda=1.0, **kw)
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
@@ -181,7 +180,14 @@ def test_trained_modules_draft_what_the_model_says():
         model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    model.eval()
+    return model.eval()
+
+
+def test_trained_modules_draft_what_the_model_says():
+    """A model and its two MTP modules trained briefly on arithmetic progressions mod 16:
+    their drafts are mostly accepted (all of them, or a prefix), and the output is still
+    exactly greedy decoding's."""
+    model = progression_model(mtp_depth=2)
     drafted = accepted = 0
     for prompt in ([3, 5, 7], [1, 2, 3, 4], [0, 3, 6]):
         stats = {}
@@ -209,24 +215,6 @@ def test_static_rounds_equal_greedy(name):
     assert stats["drafted"] > 0
     for n in (1, 2, 3, 7):  # budgets that end inside a round
         assert list(speculative_static(model, PROMPT, n)) == ref[:n]
-
-
-def progression_model(**kw):
-    """A tiny model with MTP trained 20 steps on arithmetic progressions mod 16: its modules
-    then draft what the model says most of the time."""
-    cfg = GPTConfig(sequence_len=32, vocab_size=16, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, mtp=True,
-                    mtp_lambda=1.0, **kw)
-    torch.manual_seed(0)
-    model = build_model(cfg, "cpu")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        start, step = torch.randint(0, 16, (8, 1), generator=g), torch.randint(1, 4, (8, 1), generator=g)
-        seq = (start + step * torch.arange(33)) % 16
-        model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 def test_static_rounds_keep_accepted_drafts():
