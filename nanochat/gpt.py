@@ -531,11 +531,16 @@ class GPT(nn.Module):
         T = idx.size(1)
         if T > 1 and any(s.mixer != "attn" or "engram" in s.extras for s in self.plan):
             raise ValueError("a static decode step over several tokens needs attention-only layers without Engram")
-        pos = pos_t + torch.arange(T, device=pos_t.device)
-        cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
-        masks = decode_masks({s.window for s in self.plan if s.window}, cache.max_len, pos)
-        ctx = Context(cos, sin, None, T, {}, pos_t=pos_t, decode_masks=masks, idx=idx)
+        ctx = self.decode_context(idx, pos_t, cache.max_len, {s.window for s in self.plan if s.window})
         return self._trunk(self._embed(idx, cache), ctx, cache)
+
+    def decode_context(self, idx, pos_t, max_len, windows):
+        """The Context of a static decode step: the T tokens of idx at device positions
+        pos_t .. pos_t + T - 1, each window's mask over a whole cache of max_len positions."""
+        T = idx.size(1)
+        pos = pos_t + torch.arange(T, device=pos_t.device)
+        return Context(self.cos.index_select(1, pos), self.sin.index_select(1, pos), None, T, {}, pos_t=pos_t,
+                       decode_masks=decode_masks(windows, max_len, pos), idx=idx)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import Context, decode_masks, norm
+from nanochat.attention import Context, norm
 
 
 class MTP(nn.Module):
@@ -183,10 +183,7 @@ def static_round(model, cache, mcache, blk, pos_t):
         cache.prev_emb.copy_(norm(model.wte(blk.gather(1, keep))))
     # module 1 at positions p, p+1 reads h there and the tokens at p+1, p+2: g[0], the true
     # token after t whether d was kept or not, and g[1], true when d was kept
-    pos = pos_t + torch.arange(2, device=pos_t.device)
-    masks = decode_masks({model.config.sequence_len}, mcache.k.size(2), pos)
-    ctx = Context(model.cos.index_select(1, pos), model.sin.index_select(1, pos), None, 2, {}, pos_t=pos_t,
-                  decode_masks=masks, idx=g)
+    ctx = model.decode_context(g, pos_t, mcache.k.size(2), {model.config.sequence_len})
     x = model.mtp.proj[0](torch.cat([norm(h), norm(model.wte(g))], dim=-1))
     drafts = model._logits(norm(model.mtp.blocks[0](x, ctx, mcache))).argmax(-1)  # for p+2 (from p) and p+3
     return g, acc, g.gather(1, keep), drafts.gather(1, keep)
@@ -235,15 +232,11 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
     if max_len > model.rotary_len:
         raise ValueError(f"{n} prompt + {max_tokens} new tokens are longer than the rotary tables ({model.rotary_len})")
     max_len = min(-(-max_len // 256) * 256, model.rotary_len)  # as the engine: fewer lengths to compile for
-    cache = model.init_cache(1, max_len)
-    mcache = model.mtp.blocks[0].mixer.init_cache(1, max_len, dev, model.wte.weight.dtype)
+    cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
     logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)
     t = int(logits[0, -1].argmax())
-    # the module over the prompt: position i reads h_i and token i+1 (t after the last)
-    ids = torch.tensor([list(tokens[1:]) + [t]], device=dev)
-    x = model.mtp.proj[0](torch.cat([norm(h), norm(model.wte(ids))], dim=-1))
-    x = model.mtp.blocks[0](x, Context(model.cos[:, :n], model.sin[:, :n], 0, n, {}), mcache)
-    d = int(model._logits(norm(x[:, -1])).argmax(-1))
+    drafter.accept(list(tokens) + [t], h)  # the module over the prompt drafts d; the rounds then own its cache
+    d, mcache = drafter.draft(1)[0], drafter.kv[0]
     blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
     pos_t = torch.zeros((), dtype=torch.long, device=dev)
     run = _round_runner(model, cache, mcache, blk, pos_t, cuda_graph)  # before the first token, as the engine
