@@ -19,7 +19,9 @@ for each token on its own:
 Sinkhorn-Knopp (20 iterations, eps 1e-6): softmax over each row, then alternately divide
 by the column sums and the row sums (ending on the columns). Doubly stochastic matrices
 are closed under products and have spectral norm <= 1, so the mixing over depth can
-neither blow up nor vanish: that constraint is mHC's point over plain HC.
+neither blow up nor vanish: that constraint is mHC's point over plain HC. It runs as one
+op (fused Triton kernels on CUDA, nanochat/mhc_triton.py; the backward recomputes the
+iterates, as the paper's kernels do), not as ~80 small ops for torch.compile to trace.
 
 Every coefficient comes from the token's own residual: nothing pools over time, and
 decoding needs no cache of its own. The model expands the embedding into n copies before
@@ -47,14 +49,84 @@ INIT_LOGIT = 6.0   # base_res = 6 I, base_pre = +-6
 INIT_SCALE = 0.01
 
 
-def sinkhorn(logits, iters=SINKHORN_ITERS, eps=SINKHORN_EPS):
-    """(..., n, n) logits -> doubly stochastic matrices, computed in fp32."""
-    m = logits.float().softmax(-1) + eps
+def sinkhorn_reference(logits, iters=SINKHORN_ITERS, eps=SINKHORN_EPS):
+    """(..., n, n) logits -> doubly stochastic matrices, in fp32 (fp64 stays fp64)."""
+    m = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1) + eps
     m = m / (m.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         m = m / (m.sum(-1, keepdim=True) + eps)
         m = m / (m.sum(-2, keepdim=True) + eps)
     return m
+
+
+def _sinkhorn_backward_reference(grad, logits, iters, eps):
+    """sinkhorn_reference's gradient, written out as the Triton kernel computes it (there by
+    recomputing the iterates, here by keeping them): through y = m / (s + eps), s the sum
+    along the normalised axis, dm = (dy - sum(dy y)) / (s + eps) along that axis."""
+    p = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+    ms = [p + eps]  # the input of each normalisation, columns first, then rows and columns
+    for k in range(2 * iters - 1):
+        ms.append(ms[-1] / (ms[-1].sum(-2 if k % 2 == 0 else -1, keepdim=True) + eps))
+    g = grad.to(p.dtype)
+    for k in reversed(range(2 * iters - 1)):
+        dim = -2 if k % 2 == 0 else -1
+        s = ms[k].sum(dim, keepdim=True) + eps
+        g = (g - (g * ms[k + 1]).sum(dim, keepdim=True)) / s
+    return (p * (g - (g * p).sum(-1, keepdim=True))).to(logits.dtype)
+
+
+def _triton_ok(x):
+    n = x.size(-1)
+    return x.is_cuda and x.dtype != torch.float64 and n & (n - 1) == 0
+
+
+# Sinkhorn as one op to torch.compile, fused Triton kernels on CUDA (nanochat/mhc_triton.py):
+# traced as ~80 small ops per sublayer it made compiling take minutes and the backward keep
+# every iterate. The CPU runs the PyTorch reference inside the same op.
+@torch.library.custom_op("nanochat::sinkhorn", mutates_args=())
+def _sinkhorn_op(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    if _triton_ok(logits):
+        from nanochat.mhc_triton import sinkhorn_fwd
+        return sinkhorn_fwd(logits, iters, eps)
+    return sinkhorn_reference(logits, iters, eps)
+
+
+@_sinkhorn_op.register_fake
+def _(logits, iters, eps):
+    return logits.new_empty(logits.shape, dtype=torch.promote_types(logits.dtype, torch.float32))
+
+
+@torch.library.custom_op("nanochat::sinkhorn_backward", mutates_args=())
+def _sinkhorn_backward_op(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    if _triton_ok(logits):
+        from nanochat.mhc_triton import sinkhorn_bwd
+        return sinkhorn_bwd(grad, logits, iters, eps).to(logits.dtype)
+    return _sinkhorn_backward_reference(grad, logits, iters, eps)
+
+
+@_sinkhorn_backward_op.register_fake
+def _(grad, logits, iters, eps):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ctx.iters, ctx.eps = inputs
+    ctx.save_for_backward(logits)  # only the logits: the backward recomputes the iterates
+
+
+def _backward(ctx, grad):
+    return _sinkhorn_backward_op(grad, ctx.saved_tensors[0], ctx.iters, ctx.eps), None, None
+
+
+_sinkhorn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sinkhorn(logits, iters=SINKHORN_ITERS, eps=SINKHORN_EPS):
+    """(..., n, n) logits -> doubly stochastic matrices, computed in fp32: sinkhorn_reference's
+    values, as one op (fused kernels on CUDA); other devices (XLA) trace the reference."""
+    if logits.device.type in ("cuda", "cpu"):
+        return _sinkhorn_op(logits, iters, eps)
+    return sinkhorn_reference(logits, iters, eps)
 
 
 class HyperConnection(nn.Module):

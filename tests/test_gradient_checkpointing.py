@@ -108,18 +108,20 @@ def saved_bytes(m, f, checkpoint_inputs):
     return sum(seen.values()) + sum(checkpoint_inputs)
 
 
-@pytest.mark.parametrize("case", ["plain", "engram_mhc"])
-def test_backward_keeps_far_fewer_bytes(case, count_checkpoints):
+@pytest.mark.parametrize("case,factor", [("plain", 5), ("engram_mhc", 3)])
+def test_backward_keeps_far_fewer_bytes(case, factor, count_checkpoints):
     """8 layers: without checkpointing every block keeps ~20 residual-sized activations (more
-    in the MLP and under mHC); with it, one input per block plus what lies outside the blocks.
-    Measured: plain 5.0 MB -> 0.43 MB, mHC 16.7 MB -> 1.1 MB."""
+    in the MLP and under mHC); with it, one input per block plus what lies outside the blocks
+    (under the recipe the layer lambdas keep each block's 4-stream output: 2.1 of mHC's 3.3
+    MB). Measured: plain 4.6 MB -> 0.69 MB; Engram + mHC 11.8 MB -> 3.3 MB (16.7 MB before
+    Sinkhorn became one op that keeps only its logits)."""
     kw = dict(n_layer=8, sequence_len=64, vocab_size=64)
     m = model(CASES[case], False, **kw)
     without = saved_bytes(m, m, [])
     m = model(CASES[case], True, **kw)
     with_ = saved_bytes(m, m, count_checkpoints)
     assert len(count_checkpoints) == 8
-    assert with_ < without / 5, (with_, without)
+    assert with_ < without / factor, (with_, without)
 
 
 @pytest.mark.slow

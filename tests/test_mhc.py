@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, Block, GPTConfig, build_model, layer_plan
-from nanochat.mhc import sinkhorn
+from nanochat.mhc import _sinkhorn_backward_reference, sinkhorn, sinkhorn_reference
 from tests.test_base_train import base_dir, losses, run_train  # noqa: F401 (base_dir is a fixture)
 from tests.test_gpt import assert_causal_bit_exact
 
@@ -43,6 +43,39 @@ def test_sinkhorn_is_doubly_stochastic_and_so_are_its_products():
     assert (h >= 0).all() and doubly_stochastic_error(h) <= 1e-3
     prod = products_of_ten(h)
     assert doubly_stochastic_error(prod) <= 1e-3 and torch.linalg.matrix_norm(prod, ord=2).max() <= 1 + 1e-3
+
+
+def test_sinkhorn_op_gradient_equals_autograd_through_the_reference():
+    """The op's backward (its PyTorch form here; the Triton kernel's below) equals autograd
+    through the 20 iterations in fp64, and gradcheck passes through the op."""
+    torch.manual_seed(0)
+    l = (torch.randn(50, 4, 4, dtype=torch.float64) * 3).requires_grad_()
+    g = torch.randn(50, 4, 4, dtype=torch.float64)
+    want = torch.autograd.grad(sinkhorn_reference(l), l, g)[0]
+    assert (_sinkhorn_backward_reference(g, l.detach(), 20, 1e-6) - want).abs().max() < 1e-12
+    assert (torch.autograd.grad(sinkhorn(l), l, g)[0] - want).abs().max() < 1e-12
+    assert torch.autograd.gradcheck(sinkhorn, (torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("n,M", [(4, 130), (2, 7), (8, 65)])
+def test_sinkhorn_triton_kernels_match_the_reference(n, M):
+    """nanochat/mhc_triton.py (Triton's CPU interpreter without a GPU): the forward and the
+    recomputing backward against fp64, on strided logits as the model passes them, M not a
+    multiple of the kernels' block."""
+    from nanochat.mhc_triton import sinkhorn_bwd, sinkhorn_fwd
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    wide = torch.randn(M, n * n + 3, dtype=torch.float64) * 3
+    l = wide[:, 3:].unflatten(-1, (n, n))  # not contiguous
+    g = torch.randn(M, n, n, dtype=torch.float64)
+    lr = l.clone().requires_grad_()
+    want = sinkhorn_reference(lr)
+    dwant = torch.autograd.grad(want, lr, g)[0]
+    lf = l.float().to(device)
+    out = sinkhorn_fwd(lf, 20, 1e-6).double().cpu()
+    dl = sinkhorn_bwd(g.float().to(device), lf, 20, 1e-6).double().cpu()
+    assert (out - want).abs().max() < 1e-6, "forward"
+    assert (dl - dwant).abs().max() < 1e-6 * max(1.0, dwant.abs().max().item()), "backward"
 
 
 def test_sinkhorn_of_random_logits_is_not_uniform():
