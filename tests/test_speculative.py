@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from nanochat.attention import Context, norm
+from nanochat.attention import Context, decode_masks, masked_attention, norm
 from nanochat.engine import Engine, naive_generate
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.mtp import Drafter, speculative_generate, speculative_static, static_ready, verify
@@ -234,3 +234,17 @@ def test_static_ready_only_for_position_indexed_caches():
     assert not static_ready(model_for(mtp=False))
     with pytest.raises(ValueError, match="attention-only"):
         list(speculative_static(model_for(mtp_depth=2), PROMPT, 4))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 6), (8, 2)])
+def test_masked_attention_equals_sdpa(heads, kv_heads):
+    """The static verify's attention (T > 1 queries over the whole cache, written out because
+    cuDNN's kernel for it was 7x slower than for one query) equals SDPA with the same mask,
+    GQA included, for a sliding window and a full one."""
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 2, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, 40, 16, dtype=torch.float64) for _ in range(2))
+    masks = decode_masks({8, 64}, 40, torch.tensor([20, 21]))
+    for mask in masks.values():
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+        assert (masked_attention(q, k, v, mask) - want).abs().max() < 1e-12
