@@ -5,6 +5,7 @@ and base_eval end to end on a tiny model."""
 import shutil
 
 import pytest
+import torch
 
 from tasks import cpp_fim
 
@@ -104,6 +105,31 @@ def test_base_eval_fim_end_to_end(cpp_dir, tmp_path, monkeypatch, capsys):
     # without the syntax check the broken file gives examples too, scored by exact match only
     out = base_eval.main(["--device_type", "cpu", "--core=0", f"--fim={cpp_dir}", "--fim_max_tokens=4",
                           "--fim_syntax=0"])
-    assert out["fim"]["all"]["n"] == 5 and out["fim"]["all"]["syntax"] is None
+    assert out["fim"]["all"]["n"] == 5 and out["fim"]["all"]["syntax"] is None and out["fim"]["all"]["bpb"] > 0
     with pytest.raises(SystemExit, match="no C\\+\\+ documents"):
         base_eval.main(["--device_type", "cpu", "--core=0", f"--fim={tmp_path / 'empty'}"])
+
+
+def test_middle_bits_scores_the_middle_only():
+    """base_eval's FIM middle bpb: the bits of the middle's tokens after the prompt, as the
+    model's own log-probabilities give them, and the bytes of those tokens (cropped to
+    max_tokens); the prompt's tokens are not scored."""
+    import contextlib
+    import math
+
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+    from scripts.base_eval import middle_bits
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2,
+                                  n_kv_head=2, n_embd=32), "cpu")
+    prompt, middle = [tok.get_bos_token_id(), 5, 6, 7], "ab c"
+    bits, nbytes = middle_bits(model, tok, prompt, middle, 100, contextlib.nullcontext())
+    ids = prompt + tok.encode(middle)
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]])).log_softmax(-1)[0]
+    want = -sum(logp[t, ids[t + 1]].item() for t in range(len(prompt) - 1, len(ids) - 1)) / math.log(2)
+    assert nbytes == 4 and bits == pytest.approx(want, rel=1e-5)
+    bits2, nbytes2 = middle_bits(model, tok, prompt, middle, 2, contextlib.nullcontext())
+    assert nbytes2 == 2 and bits2 < bits
