@@ -41,6 +41,16 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     return torch.multinomial(probs, 1, generator=rng).squeeze(1)
 
 
+def sampling_probs(logits, temperature=1.0, top_k=None):
+    """(B, V) logits -> the (B, V) distribution sample_next draws from at temperature > 0
+    (zero outside the top k): what speculative sampling compares drafts against."""
+    logits = logits.float()
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(vals / temperature, dim=-1))
+    return torch.softmax(logits / temperature, dim=-1)
+
+
 def adjust_logits(logits, counts, frequency_penalty=0.0, presence_penalty=0.0, bias=None):
     """OpenAI's logit adjustments: (B, V) logits minus frequency_penalty per time a token
     already came out in that row (counts, (B, V)), minus presence_penalty once it has,
@@ -111,9 +121,11 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, use_cuda_graphs=True, use_tools=True):
+    def __init__(self, model, tokenizer, use_cuda_graphs=True, use_tools=True, speculative=True):
         self.model, self.tokenizer = model, tokenizer
         self.use_cuda_graphs, self.use_tools = use_cuda_graphs, use_tools
+        self.speculative = speculative  # decode with the MTP modules where the model has them
+        self.spec_stats = {}
         self._compiled_step = None
         s = tokenizer.encode_special
         self.stop_tokens = {s("<|assistant_end|>"), tokenizer.get_bos_token_id()}
@@ -164,17 +176,20 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
-                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, speculative=False):
+                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None, speculative=None):
         """Streams (token_column, mask_column) per step: the next token of each row, and
         1 where it was sampled, 0 where the tool forced it. Rows that are done keep
         producing (ignored) tokens until all are done, so the batch stays in lockstep.
         frequency_penalty, presence_penalty and logit_bias ({token id: bias}) adjust the
         logits before sampling, as OpenAI's parameters of those names (adjust_logits).
-        speculative=True: greedy self-speculative decoding with the model's MTP modules
-        (nanochat/mtp.py), the same tokens in fewer forwards; temperature 0, one sample,
-        no tools or logit adjustments; one CUDA graph per round for models with one MTP
-        module and attention-only layers (speculative_static), else plain PyTorch
-        (speculative_generate); self.spec_stats then counts the drafted and accepted tokens."""
+        speculative: self-speculative decoding with the model's MTP modules (nanochat/mtp.py),
+        the same tokens (greedy) or the same distribution (sampled) in fewer forwards; one
+        sample, no logit adjustments. None (the default): on where that applies and the model
+        has MTP modules, unless the Engine was made with speculative=False. Greedy on models
+        with one MTP module and attention-only layers: one CUDA graph per round
+        (speculative_static), else plain PyTorch (speculative_generate). A tool call ends a
+        speculative stretch: its output is forced and decoding goes on from a new prefill.
+        self.spec_stats then counts the drafted and accepted tokens."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
@@ -182,10 +197,15 @@ class Engine:
         max_len = max(max_len, len(tokens) + 1)
         if max_len > model.rotary_len:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
+        adjust = bool(frequency_penalty or presence_penalty or logit_bias)
+        if speculative is None:
+            speculative = self.speculative and model.config.mtp and num_samples == 1 and not adjust
         if speculative:
+            if num_samples != 1 or adjust:
+                raise ValueError("speculative decoding runs one sample, without logit adjustments")
+            self.spec_stats = {}
             n = max_len - len(tokens) if max_tokens is None else max_tokens
-            yield from self._speculative(tokens, num_samples, n, temperature,
-                                         frequency_penalty or presence_penalty or logit_bias)
+            yield from self._speculative(list(tokens), n, temperature, top_k, seed)
             return
         rng = torch.Generator(device=device).manual_seed(seed)
         # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
@@ -199,7 +219,6 @@ class Engine:
         step = self._make_stepper(cache, num_samples) if len(tokens) < max_len else None
         rows = [Row(self.tokenizer) for _ in range(num_samples)]
         pos, produced = len(tokens), 0
-        adjust = bool(frequency_penalty or presence_penalty or logit_bias)
         if adjust:
             counts = torch.zeros(num_samples, logits.size(-1), device=device)
             bias = None
@@ -230,24 +249,30 @@ class Engine:
             pos += 1
         cache.pos = pos
 
-    def _speculative(self, tokens, num_samples, max_tokens, temperature, adjust):
+    def _speculative(self, tokens, max_tokens, temperature, top_k, seed):
         from nanochat.mtp import speculative_generate, speculative_static, static_ready
-        if temperature >= 1e-5:
-            raise ValueError("speculative decoding is greedy only (temperature 0); the sampling version is not built")
-        if num_samples != 1 or self.use_tools or adjust:
-            raise ValueError("speculative decoding runs one sample, without tools (Engine(use_tools=False)) "
-                             "or logit adjustments")
-        self.spec_stats = {}
-        if static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
+        if temperature < 1e-5 and static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
             # one MTP module, attention only: fixed-shape rounds, each one CUDA graph
             graph = self.device.type == "cuda" and self.use_cuda_graphs
             gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph)
         else:
-            gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats)
+            rng = torch.Generator(device=self.device).manual_seed(seed)
+            gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats, temperature, top_k, rng)
+        tool, out = ToolState(self.tokenizer) if self.use_tools else None, []
         for tok in gen:
+            out.append(tok)
             yield [tok], [1]
             if tok in self.stop_tokens:
-                break
+                return
+            forced = tool.feed(tok)[:max_tokens - len(out)] if tool else []
+            if forced:  # the tool's output goes in as the model's input: a new prefill after it
+                gen.close()
+                for f in forced:
+                    yield [f], [0]
+                rest = max_tokens - len(out) - len(forced)
+                if rest > 0:
+                    yield from self._speculative(tokens + out + forced, rest, temperature, top_k, seed + len(out))
+                return
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """All samples at once: (token lists, mask lists), each without the prompt and

@@ -23,8 +23,8 @@ is targets[:, k:]. Only the last k positions of each row, whose target lies past
 row, are dropped. Each L^k is normalised by its own count of valid targets.
 
 The modules add to the training loss; the forward without targets and decode_step never
-run them. At inference they can draft tokens for greedy self-speculative decoding
-(speculative_generate, below; Engine.generate(speculative=True)).
+run them. At inference they draft tokens for self-speculative decoding, greedy or sampled
+(speculative_generate, below; the Engine uses it for models that have the modules).
 """
 
 import dataclasses
@@ -121,8 +121,9 @@ class Drafter:
         # a rejected draft, now the main model's own token, or was not read yet)
         self.done = [max(0, min(d, self.n - k)) for k, d in enumerate(self.done)]
 
-    def draft(self, d):
-        """d <= D draft ids after position n, module k drafting ids[n + k] from its last position."""
+    def draft(self, d, pick=None):
+        """d <= D draft ids after position n, module k drafting ids[n + k] from its last
+        position; pick: its logits (1, V) -> (1,) id, the argmax unless given (sampling)."""
         model, n = self.model, self.n
         for k, (proj, block) in enumerate(zip(model.mtp.proj[:d], model.mtp.blocks[:d]), start=1):
             a = self.done[k]  # positions a .. n-1 are new or were computed from drafts
@@ -130,13 +131,25 @@ class Drafter:
             x = proj(torch.cat([norm(self.h[k - 1, :, a:n]), e], dim=-1))
             x = block(x, Context(model.cos[:, a:n], model.sin[:, a:n], a, n - a, {}), self.kv[k - 1])
             self.h[k, :, a:n], self.done[k] = x, n
-            self.ids[:, n + k] = model._logits(norm(x[:, -1])).argmax(-1)
+            logits = model._logits(norm(x[:, -1]))
+            self.ids[:, n + k] = pick(logits) if pick else logits.argmax(-1)
         return self.ids[0, n + 1:n + 1 + d].tolist()
 
 
-def verify(model, cache, block):
+def greedy_choice(logits, block):
+    """verify's rule at temperature 0: the drafts kept while each equals the model's argmax
+    at the position before it, and the model's argmax after them: (n kept, next token)."""
+    greedy = logits.argmax(-1).tolist()
+    n = 0
+    while n < len(block) - 1 and block[n + 1] == greedy[n]:
+        n += 1
+    return n, greedy[n]
+
+
+def verify(model, cache, block, choose=greedy_choice):
     """One main forward over block = [its next token, drafts...] from cache.pos. Keeps the
-    longest prefix of drafts equal to its own greedy choices: returns (n accepted, its next
+    drafts that choose(logits (len(block), V), block) accepts (greedy_choice: the longest
+    prefix equal to its own greedy choices): returns (n accepted, its next
     token after them, its hidden states at the 1 + n kept positions); the cache then holds
     exactly those positions. Rollback: attention rewinds cache.pos (its entries past it are
     overwritten before they are read, exact); state that is not indexed by position
@@ -145,17 +158,14 @@ def verify(model, cache, block):
     pos0, snap = cache.pos, cache.snapshot()
     ids = torch.tensor([block], device=model.wte.weight.device)
     logits, h = model(ids, cache=cache, return_hidden=True)
-    greedy = logits[0].argmax(-1).tolist()
-    n = 0
-    while n < len(block) - 1 and block[n + 1] == greedy[n]:
-        n += 1
+    n, t_next = choose(logits[0], block)
     if n < len(block) - 1:
         cache.pos = pos0 + n + 1
         if snap[0] is not None or any(s is not None for s in snap[1]):
             cache.restore(snap)
             cache.pos = pos0
             _, h = model(ids[:, :n + 1], cache=cache, return_hidden=True)
-    return n, greedy[n], h[:, :n + 1]
+    return n, t_next, h[:, :n + 1]
 
 
 def static_ready(model):
@@ -226,7 +236,7 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
     if not static_ready(model):
         raise ValueError("speculative_static needs one MTP module and attention-only layers without Engram")
     stats = {} if stats is None else stats
-    stats.update(drafted=0, accepted=0)
+    stats.setdefault("drafted", 0), stats.setdefault("accepted", 0)  # a caller's dict adds up
     n, dev = len(tokens), model.wte.weight.device
     max_len = n + max_tokens + 1  # a round writes one position past the last token it keeps
     if max_len > model.rotary_len:
@@ -255,40 +265,69 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
 
 
 @torch.inference_mode()
-def speculative_generate(model, tokens, max_tokens, stats=None):
-    """Greedy self-speculative decoding with the MTP modules; yields max_tokens ids, the
-    same as greedy decoding, in fewer main forwards when drafts are accepted (token for
-    token, up to argmax ties within the rounding difference between a forward over a few
-    positions and one position at a time). DeepSeek-V3 (arXiv:2412.19437, §2.2 and §5.4.3)
-    proposes its MTP module for this; the draft-then-verify scheme is Leviathan et al.
-    2023 (arXiv:2211.17192) at temperature 0, with the model drafting for itself as in
+def speculative_generate(model, tokens, max_tokens, stats=None, temperature=0.0, top_k=None, rng=None):
+    """Self-speculative decoding with the MTP modules; yields max_tokens ids. Greedy
+    (temperature 0): the same tokens as greedy decoding, in fewer main forwards when drafts
+    are accepted (token for token, up to argmax ties within the rounding difference between
+    a forward over a few positions and one position at a time). Sampled (temperature > 0,
+    top_k as Engine.generate): the same distribution as sampling token by token. DeepSeek-V3
+    (arXiv:2412.19437, §2.2 and §5.4.3) proposes its MTP module for this; draft-then-verify
+    is Leviathan et al. 2023 (arXiv:2211.17192), with the model drafting for itself as in
     Medusa (Cai et al. 2024), here from its sequential MTP modules:
 
       1. the main model has its next token t and final hidden state h at the last position;
       2. draft: module 1 reads (h, t) and drafts d_1, module k reads module k-1's state
-         and d_{k-1} and drafts d_k (up to D = mtp_depth drafts);
-      3. verify: one main forward over [t, d_1 .. d_D] with the cache; accept d_1 .. d_n
-         while each equals the main model's greedy choice at the position before it, and
-         take its own choice after them as the new t (n + 1 tokens per forward);
+         and d_{k-1} and drafts d_k (up to D = mtp_depth drafts), each the argmax of its
+         logits, or sampled from q_k (its logits under the same temperature and top-k);
+      3. verify: one main forward over [t, d_1 .. d_D] with the cache, p_k the main model's
+         distribution at the position before d_k. Greedy: accept d_1 .. d_n while each
+         equals the argmax of p_k. Sampled (Leviathan et al.'s rule): accept d_k with
+         probability min(1, p_k(d_k) / q_k(d_k)); at the first rejection sample the next
+         token from max(0, p_k - q_k), renormalised, and stop; if all are accepted, sample
+         one more from p_{D+1}. Either way n + 1 tokens per forward;
       4. roll the rejected positions back in every cache (verify) and in the modules' (Drafter).
 
     Batch 1; plain PyTorch (speculative_static is the CUDA-graph path for one module on
-    attention-only models). stats, a dict, gets "drafted" and "accepted"
-    (the acceptance rate is accepted / drafted)."""
+    attention-only models, greedy). stats, a dict, gets "drafted" and "accepted" added to
+    (the acceptance rate is accepted / drafted); rng: a torch.Generator on the model's device."""
+    from nanochat.engine import sample_next, sampling_probs
     if not model.config.mtp:
         raise ValueError("speculative decoding drafts with the MTP modules: this model has none (train with --mtp)")
     stats = {} if stats is None else stats
-    stats.update(drafted=0, accepted=0)
+    stats.setdefault("drafted", 0), stats.setdefault("accepted", 0)
+    dev = model.wte.weight.device
+    sampled = temperature >= 1e-5
+    if sampled and rng is None:
+        rng = torch.Generator(device=dev).manual_seed(0)
+    qs = []  # the drafts' distributions, in order
+
+    def pick(logits):  # a draft sampled from q_k
+        qs.append(sampling_probs(logits, temperature, top_k)[0])
+        return torch.multinomial(qs[-1], 1, generator=rng)
+
+    def choose(logits, block):  # Leviathan et al.'s accept / resample rule
+        p = sampling_probs(logits, temperature, top_k)
+        for k, q in enumerate(qs):
+            d = block[k + 1]
+            if torch.rand((), generator=rng, device=dev) * q[d] < p[k, d]:  # probability min(1, p/q)
+                continue
+            rest = (p[k] - q).clamp_min(0)
+            rest = rest if rest.sum() > 0 else p[k]  # p == q: no rejection, only rounding
+            return k, int(torch.multinomial(rest, 1, generator=rng))
+        return len(qs), int(torch.multinomial(p[len(qs)], 1, generator=rng))
+
     max_len = len(tokens) + max_tokens
     cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
-    logits, h = model(torch.tensor([tokens], device=model.wte.weight.device), cache=cache, return_hidden=True)
-    t = int(logits[0, -1].argmax())
+    logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)
+    t = int(sample_next(logits[:, -1], rng, temperature, top_k))
     drafter.accept(list(tokens) + [t], h)
     yield t
     produced = 1
     while produced < max_tokens:
-        drafts = drafter.draft(min(model.config.mtp_depth, max_tokens - produced - 1))  # none past the budget
-        n, t_next, h = verify(model, cache, [t] + drafts)
+        qs.clear()
+        d = min(model.config.mtp_depth, max_tokens - produced - 1)  # none past the budget
+        drafts = drafter.draft(d, pick if sampled else None)
+        n, t_next, h = verify(model, cache, [t] + drafts, choose if sampled else greedy_choice)
         stats["drafted"] += len(drafts)
         stats["accepted"] += n
         new = drafts[:n] + [t_next]

@@ -214,9 +214,9 @@ class StopScanner:
 
 
 class Worker:
-    def __init__(self, index, model, tokenizer, device_type):
+    def __init__(self, index, model, tokenizer, device_type, speculative=True):
         self.index, self.model, self.tokenizer = index, model, tokenizer
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, speculative=speculative)
         self.autocast = autocast_for(device_type)
         self.busy, self.served, self.tokens = False, 0, 0
 
@@ -478,7 +478,7 @@ def sse(obj):
 
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
-               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT):
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True):
     device_type = autodetect_device_type(device_type)
     clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
@@ -487,7 +487,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     for i in range(num_gpus):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer, device_type))
+        workers.append(Worker(i, model, tokenizer, device_type, speculative))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
@@ -656,6 +656,8 @@ if __name__ == "__main__":
                         help="open connections at most; the next is answered 503 and closed")
     parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $NANOCHAT_API_KEY; none: open)")
+    parser.add_argument("--speculative", type=int, default=1, help="1: models trained with --mtp decode "
+                        "self-speculatively (the same tokens or distribution in fewer forwards; nanochat/mtp.py); 0: off")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
@@ -666,7 +668,8 @@ if __name__ == "__main__":
         if args.num_gpus > torch.cuda.device_count():
             raise SystemExit(f"--num_gpus={args.num_gpus} but {torch.cuda.device_count()} GPUs are visible")
     try:
-        app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key)
+        app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key,
+                         speculative=bool(args.speculative))
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
     print(f"nanochat: open http://{args.host}:{args.port} for the UI; OpenAI-compatible API at "
