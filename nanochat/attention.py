@@ -117,8 +117,8 @@ def masked_attention(q, k, v, mask):
     batched matmuls and a softmax take a few, and T = 1 keeps SDPA."""
     B, H, T, D = q.shape
     g = H // k.size(1)  # query heads per key/value head (GQA)
-    s = (q.view(B, -1, g, T, D) @ k.unsqueeze(2).transpose(-1, -2)) * D ** -0.5
-    s = s.to(torch.promote_types(s.dtype, torch.float32))  # the softmax in fp32 (fp64 stays)
+    dt = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32, as SDPA's kernels (fp64 stays)
+    s = (q.view(B, -1, g, T, D).to(dt) @ k.unsqueeze(2).transpose(-1, -2).to(dt)) * D ** -0.5
     p = s.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(-1).to(v.dtype)
     return (p @ v.unsqueeze(2)).view(B, H, T, D)
 

@@ -184,12 +184,13 @@ class Engine:
         logits before sampling, as OpenAI's parameters of those names (adjust_logits).
         speculative: self-speculative decoding with the model's MTP modules (nanochat/mtp.py),
         the same tokens (greedy) or the same distribution (sampled) in fewer forwards; one
-        sample, no logit adjustments. None (the default): on where that applies and the model
-        has MTP modules, unless the Engine was made with speculative=False. Greedy on models
-        with one MTP module and attention-only layers: one CUDA graph per round
-        (speculative_static), else plain PyTorch (speculative_generate). A tool call ends a
-        speculative stretch: its output is forced and decoding goes on from a new prefill.
-        self.spec_stats then counts the drafted and accepted tokens."""
+        sample, no logit adjustments. Greedy on models with one MTP module and attention-only
+        layers: one CUDA graph per round (speculative_static); else plain PyTorch
+        (speculative_generate), with a host sync per draft. None (the default): on for
+        greedy requests that the CUDA-graph rounds serve, unless the Engine was made with
+        speculative=False; True: wherever it applies. A tool call ends a speculative stretch:
+        its output is forced and decoding goes on from a new prefill. self.spec_stats then
+        counts the drafted and accepted tokens."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
@@ -198,16 +199,18 @@ class Engine:
         if max_len > model.rotary_len:
             raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
         adjust = bool(frequency_penalty or presence_penalty or logit_bias)
-        if speculative is None:
-            speculative = self.speculative and model.config.mtp and num_samples == 1 and not adjust
+        self.spec_stats = {}
+        if speculative is None:  # by default only where it is expected to be faster: the CUDA-graph rounds
+            from nanochat.mtp import static_ready
+            speculative = (self.speculative and num_samples == 1 and not adjust and temperature < 1e-5
+                           and static_ready(model))
+        rng = torch.Generator(device=device).manual_seed(seed)
         if speculative:
             if num_samples != 1 or adjust:
                 raise ValueError("speculative decoding runs one sample, without logit adjustments")
-            self.spec_stats = {}
             n = max_len - len(tokens) if max_tokens is None else max_tokens
-            yield from self._speculative(list(tokens), n, temperature, top_k, seed)
+            yield from self._speculative(list(tokens), n, temperature, top_k, rng)
             return
-        rng = torch.Generator(device=device).manual_seed(seed)
         # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
         # a few shapes and the compiled decode step is reused rather than recompiled
         cache = model.init_cache(1, min(-(-max_len // 256) * 256, model.rotary_len), device=device)
@@ -249,14 +252,13 @@ class Engine:
             pos += 1
         cache.pos = pos
 
-    def _speculative(self, tokens, max_tokens, temperature, top_k, seed):
+    def _speculative(self, tokens, max_tokens, temperature, top_k, rng):
         from nanochat.mtp import speculative_generate, speculative_static, static_ready
         if temperature < 1e-5 and static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
             # one MTP module, attention only: fixed-shape rounds, each one CUDA graph
             graph = self.device.type == "cuda" and self.use_cuda_graphs
             gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph)
         else:
-            rng = torch.Generator(device=self.device).manual_seed(seed)
             gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats, temperature, top_k, rng)
         tool, out = ToolState(self.tokenizer) if self.use_tools else None, []
         for tok in gen:
@@ -271,7 +273,7 @@ class Engine:
                     yield [f], [0]
                 rest = max_tokens - len(out) - len(forced)
                 if rest > 0:
-                    yield from self._speculative(tokens + out + forced, rest, temperature, top_k, seed + len(out))
+                    yield from self._speculative(tokens + out + forced, rest, temperature, top_k, rng)
                 return
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):

@@ -19,6 +19,8 @@ first colnorm and the softmax: dL = p (dm - sum_row(dm p)).
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mhc.py).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -92,7 +94,8 @@ def sinkhorn_fwd(logits, iters, eps):
     n, M = x.size(-1), x.numel() // (x.size(-1) ** 2)
     out = torch.empty_like(x)
     if M:
-        _sinkhorn_fwd[(triton.cdiv(M, BLOCK),)](x, out, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+            _sinkhorn_fwd[(triton.cdiv(M, BLOCK),)](x, out, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
     return out
 
 
@@ -102,5 +105,6 @@ def sinkhorn_bwd(grad, logits, iters, eps):
     n, M = x.size(-1), x.numel() // (x.size(-1) ** 2)
     dl = torch.empty_like(x)
     if M:
-        _sinkhorn_bwd[(triton.cdiv(M, BLOCK),)](x, g, dl, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _sinkhorn_bwd[(triton.cdiv(M, BLOCK),)](x, g, dl, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
     return dl

@@ -213,8 +213,11 @@ def fim(args, model, tokenizer, autocast, model_tag, step):
 def middle_bits(model, tokenizer, prompt, middle, max_tokens, autocast):
     """(bits, bytes) of the true middle after its FIM prompt, teacher-forced: a finer measure
     of infilling than exact match, which small models rarely reach. At most max_tokens of
-    the middle's tokens (and only their bytes) are scored."""
-    mid = tokenizer.encode(middle)[:max_tokens]
+    the middle's tokens (and only their bytes) are scored; the <|bos|> that ends a middle
+    is not (it has no bytes)."""
+    mid = tokenizer.encode(middle)
+    nbytes = len(middle.encode("utf-8")) if len(mid) <= max_tokens else None
+    mid = mid[:max_tokens]
     if not mid:
         return 0.0, 0
     ids = torch.tensor([prompt + mid], device=model.wte.weight.device)
@@ -222,7 +225,7 @@ def middle_bits(model, tokenizer, prompt, middle, max_tokens, autocast):
     targets[:, :len(prompt) - 1] = -1  # only the middle's tokens count
     with autocast:
         nats = model(ids[:, :-1], targets, loss_reduction="none").float().sum().item()
-    return nats / math.log(2), len(tokenizer.decode(mid).encode("utf-8"))
+    return nats / math.log(2), nbytes or len(tokenizer.decode(mid).encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ parser.add_argument("-p", "--prompt", default=None, help="answer this prompt, pr
 parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
 parser.add_argument("-k", "--top_k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="at most this many tokens per answer")
-parser.add_argument("--speculative", type=int, default=1, help="1: a model trained with --mtp decodes "
-                    "self-speculatively (the same tokens or distribution in fewer forwards; nanochat/mtp.py); 0: off")
+parser.add_argument("--speculative", type=int, default=1, help="1: greedy answers (-t 0) of a model with one MTP module "
+                    "(--mtp) and attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 args = parser.parse_args()
 if args.max_tokens < 1:

@@ -656,8 +656,9 @@ if __name__ == "__main__":
                         help="open connections at most; the next is answered 503 and closed")
     parser.add_argument("--api_key", default=os.environ.get("NANOCHAT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $NANOCHAT_API_KEY; none: open)")
-    parser.add_argument("--speculative", type=int, default=1, help="1: models trained with --mtp decode "
-                        "self-speculatively (the same tokens or distribution in fewer forwards; nanochat/mtp.py); 0: off")
+    parser.add_argument("--speculative", type=int, default=1,
+                        help="1: greedy answers (temperature 0) of a model with one MTP module (--mtp) and "
+                             "attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()

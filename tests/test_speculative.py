@@ -145,23 +145,30 @@ def test_drafter_equals_full_recompute_whatever_was_accepted(name):
 
 
 def test_engine_speculative_switch():
-    """On by default for a model with MTP modules (one sample, no logit adjustments), off
-    with Engine(speculative=False), the same tokens either way; explicit requests it cannot
-    serve are errors; other requests fall back to plain decoding."""
+    """On by default for greedy requests that the one-graph rounds serve (one MTP module,
+    attention only), off with Engine(speculative=False), the same tokens either way;
+    speculative=True also runs the plain-PyTorch path (two modules, or sampling); explicit
+    requests it cannot serve are errors; other requests fall back to plain decoding."""
     tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
-    model = model_for(vocab_size=tokenizer.get_vocab_size(), mtp_depth=2)
     tokens = tokenizer.encode("int main() {", prepend="<|bos|>")
-    engines = {on: Engine(model, tokenizer, use_tools=False, speculative=on) for on in (True, False)}
-    for e in engines.values():
-        e.stop_tokens = set()
-    plain, _ = engines[False].generate_batch(tokens, max_tokens=16, temperature=0.0)
-    assert engines[False].spec_stats == {}
-    fast, masks = engines[True].generate_batch(tokens, max_tokens=16, temperature=0.0)
-    assert fast == plain and masks == [[1] * 16]
-    assert set(engines[True].spec_stats) == {"drafted", "accepted"} and engines[True].spec_stats["drafted"] > 0
-    engines[True].spec_stats = {}
-    two, _ = engines[True].generate_batch(tokens, num_samples=2, max_tokens=4, temperature=0.0)  # plain decoding
-    assert two == [plain[0][:4]] * 2 and engines[True].spec_stats == {}
+    for depth in (1, 2):
+        model = model_for(vocab_size=tokenizer.get_vocab_size(), mtp_depth=depth)
+        engines = {on: Engine(model, tokenizer, use_tools=False, speculative=on) for on in (True, False)}
+        for e in engines.values():
+            e.stop_tokens = set()
+        plain, _ = engines[False].generate_batch(tokens, max_tokens=16, temperature=0.0)
+        assert engines[False].spec_stats == {}
+        fast, masks = engines[True].generate_batch(tokens, max_tokens=16, temperature=0.0)
+        assert fast == plain and masks == [[1] * 16]
+        assert (engines[True].spec_stats != {}) == (depth == 1)  # by default only where the rounds apply
+        fast, _ = engines[True].generate_batch(tokens, max_tokens=16, temperature=0.0, speculative=True)
+        assert fast == plain and engines[True].spec_stats["drafted"] > 0
+        engines[True].generate_batch(tokens, max_tokens=4, temperature=1.0)
+        assert engines[True].spec_stats == {}  # sampling: plain by default
+        engines[True].generate_batch(tokens, max_tokens=4, temperature=1.0, speculative=True)
+        assert engines[True].spec_stats["drafted"] > 0
+        two, _ = engines[True].generate_batch(tokens, num_samples=2, max_tokens=4, temperature=0.0)  # plain decoding
+        assert two == [plain[0][:4]] * 2 and engines[True].spec_stats == {}
     for kw, match in [(dict(num_samples=2), "one sample"), (dict(logit_bias={3: 1.0}), "logit adjustments")]:
         with pytest.raises(ValueError, match=match):
             engines[True].generate_batch(tokens, max_tokens=4, temperature=0.0, speculative=True, **kw)
@@ -188,7 +195,7 @@ def test_engine_speculative_tool_call(monkeypatch):
     monkeypatch.setattr(mtp, "speculative_generate", scripted)
     engine = Engine(model, tokenizer)
     engine.stop_tokens = set()
-    out, masks = engine.generate_batch([1, 2], max_tokens=14, temperature=1.0)
+    out, masks = engine.generate_batch([1, 2], max_tokens=14, temperature=1.0, speculative=True)
     forced = [s("<|output_start|>")] + tokenizer.encode("3") + [s("<|output_end|>")]
     head = script[:6]  # up to <|python_end|>
     assert out[0] == head + forced + [11] * (14 - 6 - len(forced))
@@ -279,6 +286,14 @@ def test_masked_attention_equals_sdpa(heads, kv_heads):
     for mask in masks.values():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
         assert (masked_attention(q, k, v, mask) - want).abs().max() < 1e-12
+    # in bf16 about as exact as SDPA's own bf16 (scores and softmax in fp32): checked against fp64
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    for mask in masks.values():
+        want = torch.nn.functional.scaled_dot_product_attention(qb.double(), kb.double(), vb.double(), attn_mask=mask,
+                                                                enable_gqa=heads != kv_heads)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=heads != kv_heads)
+        err = (masked_attention(qb, kb, vb, mask).double() - want).abs().max()
+        assert err <= 1.5 * (sdpa.double() - want).abs().max() + 1e-3, err
 
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 4)])
