@@ -176,6 +176,45 @@ def test_speculative_cuda_graph_rounds_equal_greedy():
     assert 0 < accepted < drafted, (accepted, drafted)
 
 
+def test_speculative_sampling_on_cuda_is_seeded():
+    """The sampled speculative path (plain PyTorch, a CUDA generator for the accept test and
+    the resampling): the same seed gives the same tokens, another seed other tokens, every
+    id inside the vocabulary. Its distribution is tested on the CPU (test_speculative.py)."""
+    from nanochat.mtp import speculative_generate
+    from test_speculative import progression_model
+    model = progression_model(mtp_depth=2).cuda()
+    runs = {}
+    for seed in (0, 0, 1):
+        stats, rng = {}, torch.Generator(device="cuda").manual_seed(seed)
+        out = list(speculative_generate(model, [3, 5, 7], 40, stats, 1.0, None, rng))
+        assert len(out) == 40 and all(0 <= t < 16 for t in out) and stats["drafted"] > 0
+        assert runs.setdefault(seed, out) == out
+    assert runs[0] != runs[1]
+
+
+def test_mhc_sinkhorn_kernels_in_a_compiled_training_step(monkeypatch):
+    """mHC's Sinkhorn through its Triton kernels (nanochat/mhc_triton.py) inside a compiled
+    bf16 training step gives the loss and gradients of the same step with the PyTorch
+    reference in the op (both fp32 inside; what differs is only the Sinkhorn's rounding)."""
+    import nanochat.mhc as mhc
+    _, gpu = model_pair("SSSL", recipe="memory")
+    idx = torch.randint(0, 500, (2, 256), device="cuda")
+
+    def step():
+        torch._dynamo.reset()
+        gpu.zero_grad(set_to_none=True)
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(gpu, dynamic=False)(idx, idx)
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in gpu.named_parameters() if p.grad is not None}
+    loss_k, grads_k = step()
+    monkeypatch.setattr(mhc, "_triton_ok", lambda x: False)
+    loss_r, grads_r = step()
+    assert abs(loss_k - loss_r) < 1e-3
+    hc = [n for n in grads_r if ".hc_" in n]
+    assert hc and all(((grads_k[n] - grads_r[n]).norm() / grads_r[n].norm().clamp_min(1e-12)) < 1e-2 for n in hc)
+
+
 @pytest.mark.parametrize("recipe", [False, True])
 def test_fp8_compiled_training_step_close_to_bf16(recipe):
     # FP8 tensor-core matmuls (torch._scaled_mm on sm_89+), compiled, against the bf16 step
