@@ -120,6 +120,26 @@ class Row:
         self.done = False
 
 
+def capture_graph(fn, cache):
+    """fn (no arguments, fixed shapes, reading static tensors) as one CUDA graph: (graph, fn's
+    outputs, refreshed by each replay). Warmed up three times on a side stream (compiles,
+    autotunes) and captured; fn's writes land at cache positions that decoding overwrites
+    before reading them, and the state not indexed by position (the smear's "previous"
+    token) is restored after the dummy runs."""
+    snap = cache.snapshot()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    cache.restore(snap)
+    return graph, out
+
+
 class Engine:
     def __init__(self, model, tokenizer, use_cuda_graphs=True, use_tools=True, speculative=True):
         self.model, self.tokenizer = model, tokenizer
@@ -149,21 +169,9 @@ class Engine:
         if dev.type != "cuda" or not self.use_cuda_graphs:
             return lambda ids, pos: step(ids, cache, torch.tensor(pos, device=dev))
         static_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        static_pos = torch.zeros((), dtype=torch.long, device=dev)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        # warm up on a side stream (compiles, autotunes), writing at the last position of
-        # the cache, which decode overwrites before it is ever read
-        static_pos.fill_(cache.max_len - 1)
-        snap = cache.snapshot()  # the dummy steps below would leave their token as the smear's "previous"
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step(static_ids, cache, static_pos)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step(static_ids, cache, static_pos)
-        cache.restore(snap)
+        # the dummy steps write at the cache's last position, which decoding overwrites before reading it
+        static_pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=dev)
+        graph, static_logits = capture_graph(lambda: step(static_ids, cache, static_pos), cache)
 
         def run(ids, pos):
             static_ids.copy_(ids)

@@ -529,10 +529,16 @@ class GPT(nn.Module):
         pos_t .. pos_t + T - 1. T > 1 (speculative decoding's verify, nanochat/mtp.py) needs
         every layer's state indexed by position: attention layers only, no Engram."""
         T = idx.size(1)
-        if T > 1 and any(s.mixer != "attn" or "engram" in s.extras for s in self.plan):
+        if T > 1 and not self.position_indexed():
             raise ValueError("a static decode step over several tokens needs attention-only layers without Engram")
         ctx = self.decode_context(idx, pos_t, cache.max_len, {s.window for s in self.plan if s.window})
         return self._trunk(self._embed(idx, cache), ctx, cache)
+
+    def position_indexed(self):
+        """Whether every layer's cache is indexed by position (attention only, no Engram): a
+        static decode step can then take several tokens, and dropping a token needs no
+        rollback of state beyond the smear's previous embedding."""
+        return all(s.mixer == "attn" and "engram" not in s.extras for s in self.plan)
 
     def decode_context(self, idx, pos_t, max_len, windows):
         """The Context of a static decode step: the T tokens of idx at device positions

@@ -172,8 +172,7 @@ def static_ready(model):
     """Whether speculative_static can serve the model: one MTP module, and every layer's
     cache indexed by position (attention only, no Engram), so a rejected draft needs no
     rollback beyond the smear's previous embedding."""
-    return (model.config.mtp and model.config.mtp_depth == 1
-            and all(s.mixer == "attn" and "engram" not in s.extras for s in model.plan))
+    return model.config.mtp and model.config.mtp_depth == 1 and model.position_indexed()
 
 
 def static_round(model, cache, mcache, blk, pos_t):
@@ -208,22 +207,13 @@ def _round_runner(model, cache, mcache, blk, pos_t, cuda_graph):
     before it reads them, with the smear's state restored after)."""
     if not cuda_graph:
         return lambda: static_round(model, cache, mcache, blk, pos_t)
+    from nanochat.engine import capture_graph
     global _compiled_round
     if _compiled_round is None:
         _compiled_round = torch.compile(static_round, dynamic=False)
     step = _compiled_round
     pos_t.fill_(cache.max_len - 2)
-    snap = cache.snapshot()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step(model, cache, mcache, blk, pos_t)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(model, cache, mcache, blk, pos_t)
-    cache.restore(snap)
+    graph, out = capture_graph(lambda: step(model, cache, mcache, blk, pos_t), cache)
     return lambda: (graph.replay(), out)[1]
 
 
