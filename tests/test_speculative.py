@@ -321,3 +321,24 @@ def test_speculative_sampling_keeps_the_model_distribution(temperature, top_k):
         freq = torch.bincount(got[:, k], minlength=16).float() / len(got)
         assert 0.5 * (freq - want).abs().sum() < 0.05, (k, freq, want)
     assert 0 < stats["accepted"] < stats["drafted"]
+
+
+@pytest.mark.parametrize("name", ["attn", "recipe"])
+def test_static_multi_token_decode_equals_full_forward_and_is_causal(name):
+    """decode_hidden over two tokens at device positions p, p+1 (the verify of the static
+    rounds, with masked_attention for T > 1; sliding windows and GQA): the full forward's
+    hidden states at those positions, and the first position's output does not change
+    with the second token."""
+    model = model_for(**STATIC[name])
+    n = len(PROMPT)
+    outs = []
+    for second in (11, 23):
+        ids = torch.tensor([PROMPT + [4, second]])
+        with torch.no_grad():
+            _, full = model(ids, return_hidden=True)
+            cache = model.init_cache(1, 64)
+            model(ids[:, :n], cache=cache)
+            h = model.decode_hidden(ids[:, n:], cache, torch.tensor(n))
+        assert (h - full[:, n:]).abs().max() < 1e-5
+        outs.append(h)
+    assert torch.equal(outs[0][:, 0], outs[1][:, 0])
