@@ -114,13 +114,20 @@ def masked_attention(q, k, v, mask):
     """softmax(q kᵀ / sqrt(D) + mask) v written out, q (B, H, T, D), k and v (B, Hkv, S, D), for
     a few queries over a long cache. SDPA hands T = 2 on an H200 to a cuDNN flash kernel that
     took 44 us a layer against 6 us for T = 1 (it splits the work by queries, not keys); two
-    batched matmuls and a softmax take a few, and T = 1 keeps SDPA."""
+    batched matmuls and a softmax take a few, and T = 1 keeps SDPA. A key/value head's g query
+    heads and T queries are one matrix's g*T rows, so GQA needs no copy of the cache."""
     B, H, T, D = q.shape
-    g = H // k.size(1)  # query heads per key/value head (GQA)
-    dt = torch.promote_types(q.dtype, torch.float32)  # scores and softmax in fp32, as SDPA's kernels (fp64 stays)
-    s = (q.view(B, -1, g, T, D).to(dt) @ k.unsqueeze(2).transpose(-1, -2).to(dt)) * D ** -0.5
-    p = s.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(-1).to(v.dtype)
-    return (p @ v.unsqueeze(2)).view(B, H, T, D)
+    Hkv, S = k.size(1), k.size(2)
+    g = H // Hkv  # query head h reads key/value head h // g, as SDPA's enable_gqa
+    qr, kt = q.reshape(B * Hkv, g * T, D), k.reshape(B * Hkv, S, D).transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        s = torch.bmm(qr, kt, out_dtype=torch.float32)  # 16-bit tensor cores, fp32 scores as SDPA's kernels
+    else:  # the CPU has no bmm out_dtype: upcast (an fp32 copy of the cache; fp64 stays fp64)
+        dt = torch.promote_types(q.dtype, torch.float32)
+        s = torch.bmm(qr.to(dt), kt.to(dt))
+    s = s.view(B, Hkv, g, T, S) * D ** -0.5
+    p = s.masked_fill(~mask.view(1, 1, 1, T, S), float("-inf")).softmax(-1).to(v.dtype)
+    return torch.bmm(p.view(B * Hkv, g * T, S), v.reshape(B * Hkv, S, D)).view(B, H, T, D)
 
 
 def decode_masks(windows, max_len, pos):
