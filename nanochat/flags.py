@@ -11,6 +11,7 @@ from nanochat.dsa import KERNELS as DSA_KERNELS
 from nanochat.common import require_positive
 from nanochat.gpt import GPT
 from nanochat.mamba3 import KERNELS as MAMBA3_KERNELS
+from nanochat.mhc import KERNELS as MHC_KERNELS
 
 
 
@@ -59,6 +60,8 @@ def add_model_args(parser):
     a("--engram_table", type=int, default=0, help="Engram rows per hash head (0 = vocab size)")
     a("--mhc", action="store_true", help="manifold-constrained hyper-connections")
     a("--mhc_streams", type=int, default=4, help="mHC residual streams (with --mhc)")
+    a("--mhc_kernel", default="triton", choices=MHC_KERNELS, help="mHC's read-out and stream mix on CUDA: triton = "
+      "fused kernels (nanochat/mhc_triton.py), torch = PyTorch compiled with the model")
     a("--mtp", action="store_true", help="DeepSeek-V3 multi-token prediction modules (training loss only)")
     a("--mtp_lambda", type=float, default=0.3, help="weight of the MTP loss (with --mtp)")
     a("--mtp_depth", type=int, default=1, help="sequential MTP modules D; module k predicts k+1 tokens ahead "

@@ -121,6 +121,110 @@ def _backward(ctx, grad):
 _sinkhorn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def collapse_reference(x, pre):
+    """u = sum_i H_pre[i] X[i]: x (..., n, C), pre (..., n) -> (..., C), in x's dtype."""
+    return (pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
+
+
+def expand_reference(x, f, res, post):
+    """X'[j] = sum_i H_res[i, j] X[i] + H_post[j] f: x (..., n, C), f (..., C), res (..., n, n),
+    post (..., n) -> (..., n, C), in x's dtype. As n broadcast products, which the compiler
+    fuses into one elementwise pass (an einsum would be a batched matmul of 4 x 4 matrices)."""
+    res = res.to(x.dtype)
+    mixed = post.to(x.dtype).unsqueeze(-1) * f.unsqueeze(-2)
+    for i in range(x.size(-2)):
+        mixed = mixed + res[..., i, :, None] * x[..., i, None, :]
+    return mixed
+
+
+# The read-out and the mix as ops with fused Triton kernels on CUDA (nanochat/mhc_triton.py),
+# forward and backward: compiled from PyTorch, their backward (n^2 + 2n reductions over C
+# per token) took several passes over the n-wide stream. The kernels keep the coefficients
+# in fp32 (the PyTorch form rounds them to the stream's dtype first). Other devices use the
+# PyTorch form directly (HyperConnection.kernel = "torch").
+@torch.library.custom_op("nanochat::hc_collapse", mutates_args=())
+def _collapse_op(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    from nanochat.mhc_triton import collapse_fwd
+    return collapse_fwd(x, pre)
+
+
+@_collapse_op.register_fake
+def _(x, pre):
+    return x.new_empty(x.shape[:-2] + x.shape[-1:])
+
+
+@torch.library.custom_op("nanochat::hc_collapse_backward", mutates_args=())
+def _collapse_backward_op(du: torch.Tensor, x: torch.Tensor, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from nanochat.mhc_triton import collapse_bwd
+    return collapse_bwd(du, x, pre)
+
+
+@_collapse_backward_op.register_fake
+def _(du, x, pre):
+    return torch.empty_like(x), pre.new_empty(pre.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::hc_expand", mutates_args=())
+def _expand_op(x: torch.Tensor, f: torch.Tensor, res: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    from nanochat.mhc_triton import expand_fwd
+    return expand_fwd(x, f, res, post)
+
+
+@_expand_op.register_fake
+def _(x, f, res, post):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nanochat::hc_expand_backward", mutates_args=())
+def _expand_backward_op(dy: torch.Tensor, x: torch.Tensor, f: torch.Tensor, res: torch.Tensor,
+                        post: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from nanochat.mhc_triton import expand_bwd
+    return expand_bwd(dy, x, f, res, post)
+
+
+@_expand_backward_op.register_fake
+def _(dy, x, f, res, post):
+    return (torch.empty_like(x), torch.empty_like(f), res.new_empty(res.shape, dtype=torch.float32),
+            post.new_empty(post.shape, dtype=torch.float32))
+
+
+def _collapse_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _collapse_backward(ctx, du):
+    x, pre = ctx.saved_tensors
+    dx, dpre = _collapse_backward_op(du, x, pre)
+    return dx, dpre.to(pre.dtype)
+
+
+def _expand_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expand_backward(ctx, dy):
+    x, f, res, post = ctx.saved_tensors
+    dx, df, dres, dpost = _expand_backward_op(dy, x, f, res, post)
+    return dx, df, dres.to(res.dtype), dpost.to(post.dtype)
+
+
+_collapse_op.register_autograd(_collapse_backward, setup_context=_collapse_setup)
+_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+
+KERNELS = ("triton", "torch")
+
+
+def set_mhc_kernel(model, kernel):
+    """The read-out and the mix of every hyper-connection of model: "triton" (the fused
+    kernels, on CUDA with n a power of two; elsewhere the PyTorch form) or "torch" (the
+    PyTorch form, compiled with the model). A runtime switch; Sinkhorn is always its op."""
+    if kernel not in KERNELS:
+        raise ValueError(f"mhc kernel {kernel!r}: use one of {KERNELS}")
+    for m in model.modules():
+        if isinstance(m, HyperConnection):
+            m.kernel = kernel
+
+
 def sinkhorn(logits, iters=SINKHORN_ITERS, eps=SINKHORN_EPS):
     """(..., n, n) logits -> doubly stochastic matrices, computed in fp32: sinkhorn_reference's
     values, as one op (fused kernels on CUDA); other devices (XLA) trace the reference."""
@@ -140,6 +244,7 @@ class HyperConnection(nn.Module):
         self.scale = nn.Parameter(torch.empty(3))
         self.base = nn.Parameter(torch.empty(n * (n + 2)))
         self.stream = (2 * layer_idx + sublayer) % n  # the stream H_pre reads at init
+        self.kernel = "triton"  # set_mhc_kernel
 
     @torch.no_grad()
     def init_weights(self):
@@ -176,12 +281,6 @@ class HyperConnection(nn.Module):
     def forward(self, x, sublayer):
         """x (B, T, n, C); sublayer: u (B, T, C) -> f (B, T, C), the norm and F."""
         pre, post, res = self.coefficients(x)
-        u = (pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)
-        f = sublayer(u)
-        # X'[j] = sum_i H_res[i, j] X[i] + H_post[j] f as n broadcast products, which the compiler
-        # fuses into one elementwise pass (an einsum would be a batched matmul of 4 x 4 matrices)
-        res = res.to(x.dtype)
-        mixed = post.to(x.dtype).unsqueeze(-1) * f.unsqueeze(-2)
-        for i in range(self.n):
-            mixed = mixed + res[..., i, :, None] * x[..., i, None, :]
-        return mixed
+        if self.kernel == "triton" and _triton_ok(res):
+            return _expand_op(x, sublayer(_collapse_op(x, pre)), res, post)
+        return expand_reference(x, sublayer(collapse_reference(x, pre)), res, post)

@@ -88,13 +88,17 @@ def _sinkhorn_bwd(L, G, DL, M, eps, ITERS: tl.constexpr, N: tl.constexpr, BLOCK:
 BLOCK = 64
 
 
+def _device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()  # Triton launches on the current GPU
+
+
 def sinkhorn_fwd(logits, iters, eps):
     """(..., n, n) fp32 logits (n a power of two) -> Sinkhorn-Knopp's matrices, fp32."""
     x = logits.float().contiguous()
     n, M = x.size(-1), x.numel() // (x.size(-1) ** 2)
     out = torch.empty_like(x)
     if M:
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+        with _device(x):
             _sinkhorn_fwd[(triton.cdiv(M, BLOCK),)](x, out, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
     return out
 
@@ -105,6 +109,150 @@ def sinkhorn_bwd(grad, logits, iters, eps):
     n, M = x.size(-1), x.numel() // (x.size(-1) ** 2)
     dl = torch.empty_like(x)
     if M:
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        with _device(x):
             _sinkhorn_bwd[(triton.cdiv(M, BLOCK),)](x, g, dl, M, eps, ITERS=iters, N=n, BLOCK=BLOCK)
     return dl
+
+
+# The stream mix X'[j] = sum_i H_res[i, j] X[i] + H_post[j] f (mhc.expand_reference), forward
+# and backward. Compiled from PyTorch, the backward's n^2 + n reductions over C per token
+# (dH_res[i, j] = <X[i], dX'[j]>, dH_post[j] = <f, dX'[j]>) became several passes over the
+# n-wide stream; here one program keeps BM tokens' n x n sums in registers while it walks C
+# once, reading X, f and dX' once and writing dX and df once.
+@triton.jit
+def _expand_fwd(X, F, RES, POST, Y, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    s = tl.arange(0, N)
+    rm, cm = rows < M, cols < C
+    m2 = rm[:, None] & cm[None, :]
+    x = tl.load(X + rows[:, None, None] * (N * C) + s[None, :, None] * C + cols[None, None, :],
+                mask=rm[:, None, None] & cm[None, None, :], other=0.0).to(tl.float32)  # (BM, i, c)
+    f = tl.load(F + rows[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    for j in tl.static_range(N):
+        res_j = tl.load(RES + rows[:, None] * (N * N) + s[None, :] * N + j, mask=rm[:, None], other=0.0)  # H_res[:, j]
+        post_j = tl.load(POST + rows * N + j, mask=rm, other=0.0)
+        y = tl.sum(res_j[:, :, None] * x, 1) + post_j[:, None] * f
+        tl.store(Y + rows[:, None] * (N * C) + j * C + cols[None, :], y.to(Y.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _expand_bwd(X, F, RES, POST, DY, DX, DF, DRES, DPOST, M, C: tl.constexpr,
+                N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    s = tl.arange(0, N)
+    rm = rows < M
+    dres = tl.zeros((BM, N, N), dtype=tl.float32)
+    dpost = tl.zeros((BM, N), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m2, m3 = rm[:, None] & cm[None, :], rm[:, None, None] & cm[None, None, :]
+        o3 = rows[:, None, None] * (N * C) + s[None, :, None] * C + cols[None, None, :]
+        x = tl.load(X + o3, mask=m3, other=0.0).to(tl.float32)  # (BM, i, c)
+        f = tl.load(F + rows[:, None] * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        dx = tl.zeros((BM, N, BC), dtype=tl.float32)
+        df = tl.zeros((BM, BC), dtype=tl.float32)
+        for j in tl.static_range(N):
+            dy = tl.load(DY + rows[:, None] * (N * C) + j * C + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            res_j = tl.load(RES + rows[:, None] * (N * N) + s[None, :] * N + j, mask=rm[:, None], other=0.0)
+            post_j = tl.load(POST + rows * N + j, mask=rm, other=0.0)
+            dx += res_j[:, :, None] * dy[:, None, :]  # dX[i] = sum_j H_res[i, j] dX'[j]
+            df += post_j[:, None] * dy                # df = sum_j H_post[j] dX'[j]
+            dres += tl.where(s[None, None, :] == j, tl.sum(x * dy[:, None, :], 2)[:, :, None], 0.0)
+            dpost += tl.where(s[None, :] == j, tl.sum(f * dy, 1)[:, None], 0.0)
+        tl.store(DX + o3, dx.to(DX.dtype.element_ty), mask=m3)
+        tl.store(DF + rows[:, None] * C + cols[None, :], df.to(DF.dtype.element_ty), mask=m2)
+    tl.store(DRES + rows[:, None, None] * (N * N) + s[None, :, None] * N + s[None, None, :], dres,
+             mask=rm[:, None, None])
+    tl.store(DPOST + rows[:, None] * N + s[None, :], dpost, mask=rm[:, None])
+
+
+# The read-out u = sum_i H_pre[i] X[i] (mhc.collapse_reference): its backward, dX[i] = H_pre[i] du
+# and dH_pre[i] = <X[i], du>, in one pass over X as well.
+@triton.jit
+def _collapse_fwd(X, PRE, U, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    s = tl.arange(0, N)
+    rm, cm = rows < M, cols < C
+    x = tl.load(X + rows[:, None, None] * (N * C) + s[None, :, None] * C + cols[None, None, :],
+                mask=rm[:, None, None] & cm[None, None, :], other=0.0).to(tl.float32)
+    pre = tl.load(PRE + rows[:, None] * N + s[None, :], mask=rm[:, None], other=0.0)
+    u = tl.sum(pre[:, :, None] * x, 1)
+    tl.store(U + rows[:, None] * C + cols[None, :], u.to(U.dtype.element_ty), mask=rm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _collapse_bwd(X, PRE, DU, DX, DPRE, M, C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    s = tl.arange(0, N)
+    rm = rows < M
+    pre = tl.load(PRE + rows[:, None] * N + s[None, :], mask=rm[:, None], other=0.0)
+    dpre = tl.zeros((BM, N), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        cm = cols < C
+        m3 = rm[:, None, None] & cm[None, None, :]
+        o3 = rows[:, None, None] * (N * C) + s[None, :, None] * C + cols[None, None, :]
+        x = tl.load(X + o3, mask=m3, other=0.0).to(tl.float32)
+        du = tl.load(DU + rows[:, None] * C + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        tl.store(DX + o3, (pre[:, :, None] * du[:, None, :]).to(DX.dtype.element_ty), mask=m3)
+        dpre += tl.sum(x * du[:, None, :], 2)
+    tl.store(DPRE + rows[:, None] * N + s[None, :], dpre, mask=rm[:, None])
+
+
+EXPAND_BM, EXPAND_BC = 8, 128
+
+
+def expand_fwd(x, f, res, post):
+    """x (..., n, C), f (..., C), res (..., n, n) and post (..., n) fp32 -> X' like x."""
+    x, f, res, post = x.contiguous(), f.contiguous(), res.float().contiguous(), post.float().contiguous()
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    y = torch.empty_like(x)
+    if M:
+        with _device(x):
+            grid = (triton.cdiv(M, EXPAND_BM), triton.cdiv(C, EXPAND_BC))
+            _expand_fwd[grid](x, f, res, post, y, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    return y
+
+
+def expand_bwd(dy, x, f, res, post):
+    """expand_fwd's gradients: dx, df (their inputs' dtypes), dres, dpost (fp32)."""
+    dy, x, f = dy.contiguous(), x.contiguous(), f.contiguous()
+    res, post = res.float().contiguous(), post.float().contiguous()
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    dx, df = torch.empty_like(x), torch.empty_like(f)
+    dres, dpost = torch.empty_like(res), torch.empty_like(post)
+    if M:
+        with _device(x):
+            _expand_bwd[(triton.cdiv(M, EXPAND_BM),)](x, f, res, post, dy, dx, df, dres, dpost, M, C,
+                                                       N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    return dx, df, dres, dpost
+
+
+def collapse_fwd(x, pre):
+    """x (..., n, C), pre (..., n) fp32 -> u (..., C) in x's dtype."""
+    x, pre = x.contiguous(), pre.float().contiguous()
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    u = x.new_empty(x.shape[:-2] + (C,))
+    if M:
+        with _device(x):
+            grid = (triton.cdiv(M, EXPAND_BM), triton.cdiv(C, EXPAND_BC))
+            _collapse_fwd[grid](x, pre, u, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    return u
+
+
+def collapse_bwd(du, x, pre):
+    """collapse_fwd's gradients: dx (x's dtype), dpre (fp32)."""
+    du, x, pre = du.contiguous(), x.contiguous(), pre.float().contiguous()
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    dx, dpre = torch.empty_like(x), torch.empty_like(pre)
+    if M:
+        with _device(x):
+            _collapse_bwd[(triton.cdiv(M, EXPAND_BM),)](x, pre, du, dx, dpre, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    return dx, dpre

@@ -19,6 +19,7 @@ from nanochat.common import (autodetect_device_type, compute_dtype, compute_init
 from nanochat.flags import add_model_args, add_optimizer_args, config_from_args, optimizer_kwargs
 from nanochat.gpt import build_model
 from nanochat.mamba3 import set_mamba3_kernel
+from nanochat.mhc import set_mhc_kernel
 
 parser = argparse.ArgumentParser(description="Benchmark the pretraining step; prints a JSON line")
 add_model_args(parser)  # the model and step flags of scripts/base_train
@@ -48,6 +49,7 @@ if args.sdpa != "auto":
 model = build_model(config, device)
 model.kernel = args.kernel
 set_mamba3_kernel(model, args.mamba3_kernel)  # a runtime switch too
+set_mhc_kernel(model, args.mhc_kernel)
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 adamw, muon = optimizers = model.setup_optimizers(**optimizer_kwargs(args))  # base_train's optimizer flags
 flops_per_token = model.estimate_flops()
@@ -99,7 +101,7 @@ if args.profile:
     sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
 print(json.dumps({"sdpa": args.sdpa, "fp8": args.fp8, "kernel": args.kernel, "mamba3_kernel": args.mamba3_kernel,
-    "compile": use_compile,
+    "mhc_kernel": args.mhc_kernel, "compile": use_compile,
     "gradient_checkpointing": args.gradient_checkpointing,
     "depth": args.depth, "window_pattern": args.window_pattern, "n_embd": config.n_embd, "params": model.num_params(),
     "seq_len": T, "device_batch_size": B, "total_batch_size": total, "grad_accum": accum, "vocab_size": config.vocab_size,

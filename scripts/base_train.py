@@ -34,6 +34,7 @@ from nanochat.dataset import resolve_data_dir
 from nanochat.flags import add_model_args, add_optimizer_args, check_tpu_flags, config_from_args, optimizer_kwargs
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.mamba3 import set_mamba3_kernel
+from nanochat.mhc import set_mhc_kernel
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.report import get_report
@@ -161,6 +162,7 @@ if xla and args.dsa_kernel == "flex":
 model = build_model(config, "cpu").to(device) if xla else build_model(config, device)
 model.kernel, model.dsa_kernel = args.kernel, args.dsa_kernel
 set_mamba3_kernel(model, args.mamba3_kernel)  # a runtime switch too
+set_mhc_kernel(model, args.mhc_kernel)
 model.gradient_checkpointing = args.gradient_checkpointing  # a runtime switch, not in the config
 model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)

@@ -211,10 +211,11 @@ def test_speculative_sampling_on_cuda_is_seeded():
     assert runs[0] != runs[1]
 
 
-def test_mhc_sinkhorn_kernels_in_a_compiled_training_step(monkeypatch):
-    """mHC's Sinkhorn through its Triton kernels (nanochat/mhc_triton.py) inside a compiled
-    bf16 training step gives the loss and gradients of the same step with the PyTorch
-    reference in the op (both fp32 inside; what differs is only the Sinkhorn's rounding)."""
+def test_mhc_kernels_in_a_compiled_training_step(monkeypatch):
+    """mHC through its Triton kernels (nanochat/mhc_triton.py: Sinkhorn, the read-out and the
+    stream mix) inside a compiled bf16 training step gives the loss and gradients of the same
+    step with the PyTorch forms (Sinkhorn fp32 in both; the mix's coefficients are fp32 in
+    the kernels and bf16 in PyTorch, so the hyper-connections' gradients differ by rounding)."""
     import nanochat.mhc as mhc
     _, gpu = model_pair("SSSL", recipe="memory")
     idx = torch.randint(0, 500, (2, 256), device="cuda")
@@ -232,6 +233,10 @@ def test_mhc_sinkhorn_kernels_in_a_compiled_training_step(monkeypatch):
     assert abs(loss_k - loss_r) < 1e-3
     hc = [n for n in grads_r if ".hc_" in n]
     assert hc and all(((grads_k[n] - grads_r[n]).norm() / grads_r[n].norm().clamp_min(1e-12)) < 1e-2 for n in hc)
+    x, f = torch.randn(3, 4, 40, device="cuda", requires_grad=True), torch.randn(3, 40, device="cuda", requires_grad=True)
+    res, post = torch.rand(3, 4, 4, device="cuda", requires_grad=True), torch.rand(3, 4, device="cuda", requires_grad=True)
+    torch.library.opcheck(mhc._expand_op, (x, f, res, post))
+    torch.library.opcheck(mhc._collapse_op, (x, post))
 
 
 @pytest.mark.parametrize("recipe", [False, True])

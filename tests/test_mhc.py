@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, Block, GPTConfig, build_model, layer_plan
-from nanochat.mhc import _sinkhorn_backward_reference, sinkhorn, sinkhorn_reference
+from nanochat.mhc import (_collapse_op, _expand_op, _sinkhorn_backward_reference, collapse_reference, expand_reference,
+                          set_mhc_kernel, sinkhorn, sinkhorn_reference)
 from tests.test_base_train import base_dir, losses, run_train  # noqa: F401 (base_dir is a fixture)
 from tests.test_gpt import assert_causal_bit_exact
 
@@ -76,6 +77,51 @@ def test_sinkhorn_triton_kernels_match_the_reference(n, M):
     dl = sinkhorn_bwd(g.float().to(device), lf, 20, 1e-6).double().cpu()
     assert (out - want).abs().max() < 1e-6, "forward"
     assert (dl - dwant).abs().max() < 1e-6 * max(1.0, dwant.abs().max().item()), "backward"
+
+
+@pytest.mark.parametrize("n,M,C", [(4, 11, 200), (2, 3, 128), (8, 9, 70)])
+def test_mix_triton_kernels_match_the_reference(n, M, C):
+    """The read-out u = sum_i H_pre[i] X[i] and the mix X'[j] = sum_i H_res[i, j] X[i] + H_post[j] f
+    through their ops (fused Triton kernels: the CPU interpreter without a GPU), forward and
+    every gradient, against autograd through the PyTorch form in fp64; M and C not multiples
+    of the kernels' blocks; a bf16 stream as in training, too."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x, f, dy = torch.randn(M, n, C, dtype=torch.float64), torch.randn(M, C, dtype=torch.float64), torch.randn(M, n, C)
+    res, post, pre = torch.rand(M, n, n, dtype=torch.float64), torch.rand(M, n, dtype=torch.float64), torch.rand(M, n)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        ins = [t.detach().to(device, dt).requires_grad_() for t in (x, f)] + \
+              [t.detach().to(device, torch.float32).requires_grad_() for t in (res, post, pre)]
+        ref = [t.detach().double().cpu().requires_grad_() for t in ins]
+        xk, fk, rk, pk, prek = ins
+        xr, fr, rr, pr, prer = ref
+        yk = _expand_op(xk, fk, rk, pk) + _collapse_op(xk, prek).unsqueeze(-2)
+        yr = expand_reference(xr, fr, rr, pr) + collapse_reference(xr, prer).unsqueeze(-2)
+        assert yk.dtype == dt and ((yk.double().cpu() - yr).abs().max() < tol * yr.abs().max()), dt
+        yk.backward(dy.to(device, dt))
+        yr.backward(dy.to(dt).double())
+        for a, b, name in zip(ins, ref, ("x", "f", "res", "post", "pre")):
+            assert a.grad.dtype == a.dtype, name
+            assert (a.grad.double().cpu() - b.grad).abs().max() < tol * b.grad.abs().max(), (dt, name)
+
+
+def test_mix_ops_pass_opcheck_and_the_kernel_switch():
+    """torch.library.opcheck on the two ops (their fake tensors, autograd registration and
+    schemas, as torch.compile relies on them); set_mhc_kernel rejects an unknown kernel and
+    sets every hyper-connection; a CPU model runs the PyTorch form whatever the switch."""
+    torch.manual_seed(0)
+    x, f = torch.randn(3, 4, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
+    res, post = torch.rand(3, 4, 4, requires_grad=True), torch.rand(3, 4, requires_grad=True)
+    torch.library.opcheck(_expand_op, (x, f, res, post))
+    torch.library.opcheck(_collapse_op, (x, post))
+    model = build_model(GPTConfig(**KW, mhc=True), "cpu")
+    with pytest.raises(ValueError, match="mhc kernel"):
+        set_mhc_kernel(model, "cuda")
+    idx = torch.randint(0, 97, (2, 16))
+    want = model(idx)
+    set_mhc_kernel(model, "torch")
+    assert {m.kernel for m in model.modules() if hasattr(m, "phi")} == {"torch"}
+    assert torch.equal(model(idx), want)
 
 
 def test_sinkhorn_of_random_logits_is_not_uniform():
