@@ -213,26 +213,31 @@ def test_speculative_sampling_on_cuda_is_seeded():
 
 def test_mhc_kernels_in_a_compiled_training_step(monkeypatch):
     """mHC through its Triton kernels (nanochat/mhc_triton.py: Sinkhorn, the read-out and the
-    stream mix) inside a compiled bf16 training step gives the loss and gradients of the same
-    step with the PyTorch forms (Sinkhorn fp32 in both; the mix's coefficients are fp32 in
-    the kernels and bf16 in PyTorch, so the hyper-connections' gradients differ by rounding)."""
+    stream mix) inside a compiled bf16 training step, against the same step in fp32 (PyTorch
+    forms): its loss and hyper-connection gradients are at least as close to fp32 as the
+    bf16 step through the PyTorch forms (which round the mix's coefficients to bf16; the
+    kernels keep them in fp32). Then opcheck on the two ops with CUDA tensors."""
     import nanochat.mhc as mhc
     _, gpu = model_pair("SSSL", recipe="memory")
     idx = torch.randint(0, 500, (2, 256), device="cuda")
 
-    def step():
+    def step(dtype=torch.bfloat16):
         torch._dynamo.reset()
         gpu.zero_grad(set_to_none=True)
-        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        with torch.amp.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             loss = torch.compile(gpu, dynamic=False)(idx, idx)
         loss.backward()
-        return loss.item(), {n: p.grad.float().clone() for n, p in gpu.named_parameters() if p.grad is not None}
+        hc = [p.grad.float().flatten() for n, p in gpu.named_parameters() if ".hc_" in n and p.grad is not None]
+        return loss.item(), torch.cat(hc)
     loss_k, grads_k = step()
     monkeypatch.setattr(mhc, "_triton_ok", lambda x: False)
     loss_r, grads_r = step()
-    assert abs(loss_k - loss_r) < 1e-3
-    hc = [n for n in grads_r if ".hc_" in n]
-    assert hc and all(((grads_k[n] - grads_r[n]).norm() / grads_r[n].norm().clamp_min(1e-12)) < 1e-2 for n in hc)
+    loss_f, grads_f = step(torch.float32)
+    err_k, err_r = ((g - grads_f).norm() / grads_f.norm() for g in (grads_k, grads_r))
+    print(f"loss fp32 {loss_f:.5f}, kernels {loss_k:.5f}, PyTorch bf16 {loss_r:.5f}; hc grads vs fp32: "
+          f"kernels {err_k:.4f}, PyTorch bf16 {err_r:.4f}")
+    assert abs(loss_k - loss_f) <= abs(loss_r - loss_f) + 2e-3
+    assert err_k <= 1.2 * err_r + 1e-3 and err_k < 0.05
     x, f = torch.randn(3, 4, 40, device="cuda", requires_grad=True), torch.randn(3, 40, device="cuda", requires_grad=True)
     res, post = torch.rand(3, 4, 4, device="cuda", requires_grad=True), torch.rand(3, 4, device="cuda", requires_grad=True)
     torch.library.opcheck(mhc._expand_op, (x, f, res, post))

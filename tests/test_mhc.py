@@ -124,6 +124,32 @@ def test_mix_ops_pass_opcheck_and_the_kernel_switch():
     assert torch.equal(model(idx), want)
 
 
+def test_mix_kernels_in_a_model_equal_the_pytorch_forms(monkeypatch):
+    """A whole fp32 model (recipe, Engram, mHC) through the fused kernels (the interpreter on
+    the CPU, let in by patching the device check) gives the PyTorch forms' loss and every
+    parameter's gradient to fp32 rounding: the ops' wiring (strides, the expanded first
+    stream, saved tensors) in the model, not only the ops alone."""
+    import nanochat.mhc as mhc
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(**KW, **RECIPE, mhc=True, engram_layers="0,2", engram_table=256), "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 97, (2, 32))
+    monkeypatch.setattr(mhc, "_triton_ok", lambda x: x.dtype != torch.float64)
+
+    def run(kernel):
+        set_mhc_kernel(model, kernel)
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, idx)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (loss_k, grads_k), (loss_r, grads_r) = run("triton"), run("torch")
+    assert abs(loss_k - loss_r) < 1e-5 and grads_k.keys() == grads_r.keys()
+    for n, g in grads_r.items():
+        assert (grads_k[n] - g).norm() <= 1e-4 * g.norm() + 1e-9, n
+
+
 def test_sinkhorn_of_random_logits_is_not_uniform():
     """The fork fed Sinkhorn exp(l_i + l_j), a rank-one matrix, which it maps to the uniform
     matrix whatever l is; a full n x n matrix of logits must not come out uniform."""
