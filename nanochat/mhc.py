@@ -22,6 +22,7 @@ are closed under products and have spectral norm <= 1, so the mixing over depth 
 neither blow up nor vanish: that constraint is mHC's point over plain HC. It runs as one
 op (fused Triton kernels on CUDA, nanochat/mhc_triton.py; the backward recomputes the
 iterates, as the paper's kernels do), not as ~80 small ops for torch.compile to trace.
+The read-out u and the mix X' are ops with fused kernels on CUDA too (coefficients in fp32).
 
 Every coefficient comes from the token's own residual: nothing pools over time, and
 decoding needs no cache of its own. The model expands the embedding into n copies before

@@ -1,7 +1,8 @@
 """
-Fused Triton kernels for mHC's Sinkhorn-Knopp (nanochat/mhc.py), forward and backward; the
-CUDA implementation of the `nanochat::sinkhorn` op, with `mhc.sinkhorn_reference` (PyTorch)
-as the exact reference.
+Fused Triton kernels for mHC (nanochat/mhc.py), forward and backward: Sinkhorn-Knopp (the
+CUDA implementation of the `nanochat::sinkhorn` op, with `mhc.sinkhorn_reference` as the exact
+reference), and below it the read-out and the stream mix (`nanochat::hc_collapse`,
+`nanochat::hc_expand`; references `mhc.collapse_reference`, `mhc.expand_reference`).
 
 Why: written as PyTorch, the 20 iterations unroll into ~80 tiny ops per sublayer, which
 torch.compile traces (a d12 took 6 minutes to compile on the H200, against about one for the
