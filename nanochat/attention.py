@@ -294,6 +294,9 @@ class KVCache:
         """Copy a batch-1 cache (a shared prefill) into n rows."""
         self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
 
+    def tensors(self):  # the state, batch first (ModelCache.load)
+        return [self.k, self.v]
+
     def snapshot(self):
         return None  # position-indexed: a dummy step's entries are overwritten before they are read
 

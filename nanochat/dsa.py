@@ -309,3 +309,6 @@ class DSACache(KVCache):
     def repeat(self, n):
         super().repeat(n)
         self.ik = self.ik.repeat(n, 1, 1)
+
+    def tensors(self):
+        return super().tensors() + [self.ik]

@@ -113,6 +113,26 @@ class ToolState:
         return []
 
 
+def pooled(pool, length, make, model):
+    """pool[length] when it is there and not busy (a live generator's), else make(); kept in
+    pool, most recent last, while the lengths add up to at most the model's context (the
+    memory of one cache as long as that; at least 256), the least recently used out."""
+    item = pool.pop(length, None)
+    if item is None or item.busy:
+        item = make()
+    pool[length] = item
+    while pool and sum(pool) > max(model.config.sequence_len, 256):
+        pool.pop(next(iter(pool)))
+    return item
+
+
+class Decoder:
+    """A decode cache and its step function (ids (B, 1), pos) -> logits (B, V)."""
+
+    def __init__(self, cache, step):
+        self.cache, self.step, self.busy = cache, step, False
+
+
 class Row:
     def __init__(self, tokenizer):
         self.tool = ToolState(tokenizer)
@@ -147,6 +167,8 @@ class Engine:
         self.speculative = speculative  # decode with the MTP modules where the model has them
         self.spec_stats = {}
         self._compiled_step = None
+        self._decoders = {}  # batch-1 decoders kept between calls: cache length -> Decoder, oldest first
+        self._rounds = {}  # the same for the speculative rounds (mtp.Rounds)
         s = tokenizer.encode_special
         self.stop_tokens = {s("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
@@ -179,6 +201,15 @@ class Engine:
             graph.replay()
             return static_logits
         return run
+
+    def _decoder(self, batch, cache_len):
+        """A Decoder of `batch` rows over cache_len positions. Batch-1 ones are kept between
+        calls (pooled): on CUDA making one means capturing a graph (three warm-up steps and
+        the capture), which cost more than the prefill itself in the time to the first token."""
+        def make():
+            cache = self.model.init_cache(batch, cache_len, device=self.device)
+            return Decoder(cache, self._make_stepper(cache, batch))
+        return pooled(self._decoders, cache_len, make, self.model) if batch == 1 else make()
 
     # ---- generation ----------------------------------------------------------
 
@@ -220,52 +251,58 @@ class Engine:
             yield from self._speculative(list(tokens), n, temperature, top_k, rng)
             return
         # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
-        # a few shapes and the compiled decode step is reused rather than recompiled
-        cache = model.init_cache(1, min(-(-max_len // 256) * 256, model.rotary_len), device=device)
+        # a few shapes and the compiled decode step (and its graph) is reused
+        cache_len = min(-(-max_len // 256) * 256, model.rotary_len)
+        prefill = model.init_cache(1, cache_len, device=device)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, cache=cache)[:, -1, :]           # prefill, batch 1
+        logits = model(ids, cache=prefill)[:, -1, :]         # prefill, batch 1
         if num_samples > 1:
-            cache.repeat(num_samples)
             logits = logits.expand(num_samples, -1)
-        step = self._make_stepper(cache, num_samples) if len(tokens) < max_len else None
-        rows = [Row(self.tokenizer) for _ in range(num_samples)]
-        pos, produced = len(tokens), 0
-        if adjust:
-            counts = torch.zeros(num_samples, logits.size(-1), device=device)
-            bias = None
-            if logit_bias:
-                bias = torch.zeros(logits.size(-1), device=device)
-                bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float, device=device)
-        while True:
+        decoder = self._decoder(num_samples, cache_len) if len(tokens) < max_len else None
+        if decoder is not None:
+            decoder.cache.load(prefill)  # into every row
+            decoder.busy = True
+        try:  # a Decoder is busy until this generator ends or is closed
+            rows = [Row(self.tokenizer) for _ in range(num_samples)]
+            pos, produced = len(tokens), 0
             if adjust:
-                logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
-            sampled = sample_next(logits, rng, temperature, top_k).tolist()
-            column, masks = [], []
-            for row, tok in zip(rows, sampled):
-                forced = bool(row.forced)
-                tok = row.forced.popleft() if forced else tok
-                column.append(tok)
-                masks.append(0 if forced else 1)
-                if tok in self.stop_tokens:
-                    row.done = True
-                if self.use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
-                    row.forced.extend(row.tool.feed(tok))
-            yield column, masks
-            if adjust:
-                counts[torch.arange(num_samples, device=device), torch.tensor(column, device=device)] += 1
-            produced += 1
-            if all(r.done for r in rows) or (max_tokens is not None and produced >= max_tokens) or pos >= max_len:
-                break
-            logits = step(torch.tensor(column, device=device).view(-1, 1), pos)
-            pos += 1
-        cache.pos = pos
+                counts = torch.zeros(num_samples, logits.size(-1), device=device)
+                bias = None
+                if logit_bias:
+                    bias = torch.zeros(logits.size(-1), device=device)
+                    bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float, device=device)
+            while True:
+                if adjust:
+                    logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
+                sampled = sample_next(logits, rng, temperature, top_k).tolist()
+                column, masks = [], []
+                for row, tok in zip(rows, sampled):
+                    forced = bool(row.forced)
+                    tok = row.forced.popleft() if forced else tok
+                    column.append(tok)
+                    masks.append(0 if forced else 1)
+                    if tok in self.stop_tokens:
+                        row.done = True
+                    if self.use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
+                        row.forced.extend(row.tool.feed(tok))
+                yield column, masks
+                if adjust:
+                    counts[torch.arange(num_samples, device=device), torch.tensor(column, device=device)] += 1
+                produced += 1
+                if all(r.done for r in rows) or (max_tokens is not None and produced >= max_tokens) or pos >= max_len:
+                    break
+                logits = decoder.step(torch.tensor(column, device=device).view(-1, 1), pos)
+                pos += 1
+        finally:
+            if decoder is not None:
+                decoder.busy = False
 
     def _speculative(self, tokens, max_tokens, temperature, top_k, rng):
         from nanochat.mtp import speculative_generate, speculative_static, static_ready
         if temperature < 1e-5 and static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
             # one MTP module, attention only: fixed-shape rounds, each one CUDA graph
             graph = self.device.type == "cuda" and self.use_cuda_graphs
-            gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph)
+            gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph, pool=self._rounds)
         else:
             gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats, temperature, top_k, rng)
         tool, out = ToolState(self.tokenizer) if self.use_tools else None, []

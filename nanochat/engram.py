@@ -174,6 +174,9 @@ class EngramCache:
     def repeat(self, n):  # sequence r * B + b keeps its streams together: rows (r * B + b) * streams + s
         self.ids, self.conv = self.ids.repeat(n, 1), self.conv.repeat(n, 1, 1)
 
+    def tensors(self):
+        return [self.ids, self.conv]
+
     def snapshot(self):
         return self.ids.clone(), self.conv.clone()
 

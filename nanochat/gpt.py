@@ -273,6 +273,17 @@ class ModelCache:
         if self.prev_emb is not None:
             self.prev_emb = self.prev_emb.repeat(n, 1, 1)
 
+    def load(self, src):
+        """This cache := src, a batch-1 cache of the same length (a prefill), in every row and
+        in place: a captured decode graph holds these tensors. Row b * k + s of a tensor with
+        k rows per sequence (Engram's conv: one per mHC stream) gets src's row s."""
+        for dst, s in zip(self._tensors(), src._tensors()):
+            dst.view(dst.size(0) // s.size(0), *s.shape).copy_(s)
+        self.pos = src.pos
+
+    def _tensors(self):
+        return [t for s in self._states() for t in s.tensors()] + ([self.prev_emb] if self.prev_emb is not None else [])
+
     def snapshot(self):
         """A copy of the state that is not indexed by position (the smear's prev_emb, a
         Mamba layer's recurrent state, Engram's recent ids and conv inputs): a dummy decode

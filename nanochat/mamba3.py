@@ -419,6 +419,9 @@ class Mamba3Cache:
             t = getattr(self, name)
             setattr(self, name, t.repeat(n, *([1] * (t.dim() - 1))))
 
+    def tensors(self):  # and w_in, the weights' copy (no batch dim), refreshed by ModelCache.load
+        return [getattr(self, n) for n in self._tensors()] + ([self.w_in] if self.w_in is not None else [])
+
     def snapshot(self):
         return [getattr(self, n).clone() for n in self._tensors()]
 

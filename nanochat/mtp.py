@@ -217,12 +217,33 @@ def _round_runner(model, cache, mcache, blk, pos_t, cuda_graph):
     return lambda: (graph.replay(), out)[1]
 
 
+class Rounds:
+    """What the fixed-shape rounds run on: the main cache, module 1's cache, the round's two
+    input ids and position, and the round itself (run: a captured CUDA graph with
+    cuda_graph=True). Made before the prefill, which is then loaded into its caches, so it
+    can be kept for the next request (Engine: the capture cost more than the prefill)."""
+
+    def __init__(self, model, max_len, cuda_graph):
+        dev = model.wte.weight.device
+        self.cache, self.mcache = model.init_cache(1, max_len), Drafter(model, max_len).kv[0]
+        self.blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
+        self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
+        self.run = _round_runner(model, self.cache, self.mcache, self.blk, self.pos_t, cuda_graph)
+        self.busy = False
+
+    def load(self, cache, mcache):
+        self.cache.load(cache)
+        for dst, src in zip(self.mcache.tensors(), mcache.tensors()):
+            dst.copy_(src)
+
+
 @torch.inference_mode()
-def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
+def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, pool=None):
     """speculative_generate for static_ready models, one fixed-shape round per step
     (static_round; one CUDA graph with cuda_graph=True) and one host sync per round to
     read its tokens. The same tokens as greedy decoding, up to argmax ties within the
-    rounding difference between a two-token forward and one token at a time."""
+    rounding difference between a two-token forward and one token at a time. pool: a dict
+    that keeps the rounds' caches and graph between calls (engine.pooled; the Engine's)."""
     if not static_ready(model):
         raise ValueError("speculative_static needs one MTP module and attention-only layers without Engram")
     stats = {} if stats is None else stats
@@ -232,26 +253,33 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False):
     if max_len > model.rotary_len:
         raise ValueError(f"{n} prompt + {max_tokens} new tokens are longer than the rotary tables ({model.rotary_len})")
     max_len = min(-(-max_len // 256) * 256, model.rotary_len)  # as the engine: fewer lengths to compile for
+    from nanochat.engine import pooled
+
+    def make():
+        return Rounds(model, max_len, cuda_graph)
+    rounds = make() if pool is None else pooled(pool, max_len, make, model)  # before the first token
     cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
     logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)
     t = int(logits[0, -1].argmax())
     drafter.accept(list(tokens) + [t], h)  # the module over the prompt drafts d; the rounds then own its cache
-    d, mcache = drafter.draft(1)[0], drafter.kv[0]
-    blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
-    pos_t = torch.zeros((), dtype=torch.long, device=dev)
-    run = _round_runner(model, cache, mcache, blk, pos_t, cuda_graph)  # before the first token, as the engine
-    yield t
-    p, produced = n, 1
-    while produced < max_tokens:
-        blk.copy_(torch.tensor([[t, d]]))
-        pos_t.fill_(p)
-        g, acc, t_next, d_next = run()
-        g0, g1, kept, t_next, d_next = torch.cat([g[0], acc.long(), t_next[0], d_next[0]]).tolist()
-        new = [d, g1] if kept else [g0]  # kept: d == g0
-        stats["drafted"] += 1
-        stats["accepted"] += kept
-        yield from new[:max_tokens - produced]
-        produced, p, t, d = produced + len(new), p + len(new), t_next, d_next
+    d = drafter.draft(1)[0]
+    rounds.load(cache, drafter.kv[0])
+    rounds.busy = True
+    try:  # busy until this generator ends or is closed
+        yield t
+        p, produced = n, 1
+        while produced < max_tokens:
+            rounds.blk.copy_(torch.tensor([[t, d]]))
+            rounds.pos_t.fill_(p)
+            g, acc, t_next, d_next = rounds.run()
+            g0, g1, kept, t_next, d_next = torch.cat([g[0], acc.long(), t_next[0], d_next[0]]).tolist()
+            new = [d, g1] if kept else [g0]  # kept: d == g0
+            stats["drafted"] += 1
+            stats["accepted"] += kept
+            yield from new[:max_tokens - produced]
+            produced, p, t, d = produced + len(new), p + len(new), t_next, d_next
+    finally:
+        rounds.busy = False
 
 
 @torch.inference_mode()

@@ -174,3 +174,56 @@ def test_dummy_decode_steps_then_restore_leave_decoding_unchanged(tokenizer):
     cache.restore(snap)
     for t in range(12, 20):
         assert torch.allclose(model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)
+
+
+EXTRAS = {"recipe": RECIPE, "hybrid": {**RECIPE, **HYBRID}, "memory": dict(RECIPE, engram_layers="0", mhc=True),
+          "dsa": dict(dsa_start_layer=1, dsa_top_k=6, dsa_heads=2, dsa_dim=16)}
+
+
+@pytest.mark.parametrize("extra", list(EXTRAS))
+def test_engine_keeps_its_decoder_between_calls(tokenizer, extra):
+    """Batch-1 decoders (on CUDA: a captured graph each) are kept between generate calls.
+    Later calls (other prompts and lengths, a batch of 3 in between, sampled) give what a
+    fresh Engine gives; the kept decoder is the same object, also after a generator closed
+    early; two live generators of one length do not share it; weights changed in place
+    between calls are seen (Mamba-3's cached copy of its input projections included); the
+    kept lengths add up to at most the model's reach."""
+    model = model_for(tokenizer, "SSL", **EXTRAS[extra])
+    engine = Engine(model, tokenizer)
+    engine.stop_tokens = set()
+    prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in ("int main() {", "def f(x):\n    return", "The")]
+
+    def fresh(tokens, **kw):
+        e = Engine(model, tokenizer)
+        e.stop_tokens = set()
+        return e.generate_batch(tokens, **kw)[0]
+    for tokens in prompts:
+        assert engine.generate_batch(tokens, max_tokens=12, temperature=0.0)[0][0] == naive_generate(model, tokens, 12)
+    kept = engine._decoders[256]
+    assert engine.generate_batch(prompts[0], num_samples=3, max_tokens=8, temperature=0.0)[0] == \
+        [naive_generate(model, prompts[0], 8)] * 3
+    kw = dict(max_tokens=12, temperature=1.0, top_k=20, seed=7)
+    assert engine.generate_batch(prompts[1], **kw)[0] == fresh(prompts[1], **kw)
+    gen = engine.generate(prompts[2], max_tokens=12, temperature=0.0)
+    next(gen)
+    gen.close()
+    assert engine._decoders[256] is kept and not kept.busy
+    # two live generators of one length: the second gets a private decoder
+    g1, g2 = (engine.generate(p, max_tokens=10, temperature=0.0) for p in prompts[:2])
+    out1, out2 = [], []
+    for (c1, _), (c2, _) in zip(g1, g2):
+        out1 += c1
+        out2 += c2
+    assert (out1, out2) == (naive_generate(model, prompts[0], 10), naive_generate(model, prompts[1], 10))
+    g2.close()  # zip stopped at g1's end: g2 still holds its decoder
+    assert not any(d.busy for d in engine._decoders.values())
+    with torch.no_grad():  # weights move between calls (training-time sampling), the mixers' inputs a lot
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (1.0 if "mixer" in name else 0.05))
+    for tokens in prompts:
+        assert engine.generate_batch(tokens, max_tokens=12, temperature=0.0)[0][0] == naive_generate(model, tokens, 12)
+    long_out = engine.generate_batch(prompts[1], max_tokens=300, temperature=0.0)[0][0]  # a 512-position cache
+    assert long_out[:12] == naive_generate(model, prompts[1], 12)
+    assert list(engine._decoders) == []  # past the context (64, so 256 kept at most): not kept
+    engine.generate_batch(prompts[1], max_tokens=12, temperature=0.0)
+    assert list(engine._decoders) == [256]

@@ -159,6 +159,11 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     for n in (1, 4):
         out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
         assert all(row == ref for row in out)
+    # the batch-1 graph is kept and replayed for the next prompt (no new capture)
+    kept = engine._decoders[256]
+    prompt2 = torch.randint(0, 500, (33,), generator=torch.Generator().manual_seed(1)).tolist()
+    out, _ = engine.generate_batch(prompt2, max_tokens=24, temperature=0.0)
+    assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256] is kept
 
 
 def test_speculative_cuda_graph_rounds_equal_greedy():
@@ -169,11 +174,14 @@ def test_speculative_cuda_graph_rounds_equal_greedy():
     from test_speculative import progression_model
     model = progression_model(smear=True).cuda()
     drafted = accepted = 0
+    pool = {}  # the Engine's: the later prompts replay the first one's graph
     for prompt in ([3, 5, 7], [1, 2, 3, 4], [0, 3, 6]):
         stats = {}
-        assert list(speculative_static(model, prompt, 20, stats, cuda_graph=True)) == naive_generate(model, prompt, 20)
+        assert list(speculative_static(model, prompt, 20, stats, cuda_graph=True, pool=pool)) == \
+            naive_generate(model, prompt, 20)
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert 0 < accepted < drafted, (accepted, drafted)
+    assert len(pool) == 1
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (8, 2)])

@@ -266,6 +266,47 @@ def test_static_rounds_keep_accepted_drafts():
     assert 0 < accepted < drafted and accepted / drafted > 0.5, (accepted, drafted)  # 28 / 31 when written
 
 
+def test_static_rounds_kept_between_calls():
+    """With a pool (the Engine's), the rounds' caches and graph are kept between calls: later
+    prompts, with drafts kept and rejected and a strong smear, still give greedy's tokens
+    from the same Rounds; one closed early frees it; two live streams do not share one;
+    weights changed in place between calls are seen. The Engine passes its pool."""
+    model = progression_model(smear=True)
+    with torch.no_grad():
+        model.smear_lambda.fill_(3.0)
+    pool, prompts = {}, ([3, 5, 7], [1, 2, 3, 4], [0, 3, 6])
+    for prompt in prompts:  # the same drafts as without a pool: the module's cache is loaded too
+        stats, fresh = {}, {}
+        assert list(speculative_static(model, prompt, 20, stats, pool=pool)) == naive_generate(model, prompt, 20)
+        list(speculative_static(model, prompt, 20, fresh))
+        assert stats == fresh and 0 < stats["accepted"] < stats["drafted"]
+    assert list(pool) == [256]
+    kept = pool[256]
+    gen = speculative_static(model, prompts[0], 20, pool=pool)
+    next(gen)
+    with torch.no_grad():  # the module's cache was loaded from this prompt's drafter, as the main one
+        logits, h = model(torch.tensor([prompts[0]]), cache=model.init_cache(1, 256), return_hidden=True)
+        drafter = Drafter(model, 256)
+        drafter.accept(prompts[0] + [int(logits[0, -1].argmax())], h)
+        drafter.draft(1)
+    assert all(torch.equal(a, b) for a, b in zip(kept.mcache.tensors(), drafter.kv[0].tensors()))
+    gen.close()
+    assert pool[256] is kept and not kept.busy
+    g1, g2 = (speculative_static(model, p, 12, pool=pool) for p in prompts[:2])
+    assert list(zip(g1, g2)) == list(zip(naive_generate(model, prompts[0], 12), naive_generate(model, prompts[1], 12)))
+    g2.close()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    for prompt in prompts:
+        assert list(speculative_static(model, prompt, 20, pool=pool)) == naive_generate(model, prompt, 20)
+    tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(16)})
+    engine = Engine(model, tokenizer, use_tools=False)
+    engine.stop_tokens = set()
+    assert engine.generate_batch(prompts[0], max_tokens=20, temperature=0.0)[0][0] == naive_generate(model, prompts[0], 20)
+    assert engine.spec_stats["drafted"] > 0 and list(engine._rounds) == [256]
+
+
 def test_static_ready_only_for_position_indexed_caches():
     assert not static_ready(model_for(mtp_depth=2))
     assert not static_ready(model_for(**MODELS["hybrid+engram+recipe D=3"]))
