@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18's speed checks on one GPU: training tokens/s of d20 (seq 2048, 131,072 tokens per
 # step, micro-steps of 65,536) for the baseline, --engram (layers 0,3,6), --mhc (4 streams),
-X
+# both, and --mhc with the PyTorch read-out and mix instead of the fused kernels; one JSON line
+# per run (base_bench's), prefixed with what ran, appended to $OUT/memory_bench.txt.
 #   bash dev/memory_bench.sh                 # ~7 minutes on one H200
 #   ONLY="base engram" bash dev/memory_bench.sh
 set -uo pipefail

@@ -19,8 +19,8 @@ Every mixer module (this one, and later Mamba-3, DSA) follows one contract:
     forward(x, ctx, cache=None) -> (B, T, C)  ctx: the Context shared by all layers
     init_weights()                           initialise ALL own parameters (1-D too)
     opt_tags() -> {param name: group}        optimizer group of each own parameter
-    init_cache(batch_size, max_len, device, dtype) -> an object with .repeat(n),
-                                             .snapshot() and .restore(snapshot)
+    init_cache(batch_size, max_len, device, dtype) -> an object with .tensors() (its state,
+                                             batch first), .snapshot() and .restore(snapshot)
     flops_per_token(T)                       training FLOPs per token (fwd + bwd)
 """
 
@@ -289,10 +289,6 @@ class KVCache:
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))
         return self.k, self.v
-
-    def repeat(self, n):
-        """Copy a batch-1 cache (a shared prefill) into n rows."""
-        self.k, self.v = self.k.repeat(n, 1, 1, 1), self.v.repeat(n, 1, 1, 1)
 
     def tensors(self):  # the state, batch first (ModelCache.load)
         return [self.k, self.v]

@@ -306,9 +306,5 @@ class DSACache(KVCache):
         self.ik[:, ctx.pos0:end] = ik
         return self.ik[:, :end].to(ik.dtype)
 
-    def repeat(self, n):
-        super().repeat(n)
-        self.ik = self.ik.repeat(n, 1, 1)
-
     def tensors(self):
         return super().tensors() + [self.ik]

@@ -113,15 +113,22 @@ class ToolState:
         return []
 
 
-def pooled(pool, length, make, model):
-    """pool[length] when it is there and not busy (a live generator's), else make(); kept in
-    pool, most recent last, while the lengths add up to at most the model's context (the
-    memory of one cache as long as that; at least 256), the least recently used out."""
-    item = pool.pop(length, None)
+def pooled(pool, length, make, model, *key):
+    """pool[(length, autocast dtype, *key)] when it is there and not busy (a live generator's),
+    else make(); kept in pool, most recent last, while the lengths add up to at most the
+    model's context rounded up to 256 (the memory of one cache that long), the least recently
+    used out. Longer than that: made, not kept. A kept graph replays as it was captured,
+    hence the autocast dtype in the key."""
+    limit = -(-model.config.sequence_len // 256) * 256
+    if length > limit:
+        return make()
+    dev = model.wte.weight.device.type
+    k = (length, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None, *key)
+    item = pool.pop(k, None)
     if item is None or item.busy:
         item = make()
-    pool[length] = item
-    while pool and sum(pool) > max(model.config.sequence_len, 256):
+    pool[k] = item
+    while sum(length for length, *_ in pool) > limit:
         pool.pop(next(iter(pool)))
     return item
 
@@ -167,7 +174,7 @@ class Engine:
         self.speculative = speculative  # decode with the MTP modules where the model has them
         self.spec_stats = {}
         self._compiled_step = None
-        self._decoders = {}  # batch-1 decoders kept between calls: cache length -> Decoder, oldest first
+        self._decoders = {}  # batch-1 decoders kept between calls: (cache length, autocast) -> Decoder, oldest first
         self._rounds = {}  # the same for the speculative rounds (mtp.Rounds)
         s = tokenizer.encode_special
         self.stop_tokens = {s("<|assistant_end|>"), tokenizer.get_bos_token_id()}
@@ -262,6 +269,7 @@ class Engine:
         if decoder is not None:
             decoder.cache.load(prefill)  # into every row
             decoder.busy = True
+        del prefill  # not kept beside the decode cache
         try:  # a Decoder is busy until this generator ends or is closed
             rows = [Row(self.tokenizer) for _ in range(num_samples)]
             pos, produced = len(tokens), 0

@@ -171,9 +171,6 @@ class EngramCache:
         self.ids = torch.full((batch_size, n_ids), pad, dtype=torch.long, device=device)
         self.conv = torch.zeros(batch_size * streams, reach, C, device=device, dtype=dtype)
 
-    def repeat(self, n):  # sequence r * B + b keeps its streams together: rows (r * B + b) * streams + s
-        self.ids, self.conv = self.ids.repeat(n, 1), self.conv.repeat(n, 1, 1)
-
     def tensors(self):
         return [self.ids, self.conv]
 

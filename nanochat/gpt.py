@@ -267,17 +267,11 @@ class ModelCache:
     def _states(self):
         return list(self.layers) + list(self.engram.values())
 
-    def repeat(self, n):
-        for layer in self._states():
-            layer.repeat(n)
-        if self.prev_emb is not None:
-            self.prev_emb = self.prev_emb.repeat(n, 1, 1)
-
     def load(self, src):
         """This cache := src, a batch-1 cache of the same length (a prefill), in every row and
         in place: a captured decode graph holds these tensors. Row b * k + s of a tensor with
         k rows per sequence (Engram's conv: one per mHC stream) gets src's row s."""
-        for dst, s in zip(self._tensors(), src._tensors()):
+        for dst, s in zip(self._tensors(), src._tensors(), strict=True):
             dst.view(dst.size(0) // s.size(0), *s.shape).copy_(s)
         self.pos = src.pos
 

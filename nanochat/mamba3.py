@@ -400,8 +400,8 @@ class Mamba3Cache:
     (B, H, A), the state H (B, H, P, N), and the previous token's turned key (B, R, H, N)
     and input x (B, H, P) for the trapezoid's β-term. Not position-indexed, so
     snapshot/restore copy it. w_in: a copy of the layer's four input projections stacked,
-    taken when the cache is made (a cache serves one generation, during which the weights
-    do not change), shared by the rows."""
+    taken when the cache is made and refreshed by ModelCache.load (the engine keeps a cache
+    between requests; weights do not change within one), shared by the rows."""
 
     def __init__(self, batch_size, H, A, P, N, R, device, dtype=torch.float32, w_in=None):
         self.w_in = w_in
@@ -413,11 +413,6 @@ class Mamba3Cache:
 
     def _tensors(self):
         return ("phi", "state", "k_prev", "x_prev")
-
-    def repeat(self, n):
-        for name in self._tensors():
-            t = getattr(self, name)
-            setattr(self, name, t.repeat(n, *([1] * (t.dim() - 1))))
 
     def tensors(self):  # and w_in, the weights' copy (no batch dim), refreshed by ModelCache.load
         return [getattr(self, n) for n in self._tensors()] + ([self.w_in] if self.w_in is not None else [])

@@ -107,7 +107,7 @@ def _sinkhorn_backward_op(grad: torch.Tensor, logits: torch.Tensor, iters: int, 
 
 @_sinkhorn_backward_op.register_fake
 def _(grad, logits, iters, eps):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -162,7 +162,7 @@ def _collapse_backward_op(du: torch.Tensor, x: torch.Tensor, pre: torch.Tensor) 
 
 @_collapse_backward_op.register_fake
 def _(du, x, pre):
-    return torch.empty_like(x), pre.new_empty(pre.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), pre.new_empty(pre.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::hc_expand", mutates_args=())
@@ -173,7 +173,7 @@ def _expand_op(x: torch.Tensor, f: torch.Tensor, res: torch.Tensor, post: torch.
 
 @_expand_op.register_fake
 def _(x, f, res, post):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's output (empty_like would keep x's strides)
 
 
 @torch.library.custom_op("nanochat::hc_expand_backward", mutates_args=())
@@ -185,7 +185,7 @@ def _expand_backward_op(dy: torch.Tensor, x: torch.Tensor, f: torch.Tensor, res:
 
 @_expand_backward_op.register_fake
 def _(dy, x, f, res, post):
-    return (torch.empty_like(x), torch.empty_like(f), res.new_empty(res.shape, dtype=torch.float32),
+    return (x.new_empty(x.shape), f.new_empty(f.shape), res.new_empty(res.shape, dtype=torch.float32),
             post.new_empty(post.shape, dtype=torch.float32))
 
 

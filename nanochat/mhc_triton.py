@@ -122,7 +122,7 @@ def sinkhorn_bwd(grad, logits, iters, eps):
 # once, reading X, f and dX' once and writing dX and df once.
 @triton.jit
 def _expand_fwd(X, F, RES, POST, Y, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # offsets past 2^31 at long contexts
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     s = tl.arange(0, N)
     rm, cm = rows < M, cols < C
@@ -140,7 +140,7 @@ def _expand_fwd(X, F, RES, POST, Y, M, C, N: tl.constexpr, BM: tl.constexpr, BC:
 @triton.jit
 def _expand_bwd(X, F, RES, POST, DY, DX, DF, DRES, DPOST, M, C: tl.constexpr,
                 N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # offsets past 2^31 at long contexts
     s = tl.arange(0, N)
     rm = rows < M
     dres = tl.zeros((BM, N, N), dtype=tl.float32)
@@ -173,7 +173,7 @@ def _expand_bwd(X, F, RES, POST, DY, DX, DF, DRES, DPOST, M, C: tl.constexpr,
 # and dH_pre[i] = <X[i], du>, in one pass over X as well.
 @triton.jit
 def _collapse_fwd(X, PRE, U, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # offsets past 2^31 at long contexts
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     s = tl.arange(0, N)
     rm, cm = rows < M, cols < C
@@ -186,7 +186,7 @@ def _collapse_fwd(X, PRE, U, M, C, N: tl.constexpr, BM: tl.constexpr, BC: tl.con
 
 @triton.jit
 def _collapse_bwd(X, PRE, DU, DX, DPRE, M, C: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)  # offsets past 2^31 at long contexts
     s = tl.arange(0, N)
     rm = rows < M
     pre = tl.load(PRE + rows[:, None] * N + s[None, :], mask=rm[:, None], other=0.0)

@@ -233,7 +233,7 @@ class Rounds:
 
     def load(self, cache, mcache):
         self.cache.load(cache)
-        for dst, src in zip(self.mcache.tensors(), mcache.tensors()):
+        for dst, src in zip(self.mcache.tensors(), mcache.tensors(), strict=True):
             dst.copy_(src)
 
 
@@ -257,7 +257,7 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, 
 
     def make():
         return Rounds(model, max_len, cuda_graph)
-    rounds = make() if pool is None else pooled(pool, max_len, make, model)  # before the first token
+    rounds = make() if pool is None else pooled(pool, max_len, make, model, cuda_graph)  # before the first token
     cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
     logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)
     t = int(logits[0, -1].argmax())
@@ -265,6 +265,7 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, 
     d = drafter.draft(1)[0]
     rounds.load(cache, drafter.kv[0])
     rounds.busy = True
+    del cache, drafter  # copied into the rounds' own
     try:  # busy until this generator ends or is closed
         yield t
         p, produced = n, 1

@@ -309,10 +309,11 @@ def test_recipe_causality_and_cache(pattern):
 def test_smear_cache_repeat_copies_the_previous_embedding():
     model = tiny(**RECIPE).eval()
     idx = torch.randint(0, 97, (1, 20))
-    cache = model.init_cache(1, 20)
-    model(idx[:, :10], cache=cache)
-    cache.repeat(3)
-    assert cache.prev_emb.shape == (3, 1, 64)
+    one = model.init_cache(1, 20)
+    model(idx[:, :10], cache=one)
+    cache = model.init_cache(3, 20)
+    cache.load(one)
+    assert cache.prev_emb.shape == (3, 1, 64) and cache.pos == 10
     out = model(idx[:, 10:11].expand(3, 1), cache=cache)
     assert torch.allclose(out, model(idx[:, :11])[:, -1:].expand(3, 1, 97), atol=1e-4)
 

@@ -160,10 +160,10 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
         out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
         assert all(row == ref for row in out)
     # the batch-1 graph is kept and replayed for the next prompt (no new capture)
-    kept = engine._decoders[256]
+    kept = engine._decoders[256, None]
     prompt2 = torch.randint(0, 500, (33,), generator=torch.Generator().manual_seed(1)).tolist()
     out, _ = engine.generate_batch(prompt2, max_tokens=24, temperature=0.0)
-    assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256] is kept
+    assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
 
 
 def test_speculative_cuda_graph_rounds_equal_greedy():
@@ -250,6 +250,8 @@ def test_mhc_kernels_in_a_compiled_training_step(monkeypatch):
     res, post = torch.rand(3, 4, 4, device="cuda", requires_grad=True), torch.rand(3, 4, device="cuda", requires_grad=True)
     torch.library.opcheck(mhc._expand_op, (x, f, res, post))
     torch.library.opcheck(mhc._collapse_op, (x, post))
+    xt = torch.randn(40, 3, 4, device="cuda").permute(1, 2, 0).requires_grad_()
+    torch.library.opcheck(mhc._expand_op, (xt, f, res, post))
 
 
 @pytest.mark.parametrize("recipe", [False, True])

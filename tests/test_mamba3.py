@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.attention import Context
-from nanochat.gpt import GPT, GPTConfig, LayerSpec, build_model, layer_plan
+from nanochat.gpt import GPT, GPTConfig, LayerSpec, ModelCache, build_model, layer_plan
 from nanochat.mamba3 import Mamba3
 
 ALL = dict(mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True, mamba3_trapezoidal=True,
@@ -221,13 +221,14 @@ def test_parameter_gradients_of_the_chunked_form_equal_the_recurrences(R):
         assert torch.allclose(grads[0][n], g, rtol=1e-9, atol=1e-11), n
 
 
-def test_repeat_of_a_batch_1_prefill_equals_a_batched_prefill():
+def test_a_batch_1_prefill_loaded_into_3_rows_equals_a_batched_prefill():
     m = layer(R=2)
     u = torch.randn(1, 9, 32, dtype=torch.float64)
     nxt = torch.randn(3, 1, 32, dtype=torch.float64)
-    one = m.init_cache(1, 0, "cpu", torch.float64)
-    m(u, ctx(0, 9), one)
-    one.repeat(3)
+    first = m.init_cache(1, 0, "cpu", torch.float64)
+    m(u, ctx(0, 9), first)
+    one = m.init_cache(3, 0, "cpu", torch.float64)
+    ModelCache([one], 0).load(ModelCache([first], 0))  # as the engine loads its decode cache
     many = m.init_cache(3, 0, "cpu", torch.float64)
     m(u.expand(3, -1, -1), ctx(0, 9), many)
     for name in ("phi", "state", "k_prev", "x_prev"):

@@ -105,15 +105,23 @@ def test_mix_triton_kernels_match_the_reference(n, M, C):
             assert (a.grad.double().cpu() - b.grad).abs().max() < tol * b.grad.abs().max(), (dt, name)
 
 
-def test_mix_ops_pass_opcheck_and_the_kernel_switch():
+def test_mix_ops_pass_opcheck_and_the_kernel_switch(monkeypatch):
     """torch.library.opcheck on the two ops (their fake tensors, autograd registration and
-    schemas, as torch.compile relies on them); set_mhc_kernel rejects an unknown kernel and
+    schemas, as torch.compile relies on them) and a compiled call on a permuted stream;
+    set_mhc_kernel rejects an unknown kernel and
     sets every hyper-connection; a CPU model runs the PyTorch form whatever the switch."""
     torch.manual_seed(0)
     x, f = torch.randn(3, 4, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
     res, post = torch.rand(3, 4, 4, requires_grad=True), torch.rand(3, 4, requires_grad=True)
     torch.library.opcheck(_expand_op, (x, f, res, post))
     torch.library.opcheck(_collapse_op, (x, post))
+    # a dense stream with other strides (Engram's transposed output, say) under torch.compile:
+    # the fake outputs must have the kernels' (contiguous) strides, or inductor's checks fail
+    xt = torch.randn(40, 3, 4).permute(1, 2, 0)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph would skip the fake
+    fn = torch.compile(lambda x, f, r, p: _expand_op(x * 2, f, r, p) + 1)  # failed with empty_like(x) as the fake
+    assert torch.allclose(fn(xt, f.detach(), res.detach(), post.detach()), expand_reference(xt * 2, f, res, post) + 1,
+                          atol=1e-5)
     model = build_model(GPTConfig(**KW, mhc=True), "cpu")
     with pytest.raises(ValueError, match="mhc kernel"):
         set_mhc_kernel(model, "cuda")
@@ -200,13 +208,14 @@ def test_prefill_and_decode_equal_the_full_forward(extra):
 
 
 def test_a_repeated_cache_decodes_each_row_like_its_full_forward():
-    """The engine prefills one row and repeats the cache for its samples; Engram's cache
-    holds a row per (sample, stream), so the repeat must keep each sample's streams together."""
+    """The engine prefills one row and loads it into every row of its decode cache; Engram's
+    cache holds a row per (sample, stream), so each sample must get the streams in order."""
     m = model(**CASES[3])
     prompt, tails = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (3, 4))
-    cache = m.init_cache(1, 32)
-    m(prompt, cache=cache)
-    cache.repeat(3)
+    one = m.init_cache(1, 32)
+    m(prompt, cache=one)
+    cache = m.init_cache(3, 32)
+    cache.load(one)
     full = m(torch.cat([prompt.expand(3, -1), tails], 1))
     for t in range(4):
         out = m.decode_step(tails[:, t:t + 1], cache, torch.tensor(9 + t))

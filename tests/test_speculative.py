@@ -280,8 +280,8 @@ def test_static_rounds_kept_between_calls():
         assert list(speculative_static(model, prompt, 20, stats, pool=pool)) == naive_generate(model, prompt, 20)
         list(speculative_static(model, prompt, 20, fresh))
         assert stats == fresh and 0 < stats["accepted"] < stats["drafted"]
-    assert list(pool) == [256]
-    kept = pool[256]
+    assert list(pool) == [(256, None, False)]  # length, autocast, CUDA graph
+    kept = pool[256, None, False]
     gen = speculative_static(model, prompts[0], 20, pool=pool)
     next(gen)
     with torch.no_grad():  # the module's cache was loaded from this prompt's drafter, as the main one
@@ -291,7 +291,7 @@ def test_static_rounds_kept_between_calls():
         drafter.draft(1)
     assert all(torch.equal(a, b) for a, b in zip(kept.mcache.tensors(), drafter.kv[0].tensors()))
     gen.close()
-    assert pool[256] is kept and not kept.busy
+    assert pool[256, None, False] is kept and not kept.busy
     g1, g2 = (speculative_static(model, p, 12, pool=pool) for p in prompts[:2])
     assert list(zip(g1, g2)) == list(zip(naive_generate(model, prompts[0], 12), naive_generate(model, prompts[1], 12)))
     g2.close()
@@ -304,7 +304,7 @@ def test_static_rounds_kept_between_calls():
     engine = Engine(model, tokenizer, use_tools=False)
     engine.stop_tokens = set()
     assert engine.generate_batch(prompts[0], max_tokens=20, temperature=0.0)[0][0] == naive_generate(model, prompts[0], 20)
-    assert engine.spec_stats["drafted"] > 0 and list(engine._rounds) == [256]
+    assert engine.spec_stats["drafted"] > 0 and list(engine._rounds) == [(256, None, False)]
 
 
 def test_static_ready_only_for_position_indexed_caches():
