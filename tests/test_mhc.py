@@ -207,7 +207,7 @@ def test_prefill_and_decode_equal_the_full_forward(extra):
         assert torch.allclose(m.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)), full[:, t], atol=1e-4)
 
 
-def test_a_repeated_cache_decodes_each_row_like_its_full_forward():
+def test_a_loaded_cache_decodes_each_row_like_its_full_forward():
     """The engine prefills one row and loads it into every row of its decode cache; Engram's
     cache holds a row per (sample, stream), so each sample must get the streams in order."""
     m = model(**CASES[3])
