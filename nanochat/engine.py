@@ -128,7 +128,7 @@ def pooled(pool, length, make, model, *key):
     if item is None or item.busy:
         item = make()
     pool[k] = item
-    while sum(length for length, *_ in pool) > limit:
+    while sum(n for n, *_ in pool) > limit:
         pool.pop(next(iter(pool)))
     return item
 

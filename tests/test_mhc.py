@@ -105,23 +105,26 @@ def test_mix_triton_kernels_match_the_reference(n, M, C):
             assert (a.grad.double().cpu() - b.grad).abs().max() < tol * b.grad.abs().max(), (dt, name)
 
 
-def test_mix_ops_pass_opcheck_and_the_kernel_switch(monkeypatch):
+def test_mix_ops_pass_opcheck_and_the_kernel_switch():
     """torch.library.opcheck on the two ops (their fake tensors, autograd registration and
-    schemas, as torch.compile relies on them) and a compiled call on a permuted stream;
-    set_mhc_kernel rejects an unknown kernel and
+    schemas, as torch.compile relies on them), fake strides equal to real ones on a permuted
+    stream; set_mhc_kernel rejects an unknown kernel and
     sets every hyper-connection; a CPU model runs the PyTorch form whatever the switch."""
     torch.manual_seed(0)
     x, f = torch.randn(3, 4, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
     res, post = torch.rand(3, 4, 4, requires_grad=True), torch.rand(3, 4, requires_grad=True)
     torch.library.opcheck(_expand_op, (x, f, res, post))
     torch.library.opcheck(_collapse_op, (x, post))
-    # a dense stream with other strides (Engram's transposed output, say) under torch.compile:
-    # the fake outputs must have the kernels' (contiguous) strides, or inductor's checks fail
+    # a dense stream with other strides (Engram's transposed output, say): the fake outputs must
+    # have the kernels' (contiguous) strides, or inductor's stride checks fail under compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
     xt = torch.randn(40, 3, 4).permute(1, 2, 0)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached graph would skip the fake
-    fn = torch.compile(lambda x, f, r, p: _expand_op(x * 2, f, r, p) + 1)  # failed with empty_like(x) as the fake
-    assert torch.allclose(fn(xt, f.detach(), res.detach(), post.detach()), expand_reference(xt * 2, f, res, post) + 1,
-                          atol=1e-5)
+    ins = (xt, f.detach(), res.detach(), post.detach())
+    real = (_expand_op(*ins), _collapse_op(xt, ins[3]))
+    with FakeTensorMode() as mode:
+        fx, ff, fr, fp = (mode.from_tensor(t) for t in ins)
+        fake = (_expand_op(fx, ff, fr, fp), _collapse_op(fx, fp))
+    assert [t.stride() for t in fake] == [t.stride() for t in real]
     model = build_model(GPTConfig(**KW, mhc=True), "cpu")
     with pytest.raises(ValueError, match="mhc kernel"):
         set_mhc_kernel(model, "cuda")
