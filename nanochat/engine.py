@@ -27,28 +27,37 @@ import torch
 
 
 
+def _top_k_probs(logits, temperature, top_k):
+    """softmax(logits / temperature) over each row's top k: (B, k) probabilities and their
+    ids, or over all of the row: (B, V) and None (top_k None or <= 0: no cut)."""
+    logits = logits.float()
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(vals / temperature, dim=-1), idx
+    return torch.softmax(logits / temperature, dim=-1), None
+
+
 def sample_next(logits, rng, temperature=1.0, top_k=None):
     """(B, V) logits -> (B,) token ids. Temperatures below 1e-5 are greedy: sampling
     is the argmax there anyway, and dividing by them would overflow to inf (NaN probs)."""
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    if top_k is not None and 0 < top_k < logits.size(-1):  # top_k <= 0: no cut, as None
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        probs = torch.softmax(vals / temperature, dim=-1)
-        return idx.gather(1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+    probs, idx = _top_k_probs(logits, temperature, top_k)
+    drawn = torch.multinomial(probs, 1, generator=rng)
+    return (drawn if idx is None else idx.gather(1, drawn)).squeeze(1)
 
 
 def sampling_probs(logits, temperature=1.0, top_k=None):
     """(B, V) logits -> the (B, V) distribution sample_next draws from at temperature > 0
     (zero outside the top k): what speculative sampling compares drafts against."""
-    logits = logits.float()
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)
-        return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(vals / temperature, dim=-1))
-    return torch.softmax(logits / temperature, dim=-1)
+    probs, idx = _top_k_probs(logits, temperature, top_k)
+    return probs if idx is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(-1, idx, probs)
+
+
+def cache_length(model, n):
+    """The cache length for n positions: rounded up to a multiple of 256, so requests of many
+    lengths share a few shapes (and compiled steps and graphs), at most the rotary tables' reach."""
+    return min(-(-n // 256) * 256, model.rotary_len)
 
 
 def adjust_logits(logits, counts, frequency_penalty=0.0, presence_penalty=0.0, bias=None):
@@ -115,11 +124,11 @@ class ToolState:
 
 def pooled(pool, length, make, model, *key):
     """pool[(length, autocast dtype, *key)] when it is there and not busy (a live generator's),
-    else make(); kept in pool, most recent last, while the lengths add up to at most the
-    model's context rounded up to 256 (the memory of one cache that long), the least recently
-    used out. Longer than that: made, not kept. A kept graph replays as it was captured,
-    hence the autocast dtype in the key."""
-    limit = -(-model.config.sequence_len // 256) * 256
+    else make(); kept in pool, most recent last, while the lengths add up to at most the cache
+    length of a context-long request (the memory of one such cache), the least recently used
+    out. Longer than that: made, not kept. A kept graph replays as it was captured, hence the
+    autocast dtype in the key."""
+    limit = cache_length(model, model.config.sequence_len)
     if length > limit:
         return make()
     dev = model.wte.weight.device.type
@@ -257,9 +266,7 @@ class Engine:
             n = max_len - len(tokens) if max_tokens is None else max_tokens
             yield from self._speculative(list(tokens), n, temperature, top_k, rng)
             return
-        # the cache length is rounded up to a multiple of 256, so prompts of many lengths share
-        # a few shapes and the compiled decode step (and its graph) is reused
-        cache_len = min(-(-max_len // 256) * 256, model.rotary_len)
+        cache_len = cache_length(model, max_len)
         prefill = model.init_cache(1, cache_len, device=device)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = model(ids, cache=prefill)[:, -1, :]         # prefill, batch 1

@@ -189,7 +189,7 @@ def _(dy, x, f, res, post):
             post.new_empty(post.shape, dtype=torch.float32))
 
 
-def _collapse_setup(ctx, inputs, output):
+def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
@@ -199,18 +199,14 @@ def _collapse_backward(ctx, du):
     return dx, dpre.to(pre.dtype)
 
 
-def _expand_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
 def _expand_backward(ctx, dy):
     x, f, res, post = ctx.saved_tensors
     dx, df, dres, dpost = _expand_backward_op(dy, x, f, res, post)
     return dx, df, dres.to(res.dtype), dpost.to(post.dtype)
 
 
-_collapse_op.register_autograd(_collapse_backward, setup_context=_collapse_setup)
-_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup)
+_collapse_op.register_autograd(_collapse_backward, setup_context=_save_inputs)
+_expand_op.register_autograd(_expand_backward, setup_context=_save_inputs)
 
 KERNELS = ("triton", "torch")
 

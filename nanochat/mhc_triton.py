@@ -206,16 +206,22 @@ def _collapse_bwd(X, PRE, DU, DX, DPRE, M, C: tl.constexpr, N: tl.constexpr, BM:
 EXPAND_BM, EXPAND_BC = 8, 128
 
 
+def _launch(kernel, x, args, over_c):
+    """kernel(*args, M, C, ...) over x's M tokens of n x C: a program per EXPAND_BM tokens, and
+    per EXPAND_BC channels with over_c (else each program walks all of C)."""
+    n, C = x.shape[-2:]
+    M = x.numel() // (n * C)
+    if M:
+        grid = (triton.cdiv(M, EXPAND_BM),) + ((triton.cdiv(C, EXPAND_BC),) if over_c else ())
+        with _device(x):
+            kernel[grid](*args, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+
+
 def expand_fwd(x, f, res, post):
     """x (..., n, C), f (..., C), res (..., n, n) and post (..., n) fp32 -> X' like x."""
     x, f, res, post = x.contiguous(), f.contiguous(), res.float().contiguous(), post.float().contiguous()
-    n, C = x.shape[-2:]
-    M = x.numel() // (n * C)
     y = torch.empty_like(x)
-    if M:
-        with _device(x):
-            grid = (triton.cdiv(M, EXPAND_BM), triton.cdiv(C, EXPAND_BC))
-            _expand_fwd[grid](x, f, res, post, y, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    _launch(_expand_fwd, x, (x, f, res, post, y), over_c=True)
     return y
 
 
@@ -223,37 +229,23 @@ def expand_bwd(dy, x, f, res, post):
     """expand_fwd's gradients: dx, df (their inputs' dtypes), dres, dpost (fp32)."""
     dy, x, f = dy.contiguous(), x.contiguous(), f.contiguous()
     res, post = res.float().contiguous(), post.float().contiguous()
-    n, C = x.shape[-2:]
-    M = x.numel() // (n * C)
     dx, df = torch.empty_like(x), torch.empty_like(f)
     dres, dpost = torch.empty_like(res), torch.empty_like(post)
-    if M:
-        with _device(x):
-            _expand_bwd[(triton.cdiv(M, EXPAND_BM),)](x, f, res, post, dy, dx, df, dres, dpost, M, C,
-                                                       N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    _launch(_expand_bwd, x, (x, f, res, post, dy, dx, df, dres, dpost), over_c=False)
     return dx, df, dres, dpost
 
 
 def collapse_fwd(x, pre):
     """x (..., n, C), pre (..., n) fp32 -> u (..., C) in x's dtype."""
     x, pre = x.contiguous(), pre.float().contiguous()
-    n, C = x.shape[-2:]
-    M = x.numel() // (n * C)
-    u = x.new_empty(x.shape[:-2] + (C,))
-    if M:
-        with _device(x):
-            grid = (triton.cdiv(M, EXPAND_BM), triton.cdiv(C, EXPAND_BC))
-            _collapse_fwd[grid](x, pre, u, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    u = x.new_empty(x.shape[:-2] + x.shape[-1:])
+    _launch(_collapse_fwd, x, (x, pre, u), over_c=True)
     return u
 
 
 def collapse_bwd(du, x, pre):
     """collapse_fwd's gradients: dx (x's dtype), dpre (fp32)."""
     du, x, pre = du.contiguous(), x.contiguous(), pre.float().contiguous()
-    n, C = x.shape[-2:]
-    M = x.numel() // (n * C)
     dx, dpre = torch.empty_like(x), torch.empty_like(pre)
-    if M:
-        with _device(x):
-            _collapse_bwd[(triton.cdiv(M, EXPAND_BM),)](x, pre, du, dx, dpre, M, C, N=n, BM=EXPAND_BM, BC=EXPAND_BC)
+    _launch(_collapse_bwd, x, (x, pre, du, dx, dpre), over_c=False)
     return dx, dpre

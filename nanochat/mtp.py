@@ -224,8 +224,10 @@ class Rounds:
     can be kept for the next request (Engine: the capture cost more than the prefill)."""
 
     def __init__(self, model, max_len, cuda_graph):
-        dev = model.wte.weight.device
-        self.cache, self.mcache = model.init_cache(1, max_len), Drafter(model, max_len).kv[0]
+        dev, dtype = model.wte.weight.device, model.wte.weight.dtype
+        # module 1's cache as the Drafter makes it (not a whole Drafter: its hidden-state buffer is large)
+        self.cache = model.init_cache(1, max_len)
+        self.mcache = model.mtp.blocks[0].mixer.init_cache(1, max_len, dev, dtype)
         self.blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
         self.run = _round_runner(model, self.cache, self.mcache, self.blk, self.pos_t, cuda_graph)
@@ -252,8 +254,8 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, 
     max_len = n + max_tokens + 1  # a round writes one position past the last token it keeps
     if max_len > model.rotary_len:
         raise ValueError(f"{n} prompt + {max_tokens} new tokens are longer than the rotary tables ({model.rotary_len})")
-    max_len = min(-(-max_len // 256) * 256, model.rotary_len)  # as the engine: fewer lengths to compile for
-    from nanochat.engine import pooled
+    from nanochat.engine import cache_length, pooled
+    max_len = cache_length(model, max_len)  # as the engine: fewer lengths to compile for
 
     def make():
         return Rounds(model, max_len, cuda_graph)
