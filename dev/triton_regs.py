@@ -1,0 +1,78 @@
+"""
+Registers and spills of our Triton kernels on an H100/H200 (sm_90), from any machine: no GPU
+needed. Each kernel is compiled ahead of time for sm_90 with the d20 sizes it runs at, and
+ptxas (shipped in Triton's wheel) reports what one thread uses. A kernel that spills (its
+"stack frame" and spill bytes > 0) keeps tiles in local memory: the first chunk-parallel
+Mamba-3 kernels spilled 7.5 KB a thread and ran 15x slower than their arithmetic allows
+(docs/benchmarks.md, Mamba-3). Use it before spending GPU time on a kernel change.
+
+    python dev/triton_regs.py                    # every kernel below, 4 and 8 warps
+    python dev/triton_regs.py --only=mhc --warps=4
+"""
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from nanochat import mamba3_triton as m3
+from nanochat import mhc_triton as mhc
+
+bf, f32 = "*bf16", "*fp32"
+# name -> (kernel, pointer arguments' types, constexprs); other arguments are int32 (eps: fp32).
+# d20: P 64, N 128, chunk 64 (Mamba-3); n 4 streams of C 1280 (mHC).
+M3_BLOCKS = dict(CHUNK=64, BT=64, BP=64, BN2=64)
+KERNELS = {
+    "mamba3_fwd": (m3._fwd, dict(X=bf, Bm=bf, Cm=bf, bB=f32, bC=f32, PHI=f32, AA=f32, W=f32, WN=f32, S0=f32, Y=bf,
+                                 SF=f32, SCH=f32), M3_BLOCKS),
+    "mamba3_bwd": (m3._bwd, dict(X=bf, Bm=bf, Cm=bf, bB=f32, bC=f32, PHI=f32, AA=f32, W=f32, WN=f32, SCH=f32, DY=bf,
+                                 DSF=f32, DX=f32, DKB=f32, DQB=f32, DPHI=f32, DA=f32, DW=f32, DWN=f32, DS0=f32),
+                   M3_BLOCKS),
+    "mhc_expand_fwd": (mhc._expand_fwd, dict(X=bf, F=bf, RES=f32, POST=f32, Y=bf),
+                       dict(N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
+    "mhc_expand_bwd": (mhc._expand_bwd, dict(X=bf, F=bf, RES=f32, POST=f32, DY=bf, DX=bf, DF=bf, DRES=f32, DPOST=f32),
+                       dict(C=1280, N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
+    "mhc_collapse_fwd": (mhc._collapse_fwd, dict(X=bf, PRE=f32, U=bf), dict(N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
+    "mhc_collapse_bwd": (mhc._collapse_bwd, dict(X=bf, PRE=f32, DU=bf, DX=bf, DPRE=f32),
+                         dict(C=1280, N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
+    "mhc_sinkhorn_fwd": (mhc._sinkhorn_fwd, dict(L=f32, OUT=f32), dict(ITERS=20, N=4, BLOCK=128)),
+    "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32), dict(ITERS=20, N=4, BLOCK=128)),
+}
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def report(kernel, pointers, constexprs, num_warps):
+    """ptxas's line for kernel compiled for sm_90: (registers, stack frame bytes, spill store bytes)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p == "eps" else "i32") for p in params}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as fh:
+            fh.write(compiled.asm["ptx"])
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    num = lambda pattern: int(re.search(pattern, out).group(1)) if re.search(pattern, out) else 0
+    return num(r"Used (\d+) registers"), num(r"(\d+) bytes stack frame"), num(r"(\d+) bytes spill stores")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="kernels whose name contains this (default: all)")
+    parser.add_argument("--warps", default="4,8", help="num_warps values, comma-separated")
+    args = parser.parse_args()
+    if not os.path.exists(PTXAS):
+        raise SystemExit(f"no ptxas at {PTXAS}: this Triton wheel has no NVIDIA backend binaries")
+    print(f"{'kernel':18} {'warps':>5} {'registers':>9} {'stack B':>8} {'spill stores B':>14}")
+    for name, (kernel, pointers, constexprs) in KERNELS.items():
+        if args.only in name:
+            for w in (int(x) for x in args.warps.split(",")):
+                regs, stack, spills = report(kernel, pointers, constexprs, w)
+                print(f"{name:18} {w:>5} {regs:>9} {stack:>8} {spills:>14}", flush=True)
