@@ -41,8 +41,8 @@ KERNELS = {
     "mhc_collapse_fwd": (mhc._collapse_fwd, dict(X=bf, PRE=f32, U=bf), dict(N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
     "mhc_collapse_bwd": (mhc._collapse_bwd, dict(X=bf, PRE=f32, DU=bf, DX=bf, DPRE=f32),
                          dict(C=1280, N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
-    "mhc_sinkhorn_fwd": (mhc._sinkhorn_fwd, dict(L=f32, OUT=f32), dict(ITERS=20, N=4, BLOCK=128)),
-    "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32, SCR=f32), dict(ITERS=20, N=4, BLOCK=128)),
+    "mhc_sinkhorn_fwd": (mhc._sinkhorn_fwd, dict(L=f32, OUT=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
+    "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32, SCR=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
 }
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
