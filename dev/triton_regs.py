@@ -59,8 +59,8 @@ def report(kernel, pointers, constexprs, num_warps):
             fh.write(compiled.asm["ptx"])
         out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
-    num = lambda pattern: int(re.search(pattern, out).group(1)) if re.search(pattern, out) else 0
-    return num(r"Used (\d+) registers"), num(r"(\d+) bytes stack frame"), num(r"(\d+) bytes spill stores")
+    found = [re.search(p, out) for p in (r"Used (\d+) registers", r"(\d+) bytes stack frame", r"(\d+) bytes spill stores")]
+    return tuple(int(m.group(1)) if m else 0 for m in found)
 
 
 if __name__ == "__main__":
