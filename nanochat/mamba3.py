@@ -47,8 +47,11 @@ fixed-size updates of c_proj assume inputs of unit scale while H_t q_t grows wit
 N (q·k is about N with the biases at 1); the per-head controls train with AdamW; MIMO rotates interleaved pairs as SISO does (the official MIMO kernel pairs i
 with i + N/2, a fixed permutation of the B/C dims); A_t uses the softplus of the first
 release (later official code has a heavier-tailed f); the SSD runs in PyTorch (matmuls,
-torch.compile'd with the model), not the official Triton/TileLang kernels; our own fused
-Triton kernels (nanochat/mamba3_triton.py, SISO) are opt-in: set_mamba3_kernel(model, "triton").
+torch.compile'd with the model), not the official Triton/TileLang kernels, except two
+memory-bound steps that run as small Triton kernels on a GPU (nanochat/mamba3_triton.py:
+turn_qk, the biases and rotation of B and C for every head, SISO; pass_states, the walk of
+the state across chunks); our own fully fused Triton SSD (SISO) is opt-in:
+set_mamba3_kernel(model, "triton").
 """
 
 import math
@@ -98,6 +101,28 @@ def triton_unusable(device, dtype, R):
     return reason
 
 
+FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs two small Triton kernels (below)
+_fused = None  # (turn_qk, pass_states) from nanochat.mamba3_triton once imported
+
+
+def fused_ok(device, dtype):
+    """Whether the chunked form turns k and q (mamba3_triton.turn_qk, SISO only) and passes
+    the states across chunks (mamba3_triton.pass_states) with Triton kernels: fp32/bf16
+    models on a GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
+    global _fused
+    if dtype == torch.float64 or device.type not in FUSED_DEVICES:
+        return False
+    if _fused is None:
+        try:
+            from nanochat.mamba3_triton import pass_states, turn_qk
+            _fused = (turn_qk, pass_states)
+        except ImportError as e:
+            FUSED_DEVICES.clear()
+            print(f"Mamba-3: the chunked form all in PyTorch: Triton is not importable ({e})")
+            return False
+    return True
+
+
 def at_least_fp32(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -144,19 +169,20 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         H_t = exp(a_t) H_{t-1} + w_t Σ_u X_{t,u} K_{t,u}ᵀ + exp(a_t) w_next_{t-1} Σ_u X_{t-1,u} K_{t-1,u}ᵀ
         Y_{t,r} = H_t Qm_{t,r}
     so token s reaches a later t with weight exp(a_{s+1} + ... + a_t) (w_s + [s < t] w_next_s).
-    X (B, T, R, H, P); a, w, w_next (B, T, H), fp32; K and Qm (B, T, R, H, N);
-    initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
+    X (B, T, R, H, P); a, w, w_next (B, T, H), fp32; K and Qm head-major (B, H, T, R, N),
+    as the rotation kernel writes them (folding them into chunks is then a view); initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
     token, without its w_next term (the next segment adds it). w_next_s may depend on
     token s+1: it only ever reaches outputs at t > s, so causality holds bit for bit."""
     Bsz, T, R, H, P = X.shape
     pad = (-T) % chunk
     if pad:  # zero inputs with zero decay after the end: outputs before it and the final state unchanged
-        X, K, Qm = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (X, K, Qm))
+        X = F.pad(X, (0, 0, 0, 0, 0, 0, 0, pad))
+        K, Qm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (K, Qm))
         a, w, w_next = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, w_next))
     c = X.size(1) // chunk
     # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
-    fold = lambda t: t.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
-    Xf, Kf, Qf = fold(X), fold(K), fold(Qm)
+    Xf = X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
+    Kf, Qf = (t.reshape(Bsz, H, c, chunk * R, -1) for t in (K, Qm))
     per_head = lambda t: at_least_fp32(t.view(Bsz, c, chunk, H).permute(0, 3, 1, 2))  # (B, H, c, chunk)
     a, w, w_next = per_head(a), per_head(w), per_head(w_next)
     a_cs = torch.cumsum(a, dim=-1)
@@ -173,11 +199,15 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
     states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)       # (B, H, c, P, N)
     # 3. across chunks: the state entering each chunk (the initial state first), in fp32
-    with torch.autocast(X.device.type, enabled=False):
-        states = torch.cat([at_least_fp32(initial_state)[:, :, None], at_least_fp32(states)], dim=2)
-        decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
-        states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
-    entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
+    if fused_ok(X.device, a.dtype):  # a walk over the chunks in one Triton kernel
+        entering, final = _fused[1](states, a_cs[..., -1], initial_state)
+        entering = entering.to(Qf.dtype)
+    else:  # one matmul with the decay from each chunk's end to each later chunk's start
+        with torch.autocast(X.device.type, enabled=False):
+            states = torch.cat([at_least_fp32(initial_state)[:, :, None], at_least_fp32(states)], dim=2)
+            decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
+            states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
+        entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
     # 4. what the entering state adds to each position, decayed to it
     Y = Y + MatmulNT.apply(Qf, entering) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
     Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)
@@ -336,11 +366,17 @@ class Mamba3(nn.Module):
             phi = phi + cache.phi[:, None]
         phi = torch.remainder(phi, 2 * math.pi).to(dphi.dtype)
         triton = self.kernel == "triton"  # (set_mamba3_kernel checked that the kernels can run here)
+        bias = lambda name: getattr(self, name)[:, 0] if self.bias else None  # (H, N), SISO
         if triton:  # the kernels turn B and C themselves; only the last key is needed here (the cache)
-            k = rotate(self._per_head(Bm[:, -1:], "B_bias"), phi[:, -1:, None])
-        else:
-            k = rotate(self._per_head(Bm, "B_bias"), phi[:, :, None])  # (B, T, R, H, N)
-            q = rotate(self._per_head(Cm, "C_bias"), phi[:, :, None])
+            k_last = rotate(self._per_head(Bm[:, -1:], "B_bias"), phi[:, -1:, None])[:, 0]
+        elif self.R == 1 and fused_ok(u.device, self.D.dtype):  # (B, H, T, 1, N) from one Triton kernel
+            k, q = (t.unsqueeze(3) for t in _fused[0](Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"),
+                                                      phi, x.dtype))
+            k_last = k[:, :, -1].transpose(1, 2)
+        else:  # (B, T, R, H, N) -> head-major (B, H, T, R, N)
+            k = rotate(self._per_head(Bm, "B_bias"), phi[:, :, None]).permute(0, 3, 1, 2, 4)
+            q = rotate(self._per_head(Cm, "C_bias"), phi[:, :, None]).permute(0, 3, 1, 2, 4)
+            k_last = k[:, :, -1].transpose(1, 2)
         v = self._values(x)
         # the trapezoid's β-term: token s enters the state again at s+1, weighted (1 - λ_{s+1}) Δ_{s+1}
         w_next = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))                     # (B, T, H); none after the last
@@ -351,7 +387,6 @@ class Mamba3(nn.Module):
                 prev = torch.einsum("brhp,brhn->bhpn", v_prev, cache.k_prev)
                 state0 = cache.state + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * prev
         if triton:
-            bias = lambda name: getattr(self, name)[:, 0] if self.bias else None
             y, final = _ssd_rotated(x, Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"), phi, adt, lam * dt,
                                    w_next, state0, self.chunk)
             y = y.unsqueeze(2)
@@ -360,7 +395,7 @@ class Mamba3(nn.Module):
         if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
             cache.phi.copy_(phi[:, -1])
             cache.state.copy_(final)
-            cache.k_prev.copy_(k[:, -1])
+            cache.k_prev.copy_(k_last)
             cache.x_prev.copy_(x[:, -1])
         return self.c_proj(self._output(y, v, z).to(u.dtype))
 

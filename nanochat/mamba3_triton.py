@@ -1,7 +1,12 @@
 """
-Fused Triton kernels for Mamba-3's chunked SSD, SISO (R = 1), forward and backward; the
-opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
---mamba3_kernel=triton), with `mamba3.ssd` (PyTorch) as the exact reference.
+Triton kernels for Mamba-3's chunked form, two kinds:
+- two small memory-bound kernels that the default ("torch") path runs on a GPU, at the end of
+  this file: turn_qk (the per-head biases and rotation of B and C, SISO) and pass_states
+  (the states' walk across chunks); PyTorch runs the rest (the matmuls);
+- the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
+  opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
+  --mamba3_kernel=triton).
+`mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py).
 
 Per batch row b and head h, one program walks the chunks of `chunk` tokens in order,
 carrying the state H ∈ R^{P×N} in registers. Per chunk, with t, s the chunk's tokens and
@@ -41,6 +46,8 @@ opt-in. The kernels compute in fp32; the matmuls take their inputs in x's dtype 
 autocast, as the PyTorch path does; fp32 products are IEEE, not TF32).
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
+
+import os
 
 import torch
 import triton
@@ -298,3 +305,312 @@ def ssd_rotated(x, Bm, Cm, B_bias, C_bias, phi, a, w, w_next, state0, chunk):
     C_bias = Cm.new_zeros(H, N) if C_bias is None else C_bias
     y, final, _ = _ssd_fwd(x, Bm, Cm, B_bias, C_bias, f32(phi), f32(a), f32(w), f32(w_next), f32(state0), chunk)
     return y, final
+
+
+# ---------------------------------------------------------------------------------------------
+# The bias and rotation alone, for the default (PyTorch) chunked form on a GPU: k and q for
+# every head, written head-major (B, H, T, N) as `ssd` folds them into chunks. In PyTorch the
+# same step is a per-head broadcast, a rotation with its stack/cat, and a fold copy, each with
+# fp32 intermediates of (B, T, H, N), and its backward a 2-D reduction over the heads; here one
+# program per (row, block of tokens) reads B and C once, loops over the heads, and in the
+# backward sums their gradients over the heads in registers (docs/benchmarks.md, "Mamba-3").
+
+FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the interpreter
+
+
+@triton.jit
+def _cos_sin(phi):
+    """cos and sin by the GPU's approximate instructions (absolute error ~1e-6 on [0, 2π),
+    where mamba3 keeps φ; one MUFU op each), exact ones in the interpreter. libdevice's exact
+    cos/sin need more registers than the rest of these kernels (their large-argument path)."""
+    if FAST_TRIG:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True, pack=1)
+        return c, s
+    return tl.cos(phi), tl.sin(phi)
+
+
+@triton.jit
+def _pairs(x, R: tl.constexpr, BN2: tl.constexpr):
+    """(R, 2 BN2) values, read contiguously -> their even and odd columns, (R, BN2) each, fp32."""
+    return tl.split(tl.reshape(x.to(tl.float32), (R, BN2, 2)))
+
+
+@triton.jit
+def _interleave(e, o, R: tl.constexpr, BN2: tl.constexpr):
+    return tl.reshape(tl.join(e, o), (R, 2 * BN2))
+
+
+@triton.jit
+def _plus_bias(e, o, bias_ptr, h, N, cols, mask_c, BN2: tl.constexpr):
+    be, bo = _pairs(tl.load(bias_ptr + h * N + cols, mask=mask_c, other=0.0)[None, :], 1, BN2)
+    return e + be, o + bo
+
+
+@triton.jit
+def _turn_fwd(Bm, Cm, bB, bC, PHI, K, Q, T, H, N, A, HB,
+              HAS_BIAS: tl.constexpr, BT: tl.constexpr, BN2: tl.constexpr):
+    """Program (token block, row, head group): B and C read once, then per head of the group
+    k and q turned and written head-major, whole rows of N at a time."""
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
+    mask_t, mask_c = t < T, cols < N
+    m = mask_t[:, None] & mask_c[None, :]
+    pm = mask_t[:, None] & (j[None, :] < A)  # pairs past A: angle 0
+    src = (b * T + t[:, None]) * N + cols[None, :]
+    be, bo = _pairs(tl.load(Bm + src, mask=m, other=0.0), BT, BN2)
+    ce, co = _pairs(tl.load(Cm + src, mask=m, other=0.0), BT, BN2)
+    h = hg * HB
+    h_end = tl.minimum(h + HB, H)
+    while h < h_end:  # (a while loop, see _fwd)
+        ke, ko, qe, qo = be, bo, ce, co
+        if HAS_BIAS:
+            ke, ko = _plus_bias(ke, ko, bB, h, N, cols, mask_c, BN2)
+            qe, qo = _plus_bias(qe, qo, bC, h, N, cols, mask_c, BN2)
+        c, s = _cos_sin(tl.load(PHI + ((b * T + t[:, None]) * H + h) * A + j[None, :], mask=pm, other=0.0))
+        dst = ((b * H + h) * T + t[:, None]) * N + cols[None, :]
+        tl.store(K + dst, _interleave(ke * c - ko * s, ke * s + ko * c, BT, BN2).to(K.dtype.element_ty), mask=m)
+        tl.store(Q + dst, _interleave(qe * c - qo * s, qe * s + qo * c, BT, BN2).to(Q.dtype.element_ty), mask=m)
+        h += 1
+
+
+@triton.jit
+def _turn_bwd(Bm, Cm, bB, bC, PHI, DK, DQ, DB, DC, DBB, DBC, DPHI, T, H, N, A, HB,
+              HAS_BIAS: tl.constexpr, BT: tl.constexpr, BN2: tl.constexpr):
+    """With u the unturned value and u' = rot(u, φ): du = rot(du', -φ) and dφ = du'_o u'_e -
+    du'_e u'_o per pair, summed over k and q. dB, dC: the head group's sum of du (DB, DC are
+    (groups, B, T, N)); the biases' per-program partial sums go to DBB, DBC (programs, H, N)."""
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid = b * tl.num_programs(0) + pid_t
+    t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
+    mask_t, mask_c = t < T, cols < N
+    m = mask_t[:, None] & mask_c[None, :]
+    pm = mask_t[:, None] & (j[None, :] < A)
+    src = (b * T + t[:, None]) * N + cols[None, :]
+    be, bo = _pairs(tl.load(Bm + src, mask=m, other=0.0), BT, BN2)
+    ce, co = _pairs(tl.load(Cm + src, mask=m, other=0.0), BT, BN2)
+    dbe, dbo = tl.zeros((BT, BN2), tl.float32), tl.zeros((BT, BN2), tl.float32)
+    dce, dco = tl.zeros((BT, BN2), tl.float32), tl.zeros((BT, BN2), tl.float32)
+    h = hg * HB
+    h_end = tl.minimum(h + HB, H)
+    while h < h_end:
+        ke, ko, qe, qo = be, bo, ce, co
+        if HAS_BIAS:
+            ke, ko = _plus_bias(ke, ko, bB, h, N, cols, mask_c, BN2)
+            qe, qo = _plus_bias(qe, qo, bC, h, N, cols, mask_c, BN2)
+        phi_off = ((b * T + t[:, None]) * H + h) * A + j[None, :]
+        c, s = _cos_sin(tl.load(PHI + phi_off, mask=pm, other=0.0))
+        dst = ((b * H + h) * T + t[:, None]) * N + cols[None, :]
+        gke, gko = _pairs(tl.load(DK + dst, mask=m, other=0.0), BT, BN2)
+        gqe, gqo = _pairs(tl.load(DQ + dst, mask=m, other=0.0), BT, BN2)
+        dphi = gko * (ke * c - ko * s) - gke * (ke * s + ko * c) + gqo * (qe * c - qo * s) - gqe * (qe * s + qo * c)
+        tl.store(DPHI + phi_off, dphi, mask=pm)
+        uke, uko = gke * c + gko * s, gko * c - gke * s
+        uqe, uqo = gqe * c + gqo * s, gqo * c - gqe * s
+        dbe += uke
+        dbo += uko
+        dce += uqe
+        dco += uqo
+        if HAS_BIAS:
+            part = (pid * H + h) * N + cols
+            tl.store(DBB + part, tl.reshape(tl.join(tl.sum(uke, 0), tl.sum(uko, 0)), (2 * BN2,)), mask=mask_c)
+            tl.store(DBC + part, tl.reshape(tl.join(tl.sum(uqe, 0), tl.sum(uqo, 0)), (2 * BN2,)), mask=mask_c)
+        h += 1
+    dst = ((hg * tl.num_programs(1) + b) * T + t[:, None]) * N + cols[None, :]
+    tl.store(DB + dst, _interleave(dbe, dbo, BT, BN2), mask=m)
+    tl.store(DC + dst, _interleave(dce, dco, BT, BN2), mask=m)
+
+
+# tokens per program, heads per program (a group), warps: memory-bound kernels, so small
+# tiles and many programs (registers: dev/triton_regs.py)
+TURN_BT, TURN_HB, TURN_WARPS = 16, 8, 4
+
+
+def _turn_launch(Bm, T, H):
+    grid = (triton.cdiv(T, TURN_BT), Bm.size(0), triton.cdiv(H, TURN_HB))
+    return grid, dict(BT=TURN_BT, BN2=triton.next_power_of_2(Bm.size(-1) // 2), num_warps=TURN_WARPS)
+
+
+@torch.library.custom_op("nanochat::mamba3_turn_fwd", mutates_args=())
+def _turn(Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.Tensor, C_bias: torch.Tensor, phi: torch.Tensor,
+          has_bias: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    Bm, Cm, B_bias, C_bias, phi = (t.contiguous() for t in (Bm, Cm, B_bias, C_bias, phi))  # as in _ssd_fwd
+    Bsz, T, H, A = phi.shape
+    k = torch.empty(Bsz, H, T, Bm.size(-1), device=Bm.device, dtype=dtype)
+    q = torch.empty_like(k)
+    grid, kw = _turn_launch(Bm, T, H)
+    _turn_fwd[grid](Bm, Cm, B_bias, C_bias, phi, k, q, T, H, Bm.size(-1), A, TURN_HB, HAS_BIAS=has_bias, **kw)
+    return k, q
+
+
+@_turn.register_fake
+def _(Bm, Cm, B_bias, C_bias, phi, has_bias, dtype):
+    Bsz, T, H, _ = phi.shape
+    k = Bm.new_empty(Bsz, H, T, Bm.size(-1), dtype=dtype)
+    return k, torch.empty_like(k)
+
+
+@torch.library.custom_op("nanochat::mamba3_turn_bwd", mutates_args=())
+def _turn_grad(Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.Tensor, C_bias: torch.Tensor, phi: torch.Tensor,
+               dk: torch.Tensor, dq: torch.Tensor, has_bias: bool) -> list[torch.Tensor]:
+    Bm, Cm, B_bias, C_bias, phi, dk, dq = (t.contiguous() for t in (Bm, Cm, B_bias, C_bias, phi, dk, dq))
+    Bsz, T, H, A = phi.shape
+    N = Bm.size(-1)
+    grid, kw = _turn_launch(Bm, T, H)
+    f32 = dict(device=Bm.device, dtype=torch.float32)
+    dB, dC = torch.empty(grid[2], Bsz, T, N, **f32), torch.empty(grid[2], Bsz, T, N, **f32)  # per head group
+    dphi = torch.empty(Bsz, T, H, A, **f32)
+    parts = (grid[0] * grid[1], H, N) if has_bias else (1,)
+    dbB, dbC = torch.empty(parts, **f32), torch.empty(parts, **f32)
+    _turn_bwd[grid](Bm, Cm, B_bias, C_bias, phi, dk, dq, dB, dC, dbB, dbC, dphi, T, H, N, A, TURN_HB,
+                    HAS_BIAS=has_bias, **kw)
+    dB, dC = dB.sum(0), dC.sum(0)
+    if has_bias:
+        dbB, dbC = dbB.sum(0), dbC.sum(0)
+    return [dB, dC, dbB, dbC, dphi]
+
+
+@_turn_grad.register_fake
+def _(Bm, Cm, B_bias, C_bias, phi, dk, dq, has_bias):
+    Bsz, T, H, A = phi.shape
+    f32 = lambda *s: Bm.new_empty(*s, dtype=torch.float32)
+    bias = (H, Bm.size(-1)) if has_bias else (1,)
+    return [f32(*Bm.shape), f32(*Cm.shape), f32(*bias), f32(*bias), f32(Bsz, T, H, A)]
+
+
+def _turn_setup(ctx, inputs, output):
+    Bm, Cm, B_bias, C_bias, phi, has_bias, dtype = inputs
+    ctx.save_for_backward(Bm, Cm, B_bias, C_bias, phi)
+    ctx.has_bias = has_bias
+
+
+def _turn_backward(ctx, dk, dq):
+    Bm, Cm, B_bias, C_bias, phi = ctx.saved_tensors
+    dk = torch.zeros(phi.size(0), phi.size(2), phi.size(1), Bm.size(-1), device=Bm.device) if dk is None else dk
+    dq = torch.zeros_like(dk) if dq is None else dq
+    dB, dC, dbB, dbC, dphi = _turn_grad(Bm, Cm, B_bias, C_bias, phi, dk, dq, ctx.has_bias)
+    bias_grads = (dbB.to(B_bias.dtype), dbC.to(C_bias.dtype)) if ctx.has_bias else (None, None)
+    return (dB.to(Bm.dtype), dC.to(Cm.dtype), *bias_grads, dphi, None, None)
+
+
+_turn.register_autograd(_turn_backward, setup_context=_turn_setup)
+
+
+def turn_qk(Bm, Cm, B_bias, C_bias, phi, dtype):
+    """k = rot(Bm + B_bias[h], φ) and q = rot(Cm + C_bias[h], φ) for every head h, as
+    `mamba3.rotate` turns them, written head-major: Bm, Cm (B, T, N) shared by the heads;
+    biases (H, N) or None; φ (B, T, H, A) fp32, turning the first A pairs. Returns k, q
+    (B, H, T, N) in dtype; computes in fp32 (the bias added in fp32, not in dtype)."""
+    has_bias = B_bias is not None
+    if not has_bias:  # placeholders the kernels never read (HAS_BIAS=False)
+        B_bias = C_bias = Bm.new_zeros(1)
+    if phi.size(-1) == 0:  # no rotation: one pair turned by exactly 0 keeps the kernels free of empty tensors
+        phi = phi.new_zeros(*phi.shape[:-1], 1)
+    return _turn(Bm, Cm, B_bias, C_bias, phi.float(), has_bias, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# The state passing across chunks, for the default (PyTorch) chunked form on a GPU. With S_z
+# the state after chunk z's own tokens (from zero) and a_z the chunk's total log decay:
+#     E_0 = H0,   E_{z+1} = exp(a_z) E_z + S_z,   final = E_c
+# E_z is the state entering chunk z. PyTorch runs it as one fp32 batched matmul with the
+# (c+1) x (c+1) decay matrix (a SIMT sgemm, ~2 ms at d20); here one program per (row and
+# head, block of the P x N state) walks the chunks in order in fp32 registers, reading S and
+# writing E once. Backward, walking back with G_z = dL/dE_z (G_c = dfinal):
+#     dS_z = G_{z+1},   da_z = exp(a_z) <G_{z+1}, E_z>,   G_z = dE_z + exp(a_z) G_{z+1}
+# E_z is read back as stored (in the chunk states' dtype, bf16 under autocast).
+
+@triton.jit
+def _pass_fwd(S, A, H0, E, F, C, PN, BLOCK: tl.constexpr):
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    state = tl.load(H0 + bh * PN + offs, mask=m, other=0.0).to(tl.float32)
+    z = 0
+    while z < C:  # (a while loop, see _fwd)
+        tl.store(E + (bh * C + z) * PN + offs, state.to(E.dtype.element_ty), mask=m)
+        decay = tl.exp(tl.load(A + bh * C + z))
+        state = decay * state + tl.load(S + (bh * C + z) * PN + offs, mask=m, other=0.0).to(tl.float32)
+        z += 1
+    tl.store(F + bh * PN + offs, state, mask=m)
+
+
+@triton.jit
+def _pass_bwd(E, A, DE, DF, DS, DA, DH0, C, PN, BLOCK: tl.constexpr):
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    g = tl.load(DF + bh * PN + offs, mask=m, other=0.0).to(tl.float32)  # G_{z+1}, from G_c = dfinal
+    z = C - 1
+    while z >= 0:
+        off = (bh * C + z) * PN + offs
+        tl.store(DS + off, g.to(DS.dtype.element_ty), mask=m)
+        decay = tl.exp(tl.load(A + bh * C + z))
+        entering = tl.load(E + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(DA + (bh * tl.num_programs(1) + blk) * C + z, decay * tl.sum(g * entering, 0))  # this block's share
+        g = tl.load(DE + off, mask=m, other=0.0).to(tl.float32) + decay * g
+        z -= 1
+    tl.store(DH0 + bh * PN + offs, g, mask=m)
+
+
+PASS_BLOCK, PASS_WARPS = 2048, 8  # state elements per program, warps (memory-bound; sess sweep on an H200)
+
+
+@torch.library.custom_op("nanochat::mamba3_pass_fwd", mutates_args=())
+def _pass(S: torch.Tensor, a: torch.Tensor, H0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    S, a, H0 = S.contiguous(), a.contiguous(), H0.contiguous()  # as in _ssd_fwd
+    Bsz, H, C, P, N = S.shape
+    E = torch.empty_like(S)
+    F = torch.empty(Bsz, H, P, N, device=S.device, dtype=torch.float32)
+    _pass_fwd[(Bsz * H, triton.cdiv(P * N, PASS_BLOCK))](S, a, H0, E, F, C, P * N, BLOCK=PASS_BLOCK,
+                                                         num_warps=PASS_WARPS)
+    return E, F
+
+
+@_pass.register_fake
+def _(S, a, H0):
+    Bsz, H, C, P, N = S.shape
+    return torch.empty_like(S), S.new_empty(Bsz, H, P, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::mamba3_pass_bwd", mutates_args=())
+def _pass_grad(E: torch.Tensor, a: torch.Tensor, dE: torch.Tensor, dF: torch.Tensor) -> list[torch.Tensor]:
+    E, a, dE, dF = E.contiguous(), a.contiguous(), dE.contiguous(), dF.contiguous()
+    Bsz, H, C, P, N = E.shape
+    blocks = triton.cdiv(P * N, PASS_BLOCK)
+    dS = torch.empty_like(E)
+    da = torch.empty(Bsz, H, blocks, C, device=E.device, dtype=torch.float32)
+    dH0 = torch.empty(Bsz, H, P, N, device=E.device, dtype=torch.float32)
+    _pass_bwd[(Bsz * H, blocks)](E, a, dE, dF, dS, da, dH0, C, P * N, BLOCK=PASS_BLOCK, num_warps=PASS_WARPS)
+    return [dS, da.sum(2), dH0]
+
+
+@_pass_grad.register_fake
+def _(E, a, dE, dF):
+    Bsz, H, C, P, N = E.shape
+    return [torch.empty_like(E), E.new_empty(Bsz, H, C, dtype=torch.float32), E.new_empty(Bsz, H, P, N, dtype=torch.float32)]
+
+
+def _pass_setup(ctx, inputs, output):
+    S, a, H0 = inputs
+    ctx.save_for_backward(output[0], a)
+    ctx.h0_dtype = H0.dtype
+
+
+def _pass_backward(ctx, dE, dF):
+    E, a = ctx.saved_tensors
+    dE = torch.zeros_like(E) if dE is None else dE
+    dF = E.new_zeros(E.size(0), E.size(1), E.size(3), E.size(4), dtype=torch.float32) if dF is None else dF
+    dS, da, dH0 = _pass_grad(E, a, dE, dF)
+    return dS, da.to(a.dtype), dH0.to(ctx.h0_dtype)
+
+
+_pass.register_autograd(_pass_backward, setup_context=_pass_setup)
+
+
+def pass_states(S, a, H0):
+    """The states entering each chunk and the final one: S (B, H, c, P, N) each chunk's own
+    state, a (B, H, c) its total log decay, H0 (B, H, P, N) the initial state. Returns E
+    (B, H, c, P, N) in S's dtype (E_0 = H0) and the final state (B, H, P, N) in fp32; the walk
+    across chunks in fp32. `mamba3.ssd`'s fp32 matmul with the decay matrix is the reference."""
+    return _pass(S, a.float(), H0.float())

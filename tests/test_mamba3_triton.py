@@ -13,8 +13,10 @@ triton = pytest.importorskip("triton")
 
 from nanochat.attention import Context  # noqa: E402
 from nanochat.gpt import GPTConfig, LayerSpec  # noqa: E402
+from nanochat import mamba3  # noqa: E402
+from nanochat import mamba3_triton as mt  # noqa: E402
 from nanochat.mamba3 import KERNELS, Mamba3, rotate, set_mamba3_kernel, ssd  # noqa: E402
-from nanochat.mamba3_triton import ssd_rotated  # noqa: E402
+from nanochat.mamba3_triton import pass_states, ssd_rotated, turn_qk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,8 +24,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 def reference(x, Bm, Cm, bB, bC, phi, a, w, wn, s0, chunk):
     """rot(B + bias, φ) and rot(C + bias, φ) per head in PyTorch, then `ssd` with R = 1."""
     per_head = lambda m, b: m[:, :, None, :] + (b if b is not None else 0)
-    k = rotate(per_head(Bm, bB).expand(-1, -1, x.size(2), -1), phi)[:, :, None]
-    q = rotate(per_head(Cm, bC).expand(-1, -1, x.size(2), -1), phi)[:, :, None]
+    k = rotate(per_head(Bm, bB).expand(-1, -1, x.size(2), -1), phi).transpose(1, 2)[:, :, :, None]
+    q = rotate(per_head(Cm, bC).expand(-1, -1, x.size(2), -1), phi).transpose(1, 2)[:, :, :, None]
     y, final = ssd(x[:, :, None], a, k, q, w, wn, chunk, s0)
     return y[:, :, 0], final
 
@@ -127,3 +129,84 @@ def test_mimo_falls_back_to_torch_and_bad_names_are_refused(capsys):
     assert "fp64" in capsys.readouterr().out
     with pytest.raises(ValueError, match="mamba3 kernel"):
         set_mamba3_kernel(m, "cuda")
+
+
+@pytest.mark.parametrize("T,bias,A,heads_per_program", [
+    (45, True, 8, 2),   # T not a multiple of the kernel's token block; 3 heads in groups of 2 (2 + 1)
+    (7, False, 3, 8),   # no bias; 3 of the 8 pairs turned; one group
+    (33, True, 0, 1),   # no rotation: the bias and the head-major layout only
+])
+def test_turn_qk_and_its_gradients_equal_rotate(T, bias, A, heads_per_program, monkeypatch):
+    """The default chunked form's fused bias + rotation (used on a GPU) against mamba3.rotate
+    per head: k, q head-major, and the gradients of B, C, the biases and φ."""
+    monkeypatch.setattr(mt, "TURN_HB", heads_per_program)
+    torch.manual_seed(T)
+    Bsz, H, N = 2, 3, 16
+    g = lambda *s, scale=1.0: (scale * torch.randn(*s, device=DEV)).requires_grad_()
+    Bm, Cm = g(Bsz, T, N), g(Bsz, T, N)
+    bB, bC = (g(H, N), g(H, N)) if bias else (None, None)
+    phi = (6 * torch.rand(Bsz, T, H, A, device=DEV)).requires_grad_()
+    k1, q1 = turn_qk(Bm, Cm, bB, bC, phi, torch.float32)
+    assert k1.shape == (Bsz, H, T, N) and k1.dtype == torch.float32
+    per_head = lambda m, b: m[:, :, None, :] + (b if b is not None else 0)
+    k0 = rotate(per_head(Bm, bB).expand(-1, -1, H, -1), phi).transpose(1, 2)
+    q0 = rotate(per_head(Cm, bC).expand(-1, -1, H, -1), phi).transpose(1, 2)
+    close(k1, k0, 1e-6)
+    close(q1, q0, 1e-6)
+    inputs = [t for t in (Bm, Cm, bB, bC, phi if A else None) if t is not None]
+    gk, gq = torch.randn_like(k0), torch.randn_like(q0)
+    want = torch.autograd.grad((k0 * gk).sum() + (q0 * gq).sum(), inputs)
+    got = torch.autograd.grad((k1 * gk).sum() + (q1 * gq).sum(), inputs)
+    for gg, ww in zip(got, want):
+        close(gg, ww, 1e-5)
+
+
+@pytest.mark.parametrize("c,P,N,block", [(5, 4, 8, 1024), (3, 8, 16, 32)])  # one block; four blocks
+def test_pass_states_and_its_gradients_equal_the_decay_matmul(c, P, N, block, monkeypatch):
+    """The chunked form's walk across chunks (Triton, used on a GPU) against ssd()'s fp32
+    matmul with the decay matrix: entering states, final state, and the gradients of the
+    chunk states, the chunk decays and the initial state."""
+    monkeypatch.setattr(mt, "PASS_BLOCK", block)
+    torch.manual_seed(c)
+    Bsz, H = 2, 3
+    S = torch.randn(Bsz, H, c, P, N, device=DEV, requires_grad=True)
+    a = (-2 * torch.rand(Bsz, H, c, device=DEV)).requires_grad_()
+    H0 = torch.randn(Bsz, H, P, N, device=DEV, requires_grad=True)
+    E1, F1 = pass_states(S, a, H0)
+    states = torch.cat([H0[:, :, None], S], dim=2)
+    decay = mamba3.segsum_exp(torch.cumsum(torch.nn.functional.pad(a, (1, 0)), dim=-1))
+    states = torch.einsum("bhzc,bhcpn->bhzpn", decay, states)
+    E0, F0 = states[:, :, :-1], states[:, :, -1]
+    close(E1, E0, 1e-6)
+    close(F1, F0, 1e-6)
+    gE, gF = torch.randn_like(E0), torch.randn_like(F0)
+    want = torch.autograd.grad((E0 * gE).sum() + (F0 * gF).sum(), (S, a, H0))
+    got = torch.autograd.grad((E1 * gE).sum() + (F1 * gF).sum(), (S, a, H0))
+    for gg, ww in zip(got, want):
+        close(gg, ww, 1e-5)
+
+
+def test_layer_with_the_small_kernels_equals_it_without(monkeypatch):
+    """A SISO layer (the default "torch" form) with k and q turned by turn_qk and the states
+    passed by pass_states equals the same layer all in PyTorch: outputs, every parameter's
+    gradient, and a prefill continued from the cache (the cache's last key comes from the
+    head-major k, its state from pass_states' final one). MIMO: pass_states only."""
+    for R in (1, 2):
+        m = layer(R)
+        u = torch.randn(2, 21, 32, device=DEV)
+        outs, grads, split = {}, {}, {}
+        for devices in (set(), {"cpu", "cuda"}):
+            monkeypatch.setattr(mamba3, "FUSED_DEVICES", devices)
+            assert mamba3.fused_ok(u.device, torch.float32) == bool(devices)
+            m.zero_grad()
+            y = m(u, Context(None, None, 0, 21, {}))
+            y.pow(2).sum().backward()
+            outs[bool(devices)], grads[bool(devices)] = y, {n: p.grad.clone() for n, p in m.named_parameters()}
+            with torch.no_grad():
+                cache = m.init_cache(2, 0, DEV, torch.float32)
+                split[bool(devices)] = torch.cat([m(u[:, :13], Context(None, None, 0, 13, {}), cache),
+                                                  m(u[:, 13:], Context(None, None, 13, 8, {}), cache)], 1)
+        close(outs[True], outs[False], 1e-5)
+        close(split[True], outs[False], 1e-5)
+        for name, want in grads[False].items():
+            close(grads[True][name], want, 1e-4)

@@ -136,18 +136,20 @@ def test_mix_ops_pass_opcheck_and_the_kernel_switch():
 
 
 def test_mix_kernels_in_a_model_equal_the_pytorch_forms(monkeypatch):
-    """A whole fp32 model (recipe, Engram, mHC) through the fused kernels (the interpreter on
-    the CPU, let in by patching the device check) gives the PyTorch forms' loss and every
-    parameter's gradient to fp32 rounding: the ops' wiring (strides, the expanded first
-    stream, saved tensors) in the model, not only the ops alone."""
+    """A whole fp32 model (recipe, Engram, mHC) through the fused kernels (on a GPU; without
+    one the interpreter on the CPU, let in by patching the device check) gives the PyTorch
+    forms' loss and every parameter's gradient to fp32 rounding: the ops' wiring (strides,
+    the expanded first stream, saved tensors) in the model, not only the ops alone."""
     import nanochat.mhc as mhc
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (compiled Triton cannot read CPU tensors)
     torch.manual_seed(0)
-    model = build_model(GPTConfig(**KW, **RECIPE, mhc=True, engram_layers="0,2", engram_table=256), "cpu")
+    model = build_model(GPTConfig(**KW, **RECIPE, mhc=True, engram_layers="0,2", engram_table=256), dev)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    idx = torch.randint(0, 97, (2, 32))
-    monkeypatch.setattr(mhc, "_triton_ok", lambda x: x.dtype != torch.float64)
+    idx = torch.randint(0, 97, (2, 32)).to(dev)
+    if dev == "cpu":
+        monkeypatch.setattr(mhc, "_triton_ok", lambda x: x.dtype != torch.float64)
 
     def run(kernel):
         set_mhc_kernel(model, kernel)
