@@ -19,7 +19,7 @@ to a scratch slice of its own (64 bytes a token per iterate for n = 4, read back
 it stays in L2; nothing is kept between the passes), then walks q = iters-1 .. 1 reading
 S_{q-1}, then the first colnorm and the softmax: dL = p (dm - sum_row(dm p)). (Its first
 form recomputed S_{q-1} from S_0 at every step, O(iters^2) normalisations: 0.34 ms a call
-at d20, 27 ms of a training step.)
+at d20, 27 ms of a training step; this one 0.12 ms on an H200.)
 Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mhc.py).
 """
 
