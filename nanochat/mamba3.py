@@ -170,7 +170,8 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         Y_{t,r} = H_t Qm_{t,r}
     so token s reaches a later t with weight exp(a_{s+1} + ... + a_t) (w_s + [s < t] w_next_s).
     X (B, T, R, H, P); a, w, w_next (B, T, H), fp32; K and Qm head-major (B, H, T, R, N),
-    as the rotation kernel writes them (folding them into chunks is then a view); initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
+    as the rotation kernel writes them (folding them into chunks is then a view);
+    initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
     token, without its w_next term (the next segment adds it). w_next_s may depend on
     token s+1: it only ever reaches outputs at t > s, so causality holds bit for bit."""
     Bsz, T, R, H, P = X.shape
