@@ -108,9 +108,9 @@ _fused = None  # (turn_qk, pass_states) from nanochat.mamba3_triton once importe
 def fused_ok(device, dtype):
     """Whether the chunked form turns k and q (mamba3_triton.turn_qk, SISO only) and passes
     the states across chunks (mamba3_triton.pass_states) with Triton kernels: fp32/bf16
-    models on a GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
+    models on an NVIDIA GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
     global _fused
-    if dtype == torch.float64 or device.type not in FUSED_DEVICES:
+    if dtype == torch.float64 or device.type not in FUSED_DEVICES or torch.version.hip:  # (inline PTX: NVIDIA only)
         return False
     if _fused is None:
         try:

@@ -320,10 +320,11 @@ FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PT
 
 @triton.jit
 def _cos_sin(phi):
-    """cos and sin by the GPU's approximate instructions (absolute error ~1e-6 on [0, 2π),
-    where mamba3 keeps φ; one MUFU op each), exact ones in the interpreter. libdevice's exact
+    """cos and sin by the GPU's approximate instructions (absolute error ~1e-6 on [-π, π],
+    where φ in [0, 2π) is moved first; one MUFU op each), exact ones in the interpreter. libdevice's exact
     cos/sin need more registers than the rest of these kernels (their large-argument path)."""
     if FAST_TRIG:
+        phi = tl.where(phi > 3.141592653589793, phi - 6.283185307179586, phi)  # into [-π, π], their documented range
         c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True, pack=1)
         s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True, pack=1)
         return c, s
@@ -352,7 +353,7 @@ def _turn_fwd(Bm, Cm, bB, bC, PHI, K, Q, T, H, N, A, HB,
               HAS_BIAS: tl.constexpr, BT: tl.constexpr, BN2: tl.constexpr):
     """Program (token block, row, head group): B and C read once, then per head of the group
     k and q turned and written head-major, whole rows of N at a time."""
-    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B T H N > 2^31
     t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
     mask_t, mask_c = t < T, cols < N
     m = mask_t[:, None] & mask_c[None, :]
@@ -380,7 +381,7 @@ def _turn_bwd(Bm, Cm, bB, bC, PHI, DK, DQ, DB, DC, DBB, DBC, DPHI, T, H, N, A, H
     """With u the unturned value and u' = rot(u, φ): du = rot(du', -φ) and dφ = du'_o u'_e -
     du'_e u'_o per pair, summed over k and q. dB, dC: the head group's sum of du (DB, DC are
     (groups, B, T, N)); the biases' per-program partial sums go to DBB, DBC (programs, H, N)."""
-    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B T H N > 2^31
     pid = b * tl.num_programs(0) + pid_t
     t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
     mask_t, mask_c = t < T, cols < N
@@ -522,7 +523,7 @@ def turn_qk(Bm, Cm, B_bias, C_bias, phi, dtype):
 
 @triton.jit
 def _pass_fwd(S, A, H0, E, F, C, PN, BLOCK: tl.constexpr):
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: B H c P N > 2^31
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
     state = tl.load(H0 + bh * PN + offs, mask=m, other=0.0).to(tl.float32)
@@ -537,7 +538,7 @@ def _pass_fwd(S, A, H0, E, F, C, PN, BLOCK: tl.constexpr):
 
 @triton.jit
 def _pass_bwd(E, A, DE, DF, DS, DA, DH0, C, PN, BLOCK: tl.constexpr):
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: B H c P N > 2^31
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
     g = tl.load(DF + bh * PN + offs, mask=m, other=0.0).to(tl.float32)  # G_{z+1}, from G_c = dfinal
@@ -560,7 +561,7 @@ PASS_BLOCK, PASS_WARPS = 2048, 8  # state elements per program, warps (memory-bo
 def _pass(S: torch.Tensor, a: torch.Tensor, H0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     S, a, H0 = S.contiguous(), a.contiguous(), H0.contiguous()  # as in _ssd_fwd
     Bsz, H, C, P, N = S.shape
-    E = torch.empty_like(S)
+    E = S.new_empty(S.shape)
     F = torch.empty(Bsz, H, P, N, device=S.device, dtype=torch.float32)
     _pass_fwd[(Bsz * H, triton.cdiv(P * N, PASS_BLOCK))](S, a, H0, E, F, C, P * N, BLOCK=PASS_BLOCK,
                                                          num_warps=PASS_WARPS)
@@ -570,7 +571,7 @@ def _pass(S: torch.Tensor, a: torch.Tensor, H0: torch.Tensor) -> tuple[torch.Ten
 @_pass.register_fake
 def _(S, a, H0):
     Bsz, H, C, P, N = S.shape
-    return torch.empty_like(S), S.new_empty(Bsz, H, P, N, dtype=torch.float32)
+    return S.new_empty(S.shape), S.new_empty(Bsz, H, P, N, dtype=torch.float32)
 
 
 @torch.library.custom_op("nanochat::mamba3_pass_bwd", mutates_args=())
@@ -578,7 +579,7 @@ def _pass_grad(E: torch.Tensor, a: torch.Tensor, dE: torch.Tensor, dF: torch.Ten
     E, a, dE, dF = E.contiguous(), a.contiguous(), dE.contiguous(), dF.contiguous()
     Bsz, H, C, P, N = E.shape
     blocks = triton.cdiv(P * N, PASS_BLOCK)
-    dS = torch.empty_like(E)
+    dS = E.new_empty(E.shape)
     da = torch.empty(Bsz, H, blocks, C, device=E.device, dtype=torch.float32)
     dH0 = torch.empty(Bsz, H, P, N, device=E.device, dtype=torch.float32)
     _pass_bwd[(Bsz * H, blocks)](E, a, dE, dF, dS, da, dH0, C, P * N, BLOCK=PASS_BLOCK, num_warps=PASS_WARPS)
@@ -588,7 +589,7 @@ def _pass_grad(E: torch.Tensor, a: torch.Tensor, dE: torch.Tensor, dF: torch.Ten
 @_pass_grad.register_fake
 def _(E, a, dE, dF):
     Bsz, H, C, P, N = E.shape
-    return [torch.empty_like(E), E.new_empty(Bsz, H, C, dtype=torch.float32), E.new_empty(Bsz, H, P, N, dtype=torch.float32)]
+    return [E.new_empty(E.shape), E.new_empty(Bsz, H, C, dtype=torch.float32), E.new_empty(Bsz, H, P, N, dtype=torch.float32)]
 
 
 def _pass_setup(ctx, inputs, output):

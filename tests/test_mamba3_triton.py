@@ -131,17 +131,18 @@ def test_mimo_falls_back_to_torch_and_bad_names_are_refused(capsys):
         set_mamba3_kernel(m, "cuda")
 
 
-@pytest.mark.parametrize("T,bias,A,heads_per_program", [
-    (45, True, 8, 2),   # T not a multiple of the kernel's token block; 3 heads in groups of 2 (2 + 1)
-    (7, False, 3, 8),   # no bias; 3 of the 8 pairs turned; one group
-    (33, True, 0, 1),   # no rotation: the bias and the head-major layout only
+@pytest.mark.parametrize("T,bias,A,heads_per_program,N", [
+    (45, True, 8, 2, 16),   # T not a multiple of the kernel's token block; 3 heads in groups of 2 (2 + 1)
+    (7, False, 3, 8, 16),   # no bias; 3 of the 8 pairs turned; one group
+    (33, True, 0, 1, 16),   # no rotation: the bias and the head-major layout only
+    (20, True, 5, 8, 24),   # N/2 = 12 pairs in a 16-wide tile: the column masks
 ])
-def test_turn_qk_and_its_gradients_equal_rotate(T, bias, A, heads_per_program, monkeypatch):
+def test_turn_qk_and_its_gradients_equal_rotate(T, bias, A, heads_per_program, N, monkeypatch):
     """The default chunked form's fused bias + rotation (used on a GPU) against mamba3.rotate
     per head: k, q head-major, and the gradients of B, C, the biases and φ."""
     monkeypatch.setattr(mt, "TURN_HB", heads_per_program)
     torch.manual_seed(T)
-    Bsz, H, N = 2, 3, 16
+    Bsz, H = 2, 3
     g = lambda *s, scale=1.0: (scale * torch.randn(*s, device=DEV)).requires_grad_()
     Bm, Cm = g(Bsz, T, N), g(Bsz, T, N)
     bB, bC = (g(H, N), g(H, N)) if bias else (None, None)
@@ -161,7 +162,7 @@ def test_turn_qk_and_its_gradients_equal_rotate(T, bias, A, heads_per_program, m
         close(gg, ww, 1e-5)
 
 
-@pytest.mark.parametrize("c,P,N,block", [(5, 4, 8, 1024), (3, 8, 16, 32)])  # one block; four blocks
+@pytest.mark.parametrize("c,P,N,block", [(5, 4, 8, 1024), (3, 8, 16, 32), (1, 4, 12, 32)])  # 1 block; 4; 2, the last partial
 def test_pass_states_and_its_gradients_equal_the_decay_matmul(c, P, N, block, monkeypatch):
     """The chunked form's walk across chunks (Triton, used on a GPU) against ssd()'s fp32
     matmul with the decay matrix: entering states, final state, and the gradients of the
@@ -184,6 +185,26 @@ def test_pass_states_and_its_gradients_equal_the_decay_matmul(c, P, N, block, mo
     got = torch.autograd.grad((E1 * gE).sum() + (F1 * gF).sum(), (S, a, H0))
     for gg, ww in zip(got, want):
         close(gg, ww, 1e-5)
+
+
+def test_the_small_kernels_pass_opcheck_and_turn_qk_writes_the_asked_dtype():
+    """torch.library.opcheck on turn_qk's and pass_states' ops (fake tensors, autograd
+    registration, schema), and bf16 k, q within a bf16 step of the fp32 ones."""
+    torch.manual_seed(0)
+    Bsz, T, H, N, A, c, P = 2, 19, 3, 16, 4, 3, 4
+    Bm, Cm, phi = torch.randn(Bsz, T, N, device=DEV), torch.randn(Bsz, T, N, device=DEV), 6 * torch.rand(Bsz, T, H, A, device=DEV)
+    bB, bC = torch.randn(H, N, device=DEV), torch.randn(H, N, device=DEV)
+    grad = lambda t: t.requires_grad_()
+    torch.library.opcheck(torch.ops.nanochat.mamba3_turn_fwd, (grad(Bm), grad(Cm), grad(bB), grad(bC), grad(phi),
+                                                               True, torch.float32))
+    S, a, H0 = torch.randn(Bsz, H, c, P, N, device=DEV), -torch.rand(Bsz, H, c, device=DEV), torch.randn(Bsz, H, P, N, device=DEV)
+    torch.library.opcheck(torch.ops.nanochat.mamba3_pass_fwd, (grad(S), grad(a), grad(H0)))
+    with torch.no_grad():
+        k32, q32 = turn_qk(Bm, Cm, bB, bC, phi, torch.float32)
+        k16, q16 = turn_qk(Bm, Cm, bB, bC, phi, torch.bfloat16)
+    assert k16.dtype == q16.dtype == torch.bfloat16
+    for lo, hi in ((k16, k32), (q16, q32)):  # within one bf16 step (the interpreter rounds its own way)
+        assert ((lo.float() - hi).abs() <= hi.abs() * 2 ** -7 + 1e-30).all()
 
 
 def test_layer_with_the_small_kernels_equals_it_without(monkeypatch):
