@@ -370,7 +370,8 @@ class Mamba3(nn.Module):
         bias = lambda name: getattr(self, name)[:, 0] if self.bias else None  # (H, N), SISO
         if triton:  # the kernels turn B and C themselves; only the last key is needed here (the cache)
             k_last = rotate(self._per_head(Bm[:, -1:], "B_bias"), phi[:, -1:, None])[:, 0]
-        elif self.R == 1 and fused_ok(u.device, self.D.dtype):  # (B, H, T, 1, N) from one Triton kernel
+        elif self.R == 1 and fused_ok(u.device, self.D.dtype) and Bsz * T * self.H * self.N < 2 ** 31:
+            # (B, H, T, 1, N) from one Triton kernel (int32 offsets: the size check)
             k, q = (t.unsqueeze(3) for t in _fused[0](Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"),
                                                       phi, x.dtype))
             k_last = k[:, :, -1].transpose(1, 2)

@@ -353,7 +353,7 @@ def _turn_fwd(Bm, Cm, bB, bC, PHI, K, Q, T, H, N, A, HB,
               HAS_BIAS: tl.constexpr, BT: tl.constexpr, BN2: tl.constexpr):
     """Program (token block, row, head group): B and C read once, then per head of the group
     k and q turned and written head-major, whole rows of N at a time."""
-    pid_t, b, hg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B T H N > 2^31
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
     mask_t, mask_c = t < T, cols < N
     m = mask_t[:, None] & mask_c[None, :]
@@ -381,7 +381,7 @@ def _turn_bwd(Bm, Cm, bB, bC, PHI, DK, DQ, DB, DC, DBB, DBC, DPHI, T, H, N, A, H
     """With u the unturned value and u' = rot(u, φ): du = rot(du', -φ) and dφ = du'_o u'_e -
     du'_e u'_o per pair, summed over k and q. dB, dC: the head group's sum of du (DB, DC are
     (groups, B, T, N)); the biases' per-program partial sums go to DBB, DBC (programs, H, N)."""
-    pid_t, b, hg = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)  # int64: B T H N > 2^31
+    pid_t, b, hg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid = b * tl.num_programs(0) + pid_t
     t, cols, j = pid_t * BT + tl.arange(0, BT), tl.arange(0, 2 * BN2), tl.arange(0, BN2)
     mask_t, mask_c = t < T, cols < N
@@ -501,7 +501,9 @@ def turn_qk(Bm, Cm, B_bias, C_bias, phi, dtype):
     """k = rot(Bm + B_bias[h], φ) and q = rot(Cm + C_bias[h], φ) for every head h, as
     `mamba3.rotate` turns them, written head-major: Bm, Cm (B, T, N) shared by the heads;
     biases (H, N) or None; φ (B, T, H, A) fp32, turning the first A pairs. Returns k, q
-    (B, H, T, N) in dtype; computes in fp32 (the bias added in fp32, not in dtype)."""
+    (B, H, T, N) in dtype; computes in fp32 (the bias added in fp32, not in dtype). The
+    kernels' offsets are int32 (int64 ones cost registers and spilled): B T H N < 2^31,
+    i.e. up to ~420k tokens a call at d20 (mamba3 turns larger calls in PyTorch)."""
     has_bias = B_bias is not None
     if not has_bias:  # placeholders the kernels never read (HAS_BIAS=False)
         B_bias = C_bias = Bm.new_zeros(1)
