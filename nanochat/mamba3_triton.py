@@ -321,8 +321,9 @@ FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PT
 @triton.jit
 def _cos_sin(phi):
     """cos and sin by the GPU's approximate instructions (absolute error ~1e-6 on [-π, π],
-    where φ in [0, 2π) is moved first; one MUFU op each), exact ones in the interpreter. libdevice's exact
-    cos/sin need more registers than the rest of these kernels (their large-argument path)."""
+    where φ in [0, 2π) is moved first; one MUFU op each), exact ones in the interpreter.
+    libdevice's exact cos/sin need more registers than the rest of these kernels (their
+    large-argument path)."""
     if FAST_TRIG:
         phi = tl.where(phi > 3.141592653589793, phi - 6.283185307179586, phi)  # into [-π, π], their documented range
         c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True, pack=1)
