@@ -466,7 +466,7 @@ def _turn_grad(Bm: torch.Tensor, Cm: torch.Tensor, B_bias: torch.Tensor, C_bias:
     dbB, dbC = torch.empty(parts, **f32), torch.empty(parts, **f32)
     _turn_bwd[grid](Bm, Cm, B_bias, C_bias, phi, dk, dq, dB, dC, dbB, dbC, dphi, T, H, N, A, TURN_HB,
                     HAS_BIAS=has_bias, **kw)
-    dB, dC = dB.sum(0), dC.sum(0)
+    dB, dC = (dB[0], dC[0]) if grid[2] == 1 else (dB.sum(0), dC.sum(0))  # one head group: no sum
     if has_bias:
         dbB, dbC = dbB.sum(0), dbC.sum(0)
     return [dB, dC, dbB, dbC, dphi]
