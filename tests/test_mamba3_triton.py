@@ -207,6 +207,21 @@ def test_the_small_kernels_pass_opcheck_and_turn_qk_writes_the_asked_dtype():
         assert ((lo.float() - hi).abs() <= hi.abs() * 2 ** -7 + 1e-30).all()
 
 
+def test_causality_is_bit_exact_with_the_small_kernels(monkeypatch):
+    """turn_qk and pass_states keep the chunked form's bit-exact causality: changing the
+    inputs from t on leaves every output before t identical (fp32), t inside a chunk and
+    on a chunk boundary (chunk 8)."""
+    monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"})
+    m = layer()
+    u = torch.randn(2, 21, 32, device=DEV)
+    with torch.no_grad():
+        base = m(u, Context(None, None, 0, 21, {}))
+        for t in (1, 6, 8, 16, 20):
+            v = u.clone()
+            v[:, t:] = torch.randn_like(v[:, t:])
+            assert torch.equal(m(v, Context(None, None, 0, 21, {}))[:, :t], base[:, :t]), t
+
+
 def test_layer_with_the_small_kernels_equals_it_without(monkeypatch):
     """A SISO layer (the default "torch" form) with k and q turned by turn_qk and the states
     passed by pass_states equals the same layer all in PyTorch: outputs, every parameter's
