@@ -21,11 +21,15 @@ from nanochat.mamba3_triton import pass_states, ssd_rotated, turn_qk  # noqa: E4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def turned(m, bias, phi):
+    """rot(m + bias[h], φ) for every head h in PyTorch, head-major: m (B, T, N) -> (B, H, T, N)."""
+    per_head = m[:, :, None, :] + (bias if bias is not None else 0)
+    return rotate(per_head.expand(-1, -1, phi.size(2), -1), phi).transpose(1, 2)
+
+
 def reference(x, Bm, Cm, bB, bC, phi, a, w, wn, s0, chunk):
     """rot(B + bias, φ) and rot(C + bias, φ) per head in PyTorch, then `ssd` with R = 1."""
-    per_head = lambda m, b: m[:, :, None, :] + (b if b is not None else 0)
-    k = rotate(per_head(Bm, bB).expand(-1, -1, x.size(2), -1), phi).transpose(1, 2)[:, :, :, None]
-    q = rotate(per_head(Cm, bC).expand(-1, -1, x.size(2), -1), phi).transpose(1, 2)[:, :, :, None]
+    k, q = turned(Bm, bB, phi)[:, :, :, None], turned(Cm, bC, phi)[:, :, :, None]
     y, final = ssd(x[:, :, None], a, k, q, w, wn, chunk, s0)
     return y[:, :, 0], final
 
@@ -149,9 +153,7 @@ def test_turn_qk_and_its_gradients_equal_rotate(T, bias, A, heads_per_program, N
     phi = (6 * torch.rand(Bsz, T, H, A, device=DEV)).requires_grad_()
     k1, q1 = turn_qk(Bm, Cm, bB, bC, phi, torch.float32)
     assert k1.shape == (Bsz, H, T, N) and k1.dtype == torch.float32
-    per_head = lambda m, b: m[:, :, None, :] + (b if b is not None else 0)
-    k0 = rotate(per_head(Bm, bB).expand(-1, -1, H, -1), phi).transpose(1, 2)
-    q0 = rotate(per_head(Cm, bC).expand(-1, -1, H, -1), phi).transpose(1, 2)
+    k0, q0 = turned(Bm, bB, phi), turned(Cm, bC, phi)
     close(k1, k0, 1e-6)
     close(q1, q0, 1e-6)
     inputs = [t for t in (Bm, Cm, bB, bC, phi if A else None) if t is not None]
