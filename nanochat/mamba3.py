@@ -47,11 +47,12 @@ fixed-size updates of c_proj assume inputs of unit scale while H_t q_t grows wit
 N (q·k is about N with the biases at 1); the per-head controls train with AdamW; MIMO rotates interleaved pairs as SISO does (the official MIMO kernel pairs i
 with i + N/2, a fixed permutation of the B/C dims); A_t uses the softplus of the first
 release (later official code has a heavier-tailed f); the SSD runs in PyTorch (matmuls,
-torch.compile'd with the model), not the official Triton/TileLang kernels, except two
-memory-bound steps that run as small Triton kernels on a GPU (nanochat/mamba3_triton.py:
-turn_qk, the biases and rotation of B and C for every head, SISO; pass_states, the walk of
-the state across chunks); our own fully fused Triton SSD (SISO) is opt-in:
-set_mamba3_kernel(model, "triton").
+torch.compile'd with the model), not the official Triton/TileLang kernels; on an NVIDIA GPU
+its steps run as four Triton kernels of ours (nanochat/mamba3_triton.py): turn_qk (the biases
+and rotation of B and C for every head), chunk_state (each chunk's own state), pass_states
+(the walk of the state across chunks) and chunk_out (each chunk's output, flash-style); all
+but pass_states SISO only. Our own fully fused Triton SSD (SISO, one program walking all
+chunks) is opt-in: set_mamba3_kernel(model, "triton").
 """
 
 import math
@@ -101,21 +102,21 @@ def triton_unusable(device, dtype, R):
     return reason
 
 
-FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs two small Triton kernels (below)
-_fused = None  # (turn_qk, pass_states) from nanochat.mamba3_triton once imported
+FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs its steps as Triton kernels (below)
+_fused = None  # (turn_qk, pass_states, chunk_out, chunk_state) from nanochat.mamba3_triton once imported
 
 
 def fused_ok(device, dtype):
-    """Whether the chunked form turns k and q (mamba3_triton.turn_qk, SISO only) and passes
-    the states across chunks (mamba3_triton.pass_states) with Triton kernels: fp32/bf16
-    models on an NVIDIA GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
+    """Whether the chunked form runs its steps as Triton kernels (mamba3_triton: turn_qk,
+    chunk_state, chunk_out for SISO; pass_states for any rank): fp32/bf16 models on an NVIDIA
+    GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
     global _fused
     if dtype == torch.float64 or device.type not in FUSED_DEVICES or torch.version.hip:  # (inline PTX: NVIDIA only)
         return False
     if _fused is None:
         try:
-            from nanochat.mamba3_triton import pass_states, turn_qk
-            _fused = (turn_qk, pass_states)
+            from nanochat.mamba3_triton import chunk_out, chunk_state, pass_states, turn_qk
+            _fused = (turn_qk, pass_states, chunk_out, chunk_state)
         except ImportError as e:
             FUSED_DEVICES.clear()
             print(f"Mamba-3: the chunked form all in PyTorch: Triton is not importable ({e})")
@@ -181,25 +182,23 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         K, Qm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (K, Qm))
         a, w, w_next = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, w_next))
     c = X.size(1) // chunk
+    # steps 1, 3, 4 as Triton kernels (int32 offsets: at most 2^31 elements a tensor)
+    kernels = R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel()) < 2 ** 31
     # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
-    Xf = X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
+    Xf = None if kernels else X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
     Kf, Qf = (t.reshape(Bsz, H, c, chunk * R, -1) for t in (K, Qm))
     per_head = lambda t: at_least_fp32(t.view(Bsz, c, chunk, H).permute(0, 3, 1, 2))  # (B, H, c, chunk)
     a, w, w_next = per_head(a), per_head(w), per_head(w_next)
     a_cs = torch.cumsum(a, dim=-1)
     rep = lambda t: t.repeat_interleave(R, dim=-1) if R > 1 else t
-    # 1. within each chunk: a causal, decay-weighted "attention" of Q over K
-    later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=a.device), diagonal=-1)
-    L = segsum_exp(a_cs) * (w[..., None, :] + w_next[..., None, :] * later)  # (B, H, c, chunk, chunk)
-    if R > 1:
-        L = L.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
-    scores = MatmulNT.apply(Qf, Kf) * L.to(Qf.dtype)
-    Y = scores @ Xf                                                  # (B, H, c, chunk*R, P)
-    # 2. each chunk's own state after its last token (w_next of the last one included: it
+    # 1. each chunk's own state after its last token (w_next of the last one included: it
     #    only reaches the next chunks)
-    decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
-    states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)       # (B, H, c, P, N)
-    # 3. across chunks: the state entering each chunk (the initial state first), in fp32
+    if kernels:
+        states = _fused[3](K[:, :, :, 0], X[:, :, 0], a_cs, w, w_next, chunk)
+    else:
+        decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
+        states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)   # (B, H, c, P, N)
+    # 2. across chunks: the state entering each chunk (the initial state first), in fp32
     if fused_ok(X.device, a.dtype):  # a walk over the chunks in one Triton kernel
         entering, final = _fused[1](states, a_cs[..., -1], initial_state)
         entering = entering.to(Qf.dtype)
@@ -209,6 +208,16 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
             decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
             states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
         entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
+    if kernels:  # 3 and 4 in one kernel
+        Y = _fused[2](Qm[:, :, :, 0], K[:, :, :, 0], X[:, :, 0], entering, a_cs, w, w_next, chunk)
+        return Y.unsqueeze(2)[:, :T], final
+    # 3. within each chunk: a causal, decay-weighted "attention" of Q over K
+    later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=a.device), diagonal=-1)
+    L = segsum_exp(a_cs) * (w[..., None, :] + w_next[..., None, :] * later)  # (B, H, c, chunk, chunk)
+    if R > 1:
+        L = L.repeat_interleave(R, dim=-1).repeat_interleave(R, dim=-2)
+    scores = MatmulNT.apply(Qf, Kf) * L.to(Qf.dtype)
+    Y = scores @ Xf                                                  # (B, H, c, chunk*R, P)
     # 4. what the entering state adds to each position, decayed to it
     Y = Y + MatmulNT.apply(Qf, entering) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
     Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)

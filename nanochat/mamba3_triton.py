@@ -1,8 +1,9 @@
 """
 Triton kernels for Mamba-3's chunked form, two kinds:
-- two small memory-bound kernels that the default ("torch") path runs on a GPU, at the end of
-  this file: turn_qk (the per-head biases and rotation of B and C, SISO) and pass_states
-  (the states' walk across chunks); PyTorch runs the rest (the matmuls);
+- the steps of `mamba3.ssd` that the default ("torch") path runs on an NVIDIA GPU, at the end
+  of this file: turn_qk (the per-head biases and rotation of B and C, SISO), chunk_state
+  (each chunk's own state, SISO), pass_states (the states' walk across chunks) and chunk_out
+  (each chunk's output, SISO); PyTorch runs the projections and the rest;
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton).
@@ -618,3 +619,258 @@ def pass_states(S, a, H0):
     (B, H, c, P, N) in S's dtype (E_0 = H0) and the final state (B, H, P, N) in fp32; the walk
     across chunks in fp32. `mamba3.ssd`'s fp32 matmul with the decay matrix is the reference."""
     return _pass(S, a.float(), H0.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Within each chunk, the output (steps 3 and 4 of `mamba3.ssd`), for SISO, from the turned
+# k, q (turn_qk's head-major layout) and the entering states (pass_states): one program per
+# (row and head, chunk), like one block of flash attention over the chunk's Q tokens:
+#     S = q kᵀ,  L[t, s] = exp(a_cs[t] - a_cs[s]) (w_s + [s < t] w_next_s) for s <= t,
+#     y = (S ∘ L) x + exp(a_cs) ∘ (q Eᵀ)
+# read and written in x's own (B, T, H, P) layout (no fold or unfold copies); S and L never
+# reach memory. Backward (M = S ∘ L, G = dy):
+#     dx = Mᵀ G,  dM = G xᵀ,  dS = dM ∘ L,  dq = dS k + exp(a_cs) ∘ (G E),  dk = dSᵀ q,
+#     dE = (exp(a_cs) ∘ G)ᵀ q,  dL = dM ∘ S,
+#     da_cs[i] = Σ_s (dL ∘ L)[i, s] - Σ_t (dL ∘ L)[t, i] + Σ_p G[i, p] (exp(a_cs) ∘ q Eᵀ)[i, p],
+#     dw[s] = Σ_t dL[t, s] exp(a_cs[t] - a_cs[s]),  dw_next[s] = the same over t > s.
+
+@triton.jit
+def _cout_tiles(Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
+                BP: tl.constexpr, BN: tl.constexpr):
+    b, h = bh // H, bh % H
+    i, p, n = tl.arange(0, BT), tl.arange(0, BP), tl.arange(0, BN)
+    t = z * CHUNK + i
+    mt, mp, mn = (i < CHUNK) & (t < T), p < P, n < N
+    qk_off = (bh * T + t[:, None]) * N + n[None, :]
+    q = tl.load(Qp + qk_off, mask=mt[:, None] & mn[None, :], other=0.0)
+    k = tl.load(Kp + qk_off, mask=mt[:, None] & mn[None, :], other=0.0)
+    x_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    x = tl.load(X + x_off, mask=mt[:, None] & mp[None, :], other=0.0)
+    e = tl.load(E + ((bh * C + z) * P + p[:, None]) * N + n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
+    sc = (bh * C + z) * CHUNK + i
+    acs = tl.load(ACS + sc, mask=mt, other=0.0)
+    w = tl.load(W + sc, mask=mt, other=0.0)
+    wn = tl.load(WN + sc, mask=mt, other=0.0)
+    later = i[:, None] > i[None, :]
+    decay = tl.exp(tl.where(i[:, None] >= i[None, :], acs[:, None] - acs[None, :], float("-inf")))
+    L = decay * (w[None, :] + tl.where(later, wn[None, :], 0.0))
+    return q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn
+
+
+@triton.jit
+def _cout_fwd(Qp, Kp, X, E, ACS, W, WN, Y, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
+              BP: tl.constexpr, BN: tl.constexpr):
+    bh, z = tl.program_id(0), tl.program_id(1)
+    dt = X.dtype.element_ty
+    q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
+        Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
+    y = _dot((_dot(q, tl.trans(k), dt) * L).to(dt), x, dt) + tl.exp(acs)[:, None] * _dot(q, tl.trans(e), dt)
+    tl.store(Y + x_off, y.to(Y.dtype.element_ty), mask=mt[:, None] & mp[None, :])
+
+
+@triton.jit
+def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DQ, DK, DX, DE, DACS, DW, DWN, T, H, P, N, C, CHUNK: tl.constexpr,
+              BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PART: tl.constexpr):
+    """PART 1: dE and the scalars' gradients; PART 2: dx, dk and dq (two launches that each
+    recompute S and dM: one program holding every tile spilled, dev/triton_regs.py)."""
+    bh, z = tl.program_id(0), tl.program_id(1)
+    dt = X.dtype.element_ty
+    q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
+        Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
+    g = tl.load(DY + x_off, mask=mt[:, None] & mp[None, :], other=0.0)
+    s = _dot(q, tl.trans(k), dt)
+    dM = _dot(g, tl.trans(x), dt)
+    dS = (dM * L).to(dt)
+    qn = mt[:, None] & mn[None, :]
+    ge = g.to(tl.float32) * tl.exp(acs)[:, None]
+    if PART == 1:
+        p, n = tl.arange(0, BP), tl.arange(0, BN)
+        tl.store(DE + ((bh * C + z) * P + p[:, None]) * N + n[None, :],
+                 _dot(tl.trans(ge).to(dt), q, dt).to(DE.dtype.element_ty), mask=mp[:, None] & mn[None, :])
+        inter = tl.sum(ge * _dot(q, tl.trans(e), dt), 1)
+        dL = dM * s
+        G = dL * L
+        tl.store(DACS + sc, tl.sum(G, 1) - tl.sum(G, 0) + inter, mask=mt)
+        dd = dL * decay
+        tl.store(DW + sc, tl.sum(dd, 0), mask=mt)
+        tl.store(DWN + sc, tl.sum(tl.where(later, dd, 0.0), 0), mask=mt)
+    else:
+        tl.store(DX + x_off, _dot(tl.trans(s * L).to(dt), g, dt).to(DX.dtype.element_ty), mask=mt[:, None] & mp[None, :])
+        tl.store(DK + qk_off, _dot(tl.trans(dS), q, dt).to(DK.dtype.element_ty), mask=qn)
+        tl.store(DQ + qk_off, (_dot(dS, k, dt) + _dot(ge.to(dt), e, dt)).to(DQ.dtype.element_ty), mask=qn)
+
+
+COUT_WARPS = 4  # they spill (dev/triton_regs.py), yet beat 8 warps on an H200 (docs/benchmarks.md)
+
+
+def _cout_blocks(chunk, P, N):
+    p2 = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot wants every dim >= 16
+    return dict(CHUNK=chunk, BT=p2(chunk), BP=p2(P), BN=p2(N), num_warps=COUT_WARPS)
+
+
+@torch.library.custom_op("nanochat::mamba3_chunk_out_fwd", mutates_args=())
+def _cout(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor, w: torch.Tensor,
+          wn: torch.Tensor, chunk: int) -> torch.Tensor:
+    q, k, x, E, acs, w, wn = (t.contiguous() for t in (q, k, x, E, acs, w, wn))  # as in _ssd_fwd
+    Bsz, T, H, P = x.shape
+    C, N = E.size(2), E.size(-1)
+    y = torch.empty_like(x)
+    _cout_fwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, y, T, H, P, N, C, **_cout_blocks(chunk, P, N))
+    return y
+
+
+@_cout.register_fake
+def _(q, k, x, E, acs, w, wn, chunk):
+    return x.new_empty(x.shape)  # contiguous, as the op returns (empty_like would copy x's strides)
+
+
+@torch.library.custom_op("nanochat::mamba3_chunk_out_bwd", mutates_args=())
+def _cout_grad(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor,
+               w: torch.Tensor, wn: torch.Tensor, dy: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    q, k, x, E, acs, w, wn, dy = (t.contiguous() for t in (q, k, x, E, acs, w, wn, dy))
+    Bsz, T, H, P = x.shape
+    C, N = E.size(2), E.size(-1)
+    dq, dk, dx, dE = torch.empty_like(q), torch.empty_like(k), torch.empty_like(x), torch.empty_like(E)
+    dacs, dw, dwn = torch.empty_like(acs), torch.empty_like(w), torch.empty_like(wn)
+    for part in (1, 2):
+        _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, dy, dq, dk, dx, dE, dacs, dw, dwn, T, H, P, N, C,
+                                PART=part, **_cout_blocks(chunk, P, N))
+    return [dq, dk, dx, dE, dacs, dw, dwn]
+
+
+@_cout_grad.register_fake
+def _(q, k, x, E, acs, w, wn, dy, chunk):
+    return [t.new_empty(t.shape) for t in (q, k, x, E, acs, w, wn)]
+
+
+def _cout_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.chunk = inputs[7]
+
+
+def _cout_backward(ctx, dy):
+    grads = _cout_grad(*ctx.saved_tensors, dy, ctx.chunk)
+    return (*grads, None)
+
+
+_cout.register_autograd(_cout_backward, setup_context=_cout_setup)
+
+
+def chunk_out(q, k, x, E, a_cs, w, w_next, chunk):
+    """Steps 3 and 4 of `mamba3.ssd` for R = 1: q, k (B, H, T, N) turned, head-major; x
+    (B, T, H, P); E (B, H, c, P, N) the states entering each chunk; a_cs (the within-chunk
+    cumsums of A Δ), w, w_next (B, H, c, chunk) fp32; T a multiple of chunk. Returns y
+    (B, T, H, P) in x's dtype; products in x's dtype, accumulated in fp32."""
+    return _cout(q, k, x, E, a_cs.float(), w.float(), w_next.float(), chunk)
+
+
+# Each chunk's own state (step 1 of `mamba3.ssd`) for SISO, read in the same layouts as
+# chunk_out (k head-major, x as (B, T, H, P): no fold copy of x), one program per (row and
+# head, chunk), with d_s = exp(a_cs[last] - a_cs[s]) (w_s + w_next_s):
+#     S = (d ∘ x)ᵀ k;   backward: dx = d ∘ (k dSᵀ),  dk = (d ∘ x) dS,  dd = rowsum(x ∘ k dSᵀ),
+#     dw = dw_next = dd exp(a_cs[last] - a_cs),  da_cs = -dd d (+ Σ dd d at the last token).
+
+@triton.jit
+def _cstate_tiles(Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
+                  BP: tl.constexpr, BN: tl.constexpr):
+    b, h = bh // H, bh % H
+    i, p, n = tl.arange(0, BT), tl.arange(0, BP), tl.arange(0, BN)
+    t = z * CHUNK + i
+    mt, mp, mn = (i < CHUNK) & (t < T), p < P, n < N
+    k_off = (bh * T + t[:, None]) * N + n[None, :]
+    k = tl.load(Kp + k_off, mask=mt[:, None] & mn[None, :], other=0.0)
+    x_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
+    x = tl.load(X + x_off, mask=mt[:, None] & mp[None, :], other=0.0)
+    sc = (bh * C + z) * CHUNK + i
+    acs = tl.load(ACS + sc, mask=mt, other=0.0)
+    to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
+    d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
+    s_off = ((bh * C + z) * P + p[:, None]) * N + n[None, :]
+    return k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn
+
+
+@triton.jit
+def _cstate_fwd(Kp, X, ACS, W, WN, S, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+                BN: tl.constexpr):
+    bh, z = tl.program_id(0), tl.program_id(1)
+    dt = X.dtype.element_ty
+    k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn = _cstate_tiles(
+        Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
+    s = _dot(tl.trans((x.to(tl.float32) * d[:, None]).to(dt)), k, dt)
+    tl.store(S + s_off, s.to(S.dtype.element_ty), mask=mp[:, None] & mn[None, :])
+
+
+@triton.jit
+def _cstate_bwd(Kp, X, ACS, W, WN, DS, DK, DX, DACS, DW, DWN, T, H, P, N, C, CHUNK: tl.constexpr,
+                BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    bh, z = tl.program_id(0), tl.program_id(1)
+    dt = X.dtype.element_ty
+    k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn = _cstate_tiles(
+        Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
+    ds = tl.load(DS + s_off, mask=mp[:, None] & mn[None, :], other=0.0)
+    kd = _dot(k, tl.trans(ds), dt)                                    # (BT, BP)
+    tl.store(DX + x_off, (d[:, None] * kd).to(DX.dtype.element_ty), mask=mt[:, None] & mp[None, :])
+    dk = _dot((x.to(tl.float32) * d[:, None]).to(dt), ds, dt)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mt[:, None] & mn[None, :])
+    dd = tl.sum(x.to(tl.float32) * kd, 1)
+    tl.store(DW + sc, dd * to_end, mask=mt)
+    tl.store(DWN + sc, dd * to_end, mask=mt)
+    tl.store(DACS + sc, -dd * d + tl.where(i == CHUNK - 1, tl.sum(dd * d, 0), 0.0), mask=mt)
+
+
+CSTATE_WARPS = 4  # likewise
+
+
+@torch.library.custom_op("nanochat::mamba3_chunk_state_fwd", mutates_args=())
+def _cstate(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
+            chunk: int) -> torch.Tensor:
+    k, x, acs, w, wn = (t.contiguous() for t in (k, x, acs, w, wn))  # as in _ssd_fwd
+    Bsz, T, H, P = x.shape
+    C, N = acs.size(2), k.size(-1)
+    S = torch.empty(Bsz, H, C, P, N, device=x.device, dtype=x.dtype)
+    _cstate_fwd[(Bsz * H, C)](k, x, acs, w, wn, S, T, H, P, N, C,
+                              **dict(_cout_blocks(chunk, P, N), num_warps=CSTATE_WARPS))
+    return S
+
+
+@_cstate.register_fake
+def _(k, x, acs, w, wn, chunk):
+    Bsz, T, H, P = x.shape
+    return x.new_empty(Bsz, H, acs.size(2), P, k.size(-1))
+
+
+@torch.library.custom_op("nanochat::mamba3_chunk_state_bwd", mutates_args=())
+def _cstate_grad(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
+                 dS: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    k, x, acs, w, wn, dS = (t.contiguous() for t in (k, x, acs, w, wn, dS))
+    Bsz, T, H, P = x.shape
+    C, N = acs.size(2), k.size(-1)
+    dk, dx, dacs, dw, dwn = (torch.empty_like(t) for t in (k, x, acs, w, wn))
+    _cstate_bwd[(Bsz * H, C)](k, x, acs, w, wn, dS, dk, dx, dacs, dw, dwn, T, H, P, N, C,
+                              **dict(_cout_blocks(chunk, P, N), num_warps=CSTATE_WARPS))
+    return [dk, dx, dacs, dw, dwn]
+
+
+@_cstate_grad.register_fake
+def _(k, x, acs, w, wn, dS, chunk):
+    return [t.new_empty(t.shape) for t in (k, x, acs, w, wn)]
+
+
+def _cstate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.chunk = inputs[5]
+
+
+def _cstate_backward(ctx, dS):
+    return (*_cstate_grad(*ctx.saved_tensors, dS, ctx.chunk), None)
+
+
+_cstate.register_autograd(_cstate_backward, setup_context=_cstate_setup)
+
+
+def chunk_state(k, x, a_cs, w, w_next, chunk):
+    """Step 1 of `mamba3.ssd` for R = 1: each chunk's state after its last token, from zero,
+    Σ_s exp(a_cs[last] - a_cs[s]) (w_s + w_next_s) x_s k_sᵀ: k (B, H, T, N) turned, head-major;
+    x (B, T, H, P); a_cs, w, w_next (B, H, c, chunk) fp32; T a multiple of chunk. Returns
+    (B, H, c, P, N) in x's dtype (products in x's dtype, accumulated in fp32)."""
+    return _cstate(k, x, a_cs.float(), w.float(), w_next.float(), chunk)

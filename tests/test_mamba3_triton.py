@@ -209,8 +209,8 @@ def test_the_small_kernels_pass_opcheck_and_turn_qk_writes_the_asked_dtype():
         assert ((lo.float() - hi).abs() <= hi.abs() * 2 ** -7 + 1e-30).all()
 
 
-def test_causality_is_bit_exact_with_the_small_kernels(monkeypatch):
-    """turn_qk and pass_states keep the chunked form's bit-exact causality: changing the
+def test_causality_is_bit_exact_with_the_kernels(monkeypatch):
+    """The four kernels keep the chunked form's bit-exact causality: changing the
     inputs from t on leaves every output before t identical (fp32), t inside a chunk and
     on a chunk boundary (chunk 8)."""
     monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"})
@@ -224,11 +224,12 @@ def test_causality_is_bit_exact_with_the_small_kernels(monkeypatch):
             assert torch.equal(m(v, Context(None, None, 0, 21, {}))[:, :t], base[:, :t]), t
 
 
-def test_layer_with_the_small_kernels_equals_it_without(monkeypatch):
-    """A SISO layer (the default "torch" form) with k and q turned by turn_qk and the states
-    passed by pass_states equals the same layer all in PyTorch: outputs, every parameter's
-    gradient, and a prefill continued from the cache (the cache's last key comes from the
-    head-major k, its state from pass_states' final one). MIMO: pass_states only."""
+def test_layer_with_the_kernels_equals_it_without(monkeypatch):
+    """A SISO layer (the default "torch" form) with its steps as kernels (turn_qk, chunk_state,
+    pass_states, chunk_out) equals the same layer all in PyTorch, T not a multiple of the
+    chunk (the padded tail): outputs, every parameter's gradient, and a prefill continued from
+    the cache (the cache's last key comes from the head-major k, its state from pass_states'
+    final one). MIMO: pass_states only."""
     for R in (1, 2):
         m = layer(R)
         u = torch.randn(2, 21, 32, device=DEV)
@@ -248,3 +249,82 @@ def test_layer_with_the_small_kernels_equals_it_without(monkeypatch):
         close(split[True], outs[False], 1e-5)
         for name, want in grads[False].items():
             close(grads[True][name], want, 1e-4)
+
+
+@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])  # chunk 8: below the kernel's 16-wide tiles
+def test_chunk_out_and_its_gradients_equal_the_torch_steps(c, chunk):
+    """ssd()'s within-chunk output (its steps 3 and 4) as one kernel against the same steps in
+    PyTorch: y and the gradients of q, k, x, the entering states, a_cs, w and w_next."""
+    torch.manual_seed(c)
+    Bsz, H, P, N = 2, 2, 16, 32
+    T = c * chunk
+    g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
+    q, k, x, E = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, c, P, N)
+    acs = torch.cumsum(-0.3 * torch.rand(Bsz, H, c, chunk, device=DEV), -1).requires_grad_()
+    w, wn = torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_(), torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_()
+    ins = (q, k, x, E, acs, w, wn)
+    y1 = mt.chunk_out(*ins, chunk)
+    later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=DEV), diagonal=-1)
+    L = mamba3.segsum_exp(acs) * (w[..., None, :] + wn[..., None, :] * later)
+    Qf, Kf = q.view(Bsz, H, c, chunk, N), k.view(Bsz, H, c, chunk, N)
+    Xf = x.view(Bsz, c, chunk, H, P).permute(0, 3, 1, 2, 4)
+    y0 = (Qf @ Kf.transpose(-1, -2) * L) @ Xf + (Qf @ E.transpose(-1, -2)) * torch.exp(acs)[..., None]
+    y0 = y0.permute(0, 2, 3, 1, 4).reshape(Bsz, T, H, P)
+    close(y1, y0, 1e-5)
+    gy = torch.randn_like(y0)
+    for got, want in zip(torch.autograd.grad((y1 * gy).sum(), ins), torch.autograd.grad((y0 * gy).sum(), ins)):
+        close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])
+def test_chunk_state_and_its_gradients_equal_the_torch_step(c, chunk):
+    """ssd()'s step 1 (each chunk's state from zero) as one kernel against PyTorch: the states
+    and the gradients of k, x, a_cs, w and w_next."""
+    torch.manual_seed(c)
+    Bsz, H, P, N = 2, 2, 16, 32
+    T = c * chunk
+    k = torch.randn(Bsz, H, T, N, device=DEV, requires_grad=True)
+    x = torch.randn(Bsz, T, H, P, device=DEV, requires_grad=True)
+    acs = torch.cumsum(-0.3 * torch.rand(Bsz, H, c, chunk, device=DEV), -1).requires_grad_()
+    w, wn = torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_(), torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_()
+    ins = (k, x, acs, w, wn)
+    s1 = mt.chunk_state(*ins, chunk)
+    Xf = x.view(Bsz, c, chunk, H, P).permute(0, 3, 1, 2, 4)
+    d = torch.exp(acs[..., -1:] - acs) * (w + wn)
+    s0 = (Xf * d[..., None]).transpose(-1, -2) @ k.view(Bsz, H, c, chunk, N)
+    close(s1, s0, 1e-5)
+    gs = torch.randn_like(s0)
+    for got, want in zip(torch.autograd.grad((s1 * gs).sum(), ins), torch.autograd.grad((s0 * gs).sum(), ins)):
+        close(got, want, 1e-5)
+
+
+def test_chunk_kernels_pass_opcheck_and_their_fakes_have_the_real_strides():
+    """opcheck on chunk_out's and chunk_state's ops, and every op's fake output (what inductor
+    plans with) has the shape and strides of the real one for inputs handed over as
+    non-contiguous views, as the compiled layer hands a_cs, w, w_next (opcheck does not
+    compare strides; a wrong fake fails inductor's stride asserts on the GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    Bsz, H, P, N, c, chunk = 2, 2, 16, 16, 2, 16
+    T = c * chunk
+    g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
+    scal = lambda: torch.rand(Bsz, c, chunk, H, device=DEV).permute(0, 3, 1, 2).detach().requires_grad_()
+    acs = torch.cumsum(-0.3 * torch.rand(Bsz, c, chunk, H, device=DEV), 2).permute(0, 3, 1, 2).detach().requires_grad_()
+    assert not acs.is_contiguous()
+    q, k, x, E, w, wn = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, c, P, N), scal(), scal()
+    ops = torch.ops.nanochat
+    torch.library.opcheck(ops.mamba3_chunk_out_fwd, (q, k, x, E, acs, w, wn, chunk))
+    torch.library.opcheck(ops.mamba3_chunk_state_fwd, (k, x, acs, w, wn, chunk))
+    dy, dS = torch.randn_like(x).transpose(1, 2).contiguous().transpose(1, 2), torch.randn_like(E)
+    calls = [(ops.mamba3_chunk_out_fwd, (q, k, x, E, acs, w, wn, chunk)),
+             (ops.mamba3_chunk_out_bwd, (q, k, x, E, acs, w, wn, dy, chunk)),
+             (ops.mamba3_chunk_state_fwd, (k, x, acs, w, wn, chunk)),
+             (ops.mamba3_chunk_state_bwd, (k, x, acs, w, wn, dS, chunk))]
+    for op, args in calls:
+        with torch.no_grad():
+            real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a.detach()) if torch.is_tensor(a) else a for a in args])
+        real, fake = (list(r) if isinstance(r, (list, tuple)) else [r] for r in (real, fake))
+        for r, f in zip(real, fake):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
