@@ -111,14 +111,15 @@ def test_mix_ops_pass_opcheck_and_the_kernel_switch():
     stream; set_mhc_kernel rejects an unknown kernel and
     sets every hyper-connection; a CPU model runs the PyTorch form whatever the switch."""
     torch.manual_seed(0)
-    x, f = torch.randn(3, 4, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
-    res, post = torch.rand(3, 4, 4, requires_grad=True), torch.rand(3, 4, requires_grad=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (compiled Triton cannot read CPU tensors)
+    x, f = torch.randn(3, 4, 40, device=dev, requires_grad=True), torch.randn(3, 40, device=dev, requires_grad=True)
+    res, post = torch.rand(3, 4, 4, device=dev, requires_grad=True), torch.rand(3, 4, device=dev, requires_grad=True)
     torch.library.opcheck(_expand_op, (x, f, res, post))
     torch.library.opcheck(_collapse_op, (x, post))
     # a dense stream with other strides (Engram's transposed output, say): the fake outputs must
     # have the kernels' (contiguous) strides, or inductor's stride checks fail under compile
     from torch._subclasses.fake_tensor import FakeTensorMode
-    xt = torch.randn(40, 3, 4).permute(1, 2, 0)
+    xt = torch.randn(40, 3, 4, device=dev).permute(1, 2, 0)
     ins = (xt, f.detach(), res.detach(), post.detach())
     real = (_expand_op(*ins), _collapse_op(xt, ins[3]))
     with FakeTensorMode() as mode:
