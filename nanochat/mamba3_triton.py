@@ -635,17 +635,24 @@ def pass_states(S, a, H0):
 #     dw[s] = Σ_t dL[t, s] exp(a_cs[t] - a_cs[s]),  dw_next[s] = the same over t > s.
 
 @triton.jit
-def _cout_tiles(Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
-                BP: tl.constexpr, BN: tl.constexpr):
+def _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Chunk z of row and head bh: its tokens' k (head-major) and x ((B, T, H, P)), offsets, masks."""
     b, h = bh // H, bh % H
     i, p, n = tl.arange(0, BT), tl.arange(0, BP), tl.arange(0, BN)
     t = z * CHUNK + i
     mt, mp, mn = (i < CHUNK) & (t < T), p < P, n < N
-    qk_off = (bh * T + t[:, None]) * N + n[None, :]
-    q = tl.load(Qp + qk_off, mask=mt[:, None] & mn[None, :], other=0.0)
-    k = tl.load(Kp + qk_off, mask=mt[:, None] & mn[None, :], other=0.0)
+    k_off = (bh * T + t[:, None]) * N + n[None, :]
+    k = tl.load(Kp + k_off, mask=mt[:, None] & mn[None, :], other=0.0)
     x_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
     x = tl.load(X + x_off, mask=mt[:, None] & mp[None, :], other=0.0)
+    return i, p, n, mt, mp, mn, k, k_off, x, x_off
+
+
+@triton.jit
+def _cout_tiles(Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
+                BP: tl.constexpr, BN: tl.constexpr):
+    i, p, n, mt, mp, mn, k, qk_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
+    q = tl.load(Qp + qk_off, mask=mt[:, None] & mn[None, :], other=0.0)
     e = tl.load(E + ((bh * C + z) * P + p[:, None]) * N + n[None, :], mask=mp[:, None] & mn[None, :], other=0.0)
     sc = (bh * C + z) * CHUNK + i
     acs = tl.load(ACS + sc, mask=mt, other=0.0)
@@ -773,14 +780,7 @@ def chunk_out(q, k, x, E, a_cs, w, w_next, chunk):
 @triton.jit
 def _cstate_tiles(Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
                   BP: tl.constexpr, BN: tl.constexpr):
-    b, h = bh // H, bh % H
-    i, p, n = tl.arange(0, BT), tl.arange(0, BP), tl.arange(0, BN)
-    t = z * CHUNK + i
-    mt, mp, mn = (i < CHUNK) & (t < T), p < P, n < N
-    k_off = (bh * T + t[:, None]) * N + n[None, :]
-    k = tl.load(Kp + k_off, mask=mt[:, None] & mn[None, :], other=0.0)
-    x_off = ((b * T + t[:, None]) * H + h) * P + p[None, :]
-    x = tl.load(X + x_off, mask=mt[:, None] & mp[None, :], other=0.0)
+    i, p, n, mt, mp, mn, k, k_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
     sc = (bh * C + z) * CHUNK + i
     acs = tl.load(ACS + sc, mask=mt, other=0.0)
     to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
