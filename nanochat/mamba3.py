@@ -182,8 +182,9 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         K, Qm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (K, Qm))
         a, w, w_next = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, w_next))
     c = X.size(1) // chunk
-    # steps 1, 3, 4 as Triton kernels (int32 offsets: at most 2^31 elements a tensor)
-    kernels = R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel()) < 2 ** 31
+    # steps 1, 3, 4 as Triton kernels (int32 offsets: at most 2^31 elements a tensor, the
+    # chunk states' B H c P N included)
+    kernels = R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel(), Bsz * H * c * P * K.size(-1)) < 2 ** 31
     # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
     Xf = None if kernels else X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
     Kf, Qf = (t.reshape(Bsz, H, c, chunk * R, -1) for t in (K, Qm))
