@@ -707,12 +707,12 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DQ, DK, DX, DE, DACS, DW, DWN, T, H,
         tl.store(DQ + qk_off, (_dot(dS, k, dt) + _dot(ge.to(dt), e, dt)).to(DQ.dtype.element_ty), mask=qn)
 
 
-COUT_WARPS = 4  # they spill (dev/triton_regs.py), yet beat 8 warps on an H200 (docs/benchmarks.md)
+CHUNK_WARPS = 4  # chunk_out's and chunk_state's: they spill (dev/triton_regs.py), yet beat 8 warps on an H200
 
 
-def _cout_blocks(chunk, P, N):
+def _chunk_blocks(chunk, P, N):
     p2 = lambda n: max(16, triton.next_power_of_2(n))  # tl.dot wants every dim >= 16
-    return dict(CHUNK=chunk, BT=p2(chunk), BP=p2(P), BN=p2(N), num_warps=COUT_WARPS)
+    return dict(CHUNK=chunk, BT=p2(chunk), BP=p2(P), BN=p2(N), num_warps=CHUNK_WARPS)
 
 
 @torch.library.custom_op("nanochat::mamba3_chunk_out_fwd", mutates_args=())
@@ -722,7 +722,7 @@ def _cout(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, ac
     Bsz, T, H, P = x.shape
     C, N = E.size(2), E.size(-1)
     y = torch.empty_like(x)
-    _cout_fwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, y, T, H, P, N, C, **_cout_blocks(chunk, P, N))
+    _cout_fwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, y, T, H, P, N, C, **_chunk_blocks(chunk, P, N))
     return y
 
 
@@ -741,7 +741,7 @@ def _cout_grad(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tenso
     dacs, dw, dwn = torch.empty_like(acs), torch.empty_like(w), torch.empty_like(wn)
     for part in (1, 2):
         _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, dy, dq, dk, dx, dE, dacs, dw, dwn, T, H, P, N, C,
-                                PART=part, **_cout_blocks(chunk, P, N))
+                                PART=part, **_chunk_blocks(chunk, P, N))
     return [dq, dk, dx, dE, dacs, dw, dwn]
 
 
@@ -818,9 +818,6 @@ def _cstate_bwd(Kp, X, ACS, W, WN, DS, DK, DX, DACS, DW, DWN, T, H, P, N, C, CHU
     tl.store(DACS + sc, -dd * d + tl.where(i == CHUNK - 1, tl.sum(dd * d, 0), 0.0), mask=mt)
 
 
-CSTATE_WARPS = 4  # likewise
-
-
 @torch.library.custom_op("nanochat::mamba3_chunk_state_fwd", mutates_args=())
 def _cstate(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
             chunk: int) -> torch.Tensor:
@@ -829,7 +826,7 @@ def _cstate(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor
     C, N = acs.size(2), k.size(-1)
     S = torch.empty(Bsz, H, C, P, N, device=x.device, dtype=x.dtype)
     _cstate_fwd[(Bsz * H, C)](k, x, acs, w, wn, S, T, H, P, N, C,
-                              **dict(_cout_blocks(chunk, P, N), num_warps=CSTATE_WARPS))
+                              **_chunk_blocks(chunk, P, N))
     return S
 
 
@@ -847,7 +844,7 @@ def _cstate_grad(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.T
     C, N = acs.size(2), k.size(-1)
     dk, dx, dacs, dw, dwn = (torch.empty_like(t) for t in (k, x, acs, w, wn))
     _cstate_bwd[(Bsz * H, C)](k, x, acs, w, wn, dS, dk, dx, dacs, dw, dwn, T, H, P, N, C,
-                              **dict(_cout_blocks(chunk, P, N), num_warps=CSTATE_WARPS))
+                              **_chunk_blocks(chunk, P, N))
     return [dk, dx, dacs, dw, dwn]
 
 
