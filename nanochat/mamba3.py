@@ -48,10 +48,11 @@ N (q·k is about N with the biases at 1); the per-head controls train with AdamW
 with i + N/2, a fixed permutation of the B/C dims); A_t uses the softplus of the first
 release (later official code has a heavier-tailed f); the SSD runs in PyTorch (matmuls,
 torch.compile'd with the model), not the official Triton/TileLang kernels; on an NVIDIA GPU
-its steps run as four Triton kernels of ours (nanochat/mamba3_triton.py): turn_qk (the biases
-and rotation of B and C for every head), chunk_state (each chunk's own state), pass_states
-(the walk of the state across chunks) and chunk_out (each chunk's output, flash-style); all
-but pass_states SISO only. Our own fully fused Triton SSD (SISO, one program walking all
+its steps run as Triton kernels of ours (nanochat/mamba3_triton.py): angles (the fp64
+running sum of Δ θ), turn_qk (the biases and rotation of B and C for every head) and
+chunk_ssd, one op of three kernels: chunk_state (each chunk's own state), pass_states (the
+walk of the state across chunks) and chunk_out (each chunk's output, flash-style); all but
+angles and pass_states SISO only (MIMO keeps the chunk matmuls). Our own fully fused Triton SSD (SISO, one program walking all
 chunks) is opt-in: set_mamba3_kernel(model, "triton").
 """
 
@@ -103,20 +104,20 @@ def triton_unusable(device, dtype, R):
 
 
 FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs its steps as Triton kernels (below)
-_fused = None  # (turn_qk, pass_states, chunk_out, chunk_state) from nanochat.mamba3_triton once imported
+_fused = None  # (turn_qk, pass_states, chunk_ssd, angles) from nanochat.mamba3_triton once imported
 
 
 def fused_ok(device, dtype):
-    """Whether the chunked form runs its steps as Triton kernels (mamba3_triton: turn_qk,
-    chunk_state, chunk_out for SISO; pass_states for any rank): fp32/bf16 models on an NVIDIA
+    """Whether the chunked form runs its steps as Triton kernels (mamba3_triton: turn_qk and
+    chunk_ssd for SISO; angles, and pass_states for MIMO): fp32/bf16 models on an NVIDIA
     GPU (tests add "cpu": Triton's interpreter); else all in PyTorch."""
     global _fused
     if dtype == torch.float64 or device.type not in FUSED_DEVICES or torch.version.hip:  # (inline PTX: NVIDIA only)
         return False
     if _fused is None:
         try:
-            from nanochat.mamba3_triton import chunk_out, chunk_state, pass_states, turn_qk
-            _fused = (turn_qk, pass_states, chunk_out, chunk_state)
+            from nanochat.mamba3_triton import angles, chunk_ssd, pass_states, turn_qk
+            _fused = (turn_qk, pass_states, chunk_ssd, angles)
         except ImportError as e:
             FUSED_DEVICES.clear()
             print(f"Mamba-3: the chunked form all in PyTorch: Triton is not importable ({e})")
@@ -182,23 +183,21 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
         K, Qm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (K, Qm))
         a, w, w_next = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, w_next))
     c = X.size(1) // chunk
-    # steps 1, 3, 4 as Triton kernels (int32 offsets: at most 2^31 elements a tensor, the
-    # chunk states' B H c P N included)
-    kernels = R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel(), Bsz * H * c * P * K.size(-1)) < 2 ** 31
-    # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
-    Xf = None if kernels else X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
-    Kf, Qf = (t.reshape(Bsz, H, c, chunk * R, -1) for t in (K, Qm))
     per_head = lambda t: at_least_fp32(t.view(Bsz, c, chunk, H).permute(0, 3, 1, 2))  # (B, H, c, chunk)
     a, w, w_next = per_head(a), per_head(w), per_head(w_next)
     a_cs = torch.cumsum(a, dim=-1)
+    if R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel(), Bsz * H * c * P * K.size(-1)) < 2 ** 31:
+        # steps 1-4 below as one op of Triton kernels (mamba3_triton.chunk_ssd; int32 offsets)
+        Y, final = _fused[2](Qm.squeeze(3), K.squeeze(3), X.squeeze(2), a_cs, w, w_next, initial_state, chunk)
+        return Y.unsqueeze(2)[:, :T], final
+    # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
+    Xf = X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
+    Kf, Qf = (t.reshape(Bsz, H, c, chunk * R, -1) for t in (K, Qm))
     rep = lambda t: t.repeat_interleave(R, dim=-1) if R > 1 else t
     # 1. each chunk's own state after its last token (w_next of the last one included: it
     #    only reaches the next chunks)
-    if kernels:
-        states = _fused[3](K[:, :, :, 0], X[:, :, 0], a_cs, w, w_next, chunk)
-    else:
-        decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
-        states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)   # (B, H, c, P, N)
+    decay_to_end = rep(torch.exp(a_cs[..., -1:] - a_cs) * (w + w_next)).to(Xf.dtype)  # (B, H, c, chunk*R)
+    states = MatmulTN.apply(Xf * decay_to_end[..., None], Kf)       # (B, H, c, P, N)
     # 2. across chunks: the state entering each chunk (the initial state first), in fp32
     if fused_ok(X.device, a.dtype):  # a walk over the chunks in one Triton kernel
         entering, final = _fused[1](states, a_cs[..., -1], initial_state)
@@ -209,9 +208,6 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
             decay_chunks = segsum_exp(torch.cumsum(F.pad(a_cs[..., -1], (1, 0)), dim=-1))  # (B, H, c+1, c+1)
             states = torch.einsum("bhzc,bhcpn->bhzpn", decay_chunks.to(states.dtype), states)
         entering, final = states[:, :, :-1].to(Qf.dtype), states[:, :, -1]
-    if kernels:  # 3 and 4 in one kernel
-        Y = _fused[2](Qm[:, :, :, 0], K[:, :, :, 0], X[:, :, 0], entering, a_cs, w, w_next, chunk)
-        return Y.unsqueeze(2)[:, :T], final
     # 3. within each chunk: a causal, decay-weighted "attention" of Q over K
     later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=a.device), diagonal=-1)
     L = segsum_exp(a_cs) * (w[..., None, :] + w_next[..., None, :] * later)  # (B, H, c, chunk, chunk)
@@ -321,8 +317,8 @@ class Mamba3(nn.Module):
 
     def _inputs(self, u, w_in=None):
         """Everything per token that does not need the past: z, x, B, C (normed, shared by the
-        heads: (B, T, R, N)), Δ, A Δ, λ and the angle increments Δ θ. w_in: the four input
-        projections' weights stacked (decoding: one matmul instead of four)."""
+        heads: (B, T, R, N)), Δ, A Δ, λ and the angles θ (the increments are Δ θ). w_in: the four
+        input projections' weights stacked (decoding: one matmul instead of four)."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
         if w_in is None:
@@ -339,9 +335,19 @@ class Mamba3(nn.Module):
         dt = F.softplus(ctrl[..., :H] + self.dt_bias)                                   # (B, T, H)
         A = -F.softplus(ctrl[..., H:2 * H]).clamp(min=A_FLOOR)
         lam = torch.sigmoid(ctrl[..., 2 * H:3 * H]) if self.trapezoidal else torch.ones_like(dt)
-        theta = math.pi * torch.tanh(ctrl[..., -self.n_angles:]) if self.n_angles else ctrl[..., :0]
-        dphi = dt[..., None] * theta[:, :, None, :]                                     # (B, T, H, A)
-        return z, x, Bm, Cm, dt, A * dt, lam, dphi
+        theta = math.pi * torch.tanh(ctrl[..., -self.n_angles:]) if self.n_angles else ctrl[..., :0]  # (B, T, A)
+        return z, x, Bm, Cm, dt, A * dt, lam, theta
+
+    def angles(self, dt, theta, phi0=None):
+        """φ (B, T, H, A): the angle increments Δ θ summed over time from φ0 (the cache's, or
+        zero), in fp64 (over long sequences fp32 would lose the angle), reduced mod 2π. One
+        Triton kernel where the others run (mamba3_triton.angles); this is its reference."""
+        if self.n_angles and fused_ok(dt.device, self.D.dtype) and dt.numel() * self.n_angles < 2 ** 31:
+            return _fused[3](dt, theta, phi0)
+        phi = torch.cumsum((dt[..., None] * theta[:, :, None, :]).double(), dim=1)
+        if phi0 is not None:
+            phi = phi + phi0[:, None]
+        return torch.remainder(phi, 2 * math.pi).to(dt.dtype)
 
     def _per_head(self, Bm, bias):
         """(B, T, R, N) shared by the heads -> (B, T, R, H, N), each head's bias added."""
@@ -370,12 +376,8 @@ class Mamba3(nn.Module):
         if cache is not None and ctx.pos_t is not None:
             return self._step(u, cache)
         Bsz, T, _ = u.shape
-        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u)
-        # accumulated in fp64 and reduced mod 2π: over long sequences fp32 would lose the angle
-        phi = torch.cumsum(dphi.double(), dim=1)
-        if cache is not None:
-            phi = phi + cache.phi[:, None]
-        phi = torch.remainder(phi, 2 * math.pi).to(dphi.dtype)
+        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u)
+        phi = self.angles(dt, theta, cache.phi if cache is not None else None)
         triton = self.kernel == "triton"  # (set_mamba3_kernel checked that the kernels can run here)
         bias = lambda name: getattr(self, name)[:, 0] if self.bias else None  # (H, N), SISO
         if triton:  # the kernels turn B and C themselves; only the last key is needed here (the cache)
@@ -415,9 +417,9 @@ class Mamba3(nn.Module):
         """One token per row by the recurrence, the cache updated in place (fixed shapes).
         Without autograd (the engine), the input projections are the cache's one stacked
         matmul: a decode step at batch 1 is bound by kernel launches, not bytes."""
-        z, x, Bm, Cm, dt, adt, lam, dphi = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in)
+        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in)
         with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
-            y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dphi)
+            y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dt[..., None] * theta[:, :, None, :])
         return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
 
     def _recur(self, cache, x, Bm, Cm, dt, adt, lam, dphi):

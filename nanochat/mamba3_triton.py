@@ -1,9 +1,10 @@
 """
 Triton kernels for Mamba-3's chunked form, two kinds:
-- the steps of `mamba3.ssd` that the default ("torch") path runs on an NVIDIA GPU, at the end
-  of this file: turn_qk (the per-head biases and rotation of B and C, SISO), chunk_state
-  (each chunk's own state, SISO), pass_states (the states' walk across chunks) and chunk_out
-  (each chunk's output, SISO); PyTorch runs the projections and the rest;
+- the steps of the default ("torch") path on an NVIDIA GPU, at the end of this file: turn_qk
+  (the per-head biases and rotation of B and C, SISO), angles (the running sum of Δ θ) and
+  `mamba3.ssd`'s steps: pass_states (the states' walk across chunks) and, for SISO, chunk_ssd
+  (chunk_state, pass_states, chunk_out: each chunk's own state, the walk, each chunk's
+  output) as one op; PyTorch runs the projections and the rest;
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton).
@@ -515,6 +516,128 @@ def turn_qk(Bm, Cm, B_bias, C_bias, phi, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# The angles, for the default chunked form on a GPU: for every head h and pair a,
+#     φ_t = (φ_0 + Σ_{s <= t} Δ_{s,h} θ_{s,a}) mod 2π,   (B, T, H, A)
+# the products in fp32, the sum in fp64 (over long sequences fp32 would lose the angle),
+# written fp32. PyTorch runs it as an fp64 scan over a (B, T, H, A) tensor and its backward
+# as a reversed scan and two reductions, passes over tensors of that size; here one program
+# per (row, group of heads) walks the tokens in blocks, carrying the sums in fp64 registers.
+# Backward, with G_t = Σ_{s >= t} dφ_s (the reversed scan, fp64, used in fp32 as PyTorch's
+# cast does):  dΔ_{t,h} = Σ_a G_{t,h,a} θ_{t,a},  dθ_{t,a} = Σ_h G_{t,h,a} Δ_{t,h} (each group
+# its share, summed after).
+
+@triton.jit
+def _angle_tiles(DT, TH, b, h, t, T, H, A, BA: tl.constexpr):
+    a = tl.arange(0, BA)
+    mt, mh, ma = t < T, h < H, a < A
+    dt = tl.load(DT + (b * T + t[:, None]) * H + h[None, :], mask=mt[:, None] & mh[None, :], other=0.0)
+    th = tl.load(TH + (b * T + t[:, None]) * A + a[None, :], mask=mt[:, None] & ma[None, :], other=0.0)
+    off = ((b * T + t[:, None, None]) * H + h[None, :, None]) * A + a[None, None, :]
+    m = mt[:, None, None] & mh[None, :, None] & ma[None, None, :]
+    return dt, th, off, m, a, mt, mh, ma
+
+
+@triton.jit
+def _angles_fwd(DT, TH, PHI0, PHI, T, H, A, BT: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr):
+    b, hg = tl.program_id(0), tl.program_id(1)
+    i, h, a0 = tl.arange(0, BT), hg * HB + tl.arange(0, HB), tl.arange(0, BA)
+    carry = tl.load(PHI0 + (b * H + h[:, None]) * A + a0[None, :], mask=(h < H)[:, None] & (a0 < A)[None, :],
+                    other=0.0).to(tl.float64)                                  # (HB, BA)
+    two_pi = 6.283185307179586
+    t0 = 0
+    while t0 < T:  # (a while loop: the interpreter's range() cannot take a runtime bound)
+        dt, th, off, m, a, mt, mh, ma = _angle_tiles(DT, TH, b, h, t0 + i, T, H, A, BA)
+        d = (dt[:, :, None] * th[:, None, :]).to(tl.float64)                   # (BT, HB, BA)
+        phi = tl.cumsum(d, 0) + carry[None, :, :]
+        carry += tl.sum(d, 0)
+        phi -= tl.floor(phi / two_pi) * two_pi                                 # torch.remainder's
+        tl.store(PHI + off, phi.to(tl.float32), mask=m)
+        t0 += BT
+
+
+@triton.jit
+def _angles_bwd(DPHI, DT, TH, DDT, DTH, T, H, A, BT: tl.constexpr, HB: tl.constexpr, BA: tl.constexpr):
+    b, hg = tl.program_id(0), tl.program_id(1)
+    i, h = tl.arange(0, BT), hg * HB + tl.arange(0, HB)
+    carry = tl.zeros((HB, BA), dtype=tl.float64)
+    t0 = (T - 1) // BT * BT
+    while t0 >= 0:                                                             # walking back
+        t = t0 + i
+        dt, th, off, m, a, mt, mh, ma = _angle_tiles(DT, TH, b, h, t, T, H, A, BA)
+        dphi = tl.load(DPHI + off, mask=m, other=0.0).to(tl.float64)
+        g = (tl.cumsum(dphi, 0, reverse=True) + carry[None, :, :]).to(tl.float32)
+        carry += tl.sum(dphi, 0)
+        tl.store(DDT + (b * T + t[:, None]) * H + h[None, :], tl.sum(g * th[:, None, :], 2),
+                 mask=mt[:, None] & mh[None, :])
+        tl.store(DTH + ((hg * tl.num_programs(0) + b) * T + t[:, None]) * A + a[None, :],
+                 tl.sum(g * dt[:, :, None], 1), mask=mt[:, None] & ma[None, :])
+        t0 -= BT
+
+
+ANGLES_BT, ANGLES_HB, ANGLES_WARPS = 16, 2, 2  # tokens a step, heads a program (swept on an H200)
+
+
+def _angles_launch(dt, A):
+    Bsz, T, H = dt.shape
+    return (Bsz, triton.cdiv(H, ANGLES_HB)), dict(BT=ANGLES_BT, HB=ANGLES_HB, BA=triton.next_power_of_2(A),
+                                                   num_warps=ANGLES_WARPS)
+
+
+@torch.library.custom_op("nanochat::mamba3_angles_fwd", mutates_args=())
+def _angles(dt: torch.Tensor, theta: torch.Tensor, phi0: torch.Tensor) -> torch.Tensor:
+    dt, theta, phi0 = dt.contiguous(), theta.contiguous(), phi0.contiguous()
+    (Bsz, T, H), A = dt.shape, theta.size(-1)
+    phi = torch.empty(Bsz, T, H, A, device=dt.device, dtype=torch.float32)
+    grid, kw = _angles_launch(dt, A)
+    _angles_fwd[grid](dt, theta, phi0, phi, T, H, A, **kw)
+    return phi
+
+
+@_angles.register_fake
+def _(dt, theta, phi0):
+    return dt.new_empty(*dt.shape, theta.size(-1), dtype=torch.float32)
+
+
+@torch.library.custom_op("nanochat::mamba3_angles_bwd", mutates_args=())
+def _angles_grad(dphi: torch.Tensor, dt: torch.Tensor, theta: torch.Tensor) -> list[torch.Tensor]:
+    dphi, dt, theta = dphi.contiguous(), dt.contiguous(), theta.contiguous()
+    (Bsz, T, H), A = dt.shape, theta.size(-1)
+    grid, kw = _angles_launch(dt, A)
+    ddt = torch.empty(Bsz, T, H, device=dt.device, dtype=torch.float32)
+    dth = torch.empty(grid[1], Bsz, T, A, device=dt.device, dtype=torch.float32)  # per head group
+    _angles_bwd[grid](dphi, dt, theta, ddt, dth, T, H, A, **kw)
+    return [ddt, dth[0] if grid[1] == 1 else dth.sum(0)]
+
+
+@_angles_grad.register_fake
+def _(dphi, dt, theta):
+    return [dt.new_empty(dt.shape, dtype=torch.float32), theta.new_empty(theta.shape, dtype=torch.float32)]
+
+
+def _angles_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+
+
+def _angles_backward(ctx, dphi):
+    dt, theta = ctx.saved_tensors
+    ddt, dth = _angles_grad(dphi, dt, theta)
+    return ddt.to(dt.dtype), dth.to(theta.dtype), None
+
+
+_angles.register_autograd(_angles_backward, setup_context=_angles_setup)
+
+
+def angles(dt, theta, phi0=None):
+    """φ (B, T, H, A) fp32 in [0, 2π): (φ0 + the running sum over T of Δ_{t,h} θ_{t,a}) mod 2π,
+    summed in fp64, as `Mamba3.angles` computes it in PyTorch (the reference). dt (B, T, H),
+    θ (B, T, A), φ0 (B, H, A) or None (zeros), fp32; no gradient reaches φ0. int32 offsets:
+    B T H A < 2^31."""
+    if phi0 is None:
+        phi0 = dt.new_zeros(dt.size(0), dt.size(2), theta.size(-1), dtype=torch.float32)
+    return _angles(dt.float(), theta.float(), phi0.float())
+
+
+# ---------------------------------------------------------------------------------------------
 # The state passing across chunks, for the default (PyTorch) chunked form on a GPU. With S_z
 # the state after chunk z's own tokens (from zero) and a_z the chunk's total log decay:
 #     E_0 = H0,   E_{z+1} = exp(a_z) E_z + S_z,   final = E_c
@@ -676,10 +799,12 @@ def _cout_fwd(Qp, Kp, X, E, ACS, W, WN, Y, T, H, P, N, C, CHUNK: tl.constexpr, B
 
 
 @triton.jit
-def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DQ, DK, DX, DE, DACS, DW, DWN, T, H, P, N, C, CHUNK: tl.constexpr,
-              BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PART: tl.constexpr):
-    """PART 1: dE and the scalars' gradients; PART 2: dx, dk and dq (two launches that each
-    recompute S and dM: one program holding every tile spilled, dev/triton_regs.py)."""
+def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, T, H, P, N, C,
+              CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PART: tl.constexpr):
+    """PART 1: dE and the scalars' gradients; PART 2: dx, dk and dq, with chunk_state's
+    backward for the chunk states' gradients DST (B, H, c, P, N) inside (its shares of dx, dk,
+    and of the scalars' gradients, added into DACS, DW, DWN). Two launches that each recompute
+    S and dM: one program holding every tile spilled (dev/triton_regs.py)."""
     bh, z = tl.program_id(0), tl.program_id(1)
     dt = X.dtype.element_ty
     q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
@@ -702,12 +827,26 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DQ, DK, DX, DE, DACS, DW, DWN, T, H,
         tl.store(DW + sc, tl.sum(dd, 0), mask=mt)
         tl.store(DWN + sc, tl.sum(tl.where(later, dd, 0.0), 0), mask=mt)
     else:
-        tl.store(DX + x_off, _dot(tl.trans(s * L).to(dt), g, dt).to(DX.dtype.element_ty), mask=mt[:, None] & mp[None, :])
-        tl.store(DK + qk_off, _dot(tl.trans(dS), q, dt).to(DK.dtype.element_ty), mask=qn)
+        # chunk_state's share: S_z = (d ∘ x)ᵀ k with d_s = exp(a_cs[last] - a_cs[s]) (w_s + w_next_s)
+        p, n, i = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
+        gs = tl.load(DST + ((bh * C + z) * P + p[:, None]) * N + n[None, :], mask=mp[:, None] & mn[None, :],
+                     other=0.0)
+        to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
+        d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
+        kd = _dot(k, tl.trans(gs), dt)                                         # (BT, BP)
+        dd = tl.sum(x.to(tl.float32) * kd, 1)
+        tl.store(DW + sc, tl.load(DW + sc, mask=mt, other=0.0) + dd * to_end, mask=mt)
+        tl.store(DWN + sc, tl.load(DWN + sc, mask=mt, other=0.0) + dd * to_end, mask=mt)
+        tl.store(DACS + sc, tl.load(DACS + sc, mask=mt, other=0.0) - dd * d
+                 + tl.where(i == CHUNK - 1, tl.sum(dd * d, 0), 0.0), mask=mt)
+        tl.store(DX + x_off, (_dot(tl.trans(s * L).to(dt), g, dt) + d[:, None] * kd).to(DX.dtype.element_ty),
+                 mask=mt[:, None] & mp[None, :])
+        tl.store(DK + qk_off, (_dot(tl.trans(dS), q, dt) + _dot((x.to(tl.float32) * d[:, None]).to(dt), gs, dt)
+                               ).to(DK.dtype.element_ty), mask=qn)
         tl.store(DQ + qk_off, (_dot(dS, k, dt) + _dot(ge.to(dt), e, dt)).to(DQ.dtype.element_ty), mask=qn)
 
 
-CHUNK_WARPS = 4  # chunk_out's and chunk_state's: they spill (dev/triton_regs.py), yet beat 8 warps on an H200
+CHUNK_WARPS = 4  # chunk_out's forward and backward part 1, chunk_state's: they spill (dev/triton_regs.py), yet beat 8 warps on an H200
 
 
 def _chunk_blocks(chunk, P, N):
@@ -715,10 +854,8 @@ def _chunk_blocks(chunk, P, N):
     return dict(CHUNK=chunk, BT=p2(chunk), BP=p2(P), BN=p2(N), num_warps=CHUNK_WARPS)
 
 
-@torch.library.custom_op("nanochat::mamba3_chunk_out_fwd", mutates_args=())
-def _cout(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor, w: torch.Tensor,
-          wn: torch.Tensor, chunk: int) -> torch.Tensor:
-    q, k, x, E, acs, w, wn = (t.contiguous() for t in (q, k, x, E, acs, w, wn))  # as in _ssd_fwd
+def _cout(q, k, x, E, acs, w, wn, chunk):
+    """chunk_out's forward (contiguous inputs): y (B, T, H, P) in x's dtype."""
     Bsz, T, H, P = x.shape
     C, N = E.size(2), E.size(-1)
     y = torch.empty_like(x)
@@ -726,148 +863,105 @@ def _cout(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, ac
     return y
 
 
-@_cout.register_fake
-def _(q, k, x, E, acs, w, wn, chunk):
-    return x.new_empty(x.shape)  # contiguous, as the op returns (empty_like would copy x's strides)
-
-
-@torch.library.custom_op("nanochat::mamba3_chunk_out_bwd", mutates_args=())
-def _cout_grad(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor,
-               w: torch.Tensor, wn: torch.Tensor, dy: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    q, k, x, E, acs, w, wn, dy = (t.contiguous() for t in (q, k, x, E, acs, w, wn, dy))
-    Bsz, T, H, P = x.shape
-    C, N = E.size(2), E.size(-1)
-    dq, dk, dx, dE = torch.empty_like(q), torch.empty_like(k), torch.empty_like(x), torch.empty_like(E)
-    dacs, dw, dwn = torch.empty_like(acs), torch.empty_like(w), torch.empty_like(wn)
-    for part in (1, 2):
-        _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, dy, dq, dk, dx, dE, dacs, dw, dwn, T, H, P, N, C,
-                                PART=part, **_chunk_blocks(chunk, P, N))
-    return [dq, dk, dx, dE, dacs, dw, dwn]
-
-
-@_cout_grad.register_fake
-def _(q, k, x, E, acs, w, wn, dy, chunk):
-    return [t.new_empty(t.shape) for t in (q, k, x, E, acs, w, wn)]
-
-
-def _cout_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7])
-    ctx.chunk = inputs[7]
-
-
-def _cout_backward(ctx, dy):
-    grads = _cout_grad(*ctx.saved_tensors, dy, ctx.chunk)
-    return (*grads, None)
-
-
-_cout.register_autograd(_cout_backward, setup_context=_cout_setup)
-
-
-def chunk_out(q, k, x, E, a_cs, w, w_next, chunk):
-    """Steps 3 and 4 of `mamba3.ssd` for R = 1: q, k (B, H, T, N) turned, head-major; x
-    (B, T, H, P); E (B, H, c, P, N) the states entering each chunk; a_cs (the within-chunk
-    cumsums of A Δ), w, w_next (B, H, c, chunk) fp32; T a multiple of chunk. Returns y
-    (B, T, H, P) in x's dtype; products in x's dtype, accumulated in fp32."""
-    return _cout(q, k, x, E, a_cs.float(), w.float(), w_next.float(), chunk)
-
-
 # Each chunk's own state (step 1 of `mamba3.ssd`) for SISO, read in the same layouts as
 # chunk_out (k head-major, x as (B, T, H, P): no fold copy of x), one program per (row and
 # head, chunk), with d_s = exp(a_cs[last] - a_cs[s]) (w_s + w_next_s):
-#     S = (d ∘ x)ᵀ k;   backward: dx = d ∘ (k dSᵀ),  dk = (d ∘ x) dS,  dd = rowsum(x ∘ k dSᵀ),
+#     S = (d ∘ x)ᵀ k;   backward (inside _cout_bwd's part 2): dx = d ∘ (k dSᵀ),  dk = (d ∘ x) dS,  dd = rowsum(x ∘ k dSᵀ),
 #     dw = dw_next = dd exp(a_cs[last] - a_cs),  da_cs = -dd d (+ Σ dd d at the last token).
-
-@triton.jit
-def _cstate_tiles(Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
-                  BP: tl.constexpr, BN: tl.constexpr):
-    i, p, n, mt, mp, mn, k, k_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
-    sc = (bh * C + z) * CHUNK + i
-    acs = tl.load(ACS + sc, mask=mt, other=0.0)
-    to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
-    d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
-    s_off = ((bh * C + z) * P + p[:, None]) * N + n[None, :]
-    return k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn
-
 
 @triton.jit
 def _cstate_fwd(Kp, X, ACS, W, WN, S, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                 BN: tl.constexpr):
     bh, z = tl.program_id(0), tl.program_id(1)
     dt = X.dtype.element_ty
-    k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn = _cstate_tiles(
-        Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
+    i, p, n, mt, mp, mn, k, k_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
+    sc = (bh * C + z) * CHUNK + i
+    to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - tl.load(ACS + sc, mask=mt, other=0.0))
+    d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
     s = _dot(tl.trans((x.to(tl.float32) * d[:, None]).to(dt)), k, dt)
-    tl.store(S + s_off, s.to(S.dtype.element_ty), mask=mp[:, None] & mn[None, :])
+    tl.store(S + ((bh * C + z) * P + p[:, None]) * N + n[None, :], s.to(S.dtype.element_ty),
+             mask=mp[:, None] & mn[None, :])
 
 
-@triton.jit
-def _cstate_bwd(Kp, X, ACS, W, WN, DS, DK, DX, DACS, DW, DWN, T, H, P, N, C, CHUNK: tl.constexpr,
-                BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    bh, z = tl.program_id(0), tl.program_id(1)
-    dt = X.dtype.element_ty
-    k, x, to_end, d, k_off, x_off, s_off, sc, i, mt, mp, mn = _cstate_tiles(
-        Kp, X, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
-    ds = tl.load(DS + s_off, mask=mp[:, None] & mn[None, :], other=0.0)
-    kd = _dot(k, tl.trans(ds), dt)                                    # (BT, BP)
-    tl.store(DX + x_off, (d[:, None] * kd).to(DX.dtype.element_ty), mask=mt[:, None] & mp[None, :])
-    dk = _dot((x.to(tl.float32) * d[:, None]).to(dt), ds, dt)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=mt[:, None] & mn[None, :])
-    dd = tl.sum(x.to(tl.float32) * kd, 1)
-    tl.store(DW + sc, dd * to_end, mask=mt)
-    tl.store(DWN + sc, dd * to_end, mask=mt)
-    tl.store(DACS + sc, -dd * d + tl.where(i == CHUNK - 1, tl.sum(dd * d, 0), 0.0), mask=mt)
-
-
-@torch.library.custom_op("nanochat::mamba3_chunk_state_fwd", mutates_args=())
-def _cstate(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
-            chunk: int) -> torch.Tensor:
-    k, x, acs, w, wn = (t.contiguous() for t in (k, x, acs, w, wn))  # as in _ssd_fwd
+def _cstate(k, x, acs, w, wn, chunk):
+    """chunk_state's forward (contiguous inputs): S (B, H, c, P, N) in x's dtype."""
     Bsz, T, H, P = x.shape
     C, N = acs.size(2), k.size(-1)
     S = torch.empty(Bsz, H, C, P, N, device=x.device, dtype=x.dtype)
-    _cstate_fwd[(Bsz * H, C)](k, x, acs, w, wn, S, T, H, P, N, C,
-                              **_chunk_blocks(chunk, P, N))
+    _cstate_fwd[(Bsz * H, C)](k, x, acs, w, wn, S, T, H, P, N, C, **_chunk_blocks(chunk, P, N))
     return S
 
 
-@_cstate.register_fake
-def _(k, x, acs, w, wn, chunk):
+# Steps 1-4 of `mamba3.ssd` (SISO) as one op, so that its backward can run chunk_state's
+# backward inside chunk_out's second part: the order is chunk_out part 1 (dE) -> the walk back
+# across chunks (dS) -> part 2 with dS (dx, dk once, no sums of two ops' outputs, and no
+# chunk_state backward launch of its own).
+
+CSSD_WARPS = 4  # part 2 with the chunk states' share (spills at 4 warps, yet 8 were slower on an H200)
+
+
+@torch.library.custom_op("nanochat::mamba3_chunk_ssd_fwd", mutates_args=())
+def _cssd(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
+          H0: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, x, acs, w, wn = (t.contiguous() for t in (q, k, x, acs, w, wn))  # (the compiled layer's are views)
+    S = _cstate(k, x, acs, w, wn, chunk)
+    E, final = _pass(S, acs[..., -1].contiguous(), H0)
+    return _cout(q, k, x, E, acs, w, wn, chunk), final, E
+
+
+@_cssd.register_fake
+def _(q, k, x, acs, w, wn, H0, chunk):
     Bsz, T, H, P = x.shape
-    return x.new_empty(Bsz, H, acs.size(2), P, k.size(-1))
+    return (x.new_empty(x.shape), x.new_empty(Bsz, H, P, k.size(-1), dtype=torch.float32),
+            x.new_empty(Bsz, H, acs.size(2), P, k.size(-1)))
 
 
-@torch.library.custom_op("nanochat::mamba3_chunk_state_bwd", mutates_args=())
-def _cstate_grad(k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
-                 dS: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    k, x, acs, w, wn, dS = (t.contiguous() for t in (k, x, acs, w, wn, dS))
+@torch.library.custom_op("nanochat::mamba3_chunk_ssd_bwd", mutates_args=())
+def _cssd_grad(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor,
+               w: torch.Tensor, wn: torch.Tensor, dy: torch.Tensor, dF: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    q, k, x, E, acs, w, wn, dy, dF = (t.contiguous() for t in (q, k, x, E, acs, w, wn, dy, dF))
     Bsz, T, H, P = x.shape
-    C, N = acs.size(2), k.size(-1)
-    dk, dx, dacs, dw, dwn = (torch.empty_like(t) for t in (k, x, acs, w, wn))
-    _cstate_bwd[(Bsz * H, C)](k, x, acs, w, wn, dS, dk, dx, dacs, dw, dwn, T, H, P, N, C,
-                              **_chunk_blocks(chunk, P, N))
-    return [dk, dx, dacs, dw, dwn]
+    C, N = E.size(2), E.size(-1)
+    dq, dk, dx, dE = torch.empty_like(q), torch.empty_like(k), torch.empty_like(x), torch.empty_like(E)
+    dacs, dw, dwn = torch.empty_like(acs), torch.empty_like(w), torch.empty_like(wn)
+    launch = lambda part, dS, warps: _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, dy, dS, dq, dk, dx, dE, dacs,
+                                                             dw, dwn, T, H, P, N, C, PART=part,
+                                                             **dict(_chunk_blocks(chunk, P, N), num_warps=warps))
+    launch(1, dy, CHUNK_WARPS)                      # dE and the output's scalar gradients (dy: unread)
+    dS, da, dH0 = _pass_grad(E, acs[..., -1].contiguous(), dE, dF)
+    launch(2, dS, CSSD_WARPS)                       # dx, dk, dq, and the chunk states' share
+    dacs[..., -1] += da                             # each chunk's total decay is its last a_cs
+    return [dq, dk, dx, dacs, dw, dwn, dH0]
 
 
-@_cstate_grad.register_fake
-def _(k, x, acs, w, wn, dS, chunk):
-    return [t.new_empty(t.shape) for t in (k, x, acs, w, wn)]
+@_cssd_grad.register_fake
+def _(q, k, x, E, acs, w, wn, dy, dF, chunk):
+    return [t.new_empty(t.shape) for t in (q, k, x, acs, w, wn)] + [x.new_empty(dF.shape, dtype=torch.float32)]
 
 
-def _cstate_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.chunk = inputs[5]
+def _cssd_setup(ctx, inputs, output):
+    q, k, x, acs, w, wn, H0, chunk = inputs
+    ctx.save_for_backward(q, k, x, output[2], acs, w, wn)
+    ctx.mark_non_differentiable(output[2])  # (E: returned only to be saved)
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
+    ctx.chunk, ctx.h0_dtype = chunk, H0.dtype
 
 
-def _cstate_backward(ctx, dS):
-    return (*_cstate_grad(*ctx.saved_tensors, dS, ctx.chunk), None)
+def _cssd_backward(ctx, dy, dF, dE_unused):  # (E is returned only to be saved: chunk_ssd drops it)
+    q, k, x, E, acs, w, wn = ctx.saved_tensors
+    dy = torch.zeros_like(x) if dy is None else dy
+    dF = E.new_zeros(E.size(0), E.size(1), E.size(3), E.size(4), dtype=torch.float32) if dF is None else dF
+    dq, dk, dx, dacs, dw, dwn, dH0 = _cssd_grad(q, k, x, E, acs, w, wn, dy, dF.float(), ctx.chunk)
+    return dq, dk, dx, dacs, dw, dwn, dH0.to(ctx.h0_dtype), None
 
 
-_cstate.register_autograd(_cstate_backward, setup_context=_cstate_setup)
+_cssd.register_autograd(_cssd_backward, setup_context=_cssd_setup)
 
 
-def chunk_state(k, x, a_cs, w, w_next, chunk):
-    """Step 1 of `mamba3.ssd` for R = 1: each chunk's state after its last token, from zero,
-    Σ_s exp(a_cs[last] - a_cs[s]) (w_s + w_next_s) x_s k_sᵀ: k (B, H, T, N) turned, head-major;
-    x (B, T, H, P); a_cs, w, w_next (B, H, c, chunk) fp32; T a multiple of chunk. Returns
-    (B, H, c, P, N) in x's dtype (products in x's dtype, accumulated in fp32)."""
-    return _cstate(k, x, a_cs.float(), w.float(), w_next.float(), chunk)
+def chunk_ssd(q, k, x, a_cs, w, w_next, H0, chunk):
+    """Steps 1-4 of `mamba3.ssd` for R = 1 (chunk_state, pass_states, chunk_out), one op:
+    q, k (B, H, T, N) turned, head-major; x (B, T, H, P); a_cs, w, w_next (B, H, c, chunk)
+    fp32; H0 (B, H, P, N); T a multiple of chunk. Returns y (B, T, H, P) in x's dtype and the
+    final state (B, H, P, N) fp32. int32 offsets inside the chunk kernels: < 2^31 elements."""
+    y, final, _ = _cssd(q, k, x, a_cs.float(), w.float(), w_next.float(), H0.float(), chunk)
+    return y, final

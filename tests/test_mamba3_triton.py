@@ -6,6 +6,8 @@ tests/conftest.py before anything imports triton), in fp32 only: the interpreter
 bf16 inputs returns garbage (~1e10 for unit inputs, Triton 3.5), so bf16 is checked on the GPU
 (tests/test_gpu.py). On a GPU these tests pass too (fp32 products are IEEE there, not TF32)."""
 
+import math
+
 import pytest
 import torch
 
@@ -190,7 +192,7 @@ def test_pass_states_and_its_gradients_equal_the_decay_matmul(c, P, N, block, mo
 
 
 def test_the_small_kernels_pass_opcheck_and_turn_qk_writes_the_asked_dtype():
-    """torch.library.opcheck on turn_qk's and pass_states' ops (fake tensors, autograd
+    """torch.library.opcheck on turn_qk's, pass_states' and angles' ops (fake tensors, autograd
     registration, schema), and bf16 k, q within a bf16 step of the fp32 ones."""
     torch.manual_seed(0)
     Bsz, T, H, N, A, c, P = 2, 19, 3, 16, 4, 3, 4
@@ -201,6 +203,8 @@ def test_the_small_kernels_pass_opcheck_and_turn_qk_writes_the_asked_dtype():
                                                                True, torch.float32))
     S, a, H0 = torch.randn(Bsz, H, c, P, N, device=DEV), -torch.rand(Bsz, H, c, device=DEV), torch.randn(Bsz, H, P, N, device=DEV)
     torch.library.opcheck(torch.ops.nanochat.mamba3_pass_fwd, (grad(S), grad(a), grad(H0)))
+    dt, theta = torch.rand(Bsz, T, H, device=DEV), torch.randn(Bsz, T, A, device=DEV)
+    torch.library.opcheck(torch.ops.nanochat.mamba3_angles_fwd, (grad(dt), grad(theta), torch.rand(Bsz, H, A, device=DEV)))
     with torch.no_grad():
         k32, q32 = turn_qk(Bm, Cm, bB, bC, phi, torch.float32)
         k16, q16 = turn_qk(Bm, Cm, bB, bC, phi, torch.bfloat16)
@@ -225,8 +229,8 @@ def test_causality_is_bit_exact_with_the_kernels(monkeypatch):
 
 
 def test_layer_with_the_kernels_equals_it_without(monkeypatch):
-    """A SISO layer (the default "torch" form) with its steps as kernels (turn_qk, chunk_state,
-    pass_states, chunk_out) equals the same layer all in PyTorch, T not a multiple of the
+    """A SISO layer (the default "torch" form) with its steps as kernels (angles, turn_qk,
+    chunk_ssd) equals the same layer all in PyTorch, T not a multiple of the
     chunk (the padded tail): outputs, every parameter's gradient, and a prefill continued from
     the cache (the cache's last key comes from the head-major k, its state from pass_states'
     final one). MIMO: pass_states only."""
@@ -251,58 +255,11 @@ def test_layer_with_the_kernels_equals_it_without(monkeypatch):
             close(grads[True][name], want, 1e-4)
 
 
-@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])  # chunk 8: below the kernel's 16-wide tiles
-def test_chunk_out_and_its_gradients_equal_the_torch_steps(c, chunk):
-    """ssd()'s within-chunk output (its steps 3 and 4) as one kernel against the same steps in
-    PyTorch: y and the gradients of q, k, x, the entering states, a_cs, w and w_next."""
-    torch.manual_seed(c)
-    Bsz, H, P, N = 2, 2, 16, 32
-    T = c * chunk
-    g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
-    q, k, x, E = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, c, P, N)
-    acs = torch.cumsum(-0.3 * torch.rand(Bsz, H, c, chunk, device=DEV), -1).requires_grad_()
-    w, wn = torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_(), torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_()
-    ins = (q, k, x, E, acs, w, wn)
-    y1 = mt.chunk_out(*ins, chunk)
-    later = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=DEV), diagonal=-1)
-    L = mamba3.segsum_exp(acs) * (w[..., None, :] + wn[..., None, :] * later)
-    Qf, Kf = q.view(Bsz, H, c, chunk, N), k.view(Bsz, H, c, chunk, N)
-    Xf = x.view(Bsz, c, chunk, H, P).permute(0, 3, 1, 2, 4)
-    y0 = (Qf @ Kf.transpose(-1, -2) * L) @ Xf + (Qf @ E.transpose(-1, -2)) * torch.exp(acs)[..., None]
-    y0 = y0.permute(0, 2, 3, 1, 4).reshape(Bsz, T, H, P)
-    close(y1, y0, 1e-5)
-    gy = torch.randn_like(y0)
-    for got, want in zip(torch.autograd.grad((y1 * gy).sum(), ins), torch.autograd.grad((y0 * gy).sum(), ins)):
-        close(got, want, 1e-5)
-
-
-@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])
-def test_chunk_state_and_its_gradients_equal_the_torch_step(c, chunk):
-    """ssd()'s step 1 (each chunk's state from zero) as one kernel against PyTorch: the states
-    and the gradients of k, x, a_cs, w and w_next."""
-    torch.manual_seed(c)
-    Bsz, H, P, N = 2, 2, 16, 32
-    T = c * chunk
-    k = torch.randn(Bsz, H, T, N, device=DEV, requires_grad=True)
-    x = torch.randn(Bsz, T, H, P, device=DEV, requires_grad=True)
-    acs = torch.cumsum(-0.3 * torch.rand(Bsz, H, c, chunk, device=DEV), -1).requires_grad_()
-    w, wn = torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_(), torch.rand(Bsz, H, c, chunk, device=DEV).requires_grad_()
-    ins = (k, x, acs, w, wn)
-    s1 = mt.chunk_state(*ins, chunk)
-    Xf = x.view(Bsz, c, chunk, H, P).permute(0, 3, 1, 2, 4)
-    d = torch.exp(acs[..., -1:] - acs) * (w + wn)
-    s0 = (Xf * d[..., None]).transpose(-1, -2) @ k.view(Bsz, H, c, chunk, N)
-    close(s1, s0, 1e-5)
-    gs = torch.randn_like(s0)
-    for got, want in zip(torch.autograd.grad((s1 * gs).sum(), ins), torch.autograd.grad((s0 * gs).sum(), ins)):
-        close(got, want, 1e-5)
-
-
-def test_chunk_kernels_pass_opcheck_and_their_fakes_have_the_real_strides():
-    """opcheck on chunk_out's and chunk_state's ops, and every op's fake output (what inductor
-    plans with) has the shape and strides of the real one for inputs handed over as
-    non-contiguous views, as the compiled layer hands a_cs, w, w_next (opcheck does not
-    compare strides; a wrong fake fails inductor's stride asserts on the GPU)."""
+def test_chunk_ssd_passes_opcheck_and_its_fakes_have_the_real_strides():
+    """opcheck on chunk_ssd's op, and its ops' fake outputs (what inductor plans with) have the
+    shapes and strides of the real ones for inputs handed over as non-contiguous views, as the
+    compiled layer hands a_cs, w, w_next (opcheck does not compare strides; a wrong fake fails
+    inductor's stride asserts on the GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     torch.manual_seed(0)
     Bsz, H, P, N, c, chunk = 2, 2, 16, 16, 2, 16
@@ -311,20 +268,67 @@ def test_chunk_kernels_pass_opcheck_and_their_fakes_have_the_real_strides():
     scal = lambda: torch.rand(Bsz, c, chunk, H, device=DEV).permute(0, 3, 1, 2).detach().requires_grad_()
     acs = torch.cumsum(-0.3 * torch.rand(Bsz, c, chunk, H, device=DEV), 2).permute(0, 3, 1, 2).detach().requires_grad_()
     assert not acs.is_contiguous()
-    q, k, x, E, w, wn = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, c, P, N), scal(), scal()
+    q, k, x, w, wn, H0 = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), scal(), scal(), g(Bsz, H, P, N)
     ops = torch.ops.nanochat
-    torch.library.opcheck(ops.mamba3_chunk_out_fwd, (q, k, x, E, acs, w, wn, chunk))
-    torch.library.opcheck(ops.mamba3_chunk_state_fwd, (k, x, acs, w, wn, chunk))
-    dy, dS = torch.randn_like(x).transpose(1, 2).contiguous().transpose(1, 2), torch.randn_like(E)
-    calls = [(ops.mamba3_chunk_out_fwd, (q, k, x, E, acs, w, wn, chunk)),
-             (ops.mamba3_chunk_out_bwd, (q, k, x, E, acs, w, wn, dy, chunk)),
-             (ops.mamba3_chunk_state_fwd, (k, x, acs, w, wn, chunk)),
-             (ops.mamba3_chunk_state_bwd, (k, x, acs, w, wn, dS, chunk))]
-    for op, args in calls:
+    torch.library.opcheck(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, chunk))
+    E = torch.randn(Bsz, H, c, P, N, device=DEV)
+    dy, dF = torch.randn_like(x).transpose(1, 2).contiguous().transpose(1, 2), torch.randn(Bsz, H, P, N, device=DEV)
+    for op, args in [(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, chunk)),
+                     (ops.mamba3_chunk_ssd_bwd, (q, k, x, E, acs, w, wn, dy, dF, chunk))]:
         with torch.no_grad():
             real = op(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = op(*[mode.from_tensor(a.detach()) if torch.is_tensor(a) else a for a in args])
-        real, fake = (list(r) if isinstance(r, (list, tuple)) else [r] for r in (real, fake))
         for r, f in zip(real, fake):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
+@pytest.mark.parametrize("T,H,A,with_phi0", [(37, 5, 8, False), (16, 4, 32, True), (5, 1, 6, True)])
+def test_angles_and_their_gradients_equal_the_fp64_scan(T, H, A, with_phi0, monkeypatch):
+    """mamba3_triton.angles (blocks of tokens, fp64 carry, heads in groups) against the
+    layer's PyTorch reference (Mamba3.angles without the kernels): T not a multiple of the
+    block, H not of the group, A not a power of two, from a cache's angle; equal as angles
+    (mod 2π) to fp32 rounding, and the gradients of Δ and θ."""
+    torch.manual_seed(T)
+    Bsz = 2
+    dt = (0.5 * torch.rand(Bsz, T, H, device=DEV) + 0.01).requires_grad_()
+    theta = (math.pi * (2 * torch.rand(Bsz, T, A, device=DEV) - 1)).requires_grad_()
+    phi0 = 6 * torch.rand(Bsz, H, A, device=DEV) if with_phi0 else None
+    m = layer()
+    m.n_angles = A
+    monkeypatch.setattr(mamba3, "FUSED_DEVICES", set())
+    want = m.angles(dt, theta, phi0)
+    monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"})
+    got = m.angles(dt, theta, phi0)
+    assert got.shape == want.shape == (Bsz, T, H, A) and got.dtype == torch.float32
+    assert ((got >= 0) & (got <= 2 * math.pi)).all()
+    diff = torch.remainder(got.double() - want.double() + math.pi, 2 * math.pi) - math.pi  # as angles
+    assert diff.abs().max() < 1e-5
+    g = torch.randn_like(want)
+    for a_, b_ in zip(torch.autograd.grad((got * g).sum(), (dt, theta)), torch.autograd.grad((want * g).sum(), (dt, theta))):
+        close(a_, b_, 1e-5)
+
+
+@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])  # chunk 8: below the kernels' 16-wide tiles
+def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, monkeypatch):
+    """Steps 1-4 as one op (chunk_state, pass_states, chunk_out; backward with chunk_state's
+    inside chunk_out's second part) against `mamba3.ssd` all in PyTorch: y, the final state
+    and the gradients of q, k, x, a, w, w_next and the initial state."""
+    torch.manual_seed(c)
+    Bsz, H, P, N = 2, 2, 16, 32
+    T = c * chunk
+    g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
+    q, k, x, H0 = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, P, N)
+    a = (-0.3 * torch.rand(Bsz, T, H, device=DEV)).requires_grad_()
+    w, wn = torch.rand(Bsz, T, H, device=DEV).requires_grad_(), torch.rand(Bsz, T, H, device=DEV).requires_grad_()
+    ins = (q, k, x, a, w, wn, H0)
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"} if on else set())
+        y, final = ssd(x.unsqueeze(2), a, k.unsqueeze(3), q.unsqueeze(3), w, wn, chunk, H0)
+        gy, gf = torch.ones_like(y).cumsum(1) / T, torch.ones_like(final)
+        out[on] = (y, final, torch.autograd.grad((y * gy).sum() + (final * gf).sum(), ins))
+    close(out[True][0], out[False][0], 1e-5)
+    close(out[True][1], out[False][1], 1e-5)
+    for got, want in zip(out[True][2], out[False][2]):
+        close(got, want, 1e-5)
