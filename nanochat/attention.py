@@ -131,10 +131,11 @@ def masked_attention(q, k, v, mask):
 
 
 def decode_masks(windows, max_len, pos):
-    """{window: (1, 1, T, max_len) mask} for T queries at the device positions pos (T,) over a whole cache."""
+    """{window: (R, 1, T, max_len) mask} for T queries at the device positions pos over a whole
+    cache: pos (T,) shared by every row (R = 1), or (B, T) each row's own (continuous batching)."""
     kpos = torch.arange(max_len, device=pos.device)
-    qpos = pos.view(-1, 1)
-    return {w: ((kpos <= qpos) & (qpos - kpos < w)).view(1, 1, qpos.size(0), -1) for w in windows}
+    qpos = pos.view(-1, pos.size(-1), 1)  # (R, T, 1)
+    return {w: ((kpos <= qpos) & (qpos - kpos < w)).unsqueeze(1) for w in windows}
 
 
 def block_masks(windows, T, kernel, device, cache):
@@ -284,7 +285,13 @@ class KVCache:
         return self.k[:, :, :pos0 + T], self.v[:, :, :pos0 + T]
 
     def write(self, k, v, pos_t):
-        """T positions from pos_t, a device tensor: same shapes every step (CUDA graphs)."""
+        """T positions from pos_t, a device tensor: same shapes every step (CUDA graphs). pos_t
+        0-dim: the same positions in every row; (B,): one token at each row's own position."""
+        if pos_t.dim() == 1:
+            rows = torch.arange(k.size(0), device=pos_t.device)
+            self.k[rows, :, pos_t] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, pos_t] = v[:, :, 0].to(self.v.dtype)
+            return self.k, self.v
         pos = pos_t + torch.arange(k.size(2), device=pos_t.device)
         self.k.index_copy_(2, pos, k.to(self.k.dtype))
         self.v.index_copy_(2, pos, v.to(self.v.dtype))

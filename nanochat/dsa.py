@@ -262,7 +262,7 @@ class SparseAttention(CausalSelfAttention):
     def visible(self, T, S, ctx):
         """(1, T, S): the keys each query may see (causal, within the window)."""
         if ctx.decode_masks is not None:  # static decode: one query over the whole cache
-            return ctx.decode_masks[self.window].view(1, 1, S)
+            return ctx.decode_masks[self.window].view(-1, 1, S)  # (1 or B, 1, S)
         return sliding_window_mask(T, S, ctx.pos0, self.window, ctx.cos.device).unsqueeze(0)
 
     def visible_rows(self, rows, S):
@@ -297,6 +297,9 @@ class DSACache(KVCache):
         self.ik = torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
 
     def write_index(self, ik, ctx):
+        if ctx.pos_t is not None and ctx.pos_t.dim() == 1:  # static decode, each row at its own position
+            self.ik[torch.arange(ik.size(0), device=ik.device), ctx.pos_t] = ik[:, 0].to(self.ik.dtype)
+            return self.ik.to(ik.dtype)
         if ctx.pos_t is not None:  # static decode: the whole cache, fixed shapes
             self.ik.index_copy_(1, ctx.pos_t.view(1), ik.to(self.ik.dtype))
             return self.ik.to(ik.dtype)

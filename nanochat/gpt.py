@@ -275,6 +275,16 @@ class ModelCache:
             dst.view(dst.size(0) // s.size(0), *s.shape).copy_(s)
         self.pos = src.pos
 
+    def load_row(self, src, row):
+        """Row `row` of this cache := src, a batch-1 cache of the same length (a prefill), in
+        place (continuous batching admits a request into a free row; nanochat/batching.py)."""
+        for dst, s in zip(self._tensors(), src._tensors(), strict=True):
+            if dst.shape == s.shape:  # one row, or no batch dim (Mamba-3's copy of its weights, w_in)
+                dst.copy_(s)
+            else:
+                k = s.size(0)  # rows per sequence (Engram's conv under mHC: one per stream)
+                dst[row * k:(row + 1) * k].copy_(s)
+
     def _tensors(self):
         return [t for s in self._states() for t in s.tensors()] + ([self.prev_emb] if self.prev_emb is not None else [])
 
@@ -524,9 +534,10 @@ class GPT(nn.Module):
 
     def decode_step(self, idx, cache, pos_t):
         """Logits (B, vocab) for one new token per row at position pos_t (a 0-dim device
-        tensor), written into the cache. Every shape is fixed whatever the position, so
-        the engine can compile this and replay it as a CUDA graph. Attention reads the
-        whole cache under a mask; the caller keeps cache.pos."""
+        tensor; or (B,), each row's own position: continuous batching, nanochat/batching.py),
+        written into the cache. Every shape is fixed whatever the position, so the engine can
+        compile this and replay it as a CUDA graph. Attention reads the whole cache under a
+        mask; the caller keeps the positions (cache.pos)."""
         return self._logits(self.decode_hidden(idx, cache, pos_t)[:, -1])
 
     def decode_hidden(self, idx, cache, pos_t):
@@ -549,9 +560,14 @@ class GPT(nn.Module):
         """The Context of a static decode step: the T tokens of idx at device positions
         pos_t .. pos_t + T - 1, each window's mask over a whole cache of max_len positions."""
         T = idx.size(1)
-        pos = pos_t + torch.arange(T, device=pos_t.device)
-        return Context(self.cos.index_select(1, pos), self.sin.index_select(1, pos), None, T, {}, pos_t=pos_t,
-                       decode_masks=decode_masks(windows, max_len, pos), idx=idx)
+        pos = pos_t.unsqueeze(-1) + torch.arange(T, device=pos_t.device)  # (T,), or (B, T): per-row positions
+        if pos.dim() == 2:
+            if T > 1:
+                raise ValueError("per-row positions take one token per row")
+            cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, 1, 1, D/2)
+        else:
+            cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
+        return Context(cos, sin, None, T, {}, pos_t=pos_t, decode_masks=decode_masks(windows, max_len, pos), idx=idx)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,

@@ -18,6 +18,9 @@ Endpoints:
 Workers: one model per GPU (--num_gpus; on a CPU, that many CPU replicas). A request
 waits for a free worker; generation runs in a thread and streams back token by token;
 a client that disconnects stops its generation at the next token, freeing the worker.
+With --batch_slots=N (continuous batching, nanochat/batching.py) a worker decodes up to
+N requests' answers at once in one batch that requests join and leave at any step; a
+request goes to the worker with the fewest requests and waits only for free rows.
 Every bad request gets a 4xx with an OpenAI-style error body, never a 500. OpenAI
 parameters: n (several answers), stop (up to 4 strings), frequency_penalty,
 presence_penalty and logit_bias work; a few others (top_p, logprobs, echo, best_of, ...)
@@ -38,7 +41,7 @@ import os
 import threading
 import time
 import uuid
-from contextlib import aclosing
+from contextlib import aclosing, closing
 from typing import Annotated, Literal, Optional, Union
 
 import torch
@@ -51,6 +54,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanochat.batching import Batcher
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
 from nanochat.engine import Engine
@@ -214,11 +218,13 @@ class StopScanner:
 
 
 class Worker:
-    def __init__(self, index, model, tokenizer, device_type, speculative=True):
+    def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0):
         self.index, self.model, self.tokenizer = index, model, tokenizer
         self.engine = Engine(model, tokenizer, speculative=speculative)
         self.autocast = autocast_for(device_type)
-        self.busy, self.served, self.tokens = False, 0, 0
+        # continuous batching: one decode batch shared by the requests (no speculative decoding)
+        self.batcher = Batcher(self.engine, batch_slots, autocast=lambda: autocast_for(device_type)) if batch_slots else None
+        self.busy, self.served, self.tokens, self.requests = False, 0, 0, 0
 
 
 class WorkerPool:
@@ -230,6 +236,11 @@ class WorkerPool:
         self.waiting = 0
 
     async def acquire(self):
+        if self.workers[0].batcher is not None:  # batching: the least loaded worker, shared
+            worker = min(self.workers, key=lambda w: w.requests)
+            worker.requests += 1
+            worker.busy = True
+            return worker
         self.waiting += 1
         try:
             worker = await self.free.get()
@@ -239,6 +250,10 @@ class WorkerPool:
         return worker
 
     def release(self, worker):
+        if worker.batcher is not None:
+            worker.requests -= 1
+            worker.busy = worker.requests > 0
+            return
         worker.busy = False
         self.free.put_nowait(worker)
 
@@ -391,7 +406,8 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
     "length" (max_tokens, or the end of the model's context). bias: logit_bias as
     {token id: bias}. It waits for a free worker and generates in a thread, which stops
     once every answer is done. When the consumer goes away (a disconnected client) the
-    thread stops at its next token; it hands the worker back when done with the model."""
+    thread stops at its next token; it hands the worker back when done with the model.
+    With continuous batching the worker is shared: the request runs in its batcher."""
     worker = await pool.acquire()
     loop = asyncio.get_running_loop()
     out = asyncio.Queue()
@@ -406,12 +422,13 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
         decoders = [worker.tokenizer.stream_decoder() for _ in range(n)]  # each holds a character split across tokens
         scanners = [StopScanner(req.stops()) if getattr(req, "stop", None) else None for _ in range(n)]
         counts, done = [0] * n, [False] * n
+        gen = (worker.batcher or worker.engine).generate(
+            tokens, num_samples=n, max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+            seed=seed, frequency_penalty=getattr(req, "frequency_penalty", 0) or 0.0,
+            presence_penalty=getattr(req, "presence_penalty", 0) or 0.0, logit_bias=bias)
         try:
-            with worker.autocast:
-                for column, _ in worker.engine.generate(
-                        tokens, num_samples=n, max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                        seed=seed, frequency_penalty=getattr(req, "frequency_penalty", 0) or 0.0,
-                        presence_penalty=getattr(req, "presence_penalty", 0) or 0.0, logit_bias=bias):
+            with worker.autocast, closing(gen):  # closing: a batcher frees the request's rows at once
+                for column, _ in gen:
                     if stop.is_set():
                         break
                     for i, token in enumerate(column):
@@ -478,7 +495,10 @@ def sse(obj):
 
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
-               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True):
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0):
+    if batch_slots and batch_slots < MAX_CHOICES:
+        raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
+                         "one request may ask for")
     device_type = autodetect_device_type(device_type)
     clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
@@ -487,7 +507,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     for i in range(num_gpus):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer, device_type, speculative))
+        workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
@@ -540,7 +560,10 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         pool = app.state.pool
         return {"requests": state["requests"], "waiting": pool.waiting, "uptime_s": round(time.time() - state["started"]),
                 "workers": [{"id": w.index, "busy": w.busy, "served": w.served, "tokens": w.tokens,
-                             "device": str(w.model.wte.weight.device)} for w in pool.workers]}
+                             "device": str(w.model.wte.weight.device),
+                             **({"rows_busy": w.batcher.busy_rows, "rows": w.batcher.slots, "queued": w.batcher.queued}
+                                if w.batcher else {})}
+                            for w in pool.workers]}
 
     @app.post("/chat/completions")
     async def chat(req: ChatRequest):
@@ -659,6 +682,9 @@ if __name__ == "__main__":
     parser.add_argument("--speculative", type=int, default=1,
                         help="1: greedy answers (temperature 0) of a model with one MTP module (--mtp) and "
                              "attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
+    parser.add_argument("--batch_slots", type=int, default=0,
+                        help="N > 0: continuous batching, each worker decodes up to N answers at once in one batch "
+                             "(for many concurrent clients; no speculative decoding); 0: one request at a time per worker")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
@@ -670,9 +696,11 @@ if __name__ == "__main__":
             raise SystemExit(f"--num_gpus={args.num_gpus} but {torch.cuda.device_count()} GPUs are visible")
     try:
         app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key,
-                         speculative=bool(args.speculative))
+                         speculative=bool(args.speculative), batch_slots=args.batch_slots)
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     print(f"nanochat: open http://{args.host}:{args.port} for the UI; OpenAI-compatible API at "
           f"http://{args.host}:{args.port}/v1; Python tool sandbox: {isolation()}"
           + (" (UNSANDBOXED: --unsandboxed_tool)" if isolation() == "none" else ""))

@@ -497,3 +497,64 @@ def test_lone_surrogates_everywhere(server):
     assert r.status_code == 200, r.text
     r = send("/v1/completions", {"prompt": "x", "stop": ["\ud800"], "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def batched(base_dir):
+    s = LiveServer(base_dir, num_gpus=2, batch_slots=8)
+    yield s
+    s.stop()
+
+
+def test_continuous_batching_answers_as_one_at_a_time(server, batched):
+    """--batch_slots: concurrent requests decoded in one shared batch get the answers that the
+    one-request-at-a-time server gives (greedy, and sampled with a seed; n = 3 too), and every
+    row is free afterwards."""
+    bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0.0} for p in ("Once upon", "The meaning of", "Hi")]
+    bodies += [{"prompt": "Once", "max_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 11},
+               {"prompt": "Tell me", "max_tokens": 6, "temperature": 0.9, "seed": 5, "n": 3}]
+    texts = lambda r: [c["text"] for c in r.json()["choices"]]
+    want = [texts(post(server.url + "/v1/completions", json=b)) for b in bodies]
+    got = [None] * len(bodies)
+
+    def run(i):
+        got[i] = texts(post(batched.url + "/v1/completions", json=bodies[i]))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+    workers = get(batched.url + "/stats").json()["workers"]
+    assert [(w["rows_busy"], w["rows"], w["queued"], w["busy"]) for w in workers] == [(0, 8, 0, False)] * 2
+
+
+def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, tokenizer):
+    # a model with a long context, so that an answer takes seconds and the client leaves midway
+    make_chat_checkpoint(base_dir, tokenizer, source="mid", sequence_len=4096, mute_special=True)
+    s = LiveServer(base_dir, source="mid", batch_slots=8)
+    try:
+        def rows_busy():
+            return get(s.url + "/stats").json()["workers"][0]["rows_busy"]
+        with stream("POST", s.url + "/chat/completions", json=chat_body(max_tokens=4000)) as r:
+            lines = r.iter_lines()  # kept alive: leaving this generator closes the connection
+            assert "token" in next(line for line in lines if line.startswith("data: "))
+            assert rows_busy() == 1
+        deadline = time.time() + 5
+        while rows_busy() and time.time() < deadline:
+            time.sleep(0.05)
+        assert rows_busy() == 0  # the client left: its row is free
+        out = subprocess.run([sys.executable, "dev/loadtest.py", "--url", s.url, "--clients", "32", "--seconds", "20",
+                              "--max_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print("load test, batched:", result)
+        assert result["errors"] == 0 and result["requests"] >= 32, result
+        assert result["workers_busy_after"] == 0 and rows_busy() == 0
+    finally:
+        s.stop()
+
+
+def test_batch_slots_below_the_most_answers_is_refused(base_dir):
+    with pytest.raises(ValueError, match="at least 8"):
+        LiveServer(base_dir, batch_slots=4)

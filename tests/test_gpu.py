@@ -166,6 +166,33 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
 
 
+@pytest.mark.parametrize("recipe", [False, "hybrid", "memory", "dsa"])
+def test_batcher_cuda_graph_equals_full_recompute(recipe):
+    """Continuous batching on the GPU: requests of different lengths decoded together in one
+    captured graph, each row at its own position, give greedy full recomputation's tokens."""
+    import threading
+    from nanochat.batching import Batcher
+    from nanochat.engine import Engine, naive_generate
+    from nanochat.tokenizer import Tokenizer
+    _, gpu = model_pair("SSSL", recipe=recipe)
+    gpu.eval()
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    engine = Engine(gpu, tok, use_tools=False)
+    engine.stop_tokens = set()
+    batcher = Batcher(engine, slots=4)
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 7, 23, 61, 5)]
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = [c[0] for c, _ in batcher.generate(prompts[i], max_tokens=12 + 3 * i, temperature=0.0)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert got == [naive_generate(gpu, p, 12 + 3 * i) for i, p in enumerate(prompts)]
+
+
 def test_speculative_cuda_graph_rounds_equal_greedy():
     """Speculative decoding's rounds captured as CUDA graphs (one MTP module, attention only)
     give greedy decoding's tokens, with drafts kept (trained modules) and rejected."""

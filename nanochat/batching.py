@@ -1,0 +1,222 @@
+"""
+Continuous batching: many requests decoded together in one batch whose rows come and go.
+
+The Engine (nanochat/engine.py) decodes one request at a time: its rows (samples of one
+prompt) share one position. A server with many clients would then serve them one after
+another. The Batcher keeps one decode cache of `slots` rows instead and a thread that loops:
+
+1. admit: a waiting request with n samples takes n free rows: its prompt is prefilled at
+   batch 1 (model(ids, cache=prefill)) and the prefill cache copied into those rows
+   (ModelCache.load_row);
+2. sample: each request picks its rows' next tokens from their logits exactly as
+   Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
+   bias, the Python tool's forced tokens) and streams them to its consumer; a request
+   that is finished (every row stopped, max_tokens, the end of the context) or abandoned
+   frees its rows;
+3. step: one GPT.decode_step for all rows, each row at its own position (pos_t of shape
+   (B,)); on CUDA one captured graph, as the Engine's. Free rows decode a dummy token at
+   position 0 of their own row, which the next admission overwrites.
+
+So a request's tokens are the ones Engine.generate gives for the same arguments (greedy:
+the same tokens; sampled: the same draws from the same generator), up to the float
+rounding of a different batch size. Speculative decoding (one request at a time) is not
+used here.
+"""
+
+import queue
+import threading
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.engine import Row, adjust_logits, cache_length, capture_graph, sample_next
+
+
+class Request:
+    def __init__(self, tokens, n, max_len, max_tokens, temperature, top_k, rng, penalties, bias, rows):
+        self.tokens, self.n, self.max_len, self.max_tokens = tokens, n, max_len, max_tokens
+        self.temperature, self.top_k, self.rng = temperature, top_k, rng
+        self.penalties, self.bias, self.counts = penalties, bias, None
+        self.rows = rows  # Row per sample (tool state, forced tokens, done)
+        self.out = queue.Queue()  # (column, masks) per step, then None (or an exception)
+        self.slots, self.logits, self.pos, self.produced = [], None, len(tokens), 0
+        self.cancelled = False
+
+
+class Batcher:
+    def __init__(self, engine, slots=32, autocast=None, use_cuda_graphs=True):
+        """engine: the Engine whose model, tokenizer, compiled step and tool settings this uses.
+        slots: rows of the shared decode cache (requests' samples decoded at once).
+        autocast: a context manager factory for the decode thread (chat_web's worker's)."""
+        self.engine, self.model, self.slots = engine, engine.model, slots
+        self.autocast = autocast or nullcontext
+        self.cache_len = cache_length(self.model, self.model.config.sequence_len)
+        self.waiting = queue.Queue()
+        self.first = None  # the request first in line, waiting for enough free rows (first come, first served)
+        self.active = []
+        self.free = list(range(slots))
+        self.use_cuda_graphs = use_cuda_graphs
+        self._stepper = None  # made by the thread on its first step
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
+        self._thread.start()
+
+    @property
+    def busy_rows(self):
+        return self.slots - len(self.free)
+
+    @property
+    def queued(self):  # requests waiting for rows
+        return self.waiting.qsize() + (self.first is not None)
+
+    # ---- the consumer's side ---------------------------------------------------
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+        """Engine.generate's stream (token column, mask column) per step for one request,
+        decoded in the shared batch. Blocks while waiting for free rows. Closing the generator
+        (a consumer that goes away) frees the request's rows at the batcher's next step."""
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+        if num_samples > self.slots:
+            raise ValueError(f"{num_samples} samples need more rows than the batcher's {self.slots} (--batch_slots)")
+        model = self.model
+        max_len = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
+        max_len = max(max_len, len(tokens) + 1)
+        if max_len > min(model.rotary_len, self.cache_len):
+            raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place "
+                             f"({min(model.rotary_len, self.cache_len)})")
+        device = self.engine.device
+        req = Request(list(tokens), num_samples, max_len, max_tokens, temperature, top_k,
+                      torch.Generator(device=device).manual_seed(seed), (frequency_penalty, presence_penalty),
+                      logit_bias, [Row(self.engine.tokenizer) for _ in range(num_samples)])
+        self.waiting.put(req)
+        try:
+            while True:
+                item = req.out.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            req.cancelled = True
+
+    # ---- the decode thread ---------------------------------------------------------
+
+    def _loop(self):
+        while True:
+            try:
+                with torch.inference_mode(), self.autocast():
+                    self._admit(block=not self.active)
+                    if self.active:
+                        self._sample()
+                    if self.active:
+                        self._step()
+            except Exception as e:  # every request in flight gets the error; the batcher goes on
+                for req in self.active:
+                    req.out.put(e)
+                self._reset()
+
+    def _reset(self):
+        self.active, self.free, self._stepper = [], list(range(self.slots)), None  # (self.first keeps its turn)
+
+    def _admit(self, block):
+        while len(self.free) > 0:
+            req, self.first = self.first, None
+            if req is None:
+                try:
+                    req = self.waiting.get(block=block)
+                except queue.Empty:
+                    return
+            block = False
+            if req.cancelled:
+                continue
+            if req.n > len(self.free):  # not enough rows yet: it stays first in line until others end
+                self.first = req
+                return
+            try:
+                self._prefill(req)
+            except Exception as e:
+                req.out.put(e)
+                continue
+            self.active.append(req)
+
+    def _prefill(self, req):
+        model, device = self.model, self.engine.device
+        if self._stepper is None:
+            self._make_stepper()
+        prefill = model.init_cache(1, self.cache_len, device=device)
+        logits = model(torch.tensor([req.tokens], dtype=torch.long, device=device), cache=prefill)[:, -1, :]
+        req.slots = [self.free.pop(0) for _ in range(req.n)]
+        for s in req.slots:
+            self.cache.load_row(prefill, s)
+        req.logits = logits.float().expand(req.n, -1)
+        if req.bias:
+            b = torch.zeros(logits.size(-1), device=device)
+            b[list(req.bias)] = torch.tensor(list(req.bias.values()), dtype=torch.float, device=device)
+            req.bias_t = b
+        if any(req.penalties) or req.bias:
+            req.counts = torch.zeros(req.n, logits.size(-1), device=device)
+
+    def _make_stepper(self):
+        model, device = self.model, self.engine.device
+        self.cache = model.init_cache(self.slots, self.cache_len, device=device)
+        step = self.engine._step_fn()
+        ids = torch.zeros(self.slots, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(self.slots, dtype=torch.long, device=device)
+        if device.type != "cuda" or not self.use_cuda_graphs:
+            self._stepper = lambda: step(ids, self.cache, pos)
+        else:
+            pos.fill_(self.cache_len - 1)  # the dummy steps write where decoding overwrites before reading
+            graph, logits = capture_graph(lambda: step(ids, self.cache, pos), self.cache)
+            self._stepper = lambda: (graph.replay(), logits)[1]
+        self._ids, self._pos = ids, pos
+
+    def _sample(self):
+        engine, draws = self.engine, []
+        for req in self.active:
+            logits = req.logits
+            if req.counts is not None:
+                logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1],
+                                       getattr(req, "bias_t", None))
+            draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
+        sampled = torch.cat(draws).tolist()  # one host sync for every request
+        still, i = [], 0
+        for req in self.active:
+            column, masks = [], []
+            for row, tok in zip(req.rows, sampled[i:i + req.n]):
+                forced = bool(row.forced)
+                tok = row.forced.popleft() if forced else tok
+                column.append(tok)
+                masks.append(0 if forced else 1)
+                if tok in engine.stop_tokens:
+                    row.done = True
+                if engine.use_tools and not row.done:
+                    row.forced.extend(row.tool.feed(tok))
+            i += req.n
+            if not req.cancelled:
+                req.out.put((column, masks))
+            if req.counts is not None:
+                req.counts[torch.arange(req.n, device=req.counts.device),
+                           torch.tensor(column, device=req.counts.device)] += 1
+            req.produced += 1
+            req.column = column
+            if (req.cancelled or all(r.done for r in req.rows) or
+                    (req.max_tokens is not None and req.produced >= req.max_tokens) or req.pos >= req.max_len):
+                req.out.put(None)
+                self.free.extend(req.slots)
+            else:
+                still.append(req)
+        self.active = still
+
+    def _step(self):
+        ids, pos = [0] * self.slots, [0] * self.slots
+        for req in self.active:
+            for s, tok in zip(req.slots, req.column):
+                ids[s], pos[s] = tok, req.pos
+        self._ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
+        self._pos.copy_(torch.tensor(pos, dtype=torch.long))
+        logits = self._stepper()
+        for req in self.active:
+            req.logits = logits[req.slots].float()  # a copy: the next step overwrites a graph's output
+            req.pos += 1

@@ -1,0 +1,89 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from nanochat.batching import Batcher
+from nanochat.engine import Engine
+from test_engine import EXTRAS, model_for
+
+CASES = {"plain": {}, **EXTRAS}
+
+
+def engine_for(model, tokenizer):
+    e = Engine(model, tokenizer)
+    e.stop_tokens = set()  # a random model may emit a stop token; compare the raw streams
+    return e
+
+
+@pytest.mark.parametrize("extra", list(CASES))
+def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
+    """Requests decoded together by the Batcher (more rows than it has, so some wait for
+    others to end; each row at its own position) give what Engine.generate gives for each
+    alone: greedy the same tokens, sampled the same draws of the same seeded generator,
+    two samples of one prompt included; with the quality recipe, a Mamba-3 hybrid, Engram +
+    mHC and DSA."""
+    model = model_for(tokenizer, "SSL", **CASES[extra])
+    prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in ("int main() {", "def f(x):\n    return", "The")]
+    jobs = [(prompts[0], dict(max_tokens=12, temperature=0.0)),
+            (prompts[1], dict(max_tokens=20, temperature=0.0)),
+            (prompts[2], dict(max_tokens=5, temperature=0.0)),
+            (prompts[1], dict(max_tokens=10, temperature=1.0, top_k=20, seed=7)),
+            (prompts[0], dict(num_samples=2, max_tokens=8, temperature=0.8, seed=3, frequency_penalty=0.5,
+                              logit_bias={5: 2.0})),
+            (prompts[2], dict(max_tokens=15, temperature=0.0))]
+    want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
+    batcher = Batcher(engine_for(model, tokenizer), slots=4)
+    got = [None] * len(jobs)
+
+    def run(i):
+        time.sleep(0.01 * i)  # arrivals spread out: some join a batch already decoding
+        got[i] = list(batcher.generate(jobs[i][0], **jobs[i][1]))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+    assert batcher.busy_rows == 0
+
+
+def test_a_closed_request_frees_its_rows_and_bad_requests_fail_clearly(tokenizer):
+    model = model_for(tokenizer, "L")
+    batcher = Batcher(engine_for(model, tokenizer), slots=2)
+    tokens = tokenizer.encode("The", prepend="<|bos|>")
+    gen = batcher.generate(tokens, max_tokens=40, temperature=0.0)
+    next(gen)
+    assert batcher.busy_rows == 1
+    gen.close()  # a client gone: the batcher frees the row at its next step
+    for _ in range(100):
+        if batcher.busy_rows == 0:
+            break
+        time.sleep(0.02)
+    assert batcher.busy_rows == 0
+    assert len(list(batcher.generate(tokens, num_samples=2, max_tokens=3, temperature=0.0))) == 3
+    with pytest.raises(ValueError, match="batch_slots"):
+        next(batcher.generate(tokens, num_samples=3))
+    with pytest.raises(ValueError, match="more than the model can place"):
+        next(batcher.generate(tokens, max_tokens=10 ** 6))
+
+
+def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
+    """Rows at different positions in one decode step (pos_t of shape (B,)): each row's
+    logits equal the full forward of its own sequence, with the quality recipe's windows."""
+    model = model_for(tokenizer, "SSL", T=32, **EXTRAS["recipe"])
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 24))
+    full = model(idx)
+    cache = model.init_cache(2, 32)
+    starts = [9, 14]
+    for b, n in enumerate(starts):
+        one = model.init_cache(1, 32)
+        model(idx[b:b + 1, :n], cache=one)
+        cache.load_row(one, b)
+    for step in range(8):
+        pos = torch.tensor([n + step for n in starts])
+        ids = torch.stack([idx[b, p] for b, p in enumerate(pos)]).view(2, 1)
+        logits = model.decode_step(ids, cache, pos)
+        for b in range(2):
+            assert torch.allclose(logits[b], full[b, pos[b]], atol=1e-4), (step, b)
