@@ -1,8 +1,9 @@
 """
 A bounded load test of a running chat_web server: N concurrent clients, each sending
 streaming chat requests back to back for a fixed time. Prints one JSON line: requests,
-requests/s, time to first token (p50, p99), errors, and the server's /stats afterwards
-(every worker should be free again: none leaked).
+requests/s, time to first token (p50, p95, p99), each answer's streaming rate after its
+first token (text pieces a second, about tokens: p50 and p5, the slow end), errors, and
+the server's /stats afterwards (every worker should be free again: none leaked).
 
     python -m scripts.chat_web --num_gpus=2 &
     python dev/loadtest.py --url http://127.0.0.1:8000 --clients 32 --seconds 30
@@ -16,13 +17,13 @@ import time
 import httpx
 
 
-async def client(url, deadline, args, ttfts, errors, headers):
+async def client(url, deadline, args, ttfts, rates, errors, headers):
     body = {"messages": [{"role": "user", "content": "Tell me about compilers."}],
             "max_tokens": args.max_tokens, "temperature": 0.8}
     async with httpx.AsyncClient(timeout=args.timeout, headers=headers) as http:
         while time.monotonic() < deadline:
             t0 = time.monotonic()
-            first = None
+            first, pieces = None, 0
             try:
                 async with http.stream("POST", f"{url}/chat/completions", json=body) as r:
                     if r.status_code != 200:
@@ -34,8 +35,10 @@ async def client(url, deadline, args, ttfts, errors, headers):
                         event = json.loads(line[6:])
                         if "error" in event:
                             errors.append(event["error"])
-                        if first is None and "token" in event:
-                            first = time.monotonic() - t0
+                        if "token" in event:
+                            pieces += 1
+                            if first is None:
+                                first = time.monotonic() - t0
                         if event.get("done"):
                             break
             except httpx.HTTPError as e:
@@ -43,6 +46,8 @@ async def client(url, deadline, args, ttfts, errors, headers):
                 continue
             if first is not None:
                 ttfts.append(first)
+                if pieces > 1:  # the pieces after the first, over the time after it
+                    rates.append((pieces - 1) / max(time.monotonic() - t0 - first, 1e-6))
 
 
 def percentile(values, q):
@@ -52,17 +57,19 @@ def percentile(values, q):
 
 async def main(args):
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    ttfts, errors = [], []
+    ttfts, rates, errors = [], [], []
     t0 = time.monotonic()
     deadline = t0 + args.seconds
-    await asyncio.gather(*(client(args.url, deadline, args, ttfts, errors, headers) for _ in range(args.clients)))
+    await asyncio.gather(*(client(args.url, deadline, args, ttfts, rates, errors, headers) for _ in range(args.clients)))
     elapsed = time.monotonic() - t0
     async with httpx.AsyncClient(headers=headers) as http:
         stats = (await http.get(f"{args.url}/stats")).json()
+    ms = lambda q: round(1000 * percentile(ttfts, q), 1) if ttfts else None
+    rate = lambda q: round(percentile(rates, q), 1) if rates else None
     return {"clients": args.clients, "seconds": round(elapsed, 1), "requests": len(ttfts),
             "requests_per_s": round(len(ttfts) / elapsed, 2),
-            "ttft_p50_ms": round(1000 * percentile(ttfts, 0.5), 1) if ttfts else None,
-            "ttft_p99_ms": round(1000 * percentile(ttfts, 0.99), 1) if ttfts else None,
+            "ttft_p50_ms": ms(0.5), "ttft_p95_ms": ms(0.95), "ttft_p99_ms": ms(0.99),
+            "stream_tok_per_s_p50": rate(0.5), "stream_tok_per_s_p5": rate(0.05),
             "errors": len(errors), "first_errors": errors[:3],
             "workers_busy_after": sum(w["busy"] for w in stats["workers"]), "waiting_after": stats["waiting"]}
 
