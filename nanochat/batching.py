@@ -20,7 +20,9 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
 So a request's tokens are the ones Engine.generate gives for the same arguments (greedy:
 the same tokens; sampled: the same draws from the same generator), up to the float
 rounding of a different batch size. Speculative decoding (one request at a time) is not
-used here.
+used here. A tool call runs on the decode thread, as in Engine.generate: while the sandbox
+runs it (up to 3 s) every row waits, since a row's recurrent state (Mamba-3, Engram, the
+smear) cannot sit out a step.
 """
 
 import queue
@@ -57,6 +59,7 @@ class Batcher:
         self.free = list(range(slots))
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
         self._thread.start()
 
@@ -103,8 +106,14 @@ class Batcher:
 
     # ---- the decode thread ---------------------------------------------------------
 
+    def close(self):
+        """Stop the decode thread once no request is in flight (frees the cache with the Batcher)."""
+        self.waiting.put(None)
+
     def _loop(self):
-        while True:
+        if self.engine.device.type == "cuda":  # this thread's kernels, streams and graph on the model's GPU
+            torch.cuda.set_device(self.engine.device)
+        while not self._closed:
             try:
                 with torch.inference_mode(), self.autocast():
                     self._admit(block=not self.active)
@@ -128,6 +137,9 @@ class Batcher:
                     req = self.waiting.get(block=block)
                 except queue.Empty:
                     return
+                if req is None:  # close()
+                    self._closed = True
+                    return
             block = False
             if req.cancelled:
                 continue
@@ -147,9 +159,6 @@ class Batcher:
             self._make_stepper()
         prefill = model.init_cache(1, self.cache_len, device=device)
         logits = model(torch.tensor([req.tokens], dtype=torch.long, device=device), cache=prefill)[:, -1, :]
-        req.slots = [self.free.pop(0) for _ in range(req.n)]
-        for s in req.slots:
-            self.cache.load_row(prefill, s)
         req.logits = logits.float().expand(req.n, -1)
         if req.bias:
             b = torch.zeros(logits.size(-1), device=device)
@@ -157,6 +166,10 @@ class Batcher:
             req.bias_t = b
         if any(req.penalties) or req.bias:
             req.counts = torch.zeros(req.n, logits.size(-1), device=device)
+        slots = self.free[:req.n]
+        for s in slots:  # (a row is taken only once everything that may fail has not)
+            self.cache.load_row(prefill, s)
+        req.slots, self.free = slots, self.free[req.n:]
 
     def _make_stepper(self):
         model, device = self.model, self.engine.device
@@ -203,8 +216,8 @@ class Batcher:
             req.column = column
             if (req.cancelled or all(r.done for r in req.rows) or
                     (req.max_tokens is not None and req.produced >= req.max_tokens) or req.pos >= req.max_len):
+                self.free.extend(req.slots)  # (before the end reaches the consumer: its rows are free then)
                 req.out.put(None)
-                self.free.extend(req.slots)
             else:
                 still.append(req)
         self.active = still

@@ -419,6 +419,8 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
         loop.call_soon_threadsafe(out.put_nowait, item)
 
     def run():
+        if worker.model.wte.weight.device.type == "cuda":  # this thread's streams and graphs on the worker's GPU
+            torch.cuda.set_device(worker.model.wte.weight.device)
         decoders = [worker.tokenizer.stream_decoder() for _ in range(n)]  # each holds a character split across tokens
         scanners = [StopScanner(req.stops()) if getattr(req, "stop", None) else None for _ in range(n)]
         counts, done = [0] * n, [False] * n

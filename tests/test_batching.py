@@ -11,6 +11,16 @@ from test_engine import EXTRAS, model_for
 CASES = {"plain": {}, **EXTRAS}
 
 
+def within(seconds, fn):
+    """fn() run in a thread: its result, or a failure after `seconds` (a lost row would hang)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert out, f"no result within {seconds} s"
+    return out[0]
+
+
 def engine_for(model, tokenizer):
     e = Engine(model, tokenizer)
     e.stop_tokens = set()  # a random model may emit a stop token; compare the raw streams
@@ -47,26 +57,56 @@ def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
         t.join(timeout=120)
     assert got == want
     assert batcher.busy_rows == 0
+    batcher.close()
+
+
+def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
+    """A scripted sampler (the model runs, the choice is fixed): the row writes a Python call,
+    gets <|output_start|>42<|output_end|> forced with mask 0, then stops at <|assistant_end|>;
+    the Batcher's stream equals the Engine's, and the request ends at the stop token."""
+    import nanochat.batching as batching
+    import nanochat.engine as eng
+    s = tokenizer.encode_special
+    script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + tokenizer.encode("ok")
+    model = model_for(tokenizer)
+    tokens = tokenizer.encode("q", prepend="<|bos|>")
+    streams = []
+    for module, make in ((eng, lambda: Engine(model, tokenizer)), (batching, lambda: Batcher(Engine(model, tokenizer), 2))):
+        seq = iter(script + [s("<|assistant_end|>")] * 50)
+        monkeypatch.setattr(module, "sample_next", lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq)))
+        runner = make()
+        streams.append(list(runner.generate(tokens, max_tokens=30)))
+        monkeypatch.undo()
+    assert streams[0] == streams[1]
+    text = tokenizer.decode([c[0] for c, _ in streams[1]])
+    assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"), text
+    assert streams[1][-1][0] == [s("<|assistant_end|>")] and [0] in [m for _, m in streams[1]]
+    runner.close()
 
 
 def test_a_closed_request_frees_its_rows_and_bad_requests_fail_clearly(tokenizer):
-    model = model_for(tokenizer, "L")
+    model = model_for(tokenizer, "L", T=2048)  # a long answer: it cannot end on its own during the test
     batcher = Batcher(engine_for(model, tokenizer), slots=2)
     tokens = tokenizer.encode("The", prepend="<|bos|>")
-    gen = batcher.generate(tokens, max_tokens=40, temperature=0.0)
+    gen = batcher.generate(tokens, max_tokens=2000, temperature=0.0)
     next(gen)
     assert batcher.busy_rows == 1
+    t0 = time.time()
     gen.close()  # a client gone: the batcher frees the row at its next step
-    for _ in range(100):
-        if batcher.busy_rows == 0:
-            break
-        time.sleep(0.02)
-    assert batcher.busy_rows == 0
+    while batcher.busy_rows and time.time() - t0 < 5:
+        time.sleep(0.01)
+    assert batcher.busy_rows == 0 and batcher.active == []
     assert len(list(batcher.generate(tokens, num_samples=2, max_tokens=3, temperature=0.0))) == 3
     with pytest.raises(ValueError, match="batch_slots"):
         next(batcher.generate(tokens, num_samples=3))
     with pytest.raises(ValueError, match="more than the model can place"):
         next(batcher.generate(tokens, max_tokens=10 ** 6))
+    # an admission that fails (a logit_bias id past the vocabulary) gives its error and loses no row
+    with pytest.raises(IndexError):
+        next(batcher.generate(tokens, max_tokens=3, logit_bias={10 ** 6: 1.0}))
+    assert len(within(60, lambda: list(batcher.generate(tokens, num_samples=2, max_tokens=3, temperature=0.0)))) == 3
+    assert batcher.busy_rows == 0
+    batcher.close()
 
 
 def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
