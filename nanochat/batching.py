@@ -31,14 +31,14 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.engine import Row, adjust_logits, cache_length, capture_graph, sample_next
+from nanochat.engine import Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, sample_next
 
 
 class Request:
     def __init__(self, tokens, n, max_len, max_tokens, temperature, top_k, rng, penalties, bias, rows):
         self.tokens, self.n, self.max_len, self.max_tokens = tokens, n, max_len, max_tokens
         self.temperature, self.top_k, self.rng = temperature, top_k, rng
-        self.penalties, self.bias, self.counts = penalties, bias, None
+        self.penalties, self.bias, self.bias_t, self.counts = penalties, bias, None, None
         self.rows = rows  # Row per sample (tool state, forced tokens, done)
         self.out = queue.Queue()  # (column, masks) per step, then None (or an exception)
         self.slots, self.logits, self.pos, self.produced = [], None, len(tokens), 0
@@ -107,13 +107,13 @@ class Batcher:
     # ---- the decode thread ---------------------------------------------------------
 
     def close(self):
-        """Stop the decode thread once no request is in flight (frees the cache with the Batcher)."""
+        """Stop the decode thread once the requests in flight are done (no new ones after this)."""
         self.waiting.put(None)
 
     def _loop(self):
         if self.engine.device.type == "cuda":  # this thread's kernels, streams and graph on the model's GPU
             torch.cuda.set_device(self.engine.device)
-        while not self._closed:
+        while not self._closed or self.active:
             try:
                 with torch.inference_mode(), self.autocast():
                     self._admit(block=not self.active)
@@ -160,10 +160,7 @@ class Batcher:
         prefill = model.init_cache(1, self.cache_len, device=device)
         logits = model(torch.tensor([req.tokens], dtype=torch.long, device=device), cache=prefill)[:, -1, :]
         req.logits = logits.float().expand(req.n, -1)
-        if req.bias:
-            b = torch.zeros(logits.size(-1), device=device)
-            b[list(req.bias)] = torch.tensor(list(req.bias.values()), dtype=torch.float, device=device)
-            req.bias_t = b
+        req.bias_t = bias_vector(req.bias, logits.size(-1), device)
         if any(req.penalties) or req.bias:
             req.counts = torch.zeros(req.n, logits.size(-1), device=device)
         slots = self.free[:req.n]
@@ -190,22 +187,12 @@ class Batcher:
         for req in self.active:
             logits = req.logits
             if req.counts is not None:
-                logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1],
-                                       getattr(req, "bias_t", None))
+                logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1], req.bias_t)
             draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
         sampled = torch.cat(draws).tolist()  # one host sync for every request
         still, i = [], 0
         for req in self.active:
-            column, masks = [], []
-            for row, tok in zip(req.rows, sampled[i:i + req.n]):
-                forced = bool(row.forced)
-                tok = row.forced.popleft() if forced else tok
-                column.append(tok)
-                masks.append(0 if forced else 1)
-                if tok in engine.stop_tokens:
-                    row.done = True
-                if engine.use_tools and not row.done:
-                    row.forced.extend(row.tool.feed(tok))
+            column, masks = next_column(req.rows, sampled[i:i + req.n], engine.stop_tokens, engine.use_tools)
             i += req.n
             if not req.cancelled:
                 req.out.put((column, masks))

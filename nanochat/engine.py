@@ -156,6 +156,31 @@ class Row:
         self.done = False
 
 
+def next_column(rows, sampled, stop_tokens, use_tools):
+    """Each row's next token (its forced tool output first, else the sampled one) and its mask
+    (0 where forced); rows are done at a stop token, and the others feed their token to the tool."""
+    column, masks = [], []
+    for row, tok in zip(rows, sampled):
+        forced = bool(row.forced)
+        tok = row.forced.popleft() if forced else tok
+        column.append(tok)
+        masks.append(0 if forced else 1)
+        if tok in stop_tokens:
+            row.done = True
+        if use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
+            row.forced.extend(row.tool.feed(tok))
+    return column, masks
+
+
+def bias_vector(logit_bias, vocab, device):
+    """logit_bias ({token id: bias}) as a dense (vocab,) vector, or None."""
+    if not logit_bias:
+        return None
+    bias = torch.zeros(vocab, device=device)
+    bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float, device=device)
+    return bias
+
+
 def capture_graph(fn, cache):
     """fn (no arguments, fixed shapes, reading static tensors) as one CUDA graph: (graph, fn's
     outputs, refreshed by each replay). Warmed up three times on a side stream (compiles,
@@ -282,24 +307,12 @@ class Engine:
             pos, produced = len(tokens), 0
             if adjust:
                 counts = torch.zeros(num_samples, logits.size(-1), device=device)
-                bias = None
-                if logit_bias:
-                    bias = torch.zeros(logits.size(-1), device=device)
-                    bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float, device=device)
+                bias = bias_vector(logit_bias, logits.size(-1), device)
             while True:
                 if adjust:
                     logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
                 sampled = sample_next(logits, rng, temperature, top_k).tolist()
-                column, masks = [], []
-                for row, tok in zip(rows, sampled):
-                    forced = bool(row.forced)
-                    tok = row.forced.popleft() if forced else tok
-                    column.append(tok)
-                    masks.append(0 if forced else 1)
-                    if tok in self.stop_tokens:
-                        row.done = True
-                    if self.use_tools and not row.done:  # a finished row's tokens are thrown away: run no tool for them
-                        row.forced.extend(row.tool.feed(tok))
+                column, masks = next_column(rows, sampled, self.stop_tokens, self.use_tools)
                 yield column, masks
                 if adjust:
                     counts[torch.arange(num_samples, device=device), torch.tensor(column, device=device)] += 1
