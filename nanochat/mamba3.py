@@ -52,8 +52,8 @@ its steps run as Triton kernels of ours (nanochat/mamba3_triton.py): angles (the
 running sum of Δ θ), turn_qk (the biases and rotation of B and C for every head) and
 chunk_ssd, one op of three kernels: chunk_state (each chunk's own state), pass_states (the
 walk of the state across chunks) and chunk_out (each chunk's output, flash-style); all but
-angles and pass_states SISO only (MIMO keeps the chunk matmuls). Our own fully fused Triton SSD (SISO, one program walking all
-chunks) is opt-in: set_mamba3_kernel(model, "triton").
+angles and pass_states SISO only (MIMO keeps the chunk matmuls). Our own fully fused Triton
+SSD (SISO, one program walking all chunks) is opt-in: set_mamba3_kernel(model, "triton").
 """
 
 import math
