@@ -182,10 +182,21 @@ class Batcher:
             self._stepper = lambda: (graph.replay(), logits)[1]
         self._ids, self._pos = ids, pos
 
+    @staticmethod
+    def _rows(t, req):
+        """The request's rows of t (one per slot): a view where its slots are consecutive (no copy)."""
+        s = req.slots
+        return t[s[0]:s[0] + len(s)] if s[-1] - s[0] == len(s) - 1 else t[s]
+
     def _sample(self):
-        engine, draws = self.engine, []
+        engine, draws, greedy = self.engine, [], None
         for req in self.active:
-            logits = req.logits
+            if req.logits is None and req.counts is None and req.temperature < 1e-5:
+                if greedy is None:  # every plain greedy row's argmax in one kernel
+                    greedy = self._logits.argmax(dim=-1)
+                draws.append(self._rows(greedy, req))
+                continue
+            logits = req.logits if req.logits is not None else self._rows(self._logits, req)
             if req.counts is not None:
                 logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1], req.bias_t)
             draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
@@ -216,7 +227,8 @@ class Batcher:
                 ids[s], pos[s] = tok, req.pos
         self._ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
         self._pos.copy_(torch.tensor(pos, dtype=torch.long))
-        logits = self._stepper()
+        # (on CUDA the graph's output tensor: read by the next _sample, before the next replay)
+        self._logits = self._stepper().float()
         for req in self.active:
-            req.logits = logits[req.slots].float()  # a copy: the next step overwrites a graph's output
+            req.logits = None  # its rows of self._logits from now on (the prefill's logits until then)
             req.pos += 1

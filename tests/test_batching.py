@@ -96,7 +96,10 @@ def test_a_closed_request_frees_its_rows_and_bad_requests_fail_clearly(tokenizer
     while batcher.busy_rows and time.time() - t0 < 5:
         time.sleep(0.01)
     assert batcher.busy_rows == 0 and batcher.active == []
-    assert len(list(batcher.generate(tokens, num_samples=2, max_tokens=3, temperature=0.0))) == 3
+    # rows 1 and 0 now, in that order (not consecutive): two samples there still equal the Engine's
+    assert batcher.free == [1, 0]
+    kw = dict(num_samples=2, max_tokens=8, temperature=1.0, seed=5)
+    assert list(batcher.generate(tokens, **kw)) == list(engine_for(model, tokenizer).generate(tokens, **kw))
     with pytest.raises(ValueError, match="batch_slots"):
         next(batcher.generate(tokens, num_samples=3))
     with pytest.raises(ValueError, match="more than the model can place"):
