@@ -31,7 +31,8 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.engine import Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, sample_next
+from nanochat.engine import (Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, request_length,
+                             sample_next)
 
 
 class Request:
@@ -78,16 +79,10 @@ class Batcher:
         """Engine.generate's stream (token column, mask column) per step for one request,
         decoded in the shared batch. Blocks while waiting for free rows. Closing the generator
         (a consumer that goes away) frees the request's rows at the batcher's next step."""
-        if not tokens:
-            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         if num_samples > self.slots:
             raise ValueError(f"{num_samples} samples need more rows than the batcher's {self.slots} (--batch_slots)")
         model = self.model
-        max_len = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
-        max_len = max(max_len, len(tokens) + 1)
-        if max_len > min(model.rotary_len, self.cache_len):
-            raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place "
-                             f"({min(model.rotary_len, self.cache_len)})")
+        max_len = request_length(tokens, max_tokens, model.config.sequence_len, min(model.rotary_len, self.cache_len))
         device = self.engine.device
         req = Request(list(tokens), num_samples, max_len, max_tokens, temperature, top_k,
                       torch.Generator(device=device).manual_seed(seed), (frequency_penalty, presence_penalty),

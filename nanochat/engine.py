@@ -60,6 +60,18 @@ def cache_length(model, n):
     return min(-(-n // 256) * 256, model.rotary_len)
 
 
+def request_length(tokens, max_tokens, context, reach):
+    """The positions a request fills: its prompt and max_tokens new ones (None: up to the
+    model's context), at least one new; a clear error for no prompt or past `reach`."""
+    if not tokens:
+        raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
+    max_len = context if max_tokens is None else len(tokens) + max_tokens
+    max_len = max(max_len, len(tokens) + 1)
+    if max_len > reach:
+        raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({reach})")
+    return max_len
+
+
 def adjust_logits(logits, counts, frequency_penalty=0.0, presence_penalty=0.0, bias=None):
     """OpenAI's logit adjustments: (B, V) logits minus frequency_penalty per time a token
     already came out in that row (counts, (B, V)), minus presence_penalty once it has,
@@ -271,13 +283,8 @@ class Engine:
         speculative=False; True: wherever it applies. A tool call ends a speculative stretch:
         its output is forced and decoding goes on from a new prefill. self.spec_stats then
         counts the drafted and accepted tokens."""
-        if not tokens:
-            raise ValueError("generate needs at least one prompt token (e.g. <|bos|>)")
         model, device = self.model, self.device
-        max_len = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
-        max_len = max(max_len, len(tokens) + 1)
-        if max_len > model.rotary_len:
-            raise ValueError(f"prompt + max_tokens = {max_len} tokens is more than the model can place ({model.rotary_len})")
+        max_len = request_length(tokens, max_tokens, model.config.sequence_len, model.rotary_len)
         adjust = bool(frequency_penalty or presence_penalty or logit_bias)
         self.spec_stats = {}
         if speculative is None:  # by default only where it is expected to be faster: the CUDA-graph rounds
