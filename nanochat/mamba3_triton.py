@@ -772,6 +772,14 @@ def _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK: tl.constexpr, BT: tl.constexpr, B
 
 
 @triton.jit
+def _to_end(ACS, W, WN, acs, bh, z, sc, mt, C, CHUNK: tl.constexpr):
+    """Chunk z's weights of its tokens in its own state: exp(a_cs[last] - a_cs) and
+    d = exp(a_cs[last] - a_cs) (w + w_next) (chunk_state's forward and backward)."""
+    to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
+    return to_end, to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
+
+
+@triton.jit
 def _cout_tiles(Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
                 BP: tl.constexpr, BN: tl.constexpr):
     i, p, n, mt, mp, mn, k, qk_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
@@ -831,8 +839,7 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, 
         p, n, i = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
         gs = tl.load(DST + ((bh * C + z) * P + p[:, None]) * N + n[None, :], mask=mp[:, None] & mn[None, :],
                      other=0.0)
-        to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - acs)
-        d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
+        to_end, d = _to_end(ACS, W, WN, acs, bh, z, sc, mt, C, CHUNK)
         kd = _dot(k, tl.trans(gs), dt)                                         # (BT, BP)
         dd = tl.sum(x.to(tl.float32) * kd, 1)
         tl.store(DW + sc, tl.load(DW + sc, mask=mt, other=0.0) + dd * to_end, mask=mt)
@@ -876,8 +883,7 @@ def _cstate_fwd(Kp, X, ACS, W, WN, S, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl
     dt = X.dtype.element_ty
     i, p, n, mt, mp, mn, k, k_off, x, x_off = _chunk_kx(Kp, X, bh, z, T, H, P, N, CHUNK, BT, BP, BN)
     sc = (bh * C + z) * CHUNK + i
-    to_end = tl.exp(tl.load(ACS + (bh * C + z) * CHUNK + CHUNK - 1) - tl.load(ACS + sc, mask=mt, other=0.0))
-    d = to_end * (tl.load(W + sc, mask=mt, other=0.0) + tl.load(WN + sc, mask=mt, other=0.0))
+    _, d = _to_end(ACS, W, WN, tl.load(ACS + sc, mask=mt, other=0.0), bh, z, sc, mt, C, CHUNK)
     s = _dot(tl.trans((x.to(tl.float32) * d[:, None]).to(dt)), k, dt)
     tl.store(S + ((bh * C + z) * P + p[:, None]) * N + n[None, :], s.to(S.dtype.element_ty),
              mask=mp[:, None] & mn[None, :])
