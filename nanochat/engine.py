@@ -43,7 +43,11 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
     probs, idx = _top_k_probs(logits, temperature, top_k)
-    drawn = torch.multinomial(probs, 1, generator=rng)
+    # torch.multinomial(probs, 1)'s own draw (exponential noise from rng, argmax of probs / noise:
+    # the same numbers from the same generator) without its validity checks, which read the GPU
+    # twice a call: a host sync per token here, per request per step in the batcher
+    noise = torch.empty_like(probs).exponential_(1, generator=rng)
+    drawn = (probs / noise).argmax(dim=-1, keepdim=True)
     return (drawn if idx is None else idx.gather(1, drawn)).squeeze(1)
 
 

@@ -52,6 +52,28 @@ def test_decode_step_equals_forward(tokenizer, recipe):
         assert torch.allclose(logits, full[:, t], atol=1e-4)
 
 
+@pytest.mark.parametrize("extra", [{}, {**RECIPE, **HYBRID}, {"dsa_start_layer": 1, "dsa_top_k": 8, "dsa_dim": 16}])
+def test_cache_under_autocast_keeps_the_attended_dtype_and_decodes_the_same(tokenizer, extra):
+    """Under bf16 autocast the KV (and DSA index) cache is bf16, as the keys and values the
+    forward attends to: prefill + decode give the same logits, bit for bit, as an fp32 cache
+    (which was converted whole every step). Mamba-3's state stays fp32."""
+    model = model_for(tokenizer, "SSL", T=32, **extra)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+    outs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (None, torch.float32):
+            cache = model.init_cache(2, 32, dtype=dtype)
+            if dtype is None:
+                assert {(n, getattr(c, n).dtype) for c in cache.layers for n in ("k", "ik", "state")
+                        if hasattr(c, n)} == {("k", torch.bfloat16)} | (
+                    {("state", torch.float32)} if "mamba_pattern" in extra else
+                    {("ik", torch.bfloat16)} if "dsa_top_k" in extra else set())
+            steps = [model(idx[:, :12], cache=cache)[:, -1]]
+            steps += [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(12, 20)]
+            outs.append(torch.stack(steps))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.randn(4, 50)
     a = sample_next(logits, torch.Generator().manual_seed(1), temperature=1.0, top_k=5)
@@ -65,6 +87,23 @@ def test_sampling_is_seeded_and_respects_top_k():
     for k in (0, -1):  # no cut, as None (-k 0 crashed chat_eval and chat_rl)
         assert torch.equal(sample_next(logits, torch.Generator().manual_seed(3), 1.0, k),
                            sample_next(logits, torch.Generator().manual_seed(3), 1.0, None))
+
+
+def test_sampling_draws_what_torch_multinomial_draws():
+    """sample_next draws by multinomial's own method, without its syncing checks: the same
+    ids as torch.multinomial from the same seed, step after step (so seeded answers did not
+    change). A draw from another noise (a different generator state) fails this."""
+    for seed, (B, V, k) in enumerate([(1, 7, None), (3, 50, 5), (2, 65536, None), (4, 1000, 50)]):
+        logits = torch.randn(B, V) * 3
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(10):
+            probs, idx = torch.softmax(logits / 0.8, -1), None
+            if k:
+                vals, idx = logits.topk(k, -1)
+                probs = torch.softmax(vals / 0.8, -1)
+            want = torch.multinomial(probs, 1, generator=g1)
+            want = (want if idx is None else idx.gather(1, want)).squeeze(1)
+            assert torch.equal(sample_next(logits, g2, 0.8, k), want)
 
 
 def test_adjust_logits_penalties_and_bias():

@@ -230,6 +230,29 @@ def test_masked_attention_cuda_bf16(heads, kv_heads):
             assert err <= bound, (err, bound)
 
 
+def test_sampling_on_cuda_draws_like_multinomial_without_a_sync():
+    """On CUDA, sample_next gives torch.multinomial's ids from the same generator, and it
+    never waits for the GPU (sync debug mode "error" raises on any host sync)."""
+    from nanochat.engine import sample_next
+    logits = torch.randn(8, 65536, device="cuda") * 3
+    for k in (None, 50):
+        g1 = torch.Generator(device="cuda").manual_seed(5)
+        g2 = torch.Generator(device="cuda").manual_seed(5)
+        for _ in range(5):
+            probs, idx = torch.softmax(logits / 0.8, -1), None
+            if k:
+                vals, idx = logits.topk(k, -1)
+                probs = torch.softmax(vals / 0.8, -1)
+            want = torch.multinomial(probs, 1, generator=g1)
+            want = (want if idx is None else idx.gather(1, want)).squeeze(1)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = sample_next(logits, g2, 0.8, k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(got, want)
+
+
 def test_speculative_sampling_on_cuda_is_seeded():
     """The sampled speculative path (plain PyTorch, a CUDA generator for the accept test and
     the resampling): the same seed gives the same tokens, another seed other tokens, every

@@ -1,0 +1,99 @@
+"""
+The continuous batcher (nanochat/batching.py) alone, without HTTP: N requests submitted at
+once, each consumed by its own thread (as chat_web's), every answer max_tokens long. Prints
+decode tokens/s and where a step's time goes: the host's sampling (which waits for the
+step's logits), launching the step, admissions (batch-1 prefills), and the step's graph
+replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
+under bf16 autocast on CUDA, special tokens' output rows zeroed (rarely drawn, so answers
+run to max_tokens).
+
+    python dev/batch_bench.py                                 # d20, 128 slots, 32 and 128 requests x 256 tokens
+    python dev/batch_bench.py --depth=2 --slots=8 --requests=8 --max_tokens=16 --device_type=cpu
+"""
+
+import argparse
+import threading
+import time
+
+import torch
+
+from nanochat.batching import Batcher
+from nanochat.common import autocast_for, autodetect_device_type, synchronize
+from nanochat.engine import Engine
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import get_tokenizer
+
+parser = argparse.ArgumentParser(description="Benchmark the continuous batcher without HTTP")
+parser.add_argument("--depth", type=int, default=20)
+parser.add_argument("--slots", type=int, default=128, help="rows of the shared decode cache (--batch_slots)")
+parser.add_argument("--requests", type=str, default="32,128", help="comma-separated numbers of concurrent requests")
+parser.add_argument("--max_tokens", type=int, default=256)
+parser.add_argument("--device_type", type=str, default="", help="cuda|cpu (empty: autodetect)")
+args = parser.parse_args()
+device = torch.device(args.device_type or autodetect_device_type())
+
+tok = get_tokenizer()
+C = args.depth * 64
+cfg = GPTConfig(n_layer=args.depth, n_head=max(C // 128, 1), n_kv_head=max(C // 128, 1), n_embd=C,
+                vocab_size=tok.get_vocab_size(), sequence_len=2048)
+torch.manual_seed(0)
+model = build_model(cfg, device)
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.02)
+    for name in tok.get_special_tokens():
+        model.lm_head.weight[tok.encode_special(name)] = 0.0
+model.eval()
+batcher = Batcher(Engine(model, tok), args.slots, autocast=lambda: autocast_for(device.type))
+spent = {"sample": 0.0, "step": 0.0, "admit": 0.0, "steps": 0}
+
+
+def timed(name, f):
+    def run(*a, **k):
+        t = time.perf_counter()
+        out = f(*a, **k)
+        spent[name] += time.perf_counter() - t
+        spent["steps"] += name == "step"
+        return out
+    return run
+
+
+batcher._sample, batcher._step, batcher._admit = (timed(n, getattr(batcher, "_" + n)) for n in ("sample", "step", "admit"))
+prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Tell me about compilers."},
+                                                 {"role": "assistant", "content": ""}]})
+
+
+def run(n, max_tokens):
+    counts = []
+
+    def consume(i):
+        counts.append(sum(1 for _ in batcher.generate(prompt, max_tokens=max_tokens, temperature=0.8, seed=i)))
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(n)]
+    for k in spent:
+        spent[k] = 0
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt, steps = time.perf_counter() - t0, max(spent["steps"], 1)
+    return {"requests": n, "tokens": sum(counts), "seconds": round(dt, 2), "tok_per_s": round(sum(counts) / dt),
+            "ms_per_step": round(1e3 * dt / steps, 2),
+            **{f"{k}_ms_per_step": round(1e3 * spent[k] / steps, 2) for k in ("sample", "step", "admit")}}
+
+
+run(min(8, args.slots), 16)  # compile and capture
+for n in map(int, args.requests.split(",")):
+    print(run(n, args.max_tokens), flush=True)
+if device.type == "cuda":
+    with torch.inference_mode():
+        batcher._pos.fill_(300)  # every row at position 300
+        for _ in range(3):
+            batcher._stepper()
+        synchronize(device.type)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            batcher._stepper()
+        synchronize(device.type)
+        print({"graph_replay_ms": round(1e3 * (time.perf_counter() - t0) / 50, 2), "rows": args.slots})
+batcher.close()
