@@ -10,8 +10,9 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
    (ModelCache.load_row);
 2. sample: each request picks its rows' next tokens from their logits exactly as
    Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
-   bias, the Python tool's forced tokens) and streams them to its consumer; a request
-   that is finished (every row stopped, max_tokens, the end of the context) or abandoned
+   bias, the Python tool's forced tokens; requests with the same temperature and top k
+   share one softmax over all rows, each drawing its own noise) and streams them to its
+   consumer; a request that is finished (every row stopped, max_tokens, the end of the context) or abandoned
    frees its rows;
 3. step: one GPT.decode_step for all rows, each row at its own position (pos_t of shape
    (B,)); on CUDA one captured graph, as the Engine's. Free rows decode a dummy token at
@@ -32,7 +33,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.engine import (Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, request_length,
-                             sample_next)
+                             sample_next, top_k_probs)
 
 
 class Request:
@@ -184,17 +185,33 @@ class Batcher:
         return t[s[0]:s[0] + len(s)] if s[-1] - s[0] == len(s) - 1 else t[s]
 
     def _sample(self):
-        engine, draws, greedy = self.engine, [], None
+        engine, draws, greedy, groups = self.engine, [], None, {}
         for req in self.active:
-            if req.logits is None and req.counts is None and req.temperature < 1e-5:
+            s, plain = req.slots, req.logits is None and req.counts is None  # plain: its rows of this step's logits
+            if plain and req.temperature < 1e-5:
                 if greedy is None:  # every plain greedy row's argmax in one kernel
                     greedy = self._logits.argmax(dim=-1)
                 draws.append(self._rows(greedy, req))
-                continue
-            logits = req.logits if req.logits is not None else self._rows(self._logits, req)
-            if req.counts is not None:
-                logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1], req.bias_t)
-            draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
+            elif plain and s[-1] - s[0] == len(s) - 1:
+                # sample_next's draw, shared: one softmax (top k) over every row for all requests with
+                # the same settings, each request's noise drawn from its own generator into its rows
+                # (the shape sample_next draws, so the same numbers), one argmax per group below
+                V = self._logits.size(-1)
+                key = (req.temperature, req.top_k if req.top_k is not None and 0 < req.top_k < V else None)
+                if key not in groups:
+                    probs, idx = top_k_probs(self._logits, *key)
+                    groups[key] = [probs, idx, torch.empty_like(probs)]
+                groups[key][2][s[0]:s[0] + len(s)].exponential_(1, generator=req.rng)
+                draws.append(key)
+            else:  # a first token (the prefill's logits), penalties or bias, or rows apart
+                logits = req.logits if req.logits is not None else self._rows(self._logits, req)
+                if req.counts is not None:
+                    logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1], req.bias_t)
+                draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
+        for g in groups.values():
+            drawn = (g[0] / g[2]).argmax(dim=-1, keepdim=True)  # (rows of no request: garbage, not read)
+            g.append((drawn if g[1] is None else g[1].gather(1, drawn)).view(-1))
+        draws = [self._rows(groups[d][3], req) if isinstance(d, tuple) else d for d, req in zip(draws, self.active)]
         sampled = torch.cat(draws).tolist()  # one host sync for every request
         still, i = [], 0
         for req in self.active:

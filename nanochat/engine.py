@@ -27,7 +27,7 @@ import torch
 
 
 
-def _top_k_probs(logits, temperature, top_k):
+def top_k_probs(logits, temperature, top_k):
     """softmax(logits / temperature) over each row's top k: (B, k) probabilities and their
     ids, or over all of the row: (B, V) and None (top_k None or <= 0: no cut)."""
     logits = logits.float()
@@ -42,7 +42,7 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
     is the argmax there anyway, and dividing by them would overflow to inf (NaN probs)."""
     if temperature < 1e-5:
         return logits.argmax(dim=-1)
-    probs, idx = _top_k_probs(logits, temperature, top_k)
+    probs, idx = top_k_probs(logits, temperature, top_k)
     # torch.multinomial(probs, 1)'s own draw (exponential noise from rng, argmax of probs / noise:
     # the same numbers from the same generator) without its validity checks, which read the GPU
     # twice a call: a host sync per token here, per request per step in the batcher
@@ -54,7 +54,7 @@ def sample_next(logits, rng, temperature=1.0, top_k=None):
 def sampling_probs(logits, temperature=1.0, top_k=None):
     """(B, V) logits -> the (B, V) distribution sample_next draws from at temperature > 0
     (zero outside the top k): what speculative sampling compares drafts against."""
-    probs, idx = _top_k_probs(logits, temperature, top_k)
+    probs, idx = top_k_probs(logits, temperature, top_k)
     return probs if idx is None else torch.zeros_like(logits, dtype=probs.dtype).scatter(-1, idx, probs)
 
 

@@ -31,8 +31,9 @@ def engine_for(model, tokenizer):
 def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
     """Requests decoded together by the Batcher (more rows than it has, so some wait for
     others to end; each row at its own position) give what Engine.generate gives for each
-    alone: greedy the same tokens, sampled the same draws of the same seeded generator,
-    two samples of one prompt included; with the quality recipe, a Mamba-3 hybrid, Engram +
+    alone: greedy the same tokens, sampled the same draws of the same seeded generator
+    (requests with the same temperature and top k share one softmax), two samples of one
+    prompt included; with the quality recipe, a Mamba-3 hybrid, Engram +
     mHC and DSA."""
     model = model_for(tokenizer, "SSL", **CASES[extra])
     prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in ("int main() {", "def f(x):\n    return", "The")]
@@ -42,7 +43,10 @@ def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
             (prompts[1], dict(max_tokens=10, temperature=1.0, top_k=20, seed=7)),
             (prompts[0], dict(num_samples=2, max_tokens=8, temperature=0.8, seed=3, frequency_penalty=0.5,
                               logit_bias={5: 2.0})),
-            (prompts[2], dict(max_tokens=15, temperature=0.0))]
+            (prompts[2], dict(max_tokens=15, temperature=0.0)),
+            (prompts[2], dict(max_tokens=9, temperature=0.8, seed=11)),  # sampled in a group with the next ones
+            (prompts[0], dict(max_tokens=7, temperature=1.0, top_k=20, seed=9)),
+            (prompts[1], dict(max_tokens=6, temperature=0.8, seed=12))]
     want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
     batcher = Batcher(engine_for(model, tokenizer), slots=4)
     got = [None] * len(jobs)
@@ -75,7 +79,8 @@ def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
         seq = iter(script + [s("<|assistant_end|>")] * 50)
         monkeypatch.setattr(module, "sample_next", lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq)))
         runner = make()
-        streams.append(list(runner.generate(tokens, max_tokens=30)))
+        # (a penalty sends the batcher's draw through sample_next too, not its shared softmax)
+        streams.append(list(runner.generate(tokens, max_tokens=30, presence_penalty=0.1)))
         monkeypatch.undo()
     assert streams[0] == streams[1]
     text = tokenizer.decode([c[0] for c, _ in streams[1]])
