@@ -4,8 +4,7 @@ once, each consumed by its own thread (as chat_web's), every answer max_tokens l
 decode tokens/s and where a step's time goes: the host's sampling (which waits for the
 step's logits), launching the step, admissions (batch-1 prefills), and the step's graph
 replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
-under bf16 autocast on CUDA, special tokens' output rows zeroed (rarely drawn, so answers
-run to max_tokens).
+under bf16 autocast on CUDA; no stop tokens and no tool, so answers run to max_tokens.
 
     python dev/batch_bench.py                                 # d20, 128 slots, 32 and 128 requests x 256 tokens
     python dev/batch_bench.py --depth=2 --slots=8 --requests=8 --max_tokens=16 --device_type=cpu
@@ -41,10 +40,10 @@ model = build_model(cfg, device)
 with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
-    for name in tok.get_special_tokens():
-        model.lm_head.weight[tok.encode_special(name)] = 0.0
 model.eval()
-batcher = Batcher(Engine(model, tok), args.slots, autocast=lambda: autocast_for(device.type))
+engine = Engine(model, tok, use_tools=False)
+engine.stop_tokens = set()  # a random model draws special tokens too: every answer runs to max_tokens
+batcher = Batcher(engine, args.slots, autocast=lambda: autocast_for(device.type))
 spent = {"sample": 0.0, "step": 0.0, "admit": 0.0, "steps": 0}
 
 
@@ -58,7 +57,8 @@ def timed(name, f):
     return run
 
 
-batcher._sample, batcher._step, batcher._admit = (timed(n, getattr(batcher, "_" + n)) for n in ("sample", "step", "admit"))
+for name in ("sample", "step", "admit"):
+    setattr(batcher, "_" + name, timed(name, getattr(batcher, "_" + name)))
 prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Tell me about compilers."},
                                                  {"role": "assistant", "content": ""}]})
 

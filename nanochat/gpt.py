@@ -442,8 +442,8 @@ class GPT(nn.Module):
         streams = self.config.mhc_streams if self.config.mhc else 1  # Engram's conv runs per mHC stream
         engram = {i: b.engram.init_cache(batch_size, device, dtype, streams) for i, b in enumerate(self.blocks)
                   if b.engram}
-        return ModelCache([b.mixer.init_cache(batch_size, max_len, device, kv_dtype) for b in self.blocks], max_len, prev,
-                          engram)
+        layers = [b.mixer.init_cache(batch_size, max_len, device, kv_dtype) for b in self.blocks]
+        return ModelCache(layers, max_len, prev, engram)
 
     def _embed(self, idx, cache):
         """The normed token embedding in the compute dtype, smeared when on: each position

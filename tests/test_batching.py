@@ -135,3 +135,21 @@ def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
         logits = model.decode_step(ids, cache, pos)
         for b in range(2):
             assert torch.allclose(logits[b], full[b, pos[b]], atol=1e-4), (step, b)
+
+
+def test_batch_bench_runs_every_answer_to_max_tokens(tokenizer, tmp_path):
+    """dev/batch_bench.py on the CPU: one line per request count, every answer max_tokens long."""
+    import ast
+    import os
+    import shutil
+    import subprocess
+    import sys
+    shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "dev/batch_bench.py", "--depth=1", "--slots=8", "--requests=3,8",
+                          "--max_tokens=6", "--device_type=cpu"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [ast.literal_eval(line) for line in out.stdout.splitlines()]
+    assert [(r["requests"], r["tokens"]) for r in rows] == [(3, 18), (8, 48)]
+    assert all(r["tok_per_s"] > 0 and r["sample_ms_per_step"] > 0 for r in rows)

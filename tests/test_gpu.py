@@ -253,6 +253,20 @@ def test_sampling_on_cuda_draws_like_multinomial_without_a_sync():
             assert torch.equal(got, want)
 
 
+def test_noise_drawn_into_rows_of_a_buffer_equals_a_fresh_draw():
+    """The batcher's shared sampling draws each request's noise into its rows of one buffer;
+    on CUDA that gives the numbers a fresh tensor of those rows' shape gets from the same
+    generator (what sample_next draws), at any row offset, top-k widths included."""
+    for width in (65536, 50, 7):
+        buf = torch.empty(128, width, device="cuda")
+        for row, n in ((0, 1), (5, 2), (17, 1), (127, 1)):
+            def gen():
+                return torch.Generator(device="cuda").manual_seed(row)
+            buf[row:row + n].exponential_(1, generator=gen())
+            fresh = torch.empty(n, width, device="cuda").exponential_(1, generator=gen())
+            assert torch.equal(buf[row:row + n], fresh)
+
+
 def test_speculative_sampling_on_cuda_is_seeded():
     """The sampled speculative path (plain PyTorch, a CUDA generator for the accept test and
     the resampling): the same seed gives the same tokens, another seed other tokens, every
