@@ -5,9 +5,10 @@ The Engine (nanochat/engine.py) decodes one request at a time: its rows (samples
 prompt) share one position. A server with many clients would then serve them one after
 another. The Batcher keeps one decode cache of `slots` rows instead and a thread that loops:
 
-1. admit: a waiting request with n samples takes n free rows: its prompt is prefilled at
-   batch 1 (model(ids, cache=prefill)) and the prefill cache copied into those rows
-   (ModelCache.load_row);
+1. admit: a waiting request with n samples takes n free rows: its prompt is prefilled
+   (model(ids, cache=prefill), a cache of the prompt's length) and the prefill cache copied
+   into those rows (ModelCache.load_row); requests admitted together whose prompts have the
+   same length share one prefill forward (a burst of clients: one forward, not one each);
 2. sample: each request picks its rows' next tokens from their logits exactly as
    Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
    bias, the Python tool's forced tokens; requests with the same temperature and top k
@@ -34,6 +35,9 @@ import torch
 
 from nanochat.engine import (Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, request_length,
                              sample_next, top_k_probs)
+
+
+PREFILL_TOKENS = 4096  # the most prompt tokens prefilled in one forward (its fp32 logits: 4,096 x vocab)
 
 
 class Request:
@@ -126,43 +130,62 @@ class Batcher:
         self.active, self.free, self._stepper = [], list(range(self.slots)), None  # (self.first keeps its turn)
 
     def _admit(self, block):
-        while len(self.free) > 0:
+        """Waiting requests into free rows, first come first served; those admitted together
+        whose prompts have the same length are prefilled in one forward."""
+        ready, free = [], len(self.free)
+        while free > 0:
             req, self.first = self.first, None
             if req is None:
                 try:
                     req = self.waiting.get(block=block)
                 except queue.Empty:
-                    return
+                    break
                 if req is None:  # close()
                     self._closed = True
-                    return
+                    break
             block = False
             if req.cancelled:
                 continue
-            if req.n > len(self.free):  # not enough rows yet: it stays first in line until others end
+            if req.n > free:  # not enough rows yet: it stays first in line until others end
                 self.first = req
-                return
+                break
+            ready.append(req)
+            free -= req.n
+        groups = {}
+        for req in ready:
+            groups.setdefault(len(req.tokens), []).append(req)
+        for length, reqs in groups.items():
+            per = max(1, PREFILL_TOKENS // length)
+            for i in range(0, len(reqs), per):
+                self._prefill(reqs[i:i + per])
+
+    def _prefill(self, reqs):
+        """One forward for prompts of one length, into a cache of their length; then each
+        request takes its rows (a row is taken only once everything that may fail has not)."""
+        model, device = self.model, self.engine.device
+        try:
+            if self._stepper is None:
+                self._make_stepper()
+            prefill = model.init_cache(len(reqs), cache_length(model, len(reqs[0].tokens)), device=device)
+            ids = torch.tensor([r.tokens for r in reqs], dtype=torch.long, device=device)
+            logits = model(ids, cache=prefill)[:, -1, :].float()
+        except Exception as e:
+            for req in reqs:
+                req.out.put(e)
+            return
+        for i, req in enumerate(reqs):
             try:
-                self._prefill(req)
+                req.bias_t = bias_vector(req.bias, logits.size(-1), device)
             except Exception as e:
                 req.out.put(e)
                 continue
+            if any(req.penalties) or req.bias:
+                req.counts = torch.zeros(req.n, logits.size(-1), device=device)
+            req.logits = logits[i:i + 1].expand(req.n, -1)
+            req.slots, self.free = self.free[:req.n], self.free[req.n:]
+            for s in req.slots:
+                self.cache.load_row(prefill, s, i)
             self.active.append(req)
-
-    def _prefill(self, req):
-        model, device = self.model, self.engine.device
-        if self._stepper is None:
-            self._make_stepper()
-        prefill = model.init_cache(1, self.cache_len, device=device)
-        logits = model(torch.tensor([req.tokens], dtype=torch.long, device=device), cache=prefill)[:, -1, :]
-        req.logits = logits.float().expand(req.n, -1)
-        req.bias_t = bias_vector(req.bias, logits.size(-1), device)
-        if any(req.penalties) or req.bias:
-            req.counts = torch.zeros(req.n, logits.size(-1), device=device)
-        slots = self.free[:req.n]
-        for s in slots:  # (a row is taken only once everything that may fail has not)
-            self.cache.load_row(prefill, s)
-        req.slots, self.free = slots, self.free[req.n:]
 
     def _make_stepper(self):
         model, device = self.model, self.engine.device

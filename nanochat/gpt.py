@@ -257,8 +257,8 @@ class Block(nn.Module):
 class ModelCache:
     """Inference state for every layer plus the number of positions already filled."""
 
-    def __init__(self, layers, max_len, prev_emb=None, engram=None):
-        self.layers, self.pos, self.max_len = layers, 0, max_len
+    def __init__(self, layers, max_len, prev_emb=None, engram=None, batch=1):
+        self.layers, self.pos, self.max_len, self.batch = layers, 0, max_len, batch
         # smear: the previous token's normed embedding, (B, 1, C), written in place each step
         # (fixed shape and address, so the CUDA-graph decode step can own it); zeros before token 0
         self.prev_emb = prev_emb
@@ -275,15 +275,22 @@ class ModelCache:
             dst.view(dst.size(0) // s.size(0), *s.shape).copy_(s)
         self.pos = src.pos
 
-    def load_row(self, src, row):
-        """Row `row` of this cache := src, a batch-1 cache of the same length (a prefill), in
-        place (continuous batching admits a request into a free row; nanochat/batching.py)."""
-        for dst, s in zip(self._tensors(), src._tensors(), strict=True):
-            if dst.shape == s.shape:  # one row, or no batch dim (Mamba-3's copy of its weights, w_in)
+    def load_row(self, src, row, src_row=0):
+        """Row `row` of this cache := row `src_row` of src, a prefill of one prompt or of several
+        (its cache may be shorter: its positions land at the start), in place (continuous
+        batching admits requests into free rows; nanochat/batching.py). A tensor with k rows per sequence (Engram's conv under mHC:
+        one per stream) copies k rows; Mamba-3's copy of its weights (w_in) is copied whole."""
+        pairs = [(d, t, getattr(st, "w_in", None)) for ds, st in zip(self._states(), src._states(), strict=True)
+                 for d, t in zip(ds.tensors(), st.tensors(), strict=True)]
+        if self.prev_emb is not None:
+            pairs.append((self.prev_emb, src.prev_emb, None))
+        for dst, s, weights in pairs:
+            if s is weights:
                 dst.copy_(s)
-            else:
-                k = s.size(0)  # rows per sequence (Engram's conv under mHC: one per stream)
-                dst[row * k:(row + 1) * k].copy_(s)
+            else:  # (src may hold fewer positions: its leading ones along each dim)
+                k = s.size(0) // src.batch
+                dst[(slice(row * k, (row + 1) * k), *(slice(0, n) for n in s.shape[1:]))].copy_(
+                    s[src_row * k:(src_row + 1) * k])
 
     def _tensors(self):
         return [t for s in self._states() for t in s.tensors()] + ([self.prev_emb] if self.prev_emb is not None else [])
@@ -443,7 +450,7 @@ class GPT(nn.Module):
         engram = {i: b.engram.init_cache(batch_size, device, dtype, streams) for i, b in enumerate(self.blocks)
                   if b.engram}
         layers = [b.mixer.init_cache(batch_size, max_len, device, kv_dtype) for b in self.blocks]
-        return ModelCache(layers, max_len, prev, engram)
+        return ModelCache(layers, max_len, prev, engram, batch_size)
 
     def _embed(self, idx, cache):
         """The normed token embedding in the compute dtype, smeared when on: each position

@@ -64,6 +64,47 @@ def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
     batcher.close()
 
 
+@pytest.mark.parametrize("extra", ["plain", "hybrid", "memory"])
+def test_requests_admitted_together_share_a_prefill(tokenizer, monkeypatch, extra):
+    """Requests that arrive while the batcher is busy are admitted together: those whose
+    prompts have the same length in one prefill forward (a group of 3 here, and one alone),
+    each request then in its own rows; the answers equal Engine.generate's."""
+    model = model_for(tokenizer, "SSL", **CASES[extra])
+    c = tokenizer.encode("def f(x):\n    return", prepend="<|bos|>")
+    a = tokenizer.encode("int x = 1;", prepend="<|bos|>")
+    b = [a[0]] + a[1:][::-1]  # the same length, other tokens
+    assert len(a) == len(b) != len(c) and a != b
+    jobs = [(a, dict(max_tokens=6, temperature=0.0)), (b, dict(max_tokens=9, temperature=0.0)),
+            (c, dict(max_tokens=7, temperature=0.0)), (a, dict(num_samples=2, max_tokens=5, temperature=0.9, seed=4))]
+    want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
+    batcher = Batcher(engine_for(model, tokenizer), slots=8)
+    sizes, gate, prefill = [], threading.Event(), Batcher._prefill
+
+    def gated(self, reqs):  # the first admission waits until every request is queued
+        gate.wait(30)
+        sizes.append(len(reqs))
+        prefill(self, reqs)
+    monkeypatch.setattr(Batcher, "_prefill", gated)
+    got = [None] * (len(jobs) + 1)
+
+    def run(i, p, kw):
+        got[i] = list(batcher.generate(p, **kw))
+    threads = [threading.Thread(target=run, args=(0, c, dict(max_tokens=3, temperature=0.0)))]
+    threads[0].start()
+    time.sleep(0.2)  # the first request is being admitted (held at the gate)
+    threads += [threading.Thread(target=run, args=(i + 1, p, kw)) for i, (p, kw) in enumerate(jobs)]
+    for t in threads[1:]:
+        t.start()
+    while batcher.waiting.qsize() < len(jobs):
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert got[1:] == want and len(got[0]) == 3
+    assert sizes == [1, 3, 1] and batcher.busy_rows == 0
+    batcher.close()
+
+
 def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
     """A scripted sampler (the model runs, the choice is fixed): the row writes a Python call,
     gets <|output_start|>42<|output_end|> forced with mask 0, then stops at <|assistant_end|>;
