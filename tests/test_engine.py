@@ -89,6 +89,16 @@ def test_sampling_is_seeded_and_respects_top_k():
                            sample_next(logits, torch.Generator().manual_seed(3), 1.0, None))
 
 
+def multinomial_draw(logits, rng, temperature, k):
+    """The ids sample_next drew with torch.multinomial (before it drew without the syncs)."""
+    probs, idx = torch.softmax(logits / temperature, -1), None
+    if k:
+        vals, idx = logits.topk(k, -1)
+        probs = torch.softmax(vals / temperature, -1)
+    want = torch.multinomial(probs, 1, generator=rng)
+    return (want if idx is None else idx.gather(1, want)).squeeze(1)
+
+
 def test_sampling_draws_what_torch_multinomial_draws():
     """sample_next draws by multinomial's own method, without its syncing checks: the same
     ids as torch.multinomial from the same seed, step after step (so seeded answers did not
@@ -97,12 +107,7 @@ def test_sampling_draws_what_torch_multinomial_draws():
         logits = torch.randn(B, V) * 3
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         for _ in range(10):
-            probs, idx = torch.softmax(logits / 0.8, -1), None
-            if k:
-                vals, idx = logits.topk(k, -1)
-                probs = torch.softmax(vals / 0.8, -1)
-            want = torch.multinomial(probs, 1, generator=g1)
-            want = (want if idx is None else idx.gather(1, want)).squeeze(1)
+            want = multinomial_draw(logits, g1, 0.8, k)
             assert torch.equal(sample_next(logits, g2, 0.8, k), want)
 
 

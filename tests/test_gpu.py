@@ -234,17 +234,13 @@ def test_sampling_on_cuda_draws_like_multinomial_without_a_sync():
     """On CUDA, sample_next gives torch.multinomial's ids from the same generator, and it
     never waits for the GPU (sync debug mode "error" raises on any host sync)."""
     from nanochat.engine import sample_next
+    from test_engine import multinomial_draw
     logits = torch.randn(8, 65536, device="cuda") * 3
     for k in (None, 50):
         g1 = torch.Generator(device="cuda").manual_seed(5)
         g2 = torch.Generator(device="cuda").manual_seed(5)
         for _ in range(5):
-            probs, idx = torch.softmax(logits / 0.8, -1), None
-            if k:
-                vals, idx = logits.topk(k, -1)
-                probs = torch.softmax(vals / 0.8, -1)
-            want = torch.multinomial(probs, 1, generator=g1)
-            want = (want if idx is None else idx.gather(1, want)).squeeze(1)
+            want = multinomial_draw(logits, g1, 0.8, k)
             torch.cuda.set_sync_debug_mode("error")
             try:
                 got = sample_next(logits, g2, 0.8, k)
