@@ -13,8 +13,8 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
    Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
    bias, the Python tool's forced tokens; requests with the same temperature and top k
    share one softmax over all rows, each drawing its own noise) and streams them to its
-   consumer; a request that is finished (every row stopped, max_tokens, the end of the context) or abandoned
-   frees its rows;
+   consumer; a request that is finished (every row stopped, max_tokens, the end of the
+   context) or abandoned frees its rows;
 3. step: one GPT.decode_step for all rows, each row at its own position (pos_t of shape
    (B,)); on CUDA one captured graph, as the Engine's. Free rows decode a dummy token at
    position 0 of their own row, which the next admission overwrites.

@@ -278,8 +278,9 @@ class ModelCache:
     def load_row(self, src, row, src_row=0):
         """Row `row` of this cache := row `src_row` of src, a prefill of one prompt or of several
         (its cache may be shorter: its positions land at the start), in place (continuous
-        batching admits requests into free rows; nanochat/batching.py). A tensor with k rows per sequence (Engram's conv under mHC:
-        one per stream) copies k rows; Mamba-3's copy of its weights (w_in) is copied whole."""
+        batching admits requests into free rows; nanochat/batching.py). A tensor with k rows
+        per sequence (Engram's conv under mHC: one per stream) copies k rows; Mamba-3's copy
+        of its weights (w_in) is copied whole."""
         pairs = [(d, t, getattr(st, "w_in", None)) for ds, st in zip(self._states(), src._states(), strict=True)
                  for d, t in zip(ds.tensors(), st.tensors(), strict=True)]
         if self.prev_emb is not None:

@@ -95,7 +95,8 @@ def test_requests_admitted_together_share_a_prefill(tokenizer, monkeypatch, extr
     threads += [threading.Thread(target=run, args=(i + 1, p, kw)) for i, (p, kw) in enumerate(jobs)]
     for t in threads[1:]:
         t.start()
-    while batcher.waiting.qsize() < len(jobs):
+    t0 = time.time()
+    while batcher.waiting.qsize() < len(jobs) and time.time() - t0 < 30:
         time.sleep(0.01)
     gate.set()
     for t in threads:
