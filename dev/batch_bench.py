@@ -2,7 +2,7 @@
 The continuous batcher (nanochat/batching.py) alone, without HTTP: N requests submitted at
 once, each consumed by its own thread (as chat_web's), every answer max_tokens long. Prints
 decode tokens/s and where a step's time goes: the host's sampling (which waits for the
-step's logits), launching the step, admissions (batch-1 prefills), and the step's graph
+step's logits), launching the step, admissions (prefills), and the step's graph
 replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
 under bf16 autocast on CUDA; no stop tokens and no tool, so answers run to max_tokens.
 

@@ -202,39 +202,44 @@ class Batcher:
         self._ids, self._pos = ids, pos
 
     @staticmethod
-    def _rows(t, req):
-        """The request's rows of t (one per slot): a view where its slots are consecutive (no copy)."""
+    def _span(req):
+        """The request's slots as a slice where they are consecutive (its rows are then a view), else None."""
         s = req.slots
-        return t[s[0]:s[0] + len(s)] if s[-1] - s[0] == len(s) - 1 else t[s]
+        return slice(s[0], s[0] + len(s)) if s[-1] - s[0] == len(s) - 1 else None
+
+    @classmethod
+    def _rows(cls, t, req):
+        """The request's rows of t (one per slot): a view where its slots are consecutive (no copy)."""
+        span = cls._span(req)
+        return t[req.slots] if span is None else t[span]
 
     def _sample(self):
         engine, draws, greedy, groups = self.engine, [], None, {}
         for req in self.active:
-            s, plain = req.slots, req.logits is None and req.counts is None  # plain: its rows of this step's logits
+            plain = req.logits is None and req.counts is None  # plain: its rows of this step's logits
             if plain and req.temperature < 1e-5:
                 if greedy is None:  # every plain greedy row's argmax in one kernel
                     greedy = self._logits.argmax(dim=-1)
                 draws.append(self._rows(greedy, req))
-            elif plain and s[-1] - s[0] == len(s) - 1:
+            elif plain and self._span(req) is not None:
                 # sample_next's draw, shared: one softmax (top k) over every row for all requests with
                 # the same settings, each request's noise drawn from its own generator into its rows
                 # (the shape sample_next draws, so the same numbers), one argmax per group below
-                V = self._logits.size(-1)
-                key = (req.temperature, req.top_k if req.top_k is not None and 0 < req.top_k < V else None)
+                key = (req.temperature, req.top_k)
                 if key not in groups:
                     probs, idx = top_k_probs(self._logits, *key)
-                    groups[key] = [probs, idx, torch.empty_like(probs)]
-                groups[key][2][s[0]:s[0] + len(s)].exponential_(1, generator=req.rng)
+                    groups[key] = (probs, idx, torch.empty_like(probs))
+                groups[key][2][self._span(req)].exponential_(1, generator=req.rng)
                 draws.append(key)
             else:  # a first token (the prefill's logits), penalties or bias, or rows apart
                 logits = req.logits if req.logits is not None else self._rows(self._logits, req)
                 if req.counts is not None:
                     logits = adjust_logits(logits, req.counts, req.penalties[0], req.penalties[1], req.bias_t)
                 draws.append(sample_next(logits, req.rng, req.temperature, req.top_k).view(-1))
-        for g in groups.values():
-            drawn = (g[0] / g[2]).argmax(dim=-1, keepdim=True)  # (rows of no request: garbage, not read)
-            g.append((drawn if g[1] is None else g[1].gather(1, drawn)).view(-1))
-        draws = [self._rows(groups[d][3], req) if isinstance(d, tuple) else d for d, req in zip(draws, self.active)]
+        for key, (probs, idx, noise) in groups.items():  # each group's ids, every row
+            drawn = (probs / noise).argmax(dim=-1, keepdim=True)  # (rows of no request: garbage, not read)
+            groups[key] = (drawn if idx is None else idx.gather(1, drawn)).view(-1)
+        draws = [self._rows(groups[d], req) if isinstance(d, tuple) else d for d, req in zip(draws, self.active)]
         sampled = torch.cat(draws).tolist()  # one host sync for every request
         still, i = [], 0
         for req in self.active:
