@@ -2,8 +2,10 @@
 A bounded load test of a running chat_web server: N concurrent clients, each sending
 streaming chat requests back to back for a fixed time. Prints one JSON line: requests,
 requests/s, time to first token (p50, p95, p99), each answer's streaming rate after its
-first token (text pieces a second, about tokens: p50 and p5, the slow end), errors, and
-the server's /stats afterwards (every worker should be free again: none leaked).
+first token (text pieces a second, about tokens: p50 and p5, the slow end), errors, the
+busiest client process's CPU share (near 1: the clients, not the server, set the pace;
+then split them over --procs), the server's own part of the time to first token, and its
+/stats afterwards (every worker should be free again: none leaked).
 
     python -m scripts.chat_web --num_gpus=2 &
     python dev/loadtest.py --url http://127.0.0.1:8000 --clients 32 --seconds 30
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import json
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 
@@ -55,22 +58,44 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-async def main(args):
+async def clients(args, n):
+    """n clients until the deadline: (ttfts, rates, errors, this process's CPU seconds)."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     ttfts, rates, errors = [], [], []
+    cpu = time.process_time()
+    deadline = time.monotonic() + args.seconds
+    await asyncio.gather(*(client(args.url, deadline, args, ttfts, rates, errors, headers) for _ in range(n)))
+    return ttfts, rates, errors, time.process_time() - cpu
+
+
+def clients_in_process(args, n):
+    return asyncio.run(clients(args, n))
+
+
+def main(args):
+    # --procs: the clients split over processes, so that one Python process parsing every stream
+    # (thousands of events a second at 128 clients) does not become the bottleneck it measures
+    shares = [args.clients // args.procs + (i < args.clients % args.procs) for i in range(args.procs)]
     t0 = time.monotonic()
-    deadline = t0 + args.seconds
-    await asyncio.gather(*(client(args.url, deadline, args, ttfts, rates, errors, headers) for _ in range(args.clients)))
+    if args.procs == 1:
+        parts = [clients_in_process(args, args.clients)]
+    else:
+        with ProcessPoolExecutor(args.procs) as pool:
+            parts = list(pool.map(clients_in_process, [args] * args.procs, shares))
     elapsed = time.monotonic() - t0
-    async with httpx.AsyncClient(headers=headers) as http:
-        stats = (await http.get(f"{args.url}/stats")).json()
+    ttfts, rates, errors = (sum((part[k] for part in parts), []) for k in range(3))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    stats = httpx.get(f"{args.url}/stats", headers=headers).json()
     ms = lambda q: round(1000 * percentile(ttfts, q), 1) if ttfts else None
     rate = lambda q: round(percentile(rates, q), 1) if rates else None
-    return {"clients": args.clients, "seconds": round(elapsed, 1), "requests": len(ttfts),
+    return {"clients": args.clients, "procs": args.procs, "seconds": round(elapsed, 1), "requests": len(ttfts),
             "requests_per_s": round(len(ttfts) / elapsed, 2),
             "ttft_p50_ms": ms(0.5), "ttft_p95_ms": ms(0.95), "ttft_p99_ms": ms(0.99),
             "stream_tok_per_s_p50": rate(0.5), "stream_tok_per_s_p5": rate(0.05),
             "errors": len(errors), "first_errors": errors[:3],
+            # the busiest client process's CPU time over the wall time: near 1, the clients were the bottleneck
+            "client_cpu": round(max(part[3] for part in parts) / elapsed, 2),
+            "server_first_token_ms": stats.get("first_token_ms"),
             "workers_busy_after": sum(w["busy"] for w in stats["workers"]), "waiting_after": stats["waiting"]}
 
 
@@ -82,4 +107,8 @@ if __name__ == "__main__":
     parser.add_argument("--max_tokens", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=120, help="per-request timeout (queueing included)")
     parser.add_argument("--api_key", default=None)
-    print(json.dumps(asyncio.run(main(parser.parse_args()))))
+    parser.add_argument("--procs", type=int, default=1, help="client processes (the clients split over them)")
+    args = parser.parse_args()
+    if not 1 <= args.procs <= args.clients:
+        parser.error(f"--procs={args.procs}: use 1 to --clients ({args.clients})")
+    print(json.dumps(main(args)))

@@ -29,6 +29,8 @@ smear) cannot sit out a step.
 
 import queue
 import threading
+import time
+from collections import deque
 from contextlib import nullcontext
 
 import torch
@@ -49,6 +51,7 @@ class Request:
         self.out = queue.Queue()  # (column, masks) per step, then None (or an exception)
         self.slots, self.logits, self.pos, self.produced = [], None, len(tokens), 0
         self.cancelled = False
+        self.submitted = time.perf_counter()
 
 
 class Batcher:
@@ -66,6 +69,7 @@ class Batcher:
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
         self._closed = False
+        self.first_token_s = deque(maxlen=1000)  # the last requests' waits from generate() to their first token
         self._thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
         self._thread.start()
 
@@ -247,6 +251,8 @@ class Batcher:
             i += req.n
             if not req.cancelled:
                 req.out.put((column, masks))
+            if req.produced == 0:
+                self.first_token_s.append(time.perf_counter() - req.submitted)
             if req.counts is not None:
                 req.counts[torch.arange(req.n, device=req.counts.device),
                            torch.tensor(column, device=req.counts.device)] += 1

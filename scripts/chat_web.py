@@ -41,6 +41,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import aclosing, closing
 from typing import Annotated, Literal, Optional, Union
 
@@ -234,6 +235,7 @@ class WorkerPool:
         for w in workers:
             self.free.put_nowait(w)
         self.waiting = 0
+        self.first_token_s = deque(maxlen=1000)  # the last requests' times from arrival here to their first piece
 
     async def acquire(self):
         if self.workers[0].batcher is not None:  # batching: the least loaded worker, shared
@@ -256,6 +258,13 @@ class WorkerPool:
             return
         worker.busy = False
         self.free.put_nowait(worker)
+
+
+def percentiles_ms(seconds):
+    """{"p50": ms, "p95": ms} of recent waits (None before any)."""
+    values = sorted(seconds)
+    at = lambda q: round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1)
+    return {"p50": at(0.5), "p95": at(0.95)} if values else None
 
 
 def error(status, message, kind="invalid_request_error"):
@@ -408,6 +417,7 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
     once every answer is done. When the consumer goes away (a disconnected client) the
     thread stops at its next token; it hands the worker back when done with the model.
     With continuous batching the worker is shared: the request runs in its batcher."""
+    arrived = time.perf_counter()
     worker = await pool.acquire()
     loop = asyncio.get_running_loop()
     out = asyncio.Queue()
@@ -476,6 +486,7 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
             send("done", 0, "", 0, None)
 
     threading.Thread(target=run, daemon=True).start()
+    first = True
     try:
         while True:
             kind, i, text, count, finish = await out.get()
@@ -483,6 +494,9 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
                 raise RuntimeError(text)
             if kind == "done":
                 return
+            if first:
+                pool.first_token_s.append(time.perf_counter() - arrived)
+                first = False
             yield i, text, count, finish, worker.index
     finally:
         stop.set()  # no await here: a cancelled task (client gone) could not wait anyway
@@ -560,10 +574,14 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     @app.get("/stats")
     async def stats():
         pool = app.state.pool
+        # first_token_ms: the server's part of the time to first token (the last 1,000 requests), from the
+        # request's arrival at the generator; the batcher's own part (waiting for rows, prefill) beside it
         return {"requests": state["requests"], "waiting": pool.waiting, "uptime_s": round(time.time() - state["started"]),
+                "first_token_ms": percentiles_ms(pool.first_token_s),
                 "workers": [{"id": w.index, "busy": w.busy, "served": w.served, "tokens": w.tokens,
                              "device": str(w.model.wte.weight.device),
-                             **({"rows_busy": w.batcher.busy_rows, "rows": w.batcher.slots, "queued": w.batcher.queued}
+                             **({"rows_busy": w.batcher.busy_rows, "rows": w.batcher.slots, "queued": w.batcher.queued,
+                                 "batcher_first_token_ms": percentiles_ms(w.batcher.first_token_s)}
                                 if w.batcher else {})}
                             for w in pool.workers]}
 

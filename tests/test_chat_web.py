@@ -260,6 +260,7 @@ def test_load_32_streaming_clients(server):
     print("load test:", result)
     assert result["errors"] == 0, result
     assert result["requests"] >= 32 and result["ttft_p99_ms"] is not None
+    assert 0 < result["client_cpu"] < 2 and result["server_first_token_ms"]["p95"] > 0, result
     assert result["workers_busy_after"] == 0 and result["waiting_after"] == 0
 
 
@@ -545,12 +546,16 @@ def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, token
             time.sleep(0.05)
         assert rows_busy() == 0  # the client left: its row is free
         out = subprocess.run([sys.executable, "dev/loadtest.py", "--url", s.url, "--clients", "32", "--seconds", "20",
-                              "--max_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              "--max_tokens", "8", "--procs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout.strip().splitlines()[-1])
         print("load test, batched:", result)
-        assert result["errors"] == 0 and result["requests"] >= 32, result
+        assert result["errors"] == 0 and result["requests"] >= 32 and result["procs"] == 2, result
         assert result["workers_busy_after"] == 0 and rows_busy() == 0
+        # the server's part of the time to first token, and the batcher's part of that
+        server, batcher = result["server_first_token_ms"], get(s.url + "/stats").json()["workers"][0]["batcher_first_token_ms"]
+        assert 0 < batcher["p50"] <= batcher["p95"] and 0 < server["p50"] <= server["p95"], (server, batcher)
+        assert batcher["p50"] <= server["p50"] + 1, (server, batcher)
     finally:
         s.stop()
 
