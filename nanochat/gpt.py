@@ -39,6 +39,7 @@ layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (
 contract is in nanochat/attention.py's docstring; docs/model.md says how to add one).
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -291,6 +292,20 @@ class ModelCache:
                 k = s.size(0) // src.batch
                 dst[(slice(row * k, (row + 1) * k), *(slice(0, n) for n in s.shape[1:]))].copy_(
                     s[src_row * k:(src_row + 1) * k])
+
+    def head(self, m):
+        """The first m rows of this cache as a cache of batch m: views, so what a decode step
+        writes there lands here (continuous batching decodes only the rows in use)."""
+        def rows(state):
+            out, w_in = copy.copy(state), getattr(state, "w_in", None)
+            for name, t in vars(state).items():
+                if any(t is u for u in state.tensors()) and t is not w_in:
+                    setattr(out, name, t[:m * (t.size(0) // self.batch)])
+            return out
+        head = copy.copy(self)
+        head.layers, head.engram = [rows(s) for s in self.layers], {i: rows(s) for i, s in self.engram.items()}
+        head.prev_emb, head.batch = None if self.prev_emb is None else self.prev_emb[:m], m
+        return head
 
     def _tensors(self):
         return [t for s in self._states() for t in s.tensors()] + ([self.prev_emb] if self.prev_emb is not None else [])
