@@ -87,13 +87,14 @@ for n in map(int, args.requests.split(",")):
     print(run(n, args.max_tokens), flush=True)
 if device.type == "cuda":
     with torch.inference_mode():
-        batcher._pos.fill_(300)  # every row at position 300
-        for _ in range(3):
-            batcher._stepper()
-        synchronize(device.type)
-        t0 = time.perf_counter()
-        for _ in range(50):
-            batcher._stepper()
-        synchronize(device.type)
-        print({"graph_replay_ms": round(1e3 * (time.perf_counter() - t0) / 50, 2), "rows": args.slots})
+        for m, (_, pos, stepper) in batcher._steppers.items():
+            pos.fill_(300)  # every row at position 300
+            for _ in range(3):
+                stepper()
+            synchronize(device.type)
+            t0 = time.perf_counter()
+            for _ in range(50):
+                stepper()
+            synchronize(device.type)
+            print({"graph_replay_ms": round(1e3 * (time.perf_counter() - t0) / 50, 2), "rows": m})
 batcher.close()

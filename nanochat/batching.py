@@ -7,7 +7,7 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
 
 1. admit: a waiting request with n samples takes n free rows: its prompt is prefilled
    (model(ids, cache=prefill), a cache of the prompt's length) and the prefill cache copied
-   into those rows (ModelCache.load_row); requests admitted together whose prompts have the
+   into those rows (ModelCache.load_rows); requests admitted together whose prompts have the
    same length share one prefill forward (a burst of clients: one forward, not one each);
 2. sample: each request picks its rows' next tokens from their logits exactly as
    Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
@@ -15,9 +15,11 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
    share one softmax over all rows, each drawing its own noise) and streams them to its
    consumer; a request that is finished (every row stopped, max_tokens, the end of the
    context) or abandoned frees its rows;
-3. step: one GPT.decode_step for all rows, each row at its own position (pos_t of shape
-   (B,)); on CUDA one captured graph, as the Engine's. Free rows decode a dummy token at
-   position 0 of their own row, which the next admission overwrites.
+3. step: one GPT.decode_step for the first m rows, each row at its own position (pos_t of
+   shape (m,)), m the fewest of a few sizes (slots, slots / 4, ...) that hold every request
+   (rows are taken lowest first); on CUDA one captured graph per size, as the Engine's.
+   Free rows decode a dummy token at position 0 of their own row, which the next admission
+   overwrites.
 
 So a request's tokens are the ones Engine.generate gives for the same arguments (greedy:
 the same tokens; sampled: the same draws from the same generator), up to the float
@@ -65,7 +67,9 @@ class Batcher:
         self.waiting = queue.Queue()
         self.first = None  # the request first in line, waiting for enough free rows (first come, first served)
         self.active = []
-        self.free = list(range(slots))
+        self.free = list(range(slots))  # kept sorted: requests take the lowest rows
+        # the decode steps' row counts: slots, and a quarter of it while at least 8
+        self.sizes = sorted({slots} | {slots >> k for k in (2, 4, 6) if slots >> k >= 8})
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
         self._closed = False
@@ -177,6 +181,7 @@ class Batcher:
             for req in reqs:
                 req.out.put(e)
             return
+        rows, src_rows = [], []
         for i, req in enumerate(reqs):
             try:
                 req.bias_t = bias_vector(req.bias, logits.size(-1), device)
@@ -187,23 +192,31 @@ class Batcher:
                 req.counts = torch.zeros(req.n, logits.size(-1), device=device)
             req.logits = logits[i:i + 1].expand(req.n, -1)
             req.slots, self.free = self.free[:req.n], self.free[req.n:]
-            for s in req.slots:
-                self.cache.load_row(prefill, s, i)
+            rows, src_rows = rows + req.slots, src_rows + [i] * req.n
             self.active.append(req)
+        if rows:  # every admitted row in one copy per cache tensor (a copy per row was ~40 small kernels)
+            self.cache.load_rows(prefill, rows, src_rows)
 
     def _make_stepper(self):
+        """The batch cache, and a decode step (on CUDA a captured graph) for each of a few row
+        counts: a step decodes only the first m rows, the fewest that hold every request in
+        flight (rows are taken lowest first), so a lightly loaded batch reads less of the cache."""
         model, device = self.model, self.engine.device
         self.cache = model.init_cache(self.slots, self.cache_len, device=device)
         step = self.engine._step_fn()
-        ids = torch.zeros(self.slots, 1, dtype=torch.long, device=device)
-        pos = torch.zeros(self.slots, dtype=torch.long, device=device)
-        if device.type != "cuda" or not self.use_cuda_graphs:
-            self._stepper = lambda: step(ids, self.cache, pos)
-        else:
-            pos.fill_(self.cache_len - 1)  # the dummy steps write where decoding overwrites before reading
-            graph, logits = capture_graph(lambda: step(ids, self.cache, pos), self.cache)
-            self._stepper = lambda: (graph.replay(), logits)[1]
-        self._ids, self._pos = ids, pos
+        self._steppers = {}
+        for m in self.sizes:
+            ids = torch.zeros(m, 1, dtype=torch.long, device=device)
+            pos = torch.zeros(m, dtype=torch.long, device=device)
+            head = self.cache.head(m)
+            if device.type != "cuda" or not self.use_cuda_graphs:
+                fn = (lambda ids, head, pos: lambda: step(ids, head, pos))(ids, head, pos)
+            else:
+                pos.fill_(self.cache_len - 1)  # the dummy steps write where decoding overwrites before reading
+                graph, logits = capture_graph(lambda: step(ids, head, pos), head)
+                fn = (lambda graph, logits: lambda: (graph.replay(), logits)[1])(graph, logits)
+            self._steppers[m] = (ids, pos, fn)
+        self._stepper = self._steppers[self.slots][2]
 
     @staticmethod
     def _span(req):
@@ -260,21 +273,24 @@ class Batcher:
             req.column = column
             if (req.cancelled or all(r.done for r in req.rows) or
                     (req.max_tokens is not None and req.produced >= req.max_tokens) or req.pos >= req.max_len):
-                self.free.extend(req.slots)  # (before the end reaches the consumer: its rows are free then)
+                self.free = sorted(self.free + req.slots)  # (before the end reaches the consumer)
                 req.out.put(None)
             else:
                 still.append(req)
         self.active = still
 
     def _step(self):
-        ids, pos = [0] * self.slots, [0] * self.slots
+        top = max(s for req in self.active for s in req.slots) + 1
+        m = min(m for m in self.sizes if m >= top)
+        ids, pos = [0] * m, [0] * m
         for req in self.active:
             for s, tok in zip(req.slots, req.column):
                 ids[s], pos[s] = tok, req.pos
-        self._ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
-        self._pos.copy_(torch.tensor(pos, dtype=torch.long))
+        static_ids, static_pos, stepper = self._steppers[m]
+        static_ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
+        static_pos.copy_(torch.tensor(pos, dtype=torch.long))
         # (on CUDA the graph's output tensor: read by the next _sample, before the next replay)
-        self._logits = self._stepper().float()
+        self._logits = stepper().float()
         for req in self.active:
             req.logits = None  # its rows of self._logits from now on (the prefill's logits until then)
             req.pos += 1

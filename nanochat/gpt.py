@@ -39,6 +39,7 @@ layer; the mixer class is MIXERS[spec.mixer], called as `mixer(x, ctx, cache)` (
 contract is in nanochat/attention.py's docstring; docs/model.md says how to add one).
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -275,23 +276,47 @@ class ModelCache:
             dst.view(dst.size(0) // s.size(0), *s.shape).copy_(s)
         self.pos = src.pos
 
-    def load_row(self, src, row, src_row=0):
-        """Row `row` of this cache := row `src_row` of src, a prefill of one prompt or of several
-        (its cache may be shorter: its positions land at the start), in place (continuous
-        batching admits requests into free rows; nanochat/batching.py). A tensor with k rows
-        per sequence (Engram's conv under mHC: one per stream) copies k rows; Mamba-3's copy
-        of its weights (w_in) is copied whole."""
+    def load_rows(self, src, rows, src_rows):
+        """Row rows[i] of this cache := row src_rows[i] of src, a prefill of one prompt or of
+        several (its cache may be shorter: its positions land at the start), in place and one
+        copy per tensor (continuous batching admits requests into free rows, a request with n
+        samples into n rows; nanochat/batching.py). A tensor with k rows per sequence (Engram's
+        conv under mHC: one per stream) copies k rows each; Mamba-3's copy of its weights
+        (w_in) is copied whole."""
         pairs = [(d, t, getattr(st, "w_in", None)) for ds, st in zip(self._states(), src._states(), strict=True)
                  for d, t in zip(ds.tensors(), st.tensors(), strict=True)]
         if self.prev_emb is not None:
             pairs.append((self.prev_emb, src.prev_emb, None))
+        picks = {}  # k -> (this cache's rows, src's rows): a slice where consecutive (a plain copy), else an index
+
+        def pick(rs, k, device):
+            flat = [r * k + j for r in rs for j in range(k)]
+            if flat == list(range(flat[0], flat[0] + len(flat))):
+                return slice(flat[0], flat[0] + len(flat))
+            return torch.tensor(flat, device=device)
         for dst, s, weights in pairs:
             if s is weights:
                 dst.copy_(s)
-            else:  # (src may hold fewer positions: its leading ones along each dim)
-                k = s.size(0) // src.batch
-                dst[(slice(row * k, (row + 1) * k), *(slice(0, n) for n in s.shape[1:]))].copy_(
-                    s[src_row * k:(src_row + 1) * k])
+                continue
+            k = s.size(0) // src.batch
+            if k not in picks:
+                picks[k] = (pick(rows, k, dst.device), pick(src_rows, k, s.device))
+            to, frm = picks[k]
+            dst[(to, *(slice(0, n) for n in s.shape[1:]))] = s[frm]  # (src's leading positions along each dim)
+
+    def head(self, m):
+        """The first m rows of this cache as a cache of batch m: views, so what a decode step
+        writes there lands here (continuous batching decodes only the rows in use)."""
+        def rows(state):
+            out, w_in = copy.copy(state), getattr(state, "w_in", None)
+            for name, t in vars(state).items():
+                if any(t is u for u in state.tensors()) and t is not w_in:
+                    setattr(out, name, t[:m * (t.size(0) // self.batch)])
+            return out
+        head = copy.copy(self)
+        head.layers, head.engram = [rows(s) for s in self.layers], {i: rows(s) for i, s in self.engram.items()}
+        head.prev_emb, head.batch = None if self.prev_emb is None else self.prev_emb[:m], m
+        return head
 
     def _tensors(self):
         return [t for s in self._states() for t in s.tensors()] + ([self.prev_emb] if self.prev_emb is not None else [])

@@ -225,6 +225,8 @@ class Worker:
         self.autocast = autocast_for(device_type)
         # continuous batching: one decode batch shared by the requests (no speculative decoding)
         self.batcher = Batcher(self.engine, batch_slots, autocast=lambda: autocast_for(device_type)) if batch_slots else None
+        if self.batcher:  # one token decoded before serving: on CUDA this compiles and captures every step size
+            list(self.batcher.generate([tokenizer.get_bos_token_id()], max_tokens=1, temperature=0.0))
         self.busy, self.served, self.tokens, self.requests = False, 0, 0, 0
 
 

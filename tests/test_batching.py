@@ -106,6 +106,41 @@ def test_requests_admitted_together_share_a_prefill(tokenizer, monkeypatch, extr
     batcher.close()
 
 
+def test_a_step_decodes_only_the_rows_in_use(tokenizer, monkeypatch):
+    """32 slots: steps of 8 rows while the requests in flight sit in rows 0-7 (rows are taken
+    lowest first), of 32 once one sits above; the answers equal Engine.generate's either way."""
+    model = model_for(tokenizer, "SSL", **CASES["hybrid"])
+    prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in ("int main() {", "The", "def f(x):")]
+    jobs = [(prompts[i % 3], dict(max_tokens=4 + i, temperature=0.0 if i % 2 else 0.8, seed=i)) for i in range(10)]
+    want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
+    batcher = Batcher(engine_for(model, tokenizer), slots=32)
+    assert batcher.sizes == [8, 32]
+    used, make = [], Batcher._make_stepper
+
+    def spy(self):
+        make(self)
+        self._steppers = {m: (i, p, (lambda f, m: lambda: (used.append(m), f())[1])(f, m))
+                          for m, (i, p, f) in self._steppers.items()}
+    monkeypatch.setattr(Batcher, "_make_stepper", spy)
+    assert [list(batcher.generate(p, **kw)) for p, kw in jobs[:2]] == want[:2]  # one at a time: row 0
+    assert set(used) == {8}
+    gate, prefill = threading.Event(), Batcher._prefill
+    monkeypatch.setattr(Batcher, "_prefill", lambda self, reqs: (gate.wait(30), prefill(self, reqs)))
+    got = [None] * len(jobs)
+
+    def run(i):
+        got[i] = list(batcher.generate(*jobs[i][:1], **jobs[i][1]))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # all ten asked for (the first admission held at the gate): they decode together
+    gate.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want and 32 in used and batcher.free == list(range(32))
+    batcher.close()
+
+
 def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
     """A scripted sampler (the model runs, the choice is fixed): the row writes a Python call,
     gets <|output_start|>42<|output_end|> forced with mask 0, then stops at <|assistant_end|>;
@@ -132,23 +167,29 @@ def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
 
 
 def test_a_closed_request_frees_its_rows_and_bad_requests_fail_clearly(tokenizer):
-    model = model_for(tokenizer, "L", T=2048)  # a long answer: it cannot end on its own during the test
-    batcher = Batcher(engine_for(model, tokenizer), slots=2)
+    model = model_for(tokenizer, "L", T=2048)  # long answers: they cannot end on their own during the test
+    batcher = Batcher(engine_for(model, tokenizer), slots=3)
     tokens = tokenizer.encode("The", prepend="<|bos|>")
-    gen = batcher.generate(tokens, max_tokens=2000, temperature=0.0)
-    next(gen)
-    assert batcher.busy_rows == 1
+    gens = [batcher.generate(tokens, max_tokens=2000, temperature=0.0) for _ in range(3)]
+    for gen in gens:
+        next(gen)
+    assert batcher.busy_rows == 3
     t0 = time.time()
-    gen.close()  # a client gone: the batcher frees the row at its next step
-    while batcher.busy_rows and time.time() - t0 < 5:
+    gens[0].close()  # clients gone: the batcher frees their rows at its next step
+    gens[2].close()
+    while batcher.busy_rows > 1 and time.time() - t0 < 5:
         time.sleep(0.01)
-    assert batcher.busy_rows == 0 and batcher.active == []
-    # rows 1 and 0 now, in that order (not consecutive): two samples there still equal the Engine's
-    assert batcher.free == [1, 0]
+    assert batcher.busy_rows == 1 and len(batcher.active) == 1
+    # rows 0 and 2 free (not consecutive): two samples there still equal the Engine's
+    assert batcher.free == [0, 2]
     kw = dict(num_samples=2, max_tokens=8, temperature=1.0, seed=5)
     assert list(batcher.generate(tokens, **kw)) == list(engine_for(model, tokenizer).generate(tokens, **kw))
+    gens[1].close()
+    while batcher.busy_rows and time.time() - t0 < 10:
+        time.sleep(0.01)
+    assert batcher.busy_rows == 0 and batcher.active == []
     with pytest.raises(ValueError, match="batch_slots"):
-        next(batcher.generate(tokens, num_samples=3))
+        next(batcher.generate(tokens, num_samples=4))
     with pytest.raises(ValueError, match="more than the model can place"):
         next(batcher.generate(tokens, max_tokens=10 ** 6))
     # an admission that fails (a logit_bias id past the vocabulary) gives its error and loses no row
@@ -170,13 +211,36 @@ def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
     for b, n in enumerate(starts):
         one = model.init_cache(1, 32)
         model(idx[b:b + 1, :n], cache=one)
-        cache.load_row(one, b)
+        cache.load_rows(one, [b], [0])
     for step in range(8):
         pos = torch.tensor([n + step for n in starts])
         ids = torch.stack([idx[b, p] for b, p in enumerate(pos)]).view(2, 1)
         logits = model.decode_step(ids, cache, pos)
         for b in range(2):
             assert torch.allclose(logits[b], full[b, pos[b]], atol=1e-4), (step, b)
+
+
+@pytest.mark.parametrize("extra", ["plain", "hybrid", "memory"])
+def test_load_rows_places_prefilled_rows_anywhere(tokenizer, extra):
+    """ModelCache.load_rows: rows of a two-prompt prefill copied (one repeated, into rows
+    apart and out of order) into a longer cache decode as the full forward of their prompt;
+    Engram's conv under mHC has a row per stream, Mamba-3's state its own shapes."""
+    model = model_for(tokenizer, "SSL", T=32, **CASES[extra])
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 8))
+    full = model(idx)
+    src = model.init_cache(2, 16)
+    model(idx[:, :7], cache=src)
+    cache = model.init_cache(5, 32)
+    cache.load_rows(src, [4, 0, 1], [1, 1, 0])
+    prompt_of = {4: 1, 0: 1, 1: 0}
+    ids = torch.zeros(5, 1, dtype=torch.long)
+    pos = torch.zeros(5, dtype=torch.long)
+    for r, p in prompt_of.items():
+        ids[r, 0], pos[r] = idx[p, 7], 7
+    logits = model.decode_step(ids, cache, pos)
+    for r, p in prompt_of.items():
+        assert torch.allclose(logits[r], full[p, 7], atol=1e-4), (extra, r)
+    assert not torch.allclose(full[0, 7], full[1, 7], atol=1e-4)  # (the two prompts tell apart)
 
 
 def test_batch_bench_runs_every_answer_to_max_tokens(tokenizer, tmp_path):

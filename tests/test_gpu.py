@@ -166,10 +166,12 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
 
 
-@pytest.mark.parametrize("recipe", [False, "hybrid", "memory", "dsa"])
-def test_batcher_cuda_graph_equals_full_recompute(recipe):
+@pytest.mark.parametrize("recipe,slots", [(False, 4), ("hybrid", 4), ("memory", 4), ("dsa", 4), (False, 32),
+                                          ("hybrid", 32)])
+def test_batcher_cuda_graph_equals_full_recompute(recipe, slots):
     """Continuous batching on the GPU: requests of different lengths decoded together in one
-    captured graph, each row at its own position, give greedy full recomputation's tokens."""
+    captured graph, each row at its own position, give greedy full recomputation's tokens.
+    With 32 slots: graphs of 8 and 32 rows, ten requests (rows above 8 used for a while)."""
     import threading
     from nanochat.batching import Batcher
     from nanochat.engine import Engine, naive_generate
@@ -179,8 +181,9 @@ def test_batcher_cuda_graph_equals_full_recompute(recipe):
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     engine = Engine(gpu, tok, use_tools=False)
     engine.stop_tokens = set()
-    batcher = Batcher(engine, slots=4)
-    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 7, 23, 61, 5)]
+    batcher = Batcher(engine, slots=slots)
+    lengths = (40, 7, 23, 61, 5) + ((9, 12, 30, 3, 17) if slots > 8 else ())
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
     got = [None] * len(prompts)
 
     def run(i):
