@@ -462,16 +462,6 @@ class GPT(nn.Module):
         return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=self.flash,
                        dsa_kernel=self.dsa_kernel)
 
-    def linears_to(self, dtype):
-        """Every nn.Linear weight in dtype, for serving under autocast in that dtype: the values
-        autocast casts them to at each matmul anyway (outputs bit for bit the same, tested), so
-        a decode step reads half the bytes and runs no cast kernel per weight. The model must
-        then run under autocast (an fp32 input to a bf16 weight is an error)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.data = m.weight.data.to(dtype)
-        return self
-
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = torch.device(device or self.wte.weight.device)
         kv_dtype, dtype = dtype, dtype or self.wte.weight.dtype

@@ -57,7 +57,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.batching import Batcher
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, compute_dtype, logger
+from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
 from nanochat.engine import Engine
 from nanochat.execution import isolation
 from nanochat.fim import fim_prompt
@@ -525,7 +525,6 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     for i in range(num_gpus):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        model.linears_to(compute_dtype(device_type))  # bf16 on GPUs: what autocast computes with anyway
         workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"

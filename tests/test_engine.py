@@ -269,24 +269,3 @@ def test_engine_keeps_its_decoder_between_calls(tokenizer, extra):
     long_out = engine.generate_batch(prompts[1], max_tokens=300, temperature=0.0)[0][0]  # a 512-position cache
     assert long_out[:12] == naive_generate(model, prompts[1], 12)
     assert list(engine._decoders) == [(256, None)]  # past the context (64, so 256 at most): not kept, nothing evicted
-
-
-@pytest.mark.parametrize("extra", ["plain", *EXTRAS, "mtp"])
-def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
-    """GPT.linears_to(bf16) (chat_web on GPUs): under bf16 autocast the forward and the cached
-    decode give the fp32-weight model's outputs bit for bit (autocast casts each Linear weight
-    to those same values at every matmul)."""
-    kw = {"plain": {}, "mtp": dict(mtp=True)}.get(extra, EXTRAS.get(extra))
-    model = model_for(tokenizer, "SSL", T=32, **kw)
-    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
-    outs = []
-    for cast in (False, True):
-        if cast:
-            model.linears_to(torch.bfloat16)
-            assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if isinstance(m, torch.nn.Linear))
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            cache = model.init_cache(2, 32)
-            steps = [model(idx), model(idx[:, :12], cache=cache)]
-            steps += [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(12, 20)]
-        outs.append(steps)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
