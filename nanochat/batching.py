@@ -68,7 +68,7 @@ class Batcher:
         self.first = None  # the request first in line, waiting for enough free rows (first come, first served)
         self.active = []
         self.free = list(range(slots))  # kept sorted: requests take the lowest rows
-        # the decode steps' row counts: slots, and a quarter of it while at least 8
+        # the decode steps' row counts: slots, and slots / 4, / 16, / 64 while at least 8
         self.sizes = sorted({slots} | {slots >> k for k in (2, 4, 6) if slots >> k >= 8})
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
