@@ -261,6 +261,7 @@ def test_load_32_streaming_clients(server):
     assert result["errors"] == 0, result
     assert result["requests"] >= 32 and result["ttft_p99_ms"] is not None
     assert 0 < result["client_cpu"] < 2 and result["server_first_token_ms"]["p95"] > 0, result
+    assert result["ttft_p95_ms_after_first"] > 0, result  # (None: no client sent a second request)
     assert result["workers_busy_after"] == 0 and result["waiting_after"] == 0
 
 
