@@ -106,10 +106,12 @@ def test_requests_admitted_together_share_a_prefill(tokenizer, monkeypatch, extr
     batcher.close()
 
 
-def test_a_step_decodes_only_the_rows_in_use(tokenizer, monkeypatch):
+@pytest.mark.parametrize("extra", ["hybrid", "memory", "dsa"])
+def test_a_step_decodes_only_the_rows_in_use(tokenizer, monkeypatch, extra):
     """32 slots: steps of 8 rows while the requests in flight sit in rows 0-7 (rows are taken
-    lowest first), of 32 once one sits above; the answers equal Engine.generate's either way."""
-    model = model_for(tokenizer, "SSL", **CASES["hybrid"])
+    lowest first), of 32 once one sits above; the answers equal Engine.generate's either way
+    (the 8-row step works on views of the cache: Mamba-3's state, Engram's and mHC's, DSA's keys)."""
+    model = model_for(tokenizer, "SSL", **CASES[extra])
     prompts = [tokenizer.encode(p, prepend="<|bos|>") for p in ("int main() {", "The", "def f(x):")]
     jobs = [(prompts[i % 3], dict(max_tokens=4 + i, temperature=0.0 if i % 2 else 0.8, seed=i)) for i in range(10)]
     want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
