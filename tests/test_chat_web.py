@@ -515,8 +515,13 @@ def test_continuous_batching_answers_as_one_at_a_time(server, batched):
     bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0.0} for p in ("Once upon", "The meaning of", "Hi")]
     bodies += [{"prompt": "Once", "max_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 11},
                {"prompt": "Tell me", "max_tokens": 6, "temperature": 0.9, "seed": 5, "n": 3}]
-    texts = lambda r: [c["text"] for c in r.json()["choices"]]
+    # a stop string from inside a greedy answer: that answer ends there ("stop"), the batch goes on
+    greedy = post(server.url + "/v1/completions", json=bodies[0]).json()["choices"][0]["text"]
+    assert len(greedy) > 4, greedy
+    bodies.append(dict(bodies[0], stop=[greedy[2:4]], max_tokens=12))
+    texts = lambda r: [(c["text"], c["finish_reason"]) for c in r.json()["choices"]] + [r.json()["usage"]]
     want = [texts(post(server.url + "/v1/completions", json=b)) for b in bodies]
+    assert want[-1][0] == (greedy[:greedy.index(greedy[2:4])], "stop"), want[-1]
     got = [None] * len(bodies)
 
     def run(i):
