@@ -470,7 +470,10 @@ def deliver_in(loop):
     request's at once, handed over in one call (not a thread per request woken per token)."""
     def run(pairs):
         for sink, item in pairs:
-            sink(item)
+            try:
+                sink(item)
+            except Exception:  # (one request's failure must not keep the others' tokens or ends from them)
+                logger.exception("a batched request's item failed")
     return lambda pairs: loop.call_soon_threadsafe(run, pairs)
 
 
@@ -530,17 +533,28 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
         finally:
             loop.call_soon_threadsafe(finished)
 
+    failed = []
+
     def on_item(item):  # continuous batching: the batcher's items, in this event loop
         if isinstance(item, Exception):
             logger.error(f"generation failed: {item!r}")
             out.put_nowait(("error", 0, str(item), 0, None))
             finished()
         elif item is None:
-            for piece in answers.end():
-                out.put_nowait(piece)
+            if not failed:
+                for piece in answers.end():
+                    out.put_nowait(piece)
             finished()
-        elif not all(answers.done):
-            for piece in feed(item[0]):
+        elif not all(answers.done) and not failed:
+            try:
+                pieces = feed(item[0])
+            except Exception as e:  # (as the thread reports its errors; the request's end still comes)
+                logger.exception("generation failed")
+                failed.append(e)
+                out.put_nowait(("error", 0, str(e), 0, None))
+                request.cancelled = True
+                return
+            for piece in pieces:
                 out.put_nowait(piece)
             if all(answers.done):
                 request.cancelled = True  # every answer ended (a stop string): its rows are free at the next step

@@ -536,6 +536,26 @@ def test_continuous_batching_answers_as_one_at_a_time(server, batched):
     assert [(w["rows_busy"], w["rows"], w["queued"], w["busy"]) for w in workers] == [(0, 8, 0, False)] * 2
 
 
+def test_a_batched_request_that_fails_in_the_server_frees_its_rows(batched, monkeypatch):
+    """Turning a batched request's tokens into text fails (here: forced): the client gets
+    the error, its rows and worker are free again, and the next request is served."""
+    import scripts.chat_web as web
+
+    def boom(self, column):
+        raise ValueError("boom")
+    with monkeypatch.context() as m:
+        m.setattr(web.Answers, "feed", boom)
+        with stream("POST", batched.url + "/chat/completions", json=chat_body(max_tokens=50)) as r:
+            events = sse_events(r)
+    assert events == [{"error": "boom"}], events
+    deadline = time.time() + 10
+    while any(w["busy"] or w["rows_busy"] for w in get(batched.url + "/stats").json()["workers"]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(w["busy"] or w["rows_busy"] for w in get(batched.url + "/stats").json()["workers"])
+    with stream("POST", batched.url + "/chat/completions", json=chat_body()) as r:
+        assert sse_events(r)[-1] == {"done": True}
+
+
 def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, tokenizer):
     # a model with a long context, so that an answer takes seconds and the client leaves midway
     make_chat_checkpoint(base_dir, tokenizer, source="mid", sequence_len=4096, mute_special=True)
