@@ -218,9 +218,9 @@ class Batcher:
             req.slots, self.free = self.free[:req.n], self.free[req.n:]
             rows, src_rows = rows + req.slots, src_rows + [i] * req.n
             self.active.append(req)
+        self._deliver(failed)  # (first: a failing copy below must not keep their errors from them)
         if rows:  # every admitted row in one copy per cache tensor (a copy per row was ~40 small kernels)
             self.cache.load_rows(prefill, rows, src_rows)
-        self._deliver(failed)
 
     def _make_stepper(self):
         """The batch cache, and a decode step (on CUDA a captured graph) for each of a few row
