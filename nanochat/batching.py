@@ -12,9 +12,10 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
 2. sample: each request picks its rows' next tokens from their logits exactly as
    Engine.generate does (its own seeded generator, temperature, top-k, penalties, logit
    bias, the Python tool's forced tokens; requests with the same temperature and top k
-   share one softmax over all rows, each drawing its own noise) and streams them to its
-   consumer; a request that is finished (every row stopped, max_tokens, the end of the
-   context) or abandoned frees its rows;
+   share one softmax over all rows, each drawing its own noise) and hands them to its
+   consumer (generate()'s stream, or submit()'s sink: each step's items for every request
+   go out in one Batcher.deliver call); a request that is finished (every row stopped,
+   max_tokens, the end of the context) or abandoned frees its rows;
 3. step: one GPT.decode_step for the first m rows, each row at its own position (pos_t of
    shape (m,)), m the fewest of a few sizes (slots, slots / 4, ...) that hold every request
    (rows are taken lowest first); on CUDA one captured graph per size, as the Engine's.
@@ -45,12 +46,12 @@ PREFILL_TOKENS = 4096  # the most prompt tokens prefilled in one forward (its fp
 
 
 class Request:
-    def __init__(self, tokens, n, max_len, max_tokens, temperature, top_k, rng, penalties, bias, rows):
+    def __init__(self, tokens, n, max_len, max_tokens, temperature, top_k, rng, penalties, bias, rows, sink):
         self.tokens, self.n, self.max_len, self.max_tokens = tokens, n, max_len, max_tokens
         self.temperature, self.top_k, self.rng = temperature, top_k, rng
         self.penalties, self.bias, self.bias_t, self.counts = penalties, bias, None, None
         self.rows = rows  # Row per sample (tool state, forced tokens, done)
-        self.out = queue.Queue()  # (column, masks) per step, then None (or an exception)
+        self.sink = sink  # gets (column, masks) per step, then None (or an exception), through Batcher.deliver
         self.slots, self.logits, self.pos, self.produced = [], None, len(tokens), 0
         self.cancelled = False
         self.submitted = time.perf_counter()
@@ -60,7 +61,11 @@ class Batcher:
     def __init__(self, engine, slots=32, autocast=None, use_cuda_graphs=True):
         """engine: the Engine whose model, tokenizer, compiled step and tool settings this uses.
         slots: rows of the shared decode cache (requests' samples decoded at once).
-        autocast: a context manager factory for the decode thread (chat_web's worker's)."""
+        autocast: a context manager factory for the decode thread (chat_web's worker's).
+        self.deliver (settable): how a step's items reach their requests' sinks, called once
+        per step on the decode thread with [(sink, item), ...]; None: each sink called there
+        (chat_web hands the whole list to its event loop instead: one wakeup a step, not one
+        thread per request)."""
         self.engine, self.model, self.slots = engine, engine.model, slots
         self.autocast = autocast or nullcontext
         self.cache_len = cache_length(self.model, self.model.config.sequence_len)
@@ -73,7 +78,8 @@ class Batcher:
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
         self._closed = False
-        self.first_token_s = deque(maxlen=1000)  # the last requests' waits from generate() to their first token
+        self.first_token_s = deque(maxlen=1000)  # the last requests' waits from submit() to their first token
+        self.deliver = None
         self._thread = threading.Thread(target=self._loop, daemon=True, name="batcher")
         self._thread.start()
 
@@ -87,23 +93,16 @@ class Batcher:
 
     # ---- the consumer's side ---------------------------------------------------
 
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
-                 frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+    def generate(self, tokens, num_samples=1, **kwargs):
         """Engine.generate's stream (token column, mask column) per step for one request,
-        decoded in the shared batch. Blocks while waiting for free rows. Closing the generator
-        (a consumer that goes away) frees the request's rows at the batcher's next step."""
-        if num_samples > self.slots:
-            raise ValueError(f"{num_samples} samples need more rows than the batcher's {self.slots} (--batch_slots)")
-        model = self.model
-        max_len = request_length(tokens, max_tokens, model.config.sequence_len, min(model.rotary_len, self.cache_len))
-        device = self.engine.device
-        req = Request(list(tokens), num_samples, max_len, max_tokens, temperature, top_k,
-                      torch.Generator(device=device).manual_seed(seed), (frequency_penalty, presence_penalty),
-                      logit_bias, [Row(self.engine.tokenizer) for _ in range(num_samples)])
-        self.waiting.put(req)
+        decoded in the shared batch (kwargs: submit's). Blocks while waiting for free rows.
+        Closing the generator (a consumer that goes away) frees the request's rows at the
+        batcher's next step."""
+        out = queue.Queue()
+        req = self.submit(tokens, out.put, num_samples, **kwargs)
         try:
             while True:
-                item = req.out.get()
+                item = out.get()
                 if item is None:
                     return
                 if isinstance(item, Exception):
@@ -111,6 +110,23 @@ class Batcher:
                 yield item
         finally:
             req.cancelled = True
+
+    def submit(self, tokens, sink, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42,
+               frequency_penalty=0.0, presence_penalty=0.0, logit_bias=None):
+        """Queue one request (Engine.generate's arguments); sink(item) gets its (token column,
+        mask column) per step, then None at the end or an exception, through self.deliver.
+        Returns the request: setting its .cancelled frees its rows at the next step (its sink
+        still gets the None)."""
+        if num_samples > self.slots:
+            raise ValueError(f"{num_samples} samples need more rows than the batcher's {self.slots} (--batch_slots)")
+        model = self.model
+        max_len = request_length(tokens, max_tokens, model.config.sequence_len, min(model.rotary_len, self.cache_len))
+        device = self.engine.device
+        req = Request(list(tokens), num_samples, max_len, max_tokens, temperature, top_k,
+                      torch.Generator(device=device).manual_seed(seed), (frequency_penalty, presence_penalty),
+                      logit_bias, [Row(self.engine.tokenizer) for _ in range(num_samples)], sink)
+        self.waiting.put(req)
+        return req
 
     # ---- the decode thread ---------------------------------------------------------
 
@@ -130,9 +146,17 @@ class Batcher:
                     if self.active:
                         self._step()
             except Exception as e:  # every request in flight gets the error; the batcher goes on
-                for req in self.active:
-                    req.out.put(e)
+                self._deliver([(req.sink, e) for req in self.active])
                 self._reset()
+
+    def _deliver(self, pairs):
+        if not pairs:
+            return
+        if self.deliver is not None:
+            self.deliver(pairs)
+        else:
+            for sink, item in pairs:
+                sink(item)
 
     def _reset(self):
         self.active, self.free, self._stepper = [], list(range(self.slots)), None  # (self.first keeps its turn)
@@ -152,7 +176,8 @@ class Batcher:
                     self._closed = True
                     break
             block = False
-            if req.cancelled:
+            if req.cancelled:  # gone before its turn: its end only
+                self._deliver([(req.sink, None)])
                 continue
             if req.n > free:  # not enough rows yet: it stays first in line until others end
                 self.first = req
@@ -178,15 +203,14 @@ class Batcher:
             ids = torch.tensor([r.tokens for r in reqs], dtype=torch.long, device=device)
             logits = model(ids, cache=prefill)[:, -1, :].float()
         except Exception as e:
-            for req in reqs:
-                req.out.put(e)
+            self._deliver([(req.sink, e) for req in reqs])
             return
-        rows, src_rows = [], []
+        rows, src_rows, failed = [], [], []
         for i, req in enumerate(reqs):
             try:
                 req.bias_t = bias_vector(req.bias, logits.size(-1), device)
             except Exception as e:
-                req.out.put(e)
+                failed.append((req.sink, e))
                 continue
             if any(req.penalties) or req.bias:
                 req.counts = torch.zeros(req.n, logits.size(-1), device=device)
@@ -194,6 +218,7 @@ class Batcher:
             req.slots, self.free = self.free[:req.n], self.free[req.n:]
             rows, src_rows = rows + req.slots, src_rows + [i] * req.n
             self.active.append(req)
+        self._deliver(failed)  # (first: a failing copy below must not keep their errors from them)
         if rows:  # every admitted row in one copy per cache tensor (a copy per row was ~40 small kernels)
             self.cache.load_rows(prefill, rows, src_rows)
 
@@ -258,12 +283,12 @@ class Batcher:
             groups[key] = (drawn if idx is None else idx.gather(1, drawn)).view(-1)
         draws = [self._rows(groups[d], req) if isinstance(d, tuple) else d for d, req in zip(draws, self.active)]
         sampled = torch.cat(draws).tolist()  # one host sync for every request
-        still, i = [], 0
+        still, i, out = [], 0, []
         for req in self.active:
             column, masks = next_column(req.rows, sampled[i:i + req.n], engine.stop_tokens, engine.use_tools)
             i += req.n
             if not req.cancelled:
-                req.out.put((column, masks))
+                out.append((req.sink, (column, masks)))
             if req.produced == 0:
                 self.first_token_s.append(time.perf_counter() - req.submitted)
             if req.counts is not None:
@@ -274,10 +299,11 @@ class Batcher:
             if (req.cancelled or all(r.done for r in req.rows) or
                     (req.max_tokens is not None and req.produced >= req.max_tokens) or req.pos >= req.max_len):
                 self.free = sorted(self.free + req.slots)  # (before the end reaches the consumer)
-                req.out.put(None)
+                out.append((req.sink, None))
             else:
                 still.append(req)
         self.active = still
+        self._deliver(out)
 
     def _step(self):
         top = max(s for req in self.active for s in req.slots) + 1

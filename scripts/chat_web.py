@@ -410,6 +410,73 @@ def server_config(app, host="127.0.0.1", port=8000, header_timeout=HEADER_TIMEOU
                           ws="none", **kwargs)
 
 
+class Answers:
+    """The text of n answers sampled together, as their token columns arrive: feed(column)
+    and end() return the items to stream, (kind, choice, text, tokens so far, finish_reason):
+    "text" pieces, then one "end" per answer whose finish_reason is "stop" (a stop token,
+    or one of the request's stop strings, whose text is not returned) or "length"."""
+
+    def __init__(self, tokenizer, stop_tokens, n, stops):
+        self.stop_tokens = stop_tokens
+        self.decoders = [tokenizer.stream_decoder() for _ in range(n)]  # each holds a character split across tokens
+        self.scanners = [StopScanner(stops) if stops else None for _ in range(n)]
+        self.counts, self.done = [0] * n, [False] * n
+
+    def feed(self, column):
+        items = []
+        for i, token in enumerate(column):
+            if self.done[i]:
+                continue
+            if token in self.stop_tokens:
+                self.done[i] = True
+                tail = self.decoders[i](None)
+                if self.scanners[i]:
+                    tail, _ = self.scanners[i].feed(tail)
+                    tail += self.scanners[i].finish()
+                items.append(("end", i, tail, self.counts[i], "stop"))
+                continue
+            self.counts[i] += 1
+            text = self.decoders[i](token)
+            hit = False
+            if self.scanners[i] and text:
+                text, hit = self.scanners[i].feed(text)
+            if hit:
+                self.done[i] = True
+                items.append(("end", i, text, self.counts[i], "stop"))
+            elif text:
+                items.append(("text", i, text, self.counts[i], None))
+        return items
+
+    def end(self):
+        """The ends of the answers not done: what their decoders and scanners still hold."""
+        items = []
+        for i in range(len(self.done)):
+            if self.done[i]:
+                continue
+            self.done[i] = True
+            tail = self.decoders[i](None)
+            if self.scanners[i]:
+                tail, hit = self.scanners[i].feed(tail)
+                if hit:
+                    items.append(("end", i, tail, self.counts[i], "stop"))
+                    continue
+                tail += self.scanners[i].finish()
+            items.append(("end", i, tail, self.counts[i], "length"))
+        return items
+
+
+def deliver_in(loop):
+    """A Batcher's deliver for consumers in this event loop: each step's items, every
+    request's at once, handed over in one call (not a thread per request woken per token)."""
+    def run(pairs):
+        for sink, item in pairs:
+            try:
+                sink(item)
+            except Exception:  # (one request's failure must not keep the others' tokens or ends from them)
+                logger.exception("a batched request's item failed")
+    return lambda pairs: loop.call_soon_threadsafe(run, pairs)
+
+
 async def generate_stream(pool, tokens, req, seed, bias=None):
     """Async generator of (choice, text piece, tokens so far, finish_reason, worker index)
     for req.n answers sampled together; finish_reason is None until that answer's last
@@ -418,76 +485,95 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
     {token id: bias}. It waits for a free worker and generates in a thread, which stops
     once every answer is done. When the consumer goes away (a disconnected client) the
     thread stops at its next token; it hands the worker back when done with the model.
-    With continuous batching the worker is shared: the request runs in its batcher."""
+    With continuous batching the worker is shared: the request runs in its batcher, whose
+    thread hands each step's tokens to this event loop (no thread per request)."""
     arrived = time.perf_counter()
     worker = await pool.acquire()
     loop = asyncio.get_running_loop()
     out = asyncio.Queue()
-    stop = threading.Event()
     n = getattr(req, "n", 1)
     max_tokens = min(req.max_tokens or MAX_NEW_TOKENS, worker.model.config.sequence_len - len(tokens))
+    answers = Answers(worker.tokenizer, worker.engine.stop_tokens, n, req.stops() if getattr(req, "stop", None) else None)
+    kwargs = dict(num_samples=n, max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, seed=seed,
+                  frequency_penalty=getattr(req, "frequency_penalty", 0) or 0.0,
+                  presence_penalty=getattr(req, "presence_penalty", 0) or 0.0, logit_bias=bias)
 
     def send(*item):
         loop.call_soon_threadsafe(out.put_nowait, item)
 
+    def feed(column):
+        before = sum(answers.counts)
+        items = answers.feed(column)
+        worker.tokens += sum(answers.counts) - before
+        return items
+
+    def finished():  # (in this event loop)
+        worker.served += 1
+        pool.release(worker)
+        out.put_nowait(("done", 0, "", 0, None))
+
     def run():
         if worker.model.wte.weight.device.type == "cuda":  # this thread's streams and graphs on the worker's GPU
             torch.cuda.set_device(worker.model.wte.weight.device)
-        decoders = [worker.tokenizer.stream_decoder() for _ in range(n)]  # each holds a character split across tokens
-        scanners = [StopScanner(req.stops()) if getattr(req, "stop", None) else None for _ in range(n)]
-        counts, done = [0] * n, [False] * n
-        gen = (worker.batcher or worker.engine).generate(
-            tokens, num_samples=n, max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-            seed=seed, frequency_penalty=getattr(req, "frequency_penalty", 0) or 0.0,
-            presence_penalty=getattr(req, "presence_penalty", 0) or 0.0, logit_bias=bias)
+        gen = worker.engine.generate(tokens, **kwargs)
         try:
-            with worker.autocast, closing(gen):  # closing: a batcher frees the request's rows at once
+            with worker.autocast, closing(gen):
                 for column, _ in gen:
                     if stop.is_set():
                         break
-                    for i, token in enumerate(column):
-                        if done[i]:
-                            continue
-                        if token in worker.engine.stop_tokens:
-                            done[i] = True
-                            tail = decoders[i](None)
-                            if scanners[i]:
-                                tail, _ = scanners[i].feed(tail)
-                                tail += scanners[i].finish()
-                            send("end", i, tail, counts[i], "stop")
-                            continue
-                        counts[i] += 1
-                        worker.tokens += 1
-                        text = decoders[i](token)
-                        hit = False
-                        if scanners[i] and text:
-                            text, hit = scanners[i].feed(text)
-                        if hit:
-                            done[i] = True
-                            send("end", i, text, counts[i], "stop")
-                        elif text:
-                            send("text", i, text, counts[i], None)
-                    if all(done):
+                    for item in feed(column):
+                        send(*item)
+                    if all(answers.done):
                         break
-            for i in range(n):
-                if not done[i]:
-                    tail = decoders[i](None)
-                    if scanners[i]:
-                        tail, hit = scanners[i].feed(tail)
-                        if hit:
-                            send("end", i, tail, counts[i], "stop")
-                            continue
-                        tail += scanners[i].finish()
-                    send("end", i, tail, counts[i], "length")
+            for item in answers.end():
+                send(*item)
         except Exception as e:  # reported to the client as an error, logged here
             logger.exception("generation failed")
             send("error", 0, str(e), 0, None)
         finally:
-            worker.served += 1
-            loop.call_soon_threadsafe(pool.release, worker)
-            send("done", 0, "", 0, None)
+            loop.call_soon_threadsafe(finished)
 
-    threading.Thread(target=run, daemon=True).start()
+    failed = []
+
+    def on_item(item):  # continuous batching: the batcher's items, in this event loop
+        if isinstance(item, Exception):
+            logger.error(f"generation failed: {item!r}")
+            out.put_nowait(("error", 0, str(item), 0, None))
+            finished()
+        elif item is None:
+            if not failed:
+                for piece in answers.end():
+                    out.put_nowait(piece)
+            finished()
+        elif not all(answers.done) and not failed:
+            try:
+                pieces = feed(item[0])
+            except Exception as e:  # (as the thread reports its errors; the request's end still comes)
+                logger.exception("generation failed")
+                failed.append(e)
+                out.put_nowait(("error", 0, str(e), 0, None))
+                request.cancelled = True
+                return
+            for piece in pieces:
+                out.put_nowait(piece)
+            if all(answers.done):
+                request.cancelled = True  # every answer ended (a stop string): its rows are free at the next step
+
+    if worker.batcher is not None:
+        if worker.batcher.deliver is None:  # from now on every step's items come through this event loop
+            worker.batcher.deliver = deliver_in(loop)
+        try:
+            request = worker.batcher.submit(tokens, on_item, **kwargs)
+            cancel = lambda: setattr(request, "cancelled", True)
+        except Exception as e:  # (a request the batcher refuses: reported as the thread's errors are)
+            logger.exception("generation failed")
+            out.put_nowait(("error", 0, str(e), 0, None))
+            finished()
+            cancel = lambda: None
+    else:
+        stop = threading.Event()
+        threading.Thread(target=run, daemon=True).start()
+        cancel = stop.set
     first = True
     try:
         while True:
@@ -501,7 +587,7 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
                 first = False
             yield i, text, count, finish, worker.index
     finally:
-        stop.set()  # no await here: a cancelled task (client gone) could not wait anyway
+        cancel()  # no await here: a cancelled task (client gone) could not wait anyway
 
 
 def sse(obj):

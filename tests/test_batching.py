@@ -222,6 +222,38 @@ def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
             assert torch.allclose(logits[b], full[b, pos[b]], atol=1e-4), (step, b)
 
 
+def test_submit_delivers_a_step_in_one_call(tokenizer):
+    """Batcher.submit with a deliver hook (chat_web's way): each call carries at most one item
+    per request (one call a step, not one per request), the columns are generate()'s, and a
+    request cancelled before its turn gets only its end."""
+    model = model_for(tokenizer, "L", T=64)
+    batcher = Batcher(engine_for(model, tokenizer), slots=2)
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("Once", "The cat", "Hi")]
+    want = [[c for c, _ in batcher.generate(p, max_tokens=5, temperature=0.0)] for p in prompts]
+    calls, got, ended = [], [[] for _ in prompts], threading.Event()
+    lock = threading.Lock()
+
+    def deliver(pairs):
+        with lock:
+            calls.append([sink for sink, item in pairs if item is not None])  # columns (a last one comes with its end)
+        for sink, item in pairs:
+            sink(item)
+    batcher.deliver = deliver
+    sinks = [lambda item, i=i: got[i].append(item) for i in range(len(prompts))]
+    reqs = [batcher.submit(p, sink, max_tokens=5, temperature=0.0) for p, sink in zip(prompts, sinks)]
+    gone = batcher.submit(prompts[0], lambda item: (got.append([item]), ended.set()), max_tokens=5)
+    gone.cancelled = True  # (two rows: it waits behind the others, then is dropped)
+    assert ended.wait(60)
+    t0 = time.time()
+    while any(not g or g[-1] is not None for g in got[:3]) and time.time() - t0 < 60:
+        time.sleep(0.01)
+    assert got[3] == [None]
+    assert [[c for c, _ in g[:-1]] for g in got[:3]] == want and all(g[-1] is None for g in got[:3])
+    assert all(len(c) == len(set(map(id, c))) for c in calls) and max(map(len, calls)) == 2
+    assert batcher.busy_rows == 0 and all(r.slots for r in reqs) and not gone.slots  # (the dropped one never got rows)
+    batcher.close()
+
+
 @pytest.mark.parametrize("extra", ["plain", "hybrid", "memory"])
 def test_load_rows_places_prefilled_rows_anywhere(tokenizer, extra):
     """ModelCache.load_rows: rows of a two-prompt prefill copied (one repeated, into rows

@@ -515,8 +515,13 @@ def test_continuous_batching_answers_as_one_at_a_time(server, batched):
     bodies = [{"prompt": p, "max_tokens": 10, "temperature": 0.0} for p in ("Once upon", "The meaning of", "Hi")]
     bodies += [{"prompt": "Once", "max_tokens": 8, "temperature": 1.0, "top_k": 50, "seed": 11},
                {"prompt": "Tell me", "max_tokens": 6, "temperature": 0.9, "seed": 5, "n": 3}]
-    texts = lambda r: [c["text"] for c in r.json()["choices"]]
+    # a stop string from inside a greedy answer: that answer ends there ("stop"), the batch goes on
+    greedy = post(server.url + "/v1/completions", json=bodies[0]).json()["choices"][0]["text"]
+    assert len(greedy) > 4, greedy
+    bodies.append(dict(bodies[0], stop=[greedy[2:4]], max_tokens=12))
+    texts = lambda r: [(c["text"], c["finish_reason"]) for c in r.json()["choices"]] + [r.json()["usage"]]
     want = [texts(post(server.url + "/v1/completions", json=b)) for b in bodies]
+    assert want[-1][0] == (greedy[:greedy.index(greedy[2:4])], "stop"), want[-1]
     got = [None] * len(bodies)
 
     def run(i):
@@ -529,6 +534,26 @@ def test_continuous_batching_answers_as_one_at_a_time(server, batched):
     assert got == want
     workers = get(batched.url + "/stats").json()["workers"]
     assert [(w["rows_busy"], w["rows"], w["queued"], w["busy"]) for w in workers] == [(0, 8, 0, False)] * 2
+
+
+def test_a_batched_request_that_fails_in_the_server_frees_its_rows(batched, monkeypatch):
+    """Turning a batched request's tokens into text fails (here: forced): the client gets
+    the error, its rows and worker are free again, and the next request is served."""
+    import scripts.chat_web as web
+
+    def boom(self, column):
+        raise ValueError("boom")
+    with monkeypatch.context() as m:
+        m.setattr(web.Answers, "feed", boom)
+        with stream("POST", batched.url + "/chat/completions", json=chat_body(max_tokens=50)) as r:
+            events = sse_events(r)
+    assert events == [{"error": "boom"}], events
+    deadline = time.time() + 10
+    while any(w["busy"] or w["rows_busy"] for w in get(batched.url + "/stats").json()["workers"]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(w["busy"] or w["rows_busy"] for w in get(batched.url + "/stats").json()["workers"])
+    with stream("POST", batched.url + "/chat/completions", json=chat_body()) as r:
+        assert sse_events(r)[-1] == {"done": True}
 
 
 def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, tokenizer):
