@@ -130,9 +130,14 @@ class Batcher:
 
     # ---- the decode thread ---------------------------------------------------------
 
-    def close(self):
-        """Stop the decode thread once the requests in flight are done (no new ones after this)."""
+    def close(self, timeout=60):
+        """Stop the decode thread once the requests in flight are done (no new ones after this),
+        and wait up to `timeout` s for it to end: a daemon thread still inside torch when the
+        interpreter shuts down can abort the process ("terminate called without an active
+        exception", seen once from dev/batch_bench.py in CI)."""
         self.waiting.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _loop(self):
         if self.engine.device.type == "cuda":  # this thread's kernels, streams and graph on the model's GPU
