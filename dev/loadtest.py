@@ -24,7 +24,7 @@ import httpx
 async def client(url, deadline, args, ttfts, rates, errors, headers):
     body = {"messages": [{"role": "user", "content": "Tell me about compilers."}],
             "max_tokens": args.max_tokens, "temperature": 0.8}
-    ttfts_of_mine = []
+    mine_first = True  # this client's first request (every client sends its first at once)
     async with httpx.AsyncClient(timeout=args.timeout, headers=headers) as http:
         while time.monotonic() < deadline:
             t0 = time.monotonic()
@@ -50,8 +50,8 @@ async def client(url, deadline, args, ttfts, rates, errors, headers):
                 errors.append(f"{type(e).__name__}: {e}")
                 continue
             if first is not None:
-                ttfts.append((first, not ttfts_of_mine))
-                ttfts_of_mine.append(first)
+                ttfts.append((first, mine_first))
+                mine_first = False
                 if pieces > 1:  # the pieces after the first, over the time after it
                     rates.append((pieces - 1) / max(time.monotonic() - t0 - first, 1e-6))
 
