@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm,
+from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm, prefill_attention,
                                 rotary_tables)
 from nanochat.dsa import SparseAttention
 from nanochat.engram import Engram, layer_hash_params
@@ -451,7 +451,7 @@ class GPT(nn.Module):
             + (b.hc_mixer.flops_per_token() + b.hc_mlp.flops_per_token() if b.hc_mixer else 0) for b in self.blocks)
 
     @torch.compiler.disable
-    def _context(self, idx, pos0):
+    def _context(self, idx, pos0, cached=False):
         T, device = idx.size(1), idx.device
         if pos0 + T > self.rotary_len:
             raise ValueError(f"sequence of {pos0 + T} positions is longer than the rotary tables ({self.rotary_len})")
@@ -459,7 +459,10 @@ class GPT(nn.Module):
         masks = {}
         if pos0 == 0 and self.training:
             masks = block_masks({s.window for s in self.plan if s.window}, T, self.kernel, device, self._block_masks)
-        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=self.flash,
+        flash = self.flash
+        if flash is None and cached and device.type == "cuda":  # an inference prefill: no cuDNN plan per shape
+            flash = prefill_attention
+        return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=flash,
                        dsa_kernel=self.dsa_kernel)
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
@@ -550,7 +553,7 @@ class GPT(nn.Module):
         in the "warmup" stage the loss is L^I alone, so only the indexers train."""
         B, T = idx.shape
         pos0 = cache.pos if cache is not None else 0
-        ctx = self._context(idx, pos0)
+        ctx = self._context(idx, pos0, cached=cache is not None)
         x = self._trunk(self._embed(idx, cache), ctx, cache)
         if cache is not None:
             cache.pos += T

@@ -387,3 +387,43 @@ def test_rope_base_bound_for_long_contexts():
     assert best == 5e6 and not rope_base_enough(ROPE_BASES[ROPE_BASES.index(best) - 1], 65536, 128)
     assert all(rope_base_enough(b, 65536, 128) for b in ROPE_BASES if b >= best)
     assert suggest_rope_base(2048, 128) == 2e4
+
+
+def _spy_sdpa(monkeypatch):
+    """Record, for every SDPA call, whether cuDNN attention was enabled and whether it was causal."""
+    import torch.nn.functional as F
+    real, seen = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), kwargs.get("is_causal", False)))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return real, seen
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_prefill_attention_is_causal_sdpa_without_cudnn(monkeypatch, n_kv_head):
+    from nanochat.attention import prefill_attention
+    real, seen = _spy_sdpa(monkeypatch)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, n_kv_head, 9, 16), torch.randn(2, n_kv_head, 9, 16)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    y = prefill_attention(q, k, v)
+    assert seen == [(False, True)]  # cuDNN off inside, causal
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before  # and the setting restored after
+    torch.testing.assert_close(y, real(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4))
+
+
+def test_only_forwards_with_a_cache_ask_for_the_prefill_attention(monkeypatch):
+    """GPT.forward tells _context whether it prefills a cache (on CUDA that picks
+    prefill_attention: tests/test_gpu.py); training and evaluation forwards do not."""
+    model = tiny().eval()
+    calls, real = [], model._context
+    monkeypatch.setattr(model, "_context", lambda idx, pos0, cached=False: calls.append(cached) or real(idx, pos0, cached))
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        full = model(idx)
+        cached = model(idx, cache=model.init_cache(1, 32))
+    assert calls == [False, True]
+    torch.testing.assert_close(cached, full)
+    assert real(idx, 0, cached=True).flash is None  # on the CPU: SDPA as before

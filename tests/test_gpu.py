@@ -143,6 +143,31 @@ def test_muon_cuda_matches_fp32_reference():
             assert rel < 5e-2, (shape, rel)  # bf16 lands near 3e-2 (CPU bf16 too)
 
 
+def test_prefills_on_cuda_run_without_cudnn(monkeypatch):
+    """An inference prefill (a forward with a cache) runs causal SDPA with cuDNN off (no plan
+    built per new shape, nanochat/attention.py PREFILL_BACKENDS); a forward without a cache
+    keeps SDPA's own choice; both give the same logits within bf16 rounding."""
+    import torch.nn.functional as F
+    _, gpu = model_pair("L")
+    gpu.eval()
+    real, seen = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), kwargs.get("is_causal", False)))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    idx = torch.randint(0, 512, (3, 57), device="cuda")
+    with torch.inference_mode(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        full = gpu(idx)
+        assert seen and all(cudnn and causal for cudnn, causal in seen), seen
+        seen.clear()
+        cached = gpu(idx, cache=gpu.init_cache(3, 256))
+        assert len(seen) == 4 and all(not cudnn and causal for cudnn, causal in seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    rel = (cached - full).norm() / full.norm()
+    assert rel < 2e-2, rel
+
+
 @pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory", "dsa"])
 def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     """With the recipe, the smear's prev_emb, in a hybrid the Mamba states, and with Engram its
