@@ -287,9 +287,11 @@ def test_batch_bench_runs_every_answer_to_max_tokens(tokenizer, tmp_path):
     shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "dev/batch_bench.py", "--depth=1", "--slots=8", "--requests=3,8",
-                          "--max_tokens=6", "--device_type=cpu"], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
+                          "--max_tokens=6", "--device_type=cpu", "--prefill_rows=3"], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [ast.literal_eval(line) for line in out.stdout.splitlines()]
+    prefill = rows.pop(0)  # --prefill_rows: the first line
+    assert prefill["prefill_rows"] == 3 and prefill["first_ms_total"] >= 0 and prefill["again_ms_max"] > 0
     assert [(r["requests"], r["tokens"]) for r in rows] == [(3, 18), (8, 48)]
     assert all(r["tok_per_s"] > 0 and r["sample_ms_per_step"] > 0 for r in rows)
