@@ -293,3 +293,21 @@ def test_two_ranks_killed_while_replacing_a_step_keep_it(tmp_path, corpus_dir, t
         model, state, meta = cm.load_checkpoint(ckpt, 2, load_state=True, rank=k)
         assert all(torch.equal(model[n], before[k][0][n]) for n in model)
         assert meta["files"] == before[k][2]["files"]
+
+
+def test_random_checkpoint_loads_and_never_picks_a_special_token(tokenizer, tmp_path, monkeypatch):
+    """dev/random_checkpoint.py writes a checkpoint that load_model finds, whose special
+    tokens' logits are 0 (so a sampled answer runs to max_tokens)."""
+    shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "dev/random_checkpoint.py", "--depth=2", "--device_type=cpu"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "chatsft_checkpoints" / "d2").is_dir()
+    model, tok, _ = cm.load_model("sft", "cpu")
+    assert model.config.n_layer == 2 and model.config.vocab_size == tok.get_vocab_size()
+    with torch.no_grad():
+        logits = model(torch.tensor([[tok.get_bos_token_id(), 5, 6, 7]]))[0, -1]
+    special = [tok.encode_special(name) for name in tok.get_special_tokens()]
+    assert torch.all(logits[special] == 0) and logits.abs().max() > 0
