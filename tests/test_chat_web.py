@@ -265,6 +265,25 @@ def test_load_32_streaming_clients(server):
     assert result["workers_busy_after"] == 0 and result["waiting_after"] == 0
 
 
+def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
+    """dev/serve_bench.sh on the CPU: a random d2 made, served with batching, one load."""
+    import shutil
+    shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), DEPTH="2", SLOTS="8", LOADS="4", SECONDS_EACH="3",
+               MAX_TOKENS="8", PROCS="2", PORT=str(port), WEB_FLAGS="--device_type=cpu --unsandboxed_tool")
+    out = subprocess.run(["bash", "dev/serve_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "chatsft_checkpoints" / "d2").is_dir()
+    lines = [line for line in out.stdout.splitlines() if line.startswith("main ")]
+    assert len(lines) == 1, out.stdout
+    result = json.loads(lines[0][5:])
+    assert result["clients"] == 4 and result["requests"] >= 4 and result["errors"] == 0, result
+    assert result["workers_busy_after"] == 0
+
+
 @pytest.mark.parametrize("flag", [[], ["--unsandboxed_tool"]])
 def test_refuses_to_start_with_an_unsandboxed_tool_unless_told(tmp_path, flag):
     # NANOCHAT_SANDBOX=none stands for a machine without user namespaces; with the flag it
