@@ -90,8 +90,6 @@ def run(n, max_tokens):
             **{f"{k}_ms_per_step": round(1e3 * spent[k] / steps, 2) for k in ("sample", "step", "admit")}}
 
 
-
-
 def prefill_ms(rows):
     """One eager prefill of `rows` copies of the prompt into a cache of the prompt's length, as
     Batcher._prefill runs it (its logits included), in ms."""

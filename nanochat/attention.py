@@ -108,16 +108,16 @@ class Context:
 # Causal SDPA in an inference prefill (a forward with a cache) on CUDA: any backend but cuDNN.
 # cuDNN's attention builds an execution plan for each new shape (PyTorch keeps one per shape),
 # and a server prefills a new (rows, prompt length) with most requests: on an H200 a prefill
-# of a shape not seen before took 56-80 ms, the same shape again 16-21 ms (docs/benchmarks.md,
-# "Continuous batching", round four). Training keeps SDPA's choice (cuDNN: fixed shapes, and
-# 1.6x flash's speed there).
+# of a shape not seen before took 56-80 ms, the same shape again 16-21 ms, most likely that
+# (docs/benchmarks.md, "Continuous batching", round four). Training keeps SDPA's choice
+# (cuDNN: fixed shapes, and 1.6x flash's speed there).
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def prefill_attention(q, k, v):
     """Full causal attention for the Context's `flash` slot in inference prefills. The
     backend choice is process-wide state in PyTorch: threads prefilling at once may each run
-    a layer with the other's choice (a speed difference only, never a different result)."""
+    a layer with the other's choice (another kernel: speed and bf16 rounding, nothing more)."""
     with sdpa_kernel(PREFILL_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
 
@@ -277,7 +277,7 @@ class CausalSelfAttention(nn.Module):
             # GPU training through flex_attention: it skips the masked-out blocks
             return flex_attention(q, k, v, block_mask=ctx.block_masks[self.window], enable_gqa=gqa)
         if T == S and ctx.pos0 == 0 and self.window >= T:
-            if ctx.flash is not None:  # TPU: the Pallas flash kernel (no windows, so only here); CUDA prefills: not cuDNN
+            if ctx.flash is not None:  # TPU's Pallas flash kernel (no windows: only here), or prefill_attention
                 return ctx.flash(q, k, v)
             # full causal attention: SDPA picks flash / cuDNN on GPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

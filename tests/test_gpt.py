@@ -419,7 +419,8 @@ def test_only_forwards_with_a_cache_ask_for_the_prefill_attention(monkeypatch):
     prefill_attention: tests/test_gpu.py); training and evaluation forwards do not."""
     model = tiny().eval()
     calls, real = [], model._context
-    monkeypatch.setattr(model, "_context", lambda idx, pos0, cached=False: calls.append(cached) or real(idx, pos0, cached))
+    monkeypatch.setattr(model, "_context",
+                        lambda idx, pos0, cached=False: calls.append(cached) or real(idx, pos0, cached))
     idx = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         full = model(idx)
