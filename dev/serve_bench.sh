@@ -6,6 +6,8 @@
 # REF=DIR serves a second copy of the code from DIR (e.g. `git worktree add /tmp/ref HEAD~1`)
 # on the next port at the same time, and each load then runs against both in turn (one idle
 # while the other is measured). One JSON line per load, prefixed with "main" or "ref".
+# SPREAD=0.5: each request's max_tokens within +-50% (loadtest --max_tokens_spread; default 0:
+# all answers end in the same step, round after round).
 # Needs a tokenizer in $NANOCHAT_BASE_DIR (python -m scripts.tok_train).
 #   bash dev/serve_bench.sh                                   # d20, 128 slots, loads 128 128 32
 #   DEPTH=2 SLOTS=8 LOADS="4 4" SECONDS_EACH=5 MAX_TOKENS=16 PROCS=2 WEB_FLAGS="--device_type=cpu" bash dev/serve_bench.sh
@@ -13,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEPTH=${DEPTH:-20}; SLOTS=${SLOTS:-128}; LOADS=${LOADS:-"128 128 32"}; SECONDS_EACH=${SECONDS_EACH:-30}
 MAX_TOKENS=${MAX_TOKENS:-256}; PROCS=${PROCS:-8}; PORT=${PORT:-8000}; WEB_FLAGS=${WEB_FLAGS:-}; REF=${REF:-}
+SPREAD=${SPREAD:-0}
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ ! -d "$BASE/chatsft_checkpoints/d$DEPTH" ]; then
     python dev/random_checkpoint.py --depth="$DEPTH" || exit 1
@@ -41,6 +44,6 @@ done
 for clients in $LOADS; do
     for t in "${targets[@]}"; do
         python dev/loadtest.py --url "http://127.0.0.1:${t#*:}" --clients "$clients" --procs "$PROCS" \
-            --seconds "$SECONDS_EACH" --max_tokens "$MAX_TOKENS" | sed "s/^/${t%%:*} /" || exit 1
+            --seconds "$SECONDS_EACH" --max_tokens "$MAX_TOKENS" --max_tokens_spread "$SPREAD" | sed "s/^/${t%%:*} /" || exit 1
     done
 done

@@ -263,6 +263,23 @@ def test_load_32_streaming_clients(server):
     assert 0 < result["client_cpu"] < 2 and result["server_first_token_ms"]["p95"] > 0, result
     assert result["ttft_p95_ms_after_first"] > 0, result  # (None: no client sent a second request)
     assert result["workers_busy_after"] == 0 and result["waiting_after"] == 0
+    # the muted model never stops early: every answer is max_tokens long (8 tokens, pieces of
+    # whole characters: at most 8)
+    assert 1 <= result["answer_pieces_min"] <= result["answer_pieces_max"] <= 8, result
+
+
+def test_load_with_a_spread_of_answer_lengths(server):
+    """--max_tokens_spread 0.5 at max_tokens 16: each request asks for 8 to 24 tokens."""
+    out = subprocess.run([sys.executable, "dev/loadtest.py", "--url", server.url, "--clients", "4", "--seconds", "4",
+                          "--max_tokens", "16", "--max_tokens_spread", "0.5", "--procs", "2"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["max_tokens_spread"] == 0.5, result
+    assert result["answer_pieces_max"] <= 24 and result["answer_pieces_max"] - result["answer_pieces_min"] >= 4, result
+    bad = subprocess.run([sys.executable, "dev/loadtest.py", "--url", server.url, "--max_tokens_spread", "1.5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max_tokens_spread=1.5" in bad.stderr
 
 
 def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
@@ -273,7 +290,8 @@ def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), DEPTH="2", SLOTS="8", LOADS="4", SECONDS_EACH="3",
-               MAX_TOKENS="8", PROCS="2", PORT=str(port), WEB_FLAGS="--device_type=cpu --unsandboxed_tool")
+               MAX_TOKENS="8", PROCS="2", PORT=str(port), WEB_FLAGS="--device_type=cpu --unsandboxed_tool",
+               SPREAD="0.5")
     out = subprocess.run(["bash", "dev/serve_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "chatsft_checkpoints" / "d2").is_dir()
@@ -281,6 +299,7 @@ def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
     assert len(lines) == 1, out.stdout
     result = json.loads(lines[0][5:])
     assert result["clients"] == 4 and result["requests"] >= 4 and result["errors"] == 0, result
+    assert result["max_tokens_spread"] == 0.5
     assert result["workers_busy_after"] == 0
 
 
