@@ -1,9 +1,9 @@
 """
 The continuous batcher (nanochat/batching.py) alone, without HTTP: N requests submitted at
 once, each consumed by its own thread (as chat_web's), every answer max_tokens long. Prints
-decode tokens/s and where a step's time goes: the host's sampling (which waits for the
-step's logits), launching the step, admissions (prefills), and the step's graph
-replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
+decode tokens/s and where a step's time goes: drawing the tokens on the device, the host's
+share of sampling (which waits for the draws, and so for the step before them), launching
+the step, admissions (prefills), and the step's graph replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
 under bf16 autocast on CUDA; no stop tokens and no tool, so answers run to max_tokens.
 
     python dev/batch_bench.py                                 # d20, 128 slots, 32 and 128 requests x 256 tokens
@@ -52,7 +52,7 @@ model.eval()
 engine = Engine(model, tok, use_tools=False)
 engine.stop_tokens = set()  # a random model draws special tokens too: every answer runs to max_tokens
 batcher = Batcher(engine, args.slots, autocast=lambda: autocast_for(device.type))
-spent = {"sample": 0.0, "step": 0.0, "admit": 0.0, "steps": 0}
+spent = {"draw": 0.0, "sample": 0.0, "step": 0.0, "admit": 0.0, "steps": 0}
 
 
 def timed(name, f):
@@ -65,7 +65,7 @@ def timed(name, f):
     return run
 
 
-for name in ("sample", "step", "admit"):
+for name in ("draw", "sample", "step", "admit"):
     setattr(batcher, "_" + name, timed(name, getattr(batcher, "_" + name)))
 prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Tell me about compilers."},
                                                  {"role": "assistant", "content": ""}]})
@@ -87,7 +87,7 @@ def run(n, max_tokens):
     dt, steps = time.perf_counter() - t0, max(spent["steps"], 1)
     return {"requests": n, "tokens": sum(counts), "seconds": round(dt, 2), "tok_per_s": round(sum(counts) / dt),
             "ms_per_step": round(1e3 * dt / steps, 2),
-            **{f"{k}_ms_per_step": round(1e3 * spent[k] / steps, 2) for k in ("sample", "step", "admit")}}
+            **{f"{k}_ms_per_step": round(1e3 * spent[k] / steps, 2) for k in ("draw", "sample", "step", "admit")}}
 
 
 def prefill_ms(rows):

@@ -20,7 +20,10 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
    shape (m,)), m the fewest of a few sizes (slots, slots / 4, ...) that hold every request
    (rows are taken lowest first); on CUDA one captured graph per size, as the Engine's.
    Free rows decode a dummy token at position 0 of their own row, which the next admission
-   overwrites.
+   overwrites. Unless a row has tool output waiting to be forced, the step is launched before
+   step 2's host work, straight from the tokens drawn on the device, so that the host turns
+   one step's tokens into text while the GPU computes the next (a request that ends with the
+   drawn tokens decodes a dummy at position 0 there too); the host waits only for the draws.
 
 So a request's tokens are the ones Engine.generate gives for the same arguments (greedy:
 the same tokens; sampled: the same draws from the same generator), up to the float
@@ -77,6 +80,7 @@ class Batcher:
         self.sizes = sorted({slots} | {slots >> k for k in (2, 4, 6) if slots >> k >= 8})
         self.use_cuda_graphs = use_cuda_graphs
         self._stepper = None  # made by the thread on its first step
+        self._ready = None  # (CUDA) marks each step's draws copied to the host
         self._closed = False
         self.first_token_s = deque(maxlen=1000)  # the last requests' waits from submit() to their first token
         self.deliver = None
@@ -146,9 +150,17 @@ class Batcher:
             try:
                 with torch.inference_mode(), self.autocast():
                     self._admit(block=not self.active)
-                    if self.active:
-                        self._sample()
-                    if self.active:
+                    if not self.active:
+                        continue
+                    drawn = self._draw()
+                    # no tool output is waiting to be forced: every row's next token is the one just
+                    # drawn, so the next step starts now, reading the draws on the device, while this
+                    # thread turns them into text (the host's work overlaps the GPU's step)
+                    ahead = not any(row.forced for req in self.active for row in req.rows)
+                    if ahead:
+                        self._step(drawn[0])
+                    self._sample(drawn, stepped=ahead)
+                    if self.active and not ahead:
                         self._step()
             except Exception as e:  # every request in flight gets the error; the batcher goes on
                 self._deliver([(req.sink, e) for req in self.active])
@@ -260,8 +272,10 @@ class Batcher:
         span = cls._span(req)
         return t[req.slots] if span is None else t[span]
 
-    def _sample(self):
-        engine, draws, greedy, groups = self.engine, [], None, {}
+    def _draw(self):
+        """Every active row's next token drawn on the device, in request order: (the tokens,
+        their copy on the way to the host, an event that marks the copy done, on CUDA)."""
+        draws, greedy, groups = [], None, {}
         for req in self.active:
             plain = req.logits is None and req.counts is None  # plain: its rows of this step's logits
             if plain and req.temperature < 1e-5:
@@ -287,7 +301,32 @@ class Batcher:
             drawn = (probs / noise).argmax(dim=-1, keepdim=True)  # (rows of no request: garbage, not read)
             groups[key] = (drawn if idx is None else idx.gather(1, drawn)).view(-1)
         draws = [self._rows(groups[d], req) if isinstance(d, tuple) else d for d, req in zip(draws, self.active)]
-        sampled = torch.cat(draws).tolist()  # one host sync for every request
+        flat = torch.cat(draws)
+        host = flat.to("cpu", non_blocking=True)  # (into pinned memory on CUDA: a step launched after it
+        ready = None                              # does not delay it)
+        if flat.is_cuda:
+            if self._ready is None:
+                self._ready = torch.cuda.Event()
+            ready = self._ready
+            ready.record()
+        return flat, host, ready
+
+    @staticmethod
+    def _ends_now(req):
+        """The request ends with this step's token whatever the token is (cancelled, max_tokens, or
+        the end of its context)."""
+        return (req.cancelled or (req.max_tokens is not None and req.produced + 1 >= req.max_tokens)
+                or req.pos >= req.max_len)
+
+    def _sample(self, drawn, stepped):
+        """The drawn tokens to each request's consumer (forced tool output first, stops, text), and
+        the requests that are done out (their rows freed). stepped: the next step was launched
+        already with the drawn tokens (_step(flat))."""
+        engine = self.engine
+        _, host, ready = drawn
+        if ready is not None:
+            ready.synchronize()  # the draws only, not the step launched after them
+        sampled = host.tolist()  # one host sync for every request
         still, i, out = [], 0, []
         for req in self.active:
             column, masks = next_column(req.rows, sampled[i:i + req.n], engine.stop_tokens, engine.use_tools)
@@ -308,20 +347,39 @@ class Batcher:
             else:
                 still.append(req)
         self.active = still
+        if stepped:
+            self._stepped(still)
         self._deliver(out)
 
-    def _step(self):
+    def _step(self, flat=None):
+        """One decode step of the rows in use: each request's column (after _sample: forced tool
+        output included), or with flat, the drawn tokens still on the device (before _sample; a
+        request that ends with them decodes a dummy at position 0 of its rows, freed after)."""
         top = max(s for req in self.active for s in req.slots) + 1
         m = min(m for m in self.sizes if m >= top)
-        ids, pos = [0] * m, [0] * m
-        for req in self.active:
-            for s, tok in zip(req.slots, req.column):
-                ids[s], pos[s] = tok, req.pos
         static_ids, static_pos, stepper = self._steppers[m]
-        static_ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
-        static_pos.copy_(torch.tensor(pos, dtype=torch.long))
-        # (on CUDA the graph's output tensor: read by the next _sample, before the next replay)
-        self._logits = stepper().float()
+        ids, pos, slots = [0] * m, [0] * m, []
         for req in self.active:
+            if flat is None:
+                for s, tok in zip(req.slots, req.column):
+                    ids[s], pos[s] = tok, req.pos
+            else:
+                slots += req.slots
+                if not self._ends_now(req):  # (its position may be past the cache otherwise)
+                    for s in req.slots:
+                        pos[s] = req.pos
+        if flat is None:
+            static_ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
+        else:  # (rows of no request keep a stale token: a dummy at their position 0, as before)
+            static_ids.view(-1).index_copy_(0, torch.tensor(slots, device=flat.device), flat)
+        static_pos.copy_(torch.tensor(pos, dtype=torch.long))
+        # (on CUDA the graph's output tensor: read by the next _draw, before the next replay)
+        self._logits = stepper().float()
+        if flat is None:
+            self._stepped(self.active)
+
+    @staticmethod
+    def _stepped(reqs):
+        for req in reqs:
             req.logits = None  # its rows of self._logits from now on (the prefill's logits until then)
             req.pos += 1

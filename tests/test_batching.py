@@ -295,3 +295,33 @@ def test_batch_bench_runs_every_answer_to_max_tokens(tokenizer, tmp_path):
     assert prefill["prefill_rows"] == 3 and prefill["first_ms_total"] >= 0 and prefill["again_ms_max"] > 0
     assert [(r["requests"], r["tokens"]) for r in rows] == [(3, 18), (8, 48)]
     assert all(r["tok_per_s"] > 0 and r["sample_ms_per_step"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("extra", ["plain", "hybrid"])
+def test_requests_to_the_end_of_the_cache_decode_ahead_safely(tokenizer, extra):
+    """The next step is launched before the host has seen the drawn tokens: a request that ends
+    with them whatever they are (here: at the very end of the batch cache, 256 positions)
+    decodes a dummy at position 0 of its rows instead of a write past the cache, and the
+    others (one admitted into those rows afterwards) still get the engine's tokens."""
+    model = model_for(tokenizer, "L", T=256, **CASES[extra])
+    torch.manual_seed(1)
+    long = [tokenizer.get_bos_token_id()] + torch.randint(0, 200, (249,)).tolist()  # 6 positions left
+    short = tokenizer.encode("int main() {", prepend="<|bos|>")
+    jobs = [(long, dict(temperature=0.0)), (short, dict(max_tokens=20, temperature=0.0)),
+            (short, dict(max_tokens=9, temperature=0.8, seed=5))]
+    want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
+    assert len(want[0]) == 7  # to the end of the context: 6 fed (250 + 6 = 256), the 7th only drawn
+    batcher = Batcher(engine_for(model, tokenizer), slots=2)  # the third waits for the first's rows
+    got = [None] * len(jobs)
+
+    def run(i):
+        time.sleep(0.01 * i)
+        got[i] = list(batcher.generate(jobs[i][0], **jobs[i][1]))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want
+    assert batcher.busy_rows == 0
+    batcher.close()
