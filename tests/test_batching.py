@@ -21,6 +21,24 @@ def within(seconds, fn):
     return out[0]
 
 
+def run_together(batcher, jobs):
+    """Each job (prompt, generate's kwargs) in its own thread, arrivals 10 ms apart (some join a
+    batch already decoding): their streams, once the batcher has every row back (then closed)."""
+    got = [None] * len(jobs)
+
+    def run(i):
+        time.sleep(0.01 * i)
+        got[i] = list(batcher.generate(jobs[i][0], **jobs[i][1]))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert batcher.busy_rows == 0
+    batcher.close()
+    return got
+
+
 def engine_for(model, tokenizer):
     e = Engine(model, tokenizer)
     e.stop_tokens = set()  # a random model may emit a stop token; compare the raw streams
@@ -48,20 +66,7 @@ def test_batched_requests_equal_one_at_a_time(tokenizer, extra):
             (prompts[0], dict(max_tokens=7, temperature=1.0, top_k=20, seed=9)),
             (prompts[1], dict(max_tokens=6, temperature=0.8, seed=12))]
     want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
-    batcher = Batcher(engine_for(model, tokenizer), slots=4)
-    got = [None] * len(jobs)
-
-    def run(i):
-        time.sleep(0.01 * i)  # arrivals spread out: some join a batch already decoding
-        got[i] = list(batcher.generate(jobs[i][0], **jobs[i][1]))
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert got == want
-    assert batcher.busy_rows == 0
-    batcher.close()
+    assert run_together(Batcher(engine_for(model, tokenizer), slots=4), jobs) == want
 
 
 @pytest.mark.parametrize("extra", ["plain", "hybrid", "memory"])
@@ -311,17 +316,4 @@ def test_requests_to_the_end_of_the_cache_decode_ahead_safely(tokenizer, extra):
             (short, dict(max_tokens=9, temperature=0.8, seed=5))]
     want = [list(engine_for(model, tokenizer).generate(p, **kw)) for p, kw in jobs]
     assert len(want[0]) == 7  # to the end of the context: 6 fed (250 + 6 = 256), the 7th only drawn
-    batcher = Batcher(engine_for(model, tokenizer), slots=2)  # the third waits for the first's rows
-    got = [None] * len(jobs)
-
-    def run(i):
-        time.sleep(0.01 * i)
-        got[i] = list(batcher.generate(jobs[i][0], **jobs[i][1]))
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert got == want
-    assert batcher.busy_rows == 0
-    batcher.close()
+    assert run_together(Batcher(engine_for(model, tokenizer), slots=2), jobs) == want  # (the third waits for rows)
