@@ -221,6 +221,37 @@ def test_batcher_cuda_graph_equals_full_recompute(recipe, slots):
     assert got == [naive_generate(gpu, p, 12 + 3 * i) for i, p in enumerate(prompts)]
 
 
+def test_batcher_tool_call_on_cuda_as_the_engine(tokenizer, monkeypatch):
+    """A Python tool call in a batched request on the GPU: steps launched from the draws on the
+    device until the tool's output is waiting, then serial steps that force it, then ahead
+    again; the stream equals Engine.generate's (scripted draws, as tests/test_batching.py)."""
+    import nanochat.batching as batching
+    import nanochat.engine as eng
+    from nanochat.batching import Batcher
+    from nanochat.engine import Engine
+    s = tokenizer.encode_special
+    script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + tokenizer.encode("ok")
+    cfg = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=128)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cuda").eval()
+    tokens = tokenizer.encode("q", prepend="<|bos|>")
+    streams = []
+    for module, make in ((eng, lambda: Engine(model, tokenizer)), (batching, lambda: Batcher(Engine(model, tokenizer), 8))):
+        seq = iter(script + [s("<|assistant_end|>")] * 50)
+        monkeypatch.setattr(module, "sample_next",
+                            lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq), device=logits.device))
+        runner = make()
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16):  # (the batcher's thread: its own autocast, none here)
+            streams.append(list(runner.generate(tokens, max_tokens=30, presence_penalty=0.1)))
+        monkeypatch.undo()
+    assert streams[0] == streams[1]
+    text = tokenizer.decode([c[0] for c, _ in streams[1]])
+    assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"), text
+    assert streams[1][-1][0] == [s("<|assistant_end|>")] and [0] in [m for _, m in streams[1]]
+    runner.close()
+
+
 def test_speculative_cuda_graph_rounds_equal_greedy():
     """Speculative decoding's rounds captured as CUDA graphs (one MTP module, attention only)
     give greedy decoding's tokens, with drafts kept (trained modules) and rejected."""
