@@ -3,8 +3,9 @@ The continuous batcher (nanochat/batching.py) alone, without HTTP: N requests su
 once, each consumed by its own thread (as chat_web's), every answer max_tokens long. Prints
 decode tokens/s and where a step's time goes: drawing the tokens on the device, the host's
 share of sampling (which waits for the draws, and so for the step before them), launching
-the step, admissions (prefills), and the step's graph replayed alone. The model is built as chat_web serves a checkpoint: random fp32 weights
-under bf16 autocast on CUDA; no stop tokens and no tool, so answers run to max_tokens.
+the step, admissions (prefills), and the step's graph replayed alone. The model is built as
+chat_web serves a checkpoint: random fp32 weights under bf16 autocast on CUDA; no stop
+tokens and no tool, so answers run to max_tokens.
 
     python dev/batch_bench.py                                 # d20, 128 slots, 32 and 128 requests x 256 tokens
     python dev/batch_bench.py --depth=2 --slots=8 --requests=8 --max_tokens=16 --device_type=cpu

@@ -314,7 +314,7 @@ class Batcher:
     @staticmethod
     def _ends_now(req):
         """The request ends with this step's token whatever the token is (cancelled, max_tokens, or
-        the end of its context)."""
+        the end of its context); asked before req.produced counts that token."""
         return (req.cancelled or (req.max_tokens is not None and req.produced + 1 >= req.max_tokens)
                 or req.pos >= req.max_len)
 
@@ -338,10 +338,10 @@ class Batcher:
             if req.counts is not None:
                 req.counts[torch.arange(req.n, device=req.counts.device),
                            torch.tensor(column, device=req.counts.device)] += 1
+            ends = all(r.done for r in req.rows) or self._ends_now(req)  # (before produced counts this token)
             req.produced += 1
             req.column = column
-            if (req.cancelled or all(r.done for r in req.rows) or
-                    (req.max_tokens is not None and req.produced >= req.max_tokens) or req.pos >= req.max_len):
+            if ends:
                 self.free = sorted(self.free + req.slots)  # (before the end reaches the consumer)
                 out.append((req.sink, None))
             else:
