@@ -152,16 +152,25 @@ def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
     """A scripted sampler (the model runs, the choice is fixed): the row writes a Python call,
     gets <|output_start|>42<|output_end|> forced with mask 0, then stops at <|assistant_end|>;
     the Batcher's stream equals the Engine's, and the request ends at the stop token."""
+    assert_tool_call_streams_equal(model_for(tokenizer), tokenizer, monkeypatch, slots=2)
+
+
+def assert_tool_call_streams_equal(model, tokenizer, monkeypatch, slots):
+    """One request whose draws are scripted (a Python tool call, 6*7, then "ok", then
+    <|assistant_end|>) through Engine.generate and through a Batcher of `slots` rows on the
+    model's device: the same stream, the tool's output forced (mask 0), the stop at the end.
+    (Also tests/test_gpu.py's, on CUDA.)"""
     import nanochat.batching as batching
     import nanochat.engine as eng
     s = tokenizer.encode_special
     script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + tokenizer.encode("ok")
-    model = model_for(tokenizer)
     tokens = tokenizer.encode("q", prepend="<|bos|>")
     streams = []
-    for module, make in ((eng, lambda: Engine(model, tokenizer)), (batching, lambda: Batcher(Engine(model, tokenizer), 2))):
+    for module, make in ((eng, lambda: Engine(model, tokenizer)),
+                         (batching, lambda: Batcher(Engine(model, tokenizer), slots))):
         seq = iter(script + [s("<|assistant_end|>")] * 50)
-        monkeypatch.setattr(module, "sample_next", lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq)))
+        monkeypatch.setattr(module, "sample_next",
+                            lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq), device=logits.device))
         runner = make()
         # (a penalty sends the batcher's draw through sample_next too, not its shared softmax)
         streams.append(list(runner.generate(tokens, max_tokens=30, presence_penalty=0.1)))

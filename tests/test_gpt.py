@@ -389,8 +389,9 @@ def test_rope_base_bound_for_long_contexts():
     assert suggest_rope_base(2048, 128) == 2e4
 
 
-def _spy_sdpa(monkeypatch):
-    """Record, for every SDPA call, whether cuDNN attention was enabled and whether it was causal."""
+def spy_sdpa(monkeypatch):
+    """Record, for every SDPA call, whether cuDNN attention was enabled and whether it was causal
+    (also tests/test_gpu.py's): (the real SDPA, the list of records)."""
     import torch.nn.functional as F
     real, seen = F.scaled_dot_product_attention, []
 
@@ -404,7 +405,7 @@ def _spy_sdpa(monkeypatch):
 @pytest.mark.parametrize("n_kv_head", [4, 2])
 def test_prefill_attention_is_causal_sdpa_without_cudnn(monkeypatch, n_kv_head):
     from nanochat.attention import prefill_attention
-    real, seen = _spy_sdpa(monkeypatch)
+    real, seen = spy_sdpa(monkeypatch)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, n_kv_head, 9, 16), torch.randn(2, n_kv_head, 9, 16)
     before = torch.backends.cuda.cudnn_sdp_enabled()

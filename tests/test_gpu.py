@@ -147,15 +147,10 @@ def test_prefills_on_cuda_run_without_cudnn(monkeypatch):
     """An inference prefill (a forward with a cache) runs causal SDPA with cuDNN off (no plan
     built per new shape, nanochat/attention.py PREFILL_BACKENDS); a forward without a cache
     keeps SDPA's own choice; both give the same logits within bf16 rounding."""
-    import torch.nn.functional as F
+    from test_gpt import spy_sdpa
     _, gpu = model_pair("L")
     gpu.eval()
-    real, seen = F.scaled_dot_product_attention, []
-
-    def spy(*args, **kwargs):
-        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), kwargs.get("is_causal", False)))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    _, seen = spy_sdpa(monkeypatch)
     idx = torch.randint(0, 512, (3, 57), device="cuda")
     with torch.inference_mode(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
         full = gpu(idx)
@@ -224,32 +219,12 @@ def test_batcher_cuda_graph_equals_full_recompute(recipe, slots):
 def test_batcher_tool_call_on_cuda_as_the_engine(tokenizer, monkeypatch):
     """A Python tool call in a batched request on the GPU: steps launched from the draws on the
     device until the tool's output is waiting, then serial steps that force it, then ahead
-    again; the stream equals Engine.generate's (scripted draws, as tests/test_batching.py)."""
-    import nanochat.batching as batching
-    import nanochat.engine as eng
-    from nanochat.batching import Batcher
-    from nanochat.engine import Engine
-    s = tokenizer.encode_special
-    script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + tokenizer.encode("ok")
+    again; the stream equals Engine.generate's (scripted draws, tests/test_batching.py)."""
+    from test_batching import assert_tool_call_streams_equal
     cfg = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
                     n_embd=128)
     torch.manual_seed(0)
-    model = build_model(cfg, "cuda").eval()
-    tokens = tokenizer.encode("q", prepend="<|bos|>")
-    streams = []
-    for module, make in ((eng, lambda: Engine(model, tokenizer)), (batching, lambda: Batcher(Engine(model, tokenizer), 8))):
-        seq = iter(script + [s("<|assistant_end|>")] * 50)
-        monkeypatch.setattr(module, "sample_next",
-                            lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq), device=logits.device))
-        runner = make()
-        with torch.amp.autocast("cuda", dtype=torch.bfloat16):  # (the batcher's thread: its own autocast, none here)
-            streams.append(list(runner.generate(tokens, max_tokens=30, presence_penalty=0.1)))
-        monkeypatch.undo()
-    assert streams[0] == streams[1]
-    text = tokenizer.decode([c[0] for c, _ in streams[1]])
-    assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"), text
-    assert streams[1][-1][0] == [s("<|assistant_end|>")] and [0] in [m for _, m in streams[1]]
-    runner.close()
+    assert_tool_call_streams_equal(build_model(cfg, "cuda").eval(), tokenizer, monkeypatch, slots=8)
 
 
 def test_speculative_cuda_graph_rounds_equal_greedy():
