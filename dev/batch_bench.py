@@ -67,7 +67,8 @@ def timed(name, f):
 
 
 for name in ("draw", "sample", "step", "admit"):
-    setattr(batcher, "_" + name, timed(name, getattr(batcher, "_" + name)))
+    if hasattr(batcher, "_" + name):  # (an older batcher, benchmarked for an A/B, may lack one)
+        setattr(batcher, "_" + name, timed(name, getattr(batcher, "_" + name)))
 prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "Tell me about compilers."},
                                                  {"role": "assistant", "content": ""}]})
 
