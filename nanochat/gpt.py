@@ -473,7 +473,8 @@ class GPT(nn.Module):
         # whole and converted to bf16 in every layer of every decode step (measured on an H200:
         # a 128-row d20 step over 2,048 positions 26 ms; Mamba-3 keeps its state in fp32 anyway)
         if kv_dtype is None:
-            kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+            autocast = device.type != "meta" and torch.is_autocast_enabled(device.type)  # (meta: no autocast to ask)
+            kv_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
         prev = torch.zeros(batch_size, 1, self.config.n_embd, device=device, dtype=dtype) if self.config.smear else None
         streams = self.config.mhc_streams if self.config.mhc else 1  # Engram's conv runs per mHC stream
         engram = {i: b.engram.init_cache(batch_size, device, dtype, streams) for i, b in enumerate(self.blocks)

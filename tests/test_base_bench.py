@@ -1,5 +1,6 @@
-"""scripts.base_bench on the CPU: the JSON line it prints has the figures docs/benchmarks.md
-quotes, consistent with each other, with and without --fp8."""
+"""scripts.base_bench and scripts.engine_bench on the CPU: the JSON line each prints has the
+figures docs/benchmarks.md quotes, consistent with each other (base_bench with and without
+--fp8, engine_bench for a plain and a hybrid model)."""
 
 import json
 import os
@@ -25,3 +26,20 @@ def test_bench_prints_one_consistent_json_line(fp8):
     # tok/s is the tokens of the timed steps over their time
     assert r["tok_per_sec"] == pytest.approx(256 / (r["step_ms"] / 1000), rel=0.01)
     assert r["flops_per_token"] > 0 and 0 < r["loss"] < 10  # (MFU is 0 on a CPU: no known peak)
+
+
+@pytest.mark.parametrize("pattern", ["", "AAM"])
+def test_engine_bench_prints_one_consistent_json_line(pattern):
+    # (its cache-size estimate builds a cache on the meta device: that once raised inside
+    # init_cache, which asked autocast about "meta", and the script failed before any figure)
+    cmd = [sys.executable, "-m", "scripts.engine_bench", "--device_type=cpu", "--depth=3", "--prompt_len=32",
+           "--new_tokens=8", "--batch_sizes=1,2", f"--mamba_pattern={pattern}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["depth"] == 3 and r["mamba_pattern"] == pattern and r["prompt_len"] == 32
+    assert [row["batch"] for row in r["results"]] == [1, 2]
+    for row in r["results"]:
+        assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0
+        assert row["decode_tok_per_s"] == pytest.approx(row["batch"] / (row["decode_step_ms"] / 1000), rel=0.02)
