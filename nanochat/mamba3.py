@@ -51,8 +51,9 @@ torch.compile'd with the model), not the official Triton/TileLang kernels; on an
 its steps run as Triton kernels of ours (nanochat/mamba3_triton.py): angles (the fp64
 running sum of Δ θ), turn_qk (the biases and rotation of B and C for every head) and
 chunk_ssd, one op of three kernels: chunk_state (each chunk's own state), pass_states (the
-walk of the state across chunks) and chunk_out (each chunk's output, flash-style); all but
-angles and pass_states SISO only (MIMO keeps the chunk matmuls). Our own fully fused Triton
+walk of the state across chunks) and chunk_out (each chunk's output, flash-style), and
+gate_norm (the output's norm and gate, _output); all but angles and pass_states SISO only
+(MIMO keeps the chunk matmuls). Our own fully fused Triton
 SSD (SISO, one program walking all chunks) is opt-in: set_mamba3_kernel(model, "triton").
 """
 
@@ -104,7 +105,7 @@ def triton_unusable(device, dtype, R):
 
 
 FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs its steps as Triton kernels (below)
-_fused = None  # (turn_qk, pass_states, chunk_ssd, angles) from nanochat.mamba3_triton once imported
+_fused = None  # (turn_qk, pass_states, chunk_ssd, angles, gate_norm) from nanochat.mamba3_triton once imported
 
 
 def fused_ok(device, dtype):
@@ -116,8 +117,8 @@ def fused_ok(device, dtype):
         return False
     if _fused is None:
         try:
-            from nanochat.mamba3_triton import angles, chunk_ssd, pass_states, turn_qk
-            _fused = (turn_qk, pass_states, chunk_ssd, angles)
+            from nanochat.mamba3_triton import angles, chunk_ssd, gate_norm, pass_states, turn_qk
+            _fused = (turn_qk, pass_states, chunk_ssd, angles, gate_norm)
         except ImportError as e:
             FUSED_DEVICES.clear()
             print(f"Mamba-3: the chunked form all in PyTorch: Triton is not importable ({e})")
@@ -411,7 +412,11 @@ class Mamba3(nn.Module):
             cache.state.copy_(final)
             cache.k_prev.copy_(k_last)
             cache.x_prev.copy_(x[:, -1])
-        return self.c_proj(self._output(y, v, z).to(u.dtype))
+        if self.R == 1 and self.outproj_norm and fused_ok(u.device, self.D.dtype) and y.numel() < 2 ** 31:
+            out = _fused[4](y[:, :, 0], x, z, self.D, self.out_norm).flatten(-2)  # _output as one kernel each way
+        else:
+            out = self._output(y, v, z)
+        return self.c_proj(out.to(u.dtype))
 
     def _step(self, u, cache):
         """One token per row by the recurrence, the cache updated in place (fixed shapes).

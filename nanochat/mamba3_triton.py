@@ -4,7 +4,8 @@ Triton kernels for Mamba-3's chunked form, two kinds:
   (the per-head biases and rotation of B and C, SISO), angles (the running sum of Δ θ) and
   `mamba3.ssd`'s steps: pass_states (the states' walk across chunks) and, for SISO, chunk_ssd
   (chunk_state, pass_states, chunk_out: each chunk's own state, the walk, each chunk's
-  output) as one op; PyTorch runs the projections and the rest;
+  output) as one op; gate_norm (the output's norm and gate); PyTorch runs the projections
+  and the rest;
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton).
@@ -971,3 +972,111 @@ def chunk_ssd(q, k, x, a_cs, w, w_next, H0, chunk):
     final state (B, H, P, N) fp32. int32 offsets inside the chunk kernels: < 2^31 elements."""
     y, final, _ = _cssd(q, k, x, a_cs.float(), w.float(), w_next.float(), H0.float(), chunk)
     return y, final
+
+
+# ---------------------------------------------------------------------------------------------
+# A SISO layer's output before c_proj (Mamba3._output with the output norm on), per token and
+# head, with y the state's readout:
+#     u = y + D_h x,   n = u / rms(u) (over the head's P dims, eps 1e-5),   o = n ⊙ w_h ⊙ silu(z)
+# Inductor runs it as three kernels: the forward, the backward, and the gradients of w and D
+# reduced over the tokens, which reads the inputs once more (a profile of d20 on an H200: ~1.3
+# ms a layer at 65,536 tokens). Here one kernel each way, one program per (block of tokens,
+# head); the backward also writes each program's partial sums of dw and dD (summed after):
+#     g = do ⊙ w ⊙ silu(z),   du = (g - n mean_P(g ⊙ n)) / rms(u),   dy = du,   dx = D du,
+#     dD = Σ du ⊙ x,   dw = Σ do ⊙ n ⊙ silu(z),   dz = do ⊙ n ⊙ w ⊙ σ(z) (1 + z (1 - σ(z)))
+
+@triton.jit
+def _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+    """The program's (BT, BP) tiles: their offsets and mask, u, n, 1/rms(u), w, σ(z), z and x (fp32)."""
+    r, p = r0 + tl.arange(0, BT), tl.arange(0, BP)
+    mp = p < P
+    m = (r < M)[:, None] & mp[None, :]
+    off = (r[:, None] * H + h) * P + p[None, :]
+    x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + tl.load(Dp + h).to(tl.float32) * x
+    inv = 1.0 / tl.sqrt(tl.sum(u * u, 1) / P + 1e-5)                          # (BT,)
+    w = tl.load(Wn + h * P + p, mask=mp, other=0.0).to(tl.float32)
+    return off, m, u * inv[:, None], inv, w, tl.sigmoid(z), z, x
+
+
+@triton.jit
+def _gate_fwd(Y, X, Z, Dp, Wn, O, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+    r0, h = tl.program_id(0) * BT, tl.program_id(1)
+    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT, BP)
+    tl.store(O + off, (n * w[None, :] * z * s).to(O.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gate_bwd(Y, X, Z, Dp, Wn, DO, DY, DX, DZ, DWp, DDp, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+    blk, h = tl.program_id(0), tl.program_id(1)
+    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, blk * BT, h, M, H, P, BT, BP)
+    do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+    g = do * w[None, :] * z * s
+    du = (g - n * (tl.sum(g * n, 1) / P)[:, None]) * inv[:, None]
+    tl.store(DY + off, du.to(DY.dtype.element_ty), mask=m)
+    tl.store(DX + off, (tl.load(Dp + h).to(tl.float32) * du).to(DX.dtype.element_ty), mask=m)
+    tl.store(DZ + off, (do * n * w[None, :] * s * (1 + z * (1 - s))).to(DZ.dtype.element_ty), mask=m)
+    p = tl.arange(0, BP)
+    tl.store(DWp + (blk * H + h) * P + p, tl.sum(do * n * z * s, 0), mask=p < P)
+    tl.store(DDp + blk * H + h, tl.sum(tl.sum(du * x, 1), 0))
+
+
+GATE_BT, GATE_WARPS = 16, 4  # tokens a program (not yet swept on a GPU)
+
+
+def _gate_launch(x):
+    M, H, P = x.numel() // (x.size(-2) * x.size(-1)), x.size(-2), x.size(-1)
+    return M, H, P, (triton.cdiv(M, GATE_BT), H), dict(BT=GATE_BT, BP=triton.next_power_of_2(P), num_warps=GATE_WARPS)
+
+
+@torch.library.custom_op("nanochat::mamba3_gate_fwd", mutates_args=())
+def _gate(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    y, x, z, D, w = (t.contiguous() for t in (y, x, z, D, w))
+    M, H, P, grid, kw = _gate_launch(x)
+    o = torch.empty_like(y)
+    _gate_fwd[grid](y, x, z, D, w, o, M, H, P, **kw)
+    return o
+
+
+@_gate.register_fake
+def _(y, x, z, D, w):
+    return y.new_empty(y.shape)
+
+
+@torch.library.custom_op("nanochat::mamba3_gate_bwd", mutates_args=())
+def _gate_grad(do: torch.Tensor, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
+               w: torch.Tensor) -> list[torch.Tensor]:
+    do, y, x, z, D, w = (t.contiguous() for t in (do, y, x, z, D, w))
+    M, H, P, grid, kw = _gate_launch(x)
+    dy, dx, dz = torch.empty_like(y), torch.empty_like(x), torch.empty_like(z)
+    dwp = torch.empty(grid[0], H, P, device=x.device, dtype=torch.float32)  # per block of tokens
+    ddp = torch.empty(grid[0], H, device=x.device, dtype=torch.float32)
+    _gate_bwd[grid](y, x, z, D, w, do, dy, dx, dz, dwp, ddp, M, H, P, **kw)
+    return [dy, dx, dz, ddp.sum(0), dwp.sum(0)]
+
+
+@_gate_grad.register_fake
+def _(do, y, x, z, D, w):
+    return [y.new_empty(y.shape), x.new_empty(x.shape), z.new_empty(z.shape),
+            D.new_empty(D.shape, dtype=torch.float32), w.new_empty(w.shape, dtype=torch.float32)]
+
+
+def _gate_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gate_backward(ctx, do):
+    y, x, z, D, w = ctx.saved_tensors
+    dy, dx, dz, dD, dw = _gate_grad(do, y, x, z, D, w)
+    return dy, dx, dz, dD.to(D.dtype), dw.to(w.dtype)
+
+
+_gate.register_autograd(_gate_backward, setup_context=_gate_setup)
+
+
+def gate_norm(y, x, z, D, w):
+    """RMSNorm_w(y + D x) ⊙ silu(z) per head, SISO (Mamba3._output with the output norm, its
+    reference): y, x, z (..., H, P) (y's dtype out), D (H,), w (H, P). int32 offsets: < 2^31
+    elements."""
+    return _gate(y, x, z, D, w)

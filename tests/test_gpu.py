@@ -132,6 +132,37 @@ def test_mamba3_triton_kernels_match_the_torch_chunked_form():
         assert diff == 0, ("causality", diff)
 
 
+def test_mamba3_gate_norm_in_bf16_is_as_accurate_as_pytorch():
+    """mamba3_triton.gate_norm (the output's norm and gate) on bf16 inputs, at d20's head
+    shapes, against Mamba3._output in fp32 on the same values: the output and every gradient
+    no further off than the PyTorch bf16 path under autocast (compiled, as training runs it)."""
+    from nanochat import mamba3_triton as mt
+    from nanochat.mamba3 import Mamba3
+    from nanochat.gpt import LayerSpec
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_embd=1280, n_head=10, n_kv_head=10, mamba_pattern="AM")
+    m = Mamba3(cfg, 0, LayerSpec("mamba3", 0)).cuda()
+    m.init_weights()
+    with torch.no_grad():
+        m.D.uniform_(0.5, 1.5)
+        m.out_norm.uniform_(0.5, 1.5)
+    H, P = m.H, m.P
+    y, x, z = (torch.randn(4, 512, H, P, device="cuda").bfloat16() for _ in range(3))
+    go = torch.randn(4, 512, H * P, device="cuda")
+    leaves = lambda dtype: [t.to(dtype).requires_grad_() for t in (y, x, z)]
+    def run(f, dtype):
+        ins, params = leaves(dtype), [m.D, m.out_norm]
+        out = f(*ins)
+        return [out.float()] + [g.float() for g in torch.autograd.grad((out.float() * go).sum(), ins + params)]
+    ref = run(lambda a, b, c: m._output(a[:, :, None], b[:, :, None], c), torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch16 = run(torch.compile(lambda a, b, c: m._output(a[:, :, None], b[:, :, None], c)), torch.bfloat16)
+        kernel = run(lambda a, b, c: mt.gate_norm(a, b, c, m.D, m.out_norm).flatten(-2), torch.bfloat16)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    for name, k, t, r in zip(("out", "dy", "dx", "dz", "dD", "dw"), kernel, torch16, ref):
+        assert rel(k, r) <= 1.5 * rel(t, r) + 1e-3, (name, rel(k, r), rel(t, r))
+
+
 def test_muon_cuda_matches_fp32_reference():
     from nanochat.muon import orthogonalize, polar_express
     torch.manual_seed(0)

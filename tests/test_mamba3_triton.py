@@ -332,3 +332,34 @@ def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, monkeypatch):
     close(out[True][1], out[False][1], 1e-5)
     for got, want in zip(out[True][2], out[False][2]):
         close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("T,P", [(37, 16), (5, 12)])  # tokens not a multiple of the block; P not a power of two
+def test_gate_norm_and_its_gradients_equal_the_layer_output(T, P, monkeypatch):
+    """mamba3_triton.gate_norm (one kernel each way, the norm weight's and D's gradients as
+    per-program partial sums) against Mamba3._output with the output norm (its PyTorch
+    reference): the output and the gradients of y, x, z, D and the norm weight; and opcheck."""
+    torch.manual_seed(T)
+    Bsz, H = 2, 3
+    g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
+    y, x, z, D, w = g(Bsz, T, H, P), g(Bsz, T, H, P), g(Bsz, T, H, P), g(H), g(H, P)
+    m = layer()
+    m.P, m.H = P, H
+    m.D, m.out_norm = torch.nn.Parameter(D.detach().clone()), torch.nn.Parameter(w.detach().clone())
+    want = m._output(y[:, :, None], x[:, :, None], z)
+    got = mt.gate_norm(y, x, z, D, w).flatten(-2)
+    close(got, want, 1e-5)
+    go = torch.randn_like(want)
+    ref = torch.autograd.grad((want * go).sum(), (y, x, z, m.D, m.out_norm))
+    for a_, b_ in zip(torch.autograd.grad((got * go).sum(), (y, x, z, D, w)), ref):
+        close(a_, b_, 1e-5)
+    torch.library.opcheck(torch.ops.nanochat.mamba3_gate_fwd, (y, x, z, D, w))
+    from torch._subclasses.fake_tensor import FakeTensorMode  # fakes as real, for a non-contiguous y
+    ops, yt = torch.ops.nanochat, y.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    for op, args in [(ops.mamba3_gate_fwd, (yt, x, z, D, w)), (ops.mamba3_gate_bwd, (torch.randn_like(y), yt, x, z, D, w))]:
+        args = [a.detach() for a in args]
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(*[mode.from_tensor(a) for a in args])
+        for r, f in zip(real if isinstance(real, list) else [real], fake if isinstance(fake, list) else [fake]):
+            assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
