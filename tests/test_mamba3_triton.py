@@ -363,3 +363,19 @@ def test_gate_norm_and_its_gradients_equal_the_layer_output(T, P, monkeypatch):
             fake = op(*[mode.from_tensor(a) for a in args])
         for r, f in zip(real if isinstance(real, list) else [real], fake if isinstance(fake, list) else [fake]):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
+
+
+def test_mamba3_bench_prints_the_mixer_and_the_ops():
+    """dev/mamba3_bench.py end to end on tiny shapes (the kernels in the interpreter): one JSON
+    line per mixer variant and per op setting, the figures positive."""
+    import json, os, subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "dev/mamba3_bench.py", "--depth=2", "--batch=1", "--seq=32", "--device_type=cpu",
+                          "--compile=0", "--iters=1"], cwd=root, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=root))
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in rows if r["what"] == "mixer"] == ["kernels", "gate_in_pytorch", "pytorch"]
+    assert [r["op"] for r in rows if r["what"] == "op"] == ["gate_norm", "turn_qk"]
+    assert all(r["fwd_bwd_ms"] > 0 for r in rows if r["what"] == "mixer")
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows if r["what"] == "op")
