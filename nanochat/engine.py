@@ -224,6 +224,7 @@ class Engine:
         self.speculative = speculative  # decode with the MTP modules where the model has them
         self.spec_stats = {}
         self._compiled_step = None
+        self.compile_mode = None  # torch.compile's mode for the decode step (engine_bench --compile_mode)
         self._decoders = {}  # batch-1 decoders kept between calls: (cache length, autocast) -> Decoder, oldest first
         self._rounds = {}  # the same for the speculative rounds (mtp.Rounds)
         s = tokenizer.encode_special
@@ -237,7 +238,7 @@ class Engine:
 
     def _step_fn(self):
         if self.device.type == "cuda" and self._compiled_step is None:
-            self._compiled_step = torch.compile(self.model.decode_step, dynamic=False)
+            self._compiled_step = torch.compile(self.model.decode_step, dynamic=False, mode=self.compile_mode)
         return self._compiled_step or self.model.decode_step
 
     def _make_stepper(self, cache, batch):

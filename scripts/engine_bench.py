@@ -41,6 +41,8 @@ parser.add_argument("--prompt_len", type=int, default=1792)
 parser.add_argument("--new_tokens", type=int, default=256)
 parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
+parser.add_argument("--compile_mode", default="", help="torch.compile mode of the decode step, e.g. "
+                    "max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; long compile)")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
@@ -75,6 +77,7 @@ else:
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
+engine.compile_mode = args.compile_mode or None
 elt = torch.finfo(dtype).bits // 8
 mtp_params = sum(p.numel() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
 weight_bytes = (model.num_params() - model.wte.weight.numel() - mtp_params) * elt  # every matrix is read each step
@@ -120,6 +123,7 @@ for r in rows:
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
-                  "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda", "results": rows,
+                  "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
+                  "compile_mode": engine.compile_mode, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

@@ -38,7 +38,7 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["depth"] == 3 and r["mamba_pattern"] == pattern and r["prompt_len"] == 32
+    assert r["depth"] == 3 and r["mamba_pattern"] == pattern and r["prompt_len"] == 32 and r["compile_mode"] is None
     assert [row["batch"] for row in r["results"]] == [1, 2]
     for row in r["results"]:
         assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0

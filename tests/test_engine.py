@@ -269,3 +269,15 @@ def test_engine_keeps_its_decoder_between_calls(tokenizer, extra):
     long_out = engine.generate_batch(prompts[1], max_tokens=300, temperature=0.0)[0][0]  # a 512-position cache
     assert long_out[:12] == naive_generate(model, prompts[1], 12)
     assert list(engine._decoders) == [(256, None)]  # past the context (64, so 256 at most): not kept, nothing evicted
+
+
+def test_the_decode_step_compiles_with_the_engines_compile_mode(tokenizer, monkeypatch):
+    """Engine.compile_mode reaches torch.compile of the decode step (engine_bench
+    --compile_mode), which only CUDA compiles: the device is made to read as CUDA here."""
+    engine = Engine(model_for(tokenizer), tokenizer)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(Engine, "device", property(lambda self: torch.device("cuda")))
+    engine.compile_mode = "max-autotune-no-cudagraphs"
+    assert engine._step_fn() == engine.model.decode_step
+    assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
