@@ -4,8 +4,9 @@ once, each consumed by its own thread (as chat_web's), every answer max_tokens l
 decode tokens/s and where a step's time goes: drawing the tokens on the device, the host's
 share of sampling (which waits for the draws, and so for the step before them), launching
 the step, admissions (prefills), and the step's graph replayed alone. The model is built as
-chat_web serves a checkpoint: random fp32 weights under bf16 autocast on CUDA; no stop
-tokens and no tool, so answers run to max_tokens.
+chat_web serves a checkpoint: random fp32 weights under bf16 autocast on CUDA
+(--bf16_linears=1: its Linear weights in bf16, GPT.linears_to); no stop tokens and no tool,
+so answers run to max_tokens.
 
     python dev/batch_bench.py                                 # d20, 128 slots, 32 and 128 requests x 256 tokens
     python dev/batch_bench.py --depth=2 --slots=8 --requests=8 --max_tokens=16 --device_type=cpu
@@ -24,7 +25,7 @@ import time
 import torch
 
 from nanochat.batching import Batcher
-from nanochat.common import autocast_for, autodetect_device_type, synchronize
+from nanochat.common import autocast_for, autodetect_device_type, compute_dtype, synchronize
 from nanochat.engine import Engine, cache_length
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import get_tokenizer
@@ -35,6 +36,8 @@ parser.add_argument("--slots", type=int, default=128, help="rows of the shared d
 parser.add_argument("--requests", type=str, default="32,128", help="comma-separated numbers of concurrent requests")
 parser.add_argument("--max_tokens", type=int, default=256)
 parser.add_argument("--device_type", type=str, default="", help="cuda|cpu (empty: autodetect)")
+parser.add_argument("--bf16_linears", type=int, default=0,
+                    help="1: the Linear weights in the compute dtype (bf16 on GPUs; GPT.linears_to), not fp32 under autocast")
 parser.add_argument("--prefill_rows", type=int, default=0,
                     help="first, time prefills of 1..N prompts, each row count first seen and again (0: skip)")
 args = parser.parse_args()
@@ -50,6 +53,8 @@ with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
 model.eval()
+if args.bf16_linears:
+    model.linears_to(compute_dtype(device.type))
 engine = Engine(model, tok, use_tools=False)
 engine.stop_tokens = set()  # a random model draws special tokens too: every answer runs to max_tokens
 batcher = Batcher(engine, args.slots, autocast=lambda: autocast_for(device.type))

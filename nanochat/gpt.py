@@ -465,6 +465,19 @@ class GPT(nn.Module):
         return Context(cos, sin, pos0, T, masks, idx=idx, dsa_stage=self.dsa_stage, flash=flash,
                        dsa_kernel=self.dsa_kernel)
 
+    def linears_to(self, dtype):
+        """Every nn.Linear weight in dtype (not the embeddings, norms or scalars), for serving
+        under autocast in that dtype: the values autocast casts them to at each matmul anyway, so
+        a decode step reads half the weight bytes and runs no cast per weight. The model must
+        then run under autocast (an fp32 input against a bf16 weight is an error). On the CPU the
+        outputs are the fp32-weight model's bit for bit (tested); on a GPU the compiled step may
+        round differently (an H200 gave different bits, 2026-12-01; tests/test_gpu.py checks
+        the closeness). Used by dev/batch_bench.py --bf16_linears; chat_web does not yet."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.to(dtype)
+        return self
+
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = torch.device(device or self.wte.weight.device)
         kv_dtype, dtype = dtype, dtype or self.wte.weight.dtype

@@ -281,3 +281,28 @@ def test_the_decode_step_compiles_with_the_engines_compile_mode(tokenizer, monke
     engine.compile_mode = "max-autotune-no-cudagraphs"
     assert engine._step_fn() == engine.model.decode_step
     assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+
+
+@pytest.mark.parametrize("extra", ["plain", *EXTRAS, "mtp"])
+def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
+    """GPT.linears_to(bf16) (dev/batch_bench.py --bf16_linears): under bf16 autocast on the CPU
+    the forward, a prefill and the cached decode steps give the fp32-weight model's outputs bit
+    for bit (autocast casts each Linear weight to those same values at every matmul); every
+    Linear is bf16 after it, nothing else."""
+    kw = {"plain": {}, "mtp": dict(mtp=True)}.get(extra, EXTRAS.get(extra))
+    model = model_for(tokenizer, "SSL", T=32, **kw)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+    outs = []
+    for cast in (False, True):
+        if cast:
+            others = {n: p.dtype for n, p in model.named_parameters()}
+            model.linears_to(torch.bfloat16)
+            linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            assert linears and all(p.dtype == (torch.bfloat16 if n in linears else others[n])
+                                   for n, p in model.named_parameters())
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = model.init_cache(2, 32)
+            steps = [model(idx), model(idx[:, :12], cache=cache)]
+            steps += [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(12, 20)]
+        outs.append(steps)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
