@@ -472,7 +472,9 @@ class GPT(nn.Module):
         then run under autocast (an fp32 input against a bf16 weight is an error). On the CPU the
         outputs are the fp32-weight model's bit for bit (tested); on a GPU the compiled step may
         round differently (an H200 gave different bits, 2026-12-01; tests/test_gpu.py checks
-        the closeness). Used by dev/batch_bench.py --bf16_linears; chat_web does not yet."""
+        the closeness; a likely cause, not verified: where inductor fuses a weight's bf16 cast
+        into a Triton kernel, e.g. a small matmul it decomposes, it may compute with the fp32
+        value, since torch._inductor.config.emulate_precision_casts is off by default). Used by dev/batch_bench.py --bf16_linears; chat_web does not yet."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.weight.data = m.weight.data.to(dtype)
