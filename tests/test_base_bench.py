@@ -43,3 +43,22 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     for row in r["results"]:
         assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0
         assert row["decode_tok_per_s"] == pytest.approx(row["batch"] / (row["decode_step_ms"] / 1000), rel=0.02)
+
+
+def test_long_context_bench_runs_dense_and_dsa(tmp_path):
+    """dev/long_context_bench.sh (issue 19's table) on tiny CPU shapes: one prefixed JSON line
+    per run, the context, checkpointing and the DSA model (its indexer's parameters) as asked."""
+    env = dict(os.environ, OUT=str(tmp_path), DEPTH="2", SEQS="128", MODES="dense dsa", CKPT="1", TOKENS="256",
+               STEPS="1", OMP_NUM_THREADS="1",
+               EXTRA="--device_type=cpu --compile=0 --vocab_size=512 --dsa_top_k=32 --dsa_start_layer=1")
+    out = subprocess.run(["bash", "dev/long_context_bench.sh"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["d2-T128-dense-ckpt1", "d2-T128-dsa-ckpt1"], out.stdout
+    dense, dsa = (json.loads(line.split(" ", 1)[1]) for line in lines)
+    for r in (dense, dsa):
+        assert r["seq_len"] == 128 and r["device_batch_size"] == 1 and r["gradient_checkpointing"] is True
+        assert r["tok_per_sec"] > 0
+    assert dsa["params"] > dense["params"]  # the indexer's weights
+    assert (tmp_path / "long_context_bench.txt").read_text().strip().splitlines() == lines
