@@ -358,19 +358,19 @@ class Batcher:
         top = max(s for req in self.active for s in req.slots) + 1
         m = min(m for m in self.sizes if m >= top)
         static_ids, static_pos, stepper = self._steppers[m]
-        ids, pos, slots = [0] * m, [0] * m, []
+        pos = [0] * m
         for req in self.active:
-            if flat is None:
-                for s, tok in zip(req.slots, req.column):
-                    ids[s], pos[s] = tok, req.pos
-            else:
-                slots += req.slots
-                if not self._ends_now(req):  # (its position may be past the cache otherwise)
-                    for s in req.slots:
-                        pos[s] = req.pos
+            if flat is None or not self._ends_now(req):  # (an ending request's position may be past the cache)
+                for s in req.slots:
+                    pos[s] = req.pos
         if flat is None:
+            ids = [0] * m
+            for req in self.active:
+                for s, tok in zip(req.slots, req.column):
+                    ids[s] = tok
             static_ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
         else:  # (rows of no request keep a stale token: a dummy at their position 0, as before)
+            slots = [s for req in self.active for s in req.slots]
             static_ids.view(-1).index_copy_(0, torch.tensor(slots, device=flat.device), flat)
         static_pos.copy_(torch.tensor(pos, dtype=torch.long))
         # (on CUDA the graph's output tensor: read by the next _draw, before the next replay)
