@@ -292,6 +292,14 @@ def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
     kw = {"plain": {}, "mtp": dict(mtp=True)}.get(extra, EXTRAS.get(extra))
     model = model_for(tokenizer, "SSL", T=32, **kw)
     idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+    assert all(torch.equal(a, b) for a, b in zip(*bf16_linears_outputs(model, idx, prefix=12)))
+
+
+def bf16_linears_outputs(model, idx, prefix):
+    """Under bf16 autocast on idx's device, with the model's weights as they are and then after
+    GPT.linears_to(bf16) (checked: every Linear weight bf16, no other parameter changed): the
+    forward of idx, a prefill of its first `prefix` tokens and teacher-forced decode steps over
+    the rest, each run's list of outputs. (Also tests/test_gpu.py's, on CUDA.)"""
     outs = []
     for cast in (False, True):
         if cast:
@@ -300,9 +308,10 @@ def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
             linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
             assert linears and all(p.dtype == (torch.bfloat16 if n in linears else others[n])
                                    for n, p in model.named_parameters())
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-            cache = model.init_cache(2, 32)
-            steps = [model(idx), model(idx[:, :12], cache=cache)]
-            steps += [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(12, 20)]
+        with torch.inference_mode(), torch.autocast(idx.device.type, dtype=torch.bfloat16):
+            cache = model.init_cache(idx.size(0), model.config.sequence_len)
+            steps = [model(idx), model(idx[:, :prefix], cache=cache)]
+            steps += [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t, device=idx.device))
+                      for t in range(prefix, idx.size(1))]
         outs.append(steps)
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    return outs

@@ -171,20 +171,12 @@ def test_bf16_linears_serve_close_to_fp32_weights_on_cuda(recipe):
     CPU they are equal, tests/test_engine.py), and the engine's CUDA-graph decode runs."""
     from nanochat.engine import Engine
     from nanochat.tokenizer import Tokenizer
+    from test_engine import bf16_linears_outputs
     _, gpu = model_pair("SSSL", recipe=recipe)
     gpu.eval()
-    idx = torch.randint(0, 500, (2, 64), device="cuda")
-    outs = []
-    for cast in (False, True):
-        if cast:
-            gpu.linears_to(torch.bfloat16)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            cache = gpu.init_cache(2, 64)
-            steps = [gpu(idx), gpu(idx[:, :40], cache=cache)]
-            steps += [gpu.decode_step(idx[:, t:t + 1], cache, torch.tensor(t, device="cuda")) for t in range(40, 48)]
-        outs.append([s.float() for s in steps])
-    for i, (a, b) in enumerate(zip(*outs)):
-        rel = ((a - b).norm() / b.norm()).item()
+    idx = torch.randint(0, 500, (2, 48), device="cuda")
+    for i, (a, b) in enumerate(zip(*bf16_linears_outputs(gpu, idx, prefix=40))):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         assert rel < 2e-2, (i, rel)
     engine = Engine(gpu, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), use_tools=False)
     engine.stop_tokens = set()
