@@ -1022,7 +1022,7 @@ def _gate_bwd(Y, X, Z, Dp, Wn, DO, DY, DX, DZ, DWp, DDp, M, H, P, BT: tl.constex
     tl.store(DDp + blk * H + h, tl.sum(tl.sum(du * x, 1), 0))
 
 
-GATE_BT, GATE_WARPS = 16, 4  # tokens a program (not yet swept on a GPU)
+GATE_BT, GATE_WARPS = 32, 4  # tokens a program: best of dev/mamba3_bench.py --sweep on an H200 (docs/benchmarks.md)
 
 
 def _gate_launch(x):
