@@ -104,6 +104,12 @@ class Context:
         # (nanochat/tpu.py), or prefill_attention in inference prefills on CUDA
         self.flash = flash
 
+    def with_own_losses(self):
+        """A copy with an aux_losses list of its own: a checkpointed block returns its losses
+        instead of appending to a list outside it, which torch.compile cannot trace there."""
+        return Context(self.cos, self.sin, self.pos0, self.T, self.block_masks, self.pos_t, self.decode_masks,
+                       self.idx, self.dsa_stage, self.flash, self.dsa_kernel)
+
 
 # Causal SDPA in an inference prefill (a forward with a cache) on CUDA: any backend but cuDNN.
 # cuDNN's attention builds an execution plan for each new shape (PyTorch keeps one per shape),
@@ -178,8 +184,18 @@ def block_masks(windows, T, kernel, device, cache):
     return masks
 
 
+_compiled_flex = None
+
+
 def flex_attention(q, k, v, block_mask, enable_gqa, kernel_options=None):
+    """torch's flex_attention, compiled on GPUs even when called eagerly (e.g. inside a block that
+    gradient checkpointing runs outside torch.compile): eager flex writes out the (B, H, T, S)
+    scores, 160 GiB at T = S = 65,536 and 10 heads. The CPU keeps eager flex (tests)."""
+    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention as _flex
+    if q.is_cuda and not torch.compiler.is_compiling():
+        _compiled_flex = _compiled_flex or torch.compile(_flex, dynamic=False)
+        _flex = _compiled_flex
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa, kernel_options=kernel_options)
 
 

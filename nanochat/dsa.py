@@ -33,7 +33,7 @@ Two paths, the same selection (ctx.dsa_kernel; base_train --dsa_kernel):
   "mask": the exact reference: I as a (T, S) matrix, a stable sort, a (T, S) boolean mask
           into SDPA. O(T^2) memory: 64K context would need 16 GiB per score matrix.
   "flex": the long-context path, never T x T. The indexer scores CHUNK query rows at a time
-          (O(chunk x S)); each chunk's top-k is the same set the stable sort picks (topk's
+          against the keys they can see (O(chunk x S)); each chunk's top-k is the same set the stable sort picks (topk's
           k-th value, then the ties equal to it in key order) and is packed into a per-query
           bitmask, (B, T, S/32) int32 (512 MiB at T = S = 65,536). flex_attention
           (torch.nn.attention.flex_attention) reads it in a mask_mod and gets a BlockMask of
@@ -62,8 +62,11 @@ needs a query block to touch under ~1/4 of its visible blocks (flex on full caus
 slower than cuDNN SDPA at T = 2048 on an H100, docs/benchmarks.md), plus the indexer's own
 cost (its scores, O(T^2 H_I d_I), and the top-k). Measured on an H200 (dev/dsa_bench.py,
 docs/benchmarks.md): at 64K, flex is 6.5x faster than dense attention on clustered choices
-and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) alone takes
-432 ms, 6.5x dense attention: the next thing to make fast.
+and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) alone took
+432 ms, 6.5x dense attention, before each chunk scored only the keys it can see (half the
+work; not yet measured): the next thing to make fast. The selection is one custom op
+(nanochat::dsa_select): torch.compile neither unrolls its loop nor breaks the graph at it,
+and gradient checkpointing saves its bits instead of running it again (GPT.run_block).
 """
 
 import math
@@ -123,19 +126,30 @@ class Indexer(nn.Module):
 
     def scores(self, q, w, keys):
         """I (B, T, S) in fp32 of the queries q, w (from queries(), any rows) against keys (B, S, d_I)."""
-        with torch.autocast(q.device.type, enabled=False):  # fp32: the top-k and the KL read these
-            s = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu()
-            return torch.einsum("bths,bth->bts", s, w.float() / math.sqrt(self.heads * self.dim))
+        return index_scores(q, w, keys)
+
+
+def index_scores(q, w, keys):
+    """I (B, T, S) in fp32 of q (B, T, H_I, d_I) and w (B, T, H_I) against keys (B, S, d_I)."""
+    with torch.autocast(q.device.type, enabled=False):  # fp32: the top-k and the KL read these
+        s = torch.einsum("bthd,bsd->bths", q.float(), keys.float()).relu()
+        return torch.einsum("bths,bth->bts", s, w.float() / math.sqrt(q.size(2) * q.size(3)))
 
 
 def top_k_mask(scores, visible, k):
     """(B, t, S) bool: the k best visible keys of each row, ties to the earlier key; the set the
     reference's stable sort picks, without sorting: everything above the k-th value, then the
-    keys equal to it in key order until k are chosen."""
-    kth = scores.topk(k, dim=-1).values[..., -1:]
+    keys equal to it in key order until k are chosen (a running count over the rows that have
+    more such ties than places left, the only ones that need it)."""
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     above, tie = scores > kth, scores == kth
     room = k - above.sum(-1, keepdim=True)
-    return (above | (tie & (tie.cumsum(-1) <= room))) & visible
+    over = (tie.sum(-1, keepdim=True) > room).flatten()
+    if over.any():
+        rows = over.nonzero().squeeze(1)
+        ties = tie.view(-1, tie.size(-1))
+        ties[rows] = ties[rows] & (ties[rows].cumsum(-1) <= room.flatten()[rows, None])
+    return (above | tie) & visible
 
 
 _BIT = [1 << j for j in range(31)] + [-(1 << 31)]  # bit j of an int32 word, the sign bit as two's complement
@@ -183,6 +197,40 @@ def flex_options(q):
     240 KiB of shared memory, over the H200's 227 KiB ("No valid triton configs", 2026-11-30);
     128 x 64 is its default at head_dim 128, which fits."""
     return {"fwd_BLOCK_N": 64} if q.dtype != torch.float32 and q.size(-1) <= 64 else None
+
+
+@torch.library.custom_op("nanochat::dsa_select", mutates_args=())
+def select_packed(iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor, top_k: int, window: int) -> torch.Tensor:
+    """The top_k keys of every query within `window` as bits (B, T, ceil(S / 32)) int32, scored
+    CHUNK // (S H_I) query rows at a time: the same sets as the reference's stable sort
+    (queries at positions 0..T-1: no cache).
+    A custom op, so that torch.compile sees one opaque node: no loop to unroll and no graph
+    break (a break inside a checkpointed block runs the whole block eagerly)."""
+    B, T, H = iw.shape
+    S = ik.size(1)
+    if S != T:
+        raise ValueError(f"select_packed: {T} queries against {S} keys; it scores a whole sequence (no cache)")
+    bits = torch.zeros(B, T, -(-S // 32), dtype=torch.int32, device=iq.device)
+    step = max(1, CHUNK // (S * H))
+    for a in range(0, T, step):
+        b = min(T, a + step)
+        # rows a..b-1 see keys lo..b-1 at most (causal, the window): score only those (half of
+        # the T x S work at full context); lo on a word boundary, the bits left of it stay 0
+        lo = max(0, a - window + 1) // 32 * 32
+        visible = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)
+        if b - lo <= top_k:  # every visible key is chosen
+            chosen = visible.expand(B, -1, -1)
+        else:
+            scores = index_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b]).masked_fill(~visible, float("-inf"))
+            chosen = top_k_mask(scores, visible, top_k)
+        words = pack_bits(chosen)
+        bits[:, a:b, lo // 32:lo // 32 + words.size(-1)] = words
+    return bits
+
+
+@select_packed.register_fake
+def _(iq, iw, ik, top_k, window):
+    return iq.new_empty(iq.size(0), iq.size(1), -(-ik.size(1) // 32), dtype=torch.int32)
 
 
 class SparseAttention(CausalSelfAttention):
@@ -243,21 +291,9 @@ class SparseAttention(CausalSelfAttention):
             ctx.aux_losses.append(self.indexer_loss(q, k, rows, scores, allowed))
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
-    @torch.no_grad()
-    @torch.compiler.disable  # eager under torch.compile: big ops in a loop that compiling would unroll
     def select_packed(self, iq, iw, ik):
-        """The chosen keys of every query as bits (B, T, ceil(S / 32)) int32, scored CHUNK // S
-        query rows at a time: the same sets as the reference's stable sort."""
-        B, T = iq.shape[:2]
-        S = ik.size(1)
-        bits = torch.empty(B, T, -(-S // 32), dtype=torch.int32, device=iq.device)
-        step = max(1, CHUNK // (S * self.indexer.heads))
-        for a in range(0, T, step):
-            b = min(T, a + step)
-            visible = sliding_window_mask(b - a, S, a, self.window, iq.device)
-            scores = self.indexer.scores(iq[:, a:b], iw[:, a:b], ik).masked_fill(~visible, float("-inf"))
-            bits[:, a:b] = pack_bits(top_k_mask(scores, visible, self.top_k))
-        return bits
+        """The chosen keys of every query as bits (B, T, ceil(S / 32)) int32 (select_packed below)."""
+        return select_packed(iq.detach(), iw.detach(), ik.detach(), self.top_k, self.window)
 
     def visible(self, T, S, ctx):
         """(1, T, S): the keys each query may see (causal, within the window)."""

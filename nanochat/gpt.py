@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm, prefill_attention,
                                 rotary_tables)
@@ -336,6 +336,14 @@ class ModelCache:
             state.restore(saved)
 
 
+def _save_dsa_selection(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op == torch.ops.nanochat.dsa_select.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_dsa_selection():
+    return create_selective_checkpoint_contexts(_save_dsa_selection)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -544,10 +552,19 @@ class GPT(nn.Module):
         gradient_checkpointing and grad enabled, it runs under torch.utils.checkpoint
         (non-reentrant): backward keeps only the block's input and runs its forward once
         more to get the activations it needs. ctx rides in a closure, so the checkpoint
-        (and torch.compile's version of it) sees one tensor input."""
+        (and torch.compile's version of it) sees one tensor input. DSA's key selection is
+        kept from the forward, not recomputed (selective checkpointing: at 64K it costs more
+        than the rest of its layer's forward, and its bits are 512 MiB)."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self.checkpoint_block is not None:
                 return self.checkpoint_block(block, x, ctx)
+            if isinstance(block.mixer, SparseAttention):
+                def run(u):  # its indexer loss an output: appending to ctx's list inside would stop torch.compile
+                    inner = ctx.with_own_losses()
+                    return (block(u, inner), *inner.aux_losses)
+                y, *aux = checkpoint(run, x, use_reentrant=False, context_fn=_keep_dsa_selection)
+                ctx.aux_losses.extend(aux)
+                return y
             return checkpoint(lambda u: block(u, ctx), x, use_reentrant=False)
         return block(x, ctx)
 

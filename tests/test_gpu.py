@@ -455,14 +455,16 @@ def test_gpu_mtp_loss_matches_cpu(kernel):
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("pattern", ["L", "SSSL"])
-def test_gpu_dsa_flex_path_matches_cpu_reference(pattern):
+@pytest.mark.parametrize("pattern,checkpointing", [("L", False), ("SSSL", False), ("SSSL", True)])
+def test_gpu_dsa_flex_path_matches_cpu_reference(pattern, checkpointing):
     """DSA's long-context path (dsa_kernel "flex": chunked top-k, packed bits, compiled
     flex_attention with the selection's block mask) against the CPU's T x T reference. In fp32
     the selections are the same: loss and gradients agree closely; under bf16 autocast the
-    selection may flip at near-ties, so only the loss, at bf16 tolerance. Causality bit-exact."""
+    selection may flip at near-ties, so only the loss, at bf16 tolerance. Causality bit-exact.
+    With gradient checkpointing (the selection saved, the indexer loss a block output) too."""
     cpu, gpu = model_pair(pattern, recipe="dsa")
     gpu.dsa_kernel = "flex"
+    gpu.gradient_checkpointing = checkpointing
     idx = torch.randint(0, 500, (2, 256))
     ref = cpu(idx, idx)  # LM loss + the indexer's KL loss
     ref.backward()

@@ -161,3 +161,37 @@ def test_base_train_with_gradient_checkpointing_trains_the_same(base_dir, corpus
     metas = [json.loads((base_dir / "base_checkpoints" / t / "meta_000004.json").read_text()) for t in ("gc_off", "gc_on")]
     assert metas[0]["model_config"] == metas[1]["model_config"]
     assert metas[1]["user_config"]["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dsa_long_context_path_keeps_its_selection(compiled, monkeypatch, request):
+    """On the flex path (64K contexts) the key selection is saved by the checkpoint, not run
+    again in backward: as many selections with checkpointing as without, same loss and
+    gradients. Compiled (aot_eager, as above), the checkpointed DSA blocks add no graph break
+    (the indexer loss leaves the block as an output, the selection is one custom op): a break
+    there would run the whole block eagerly, flex_attention included."""
+    import nanochat.dsa as dsa
+    from torch._dynamo.utils import counters
+    checkpoints = [] if compiled else request.getfixturevalue("count_checkpoints")  # (its hook would break graphs)
+    selections = []
+    real = dsa.pack_bits
+    monkeypatch.setattr(dsa, "pack_bits", lambda m: selections.append(1) or real(m))  # once a chunk of rows
+    results = []
+    for on in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        m = model(CASES["dsa"], on)
+        m.dsa_kernel = "flex"
+        idx, y = batch(m.config)
+        selections.clear()
+        loss = (torch.compile(m, dynamic=False, backend="aot_eager") if compiled else m)(idx, y)
+        loss.backward()
+        grads = {n: p.grad for n, p in m.named_parameters()}
+        results.append((loss.detach(), grads, len(selections), sum(counters["graph_break"].values())))
+    (loss0, g0, n0, breaks0), (loss1, g1, n1, breaks1) = results
+    assert n0 == n1 > 0 and len(checkpoints) == (0 if compiled else KW["n_layer"])
+    assert breaks1 == breaks0
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    assert all(g is not None for g in g0.values()) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
