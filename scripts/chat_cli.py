@@ -20,7 +20,7 @@ import signal
 import sys
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_for, autodetect_device_type, compute_cleanup, compute_init
+from nanochat.common import autocast_for, autodetect_device_type, compute_cleanup, compute_dtype, compute_init
 from nanochat.engine import Engine
 
 STAGES = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
@@ -37,6 +37,10 @@ parser.add_argument("-k", "--top_k", type=int, default=50, help="sample from the
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="at most this many tokens per answer")
 parser.add_argument("--speculative", type=int, default=1, help="1: greedy answers (-t 0) of a model with one MTP module "
                     "(--mtp) and attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
+parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weights in bf16 on GPUs (GPT.linears_to), "
+                    "not fp32 cast by autocast at every step (docs/serving.md)")
+parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
+                    "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, minutes of autotuning first; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 args = parser.parse_args()
 if args.max_tokens < 1:
@@ -57,7 +61,10 @@ except FileNotFoundError as e:
                      f"(python -m {STAGES[args.source]}), or pick another with -i / -g / -s.") from None
 except ValueError as e:  # e.g. a tokenizer that does not match the model
     raise SystemExit(str(e)) from None
+if args.bf16_linears:  # every forward below runs under autocast, as linears_to needs
+    model.linears_to(compute_dtype(device_type))
 engine = Engine(model, tokenizer, speculative=bool(args.speculative))
+engine.compile_mode = args.compile_mode
 context = model.config.sequence_len
 max_tokens = args.max_tokens
 if max_tokens > context // 2:

@@ -57,7 +57,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.batching import Batcher
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, logger
+from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, compute_dtype, logger
 from nanochat.engine import Engine
 from nanochat.execution import isolation
 from nanochat.fim import fim_prompt
@@ -219,9 +219,13 @@ class StopScanner:
 
 
 class Worker:
-    def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0):
+    def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0, bf16_linears=False,
+                 compile_mode=None):
         self.index, self.model, self.tokenizer = index, model, tokenizer
+        if bf16_linears:  # every request runs under autocast (self.autocast, the batcher's), as linears_to needs
+            model.linears_to(compute_dtype(device_type))
         self.engine = Engine(model, tokenizer, speculative=speculative)
+        self.engine.compile_mode = compile_mode
         self.autocast = autocast_for(device_type)
         # continuous batching: one decode batch shared by the requests (no speculative decoding)
         self.batcher = Batcher(self.engine, batch_slots, autocast=lambda: autocast_for(device_type)) if batch_slots else None
@@ -599,7 +603,8 @@ def sse(obj):
 
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
-               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0):
+               max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0,
+               bf16_linears=False, compile_mode=None):
     if batch_slots and batch_slots < MAX_CHOICES:
         raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
                          "one request may ask for")
@@ -611,7 +616,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     for i in range(num_gpus):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots))
+        workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots, bf16_linears, compile_mode))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
@@ -793,6 +798,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch_slots", type=int, default=0,
                         help="N > 0: continuous batching, each worker decodes up to N answers at once in one batch "
                              "(for many concurrent clients; no speculative decoding); 0: one request at a time per worker")
+    parser.add_argument("--bf16_linears", type=int, default=0,
+                        help="1: keep the Linear weights in bf16 on GPUs (GPT.linears_to) instead of fp32 that autocast "
+                             "casts at every step (+12%% decode tok/s in dev/batch_bench.py on an H200; docs/serving.md)")
+    parser.add_argument("--compile_mode", default=None,
+                        help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.4x batch-1 "
+                             "decode in engine_bench on an H200, minutes of autotuning at startup; docs/engine.md)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
@@ -804,7 +815,8 @@ if __name__ == "__main__":
             raise SystemExit(f"--num_gpus={args.num_gpus} but {torch.cuda.device_count()} GPUs are visible")
     try:
         app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key,
-                         speculative=bool(args.speculative), batch_slots=args.batch_slots)
+                         speculative=bool(args.speculative), batch_slots=args.batch_slots,
+                         bf16_linears=bool(args.bf16_linears), compile_mode=args.compile_mode)
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
     except ValueError as e:

@@ -49,7 +49,9 @@ def runs(base_dir, tmp_path_factory, tokenizer):
     shutil.copytree(tokenizer.directory, empty / "tokenizer")
     long_turns = "".join(f"turn {i} " + "word " * 60 + "\n" for i in range(5))  # ~65 tokens each
     scenarios = {
-        "one_shot": (base_dir, ["-p", "hello", "-m", "8"], None),
+        # (with the serving flags: on a CPU bf16_linears keeps fp32, compile_mode applies on CUDA only)
+        "one_shot": (base_dir, ["-p", "hello", "-m", "8", "--bf16_linears=1", "--compile_mode=max-autotune-no-cudagraphs"],
+                     None),
         "overlong_one_shot": (base_dir, ["-p", "word " * 2000, "-m", "8"], None),
         "commands": (base_dir, ["-m", "8"], "hi\nclear\n\nquit\n"),
         # an overlong message (refused), then turns that outgrow the context, then EOF (no quit)

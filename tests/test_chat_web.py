@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from chat_model_fixture import make_chat_checkpoint
 
@@ -627,3 +628,20 @@ def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, token
 def test_batch_slots_below_the_most_answers_is_refused(base_dir):
     with pytest.raises(ValueError, match="at least 8"):
         LiveServer(base_dir, batch_slots=4)
+
+
+def test_bf16_linears_and_compile_mode_reach_every_worker(base_dir, monkeypatch):
+    """--bf16_linears casts each worker's Linear weights to the device's compute dtype (fp32 on
+    a CPU: nothing changes, and answers still come); --compile_mode reaches each engine."""
+    from nanochat.gpt import GPT
+    cast = []
+    real = GPT.linears_to
+    monkeypatch.setattr(GPT, "linears_to", lambda self, dtype: cast.append(dtype) or real(self, dtype))
+    s = LiveServer(base_dir, num_gpus=2, bf16_linears=True, compile_mode="max-autotune-no-cudagraphs")
+    try:
+        assert cast == [torch.float32, torch.float32]  # (compute_dtype("cpu"))
+        assert [w.engine.compile_mode for w in s.app.state.pool.workers] == ["max-autotune-no-cudagraphs"] * 2
+        r = post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+    finally:
+        s.stop()
