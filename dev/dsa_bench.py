@@ -12,7 +12,8 @@ Cases:
   dsa_layer        SparseAttention layer in training (indexer keys and queries, chunked
                    top-k, flex_attention, the KL loss on 256 rows) with its random-init
                    indexer, whose choices are spread: the worst case for block sparsity
-  dsa_select       the indexer's chunked scores + top-k + bits alone (no grad)
+  dsa_select       the indexer's chunked scores + top-k + bits alone (no grad); then
+                   dsa_select_kernels: its longest GPU kernels (torch.profiler), where it goes
   flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
                    per query, against sdpa_causal: "local" (the k most recent keys), "spread"
                    (k random visible keys), "blocks" (k / 128 random key blocks per query block)
@@ -90,6 +91,22 @@ with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
     iq, iw = dsa.indexer.queries(x, ctx)
     ik = dsa.indexer.keys(x, ctx)
 report("dsa_select", lambda: dsa.select_packed(iq, iw, ik))
+
+
+def kernels(fn, top=10):
+    """The GPU kernels of one call of fn, the `top` longest in total: where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return [{"kernel": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1e3, 2)} for e in rows]
+
+
+print(json.dumps({"case": "dsa_select_kernels", "T": T, "top_k": k, "kernels": kernels(lambda: dsa.select_packed(iq, iw, ik))}),
+      flush=True)
 
 # flex_attention alone on synthetic selections
 q, kk, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
