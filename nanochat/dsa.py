@@ -33,9 +33,10 @@ Two paths, the same selection (ctx.dsa_kernel; base_train --dsa_kernel):
   "mask": the exact reference: I as a (T, S) matrix, a stable sort, a (T, S) boolean mask
           into SDPA. O(T^2) memory: 64K context would need 16 GiB per score matrix.
   "flex": the long-context path, never T x T. The indexer scores CHUNK query rows at a time
-          against the keys they can see (O(chunk x S)); each chunk's top-k is the same set the stable sort picks (topk's
-          k-th value, then the ties equal to it in key order) and is packed into a per-query
-          bitmask, (B, T, S/32) int32 (512 MiB at T = S = 65,536). flex_attention
+          against the keys they can see (O(chunk x S)); each chunk's top-k is the same set
+          the stable sort picks (topk's k-th value, then the ties equal to it in key order)
+          and is packed into a per-query bitmask, (B, T, S/32) int32 (512 MiB at
+          T = S = 65,536). flex_attention
           (torch.nn.attention.flex_attention) reads it in a mask_mod and gets a BlockMask of
           the 128 x 128 blocks that hold any chosen key (blocks where every key is chosen
           skip the mask_mod). The KL loss scores only its KL_ROWS rows: O(rows x S).

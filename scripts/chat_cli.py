@@ -40,7 +40,7 @@ parser.add_argument("--speculative", type=int, default=1, help="1: greedy answer
 parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weights in bf16 on GPUs (GPT.linears_to), "
                     "not fp32 cast by autocast at every step (docs/serving.md)")
 parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
-                    "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, minutes of autotuning first; docs/engine.md)")
+                    "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, after a longer compile: autotuning; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 args = parser.parse_args()
 if args.max_tokens < 1:

@@ -803,7 +803,7 @@ if __name__ == "__main__":
                              "casts at every step (+12%% decode tok/s in dev/batch_bench.py on an H200; docs/serving.md)")
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.4x batch-1 "
-                             "decode in engine_bench on an H200, minutes of autotuning at startup; docs/engine.md)")
+                             "decode in engine_bench on an H200, a longer compile at startup: autotuning; docs/engine.md)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
