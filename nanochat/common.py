@@ -300,6 +300,31 @@ PEAK_FLOPS = [
 ]
 
 
+# Peak memory bandwidth in bytes/s (spec sheets), for engine_bench's bandwidth utilization.
+PEAK_BANDWIDTH = [
+    (r"H200", 4.8e12),
+    (r"H100.*PCIe", 2.0e12),
+    (r"H100 NVL", 3.9e12),
+    (r"H100", 3.35e12),         # SXM
+    (r"H800", 3.35e12),
+    (r"B200", 8.0e12),
+    (r"A100.*80GB.*PCIe", 1.935e12),
+    (r"A100.*80GB", 2.039e12),
+    (r"A100", 1.555e12),        # 40GB
+    (r"L40S|L40\b", 0.864e12),
+    (r"L4\b", 0.3e12),
+    (r"RTX 4090", 1.008e12),
+]
+
+
+def get_peak_bandwidth(device_name):
+    """Peak memory bytes/s for a device name, as get_peak_flops; None if unknown."""
+    for pattern, bandwidth in PEAK_BANDWIDTH:
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return bandwidth
+    return None
+
+
 def get_peak_flops(device_name):
     """Peak bf16 FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3'; inf if unknown
     (so MFU prints as 0% instead of a made-up figure). The first matching pattern wins, so

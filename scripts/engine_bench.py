@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, compute_init, device_name, synchronize
+from nanochat.common import autodetect_device_type, compute_init, device_name, get_peak_bandwidth, synchronize
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, build_model
 from nanochat.tokenizer import Tokenizer
@@ -49,7 +49,8 @@ parser.add_argument("--speculative", type=int, default=0,
 parser.add_argument("--model_tag", default="", help="benchmark this base checkpoint (trained weights) instead of random ones")
 parser.add_argument("--data_dir", default=None, help="with --model_tag: the prompt is text from this directory's validation shard")
 parser.add_argument("--device_type", default="")
-parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s of device memory (H100 SXM: 3.35e12)")
+parser.add_argument("--peak_bandwidth", type=float, default=None,
+                    help="bytes/s of device memory (default: from the GPU's name, common.PEAK_BANDWIDTH; H200 4.8e12)")
 args = parser.parse_args()
 
 device_type = autodetect_device_type(args.device_type)
@@ -84,6 +85,7 @@ weight_bytes = (model.num_params() - model.wte.weight.numel() - mtp_params) * el
 head_dim = config.n_embd // config.n_head
 max_len = len(prompt) + args.new_tokens
 
+peak_bandwidth = args.peak_bandwidth or get_peak_bandwidth(device_name(device_type))  # None: unknown (a CPU)
 rows = []
 runs = [(int(b), False) for b in args.batch_sizes.split(",")] + ([(1, True)] if args.speculative else [])
 for B, speculative in runs:
@@ -108,7 +110,8 @@ for B, speculative in runs:
     rows.append({"batch": B, "speculative": speculative, "ttft_ms": round(1000 * (t_first - t0), 1),
                  "decode_step_ms": round(1000 * step_s, 3), "decode_tok_per_s": round(B / step_s),
                  "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
-                 "bandwidth_util_percent": round(100 * bw / args.peak_bandwidth, 1), "tokens": n})
+                 "bandwidth_util_percent": round(100 * bw / peak_bandwidth, 1) if peak_bandwidth else None,
+                 "tokens": n})
     if speculative:  # per token, not per forward: the bytes per step do not apply
         s = engine.spec_stats
         rows[-1].update(acceptance=round(s["accepted"] / max(s["drafted"], 1), 3), bytes_per_step_mb=None,
@@ -121,9 +124,9 @@ for r in rows:
               f"acceptance {r['acceptance']:.1%}")
         continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
-          f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent']:>7}%")
+          f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "results": rows,
+                  "compile_mode": engine.compile_mode, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

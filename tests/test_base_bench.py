@@ -40,8 +40,10 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["depth"] == 3 and r["mamba_pattern"] == pattern and r["prompt_len"] == 32 and r["compile_mode"] is None
     assert [row["batch"] for row in r["results"]] == [1, 2]
+    assert r["peak_bandwidth"] is None  # a CPU: no known peak, so no utilization figure
     for row in r["results"]:
         assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0
+        assert row["bandwidth_util_percent"] is None
         assert row["decode_tok_per_s"] == pytest.approx(row["batch"] / (row["decode_step_ms"] / 1000), rel=0.02)
 
 

@@ -25,6 +25,19 @@ def test_peak_flops_table():
     assert common.get_peak_flops("some new chip") == float("inf")  # MFU shows 0, never a made-up number
 
 
+def test_peak_bandwidth_table():
+    """engine_bench's bandwidth utilization: each GPU against its own memory (it once divided
+    an H200's bytes/s by an H100's 3.35 TB/s)."""
+    assert common.get_peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert common.get_peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert common.get_peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert common.get_peak_bandwidth("NVIDIA A100-SXM4-80GB") == 2.039e12
+    assert common.get_peak_bandwidth("NVIDIA A100 80GB PCIe") == 1.935e12
+    assert common.get_peak_bandwidth("NVIDIA A100-SXM4-40GB") == 1.555e12
+    assert common.get_peak_bandwidth("NVIDIA L4") == 0.3e12 and common.get_peak_bandwidth("NVIDIA L40S") == 0.864e12
+    assert common.get_peak_bandwidth("cpu") is None  # no made-up utilization
+
+
 def test_compute_dtype(monkeypatch):
     assert common.compute_dtype("cpu") == torch.float32
     monkeypatch.setenv("PJRT_DEVICE", "TPU")
