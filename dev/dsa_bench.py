@@ -12,7 +12,8 @@ Cases:
   dsa_layer        SparseAttention layer in training (indexer keys and queries, chunked
                    top-k, flex_attention, the KL loss on 256 rows) with its random-init
                    indexer, whose choices are spread: the worst case for block sparsity
-  dsa_select       the indexer's chunked scores + top-k + bits alone (no grad); then
+  dsa_select       the indexer's chunked scores + top-k + bits alone (no grad), the scores
+                   by the Triton kernel (nanochat/dsa_triton.py); dsa_select_torch: in PyTorch;
                    dsa_select_kernels: its longest GPU kernels (torch.profiler), where it goes
   flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
                    per query, against sdpa_causal: "local" (the k most recent keys), "spread"
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from nanochat.attention import CausalSelfAttention, Context, rotary_tables
+import nanochat.dsa as dsa_module
 from nanochat.dsa import BLOCK, SparseAttention, block_mask_of, pack_bits
 from nanochat.gpt import GPT, LayerSpec
 
@@ -90,7 +92,11 @@ with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
     ctx = Context(cos, sin, 0, T, {})
     iq, iw = dsa.indexer.queries(x, ctx)
     ik = dsa.indexer.keys(x, ctx)
-report("dsa_select", lambda: dsa.select_packed(iq, iw, ik))
+report("dsa_select", lambda: dsa.select_packed(iq, iw, ik))  # scores by nanochat/dsa_triton.py
+fused_on = set(dsa_module.TRITON_DEVICES)
+dsa_module.TRITON_DEVICES.clear()
+report("dsa_select_torch", lambda: dsa.select_packed(iq, iw, ik))  # scores in PyTorch (index_scores)
+dsa_module.TRITON_DEVICES.update(fused_on)
 
 
 def kernels(fn, top=10):

@@ -21,11 +21,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nanochat import dsa_triton as dsa
 from nanochat import mamba3_triton as m3
 from nanochat import mhc_triton as mhc
 
 bf, f32 = "*bf16", "*fp32"
-# name -> (kernel, pointer arguments' types, constexprs); other arguments are int32 (eps: fp32).
+# name -> (kernel, pointer arguments' types, constexprs); other arguments are int32 (eps, norm: fp32).
 # d20: P 64, N 128, chunk 64 (Mamba-3); n 4 streams of C 1280 (mHC).
 M3_BLOCKS = dict(CHUNK=64, BT=64, BP=64, BN2=64)
 KERNELS = {
@@ -67,6 +68,8 @@ KERNELS = {
                          dict(C=1280, N=4, BM=mhc.EXPAND_BM, BC=mhc.EXPAND_BC)),
     "mhc_sinkhorn_fwd": (mhc._sinkhorn_fwd, dict(L=f32, OUT=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
     "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32, SCR=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
+    "dsa_scores": (dsa._scores, dict(Q=bf, W=bf, K=f32, OUT=f32),
+                   dict(H=4, D=64, BR=dsa.BR, BS=dsa.BS, PRECISION="tf32")),
 }
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
@@ -74,7 +77,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def report(kernel, pointers, constexprs, num_warps):
     """ptxas's line for kernel compiled for sm_90: (registers, stack frame bytes, spill store bytes)."""
     params = list(inspect.signature(kernel.fn).parameters)
-    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p == "eps" else "i32") for p in params}
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("eps", "norm") else "i32") for p in params}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     with tempfile.TemporaryDirectory() as tmp:

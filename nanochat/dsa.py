@@ -65,7 +65,8 @@ cost (its scores, O(T^2 H_I d_I), and the top-k). Measured on an H200 (dev/dsa_b
 docs/benchmarks.md): at 64K, flex is 6.5x faster than dense attention on clustered choices
 and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) alone took
 432 ms, 6.5x dense attention, before each chunk scored only the keys it can see (half the
-work; not yet measured): the next thing to make fast. The selection is one custom op
+work) and the scores came from one Triton kernel on NVIDIA GPUs (nanochat/dsa_triton.py;
+both not yet measured). The selection is one custom op
 (nanochat::dsa_select): torch.compile neither unrolls its loop nor breaks the graph at it,
 and gradient checkpointing saves its bits instead of running it again (GPT.run_block).
 """
@@ -153,14 +154,28 @@ def top_k_mask(scores, visible, k):
     return (above | tie) & visible
 
 
-_BIT = [1 << j for j in range(31)] + [-(1 << 31)]  # bit j of an int32 word, the sign bit as two's complement
+def top_k_chosen(scores, k):
+    """top_k_mask(scores, scores > -inf, k) (invisible keys at -inf) in fewer passes over the
+    scores: every key at or above the k-th value (a row that sees fewer than k keys: all it
+    sees), then, in the rows with more ties at the k-th value than places, top_k_mask's
+    earliest ties. (|above| < k, so a row chose more than k keys iff it has too many ties.)"""
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    chosen = scores >= kth.clamp_min(torch.finfo(scores.dtype).min)
+    over = (chosen.sum(-1) > k).flatten()
+    if over.any():
+        rows = over.nonzero().squeeze(1)
+        s = scores.reshape(-1, scores.size(-1))[rows]
+        chosen.view(-1, chosen.size(-1))[rows] = top_k_mask(s, s > float("-inf"), k)
+    return chosen
 
 
 def pack_bits(mask):
-    """(..., S) bool -> (..., ceil(S / 32)) int32: bit j of word i says key 32 i + j."""
+    """(..., S) bool -> (..., ceil(S / 32)) int32: bit j of word i says key 32 i + j. Built as
+    bytes (one byte a key on the way, not an int32), read as little-endian int32 words."""
     mask = F.pad(mask, (0, -mask.size(-1) % 32))
-    bit = torch.tensor(_BIT, dtype=torch.int32, device=mask.device)
-    return (mask.view(*mask.shape[:-1], -1, 32).int() * bit).sum(-1, dtype=torch.int32)
+    shift = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    packed = (mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) << shift).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int32)
 
 
 def unpack_bits(words, S):
@@ -200,6 +215,20 @@ def flex_options(q):
     return {"fwd_BLOCK_N": 64} if q.dtype != torch.float32 and q.size(-1) <= 64 else None
 
 
+TRITON_DEVICES = {"cuda"}  # where select_packed scores with nanochat/dsa_triton.py (tests add "cpu": the interpreter)
+
+
+def masked_scores_on(device):
+    """dsa_triton.masked_scores where it runs (an NVIDIA GPU), else None (the PyTorch form)."""
+    if device.type not in TRITON_DEVICES or torch.version.hip:
+        return None
+    try:
+        from nanochat.dsa_triton import masked_scores
+    except ImportError:  # no Triton here
+        return None
+    return masked_scores
+
+
 @torch.library.custom_op("nanochat::dsa_select", mutates_args=())
 def select_packed(iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor, top_k: int, window: int) -> torch.Tensor:
     """The top_k keys of every query within `window` as bits (B, T, ceil(S / 32)) int32, scored
@@ -212,18 +241,22 @@ def select_packed(iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor, top_k: i
     if S != T:
         raise ValueError(f"select_packed: {T} queries against {S} keys; it scores a whole sequence (no cache)")
     bits = torch.zeros(B, T, -(-S // 32), dtype=torch.int32, device=iq.device)
+    fused = masked_scores_on(iq.device)
     step = max(1, CHUNK // (S * H))
     for a in range(0, T, step):
         b = min(T, a + step)
         # rows a..b-1 see keys lo..b-1 at most (causal, the window): score only those (half of
         # the T x S work at full context); lo on a word boundary, the bits left of it stay 0
         lo = max(0, a - window + 1) // 32 * 32
-        visible = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)
         if b - lo <= top_k:  # every visible key is chosen
-            chosen = visible.expand(B, -1, -1)
+            chosen = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device).expand(B, -1, -1)
         else:
-            scores = index_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b]).masked_fill(~visible, float("-inf"))
-            chosen = top_k_mask(scores, visible, top_k)
+            if fused is not None:  # one Triton kernel (nanochat/dsa_triton.py)
+                scores = fused(iq[:, a:b], iw[:, a:b], ik[:, lo:b], a, lo, window)
+            else:
+                visible = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)
+                scores = index_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b]).masked_fill(~visible, float("-inf"))
+            chosen = top_k_chosen(scores, top_k)
         words = pack_bits(chosen)
         bits[:, a:b, lo // 32:lo // 32 + words.size(-1)] = words
     return bits

@@ -175,6 +175,7 @@ def test_top_k_mask_is_the_stable_sorts_set():
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         ref = torch.zeros_like(visible).expand(3, T, T).clone().scatter_(-1, top, True) & visible
         assert torch.equal(dsa.top_k_mask(scores, visible, k), ref), k
+        assert torch.equal(dsa.top_k_chosen(scores, k), ref), k  # (rows with too many ties, and without)
 
 
 def test_bits_round_trip_and_block_mask_covers_exactly_the_chosen_blocks():
@@ -201,8 +202,36 @@ def test_bits_round_trip_and_block_mask_covers_exactly_the_chosen_blocks():
     assert torch.equal(bm.mask_mod(b, 0, q, k), chosen)
 
 
+@pytest.mark.parametrize("R,S,H,D,q_pos0,k_pos0,window", [(70, 100, 2, 16, 30, 0, 10 ** 6), (64, 64, 4, 32, 0, 0, 64),
+                                                           (33, 150, 4, 16, 200, 96, 70)])
+def test_triton_scores_equal_the_pytorch_form(R, S, H, D, q_pos0, k_pos0, window):
+    """dsa_triton.masked_scores (Triton's interpreter here: fp32 dots) against index_scores with
+    the visibility mask: the same -inf entries, the rest to fp32 rounding; tiles past the causal
+    edge skipped, sizes that are not multiples of the tiles, a window, a batch of 2."""
+    triton = pytest.importorskip("triton")  # noqa: F841
+    from nanochat.dsa_triton import masked_scores
+    from nanochat.attention import sliding_window_mask
+    torch.manual_seed(0)
+    q, w, keys = torch.randn(2, R, H, D), torch.randn(2, R, H), torch.randn(2, S, D)
+    got = masked_scores(q, w, keys, q_pos0, k_pos0, window)
+    visible = sliding_window_mask(R, S, q_pos0 - k_pos0, window, "cpu")
+    want = dsa.index_scores(q, w, keys).masked_fill(~visible, float("-inf"))
+    assert torch.equal(got == float("-inf"), want == float("-inf")) and visible.any() and (~visible).any()
+    fin = visible.expand_as(got)
+    assert torch.allclose(got[fin], want[fin], rtol=1e-5, atol=1e-6)
+    assert (want[fin] == 0).any() and (want[fin] > 0).any()  # ReLU zeros (ties) and real scores both present
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("pattern", ["L", "SL"])
-def test_chunked_selection_equals_the_reference(pattern, monkeypatch):
+def test_chunked_selection_equals_the_reference(pattern, fused, monkeypatch):
+    """The flex path's selection (chunks of rows, only the keys they can see, top-k at or above
+    the k-th value, bits) is the reference's stable sort's, with the scores from PyTorch or
+    from the Triton kernel (its interpreter here)."""
+    if fused:
+        pytest.importorskip("triton")
+        monkeypatch.setattr(dsa, "TRITON_DEVICES", {"cpu", "cuda"})
+    assert (dsa.masked_scores_on(torch.device("cpu")) is not None) == fused
     monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
     m = model_of(config(top_k=7, T=96, window_pattern=pattern))
     idx = torch.randint(0, V, (2, 96))

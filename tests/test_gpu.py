@@ -455,6 +455,33 @@ def test_gpu_mtp_loss_matches_cpu(kernel):
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+def test_dsa_triton_scores_match_pytorch_on_cuda():
+    """nanochat/dsa_triton.py's indexer scores against index_scores at d20's indexer shapes: the
+    same -inf entries; at torch's default fp32 precision (IEEE dots) the same values to fp32
+    rounding and the same top-k sets; at "high" (TF32 dots, as training sets it) within TF32
+    rounding, the sets nearly the same (a swap only between keys tied to that rounding)."""
+    from nanochat import dsa
+    from nanochat.attention import sliding_window_mask
+    from nanochat.dsa_triton import masked_scores
+    torch.manual_seed(0)
+    R, S, k = 512, 4096, 256
+    q, w = torch.randn(1, R, 4, 64, device="cuda", dtype=torch.bfloat16), torch.randn(1, R, 4, device="cuda")
+    keys = torch.nn.functional.layer_norm(torch.randn(1, S, 64, device="cuda"), (64,))
+    want = dsa.index_scores(q, w, keys).masked_fill(~sliding_window_mask(R, S, S - R, 10 ** 6, "cuda"), float("-inf"))
+    fin = want > float("-inf")
+    precision = torch.get_float32_matmul_precision()
+    try:
+        for mode, tol, overlap in (("highest", 1e-5, 0.999), ("high", 1e-2, 0.98)):
+            torch.set_float32_matmul_precision(mode)
+            got = masked_scores(q, w, keys, S - R, 0, 10 ** 6)
+            assert torch.equal(got > float("-inf"), fin), mode
+            assert ((got - want)[fin].abs().max() / want[fin].abs().max()) < tol, mode
+            same = (dsa.top_k_chosen(got, k) & dsa.top_k_chosen(want, k)).sum() / (R * k)
+            assert same >= overlap, (mode, same)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.parametrize("pattern,checkpointing", [("L", False), ("SSSL", False), ("SSSL", True)])
 def test_gpu_dsa_flex_path_matches_cpu_reference(pattern, checkpointing):
     """DSA's long-context path (dsa_kernel "flex": chunked top-k, packed bits, compiled

@@ -1,0 +1,66 @@
+"""
+The lightning indexer's scores for DSA's long-context selection (nanochat/dsa.py,
+`select_packed`) as one Triton kernel, on NVIDIA GPUs:
+
+    I[t, s] = sum_j (w[t, j] / sqrt(H_I d_I)) ReLU(q[t, j] . k[s])    if key s is visible to query t
+            = -inf                                                      otherwise (causal, window)
+
+for a chunk of query rows against the keys they can see. The PyTorch form (dsa.index_scores,
+then masked_fill) writes the (rows, H_I, S) per-head products in fp32, applies the ReLU in
+another pass and sums the heads in a third, a batched matmul whose inner dimension is H_I = 4:
+~17 passes of a (rows, S) fp32 matrix. Here each program holds a (BR, BS) tile of I in
+registers, computes the H_I products with tensor-core dots, and writes I once (the visibility
+mask included). Forward only: the selection takes no gradient.
+
+The dots round as torch's fp32 matmuls do: TF32 under `torch.set_float32_matmul_precision("high")`
+(training sets it, common.compute_init), IEEE fp32 under "highest" (the default; the GPU tests).
+At TF32 the kernel and cuBLAS round differently, so a key can swap with one tied to ~1e-3
+relative at the k-th place. Runs on the CPU under TRITON_INTERPRET=1 (tests/test_dsa.py).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BR, BS, WARPS = 64, 64, 8  # query rows and keys a program (ptxas: 184 registers, 255 at 4 warps; not timed)
+
+
+@triton.jit
+def _scores(Q, W, K, OUT, R, S, q_pos0, k_pos0, window, norm,
+            sqb, sqr, sqh, swb, swr, skb, sks, sob, sor,
+            H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr):
+    pr, ps, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pr * BR + tl.arange(0, BR)
+    cols = ps * BS + tl.arange(0, BS)
+    d = tl.arange(0, D)
+    qpos, kpos = q_pos0 + rows, k_pos0 + cols
+    inside = (rows[:, None] < R) & (cols[None, :] < S)
+    visible = inside & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)
+    acc = tl.zeros((BR, BS), tl.float32)
+    if k_pos0 + ps * BS <= q_pos0 + pr * BR + BR - 1:  # else every key of the tile is in the future
+        k = tl.load(K + b * skb + cols[:, None] * sks + d[None, :], mask=cols[:, None] < S, other=0.0).to(tl.float32)
+        for j in tl.static_range(H):
+            q = tl.load(Q + b * sqb + rows[:, None] * sqr + j * sqh + d[None, :], mask=rows[:, None] < R,
+                        other=0.0).to(tl.float32)
+            w = tl.load(W + b * swb + rows * swr + j, mask=rows < R, other=0.0).to(tl.float32) / norm
+            acc += w[:, None] * tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)
+    out = tl.where(visible, acc, float("-inf"))
+    tl.store(OUT + b * sob + rows[:, None] * sor + cols[None, :], out, mask=inside)
+
+
+def masked_scores(q, w, keys, q_pos0, k_pos0, window):
+    """I (B, R, S) fp32 of q (B, R, H_I, d_I), w (B, R, H_I) against keys (B, S, d_I): dsa.index_scores
+    with -inf where query r (at position q_pos0 + r) may not see key s (at k_pos0 + s)."""
+    B, R, H, D = q.shape
+    S = keys.size(1)
+    if q.stride(-1) != 1 or keys.stride(-1) != 1:
+        q, keys = q.contiguous(), keys.contiguous()
+    out = torch.empty(B, R, S, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(R, BR), triton.cdiv(S, BS), B)
+    _scores[grid](q, w, keys, out, R, S, q_pos0, k_pos0, window, math.sqrt(H * D),
+                  q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), keys.stride(0), keys.stride(1),
+                  out.stride(0), out.stride(1), H=H, D=D, BR=BR, BS=BS, num_warps=WARPS,
+                  PRECISION="tf32" if getattr(torch.backends.cuda.matmul, "fp32_precision", "") == "tf32" else "ieee")
+    return out
