@@ -276,63 +276,47 @@ def max_memory_allocated_mib(device_type):
     return torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else 0.0
 
 # -----------------------------------------------------------------------------
-# Peak dense bf16 FLOP/s, for MFU. Numbers are the vendors' spec sheets (no sparsity).
+# Peak dense bf16 FLOP/s (for MFU) and memory bytes/s (for engine_bench's bandwidth use), from
+# the vendors' spec sheets (no sparsity); None where we list no figure. First match wins, so
+# more specific names come first.
 
-PEAK_FLOPS = [
-    (r"H200", 989e12),
-    (r"H100.*PCIe", 756e12),
-    (r"H100 NVL", 835e12),
-    (r"H100", 989e12),          # SXM
-    (r"H800", 989e12),
-    (r"GB200", 2500e12),        # before B200, which it contains
-    (r"B200", 2250e12),
-    (r"A100", 312e12),
-    (r"A10G", 125e12),
-    (r"L40S", 362e12),
-    (r"L40\b", 181e12),
-    (r"L4\b", 121e12),
-    (r"RTX 4090", 165e12),
-    (r"RTX 3090", 71e12),
-    (r"v6e|TPU v6", 918e12),
-    (r"v5p", 459e12),
-    (r"v5e|v5 lite|v5litepod", 197e12),
-    (r"v4", 275e12),
+PEAKS = [
+    (r"H200", 989e12, 4.8e12),
+    (r"H100.*PCIe", 756e12, 2.0e12),
+    (r"H100 NVL", 835e12, 3.9e12),
+    (r"H100", 989e12, 3.35e12),          # SXM
+    (r"H800", 989e12, 3.35e12),
+    (r"GB200", 2500e12, None),           # before B200, which it contains
+    (r"B200", 2250e12, 8.0e12),
+    (r"A100.*80GB.*PCIe", 312e12, 1.935e12),
+    (r"A100.*80GB", 312e12, 2.039e12),
+    (r"A100", 312e12, 1.555e12),         # 40GB
+    (r"A10G", 125e12, None),
+    (r"L40S", 362e12, 0.864e12),
+    (r"L40\b", 181e12, 0.864e12),
+    (r"L4\b", 121e12, 0.3e12),
+    (r"RTX 4090", 165e12, 1.008e12),
+    (r"RTX 3090", 71e12, None),
+    (r"v6e|TPU v6", 918e12, None),
+    (r"v5p", 459e12, None),
+    (r"v5e|v5 lite|v5litepod", 197e12, None),
+    (r"v4", 275e12, None),
 ]
 
 
-# Peak memory bandwidth in bytes/s (spec sheets), for engine_bench's bandwidth utilization.
-PEAK_BANDWIDTH = [
-    (r"H200", 4.8e12),
-    (r"H100.*PCIe", 2.0e12),
-    (r"H100 NVL", 3.9e12),
-    (r"H100", 3.35e12),         # SXM
-    (r"H800", 3.35e12),
-    (r"B200", 8.0e12),
-    (r"A100.*80GB.*PCIe", 1.935e12),
-    (r"A100.*80GB", 2.039e12),
-    (r"A100", 1.555e12),        # 40GB
-    (r"L40S|L40\b", 0.864e12),
-    (r"L4\b", 0.3e12),
-    (r"RTX 4090", 1.008e12),
-]
-
-
-def get_peak_bandwidth(device_name):
-    """Peak memory bytes/s for a device name, as get_peak_flops; None if unknown."""
-    for pattern, bandwidth in PEAK_BANDWIDTH:
-        if re.search(pattern, device_name, re.IGNORECASE):
-            return bandwidth
-    return None
+def _peak(device_name, column):
+    return next((row[column] for row in PEAKS if re.search(row[0], device_name, re.IGNORECASE)), None)
 
 
 def get_peak_flops(device_name):
     """Peak bf16 FLOP/s for a device name such as 'NVIDIA H100 80GB HBM3'; inf if unknown
-    (so MFU prints as 0% instead of a made-up figure). The first matching pattern wins, so
-    more specific names come first."""
-    for pattern, flops in PEAK_FLOPS:
-        if re.search(pattern, device_name, re.IGNORECASE):
-            return flops
-    return float("inf")
+    (so MFU prints as 0% instead of a made-up figure)."""
+    return _peak(device_name, 1) or float("inf")
+
+
+def get_peak_bandwidth(device_name):
+    """Peak memory bytes/s for a device name; None if unknown (no utilization printed)."""
+    return _peak(device_name, 2)
 
 
 def device_name(device_type):

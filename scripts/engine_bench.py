@@ -50,7 +50,7 @@ parser.add_argument("--model_tag", default="", help="benchmark this base checkpo
 parser.add_argument("--data_dir", default=None, help="with --model_tag: the prompt is text from this directory's validation shard")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=None,
-                    help="bytes/s of device memory (default: from the GPU's name, common.PEAK_BANDWIDTH; H200 4.8e12)")
+                    help="bytes/s of device memory (default: from the GPU's name, common.PEAKS; H200 4.8e12)")
 args = parser.parse_args()
 
 device_type = autodetect_device_type(args.device_type)
