@@ -211,10 +211,15 @@ def test_triton_scores_equal_the_pytorch_form(R, S, H, D, q_pos0, k_pos0, window
     triton = pytest.importorskip("triton")  # noqa: F841
     from nanochat.dsa_triton import masked_scores
     from nanochat.attention import sliding_window_mask
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the interpreter runs only without a GPU)
     torch.manual_seed(0)
-    q, w, keys = torch.randn(2, R, H, D), torch.randn(2, R, H), torch.randn(2, S, D)
-    got = masked_scores(q, w, keys, q_pos0, k_pos0, window)
-    visible = sliding_window_mask(R, S, q_pos0 - k_pos0, window, "cpu")
+    q, w, keys = torch.randn(2, R, H, D, device=dev), torch.randn(2, R, H, device=dev), torch.randn(2, S, D, device=dev)
+    precision, torch.backends.cuda.matmul.fp32_precision = torch.backends.cuda.matmul.fp32_precision, "ieee"
+    try:  # (fp32 dots, not TF32, on a GPU)
+        got = masked_scores(q, w, keys, q_pos0, k_pos0, window)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = precision
+    visible = sliding_window_mask(R, S, q_pos0 - k_pos0, window, dev)
     want = dsa.index_scores(q, w, keys).masked_fill(~visible, float("-inf"))
     assert torch.equal(got == float("-inf"), want == float("-inf")) and visible.any() and (~visible).any()
     fin = visible.expand_as(got)
@@ -230,6 +235,8 @@ def test_chunked_selection_equals_the_reference(pattern, fused, monkeypatch):
     from the Triton kernel (its interpreter here)."""
     if fused:
         pytest.importorskip("triton")
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors: Triton's interpreter, which runs only without a GPU (test_gpu.py covers the kernel)")
         monkeypatch.setattr(dsa, "TRITON_DEVICES", {"cpu", "cuda"})
     assert (dsa.masked_scores_on(torch.device("cpu")) is not None) == fused
     monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
