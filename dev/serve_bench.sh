@@ -6,6 +6,8 @@
 # REF=DIR serves a second copy of the code from DIR (e.g. `git worktree add /tmp/ref HEAD~1`)
 # on the next port at the same time, and each load then runs against both in turn (one idle
 # while the other is measured). One JSON line per load, prefixed with "main" or "ref".
+# REF_FLAGS: the second server's chat_web flags (default WEB_FLAGS); REF=. with other flags
+# compares two settings of this code, e.g. REF=. REF_FLAGS="--bf16_linears=1".
 # SPREAD=0.5: each request's max_tokens within +-50% (loadtest --max_tokens_spread; default 0:
 # all answers end in the same step, round after round).
 # Needs a tokenizer in $NANOCHAT_BASE_DIR (python -m scripts.tok_train).
@@ -15,6 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEPTH=${DEPTH:-20}; SLOTS=${SLOTS:-128}; LOADS=${LOADS:-"128 128 32"}; SECONDS_EACH=${SECONDS_EACH:-30}
 MAX_TOKENS=${MAX_TOKENS:-256}; PROCS=${PROCS:-8}; PORT=${PORT:-8000}; WEB_FLAGS=${WEB_FLAGS:-}; REF=${REF:-}
+REF_FLAGS=${REF_FLAGS:-$WEB_FLAGS}
 SPREAD=${SPREAD:-0}
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ ! -d "$BASE/chatsft_checkpoints/d$DEPTH" ]; then
@@ -22,15 +25,16 @@ if [ ! -d "$BASE/chatsft_checkpoints/d$DEPTH" ]; then
 fi
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null' EXIT
-serve() {  # name, code directory, port
-    (cd "$2" && exec python -m scripts.chat_web -i sft -g "d$DEPTH" --batch_slots="$SLOTS" --port "$3" $WEB_FLAGS) \
+serve() {  # name, code directory, port, chat_web flags
+    # shellcheck disable=SC2086
+    (cd "$2" && exec python -m scripts.chat_web -i sft -g "d$DEPTH" --batch_slots="$SLOTS" --port "$3" $4) \
         > "/tmp/serve_bench_$1.log" 2>&1 &
     pids+=($!)
 }
-serve main . "$PORT"
+serve main . "$PORT" "$WEB_FLAGS"
 targets=("main:$PORT")
 if [ -n "$REF" ]; then
-    serve ref "$REF" $((PORT + 1))
+    serve ref "$REF" $((PORT + 1)) "$REF_FLAGS"
     targets+=("ref:$((PORT + 1))")
 fi
 for t in "${targets[@]}"; do  # wait until each serves (it warms up first: minutes for a d20 on a GPU)

@@ -284,7 +284,8 @@ def test_load_with_a_spread_of_answer_lengths(server):
 
 
 def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
-    """dev/serve_bench.sh on the CPU: a random d2 made, served with batching, one load."""
+    """dev/serve_bench.sh on the CPU: a random d2 made, served with batching, one load, against
+    this code once more with other flags (REF=. REF_FLAGS)."""
     import shutil
     shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
     with socket.socket() as sock:
@@ -292,16 +293,17 @@ def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
         port = sock.getsockname()[1]
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), DEPTH="2", SLOTS="8", LOADS="4", SECONDS_EACH="3",
                MAX_TOKENS="8", PROCS="2", PORT=str(port), WEB_FLAGS="--device_type=cpu --unsandboxed_tool",
-               SPREAD="0.5")
+               SPREAD="0.5", REF=".", REF_FLAGS="--device_type=cpu --unsandboxed_tool --bf16_linears=1")
     out = subprocess.run(["bash", "dev/serve_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "chatsft_checkpoints" / "d2").is_dir()
-    lines = [line for line in out.stdout.splitlines() if line.startswith("main ")]
-    assert len(lines) == 1, out.stdout
-    result = json.loads(lines[0][5:])
-    assert result["clients"] == 4 and result["requests"] >= 4 and result["errors"] == 0, result
-    assert result["max_tokens_spread"] == 0.5
-    assert result["workers_busy_after"] == 0
+    for name in ("main", "ref"):
+        lines = [line for line in out.stdout.splitlines() if line.startswith(name + " ")]
+        assert len(lines) == 1, out.stdout
+        result = json.loads(lines[0][len(name) + 1:])
+        assert result["clients"] == 4 and result["requests"] >= 4 and result["errors"] == 0, result
+        assert result["max_tokens_spread"] == 0.5
+        assert result["workers_busy_after"] == 0
 
 
 @pytest.mark.parametrize("flag", [[], ["--unsandboxed_tool"]])
