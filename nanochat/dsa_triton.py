@@ -30,20 +30,22 @@ BR, BS, WARPS = 64, 64, 8  # query rows and keys a program (ptxas: 184 registers
 @triton.jit
 def _scores(Q, W, K, OUT, R, S, q_pos0, k_pos0, window, norm,
             sqb, sqr, sqh, swb, swr, skb, sks, sob, sor,
-            H: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr):
+            H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr,
+            PRECISION: tl.constexpr):
     pr, ps, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pr * BR + tl.arange(0, BR)
     cols = ps * BS + tl.arange(0, BS)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BD)  # (BD: D rounded up to a power of two, at least 16, as tl.dot needs)
     qpos, kpos = q_pos0 + rows, k_pos0 + cols
     inside = (rows[:, None] < R) & (cols[None, :] < S)
     visible = inside & (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] - kpos[None, :] < window)
     acc = tl.zeros((BR, BS), tl.float32)
     if k_pos0 + ps * BS <= q_pos0 + pr * BR + BR - 1:  # else every key of the tile is in the future
-        k = tl.load(K + b * skb + cols[:, None] * sks + d[None, :], mask=cols[:, None] < S, other=0.0).to(tl.float32)
+        k = tl.load(K + b * skb + cols[:, None] * sks + d[None, :], mask=(cols[:, None] < S) & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
         for j in tl.static_range(H):
-            q = tl.load(Q + b * sqb + rows[:, None] * sqr + j * sqh + d[None, :], mask=rows[:, None] < R,
-                        other=0.0).to(tl.float32)
+            q = tl.load(Q + b * sqb + rows[:, None] * sqr + j * sqh + d[None, :],
+                        mask=(rows[:, None] < R) & (d[None, :] < D), other=0.0).to(tl.float32)
             w = tl.load(W + b * swb + rows * swr + j, mask=rows < R, other=0.0).to(tl.float32) / norm
             acc += w[:, None] * tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)
     out = tl.where(visible, acc, float("-inf"))
@@ -55,12 +57,12 @@ def masked_scores(q, w, keys, q_pos0, k_pos0, window):
     with -inf where query r (at position q_pos0 + r) may not see key s (at k_pos0 + s)."""
     B, R, H, D = q.shape
     S = keys.size(1)
-    if q.stride(-1) != 1 or keys.stride(-1) != 1:
-        q, keys = q.contiguous(), keys.contiguous()
+    if q.stride(-1) != 1 or w.stride(-1) != 1 or keys.stride(-1) != 1:
+        q, w, keys = q.contiguous(), w.contiguous(), keys.contiguous()
     out = torch.empty(B, R, S, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(R, BR), triton.cdiv(S, BS), B)
     _scores[grid](q, w, keys, out, R, S, q_pos0, k_pos0, window, math.sqrt(H * D),
                   q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), keys.stride(0), keys.stride(1),
-                  out.stride(0), out.stride(1), H=H, D=D, BR=BR, BS=BS, num_warps=WARPS,
+                  out.stride(0), out.stride(1), H=H, D=D, BD=max(16, triton.next_power_of_2(D)), BR=BR, BS=BS, num_warps=WARPS,
                   PRECISION="tf32" if getattr(torch.backends.cuda.matmul, "fp32_precision", "") == "tf32" else "ieee")
     return out

@@ -203,11 +203,12 @@ def test_bits_round_trip_and_block_mask_covers_exactly_the_chosen_blocks():
 
 
 @pytest.mark.parametrize("R,S,H,D,q_pos0,k_pos0,window", [(70, 100, 2, 16, 30, 0, 10 ** 6), (64, 64, 4, 32, 0, 0, 64),
-                                                           (33, 150, 4, 16, 200, 96, 70)])
+                                                           (33, 150, 4, 16, 200, 96, 70), (20, 40, 3, 12, 20, 0, 10 ** 6)])
 def test_triton_scores_equal_the_pytorch_form(R, S, H, D, q_pos0, k_pos0, window):
     """dsa_triton.masked_scores (Triton's interpreter here: fp32 dots) against index_scores with
     the visibility mask: the same -inf entries, the rest to fp32 rounding; tiles past the causal
-    edge skipped, sizes that are not multiples of the tiles, a window, a batch of 2."""
+    edge skipped, sizes that are not multiples of the tiles, a window, a batch of 2, an indexer
+    dim below 16 that is not a power of two (padded for tl.dot)."""
     triton = pytest.importorskip("triton")  # noqa: F841
     from nanochat.dsa_triton import masked_scores
     from nanochat.attention import sliding_window_mask
