@@ -322,13 +322,6 @@ class Mamba3(nn.Module):
         input projections' weights stacked (decoding: one matmul instead of four)."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
-        projections = (self.z_proj, self.x_proj, self.bc_proj, self.ctrl_proj)
-        if w_in is None and u.device.type != "xla" and all(type(m) is nn.Linear for m in projections):
-            # training and prefills: one matmul each way for the four (the weights stacked per
-            # call, still four parameters; autograd splits their gradient): u read once, and the
-            # narrow B/C and control projections no longer launch under-filled matmuls of their
-            # own. (Not on XLA, where z/x are sharded and B/C replicated, nor under FP8.)
-            w_in = torch.cat([m.weight for m in projections])
         if w_in is None:
             z, x, bc, ctrl = self.z_proj(u), self.x_proj(u), self.bc_proj(u), self.ctrl_proj(u)
         else:
