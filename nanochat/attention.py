@@ -104,11 +104,16 @@ class Context:
         # (nanochat/tpu.py), or prefill_attention in inference prefills on CUDA
         self.flash = flash
 
-    def with_own_losses(self):
-        """A copy with an aux_losses list of its own: a checkpointed block returns its losses
-        instead of appending to a list outside it, which torch.compile cannot trace there."""
-        return Context(self.cos, self.sin, self.pos0, self.T, self.block_masks, self.pos_t, self.decode_masks,
-                       self.idx, self.dsa_stage, self.flash, self.dsa_kernel)
+    def losses_out(self, block):
+        """u -> (block(u), *the losses it adds), block run with a copy of this context whose
+        aux_losses list is its own: a checkpointed block returns its losses (DSA's indexer
+        loss) instead of appending to a list outside it, which neither torch.compile traces
+        there nor a reentrant checkpoint (its forward runs without grad) keeps in the graph."""
+        def run(u):
+            inner = Context(self.cos, self.sin, self.pos0, self.T, self.block_masks, self.pos_t, self.decode_masks,
+                            self.idx, self.dsa_stage, self.flash, self.dsa_kernel)
+            return (block(u, inner), *inner.aux_losses)
+        return run
 
 
 # Causal SDPA in an inference prefill (a forward with a cache) on CUDA: any backend but cuDNN.

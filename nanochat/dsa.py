@@ -141,17 +141,12 @@ def index_scores(q, w, keys):
 def top_k_mask(scores, visible, k):
     """(B, t, S) bool: the k best visible keys of each row, ties to the earlier key; the set the
     reference's stable sort picks, without sorting: everything above the k-th value, then the
-    keys equal to it in key order until k are chosen (a running count over the rows that have
-    more such ties than places left, the only ones that need it)."""
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    keys equal to it in key order until k are chosen. (The long-context path calls it only for
+    the rows that need the running count: top_k_chosen.)"""
+    kth = scores.topk(k, dim=-1).values[..., -1:]
     above, tie = scores > kth, scores == kth
     room = k - above.sum(-1, keepdim=True)
-    over = (tie.sum(-1, keepdim=True) > room).flatten()
-    if over.any():
-        rows = over.nonzero().squeeze(1)
-        ties = tie.view(-1, tie.size(-1))
-        ties[rows] = ties[rows] & (ties[rows].cumsum(-1) <= room.flatten()[rows, None])
-    return (above | tie) & visible
+    return (above | (tie & (tie.cumsum(-1) <= room))) & visible
 
 
 def top_k_chosen(scores, k):

@@ -560,11 +560,8 @@ class GPT(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self.checkpoint_block is not None:
                 return self.checkpoint_block(block, x, ctx)
-            if isinstance(block.mixer, SparseAttention):
-                def run(u):  # its indexer loss an output: appending to ctx's list inside would stop torch.compile
-                    inner = ctx.with_own_losses()
-                    return (block(u, inner), *inner.aux_losses)
-                y, *aux = checkpoint(run, x, use_reentrant=False, context_fn=_keep_dsa_selection)
+            if isinstance(block.mixer, SparseAttention):  # its indexer loss an output (Context.losses_out)
+                y, *aux = checkpoint(ctx.losses_out(block), x, use_reentrant=False, context_fn=_keep_dsa_selection)
                 ctx.aux_losses.extend(aux)
                 return y
             return checkpoint(lambda u: block(u, ctx), x, use_reentrant=False)

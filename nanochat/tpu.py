@@ -153,17 +153,9 @@ def checkpoint_block(block, x, ctx):
     """GPT.run_block under gradient checkpointing on XLA: torch_xla's checkpoint (its
     optimization barriers keep XLA from merging the recomputation back into the forward).
     It is the reentrant kind, whose forward runs without grad, so losses that a block adds
-    to ctx.aux_losses (DSA's indexer loss) are returned as outputs to keep their graph."""
+    (DSA's indexer loss) are returned as outputs to keep their graph (Context.losses_out)."""
     from torch_xla.utils.checkpoint import checkpoint
-
-    def run(u):
-        outer, ctx.aux_losses = ctx.aux_losses, []
-        try:
-            y = block(u, ctx)
-            return (y, *ctx.aux_losses)
-        finally:
-            ctx.aux_losses = outer
-    y, *aux = checkpoint(run, x, use_reentrant=True)
+    y, *aux = checkpoint(ctx.losses_out(block), x, use_reentrant=True)
     ctx.aux_losses.extend(aux)
     return y
 
