@@ -6,6 +6,7 @@ Prints one JSON line per case. GPU only.
 
     python dev/dsa_bench.py                          # d20 shapes, T = 65,536, top-k 2048
     python dev/dsa_bench.py --seq_len=16384 --depth=12
+    python dev/dsa_bench.py --only=dsa_select --precision=highest   # the selection with IEEE fp32 dots
 
 Cases:
   dense            CausalSelfAttention layer: projections + causal SDPA
@@ -14,7 +15,8 @@ Cases:
                    indexer, whose choices are spread: the worst case for block sparsity
   dsa_select       the indexer's chunked scores + top-k + bits alone (no grad), the scores
                    by the Triton kernel (nanochat/dsa_triton.py); dsa_select_torch: in PyTorch;
-                   dsa_select_kernels: its longest GPU kernels (torch.profiler), where it goes
+                   dsa_select_kernels, dsa_select_torch_kernels: their longest GPU kernels
+                   (torch.profiler), where the time goes
   flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
                    per query, against sdpa_causal: "local" (the k most recent keys), "spread"
                    (k random visible keys), "blocks" (k / 128 random key blocks per query block)
@@ -41,8 +43,19 @@ parser.add_argument("--depth", type=int, default=20, help="model shape: n_embd =
 parser.add_argument("--seq_len", type=int, default=65536)
 parser.add_argument("--top_k", type=int, default=2048)
 parser.add_argument("--iters", type=int, default=5)
+parser.add_argument("--precision", default="high", choices=["high", "highest"],
+                    help="torch.set_float32_matmul_precision: 'high' (TF32, what training sets in common.compute_init) "
+                         "or 'highest' (IEEE fp32: the indexer's scores, in cuBLAS or the Triton kernel)")
+parser.add_argument("--only", default="", help="comma-separated case-name prefixes to run (default: all)")
 args = parser.parse_args()
 assert torch.cuda.is_available(), "dsa_bench needs a CUDA GPU"
+torch.set_float32_matmul_precision(args.precision)
+dsa_module.TRITON_IEEE = True  # dsa_select times the Triton kernel at either precision
+ONLY = [c for c in args.only.split(",") if c]
+
+
+def wanted(case):
+    return not ONLY or any(case.startswith(c) for c in ONLY)
 T, k = args.seq_len, args.top_k
 config = GPT.config_for_depth(args.depth, sequence_len=T, dsa_start_layer=0, dsa_top_k=k)
 H, D = config.n_head, config.n_embd // config.n_head
@@ -62,6 +75,8 @@ def timeit(fn):
 
 
 def report(case, fn, **extra):
+    if not wanted(case):
+        return
     try:
         ms, gib = timeit(fn)
         print(json.dumps({"case": case, "T": T, "top_k": k, "H": H, "D": D, "ms": round(ms, 2),
@@ -111,8 +126,14 @@ def kernels(fn, top=10):
     return [{"kernel": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1e3, 2)} for e in rows]
 
 
-print(json.dumps({"case": "dsa_select_kernels", "T": T, "top_k": k, "kernels": kernels(lambda: dsa.select_packed(iq, iw, ik))}),
-      flush=True)
+if wanted("dsa_select_kernels"):
+    print(json.dumps({"case": "dsa_select_kernels", "T": T, "top_k": k,
+                      "kernels": kernels(lambda: dsa.select_packed(iq, iw, ik))}), flush=True)
+if wanted("dsa_select_torch_kernels"):
+    dsa_module.TRITON_DEVICES.clear()
+    print(json.dumps({"case": "dsa_select_torch_kernels", "T": T, "top_k": k,
+                      "kernels": kernels(lambda: dsa.select_packed(iq, iw, ik))}), flush=True)
+    dsa_module.TRITON_DEVICES.update(fused_on)
 
 # flex_attention alone on synthetic selections
 q, kk, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -144,6 +165,8 @@ def pattern_bits(name, rows=1024):
 
 causal_blocks = (T // BLOCK) * (T // BLOCK + 1) / 2
 for name in ("local", "spread", "blocks"):
+    if not wanted(f"flex_{name}"):
+        continue
     bits = pattern_bits(name)
     bm = block_mask_of(bits, T)
     used = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item() / causal_blocks

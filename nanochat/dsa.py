@@ -63,12 +63,12 @@ needs a query block to touch under ~1/4 of its visible blocks (flex on full caus
 slower than cuDNN SDPA at T = 2048 on an H100, docs/benchmarks.md), plus the indexer's own
 cost (its scores, O(T^2 H_I d_I), and the top-k). Measured on an H200 (dev/dsa_bench.py,
 docs/benchmarks.md): at 64K, flex is 6.5x faster than dense attention on clustered choices
-and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) alone took
-432 ms, 6.5x dense attention, before each chunk scored only the keys it can see (half the
-work) and the scores came from one Triton kernel on NVIDIA GPUs (nanochat/dsa_triton.py;
-both not yet measured). The selection is one custom op
-(nanochat::dsa_select): torch.compile neither unrolls its loop nor breaks the graph at it,
-and gradient checkpointing saves its bits instead of running it again (GPT.run_block).
+and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) took 432 ms,
+6.5x dense attention; 131 ms once each chunk scored only the keys it can see (half the work)
+with the scores from one Triton kernel on NVIDIA GPUs under TF32 (nanochat/dsa_triton.py;
+PyTorch's scores: 207 ms). The selection is one custom op (nanochat::dsa_select):
+torch.compile neither unrolls its loop nor breaks the graph at it, and gradient
+checkpointing saves its bits instead of running it again (GPT.run_block).
 """
 
 import math
@@ -211,11 +211,16 @@ def flex_options(q):
 
 
 TRITON_DEVICES = {"cuda"}  # where select_packed scores with nanochat/dsa_triton.py (tests add "cpu": the interpreter)
+TRITON_IEEE = False  # and under IEEE fp32 matmuls too (torch's default precision; tests set it)
 
 
 def masked_scores_on(device):
-    """dsa_triton.masked_scores where it runs (an NVIDIA GPU), else None (the PyTorch form)."""
-    if device.type not in TRITON_DEVICES or torch.version.hip:
+    """dsa_triton.masked_scores where it runs (an NVIDIA GPU) and pays, else None (the PyTorch
+    form). It pays with TF32 dots, training's precision (common.compute_init): at 64K its scores
+    took 10 ms against ~50 ms of cuBLAS and elementwise kernels; with IEEE fp32 dots (no tensor
+    cores) 789 ms, 4x slower than PyTorch's whole selection (H200, 2026-12-01, dev/dsa_bench.py)."""
+    tf32 = getattr(torch.backends.cuda.matmul, "fp32_precision", "") == "tf32"
+    if device.type not in TRITON_DEVICES or torch.version.hip or not (tf32 or TRITON_IEEE):
         return None
     try:
         from nanochat.dsa_triton import masked_scores

@@ -344,6 +344,22 @@ def _keep_dsa_selection():
     return create_selective_checkpoint_contexts(_save_dsa_selection)
 
 
+def _checkpoint_dsa(block, x, ctx):
+    """A checkpointed DSA block: its indexer loss leaves as an output (Context.losses_out),
+    its selection is saved (selective checkpointing)."""
+    y, *aux = checkpoint(ctx.losses_out(block), x, use_reentrant=False, context_fn=_keep_dsa_selection)
+    ctx.aux_losses.extend(aux)
+    return y
+
+
+# Under torch.compile, a checkpointed DSA block runs eagerly (a graph break; its flex_attention
+# and selection are compiled on their own): inductor's flex_attention backward compiled inside
+# the checkpoint hit "an illegal memory access" on an H200 (torch 2.11, 2026-12-01, in the fused
+# backward kernel that reads the saved selection; eager checkpointing passes). False: compile it.
+EAGER_DSA_CHECKPOINT = True
+_checkpoint_dsa_eager = torch.compiler.disable(_checkpoint_dsa)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -560,10 +576,8 @@ class GPT(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             if self.checkpoint_block is not None:
                 return self.checkpoint_block(block, x, ctx)
-            if isinstance(block.mixer, SparseAttention):  # its indexer loss an output (Context.losses_out)
-                y, *aux = checkpoint(ctx.losses_out(block), x, use_reentrant=False, context_fn=_keep_dsa_selection)
-                ctx.aux_losses.extend(aux)
-                return y
+            if isinstance(block.mixer, SparseAttention):
+                return (_checkpoint_dsa_eager if EAGER_DSA_CHECKPOINT else _checkpoint_dsa)(block, x, ctx)
             return checkpoint(lambda u: block(u, ctx), x, use_reentrant=False)
         return block(x, ctx)
 

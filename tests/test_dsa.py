@@ -239,6 +239,7 @@ def test_chunked_selection_equals_the_reference(pattern, fused, monkeypatch):
         if torch.cuda.is_available():
             pytest.skip("CPU tensors: Triton's interpreter, which runs only without a GPU (test_gpu.py covers the kernel)")
         monkeypatch.setattr(dsa, "TRITON_DEVICES", {"cpu", "cuda"})
+        monkeypatch.setattr(dsa, "TRITON_IEEE", True)  # the interpreter's fp32 dots
     assert (dsa.masked_scores_on(torch.device("cpu")) is not None) == fused
     monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
     m = model_of(config(top_k=7, T=96, window_pattern=pattern))

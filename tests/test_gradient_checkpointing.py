@@ -163,14 +163,17 @@ def test_base_train_with_gradient_checkpointing_trains_the_same(base_dir, corpus
     assert metas[1]["user_config"]["gradient_checkpointing"]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_dsa_long_context_path_keeps_its_selection(compiled, monkeypatch, request):
+@pytest.mark.parametrize("compiled,eager_blocks", [(False, True), (True, False), (True, True)])
+def test_dsa_long_context_path_keeps_its_selection(compiled, eager_blocks, monkeypatch, request):
     """On the flex path (64K contexts) the key selection is saved by the checkpoint, not run
     again in backward: as many selections with checkpointing as without, same loss and
-    gradients. Compiled (aot_eager, as above), the checkpointed DSA blocks add no graph break
-    (the indexer loss leaves the block as an output, the selection is one custom op): a break
-    there would run the whole block eagerly, flex_attention included."""
+    gradients. Compiled (aot_eager, as above) with gpt.EAGER_DSA_CHECKPOINT off, the
+    checkpointed DSA blocks add no graph break (the indexer loss leaves the block as an output,
+    the selection is one custom op); on (the default, for an inductor bug on CUDA), they run
+    eagerly behind one break each and give the same loss and gradients."""
     import nanochat.dsa as dsa
+    import nanochat.gpt as gpt
+    monkeypatch.setattr(gpt, "EAGER_DSA_CHECKPOINT", eager_blocks)
     from torch._dynamo.utils import counters
     checkpoints = [] if compiled else request.getfixturevalue("count_checkpoints")  # (its hook would break graphs)
     selections = []
@@ -190,7 +193,7 @@ def test_dsa_long_context_path_keeps_its_selection(compiled, monkeypatch, reques
         results.append((loss.detach(), grads, len(selections), sum(counters["graph_break"].values())))
     (loss0, g0, n0, breaks0), (loss1, g1, n1, breaks1) = results
     assert n0 == n1 > 0 and len(checkpoints) == (0 if compiled else KW["n_layer"])
-    assert breaks1 == breaks0
+    assert breaks1 == breaks0 if not (compiled and eager_blocks) else breaks1 > breaks0
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
     assert all(g is not None for g in g0.values()) and g0.keys() == g1.keys()
     for n in g0:
