@@ -70,6 +70,8 @@ KERNELS = {
     "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32, SCR=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
     "dsa_scores": (dsa._scores, dict(Q=bf, W=bf, K=f32, OUT=f32),
                    dict(H=4, D=64, BD=64, BR=dsa.BR, BS=dsa.BS, PRECISION="tf32")),
+    "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
+                        dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 

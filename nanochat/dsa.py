@@ -66,7 +66,8 @@ docs/benchmarks.md): at 64K, flex is 6.5x faster than dense attention on cluster
 and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) took 432 ms,
 6.5x dense attention; 131 ms once each chunk scored only the keys it can see (half the work)
 with the scores from one Triton kernel on NVIDIA GPUs under TF32 (nanochat/dsa_triton.py;
-PyTorch's scores: 207 ms). The selection is one custom op (nanochat::dsa_select):
+PyTorch's scores: 207 ms); the bits from the k-th value by a second kernel since (not yet
+timed). The selection is one custom op (nanochat::dsa_select):
 torch.compile neither unrolls its loop nor breaks the graph at it, and gradient
 checkpointing saves its bits instead of running it again (GPT.run_block).
 """
@@ -214,19 +215,20 @@ TRITON_DEVICES = {"cuda"}  # where select_packed scores with nanochat/dsa_triton
 TRITON_IEEE = False  # and under IEEE fp32 matmuls too (torch's default precision; tests set it)
 
 
-def masked_scores_on(device):
-    """dsa_triton.masked_scores where it runs (an NVIDIA GPU) and pays, else None (the PyTorch
-    form). It pays with TF32 dots, training's precision (common.compute_init): at 64K its scores
-    took 10 ms against ~50 ms of cuBLAS and elementwise kernels; with IEEE fp32 dots (no tensor
-    cores) 789 ms, 4x slower than PyTorch's whole selection (H200, 2026-12-01, dev/dsa_bench.py)."""
+def triton_kernels_on(device):
+    """nanochat/dsa_triton.py (masked_scores, chosen_bits) where it runs (an NVIDIA GPU) and
+    pays, else None (the PyTorch forms). It pays with TF32 dots, training's precision
+    (common.compute_init): at 64K its scores took 10 ms against ~50 ms of cuBLAS and
+    elementwise kernels; with IEEE fp32 dots (no tensor cores) 789 ms, 4x slower than
+    PyTorch's whole selection (H200, 2026-12-01, dev/dsa_bench.py)."""
     tf32 = getattr(torch.backends.cuda.matmul, "fp32_precision", "") == "tf32"
     if device.type not in TRITON_DEVICES or torch.version.hip or not (tf32 or TRITON_IEEE):
         return None
     try:
-        from nanochat.dsa_triton import masked_scores
+        import nanochat.dsa_triton as kernels
     except ImportError:  # no Triton here
         return None
-    return masked_scores
+    return kernels
 
 
 @torch.library.custom_op("nanochat::dsa_select", mutates_args=())
@@ -241,24 +243,22 @@ def select_packed(iq: torch.Tensor, iw: torch.Tensor, ik: torch.Tensor, top_k: i
     if S != T:
         raise ValueError(f"select_packed: {T} queries against {S} keys; it scores a whole sequence (no cache)")
     bits = torch.zeros(B, T, -(-S // 32), dtype=torch.int32, device=iq.device)
-    fused = masked_scores_on(iq.device)
+    kernels = triton_kernels_on(iq.device)
     step = max(1, CHUNK // (S * H))
     for a in range(0, T, step):
         b = min(T, a + step)
         # rows a..b-1 see keys lo..b-1 at most (causal, the window): score only those (half of
         # the T x S work at full context); lo on a word boundary, the bits left of it stay 0
         lo = max(0, a - window + 1) // 32 * 32
+        out = bits[:, a:b, lo // 32:lo // 32 + -(-(b - lo) // 32)]
         if b - lo <= top_k:  # every visible key is chosen
-            chosen = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device).expand(B, -1, -1)
+            out.copy_(pack_bits(sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)))
+        elif kernels is not None:  # scores, then top-k (torch.topk) and bits: nanochat/dsa_triton.py
+            kernels.chosen_bits(kernels.masked_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b], a, lo, window), top_k, out)
         else:
-            if fused is not None:  # one Triton kernel (nanochat/dsa_triton.py)
-                scores = fused(iq[:, a:b], iw[:, a:b], ik[:, lo:b], a, lo, window)
-            else:
-                visible = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)
-                scores = index_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b]).masked_fill(~visible, float("-inf"))
-            chosen = top_k_chosen(scores, top_k)
-        words = pack_bits(chosen)
-        bits[:, a:b, lo // 32:lo // 32 + words.size(-1)] = words
+            visible = sliding_window_mask(b - a, b - lo, a - lo, window, iq.device)
+            scores = index_scores(iq[:, a:b], iw[:, a:b], ik[:, lo:b]).masked_fill(~visible, float("-inf"))
+            out.copy_(pack_bits(top_k_chosen(scores, top_k)))
     return bits
 
 

@@ -228,6 +228,32 @@ def test_triton_scores_equal_the_pytorch_form(R, S, H, D, q_pos0, k_pos0, window
     assert (want[fin] == 0).any() and (want[fin] > 0).any()  # ReLU zeros (ties) and real scores both present
 
 
+@pytest.mark.parametrize("R,S,k", [(7, 100, 5), (9, 64, 40), (5, 33, 33), (12, 600, 17)])
+def test_triton_chosen_bits_equal_the_pytorch_form(R, S, k):
+    """dsa_triton.chosen_bits (the interpreter here) == pack_bits(top_k_chosen(...)), written
+    into a column slice of a wider bits tensor (the rest untouched): scores with many ties at
+    the k-th value (small integers), rows that see fewer than k keys (all they see), -inf
+    keys, S not a multiple of 32 and more words than a step."""
+    pytest.importorskip("triton")
+    from nanochat.dsa_triton import chosen_bits
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    scores = torch.randint(-3, 4, (2, R, S), device=dev).float()
+    t = torch.arange(R, device=dev)[:, None] + S - R  # causal rows: the first see S - R + 1 keys
+    scores = scores.masked_fill(torch.arange(S, device=dev)[None] > t, float("-inf"))
+    scores[1, 0] = float("-inf")
+    scores[1, 0, :k // 2] = 1.0  # a row that sees fewer than k keys
+    want = dsa.pack_bits(dsa.top_k_chosen(scores, k))
+    bits = torch.full((2, R + 3, want.size(-1) + 2), 7, dtype=torch.int32, device=dev)
+    chosen_bits(scores, k, bits[:, 1:R + 1, 1:want.size(-1) + 1])
+    assert torch.equal(bits[:, 1:R + 1, 1:-1], want)
+    assert (bits[:, 0] == 7).all() and (bits[:, R + 1:] == 7).all() and (bits[..., 0] == 7).all() and (bits[..., -1] == 7).all()
+    chosen = dsa.unpack_bits(want, S)
+    assert (chosen.sum(-1) <= k).all() and (chosen.sum(-1) == k).any() and (chosen.sum(-1) < k).any()
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    assert ((scores == kth).sum(-1) > (chosen & (scores == kth)).sum(-1)).any()  # ties really cut
+
+
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("pattern", ["L", "SL"])
 def test_chunked_selection_equals_the_reference(pattern, fused, monkeypatch):
@@ -240,7 +266,7 @@ def test_chunked_selection_equals_the_reference(pattern, fused, monkeypatch):
             pytest.skip("CPU tensors: Triton's interpreter, which runs only without a GPU (test_gpu.py covers the kernel)")
         monkeypatch.setattr(dsa, "TRITON_DEVICES", {"cpu", "cuda"})
         monkeypatch.setattr(dsa, "TRITON_IEEE", True)  # the interpreter's fp32 dots
-    assert (dsa.masked_scores_on(torch.device("cpu")) is not None) == fused
+    assert (dsa.triton_kernels_on(torch.device("cpu")) is not None) == fused
     monkeypatch.setattr(dsa, "CHUNK", 5 * 96 * 2)  # 5 query rows per chunk: many chunks, a short last one
     m = model_of(config(top_k=7, T=96, window_pattern=pattern))
     idx = torch.randint(0, V, (2, 96))
