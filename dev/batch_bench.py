@@ -38,6 +38,8 @@ parser.add_argument("--max_tokens", type=int, default=256)
 parser.add_argument("--device_type", type=str, default="", help="cuda|cpu (empty: autodetect)")
 parser.add_argument("--bf16_linears", type=int, default=0,
                     help="1: the Linear weights in the compute dtype (bf16 on GPUs; GPT.linears_to), not fp32 under autocast")
+parser.add_argument("--stack_qkv", type=int, default=0,
+                    help="1: each attention layer's q, k, v projections as one matmul (GPT.stack_projections)")
 parser.add_argument("--prefill_rows", type=int, default=0,
                     help="first, time prefills of 1..N prompts, each row count first seen and again (0: skip)")
 args = parser.parse_args()
@@ -55,6 +57,8 @@ with torch.no_grad():
 model.eval()
 if args.bf16_linears:
     model.linears_to(compute_dtype(device.type))
+if args.stack_qkv:
+    model.stack_projections()
 engine = Engine(model, tok, use_tools=False)
 engine.stop_tokens = set()  # a random model draws special tokens too: every answer runs to max_tokens
 batcher = Batcher(engine, args.slots, autocast=lambda: autocast_for(device.type))

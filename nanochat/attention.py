@@ -226,6 +226,7 @@ class CausalSelfAttention(nn.Module):
             from nanochat.gpt import padded_vocab
             self.ve = nn.Embedding(padded_vocab(config), self.n_kv_head * D)
             self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False)
+        self.w_qkv = None  # serving: c_q, c_k, c_v's weights as views of one tensor (stack_projections)
 
     @torch.no_grad()
     def init_weights(self):
@@ -261,13 +262,30 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, ctx)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    @torch.no_grad()
+    def stack_projections(self):
+        """For serving: c_q, c_k and c_v's weights become views of one stacked tensor, w_qkv,
+        which forwards without autograd multiply by once (one matmul, not three: a decode step
+        at batch 1 is bound by its kernel launches). No copy is kept, so the three weights and
+        w_qkv are the same numbers whatever changes them in place; assigning a new tensor to a
+        weight unlinks them (GPT.linears_to stacks again). Training never uses w_qkv."""
+        lins = (self.c_q, self.c_k, self.c_v)
+        self.w_qkv = torch.cat([lin.weight for lin in lins])
+        for lin, part in zip(lins, self.w_qkv.split([lin.out_features for lin in lins])):
+            lin.weight.data = part
+
     def project(self, x, ctx):
         """q (B, n_head, T, D), k and v (B, n_kv_head, T, D) of x (B, T, C): rotary, QK-norm,
         the value embedding."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.w_qkv is not None and not torch.is_grad_enabled():
+            q, k, v = F.linear(x, self.w_qkv).split([self.c_q.out_features, self.c_k.out_features,
+                                                     self.c_v.out_features], dim=-1)
+        else:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if self.has_ve:
             ve = self.ve(ctx.idx).view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, n_kv_head)

@@ -504,6 +504,19 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.weight.data = m.weight.data.to(dtype)
+        for m in self.modules():  # stack_projections' views were replaced: stack the new weights
+            if isinstance(m, CausalSelfAttention) and m.w_qkv is not None:
+                m.stack_projections()
+        return self
+
+    def stack_projections(self):
+        """Serving: every attention layer's q, k, v projections as one matmul in forwards
+        without autograd (CausalSelfAttention.stack_projections: the weights become views of
+        one tensor, no copy; linears_to stacks its new weights again). Used by
+        --stack_qkv of engine_bench, dev/batch_bench.py, chat_web and chat_cli (opt-in)."""
+        for m in self.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.stack_projections()
         return self
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):

@@ -39,6 +39,8 @@ parser.add_argument("--speculative", type=int, default=1, help="1: greedy answer
                     "(--mtp) and attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
 parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weights in bf16 on GPUs (GPT.linears_to), "
                     "not fp32 cast by autocast at every step (docs/serving.md)")
+parser.add_argument("--stack_qkv", type=int, default=0, help="1: each attention layer's q, k, v projections as "
+                    "one matmul when decoding (GPT.stack_projections; fewer kernels a step; docs/engine.md)")
 parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
                     "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, after a longer compile: autotuning; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
@@ -63,6 +65,8 @@ except ValueError as e:  # e.g. a tokenizer that does not match the model
     raise SystemExit(str(e)) from None
 if args.bf16_linears:  # every forward below runs under autocast, as linears_to needs
     model.linears_to(compute_dtype(device_type))
+if args.stack_qkv:
+    model.stack_projections()
 engine = Engine(model, tokenizer, speculative=bool(args.speculative))
 engine.compile_mode = args.compile_mode
 context = model.config.sequence_len

@@ -220,10 +220,12 @@ class StopScanner:
 
 class Worker:
     def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0, bf16_linears=False,
-                 compile_mode=None):
+                 compile_mode=None, stack_qkv=False):
         self.index, self.model, self.tokenizer = index, model, tokenizer
         if bf16_linears:  # every request runs under autocast (self.autocast, the batcher's), as linears_to needs
             model.linears_to(compute_dtype(device_type))
+        if stack_qkv:
+            model.stack_projections()
         self.engine = Engine(model, tokenizer, speculative=speculative)
         self.engine.compile_mode = compile_mode
         self.autocast = autocast_for(device_type)
@@ -604,7 +606,7 @@ def sse(obj):
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
                max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0,
-               bf16_linears=False, compile_mode=None):
+               bf16_linears=False, compile_mode=None, stack_qkv=False):
     if batch_slots and batch_slots < MAX_CHOICES:
         raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
                          "one request may ask for")
@@ -616,7 +618,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     for i in range(num_gpus):
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots, bf16_linears, compile_mode))
+        workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots, bf16_linears, compile_mode,
+                              stack_qkv))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
@@ -804,6 +807,9 @@ if __name__ == "__main__":
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.4x batch-1 "
                              "decode in engine_bench on an H200, a longer compile at startup: autotuning; docs/engine.md)")
+    parser.add_argument("--stack_qkv", type=int, default=0,
+                        help="1: each attention layer's q, k, v projections as one matmul when decoding "
+                             "(GPT.stack_projections: fewer kernels a step; docs/engine.md)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
@@ -816,7 +822,8 @@ if __name__ == "__main__":
     try:
         app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key,
                          speculative=bool(args.speculative), batch_slots=args.batch_slots,
-                         bf16_linears=bool(args.bf16_linears), compile_mode=args.compile_mode)
+                         bf16_linears=bool(args.bf16_linears), compile_mode=args.compile_mode,
+                         stack_qkv=bool(args.stack_qkv))
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
     except ValueError as e:

@@ -43,6 +43,8 @@ parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
 parser.add_argument("--compile_mode", default="", help="torch.compile mode of the decode step, e.g. "
                     "max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; long compile)")
+parser.add_argument("--stack_qkv", type=int, default=0,
+                    help="1: each attention layer's q, k, v projections as one matmul (GPT.stack_projections)")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
@@ -76,6 +78,8 @@ else:
     # a byte-level tokenizer needs no training: the engine only uses it for special tokens here
     tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+if args.stack_qkv:
+    model.stack_projections()
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 engine.compile_mode = args.compile_mode or None
@@ -127,6 +131,6 @@ for r in rows:
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "peak_bandwidth": peak_bandwidth, "results": rows,
+                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

@@ -632,16 +632,18 @@ def test_batch_slots_below_the_most_answers_is_refused(base_dir):
         LiveServer(base_dir, batch_slots=4)
 
 
-def test_bf16_linears_and_compile_mode_reach_every_worker(base_dir, monkeypatch):
+def test_bf16_linears_stack_qkv_and_compile_mode_reach_every_worker(base_dir, monkeypatch):
     """--bf16_linears casts each worker's Linear weights to the device's compute dtype (fp32 on
-    a CPU: nothing changes, and answers still come); --compile_mode reaches each engine."""
+    a CPU: nothing changes, and answers still come); --stack_qkv stacks each worker's q, k, v
+    projections; --compile_mode reaches each engine."""
     from nanochat.gpt import GPT
     cast = []
     real = GPT.linears_to
     monkeypatch.setattr(GPT, "linears_to", lambda self, dtype: cast.append(dtype) or real(self, dtype))
-    s = LiveServer(base_dir, num_gpus=2, bf16_linears=True, compile_mode="max-autotune-no-cudagraphs")
+    s = LiveServer(base_dir, num_gpus=2, bf16_linears=True, compile_mode="max-autotune-no-cudagraphs", stack_qkv=True)
     try:
         assert cast == [torch.float32, torch.float32]  # (compute_dtype("cpu"))
+        assert all(w.model.blocks[0].mixer.w_qkv is not None for w in s.app.state.pool.workers)
         assert [w.engine.compile_mode for w in s.app.state.pool.workers] == ["max-autotune-no-cudagraphs"] * 2
         r = post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text

@@ -295,6 +295,45 @@ def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
     assert all(torch.equal(a, b) for a, b in zip(*bf16_linears_outputs(model, idx, prefix=12)))
 
 
+@pytest.mark.parametrize("extra", ["plain", *EXTRAS])
+def test_stacked_projections_give_the_same_outputs(tokenizer, extra):
+    """GPT.stack_projections (--stack_qkv): without autograd, the forward, a prefill and the
+    cached decode steps give the unstacked model's outputs (fp32 on the CPU, to rounding: one
+    matmul for q, k, v instead of three). The weights are views of the stack (an in-place change
+    reaches both), training forwards still run through the Parameters, and linears_to
+    afterwards stacks the new weights again."""
+    kw = {"plain": {}}.get(extra, EXTRAS.get(extra))
+    model = model_for(tokenizer, "SSL", T=32, **kw)
+    idx = torch.randint(0, tokenizer.get_vocab_size(), (2, 20))
+
+    def outputs():
+        with torch.inference_mode():
+            cache = model.init_cache(idx.size(0), model.config.sequence_len)
+            steps = [model(idx), model(idx[:, :12], cache=cache)]
+            return steps + [model.decode_step(idx[:, t:t + 1], cache, torch.tensor(t)) for t in range(12, 20)]
+    plain = outputs()
+    model.stack_projections()
+    attn = [b.mixer for b in model.blocks if hasattr(b.mixer, "c_q")]
+    assert attn and all(a.w_qkv is not None and a.c_q.weight.data_ptr() == a.w_qkv.data_ptr() for a in attn)
+    calls = []
+    for a in attn:  # the stacked matmul really runs: the separate Linears are not called without autograd
+        for lin in (a.c_q, a.c_k, a.c_v):
+            lin.register_forward_hook(lambda *_: calls.append(1))
+    for got, want in zip(outputs(), plain, strict=True):
+        torch.testing.assert_close(got, want)
+    assert not calls
+    loss = model(idx, idx)  # training: through the Parameters
+    loss.backward()
+    assert calls and all(a.c_q.weight.grad is not None and a.c_q.weight.grad.abs().sum() > 0 for a in attn)
+    a = attn[0]
+    nq, nk = a.c_q.out_features, a.c_k.out_features
+    with torch.no_grad():
+        a.c_k.weight.mul_(0)  # in place: the stack sees it
+    assert (a.w_qkv[nq:nq + nk] == 0).all() and (a.w_qkv[:nq] != 0).any() and (a.w_qkv[nq + nk:] != 0).any()
+    model.linears_to(torch.bfloat16)
+    assert all(a.w_qkv.dtype == torch.bfloat16 and a.c_q.weight.data_ptr() == a.w_qkv.data_ptr() for a in attn)
+
+
 def bf16_linears_outputs(model, idx, prefix):
     """Under bf16 autocast on idx's device, with the model's weights as they are and then after
     GPT.linears_to(bf16) (checked: every Linear weight bf16, no other parameter changed): the
