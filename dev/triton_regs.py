@@ -21,6 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from nanochat import decode_triton as dec
 from nanochat import dsa_triton as dsa
 from nanochat import mamba3_triton as m3
 from nanochat import mhc_triton as mhc
@@ -70,6 +71,9 @@ KERNELS = {
     "mhc_sinkhorn_bwd": (mhc._sinkhorn_bwd, dict(L=f32, G=f32, DL=f32, SCR=f32), dict(ITERS=20, N=4, BLOCK=mhc.BLOCK)),
     "dsa_scores": (dsa._scores, dict(Q=bf, W=bf, K=f32, OUT=f32),
                    dict(H=4, D=64, BD=64, BR=dsa.BR, BS=dsa.BS, PRECISION="tf32")),
+    "decode_segment": (dec._segment, dict(Q=bf, K=bf, V=bf, POS="*i64", M=f32, L=f32, ACC=f32),
+                       dict(PER_ROW=True, GP=16, D=128, SEG=256, BS=dec.BS, PRECISION="tf32")),
+    "decode_merge": (dec._merge, dict(M=f32, L=f32, ACC=f32, OUT=bf), dict(NP=32, D=128)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
                         dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }
@@ -79,7 +83,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def report(kernel, pointers, constexprs, num_warps):
     """ptxas's line for kernel compiled for sm_90: (registers, stack frame bytes, spill store bytes)."""
     params = list(inspect.signature(kernel.fn).parameters)
-    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("eps", "norm") else "i32") for p in params}
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("eps", "norm", "scale") else "i32") for p in params}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     with tempfile.TemporaryDirectory() as tmp:

@@ -92,11 +92,12 @@ class Context:
     idx: the token ids, for mixers that look something up per token."""
 
     def __init__(self, cos, sin, pos0, T, block_masks, pos_t=None, decode_masks=None, idx=None, dsa_stage="sparse",
-                 flash=None, dsa_kernel="auto"):
+                 flash=None, dsa_kernel="auto", decode_kernel="sdpa"):
         self.cos, self.sin, self.pos0, self.T = cos, sin, pos0, T
         self.idx = idx  # (B, T) token ids of this forward, for per-layer lookups (value embeddings)
         self.block_masks = block_masks  # {window: flex_attention BlockMask}, CUDA training only
         self.pos_t, self.decode_masks = pos_t, decode_masks
+        self.decode_kernel = decode_kernel  # static decode, one token a row: "sdpa" (the masks) or "triton"
         self.dsa_stage = dsa_stage  # DSA layers (nanochat/dsa.py): "warmup" (dense) or "sparse"
         self.dsa_kernel = dsa_kernel  # DSA layers: one of dsa.KERNELS ("mask" = the T x T reference)
         self.aux_losses = []  # training losses that mixers add (DSA's indexer loss)
@@ -111,7 +112,7 @@ class Context:
         there nor a reentrant checkpoint (its forward runs without grad) keeps in the graph."""
         def run(u):
             inner = Context(self.cos, self.sin, self.pos0, self.T, self.block_masks, self.pos_t, self.decode_masks,
-                            self.idx, self.dsa_stage, self.flash, self.dsa_kernel)
+                            self.idx, self.dsa_stage, self.flash, self.dsa_kernel, self.decode_kernel)
             return (block(u, inner), *inner.aux_losses)
         return run
 
@@ -311,6 +312,9 @@ class CausalSelfAttention(nn.Module):
         if ctx.decode_masks is not None:
             if T > 1:  # speculative decoding's verify: a few queries over the whole cache
                 return masked_attention(q, k, v, ctx.decode_masks[self.window])
+            if ctx.decode_kernel == "triton":  # flash-decoding, the visible keys only (nanochat/decode_triton.py)
+                from nanochat.decode_triton import decode_attention
+                return decode_attention(q, k, v, ctx.pos_t, self.window)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_masks[self.window], enable_gqa=gqa)
         if self.window in ctx.block_masks and T == S:
             # GPU training through flex_attention: it skips the masked-out blocks

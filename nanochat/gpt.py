@@ -368,6 +368,7 @@ class GPT(nn.Module):
         self.kernel = "current"  # attention kernel, one of attention.KERNELS (set by the training script)
         self.dsa_stage = "sparse"  # DSA layers: "warmup" = dense attention, only the indexer trains (base_train)
         self.dsa_kernel = "auto"  # DSA layers: one of dsa.KERNELS, "auto" = the T x T reference below dsa.LONG_T
+        self.decode_kernel = "sdpa"  # decode_step's attention: "sdpa" (a mask) or "triton" (decode_triton.py, CUDA)
         self.gradient_checkpointing = False  # recompute each block in backward (set by the training script)
         self.checkpoint_block = None  # (block, x, ctx) -> y: another checkpoint than torch's (nanochat/tpu.py on XLA)
         self.flash = None  # (q, k, v) -> y: causal attention for full-context layers (nanochat/tpu.py on XLA)
@@ -668,7 +669,8 @@ class GPT(nn.Module):
             cos, sin = self.cos[0, pos], self.sin[0, pos]  # (B, 1, 1, D/2)
         else:
             cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)
-        return Context(cos, sin, None, T, {}, pos_t=pos_t, decode_masks=decode_masks(windows, max_len, pos), idx=idx)
+        return Context(cos, sin, None, T, {}, pos_t=pos_t, decode_masks=decode_masks(windows, max_len, pos), idx=idx,
+                       decode_kernel=self.decode_kernel)
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, scalar_lr=0.5,
                          weight_decay=0.0, adam_weight_decay=0.0, adam_betas=(0.8, 0.95), adam_per_group=False,

@@ -45,6 +45,9 @@ parser.add_argument("--compile_mode", default="", help="torch.compile mode of th
                     "max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; long compile)")
 parser.add_argument("--stack_qkv", type=int, default=0,
                     help="1: each attention layer's q, k, v projections as one matmul (GPT.stack_projections)")
+parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
+                    help="attention of a decode step: SDPA over the whole cache with a mask, or nanochat/decode_triton.py "
+                         "(flash-decoding over the visible keys; CUDA)")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
@@ -56,6 +59,8 @@ parser.add_argument("--peak_bandwidth", type=float, default=None,
 args = parser.parse_args()
 
 device_type = autodetect_device_type(args.device_type)
+if args.decode_kernel == "triton" and device_type != "cuda":
+    parser.error("--decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
 _, _, _, _, device = compute_init(device_type)
 dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
 hybrid = dict(mamba_pattern=args.mamba_pattern, mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
@@ -80,6 +85,7 @@ else:
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 if args.stack_qkv:
     model.stack_projections()
+model.decode_kernel = args.decode_kernel
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 engine.compile_mode = args.compile_mode or None
@@ -106,8 +112,11 @@ for B, speculative in runs:
         t_end = time.time()
     decode_steps = n - 1  # speculative: tokens after the first, in fewer (longer) forwards
     step_s = (t_end - t_first) / max(decode_steps, 1)
-    # attention reads its whole static KV cache; a Mamba-3 layer reads and writes its fp32 state
-    cache_bytes = sum(2 * B * config.n_kv_head * max_len * head_dim * elt if s.mixer == "attn" else
+    # attention reads its whole static KV cache (SDPA with a mask), or only the keys each step
+    # sees (the Triton kernel: on average the mean position + 1, at most the window); a Mamba-3
+    # layer reads and writes its fp32 state
+    seen = lambda w: max_len if args.decode_kernel == "sdpa" else min(w, (len(prompt) + 1 + max_len) / 2)
+    cache_bytes = sum(2 * B * config.n_kv_head * seen(s.window) * head_dim * elt if s.mixer == "attn" else
                       2 * 4 * B * sum(t.numel() for t in (c.phi, c.state, c.k_prev, c.x_prev))
                       for s, c in zip(model.plan, model.init_cache(1, 1, "meta").layers))
     bw = (weight_bytes + cache_bytes) / step_s
@@ -131,6 +140,6 @@ for r in rows:
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "peak_bandwidth": peak_bandwidth, "results": rows,
+                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

@@ -238,6 +238,36 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
 
 
+def test_triton_decode_attention_matches_sdpa_on_cuda():
+    """nanochat/decode_triton.py compiled: against SDPA with decode_masks' mask in bf16 (d12's
+    head dim, GQA, per-row positions with a window, and one shared position), and a CUDA-graph
+    engine with it decodes full recomputation's greedy tokens (fp32 model: IEEE dots)."""
+    import torch.nn.functional as F
+    from nanochat.attention import decode_masks
+    from nanochat.decode_triton import decode_attention
+    from nanochat.engine import Engine, naive_generate
+    from nanochat.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    for B, H, Hkv, S, pos, window in [(128, 6, 6, 2048, torch.randint(0, 2048, (128,)), 10 ** 6),
+                                      (3, 8, 2, 1000, torch.tensor([0, 500, 999]), 256), (1, 6, 6, 2048, torch.tensor(1791), 10 ** 6)]:
+        q = torch.randn(B, H, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, S, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        pos = pos.cuda()
+        mask = decode_masks({window}, S, pos.view(-1, 1) if pos.dim() else pos.view(1))[window]
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).float()
+        got = decode_attention(q, k, v, pos, window).float()
+        assert (got - want).norm() / want.norm() < 1e-2, (B, H, Hkv, S)
+    _, gpu = model_pair("SSSL", recipe=True)
+    gpu.eval()
+    gpu.decode_kernel = "triton"
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    engine = Engine(gpu, tok, use_tools=False)
+    engine.stop_tokens = set()
+    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    out, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=24, temperature=0.0)
+    assert all(row == naive_generate(gpu, prompt, 24) for row in out)
+
+
 @pytest.mark.parametrize("recipe,slots", [(False, 4), ("hybrid", 4), ("memory", 4), ("dsa", 4), (False, 32),
                                           ("hybrid", 32)])
 def test_batcher_cuda_graph_equals_full_recompute(recipe, slots):

@@ -1,0 +1,116 @@
+"""
+Attention of one decode step over the static KV cache (GPT.decode_step) as two Triton kernels,
+after Flash-Decoding (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context
+inference"): the cache's keys are split into segments; a program takes one (row, key/value
+head, segment), scores the head's G = n_head / n_kv_head queries against the segment's
+visible keys and keeps an online softmax (Milakov & Gimelshein 2018):
+
+    m = max_s x_s,  l = sum_s exp(x_s - m),  a = sum_s exp(x_s - m) v_s     x_s = q . k_s / sqrt(D)
+
+then a second kernel merges the segments: out = sum_j e^(m_j - M) a_j / sum_j e^(m_j - M) l_j,
+M = max_j m_j. What a key may be seen by is computed in the kernel from the row's position p
+(device-side, so one CUDA graph serves every step): keys max(0, p - window + 1) .. p, which is
+what decode_masks' boolean mask says to SDPA. A program reads only the visible part of its
+segment, so a row at position p reads p + 1 keys of the cache, not all max_len (SDPA with a
+mask reads them all), and windowed layers read at most `window`.
+
+Same inputs as SDPA with enable_gqa (query head h uses key/value head h // G); bf16 scores
+accumulate in fp32 and the probabilities are rounded to v's dtype for the second product, as
+flash attention does; fp32 inputs get IEEE fp32 dots (not TF32). Runs on the CPU under TRITON_INTERPRET=1 (tests/test_decode_triton.py).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+BS = 64  # keys a step (K and V tiles of 64 x head_dim)
+_SMS = {}  # device -> streaming multiprocessors
+
+
+@triton.jit
+def _segment(Q, K, V, POS, M, L, ACC, window, scale, H, Hkv, G,
+             sqb, sqh, skb, skh, sks, svb, svh, svs,
+             PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
+             PRECISION: tl.constexpr):
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    b, hk = pid // Hkv, pid % Hkv
+    if PER_ROW:
+        pos = tl.load(POS + b).to(tl.int32)
+    else:
+        pos = tl.load(POS).to(tl.int32)
+    s0 = tl.maximum(seg * SEG, pos - window + 1)  # this program's visible keys: s0 .. s1 - 1
+    s1 = tl.minimum(seg * SEG + SEG, pos + 1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    heads = hk * G + g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    m = tl.full((GP,), -1e30, tl.float32)  # finite: a segment with nothing visible gives l = 0, not NaN
+    l = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for i in tl.range(0, SEG // BS):
+        cols = seg * SEG + i * BS + tl.arange(0, BS)
+        if (seg * SEG + i * BS < s1) & (seg * SEG + i * BS + BS > s0):  # else no visible key in the tile
+            seen = (cols >= s0) & (cols < s1)
+            k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0)
+            x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            x = tl.where(seen[None, :], x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            p = tl.exp(x - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(V + b * svb + hk * svh + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+    out = (b * H + heads) * tl.num_programs(1) + seg
+    tl.store(M + out, m, mask=g < G)
+    tl.store(L + out, l, mask=g < G)
+    tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
+
+
+@triton.jit
+def _merge(M, L, ACC, OUT, NSEG, NP: tl.constexpr, D: tl.constexpr):
+    bh = tl.program_id(0)
+    j = tl.arange(0, NP)
+    d = tl.arange(0, D)
+    m = tl.load(M + bh * NSEG + j, mask=j < NSEG, other=-1e30)
+    w = tl.exp(m - tl.max(m, 0))
+    w = tl.where(j < NSEG, w, 0.0)
+    l = tl.sum(w * tl.load(L + bh * NSEG + j, mask=j < NSEG, other=0.0), 0)
+    a = tl.load(ACC + (bh * NSEG + j)[:, None] * D + d[None, :], mask=(j < NSEG)[:, None], other=0.0)
+    tl.store(OUT + bh * D + d, (tl.sum(w[:, None] * a, 0) / l).to(OUT.dtype.element_ty))
+
+
+def segments(programs, S, device):
+    """How many segments to split S keys into: enough programs to fill the GPU twice over
+    (a batch-1 step has only n_kv_head (row, head) pairs), at least BS keys each."""
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(S, BS), triton.cdiv(2 * _SMS[device], programs)))
+
+
+def decode_attention(q, k, v, pos, window):
+    """softmax(q kᵀ / sqrt(D)) v of one query per row, q (B, H, 1, D), over the cache k, v
+    (B, Hkv, S, D) where row b sees keys max(0, p_b - window + 1) .. p_b: pos (B,) each row's
+    position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype."""
+    B, H, T, D = q.shape
+    Hkv, S = k.size(1), k.size(2)
+    if T != 1 or H % Hkv or D & (D - 1) or D < 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError(f"decode_attention: one query per row and a power-of-two head dim >= 16 (q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)})")
+    G = H // Hkv
+    nseg = segments(B * Hkv, S, q.device)
+    seg = triton.cdiv(triton.cdiv(S, nseg), BS) * BS
+    nseg = triton.cdiv(S, seg)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    m, l, acc = torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, D, **f32)
+    q3 = q[:, :, 0]
+    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, min(window, S + 1), 1 / math.sqrt(D), H, Hkv, G,
+                              q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
+                              v.stride(0), v.stride(1), v.stride(2), PER_ROW=pos.dim() == 1,
+                              GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, num_warps=4,
+                              PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # (fp32: as SDPA, no TF32)
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    _merge[(B * H,)](m, l, acc, out, nseg, NP=triton.next_power_of_2(nseg), D=D, num_warps=4)
+    return out

@@ -1,0 +1,75 @@
+"""nanochat/decode_triton.py against SDPA with decode_masks' boolean mask (Triton's interpreter
+on the CPU, conftest sets TRITON_INTERPRET; tests/test_gpu.py runs it compiled)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.attention import decode_masks
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors: the interpreter runs without a GPU")
+
+
+def reference(q, k, v, pos, window):
+    mask = decode_masks({window}, k.size(2), pos.view(-1, 1) if pos.dim() == 1 else pos.view(1))[window]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("B,H,Hkv,S,D,pos,window", [
+    (3, 4, 2, 200, 16, [0, 57, 199], 10 ** 6),   # per-row positions: the first sees one key; several segments
+    (2, 6, 6, 130, 32, 129, 50),                 # one position for all rows, a window, G = 1
+    (1, 3, 1, 100, 16, 70, 4),                   # G = 3 (padded to 16 rows), a window of 4
+    (2, 2, 2, 300, 16, [299, 150], 64),          # a window that starts mid-segment
+])
+def test_decode_attention_equals_sdpa_with_the_mask(B, H, Hkv, S, D, pos, window):
+    from nanochat.decode_triton import decode_attention, segments
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    pos = torch.tensor(pos)
+    assert segments(B * Hkv, S, q.device) > 1  # the merge of several segments is exercised
+    got = decode_attention(q, k, v, pos, window)
+    torch.testing.assert_close(got, reference(q, k, v, pos, window), rtol=1e-5, atol=1e-5)
+    # keys outside each row's view do not matter: garbage there changes nothing
+    p = pos.view(-1, 1, 1) if pos.dim() else pos
+    outside = (torch.arange(S).view(1, 1, S) > p) | (p - torch.arange(S).view(1, 1, S) >= window)
+    k2 = torch.where(outside.unsqueeze(-1), torch.full_like(k, 1e4), k)
+    v2 = torch.where(outside.unsqueeze(-1), torch.full_like(v, float("nan")), v)
+    torch.testing.assert_close(decode_attention(q, k2, v2, pos, window), got, rtol=0, atol=0)
+
+
+def test_decode_attention_refuses_what_it_cannot_do():
+    from nanochat.decode_triton import decode_attention
+    with pytest.raises(ValueError, match="one query per row"):
+        decode_attention(torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.tensor(3), 8)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        decode_attention(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), torch.tensor(3), 8)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_decode_steps_with_the_kernel_equal_sdpa(per_row):
+    """GPT.decode_kernel = "triton": teacher-forced decode steps of a windowed GQA model (the
+    quality recipe's value embeddings too) give SDPA's logits, at one shared position and at
+    each row's own (continuous batching)."""
+    from nanochat.gpt import GPTConfig, build_model
+    cfg = GPTConfig(sequence_len=96, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL",
+                    value_embeds=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():  # (the output projections start at zero: attention must matter here)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    idx = torch.randint(0, 300, (2, 90))
+    runs = []
+    for kernel in ("sdpa", "triton"):
+        model.decode_kernel = kernel
+        with torch.inference_mode():
+            cache = model.init_cache(2, 96)
+            model(idx[:, :70], cache=cache)
+            steps = []
+            for t in range(70, 90):
+                pos = torch.tensor([t, t]) if per_row else torch.tensor(t)
+                steps.append(model.decode_step(idx[:, t:t + 1], cache, pos))
+        runs.append(torch.stack(steps))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
+    assert runs[0].std() > 0.1  # (a model whose attention says something)
