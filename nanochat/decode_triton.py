@@ -96,17 +96,27 @@ def decode_attention(q, k, v, pos, window):
     position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype."""
     B, H, T, D = q.shape
     Hkv, S = k.size(1), k.size(2)
-    if T != 1 or H % Hkv or D & (D - 1) or D < 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    if T != 1 or H % Hkv or D & (D - 1) or D < 16:
         raise ValueError(f"decode_attention: one query per row and a power-of-two head dim >= 16 (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)})")
+    return _decode_attention(q, k, v, pos, min(window, S + 1))
+
+
+# One op for torch.compile (the decode step is compiled): opaque, no graph break, no tracing
+# of the launch code; a CUDA graph captures its two kernels like any other.
+@torch.library.custom_op("nanochat::decode_attention", mutates_args=())
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+    B, H, _, D = q.shape
+    Hkv, S = k.size(1), k.size(2)
     G = H // Hkv
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     nseg = segments(B * Hkv, S, q.device)
     seg = triton.cdiv(triton.cdiv(S, nseg), BS) * BS
     nseg = triton.cdiv(S, seg)
     f32 = dict(device=q.device, dtype=torch.float32)
     m, l, acc = torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, D, **f32)
     q3 = q[:, :, 0]
-    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, min(window, S + 1), 1 / math.sqrt(D), H, Hkv, G,
+    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, window, 1 / math.sqrt(D), H, Hkv, G,
                               q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
                               v.stride(0), v.stride(1), v.stride(2), PER_ROW=pos.dim() == 1,
                               GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, num_warps=4,
@@ -114,3 +124,8 @@ def decode_attention(q, k, v, pos, window):
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     _merge[(B * H,)](m, l, acc, out, nseg, NP=triton.next_power_of_2(nseg), D=D, num_warps=4)
     return out
+
+
+@_decode_attention.register_fake
+def _(q, k, v, pos, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

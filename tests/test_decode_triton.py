@@ -73,3 +73,24 @@ def test_decode_steps_with_the_kernel_equal_sdpa(per_row):
         runs.append(torch.stack(steps))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
     assert runs[0].std() > 0.1  # (a model whose attention says something)
+
+
+def test_the_kernel_is_one_op_to_torch_compile():
+    """The decode step compiles with the kernel as one opaque op: no graph break (which would
+    split the compiled step into more kernels), the eager step's logits."""
+    from torch._dynamo.utils import counters
+    from nanochat.gpt import GPTConfig, build_model
+    cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu").eval()
+    model.decode_kernel = "triton"
+    idx = torch.randint(0, 300, (1, 41))
+    with torch.inference_mode():
+        cache = model.init_cache(1, 64)
+        model(idx[:, :40], cache=cache)
+        want = model.decode_step(idx[:, 40:], cache, torch.tensor(40))
+        torch._dynamo.reset()
+        counters.clear()
+        got = torch.compile(model.decode_step, backend="aot_eager", dynamic=False)(idx[:, 40:], cache, torch.tensor(40))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(got, want)
