@@ -53,6 +53,9 @@ parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
 parser.add_argument("--model_tag", default="", help="benchmark this base checkpoint (trained weights) instead of random ones")
 parser.add_argument("--data_dir", default=None, help="with --model_tag: the prompt is text from this directory's validation shard")
+parser.add_argument("--profile", type=int, default=0,
+                    help="N > 0: also profile 16 decode steps at each batch size (CUDA graphs replayed) and print "
+                         "the N longest GPU kernels and the kernels a step")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=None,
                     help="bytes/s of device memory (default: from the GPU's name, common.PEAKS; H200 4.8e12)")
@@ -129,6 +132,22 @@ for B, speculative in runs:
         s = engine.spec_stats
         rows[-1].update(acceptance=round(s["accepted"] / max(s["drafted"], 1), 3), bytes_per_step_mb=None,
                         bandwidth_util_percent=None)
+
+if args.profile:  # where a decode step's time goes: its kernels (a graph replay shows each of them)
+    from torch.profiler import ProfilerActivity, profile
+    for B, speculative in runs:
+        gen = engine.generate(prompt, num_samples=B, max_tokens=17, temperature=0.0, speculative=speculative)
+        next(gen)  # the prefill, outside the profile
+        synchronize(device_type)
+        with profile(activities=[ProfilerActivity.CUDA if device_type == "cuda" else ProfilerActivity.CPU]) as prof:
+            n = sum(1 for _ in gen)
+            synchronize(device_type)
+        if device_type == "cuda":
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            print(f"batch {B}{' speculative' if speculative else ''}: {sum(e.count for e in events) / max(n, 1):.0f} "
+                  f"GPU kernels a step, {sum(e.device_time_total for e in events) / max(n, 1):.0f} us of GPU time a step")
+        sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
 
 print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8}")
 for r in rows:
