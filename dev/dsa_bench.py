@@ -8,6 +8,8 @@ Prints one JSON line per case. GPU only.
     python dev/dsa_bench.py --seq_len=16384 --depth=12
     python dev/dsa_bench.py --only=dsa_select --precision=highest   # the selection with IEEE fp32 dots
 
+    python dev/dsa_bench.py --model_tag=d12 --data_dir=DIR --only=trained   # a trained indexer's choices
+
 Cases:
   dense            CausalSelfAttention layer: projections + causal SDPA
   dsa_layer        SparseAttention layer in training (indexer keys and queries, chunked
@@ -20,9 +22,14 @@ Cases:
   flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
                    per query, against sdpa_causal: "local" (the k most recent keys), "spread"
                    (k random visible keys), "blocks" (k / 128 random key blocks per query block)
+  trained_*        with --model_tag: the checkpoint's first DSA layer on real text (its input
+                   from the model's own forward): trained_choices (where its chosen keys lie:
+                   the share among each query's 2048 most recent keys and among the first 128,
+                   and the blocks flex computes), trained_select, trained_flex (flex_attention
+                   alone on that selection; trained_sdpa_causal: dense at the same shapes),
+                   trained_layer (the layer's forward + backward)
 "blocks" is the fraction of 128 x 128 blocks computed, relative to causal attention's.
-What a trained indexer chooses lies between local and spread: time dsa_layer on a trained
-checkpoint's selection to know (not done yet).
+What a trained indexer chooses lies between local and spread: the trained_* cases say where.
 """
 
 import argparse
@@ -47,6 +54,9 @@ parser.add_argument("--precision", default="high", choices=["high", "highest"],
                     help="torch.set_float32_matmul_precision: 'high' (TF32, what training sets in common.compute_init) "
                          "or 'highest' (IEEE fp32: the indexer's scores, in cuBLAS or the Triton kernel)")
 parser.add_argument("--only", default="", help="comma-separated case-name prefixes to run (default: all)")
+parser.add_argument("--model_tag", default="", help="also the trained_* cases: this base checkpoint's first DSA layer "
+                    "(its trained indexer) on --seq_len tokens of real text (e.g. --only=trained)")
+parser.add_argument("--data_dir", default=None, help="with --model_tag: the text of this directory's validation shard")
 args = parser.parse_args()
 assert torch.cuda.is_available(), "dsa_bench needs a CUDA GPU"
 torch.set_float32_matmul_precision(args.precision)
@@ -172,3 +182,57 @@ for name in ("local", "spread", "blocks"):
     used = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item() / causal_blocks
     report(f"flex_{name}", lambda bm=bm: flex(q, kk, v, block_mask=bm).sum().backward(), blocks=round(used, 3))
     del bits, bm
+
+
+if args.model_tag:  # a trained indexer's choices on real text
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.dataset import list_parquet_files, parquets_iter_batched, split_files
+    model, tokenizer, _ = load_model("base", torch.device("cuda"), model_tag=args.model_tag)
+    layer = next(i for i, b in enumerate(model.blocks) if isinstance(b.mixer, SparseAttention))
+    split_files(list_parquet_files(args.data_dir), "val")  # a clear error without shards
+    ids = []
+    for batch in parquets_iter_batched("val", args.data_dir):
+        for doc in batch:
+            ids += tokenizer.encode(doc, prepend="<|bos|>")
+        if len(ids) >= T:
+            break
+    if len(ids) < T:
+        raise SystemExit(f"--data_dir {args.data_dir}: its validation shard has {len(ids)} tokens, fewer than {T}")
+    seen = {}
+    mixer = model.blocks[layer].mixer
+    hook = mixer.register_forward_pre_hook(lambda m, a: seen.setdefault("x", (a[0].detach(), a[1])))
+    with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        model.eval()(torch.tensor([ids[:T]], device="cuda"))
+    hook.remove()
+    xt, mctx = seen["x"]
+    with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        ctx = Context(mctx.cos, mctx.sin, 0, T, {}, idx=mctx.idx)
+        tq, tw = mixer.indexer.queries(xt, ctx)
+        tk = mixer.indexer.keys(xt, ctx)
+    bits = mixer.select_packed(tq, tw, tk)
+    t = torch.arange(max(0, T - 4096), T, 64, device="cuda")[:, None]  # 64 query rows near the end
+    chosen_rows = dsa_module.unpack_bits(bits[0, t[:, 0]], T)
+    kpos = torch.arange(T, device="cuda")[None]
+    k_ = mixer.top_k
+    bm = block_mask_of(bits, T)
+    used = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item() / causal_blocks
+    if wanted("trained_choices"):
+        print(json.dumps({"case": "trained_choices", "model_tag": args.model_tag, "layer": layer, "T": T, "top_k": k_,
+                          "recent_share": round((chosen_rows & (t - kpos < k_)).sum().item() / chosen_rows.sum().item(), 3),
+                          "first_128_share": round((chosen_rows & (kpos < 128)).sum().item() / chosen_rows.sum().item(), 3),
+                          "blocks": round(used, 3)}), flush=True)
+    Hm, Dm = model.config.n_head, model.config.n_embd // model.config.n_head  # the checkpoint's shapes
+    report("trained_select", lambda: mixer.select_packed(tq, tw, tk), H=Hm, D=Dm)
+    q2, k2, v2 = (torch.randn(1, Hm, T, Dm, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    report("trained_flex", lambda: flex(q2, k2, v2, block_mask=bm).sum().backward(), blocks=round(used, 3), H=Hm, D=Dm)
+    report("trained_sdpa_causal", lambda: F.scaled_dot_product_attention(q2, k2, v2, is_causal=True).sum().backward(),
+           H=Hm, D=Dm)
+    compiled_layer = torch.compile(mixer.train(), dynamic=False)
+    xg = xt.clone().requires_grad_()
+
+    def trained_step():
+        c = Context(mctx.cos, mctx.sin, 0, T, {}, idx=mctx.idx, dsa_kernel="flex")
+        with torch.amp.autocast("cuda", dtype=torch.bfloat16):
+            loss = compiled_layer(xg, c).float().square().mean() + sum(c.aux_losses)
+        loss.backward()
+    report("trained_layer", trained_step, H=Hm, D=Dm)
