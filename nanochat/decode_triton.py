@@ -16,7 +16,8 @@ mask reads them all), and windowed layers read at most `window`.
 
 Same inputs as SDPA with enable_gqa (query head h uses key/value head h // G); bf16 scores
 accumulate in fp32 and the probabilities are rounded to v's dtype for the second product, as
-flash attention does; fp32 inputs get IEEE fp32 dots (not TF32). Runs on the CPU under TRITON_INTERPRET=1 (tests/test_decode_triton.py).
+flash attention does; fp32 inputs get IEEE fp32 dots (not TF32). Runs on the CPU under
+TRITON_INTERPRET=1 (tests/test_decode_triton.py).
 """
 
 import math
