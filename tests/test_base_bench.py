@@ -67,3 +67,14 @@ def test_long_context_bench_runs_dense_and_dsa(tmp_path):
         assert r["tok_per_sec"] > 0
     assert dsa["params"] > dense["params"]  # the indexer's weights
     assert (tmp_path / "long_context_bench.txt").read_text().strip().splitlines() == lines
+
+
+def test_long_context_bench_says_when_a_run_times_out(tmp_path):
+    """A run past RUN_TIMEOUT gets a line that says so (killed by an outer timeout, it printed
+    nothing at all: twice on the H200, 2026-12-01)."""
+    env = dict(os.environ, OUT=str(tmp_path), DEPTH="2", SEQS="128", MODES="dense", CKPT="1", TOKENS="256",
+               STEPS="1", RUN_TIMEOUT="1", EXTRA="--device_type=cpu --compile=0 --vocab_size=512")
+    out = subprocess.run(["bash", "dev/long_context_bench.sh"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "d2-T128-dense-ckpt1 timed out after 1 s (RUN_TIMEOUT)"
