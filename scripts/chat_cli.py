@@ -41,6 +41,9 @@ parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weigh
                     "not fp32 cast by autocast at every step (docs/serving.md)")
 parser.add_argument("--stack_qkv", type=int, default=0, help="1: each attention layer's q, k, v projections as "
                     "one matmul when decoding (GPT.stack_projections; fewer kernels a step; docs/engine.md)")
+parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
+                    help="attention of a decode step: SDPA with a mask, or flash-decoding over the visible keys "
+                         "(nanochat/decode_triton.py, CUDA; docs/engine.md)")
 parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
                     "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, after a longer compile: autotuning; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
@@ -67,6 +70,9 @@ if args.bf16_linears:  # every forward below runs under autocast, as linears_to 
     model.linears_to(compute_dtype(device_type))
 if args.stack_qkv:
     model.stack_projections()
+if args.decode_kernel == "triton" and device_type != "cuda":
+    raise SystemExit("--decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
+model.decode_kernel = args.decode_kernel
 engine = Engine(model, tokenizer, speculative=bool(args.speculative))
 engine.compile_mode = args.compile_mode
 context = model.config.sequence_len

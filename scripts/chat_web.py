@@ -220,8 +220,9 @@ class StopScanner:
 
 class Worker:
     def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0, bf16_linears=False,
-                 compile_mode=None, stack_qkv=False):
+                 compile_mode=None, stack_qkv=False, decode_kernel="sdpa"):
         self.index, self.model, self.tokenizer = index, model, tokenizer
+        model.decode_kernel = decode_kernel
         if bf16_linears:  # every request runs under autocast (self.autocast, the batcher's), as linears_to needs
             model.linears_to(compute_dtype(device_type))
         if stack_qkv:
@@ -606,11 +607,13 @@ def sse(obj):
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
                max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0,
-               bf16_linears=False, compile_mode=None, stack_qkv=False):
+               bf16_linears=False, compile_mode=None, stack_qkv=False, decode_kernel="sdpa"):
     if batch_slots and batch_slots < MAX_CHOICES:
         raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
                          "one request may ask for")
     device_type = autodetect_device_type(device_type)
+    if decode_kernel == "triton" and device_type != "cuda":
+        raise ValueError("decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
     clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
 
@@ -619,7 +622,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         device = torch.device(f"cuda:{i}") if device_type == "cuda" else torch.device(device_type)
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         workers.append(Worker(i, model, tokenizer, device_type, speculative, batch_slots, bf16_linears, compile_mode,
-                              stack_qkv))
+                              stack_qkv, decode_kernel))
         logger.info(f"worker {i}: {source}/{meta['model_tag']} step {meta['step']} on {device}")
     state["tokenizer"], state["model_id"] = tokenizer, f"nanochat-{source}-{meta['model_tag']}"
     app = FastAPI(title="nanochat", description="nanochat: chat UI and OpenAI-compatible API")
@@ -810,6 +813,9 @@ if __name__ == "__main__":
     parser.add_argument("--stack_qkv", type=int, default=0,
                         help="1: each attention layer's q, k, v projections as one matmul when decoding "
                              "(GPT.stack_projections: fewer kernels a step; docs/engine.md)")
+    parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
+                        help="attention of a decode step: SDPA over the whole cache with a mask, or flash-decoding "
+                             "over each row's visible keys (nanochat/decode_triton.py, CUDA; docs/engine.md)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()
@@ -823,7 +829,7 @@ if __name__ == "__main__":
         app = create_app(args.source, args.model_tag, args.step, args.num_gpus, args.device_type, args.api_key,
                          speculative=bool(args.speculative), batch_slots=args.batch_slots,
                          bf16_linears=bool(args.bf16_linears), compile_mode=args.compile_mode,
-                         stack_qkv=bool(args.stack_qkv))
+                         stack_qkv=bool(args.stack_qkv), decode_kernel=args.decode_kernel)
     except FileNotFoundError as e:
         raise SystemExit(f"{e}\nNo {args.source} model to serve: train that stage first (see README).") from None
     except ValueError as e:

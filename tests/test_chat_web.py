@@ -627,6 +627,11 @@ def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, token
         s.stop()
 
 
+def test_the_triton_decode_kernel_is_refused_without_cuda(base_dir):
+    with pytest.raises(ValueError, match="CUDA GPUs only"):
+        LiveServer(base_dir, decode_kernel="triton")
+
+
 def test_batch_slots_below_the_most_answers_is_refused(base_dir):
     with pytest.raises(ValueError, match="at least 8"):
         LiveServer(base_dir, batch_slots=4)
@@ -644,6 +649,7 @@ def test_bf16_linears_stack_qkv_and_compile_mode_reach_every_worker(base_dir, mo
     try:
         assert cast == [torch.float32, torch.float32]  # (compute_dtype("cpu"))
         assert all(w.model.blocks[0].mixer.w_qkv is not None for w in s.app.state.pool.workers)
+        assert all(w.model.decode_kernel == "sdpa" for w in s.app.state.pool.workers)
         assert [w.engine.compile_mode for w in s.app.state.pool.workers] == ["max-autotune-no-cudagraphs"] * 2
         r = post(s.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
