@@ -8,7 +8,7 @@ visible keys and keeps an online softmax (Milakov & Gimelshein 2018):
     m = max_s x_s,  l = sum_s exp(x_s - m),  a = sum_s exp(x_s - m) v_s     x_s = q . k_s / sqrt(D)
 
 then a second kernel merges the segments: out = sum_j e^(m_j - M) a_j / sum_j e^(m_j - M) l_j,
-M = max_j m_j. What a key may be seen by is computed in the kernel from the row's position p
+M = max_j m_j (with one segment, when the rows alone fill the GPU, the first writes a / l). What a key may be seen by is computed in the kernel from the row's position p
 (device-side, so one CUDA graph serves every step): keys max(0, p - window + 1) .. p, which is
 what decode_masks' boolean mask says to SDPA. A program reads only the visible part of its
 segment, so a row at position p reads p + 1 keys of the cache, not all max_len (SDPA with a
@@ -31,10 +31,10 @@ _SMS = {}  # device -> streaming multiprocessors
 
 
 @triton.jit
-def _segment(Q, K, V, POS, M, L, ACC, window, scale, H, Hkv, G,
+def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
              sqb, sqh, skb, skh, sks, svb, svh, svs,
              PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, ONE: tl.constexpr):
     pid, seg = tl.program_id(0), tl.program_id(1)
     b, hk = pid // Hkv, pid % Hkv
     if PER_ROW:
@@ -64,6 +64,10 @@ def _segment(Q, K, V, POS, M, L, ACC, window, scale, H, Hkv, G,
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, 1)
             m = m_new
+    if ONE:  # one segment (enough rows to fill the GPU): the output directly, no merge
+        tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], (acc / l[:, None]).to(OUT.dtype.element_ty),
+                 mask=(g < G)[:, None])
+        return
     out = (b * H + heads) * tl.num_programs(1) + seg
     tl.store(M + out, m, mask=g < G)
     tl.store(L + out, l, mask=g < G)
@@ -115,15 +119,18 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     seg = triton.cdiv(triton.cdiv(S, nseg), BS) * BS
     nseg = triton.cdiv(S, seg)
     f32 = dict(device=q.device, dtype=torch.float32)
-    m, l, acc = torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, **f32), torch.empty(B * H * nseg, D, **f32)
+    scratch = B * H * nseg if nseg > 1 else 0
+    m, l, acc = torch.empty(scratch, **f32), torch.empty(scratch, **f32), torch.empty(scratch, D, **f32)
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     q3 = q[:, :, 0]
-    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, window, 1 / math.sqrt(D), H, Hkv, G,
+    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, out, window, 1 / math.sqrt(D), H, Hkv, G,
                               q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
                               v.stride(0), v.stride(1), v.stride(2), PER_ROW=pos.dim() == 1,
                               GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, num_warps=4,
-                              PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # (fp32: as SDPA, no TF32)
-    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
-    _merge[(B * H,)](m, l, acc, out, nseg, NP=triton.next_power_of_2(nseg), D=D, num_warps=4)
+                              PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # (fp32: as SDPA, no TF32)
+                              ONE=nseg == 1)
+    if nseg > 1:
+        _merge[(B * H,)](m, l, acc, out, nseg, NP=triton.next_power_of_2(nseg), D=D, num_warps=4)
     return out
 
 
