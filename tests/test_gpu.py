@@ -268,18 +268,21 @@ def test_triton_decode_attention_matches_sdpa_on_cuda():
     assert all(row == naive_generate(gpu, prompt, 24) for row in out)
 
 
-@pytest.mark.parametrize("recipe,slots", [(False, 4), ("hybrid", 4), ("memory", 4), ("dsa", 4), (False, 32),
-                                          ("hybrid", 32)])
-def test_batcher_cuda_graph_equals_full_recompute(recipe, slots):
+@pytest.mark.parametrize("recipe,slots,decode_kernel", [(False, 4, "sdpa"), ("hybrid", 4, "sdpa"), ("memory", 4, "sdpa"),
+                                                        ("dsa", 4, "sdpa"), (False, 32, "sdpa"), ("hybrid", 32, "sdpa"),
+                                                        (True, 32, "triton")])
+def test_batcher_cuda_graph_equals_full_recompute(recipe, slots, decode_kernel):
     """Continuous batching on the GPU: requests of different lengths decoded together in one
     captured graph, each row at its own position, give greedy full recomputation's tokens.
-    With 32 slots: graphs of 8 and 32 rows, ten requests (rows above 8 used for a while)."""
+    With 32 slots: graphs of 8 and 32 rows, ten requests (rows above 8 used for a while).
+    decode_kernel "triton": nanochat/decode_triton.py reads each row's position in the graph."""
     import threading
     from nanochat.batching import Batcher
     from nanochat.engine import Engine, naive_generate
     from nanochat.tokenizer import Tokenizer
     _, gpu = model_pair("SSSL", recipe=recipe)
     gpu.eval()
+    gpu.decode_kernel = decode_kernel
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     engine = Engine(gpu, tok, use_tools=False)
     engine.stop_tokens = set()
