@@ -46,8 +46,6 @@ parser.add_argument("--prefill_rows", type=int, default=0,
                     help="first, time prefills of 1..N prompts, each row count first seen and again (0: skip)")
 args = parser.parse_args()
 device = torch.device(args.device_type or autodetect_device_type())
-if args.decode_kernel == "triton" and device.type != "cuda":
-    parser.error("--decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
 
 tok = get_tokenizer()
 C = args.depth * 64
@@ -63,7 +61,10 @@ if args.bf16_linears:
     model.linears_to(compute_dtype(device.type))
 if args.stack_qkv:
     model.stack_projections()
-model.decode_kernel = args.decode_kernel
+try:
+    model.set_decode_kernel(args.decode_kernel)
+except ValueError as e:
+    parser.error(f"--{e}")
 engine = Engine(model, tok, use_tools=False)
 engine.stop_tokens = set()  # a random model draws special tokens too: every answer runs to max_tokens
 batcher = Batcher(engine, args.slots, autocast=lambda: autocast_for(device.type))

@@ -110,7 +110,7 @@ class Context:
         aux_losses list is its own: a checkpointed block returns its losses (DSA's indexer
         loss) instead of appending to a list outside it, which neither torch.compile traces
         there nor a reentrant checkpoint (its forward runs without grad) keeps in the graph."""
-        def run(u):
+        def run(u):  # (a new Context, not copy.copy: torch.compile breaks the graph at copy.copy)
             inner = Context(self.cos, self.sin, self.pos0, self.T, self.block_masks, self.pos_t, self.decode_masks,
                             self.idx, self.dsa_stage, self.flash, self.dsa_kernel, self.decode_kernel)
             return (block(u, inner), *inner.aux_losses)

@@ -520,6 +520,16 @@ class GPT(nn.Module):
                 m.stack_projections()
         return self
 
+    def set_decode_kernel(self, kernel):
+        """decode_step's attention from outside (--decode_kernel of engine_bench, batch_bench,
+        chat_cli, chat_web): "sdpa", or "triton" (nanochat/decode_triton.py) on a CUDA GPU."""
+        if kernel not in ("sdpa", "triton"):
+            raise ValueError(f"decode_kernel={kernel}: use sdpa or triton")
+        if kernel == "triton" and self.wte.weight.device.type != "cuda":
+            raise ValueError("decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
+        self.decode_kernel = kernel
+        return self
+
     def init_cache(self, batch_size, max_len, device=None, dtype=None):
         device = torch.device(device or self.wte.weight.device)
         kv_dtype, dtype = dtype, dtype or self.wte.weight.dtype

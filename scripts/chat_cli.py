@@ -70,9 +70,10 @@ if args.bf16_linears:  # every forward below runs under autocast, as linears_to 
     model.linears_to(compute_dtype(device_type))
 if args.stack_qkv:
     model.stack_projections()
-if args.decode_kernel == "triton" and device_type != "cuda":
-    raise SystemExit("--decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
-model.decode_kernel = args.decode_kernel
+try:
+    model.set_decode_kernel(args.decode_kernel)
+except ValueError as e:
+    raise SystemExit(f"--{e}") from None
 engine = Engine(model, tokenizer, speculative=bool(args.speculative))
 engine.compile_mode = args.compile_mode
 context = model.config.sequence_len

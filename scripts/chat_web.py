@@ -222,7 +222,7 @@ class Worker:
     def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0, bf16_linears=False,
                  compile_mode=None, stack_qkv=False, decode_kernel="sdpa"):
         self.index, self.model, self.tokenizer = index, model, tokenizer
-        model.decode_kernel = decode_kernel
+        model.set_decode_kernel(decode_kernel)  # (a ValueError: create_app's caller says what to change)
         if bf16_linears:  # every request runs under autocast (self.autocast, the batcher's), as linears_to needs
             model.linears_to(compute_dtype(device_type))
         if stack_qkv:
@@ -612,8 +612,6 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
                          "one request may ask for")
     device_type = autodetect_device_type(device_type)
-    if decode_kernel == "triton" and device_type != "cuda":
-        raise ValueError("decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
     clean_stale_exec_dirs()  # sandbox dirs of a killed earlier server
     state = {"requests": 0, "started": time.time()}
 

@@ -62,8 +62,6 @@ parser.add_argument("--peak_bandwidth", type=float, default=None,
 args = parser.parse_args()
 
 device_type = autodetect_device_type(args.device_type)
-if args.decode_kernel == "triton" and device_type != "cuda":
-    parser.error("--decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
 _, _, _, _, device = compute_init(device_type)
 dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
 hybrid = dict(mamba_pattern=args.mamba_pattern, mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
@@ -88,7 +86,10 @@ else:
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 if args.stack_qkv:
     model.stack_projections()
-model.decode_kernel = args.decode_kernel
+try:
+    model.set_decode_kernel(args.decode_kernel)
+except ValueError as e:
+    parser.error(f"--{e}")
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 engine.compile_mode = args.compile_mode or None
