@@ -320,19 +320,37 @@ class Engine:
             if adjust:
                 counts = torch.zeros(num_samples, logits.size(-1), device=device)
                 bias = bias_vector(logit_bias, logits.size(-1), device)
+            # one step ahead: the next decode step is launched with the device's copy of the column
+            # before the host reads it, so the GPU is not idle while the host reads the tokens, runs
+            # the rows' tool and stop logic and the caller handles the column (the forced tokens are
+            # known one token early). The last step launched may be for nothing: it writes cache
+            # position `pos`, which a next request overwrites before reading.
+            host = torch.empty(num_samples, dtype=torch.long, pin_memory=device.type == "cuda")
+            read = torch.cuda.Event() if device.type == "cuda" else None
             while True:
                 if adjust:
                     logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
-                sampled = sample_next(logits, rng, temperature, top_k).tolist()
-                column, masks = next_column(rows, sampled, self.stop_tokens, self.use_tools)
-                yield column, masks
+                column = sample_next(logits, rng, temperature, top_k)
+                if any(r.forced for r in rows):
+                    forced = [(i, r.forced[0]) for i, r in enumerate(rows) if r.forced]
+                    at, tok = torch.tensor(forced, device=device).unbind(1)
+                    column = column.index_put((at,), tok)
+                host.copy_(column, non_blocking=True)
+                if read is not None:
+                    read.record()
                 if adjust:
-                    counts[torch.arange(num_samples, device=device), torch.tensor(column, device=device)] += 1
+                    counts[torch.arange(num_samples, device=device), column] += 1
                 produced += 1
-                if all(r.done for r in rows) or (max_tokens is not None and produced >= max_tokens) or pos >= max_len:
+                last = (max_tokens is not None and produced >= max_tokens) or pos >= max_len
+                if not last:
+                    logits = decoder.step(column.view(-1, 1), pos)
+                    pos += 1
+                if read is not None:
+                    read.synchronize()
+                col, masks = next_column(rows, host.tolist(), self.stop_tokens, self.use_tools)
+                yield col, masks
+                if last or all(r.done for r in rows):
                     break
-                logits = decoder.step(torch.tensor(column, device=device).view(-1, 1), pos)
-                pos += 1
         finally:
             if decoder is not None:
                 decoder.busy = False
