@@ -522,12 +522,17 @@ class GPT(nn.Module):
 
     def set_decode_kernel(self, kernel):
         """decode_step's attention from outside (--decode_kernel of engine_bench, batch_bench,
-        chat_cli, chat_web): "sdpa", or "triton" (nanochat/decode_triton.py) on a CUDA GPU."""
-        if kernel not in ("sdpa", "triton"):
-            raise ValueError(f"decode_kernel={kernel}: use sdpa or triton")
-        if kernel == "triton" and self.wte.weight.device.type != "cuda":
-            raise ValueError("decode_kernel=triton runs on CUDA GPUs only (its kernels are Triton's); use sdpa here")
-        self.decode_kernel = kernel
+        chat_cli, chat_web): "sdpa", "triton" (nanochat/decode_triton.py: a CUDA GPU and a
+        power-of-two head dim), or "auto": triton where it runs, else sdpa."""
+        if kernel not in ("sdpa", "triton", "auto"):
+            raise ValueError(f"decode_kernel={kernel}: use auto, sdpa or triton")
+        head_dims = {m.head_dim for m in self.modules() if isinstance(m, CausalSelfAttention)}
+        why = (f"needs a power-of-two head dim >= 16 (this model's: {sorted(head_dims)})"
+               if any(d & (d - 1) or d < 16 for d in head_dims) else
+               "runs on CUDA GPUs only (its kernels are Triton's)" if self.wte.weight.device.type != "cuda" else None)
+        if kernel == "triton" and why:
+            raise ValueError(f"decode_kernel=triton {why}; use sdpa here")
+        self.decode_kernel = "sdpa" if kernel == "sdpa" or (kernel == "auto" and why) else "triton"
         return self
 
     def init_cache(self, batch_size, max_len, device=None, dtype=None):

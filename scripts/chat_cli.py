@@ -39,11 +39,11 @@ parser.add_argument("--speculative", type=int, default=1, help="1: greedy answer
                     "(--mtp) and attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
 parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weights in bf16 on GPUs (GPT.linears_to), "
                     "not fp32 cast by autocast at every step (docs/serving.md)")
-parser.add_argument("--stack_qkv", type=int, default=0, help="1: each attention layer's q, k, v projections as "
-                    "one matmul when decoding (GPT.stack_projections; fewer kernels a step; docs/engine.md)")
-parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
-                    help="attention of a decode step: SDPA with a mask, or flash-decoding over the visible keys "
-                         "(nanochat/decode_triton.py, CUDA; docs/engine.md)")
+parser.add_argument("--stack_qkv", type=int, default=1, help="1 (default): each attention layer's q, k, v projections "
+                    "as one matmul when decoding (GPT.stack_projections; fewer kernels a step; docs/engine.md); 0: three")
+parser.add_argument("--decode_kernel", default="auto", choices=["auto", "sdpa", "triton"],
+                    help="attention of a decode step: flash-decoding over the visible keys (nanochat/decode_triton.py: "
+                         "CUDA, power-of-two head dim) or SDPA with a mask; auto (default): triton where it runs")
 parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
                     "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, after a longer compile: autotuning; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")

@@ -220,7 +220,7 @@ class StopScanner:
 
 class Worker:
     def __init__(self, index, model, tokenizer, device_type, speculative=True, batch_slots=0, bf16_linears=False,
-                 compile_mode=None, stack_qkv=False, decode_kernel="sdpa"):
+                 compile_mode=None, stack_qkv=True, decode_kernel="auto"):
         self.index, self.model, self.tokenizer = index, model, tokenizer
         model.set_decode_kernel(decode_kernel)  # (a ValueError: create_app's caller says what to change)
         if bf16_linears:  # every request runs under autocast (self.autocast, the batcher's), as linears_to needs
@@ -607,7 +607,7 @@ def sse(obj):
 
 def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type="", api_key=None,
                max_body_bytes=MAX_BODY_BYTES, body_timeout=BODY_TIMEOUT, speculative=True, batch_slots=0,
-               bf16_linears=False, compile_mode=None, stack_qkv=False, decode_kernel="sdpa"):
+               bf16_linears=False, compile_mode=None, stack_qkv=True, decode_kernel="auto"):
     if batch_slots and batch_slots < MAX_CHOICES:
         raise ValueError(f"batch_slots={batch_slots}: use 0 (off) or at least {MAX_CHOICES}, the most answers (n) "
                          "one request may ask for")
@@ -808,12 +808,13 @@ if __name__ == "__main__":
     parser.add_argument("--compile_mode", default=None,
                         help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.4x batch-1 "
                              "decode in engine_bench on an H200, a longer compile at startup: autotuning; docs/engine.md)")
-    parser.add_argument("--stack_qkv", type=int, default=0,
-                        help="1: each attention layer's q, k, v projections as one matmul when decoding "
-                             "(GPT.stack_projections: fewer kernels a step; docs/engine.md)")
-    parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
-                        help="attention of a decode step: SDPA over the whole cache with a mask, or flash-decoding "
-                             "over each row's visible keys (nanochat/decode_triton.py, CUDA; docs/engine.md)")
+    parser.add_argument("--stack_qkv", type=int, default=1,
+                        help="1 (default): each attention layer's q, k, v projections as one matmul when decoding "
+                             "(GPT.stack_projections: fewer kernels a step; docs/engine.md); 0: three")
+    parser.add_argument("--decode_kernel", default="auto", choices=["auto", "sdpa", "triton"],
+                        help="attention of a decode step: flash-decoding over each row's visible keys "
+                             "(nanochat/decode_triton.py: CUDA, power-of-two head dim), or SDPA over the whole cache "
+                             "with a mask; auto (default): triton where it runs, else sdpa (docs/engine.md)")
     parser.add_argument("--unsandboxed_tool", action="store_true",
                         help="serve even if the Python tool cannot be isolated here (it then runs as this user)")
     args = parser.parse_args()

@@ -47,6 +47,21 @@ def test_decode_attention_refuses_what_it_cannot_do():
         decode_attention(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), torch.tensor(3), 8)
 
 
+def test_set_decode_kernel_picks_triton_only_where_it_runs():
+    """GPT.set_decode_kernel: "auto" (chat_web's and chat_cli's default) is sdpa on a CPU or with
+    a head dim the kernel cannot take; "triton" there is refused, saying why."""
+    from nanochat.gpt import GPTConfig, build_model
+    for n_embd, why in [(64, "CUDA GPUs only"), (96, r"power-of-two head dim >= 16 \(this model's: \[24\]\)")]:
+        model = build_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=n_embd), "cpu")
+        model.decode_kernel = "triton"
+        assert model.set_decode_kernel("auto").decode_kernel == "sdpa"
+        with pytest.raises(ValueError, match=why):
+            model.set_decode_kernel("triton")
+        with pytest.raises(ValueError, match="use auto, sdpa or triton"):
+            model.set_decode_kernel("flash")
+        assert model.decode_kernel == "sdpa"
+
+
 @pytest.mark.parametrize("per_row", [False, True])
 def test_decode_steps_with_the_kernel_equal_sdpa(per_row):
     """GPT.decode_kernel = "triton": teacher-forced decode steps of a windowed GQA model (the
