@@ -20,10 +20,11 @@ another. The Batcher keeps one decode cache of `slots` rows instead and a thread
    shape (m,)), m the fewest of a few sizes (slots, slots / 4, ...) that hold every request
    (rows are taken lowest first); on CUDA one captured graph per size, as the Engine's.
    Free rows decode a dummy token at position 0 of their own row, which the next admission
-   overwrites. Unless a row has tool output waiting to be forced, the step is launched before
-   step 2's host work, straight from the tokens drawn on the device, so that the host turns
-   one step's tokens into text while the GPU computes the next (a request that ends with the
-   drawn tokens decodes a dummy at position 0 there too); the host waits only for the draws.
+   overwrites. The step is launched before step 2's host work, straight from the tokens drawn
+   on the device (a row's waiting tool output put in there: the host knows it a token early),
+   so that the host turns one step's tokens into text while the GPU computes the next (a
+   request that ends with the drawn tokens decodes a dummy at position 0 there too); the host
+   waits only for the draws.
 
 So a request's tokens are the ones Engine.generate gives for the same arguments (greedy:
 the same tokens; sampled: the same draws from the same generator), up to the float
@@ -153,15 +154,11 @@ class Batcher:
                     if not self.active:
                         continue
                     drawn = self._draw()
-                    # no tool output is waiting to be forced: every row's next token is the one just
-                    # drawn, so the next step starts now, reading the draws on the device, while this
-                    # thread turns them into text (the host's work overlaps the GPU's step)
-                    ahead = not any(row.forced for req in self.active for row in req.rows)
-                    if ahead:
-                        self._step(drawn[0])
-                    self._sample(drawn, stepped=ahead)
-                    if self.active and not ahead:
-                        self._step()
+                    # the next step starts now, reading the draws on the device (tool output waiting
+                    # to be forced put in there), while this thread turns them into text: the host's
+                    # work overlaps the GPU's step
+                    self._step(self._with_forced(drawn[0]))
+                    self._sample(drawn)
             except Exception as e:  # every request in flight gets the error; the batcher goes on
                 self._deliver([(req.sink, e) for req in self.active])
                 self._reset()
@@ -318,10 +315,24 @@ class Batcher:
         return (req.cancelled or (req.max_tokens is not None and req.produced + 1 >= req.max_tokens)
                 or req.pos >= req.max_len)
 
-    def _sample(self, drawn, stepped):
+    def _with_forced(self, flat):
+        """The drawn tokens with each row's waiting tool output (its next forced token) in place
+        of its draw: what next_column will give, known before the host reads the draws."""
+        at, tokens, i = [], [], 0
+        for req in self.active:
+            for j, row in enumerate(req.rows):
+                if row.forced:
+                    at.append(i + j)
+                    tokens.append(row.forced[0])
+            i += req.n
+        if not at:
+            return flat
+        return flat.index_put((torch.tensor(at, device=flat.device),), torch.tensor(tokens, device=flat.device))
+
+    def _sample(self, drawn):
         """The drawn tokens to each request's consumer (forced tool output first, stops, text), and
-        the requests that are done out (their rows freed). stepped: the next step was launched
-        already with the drawn tokens (_step(flat))."""
+        the requests that are done out (their rows freed); the next step was launched already
+        (_step)."""
         engine = self.engine
         _, host, ready = drawn
         if ready is not None:
@@ -340,43 +351,33 @@ class Batcher:
                            torch.tensor(column, device=req.counts.device)] += 1
             ends = all(r.done for r in req.rows) or self._ends_now(req)  # (before produced counts this token)
             req.produced += 1
-            req.column = column
             if ends:
                 self.free = sorted(self.free + req.slots)  # (before the end reaches the consumer)
                 out.append((req.sink, None))
             else:
                 still.append(req)
         self.active = still
-        if stepped:
-            self._stepped(still)
+        self._stepped(still)
         self._deliver(out)
 
-    def _step(self, flat=None):
-        """One decode step of the rows in use: each request's column (after _sample: forced tool
-        output included), or with flat, the drawn tokens still on the device (before _sample; a
-        request that ends with them decodes a dummy at position 0 of its rows, freed after)."""
+    def _step(self, flat):
+        """One decode step of the rows in use, from their next tokens still on the device (before
+        _sample; a request that ends with them decodes a dummy at position 0 of its rows, freed
+        after)."""
         top = max(s for req in self.active for s in req.slots) + 1
         m = min(m for m in self.sizes if m >= top)
         static_ids, static_pos, stepper = self._steppers[m]
         pos = [0] * m
         for req in self.active:
-            if flat is None or not self._ends_now(req):  # (an ending request's position may be past the cache)
+            if not self._ends_now(req):  # (an ending request's position may be past the cache)
                 for s in req.slots:
                     pos[s] = req.pos
-        if flat is None:
-            ids = [0] * m
-            for req in self.active:
-                for s, tok in zip(req.slots, req.column):
-                    ids[s] = tok
-            static_ids.copy_(torch.tensor(ids, dtype=torch.long).view(-1, 1))
-        else:  # (rows of no request keep a stale token: a dummy at their position 0, as before)
-            slots = [s for req in self.active for s in req.slots]
-            static_ids.view(-1).index_copy_(0, torch.tensor(slots, device=flat.device), flat)
+        # (rows of no request keep a stale token: a dummy at their position 0)
+        slots = [s for req in self.active for s in req.slots]
+        static_ids.view(-1).index_copy_(0, torch.tensor(slots, device=flat.device), flat)
         static_pos.copy_(torch.tensor(pos, dtype=torch.long))
         # (on CUDA the graph's output tensor: read by the next _draw, before the next replay)
         self._logits = stepper().float()
-        if flat is None:
-            self._stepped(self.active)
 
     @staticmethod
     def _stepped(reqs):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanochat.batching import Batcher
-from nanochat.engine import Engine
+from nanochat.engine import Engine, naive_generate
 from test_engine import EXTRAS, model_for
 
 CASES = {"plain": {}, **EXTRAS}
@@ -150,35 +150,44 @@ def test_a_step_decodes_only_the_rows_in_use(tokenizer, monkeypatch, extra):
 
 def test_batched_tool_calls_and_stops_as_the_engine(tokenizer, monkeypatch):
     """A scripted sampler (the model runs, the choice is fixed): the row writes a Python call,
-    gets <|output_start|>42<|output_end|> forced with mask 0, then stops at <|assistant_end|>;
-    the Batcher's stream equals the Engine's, and the request ends at the stop token."""
+    gets <|output_start|>42<|output_end|> forced with mask 0, decodes a few greedy tokens, then
+    stops at <|assistant_end|>; the Batcher's stream equals the Engine's, and the request ends
+    at the stop token."""
     assert_tool_call_streams_equal(model_for(tokenizer), tokenizer, monkeypatch, slots=2)
 
 
 def assert_tool_call_streams_equal(model, tokenizer, monkeypatch, slots):
-    """One request whose draws are scripted (a Python tool call, 6*7, then "ok", then
-    <|assistant_end|>) through Engine.generate and through a Batcher of `slots` rows on the
-    model's device: the same stream, the tool's output forced (mask 0), the stop at the end.
-    (Also tests/test_gpu.py's, on CUDA.)"""
+    """One request whose draws are scripted (a Python tool call, 6*7, then ten greedy tokens,
+    of which the steps with forced tool output throw the first away, then <|assistant_end|>) through Engine.generate and through a Batcher of
+    `slots` rows on the model's device: the same stream, the tool's output forced (mask 0), the
+    stop at the end. The greedy tokens equal full recomputation's after the stream so far: the
+    forced tokens went into the decode steps (both launch a step before the host reads the
+    draws, with the forced tokens put in on the device). (Also tests/test_gpu.py's, on CUDA.)"""
     import nanochat.batching as batching
     import nanochat.engine as eng
     s = tokenizer.encode_special
-    script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")] + tokenizer.encode("ok")
+    script = [s("<|python_start|>")] + tokenizer.encode("6*7") + [s("<|python_end|>")]
     tokens = tokenizer.encode("q", prepend="<|bos|>")
     streams = []
     for module, make in ((eng, lambda: Engine(model, tokenizer)),
                          (batching, lambda: Batcher(Engine(model, tokenizer), slots))):
-        seq = iter(script + [s("<|assistant_end|>")] * 50)
-        monkeypatch.setattr(module, "sample_next",
-                            lambda logits, rng, t, k: torch.full((logits.size(0),), next(seq), device=logits.device))
+        seq = iter(script + [None] * 10 + [s("<|assistant_end|>")] * 50)  # None: the model's greedy choice
+
+        def scripted(logits, rng, t, k, seq=seq):
+            tok = next(seq)
+            return logits.argmax(-1) if tok is None else torch.full((logits.size(0),), tok, device=logits.device)
+        monkeypatch.setattr(module, "sample_next", scripted)
         runner = make()
-        # (a penalty sends the batcher's draw through sample_next too, not its shared softmax)
-        streams.append(list(runner.generate(tokens, max_tokens=30, presence_penalty=0.1)))
+        # (a logit bias sends the batcher's draw through sample_next too, not its shared softmax; 0 changes nothing)
+        streams.append(list(runner.generate(tokens, max_tokens=30, logit_bias={0: 0.0})))
         monkeypatch.undo()
     assert streams[0] == streams[1]
-    text = tokenizer.decode([c[0] for c, _ in streams[1]])
+    got = [c[0] for c, _ in streams[1]]
+    text = tokenizer.decode(got)
     assert text.startswith("<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"), text
-    assert streams[1][-1][0] == [s("<|assistant_end|>")] and [0] in [m for _, m in streams[1]]
+    assert got[-1] == s("<|assistant_end|>") and [0] in [m for _, m in streams[1]]
+    head = got.index(s("<|output_end|>")) + 1  # greedy tokens from here to the stop
+    assert len(got) - 1 - head >= 4 and got[head:-1] == naive_generate(model, tokens + got[:head], len(got) - 1 - head)
     runner.close()
 
 
