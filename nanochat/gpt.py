@@ -40,6 +40,7 @@ contract is in nanochat/attention.py's docstring; docs/model.md says how to add 
 """
 
 import copy
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -529,6 +530,7 @@ class GPT(nn.Module):
         head_dims = {m.head_dim for m in self.modules() if isinstance(m, CausalSelfAttention)}
         why = (f"needs a power-of-two head dim >= 16 (this model's: {sorted(head_dims)})"
                if any(d & (d - 1) or d < 16 for d in head_dims) else
+               "needs the triton package (pip install triton)" if importlib.util.find_spec("triton") is None else
                "runs on CUDA GPUs only (its kernels are Triton's)" if self.wte.weight.device.type != "cuda" else None)
         if kernel == "triton" and why:
             raise ValueError(f"decode_kernel=triton {why}; use sdpa here")

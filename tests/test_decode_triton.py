@@ -47,11 +47,17 @@ def test_decode_attention_refuses_what_it_cannot_do():
         decode_attention(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), torch.tensor(3), 8)
 
 
-def test_set_decode_kernel_picks_triton_only_where_it_runs():
-    """GPT.set_decode_kernel: "auto" (chat_web's and chat_cli's default) is sdpa on a CPU or with
-    a head dim the kernel cannot take; "triton" there is refused, saying why."""
+def test_set_decode_kernel_picks_triton_only_where_it_runs(monkeypatch):
+    """GPT.set_decode_kernel: "auto" (chat_web's and chat_cli's default) is sdpa on a CPU, with
+    a head dim the kernel cannot take, or without the triton package; "triton" there is
+    refused, saying why."""
+    import importlib.util
     from nanochat.gpt import GPTConfig, build_model
-    for n_embd, why in [(64, "CUDA GPUs only"), (96, r"power-of-two head dim >= 16 \(this model's: \[24\]\)")]:
+    find_spec = importlib.util.find_spec
+    for n_embd, no_triton, why in [(64, False, "CUDA GPUs only"), (64, True, "needs the triton package"),
+                                   (96, False, r"power-of-two head dim >= 16 \(this model's: \[24\]\)")]:
+        if no_triton:
+            monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
         model = build_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=n_embd), "cpu")
         model.decode_kernel = "triton"
         assert model.set_decode_kernel("auto").decode_kernel == "sdpa"
@@ -60,6 +66,7 @@ def test_set_decode_kernel_picks_triton_only_where_it_runs():
         with pytest.raises(ValueError, match="use auto, sdpa or triton"):
             model.set_decode_kernel("flash")
         assert model.decode_kernel == "sdpa"
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("per_row", [False, True])
