@@ -4,8 +4,8 @@
 # d$DEPTH sft checkpoint), served with --batch_slots, then dev/loadtest.py once per entry of
 # LOADS (client counts, run in order on the same server: the first load meets a cold server).
 # REF=DIR serves a second copy of the code from DIR (e.g. `git worktree add /tmp/ref HEAD~1`)
-# on the next port at the same time, and each load then runs against both in turn (one idle
-# while the other is measured). One JSON line per load, prefixed with "main" or "ref".
+# on REF_PORT (default: the next port) at the same time, and each load then runs against both
+# in turn (one idle while the other is measured). One JSON line per load, prefixed with "main" or "ref".
 # REF_FLAGS: the second server's chat_web flags (default WEB_FLAGS); REF=. with other flags
 # compares two settings of this code, e.g. REF=. REF_FLAGS="--bf16_linears=1".
 # SPREAD=0.5: each request's max_tokens within +-50% (loadtest --max_tokens_spread; default 0:
@@ -17,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEPTH=${DEPTH:-20}; SLOTS=${SLOTS:-128}; LOADS=${LOADS:-"128 128 32"}; SECONDS_EACH=${SECONDS_EACH:-30}
 MAX_TOKENS=${MAX_TOKENS:-256}; PROCS=${PROCS:-8}; PORT=${PORT:-8000}; WEB_FLAGS=${WEB_FLAGS:-}; REF=${REF:-}
-REF_FLAGS=${REF_FLAGS:-$WEB_FLAGS}
+REF_FLAGS=${REF_FLAGS:-$WEB_FLAGS}; REF_PORT=${REF_PORT:-$((PORT + 1))}
 SPREAD=${SPREAD:-0}
 BASE=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 if [ ! -d "$BASE/chatsft_checkpoints/d$DEPTH" ]; then
@@ -34,8 +34,8 @@ serve() {  # name, code directory, port, chat_web flags
 serve main . "$PORT" "$WEB_FLAGS"
 targets=("main:$PORT")
 if [ -n "$REF" ]; then
-    serve ref "$REF" $((PORT + 1)) "$REF_FLAGS"
-    targets+=("ref:$((PORT + 1))")
+    serve ref "$REF" "$REF_PORT" "$REF_FLAGS"
+    targets+=("ref:$REF_PORT")
 fi
 for t in "${targets[@]}"; do  # wait until each serves (it warms up first: minutes for a d20 on a GPU)
     until curl -sf "http://127.0.0.1:${t#*:}/stats" > /dev/null; do

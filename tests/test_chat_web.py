@@ -288,11 +288,13 @@ def test_serve_bench_makes_a_model_serves_it_and_loads_it(tokenizer, tmp_path):
     this code once more with other flags (REF=. REF_FLAGS)."""
     import shutil
     shutil.copytree(tokenizer.directory, tmp_path / "tokenizer")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    with socket.socket() as a, socket.socket() as b:  # two free ports (port + 1 may be taken: a client's, once in CI)
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        port, ref_port = a.getsockname()[1], b.getsockname()[1]
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), DEPTH="2", SLOTS="8", LOADS="4", SECONDS_EACH="3",
-               MAX_TOKENS="8", PROCS="2", PORT=str(port), WEB_FLAGS="--device_type=cpu --unsandboxed_tool",
+               MAX_TOKENS="8", PROCS="2", PORT=str(port), REF_PORT=str(ref_port),
+               WEB_FLAGS="--device_type=cpu --unsandboxed_tool",
                SPREAD="0.5", REF=".", REF_FLAGS="--device_type=cpu --unsandboxed_tool --bf16_linears=1")
     out = subprocess.run(["bash", "dev/serve_bench.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
