@@ -19,6 +19,8 @@ Cases:
                    by the Triton kernel (nanochat/dsa_triton.py); dsa_select_torch: in PyTorch;
                    dsa_select_kernels, dsa_select_torch_kernels: their longest GPU kernels
                    (torch.profiler), where the time goes
+  kth_topk, kth_kthvalue  one chunk's (1,024 rows) k-th largest score a row by torch.topk (what
+                   the selection uses) and by torch.kthvalue (no gather of the k values)
   flex_<pattern>   flex_attention alone (B, H, T, D) with a synthetic selection of top-k keys
                    per query, against sdpa_causal: "local" (the k most recent keys), "spread"
                    (k random visible keys), "blocks" (k / 128 random key blocks per query block)
@@ -144,6 +146,17 @@ if wanted("dsa_select_torch_kernels"):
     print(json.dumps({"case": "dsa_select_torch_kernels", "T": T, "top_k": k,
                       "kernels": kernels(lambda: dsa.select_packed(iq, iw, ik))}), flush=True)
     dsa_module.TRITON_DEVICES.update(fused_on)
+
+if wanted("kth"):  # one chunk's k-th largest score a row: torch.topk's (what the selection uses) vs torch.kthvalue's
+    rows = 1024  # (dsa.CHUNK's rows at 64K with 4 indexer heads); the last rows of a causal T
+    kpos = torch.arange(T, device="cuda")
+    scores = torch.rand(1, rows, T, device="cuda").masked_fill(kpos > kpos[-rows:, None], float("-inf"))
+    by_topk = lambda: scores.topk(k, dim=-1, sorted=False).values.amin(-1)
+    by_kthvalue = lambda: scores.kthvalue(T - k + 1, dim=-1).values  # (the -inf are the smallest)
+    assert torch.equal(by_topk(), by_kthvalue())
+    report("kth_topk", by_topk, rows=rows)
+    report("kth_kthvalue", by_kthvalue, rows=rows)
+    del scores
 
 # flex_attention alone on synthetic selections
 q, kk, v = (torch.randn(1, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
