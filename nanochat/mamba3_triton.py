@@ -8,8 +8,11 @@ Triton kernels for Mamba-3's chunked form, two kinds:
   and the rest;
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
-  --mamba3_kernel=triton).
-`mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py).
+  --mamba3_kernel=triton);
+and, for decoding, `decode_step`: one token's recurrence and output as one kernel (the last
+section; opt-in, mamba3.STEP_KERNEL).
+`mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py),
+and Mamba3._step's PyTorch form is decode_step's.
 
 Per batch row b and head h, one program walks the chunks of `chunk` tokens in order,
 carrying the state H ∈ R^{P×N} in registers. Per chunk, with t, s the chunk's tokens and
@@ -51,6 +54,7 @@ Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -1080,3 +1084,162 @@ def gate_norm(y, x, z, D, w):
     reference): y, x, z (..., H, P) (y's dtype out), D (H,), w (H, P). int32 offsets: < 2^31
     elements."""
     return _gate(y, x, z, D, w)
+
+
+# ---- one decode step: Mamba3._step's recurrence and output as one kernel --------------------
+#
+# Decoding runs one token per row through the recurrence (mamba3.Mamba3._recur and _output):
+# in PyTorch ~20 small kernels a layer after the input projections, at batch 1 each a launch's
+# worth of time. Here, per (row, head), from the stacked input projections' output:
+#   Δ = softplus(dd_dt + dt_bias), A = -max(softplus(dd_A), A_FLOOR), λ = σ(trap), θ = π tanh(·)
+#   φ' = φ + Δ θ;  k = rot(RMSNorm(B) + B_bias_h, φ'), q = rot(RMSNorm(C) + C_bias_h, φ')
+#   H' = e^{AΔ} H + (1 - λ) Δ e^{AΔ} x_prev k_prevᵀ + λ Δ x kᵀ;  y = H' q
+#   out = RMSNorm_w(y + D x) ⊙ silu(z)
+# and the cache (φ' mod 2π, H', k, x) written in place. SISO; fp32 inside (the reference's
+# B/C norm runs in the input dtype, bf16 under autocast: here fp32).
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) as F.softplus (x > 20: x); log1p by Goldberg's correction, exact to ~1 ulp."""
+    y = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + y
+    lp = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _rms(x, w, n, mask):
+    x = tl.where(mask, x, 0.0)
+    return x * tl.rsqrt(tl.sum(x * x, axis=0) / n + 1e-5) * w
+
+
+@triton.jit
+def _step_kernel(PRJ, spb, X_OFF, B_OFF, CTRL_OFF, DTB, DD, BN, CN, BB, CB, ON,
+                 PHI, STATE, KPREV, XPREV, YS, OUT, H, P, N, A, a_floor,
+                 QKNORM: tl.constexpr, BIAS: tl.constexpr, TRAP: tl.constexpr, ONORM: tl.constexpr,
+                 BP: tl.constexpr, BPB: tl.constexpr, BN2: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    bh = b * H + h
+    row = PRJ + b * spb
+    # controls, fp32
+    dt = _softplus(tl.load(row + CTRL_OFF + h).to(tl.float32) + tl.load(DTB + h).to(tl.float32))
+    adt = -tl.maximum(_softplus(tl.load(row + CTRL_OFF + H + h).to(tl.float32)), a_floor) * dt
+    if TRAP:
+        lam = tl.sigmoid(tl.load(row + CTRL_OFF + 2 * H + h).to(tl.float32))
+        t0 = CTRL_OFF + 3 * H
+    else:
+        lam = 1.0
+        t0 = CTRL_OFF + 2 * H
+    # B and C (shared by the heads), normed, plus this head's bias, as even and odd columns
+    i = tl.arange(0, BN2)
+    mi = i < N // 2
+    be = tl.load(row + B_OFF + 2 * i, mask=mi, other=0.0).to(tl.float32)
+    bo = tl.load(row + B_OFF + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+    ce = tl.load(row + B_OFF + N + 2 * i, mask=mi, other=0.0).to(tl.float32)
+    co = tl.load(row + B_OFF + N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+    if QKNORM:
+        rb = tl.rsqrt((tl.sum(be * be, axis=0) + tl.sum(bo * bo, axis=0)) / N + 1e-5)
+        rc = tl.rsqrt((tl.sum(ce * ce, axis=0) + tl.sum(co * co, axis=0)) / N + 1e-5)
+        be = be * rb * tl.load(BN + 2 * i, mask=mi, other=0.0).to(tl.float32)
+        bo = bo * rb * tl.load(BN + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+        ce = ce * rc * tl.load(CN + 2 * i, mask=mi, other=0.0).to(tl.float32)
+        co = co * rc * tl.load(CN + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+    if BIAS:
+        be += tl.load(BB + h * N + 2 * i, mask=mi, other=0.0).to(tl.float32)
+        bo += tl.load(BB + h * N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+        ce += tl.load(CB + h * N + 2 * i, mask=mi, other=0.0).to(tl.float32)
+        co += tl.load(CB + h * N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
+    # the angles: pair i < A turns by φ'_i (the rest by 0)
+    ma = i < A
+    th = tl.load(row + t0 + i, mask=ma, other=0.0).to(tl.float32)
+    th = 3.141592653589793 * (2.0 * tl.sigmoid(2.0 * th) - 1.0)  # π tanh
+    phi = tl.load(PHI + bh * A + i, mask=ma, other=0.0) + dt * th
+    c, s = tl.where(ma, tl.cos(phi), 1.0), tl.where(ma, tl.sin(phi), 0.0)
+    ke, ko = be * c - bo * s, be * s + bo * c
+    qe, qo = ce * c - co * s, ce * s + co * c
+    kpe = tl.load(KPREV + bh * N + 2 * i, mask=mi, other=0.0)
+    kpo = tl.load(KPREV + bh * N + 2 * i + 1, mask=mi, other=0.0)
+    alpha = tl.exp(adt)
+    beta, gamma = (1.0 - lam) * dt * alpha, lam * dt
+    dd = tl.load(DD + h).to(tl.float32)
+    # the state update and readout, BPB rows of H (P, N) at a time (each row's output is its own),
+    # as even and odd columns; with the output norm, y + D x goes through a scratch row first
+    ss = 0.0
+    for p0 in tl.static_range(0, BP, BPB):
+        p = p0 + tl.arange(0, BPB)
+        mp = p < P
+        x = tl.load(row + X_OFF + h * P + p, mask=mp, other=0.0).to(tl.float32)
+        xp = tl.load(XPREV + bh * P + p, mask=mp, other=0.0)
+        m2 = mp[:, None] & mi[None, :]
+        sp = STATE + (bh * P + p[:, None]) * N + 2 * i[None, :]
+        se = alpha * tl.load(sp, mask=m2, other=0.0) + beta * xp[:, None] * kpe[None, :] + gamma * x[:, None] * ke[None, :]
+        so = alpha * tl.load(sp + 1, mask=m2, other=0.0) + beta * xp[:, None] * kpo[None, :] + gamma * x[:, None] * ko[None, :]
+        tl.store(sp, se, mask=m2)
+        tl.store(sp + 1, so, mask=m2)
+        y = tl.sum(se * qe[None, :], axis=1) + tl.sum(so * qo[None, :], axis=1) + dd * x
+        tl.debug_barrier()  # (x_prev's rows read above, by whichever threads, before they are overwritten)
+        tl.store(XPREV + bh * P + p, x, mask=mp)
+        if ONORM:
+            tl.store(YS + bh * P + p, y, mask=mp)
+            ss += tl.sum(tl.where(mp, y * y, 0.0), axis=0)
+        else:
+            z = tl.load(row + h * P + p, mask=mp, other=0.0).to(tl.float32)  # (z first in the projections)
+            tl.store(OUT + bh * P + p, (y * z * tl.sigmoid(z)).to(OUT.dtype.element_ty), mask=mp)
+    if ONORM:  # RMSNorm_w over the head's P, then the gate
+        tl.debug_barrier()
+        r = tl.rsqrt(ss / P + 1e-5)
+        for p0 in tl.static_range(0, BP, BPB):
+            p = p0 + tl.arange(0, BPB)
+            mp = p < P
+            y = tl.load(YS + bh * P + p, mask=mp, other=0.0) * r * tl.load(ON + h * P + p, mask=mp, other=0.0).to(tl.float32)
+            z = tl.load(row + h * P + p, mask=mp, other=0.0).to(tl.float32)
+            tl.store(OUT + bh * P + p, (y * z * tl.sigmoid(z)).to(OUT.dtype.element_ty), mask=mp)
+    tl.debug_barrier()  # (φ and k_prev read above, by whichever threads, before they are overwritten)
+    two_pi = 6.283185307179586
+    tl.store(PHI + bh * A + i, phi - two_pi * tl.floor(phi / two_pi), mask=ma)
+    tl.store(KPREV + bh * N + 2 * i, ke, mask=mi)
+    tl.store(KPREV + bh * N + 2 * i + 1, ko, mask=mi)
+
+
+STEP_BPB = 16  # state rows a step of _step_kernel's loop (P = 64: 4 steps; 64 x 128 at once spilled)
+
+
+@torch.library.custom_op("nanochat::mamba3_step", mutates_args=("phi", "state", "k_prev", "x_prev"))
+def _step_op(prj: torch.Tensor, dt_bias: torch.Tensor, D: torch.Tensor, B_norm: Optional[torch.Tensor],
+             C_norm: Optional[torch.Tensor], B_bias: Optional[torch.Tensor], C_bias: Optional[torch.Tensor],
+             out_norm: Optional[torch.Tensor], phi: torch.Tensor, state: torch.Tensor, k_prev: torch.Tensor,
+             x_prev: torch.Tensor, trapezoidal: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    from nanochat.mamba3 import A_FLOOR
+    Bsz, H, P, N = state.shape
+    A = phi.size(-1)
+    out = torch.empty(Bsz, H * P, device=prj.device, dtype=out_dtype)
+    prj = prj if prj.stride(-1) == 1 else prj.contiguous()
+    d_inner = H * P
+    dummy = dt_bias  # (an unused pointer where a part is off)
+    ys = torch.empty(Bsz, H, P, device=prj.device, dtype=torch.float32) if out_norm is not None else state
+    BP = triton.next_power_of_2(P)
+    _step_kernel[(Bsz, H)](prj, prj.stride(0), d_inner, 2 * d_inner, 2 * d_inner + 2 * N, dt_bias, D,
+                           B_norm if B_norm is not None else dummy, C_norm if C_norm is not None else dummy,
+                           B_bias if B_bias is not None else dummy, C_bias if C_bias is not None else dummy,
+                           out_norm if out_norm is not None else dummy, phi, state, k_prev, x_prev, ys, out,
+                           H, P, N, A, A_FLOOR,
+                           QKNORM=B_norm is not None, BIAS=B_bias is not None, TRAP=trapezoidal,
+                           ONORM=out_norm is not None, BP=BP, BPB=min(STEP_BPB, BP),
+                           BN2=triton.next_power_of_2(max(N // 2, A, 1)), num_warps=4)
+    return out
+
+
+@_step_op.register_fake
+def _(prj, dt_bias, D, B_norm, C_norm, B_bias, C_bias, out_norm, phi, state, k_prev, x_prev, trapezoidal, out_dtype):
+    return prj.new_empty(state.size(0), state.size(1) * state.size(2), dtype=out_dtype)
+
+
+def decode_step(prj, dt_bias, D, B_norm, C_norm, B_bias, C_bias, out_norm, phi, state, k_prev, x_prev,
+                trapezoidal, out_dtype):
+    """One token of a SISO Mamba-3 layer (Mamba3._recur then _output, their reference) from
+    prj (B, d_inner z | d_inner x | N B | N C | controls), the stacked input projections' output;
+    the cache's phi (B, H, A), state (B, H, P, N), k_prev (B, 1, H, N), x_prev (B, H, P) (fp32,
+    contiguous) updated in place. Returns (B, H * P) in out_dtype, for c_proj."""
+    return _step_op(prj, dt_bias, D, B_norm, C_norm, B_bias, C_bias, out_norm, phi, state, k_prev, x_prev,
+                    trapezoidal, out_dtype)

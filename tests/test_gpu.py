@@ -238,6 +238,24 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
 
 
+def test_engine_with_the_mamba3_step_kernel_equals_full_recompute(monkeypatch):
+    """mamba3_triton.decode_step (mamba3.STEP_KERNEL) inside the compiled, CUDA-graph decode
+    step of a hybrid (fp32): full recomputation's greedy tokens at batch 1 and 4."""
+    from nanochat import mamba3
+    from nanochat.engine import Engine, naive_generate
+    from nanochat.tokenizer import Tokenizer
+    monkeypatch.setattr(mamba3, "STEP_KERNEL", True)
+    _, gpu = model_pair("SSSL", recipe="hybrid")
+    gpu.eval()
+    engine = Engine(gpu, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), use_tools=False)
+    engine.stop_tokens = set()
+    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = naive_generate(gpu, prompt, 24)
+    for n in (1, 4):
+        out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
+        assert all(row == ref for row in out)
+
+
 def test_triton_decode_attention_matches_sdpa_on_cuda():
     """nanochat/decode_triton.py compiled: against SDPA with decode_masks' mask in bf16 (d12's
     head dim, GQA, per-row positions with a window, and one shared position), and a CUDA-graph
