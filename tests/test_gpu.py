@@ -215,12 +215,17 @@ def test_prefills_on_cuda_run_without_cudnn(monkeypatch):
     assert rel < 2e-2, rel
 
 
-@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory", "dsa"])
-def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
+@pytest.mark.parametrize("recipe", [False, True, "hybrid", "hybrid_step_kernel", "memory", "dsa"])
+def test_engine_cuda_graph_decode_equals_full_recompute(recipe, monkeypatch):
     """With the recipe, the smear's prev_emb, in a hybrid the Mamba states, and with Engram its
-    token history, must survive the graph's warmup and capture."""
+    token history, must survive the graph's warmup and capture. hybrid_step_kernel: the Mamba-3
+    layers' decode step as mamba3_triton.decode_step (mamba3.STEP_KERNEL) in the graph."""
+    from nanochat import mamba3
     from nanochat.engine import Engine, naive_generate
     from nanochat.tokenizer import Tokenizer
+    if recipe == "hybrid_step_kernel":
+        monkeypatch.setattr(mamba3, "STEP_KERNEL", True)
+        recipe = "hybrid"
     _, gpu = model_pair("SSSL", recipe=recipe)
     gpu.eval()
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
@@ -236,24 +241,6 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     prompt2 = torch.randint(0, 500, (33,), generator=torch.Generator().manual_seed(1)).tolist()
     out, _ = engine.generate_batch(prompt2, max_tokens=24, temperature=0.0)
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
-
-
-def test_engine_with_the_mamba3_step_kernel_equals_full_recompute(monkeypatch):
-    """mamba3_triton.decode_step (mamba3.STEP_KERNEL) inside the compiled, CUDA-graph decode
-    step of a hybrid (fp32): full recomputation's greedy tokens at batch 1 and 4."""
-    from nanochat import mamba3
-    from nanochat.engine import Engine, naive_generate
-    from nanochat.tokenizer import Tokenizer
-    monkeypatch.setattr(mamba3, "STEP_KERNEL", True)
-    _, gpu = model_pair("SSSL", recipe="hybrid")
-    gpu.eval()
-    engine = Engine(gpu, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), use_tools=False)
-    engine.stop_tokens = set()
-    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
-    ref = naive_generate(gpu, prompt, 24)
-    for n in (1, 4):
-        out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=24, temperature=0.0)
-        assert all(row == ref for row in out)
 
 
 def test_triton_decode_attention_matches_sdpa_on_cuda():
