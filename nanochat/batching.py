@@ -42,8 +42,8 @@ from contextlib import nullcontext
 
 import torch
 
-from nanochat.engine import (Row, adjust_logits, bias_vector, cache_length, capture_graph, next_column, request_length,
-                             sample_next, top_k_probs)
+from nanochat.engine import (Row, adjust_logits, bias_vector, cache_length, capture_graph, forced_in, next_column,
+                             request_length, sample_next, top_k_probs)
 
 
 PREFILL_TOKENS = 4096  # the most prompt tokens prefilled in one forward (its fp32 logits: 4,096 x vocab)
@@ -157,7 +157,7 @@ class Batcher:
                     # the next step starts now, reading the draws on the device (tool output waiting
                     # to be forced put in there), while this thread turns them into text: the host's
                     # work overlaps the GPU's step
-                    self._step(self._with_forced(drawn[0]))
+                    self._step(forced_in(drawn[0], [row for req in self.active for row in req.rows]))
                     self._sample(drawn)
             except Exception as e:  # every request in flight gets the error; the batcher goes on
                 self._deliver([(req.sink, e) for req in self.active])
@@ -314,20 +314,6 @@ class Batcher:
         the end of its context); asked before req.produced counts that token."""
         return (req.cancelled or (req.max_tokens is not None and req.produced + 1 >= req.max_tokens)
                 or req.pos >= req.max_len)
-
-    def _with_forced(self, flat):
-        """The drawn tokens with each row's waiting tool output (its next forced token) in place
-        of its draw: what next_column will give, known before the host reads the draws."""
-        at, tokens, i = [], [], 0
-        for req in self.active:
-            for j, row in enumerate(req.rows):
-                if row.forced:
-                    at.append(i + j)
-                    tokens.append(row.forced[0])
-            i += req.n
-        if not at:
-            return flat
-        return flat.index_put((torch.tensor(at, device=flat.device),), torch.tensor(tokens, device=flat.device))
 
     def _sample(self, drawn):
         """The drawn tokens to each request's consumer (forced tool output first, stops, text), and

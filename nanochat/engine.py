@@ -188,6 +188,17 @@ def next_column(rows, sampled, stop_tokens, use_tools):
     return column, masks
 
 
+def forced_in(column, rows):
+    """column (the drawn tokens, on the device) with each row's next forced tool token in place
+    of its draw: what next_column will give, known before the host reads the draws (so the next
+    decode step can start from the device's copy)."""
+    at = [i for i, r in enumerate(rows) if r.forced]
+    if not at:
+        return column
+    tokens = [rows[i].forced[0] for i in at]
+    return column.index_put((torch.tensor(at, device=column.device),), torch.tensor(tokens, device=column.device))
+
+
 def bias_vector(logit_bias, vocab, device):
     """logit_bias ({token id: bias}) as a dense (vocab,) vector, or None."""
     if not logit_bias:
@@ -330,11 +341,7 @@ class Engine:
             while True:
                 if adjust:
                     logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
-                column = sample_next(logits, rng, temperature, top_k)
-                if any(r.forced for r in rows):
-                    forced = [(i, r.forced[0]) for i, r in enumerate(rows) if r.forced]
-                    at, tok = torch.tensor(forced, device=device).unbind(1)
-                    column = column.index_put((at,), tok)
+                column = forced_in(sample_next(logits, rng, temperature, top_k), rows)
                 host.copy_(column, non_blocking=True)
                 if read is not None:
                     read.record()

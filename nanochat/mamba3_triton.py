@@ -1089,8 +1089,8 @@ def gate_norm(y, x, z, D, w):
 # ---- one decode step: Mamba3._step's recurrence and output as one kernel --------------------
 #
 # Decoding runs one token per row through the recurrence (mamba3.Mamba3._recur and _output):
-# in PyTorch ~20 small kernels a layer after the input projections, at batch 1 each a launch's
-# worth of time. Here, per (row, head), from the stacked input projections' output:
+# in PyTorch the many small kernels inductor makes of it after the input projections, at batch 1
+# each a launch's worth of time (not counted on a GPU since the projections were stacked). Here, per (row, head), from the stacked input projections' output:
 #   Δ = softplus(dd_dt + dt_bias), A = -max(softplus(dd_A), A_FLOOR), λ = σ(trap), θ = π tanh(·)
 #   φ' = φ + Δ θ;  k = rot(RMSNorm(B) + B_bias_h, φ'), q = rot(RMSNorm(C) + C_bias_h, φ')
 #   H' = e^{AΔ} H + (1 - λ) Δ e^{AΔ} x_prev k_prevᵀ + λ Δ x kᵀ;  y = H' q
@@ -1106,12 +1106,6 @@ def _softplus(x):
     u = 1.0 + y
     lp = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
     return tl.where(x > 20.0, x, lp)
-
-
-@triton.jit
-def _rms(x, w, n, mask):
-    x = tl.where(mask, x, 0.0)
-    return x * tl.rsqrt(tl.sum(x * x, axis=0) / n + 1e-5) * w
 
 
 @triton.jit
