@@ -51,7 +51,6 @@ Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
 
 import os
-from typing import Optional
 
 import torch
 import triton
