@@ -9,7 +9,7 @@ Triton kernels for Mamba-3's chunked form, two kinds:
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton).
-`mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py),
+`mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py).
 
 Per batch row b and head h, one program walks the chunks of `chunk` tokens in order,
 carrying the state H ∈ R^{P×N} in registers. Per chunk, with t, s the chunk's tokens and
