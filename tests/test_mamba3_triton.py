@@ -36,10 +36,10 @@ def reference(x, Bm, Cm, bB, bC, phi, a, w, wn, s0, chunk):
     return y[:, :, 0], final
 
 
-def close(got, want, tol, what=""):
+def close(got, want, tol):
     assert got.shape == want.shape
     err = ((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item()
-    assert err < tol, (what, err)
+    assert err < tol, err
 
 
 @pytest.mark.parametrize("T,chunk,init,bias,A", [
