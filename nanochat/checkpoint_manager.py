@@ -357,6 +357,27 @@ def _build(model_state, meta, device, phase):
     return model
 
 
+def init_from(model, directory, step=None, tokenizer=None):
+    """Load a checkpoint's weights into a model that may have more parameters: a dense model's
+    into the same model with DSA layers, whose indexers it lacks (DeepSeek-V3.2 trains its
+    indexers from a dense checkpoint). Every tensor of the checkpoint must have one of the
+    same name and shape in the model (ValueError naming the first that has not); the model's
+    other parameters keep their values. Returns (step, meta, names of the parameters kept)."""
+    step, (state, _, meta) = _load_latest_good(
+        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer))
+    own = model.state_dict()
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise ValueError(f"{directory} step {step} has {len(extra)} tensors this model lacks (first: {extra[0]}): "
+                         "give the checkpoint's model flags (depth, pattern, ...) and add only new modules")
+    bad = [k for k in state if state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{directory} step {step}: {bad[0]} is {tuple(state[bad[0]].shape)} there and "
+                         f"{tuple(own[bad[0]].shape)} here: give the checkpoint's model flags")
+    model.load_state_dict(state, strict=False)
+    return step, meta, [k for k, _ in model.named_parameters() if k not in state]
+
+
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """(model, tokenizer, meta) of the latest (or given) checkpoint of a stage.
     model_tag defaults to the largest model of that stage. The latest: if its files are

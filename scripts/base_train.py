@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, resume_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, init_from, resume_checkpoint, save_checkpoint
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0,
                              require_positive, synchronize)
@@ -82,6 +82,9 @@ parser.add_argument("--core_metric_max_per_task", type=int, default=500, help="e
 parser.add_argument("--sample_every", type=int, default=2000, help="print samples every N steps (-1: off)")
 parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
 parser.add_argument("--resume_from_step", type=int, default=-1, help="resume from this checkpoint step (-1: start fresh; 0: latest)")
+parser.add_argument("--init_from", default="", help="start from base checkpoint TAG's weights (its latest step; TAG:STEP "
+                    "for another) with fresh optimizers at step 0; this model may add modules: e.g. a dense run, then "
+                    "--dsa --dsa_warmup_steps=N from it (DeepSeek-V3.2 trains its indexers from a dense model)")
 parser.add_argument("--model_tag", default="", help="checkpoint directory name (default: d<depth>)")
 parser.add_argument("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_DATA_DIR or downloaded shards)")
 parser.add_argument("--streaming_data", action="store_true",
@@ -216,10 +219,26 @@ adamw, muon = optimizers
 
 step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0, 0.0, None, float("inf")
 timed_steps = 0  # the steps train_time covers, over every resume (for the run's mean tok/s and MFU)
+timed_flops = 0.0  # the FLOPs of those steps (a DSA warm-up step does less than a training step)
 core_metric = None  # the last CORE measured (saved with the checkpoints: miniseries.sh reads it there)
 if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
     print0(f"warning: {ckpt_dir} holds checkpoints of an earlier run (up to step {find_last_step(ckpt_dir)}); this run "
            "replaces the steps it saves. To continue that run: --resume_from_step=0; to keep it: --model_tag=NEW")
+if args.init_from:
+    if args.resume_from_step >= 0:
+        raise SystemExit("--init_from starts a new run from another run's weights, --resume_from_step continues this "
+                         "run: give one of them")
+    tag, _, at = args.init_from.partition(":")
+    if not tag or (at and not at.isdigit()):
+        raise SystemExit(f"--init_from={args.init_from}: give a base checkpoint's model tag, or TAG:STEP")
+    try:
+        src_step, src_meta, fresh = init_from(model, checkpoint_dir("base", tag), int(at) if at else None, tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--init_from={args.init_from}: {e}")
+    differ = {k: v for k, v in src_meta["model_config"].items() if config.to_dict().get(k) != v}
+    print0(f"initialized from base checkpoint {tag} step {src_step}; {len(fresh)} parameters of this model are "
+           f"not in it and keep their init" + (f" ({fresh[0]}, ...)" if fresh else "") +
+           (f"; its config had {differ}" if differ else ""))
 if args.resume_from_step >= 0:
     resume_step, model_state, rank_state, meta = resume_checkpoint(ckpt_dir, args.resume_from_step, rank, device)
     if GPTConfig.from_dict(meta["model_config"]) != config:
@@ -235,6 +254,7 @@ if args.resume_from_step >= 0:
     loader_state = rank_state["loader"]
     step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
     timed_steps = meta.get("timed_steps", 0)
+    timed_flops = meta.get("timed_flops", timed_steps * args.total_batch_size * flops_per_token)
     if step > num_iterations:
         raise SystemExit(f"checkpoint step {step} is past this run's {num_iterations} steps: resume with the flags "
                          f"that set the length (--num_iterations, --total_batch_size, ...; it was {meta.get('num_iterations')} steps)")
@@ -333,7 +353,7 @@ def throughput():
     """Mean tok/s and MFU (%) of the timed steps so far; MFU None where the peak is unknown."""
     tok_per_sec = timed_steps * args.total_batch_size / train_time if train_time > 0 else None
     known = tok_per_sec is not None and peak_flops < float("inf")
-    return tok_per_sec, 100 * tok_per_sec * flops_per_token / (peak_flops * num_devices) if known else None
+    return tok_per_sec, 100 * timed_flops / train_time / (peak_flops * num_devices) if known else None
 
 
 def checkpoint(step):
@@ -344,7 +364,7 @@ def checkpoint(step):
             "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "num_iterations": num_iterations,
             "num_params": num_params, "num_scaling_params": orig_model.num_scaling_params(),
             "flops_per_token": flops_per_token, "total_batch_size": args.total_batch_size,
-            "timed_steps": timed_steps, "tok_per_sec": tok_per_sec, "mfu": mfu, "core_metric": core_metric}
+            "timed_steps": timed_steps, "timed_flops": timed_flops, "tok_per_sec": tok_per_sec, "mfu": mfu, "core_metric": core_metric}
     host = tpu.to_cpu if xla else (lambda o: o)  # whole CPU tensors: the GPU checkpoint format
     save_checkpoint(ckpt_dir, step, host(orig_model.state_dict()),
                     host({"optimizers": [o.state_dict() for o in optimizers], "loader": loader_state}), meta, rank)
@@ -405,6 +425,9 @@ while True:
     mtp_loss = torch.zeros((), device=device)  # the MTP modules' loss L_MTP, logged on its own
     index_loss = torch.zeros((), device=device)  # DSA's indexer loss L^I, logged on its own
     orig_model.dsa_stage = "warmup" if step < args.dsa_warmup_steps else "sparse"
+    # a warm-up step trains only the indexers: a forward's FLOPs (a third of a training step's;
+    # the indexers' own backward is not counted)
+    step_flops = flops_per_token / 3 if orig_model.dsa_stage == "warmup" else flops_per_token
     for micro in range(grad_accum_steps):
         with autocast:
             loss, main_loss, micro_mtp = model(x, y, return_parts=True)
@@ -447,12 +470,13 @@ while True:
     smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
     debiased = smooth_loss / (1 - ema_beta ** step)
     tok_per_sec = args.total_batch_size / dt
-    mfu = 100 * tok_per_sec * flops_per_token / (peak_flops * num_devices)
+    mfu = 100 * tok_per_sec * step_flops / (peak_flops * num_devices)
     steps_run += 1
     if steps_run > 10:  # the first steps of a process include compilation
         train_time += dt
         timed_time += dt
         timed_steps += 1
+        timed_flops += step_flops * args.total_batch_size
     eta = (num_iterations - step) * timed_time / (steps_run - 10) if steps_run > 10 else float("nan")
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased:.6f} "
            f"(step: {train_loss:.6f}) | " + (f"mtp_loss: {mtp_loss:.6f} | " if config.mtp else "") +

@@ -22,11 +22,15 @@ def base_dir(tmp_path_factory, tokenizer):
     return d
 
 
+def train_command(corpus_dir, *extra):  # (a flag given twice: the last one counts)
+    return [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
+            "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=6", "--eval_every=3",
+            "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1", "--run=dummy",
+            f"--data_dir={corpus_dir}", *extra]
+
+
 def run_train(base_dir, corpus_dir, *extra):
-    cmd = [sys.executable, "-m", "scripts.base_train", "--device_type=cpu", "--depth=2", "--max_seq_len=64",
-           "--device_batch_size=2", "--total_batch_size=256", "--num_iterations=6", "--eval_every=3",
-           "--eval_tokens=256", "--core_metric_every=-1", "--sample_every=-1", "--run=dummy",
-           f"--data_dir={corpus_dir}", *extra]
+    cmd = train_command(corpus_dir, *extra)
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -305,6 +309,45 @@ def test_checkpoint_from_before_the_extension_fields_loads(base_dir, corpus_dir)
     path.write_text(json.dumps(dict(meta, model_config=old)))
     model, _ = build_from_checkpoint(str(base_dir / "base_checkpoints" / "old"), 6, torch.device("cpu"), "eval")
     assert model.config.n_layer == 2 and model.config.mamba_pattern == ""
+
+
+def test_dsa_warmup_from_a_dense_run_moves_only_the_indexers(base_dir, corpus_dir):
+    """DeepSeek-V3.2's order: a dense run, then --dsa from its weights (--init_from), whose
+    warm-up trains only the new indexers; its MFU counts a forward's FLOPs, not a training
+    step's. Then the bad --init_from command lines."""
+    run_train(base_dir, corpus_dir, "--model_tag=dense")
+    dsa = ["--dsa", "--dsa_start_layer=1", "--dsa_top_k=16"]
+    out = run_train(base_dir, corpus_dir, *dsa, "--init_from=dense", "--dsa_warmup_steps=12", "--num_iterations=12",
+                    "--eval_every=-1", "--model_tag=warm")
+    assert "initialized from base checkpoint dense step 6; 3 parameters of this model are not in it" in out, out
+    ckpts = base_dir / "base_checkpoints"
+    dense = torch.load(ckpts / "dense" / "model_000006.pt")
+    warm = torch.load(ckpts / "warm" / "model_000012.pt")
+    new = set(warm) - set(dense)  # layer 1's indexer: query, key and head-weight projections
+    assert new == {f"blocks.1.mixer.indexer.{w}.weight" for w in ("wq", "wk", "ww")}, new
+    for name, t in dense.items():  # twelve warm-up steps left every weight of the dense run as it was
+        assert torch.equal(warm[name], t), name
+    meta = json.loads((ckpts / "warm" / "meta_000012.json").read_text())
+    assert meta["timed_steps"] == 2  # (steps 11 and 12: the first ten of a process are not timed)
+    assert meta["timed_flops"] == pytest.approx(2 * 256 * meta["flops_per_token"] / 3)
+    # its sparse stage, continued from the warm-up's checkpoint, trains the whole model
+    resumed = run_train(base_dir, corpus_dir, *dsa, "--dsa_warmup_steps=12", "--num_iterations=14",
+                        "--eval_every=-1", "--model_tag=warm", "--resume_from_step=12")
+    assert list(losses(resumed)) == ["00013", "00014"]
+    after = torch.load(ckpts / "warm" / "model_000014.pt")
+    assert not torch.equal(after["blocks.0.mixer.c_q.weight"], warm["blocks.0.mixer.c_q.weight"])
+
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    for flags, says in [(["--init_from=nothing"], "--init_from=nothing: no complete checkpoint in"),
+                        (["--init_from=dense:x"], "give a base checkpoint's model tag, or TAG:STEP"),
+                        (["--init_from=dense:5"], "--init_from=dense:5: "),
+                        (["--init_from=dense", "--resume_from_step=0"], "give one of them"),
+                        (["--init_from=dense", "--depth=3"], "give the checkpoint's model flags"),
+                        (["--init_from=warm"], "tensors this model lacks (first: blocks.1.mixer.indexer.")]:
+        out = subprocess.run(train_command(corpus_dir, *flags), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode != 0 and says in out.stderr.strip().splitlines()[-1], (flags, out.stderr)
+        assert "Traceback" not in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("flag,says", [("--depth=0", "--depth=0: must be a positive"),
