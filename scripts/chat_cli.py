@@ -37,8 +37,8 @@ parser.add_argument("-k", "--top_k", type=int, default=50, help="sample from the
 parser.add_argument("-m", "--max_tokens", type=int, default=512, help="at most this many tokens per answer")
 parser.add_argument("--speculative", type=int, default=1, help="1: greedy answers (-t 0) of a model with one MTP module "
                     "(--mtp) and attention-only layers decode self-speculatively (same tokens, fewer forwards); 0: off")
-parser.add_argument("--bf16_linears", type=int, default=0, help="1: Linear weights in bf16 on GPUs (GPT.linears_to), "
-                    "not fp32 cast by autocast at every step (docs/serving.md)")
+parser.add_argument("--bf16_linears", type=int, default=1, help="1 (default): Linear weights in bf16 on GPUs "
+                    "(GPT.linears_to); 0: fp32, cast by autocast at every step (1.46x slower at batch 1; docs/serving.md)")
 parser.add_argument("--stack_qkv", type=int, default=1, help="1 (default): each attention layer's q, k, v projections "
                     "as one matmul when decoding (GPT.stack_projections; fewer kernels a step; docs/engine.md); 0: three")
 parser.add_argument("--decode_kernel", default="auto", choices=["auto", "sdpa", "triton"],

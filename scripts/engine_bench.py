@@ -9,6 +9,12 @@ does, so its rate here says nothing about a trained model). Prints a table, then
     python -m scripts.engine_bench --mamba_pattern=AAM            # the same with Mamba-3 layers
     python -m scripts.engine_bench --depth=2 --prompt_len=64 --new_tokens=32 --batch_sizes=1,4 --device_type=cpu
     python -m scripts.engine_bench --speculative=2 --batch_sizes=1  # + greedy self-speculative decoding, 2 MTP modules
+    python -m scripts.engine_bench --weights=fp32 --stack_qkv=1     # as chat_cli / chat_web serve (their defaults)
+
+--weights: bf16 (default) casts the whole model to bf16 and runs it without autocast; fp32
+keeps fp32 weights under bf16 autocast, as chat_cli and chat_web serve a checkpoint (autocast
+casts every weight at every step); bf16_linears is theirs with --bf16_linears=1 (the Linear
+weights in bf16, GPT.linears_to).
 
 --speculative=D adds D MTP modules to the model and one more row: batch 1 decoded by
 self-speculative decoding (nanochat/mtp.py; one CUDA graph per round when D = 1 on an
@@ -22,13 +28,15 @@ from the validation shard of --data_dir:
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, compute_init, device_name, get_peak_bandwidth, synchronize
+from nanochat.common import (autocast_for, autodetect_device_type, compute_dtype, compute_init, device_name,
+                             get_peak_bandwidth, synchronize)
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, build_model
 from nanochat.tokenizer import Tokenizer
@@ -56,6 +64,9 @@ parser.add_argument("--data_dir", default=None, help="with --model_tag: the prom
 parser.add_argument("--profile", type=int, default=0,
                     help="N > 0: also profile 16 decode steps at each batch size (CUDA graphs replayed) and print "
                          "the N longest GPU kernels and the kernels a step")
+parser.add_argument("--weights", default="bf16", choices=["bf16", "fp32", "bf16_linears"],
+                    help="bf16: the model cast to bf16, no autocast; fp32: fp32 weights under bf16 autocast (how chat_cli "
+                         "and chat_web serve); bf16_linears: theirs with --bf16_linears=1 (GPT.linears_to)")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=None,
                     help="bytes/s of device memory (default: from the GPU's name, common.PEAKS; H200 4.8e12)")
@@ -70,7 +81,7 @@ if args.model_tag:
     from nanochat.checkpoint_manager import load_model
     from nanochat.dataset import list_parquet_files, parquets_iter_batched, split_files
     model, tokenizer, _ = load_model("base", device, model_tag=args.model_tag)
-    model, config = model.to(dtype).eval(), model.config
+    model, config = model.eval(), model.config
     if args.speculative and config.mtp_depth != args.speculative:
         raise SystemExit(f"--speculative={args.speculative}, but checkpoint {args.model_tag} has "
                          f"{config.mtp_depth if config.mtp else 0} MTP modules")
@@ -80,10 +91,16 @@ if args.model_tag:
 else:
     mtp = dict(mtp=True, mtp_depth=args.speculative) if args.speculative else {}
     config = GPT.config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len, **hybrid, **mtp)
-    model = build_model(config, device).to(dtype).eval()
+    model = build_model(config, device).eval()
     # a byte-level tokenizer needs no training: the engine only uses it for special tokens here
     tokenizer = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     prompt = torch.randint(0, config.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+if args.weights == "bf16":
+    model = model.to(dtype)
+elif args.weights == "bf16_linears":
+    model.linears_to(compute_dtype(device_type))
+# (fp32 weights: bf16 autocast around every generation, as chat_cli and chat_web run it)
+autocast = (lambda: contextlib.nullcontext()) if args.weights == "bf16" else (lambda: autocast_for(device_type))
 if args.stack_qkv:
     model.stack_projections()
 try:
@@ -94,8 +111,10 @@ engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_to
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 engine.compile_mode = args.compile_mode or None
 elt = torch.finfo(dtype).bits // 8
-mtp_params = sum(p.numel() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
-weight_bytes = (model.num_params() - model.wte.weight.numel() - mtp_params) * elt  # every matrix is read each step
+mtp_bytes = sum(p.numel() * p.element_size() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
+# every matrix is read each step, in the dtype it is kept in
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - \
+    model.wte.weight.numel() * model.wte.weight.element_size() - mtp_bytes
 head_dim = config.n_embd // config.n_head
 max_len = len(prompt) + args.new_tokens
 
@@ -104,16 +123,17 @@ rows = []
 runs = [(int(b), False) for b in args.batch_sizes.split(",")] + ([(1, True)] if args.speculative else [])
 for B, speculative in runs:
     for attempt in range(2):  # the first run compiles and captures; time the second
-        synchronize(device_type)
-        t0 = time.time()
-        gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0,
-                              speculative=speculative)
-        next(gen)
-        synchronize(device_type)
-        t_first = time.time()
-        n = 1 + sum(1 for _ in gen)
-        synchronize(device_type)
-        t_end = time.time()
+        with autocast():
+            synchronize(device_type)
+            t0 = time.time()
+            gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0,
+                                  speculative=speculative)
+            next(gen)
+            synchronize(device_type)
+            t_first = time.time()
+            n = 1 + sum(1 for _ in gen)
+            synchronize(device_type)
+            t_end = time.time()
     decode_steps = n - 1  # speculative: tokens after the first, in fewer (longer) forwards
     step_s = (t_end - t_first) / max(decode_steps, 1)
     # attention reads its whole static KV cache (SDPA with a mask), or only the keys each step
@@ -137,12 +157,13 @@ for B, speculative in runs:
 if args.profile:  # where a decode step's time goes: its kernels (a graph replay shows each of them)
     from torch.profiler import ProfilerActivity, profile
     for B, speculative in runs:
-        gen = engine.generate(prompt, num_samples=B, max_tokens=17, temperature=0.0, speculative=speculative)
-        next(gen)  # the prefill, outside the profile
-        synchronize(device_type)
-        with profile(activities=[ProfilerActivity.CUDA if device_type == "cuda" else ProfilerActivity.CPU]) as prof:
-            n = sum(1 for _ in gen)
+        with autocast():
+            gen = engine.generate(prompt, num_samples=B, max_tokens=17, temperature=0.0, speculative=speculative)
+            next(gen)  # the prefill, outside the profile
             synchronize(device_type)
+            with profile(activities=[ProfilerActivity.CUDA if device_type == "cuda" else ProfilerActivity.CPU]) as prof:
+                n = sum(1 for _ in gen)
+                synchronize(device_type)
         if device_type == "cuda":
             events = [e for e in prof.key_averages() if e.device_time_total > 0]
             print(f"batch {B}{' speculative' if speculative else ''}: {sum(e.count for e in events) / max(n, 1):.0f} "
@@ -160,6 +181,6 @@ for r in rows:
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "peak_bandwidth": peak_bandwidth, "results": rows,
+                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))
