@@ -9,7 +9,9 @@ does, so its rate here says nothing about a trained model). Prints a table, then
     python -m scripts.engine_bench --mamba_pattern=AAM            # the same with Mamba-3 layers
     python -m scripts.engine_bench --depth=2 --prompt_len=64 --new_tokens=32 --batch_sizes=1,4 --device_type=cpu
     python -m scripts.engine_bench --speculative=2 --batch_sizes=1  # + greedy self-speculative decoding, 2 MTP modules
-    python -m scripts.engine_bench --weights=fp32 --stack_qkv=1     # as chat_cli / chat_web serve (their defaults)
+    python -m scripts.engine_bench --weights=fp32 --stack_qkv=1     # as chat_cli / chat_web serve with --bf16_linears=0
+    python -m scripts.engine_bench --temperature=0.6 --top_k=50     # sampled, as chat answers (greedy by default)
+    python -m scripts.engine_bench --inductor=combo_kernels=True    # an inductor setting for the decode step's compile
 
 --weights: bf16 (default) casts the whole model to bf16 and runs it without autocast; fp32
 keeps fp32 weights under bf16 autocast, as chat_cli and chat_web serve a checkpoint (autocast
@@ -67,10 +69,31 @@ parser.add_argument("--profile", type=int, default=0,
 parser.add_argument("--weights", default="bf16", choices=["bf16", "fp32", "bf16_linears"],
                     help="bf16: the model cast to bf16, no autocast; fp32: fp32 weights under bf16 autocast (how chat_cli "
                          "and chat_web serve); bf16_linears: theirs with --bf16_linears=1 (GPT.linears_to)")
+parser.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (default); > 0: sampled, as chat does (its default 0.6 with --top_k 50)")
+parser.add_argument("--top_k", type=int, default=0, help="with --temperature > 0: sample from the k most likely (0: all)")
+parser.add_argument("--inductor", default="", help="torch._inductor.config settings for the decode step's compile, "
+                    "name=value pairs, e.g. combo_kernels=True,aggressive_fusion=True (experiments)")
 parser.add_argument("--device_type", default="")
 parser.add_argument("--peak_bandwidth", type=float, default=None,
                     help="bytes/s of device memory (default: from the GPU's name, common.PEAKS; H200 4.8e12)")
 args = parser.parse_args()
+if args.inductor:
+    import ast
+
+    import torch._inductor.config as inductor_config
+    for pair in args.inductor.split(","):
+        name, _, value = pair.partition("=")
+        *path, last = name.strip().split(".")
+        holder = inductor_config
+        for part in path:
+            holder = getattr(holder, part, None)
+        if holder is None or not hasattr(holder, last):
+            parser.error(f"--inductor: torch._inductor.config has no {name.strip()!r} in torch {torch.__version__}")
+        try:
+            setattr(holder, last, ast.literal_eval(value.strip()))
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor: {pair!r}: give name=value with a Python literal value (True, 64, 'x')")
 
 device_type = autodetect_device_type(args.device_type)
 _, _, _, _, device = compute_init(device_type)
@@ -126,8 +149,8 @@ for B, speculative in runs:
         with autocast():
             synchronize(device_type)
             t0 = time.time()
-            gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=0.0,
-                                  speculative=speculative)
+            gen = engine.generate(prompt, num_samples=B, max_tokens=args.new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k or None, speculative=speculative)
             next(gen)
             synchronize(device_type)
             t_first = time.time()
@@ -158,7 +181,8 @@ if args.profile:  # where a decode step's time goes: its kernels (a graph replay
     from torch.profiler import ProfilerActivity, profile
     for B, speculative in runs:
         with autocast():
-            gen = engine.generate(prompt, num_samples=B, max_tokens=17, temperature=0.0, speculative=speculative)
+            gen = engine.generate(prompt, num_samples=B, max_tokens=17, temperature=args.temperature,
+                                  top_k=args.top_k or None, speculative=speculative)
             next(gen)  # the prefill, outside the profile
             synchronize(device_type)
             with profile(activities=[ProfilerActivity.CUDA if device_type == "cuda" else ProfilerActivity.CPU]) as prof:
@@ -181,6 +205,7 @@ for r in rows:
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights, "peak_bandwidth": peak_bandwidth, "results": rows,
+                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights,
+                  "temperature": args.temperature, "top_k": args.top_k, "inductor": args.inductor or None, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

@@ -33,7 +33,8 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     # (its cache-size estimate builds a cache on the meta device: that once raised inside
     # init_cache, which asked autocast about "meta", and the script failed before any figure)
     # a plain model: its q, k, v stacked, a profile, bf16 Linear weights under autocast; a hybrid: fp32 weights
-    extra = ["--weights=fp32"] if pattern else ["--stack_qkv=1", "--profile=3", "--weights=bf16_linears"]
+    extra = ["--weights=fp32"] if pattern else ["--stack_qkv=1", "--profile=3", "--weights=bf16_linears",
+                                                "--temperature=0.8", "--top_k=50", "--inductor=combo_kernels=True"]
     cmd = [sys.executable, "-m", "scripts.engine_bench", "--device_type=cpu", "--depth=3", "--prompt_len=32",
            "--new_tokens=8", "--batch_sizes=1,2", f"--mamba_pattern={pattern}", *extra]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -45,6 +46,7 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     assert r["peak_bandwidth"] is None  # a CPU: no known peak, so no utilization figure
     assert r["stack_qkv"] == (not pattern) and r["decode_kernel"] == "sdpa"
     assert r["weights"] == ("fp32" if pattern else "bf16_linears")
+    assert (r["temperature"], r["top_k"], r["inductor"]) == ((0.0, 0, None) if pattern else (0.8, 50, "combo_kernels=True"))
     assert (out.stdout.count("Self CPU time total") == 2) == (not pattern)  # a profile per batch size
     for row in r["results"]:
         assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0
@@ -80,3 +82,11 @@ def test_long_context_bench_says_when_a_run_times_out(tmp_path):
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "d2-T128-dense-ckpt1 timed out after 1 s (RUN_TIMEOUT)"
+
+
+@pytest.mark.parametrize("value,says", [("no_such_setting=1", "torch._inductor.config has no 'no_such_setting'"),
+                                        ("combo_kernels=yes", "give name=value with a Python literal value")])
+def test_engine_bench_names_a_bad_inductor_setting(value, says):
+    out = subprocess.run([sys.executable, "-m", "scripts.engine_bench", "--device_type=cpu", f"--inductor={value}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
