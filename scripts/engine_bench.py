@@ -1,7 +1,8 @@
 """
 Inference benchmark: time to first token (prefill) and decode tokens/s of the engine
 for several batch sizes, with the memory bandwidth each decode step achieves against
-the bytes it must read (weights + the whole static KV cache). Random weights and a
+the bytes it must read (weights + the whole static KV cache), and the first call's time
+(what a server's first request of that size waits: compile and CUDA-graph capture). Random weights and a
 random prompt (speed does not depend on the values; speculative decoding's acceptance
 does, so its rate here says nothing about a trained model). Prints a table, then one JSON line.
 
@@ -157,6 +158,8 @@ for B, speculative in runs:
             n = 1 + sum(1 for _ in gen)
             synchronize(device_type)
             t_end = time.time()
+        if attempt == 0:  # what a server's first request of this size costs: compile and graph capture included
+            first_call_s = t_end - t0
     decode_steps = n - 1  # speculative: tokens after the first, in fewer (longer) forwards
     step_s = (t_end - t_first) / max(decode_steps, 1)
     # attention reads its whole static KV cache (SDPA with a mask), or only the keys each step
@@ -169,6 +172,7 @@ for B, speculative in runs:
     bw = (weight_bytes + cache_bytes) / step_s
     rows.append({"batch": B, "speculative": speculative, "ttft_ms": round(1000 * (t_first - t0), 1),
                  "decode_step_ms": round(1000 * step_s, 3), "decode_tok_per_s": round(B / step_s),
+                 "first_call_s": round(first_call_s, 2),
                  "bytes_per_step_mb": round((weight_bytes + cache_bytes) / 1e6, 1),
                  "bandwidth_util_percent": round(100 * bw / peak_bandwidth, 1) if peak_bandwidth else None,
                  "tokens": n})
@@ -195,14 +199,14 @@ if args.profile:  # where a decode step's time goes: its kernels (a graph replay
         sort = "self_cuda_time_total" if device_type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=90))
 
-print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8}")
+print(f"{'batch':>6} {'TTFT ms':>9} {'step ms':>9} {'tok/s':>10} {'MB/step':>9} {'BW util':>8} {'1st call s':>10}")
 for r in rows:
     if r["speculative"]:
         print(f"{'1 spec':>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,}   "
               f"acceptance {r['acceptance']:.1%}")
         continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
-          f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}%")
+          f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}% {r['first_call_s']:>10}")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
                   "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights,

@@ -50,6 +50,7 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     assert (out.stdout.count("Self CPU time total") == 2) == (not pattern)  # a profile per batch size
     for row in r["results"]:
         assert row["tokens"] == 8 and row["ttft_ms"] > 0 and row["bytes_per_step_mb"] > 0
+        assert row["first_call_s"] * 1000 >= row["ttft_ms"]  # (the first call: prefill and all its decode steps)
         assert row["bandwidth_util_percent"] is None
         assert row["decode_tok_per_s"] == pytest.approx(row["batch"] / (row["decode_step_ms"] / 1000), rel=0.02)
 
