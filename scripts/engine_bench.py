@@ -14,10 +14,10 @@ does, so its rate here says nothing about a trained model). Prints a table, then
     python -m scripts.engine_bench --temperature=0.6 --top_k=50     # sampled, as chat answers (greedy by default)
     python -m scripts.engine_bench --inductor=combo_kernels=True    # an inductor setting for the decode step's compile
 
---weights: bf16 (default) casts the whole model to bf16 and runs it without autocast; fp32
-keeps fp32 weights under bf16 autocast, as chat_cli and chat_web serve a checkpoint (autocast
-casts every weight at every step); bf16_linears is theirs with --bf16_linears=1 (the Linear
-weights in bf16, GPT.linears_to).
+--weights: bf16 (default) casts the whole model to bf16 and runs it without autocast;
+bf16_linears keeps a checkpoint's fp32 weights but the Linear ones in bf16 (GPT.linears_to)
+under bf16 autocast, as chat_cli and chat_web serve (the same speed); fp32 is theirs with
+--bf16_linears=0 (autocast casts every weight at every step).
 
 --speculative=D adds D MTP modules to the model and one more row: batch 1 decoded by
 self-speculative decoding (nanochat/mtp.py; one CUDA graph per round when D = 1 on an
@@ -68,8 +68,9 @@ parser.add_argument("--profile", type=int, default=0,
                     help="N > 0: also profile 16 decode steps at each batch size (CUDA graphs replayed) and print "
                          "the N longest GPU kernels and the kernels a step")
 parser.add_argument("--weights", default="bf16", choices=["bf16", "fp32", "bf16_linears"],
-                    help="bf16: the model cast to bf16, no autocast; fp32: fp32 weights under bf16 autocast (how chat_cli "
-                         "and chat_web serve); bf16_linears: theirs with --bf16_linears=1 (GPT.linears_to)")
+                    help="bf16: the model cast to bf16, no autocast; bf16_linears: fp32 weights with the Linear ones in "
+                         "bf16 (GPT.linears_to) under bf16 autocast, as chat_cli and chat_web serve; fp32: theirs with "
+                         "--bf16_linears=0 (autocast casts every weight each step)")
 parser.add_argument("--temperature", type=float, default=0.0,
                     help="0: greedy (default); > 0: sampled, as chat does (its default 0.6 with --top_k 50)")
 parser.add_argument("--top_k", type=int, default=0, help="with --temperature > 0: sample from the k most likely (0: all)")
