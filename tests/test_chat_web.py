@@ -639,6 +639,32 @@ def test_batch_slots_below_the_most_answers_is_refused(base_dir):
         LiveServer(base_dir, batch_slots=4)
 
 
+@pytest.mark.parametrize("slots", [0, 8])
+def test_bf16_linears_by_default_every_forward_runs_under_autocast(base_dir, monkeypatch, slots):
+    """With bf16 compute (as on a GPU; here bf16 autocast on the CPU), the default
+    --bf16_linears=1 keeps the Linear weights in bf16, which only works if every forward of
+    every path runs under autocast (an fp32 input against a bf16 weight is an error): the
+    chat stream, completions greedy and sampled, n > 1, one request at a time and batched."""
+    import scripts.chat_web as web
+    monkeypatch.setattr(web, "compute_dtype", lambda device_type: torch.bfloat16)
+    monkeypatch.setattr(web, "autocast_for", lambda device_type: torch.autocast("cpu", dtype=torch.bfloat16))
+    s = LiveServer(base_dir, batch_slots=slots)
+    try:
+        worker = s.app.state.pool.workers[0]
+        assert worker.model.blocks[0].mixer.c_q.weight.dtype == torch.bfloat16
+        assert worker.model.wte.weight.dtype == torch.float32  # (only the Linear weights)
+        with stream("POST", s.url + "/chat/completions", json=chat_body()) as r:
+            assert sse_events(r)[-1] == {"done": True}
+        for body in ({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 0.0},
+                     {"prompt": "Once", "max_tokens": 6, "temperature": 0.9, "top_k": 50, "seed": 3, "n": 2}):
+            r = post(s.url + "/v1/completions", json=body)
+            assert r.status_code == 200 and all(c["text"] for c in r.json()["choices"]), r.text
+        r = post(s.url + "/v1/chat/completions", json=chat_body(temperature=0.0))
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    finally:
+        s.stop()
+
+
 def test_bf16_linears_stack_qkv_and_compile_mode_reach_every_worker(base_dir, monkeypatch):
     """--bf16_linears casts each worker's Linear weights to the device's compute dtype (fp32 on
     a CPU: nothing changes, and answers still come); --stack_qkv stacks each worker's q, k, v
