@@ -27,7 +27,7 @@ from nanochat import mamba3_triton as m3
 from nanochat import mhc_triton as mhc
 
 bf, f32 = "*bf16", "*fp32"
-# name -> (kernel, pointer arguments' types, constexprs); other arguments are int32 (eps, norm: fp32).
+# name -> (kernel, pointer arguments' types, constexprs); other arguments are int32 (eps, norm, scale, a_floor: fp32).
 # d20: P 64, N 128, chunk 64 (Mamba-3); n 4 streams of C 1280 (mHC).
 M3_BLOCKS = dict(CHUNK=64, BT=64, BP=64, BN2=64)
 KERNELS = {
@@ -74,6 +74,9 @@ KERNELS = {
     "decode_segment": (dec._segment, dict(Q=bf, K=bf, V=bf, POS="*i64", M=f32, L=f32, ACC=f32, OUT=bf),
                        dict(PER_ROW=True, GP=16, D=128, SEG=256, BS=dec.BS, PRECISION="tf32", ONE=False)),
     "decode_merge": (dec._merge, dict(M=f32, L=f32, ACC=f32, OUT=bf), dict(NP=32, D=128)),
+    "mamba3_step_state": (m3._step_state, dict(PRJ=bf, DTB=f32, BN=f32, CN=f32, BB=f32, CB=f32, PHI=f32, STATE=f32,
+                                               KPREV=f32, XPREV=f32, YP=f32),
+                          dict(QKNORM=True, BIAS=True, TRAP=True, BP=64, BI=m3.STEP_BI, BN2=128)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
                         dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }
@@ -83,7 +86,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def report(kernel, pointers, constexprs, num_warps):
     """ptxas's line for kernel compiled for sm_90: (registers, stack frame bytes, spill store bytes)."""
     params = list(inspect.signature(kernel.fn).parameters)
-    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("eps", "norm", "scale") else "i32") for p in params}
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "fp32" if p in ("eps", "norm", "scale", "a_floor") else "i32") for p in params}
     src = ASTSource(fn=kernel, signature=sig, constexprs={(params.index(k),): v for k, v in constexprs.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     with tempfile.TemporaryDirectory() as tmp:

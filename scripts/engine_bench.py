@@ -40,6 +40,7 @@ import torch
 
 from nanochat.common import (autocast_for, autodetect_device_type, compute_dtype, compute_init, device_name,
                              get_peak_bandwidth, synchronize)
+from nanochat import mamba3
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, build_model
 from nanochat.tokenizer import Tokenizer
@@ -60,6 +61,9 @@ parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"
                     help="attention of a decode step: SDPA over the whole cache with a mask, or nanochat/decode_triton.py "
                          "(flash-decoding over the visible keys; CUDA)")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
+parser.add_argument("--mamba3_step_kernel", type=int, default=0,
+                    help="1: a Mamba-3 layer's decode state update and readout as one Triton kernel, the state split "
+                         "by columns (mamba3_triton.step_state; NVIDIA GPUs, SISO; mamba3.STEP_KERNEL)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
 parser.add_argument("--model_tag", default="", help="benchmark this base checkpoint (trained weights) instead of random ones")
@@ -128,6 +132,7 @@ elif args.weights == "bf16_linears":
 autocast = (lambda: contextlib.nullcontext()) if args.weights == "bf16" else (lambda: autocast_for(device_type))
 if args.stack_qkv:
     model.stack_projections()
+mamba3.STEP_KERNEL = bool(args.mamba3_step_kernel)
 try:
     model.set_decode_kernel(args.decode_kernel)
 except ValueError as e:
@@ -208,7 +213,7 @@ for r in rows:
         continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}% {r['first_call_s']:>10}")
-print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
+print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mamba3_step_kernel": mamba3.STEP_KERNEL, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
                   "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights,
                   "temperature": args.temperature, "top_k": args.top_k, "inductor": args.inductor or None, "peak_bandwidth": peak_bandwidth, "results": rows,

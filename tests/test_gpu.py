@@ -215,12 +215,17 @@ def test_prefills_on_cuda_run_without_cudnn(monkeypatch):
     assert rel < 2e-2, rel
 
 
-@pytest.mark.parametrize("recipe", [False, True, "hybrid", "memory", "dsa"])
-def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
+@pytest.mark.parametrize("recipe", [False, True, "hybrid", "hybrid_step_kernel", "memory", "dsa"])
+def test_engine_cuda_graph_decode_equals_full_recompute(recipe, monkeypatch):
     """With the recipe, the smear's prev_emb, in a hybrid the Mamba states, and with Engram its
-    token history, must survive the graph's warmup and capture."""
+    token history, must survive the graph's warmup and capture. hybrid_step_kernel: the Mamba-3
+    layers' decode state update as mamba3_triton.step_state (mamba3.STEP_KERNEL) in the graph."""
+    from nanochat import mamba3
     from nanochat.engine import Engine, naive_generate
     from nanochat.tokenizer import Tokenizer
+    if recipe == "hybrid_step_kernel":
+        monkeypatch.setattr(mamba3, "STEP_KERNEL", True)
+        recipe = "hybrid"
     _, gpu = model_pair("SSSL", recipe=recipe)
     gpu.eval()
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})

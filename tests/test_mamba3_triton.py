@@ -379,3 +379,94 @@ def test_mamba3_bench_prints_the_mixer_and_the_ops():
     assert [r["op"] for r in rows if r["what"] == "op"] == ["gate_norm", "turn_qk"]
     assert all(r["fwd_bwd_ms"] > 0 for r in rows if r["what"] == "mixer")
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows if r["what"] == "op")
+
+
+@pytest.mark.parametrize("parts,P,N", [((True, True, True, True, True), 16, 32),
+                                       ((False, False, False, False, False), 16, 32),
+                                       ((True, False, True, False, True), 16, 40),
+                                       ((False, True, False, True, False), 16, 72),
+                                       ((True, True, True, True, True), 48, 40),
+                                       ((True, True, True, True, False), 48, 72)])
+def test_step_state_kernel_equals_the_pytorch_step(parts, P, N, monkeypatch):
+    """mamba3_triton.step_state (STEP_KERNEL) against Mamba3._step in PyTorch, fp32: a prefill,
+    then decode steps from the cache, each part (QK-norm, B/C bias, complex rotary, trapezoid,
+    output norm) on and off: the same outputs and the same cache after every step (state,
+    angle, previous key and input), and under torch.compile (the op mutates the cache). N = 40
+    and 72: three and five blocks of 8 column pairs, the last half masked (and the angles'
+    pairs, N / 4, end inside a block); P = 48: the state's rows masked past 48 of 64."""
+    qknorm, bias, rope, trap, onorm = parts
+    C = 2 * P  # (expand 2: four heads)
+    cfg = GPTConfig(n_embd=C, n_head=2, n_kv_head=2, mamba_pattern="AM", mamba3_d_state=N, mamba3_headdim=P,
+                    mamba3_chunk=8, mamba3_qknorm=qknorm, mamba3_bias=bias, mamba3_complex_rope=rope,
+                    mamba3_trapezoidal=trap, mamba3_outproj_norm=onorm)
+    torch.manual_seed(0)
+    m = Mamba3(cfg, 0, LayerSpec("mamba3", 0)).to(DEV)
+    m.init_weights()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        m.ctrl_proj.weight.mul_(10)  # angles and controls of all sizes (softplus's both ends, turns past 2π)
+    monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"})
+    u = torch.randn(3, 12, C, device=DEV)
+    runs = {}
+    for on in (False, True, "compiled"):
+        monkeypatch.setattr(mamba3, "STEP_KERNEL", bool(on))
+        step = torch.compile(m._step, backend="aot_eager", fullgraph=True, dynamic=False) if on == "compiled" else m._step
+        with torch.no_grad():
+            cache = m.init_cache(3, 0, DEV, torch.float32)
+            m(u[:, :5], Context(None, None, 0, 5, {}), cache)
+            outs, caches = [], []
+            for t in range(5, 12):
+                outs.append(step(u[:, t:t + 1], cache))
+                caches.append([c.clone() for c in (cache.phi, cache.state, cache.k_prev, cache.x_prev)])
+        runs[on] = outs, caches
+    for on in (True, "compiled"):  # (fp32 rounding: angles of tens of radians, softplus's log1p by another route)
+        for got, want in zip(runs[on][0], runs[False][0]):
+            close(got, want, 2e-4)
+        for got, want in zip(runs[on][1], runs[False][1]):
+            for g, w in zip(got, want):
+                if w.numel():
+                    close(g, w, 2e-4)
+    assert runs[False][0][-1].abs().max() > 0 and (runs[False][1][-1][0].numel() > 0) == rope
+
+
+def test_engine_with_the_step_kernel_decodes_full_recomputations_tokens(monkeypatch):
+    """The Engine's decode steps of a hybrid model through mamba3_triton.step_state (the
+    interpreter here; tests/test_gpu.py compiled in a CUDA graph): greedy full recomputation's
+    tokens, for one sample and for three."""
+    from nanochat.engine import Engine, naive_generate
+    from nanochat.gpt import build_model
+    from nanochat.tokenizer import Tokenizer
+    cfg = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, mamba_pattern="MA",
+                    mamba3_d_state=16, mamba3_headdim=16, mamba3_chunk=8, mamba3_qknorm=True, mamba3_bias=True,
+                    mamba3_complex_rope=True, mamba3_trapezoidal=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, DEV).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"})
+    monkeypatch.setattr(mamba3, "STEP_KERNEL", True)
+    calls = []
+    real = mt._step_state_op
+    monkeypatch.setattr(mt, "_step_state_op", lambda *a: calls.append(1) or real(*a))
+    engine = Engine(model, Tokenizer.from_ranks({bytes([i]): i for i in range(256)}), use_tools=False)
+    engine.stop_tokens = set()
+    prompt = list(range(10, 30))
+    ref = naive_generate(model, prompt, 8)
+    for n in (1, 3):
+        out, _ = engine.generate_batch(prompt, num_samples=n, max_tokens=8, temperature=0.0)
+        assert all(row == ref for row in out)
+    assert calls  # the kernel decoded
+
+
+def test_the_step_state_op_passes_opcheck():
+    """torch.library.opcheck on the decode step's op: its schema (the cache tensors it mutates),
+    its fake (shapes, dtype) and the mutation seen as declared."""
+    torch.manual_seed(0)
+    Bsz, H, P, N, A = 2, 2, 16, 40, 10
+    C = 2 * H * P + 2 * N + 3 * H + A
+    f = lambda *s: torch.randn(*s, device=DEV)
+    args = (f(Bsz, C), f(H), f(N), f(N), f(H, 1, N), f(H, 1, N), 6 * torch.rand(Bsz, H, A, device=DEV),
+            f(Bsz, H, P, N), f(Bsz, 1, H, N), f(Bsz, H, P), True)
+    torch.library.opcheck(torch.ops.nanochat.mamba3_step_state, args, test_utils=("test_schema", "test_faketensor"))
