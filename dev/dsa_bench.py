@@ -29,7 +29,8 @@ Cases:
                    the share among each query's 2048 most recent keys and among the first 128,
                    and the blocks flex computes), trained_select, trained_flex (flex_attention
                    alone on that selection; trained_sdpa_causal: dense at the same shapes),
-                   trained_layer (the layer's forward + backward)
+                   trained_layer (the layer's forward + backward); --fresh_indexers=1: the
+                   same with the indexers re-initialized (what the warm-up started from)
 "blocks" is the fraction of 128 x 128 blocks computed, relative to causal attention's.
 What a trained indexer chooses lies between local and spread: the trained_* cases say where.
 """
@@ -59,6 +60,8 @@ parser.add_argument("--only", default="", help="comma-separated case-name prefix
 parser.add_argument("--model_tag", default="", help="also the trained_* cases: this base checkpoint's first DSA layer "
                     "(its trained indexer) on --seq_len tokens of real text (e.g. --only=trained)")
 parser.add_argument("--data_dir", default=None, help="with --model_tag: the text of this directory's validation shard")
+parser.add_argument("--fresh_indexers", type=int, default=0, help="1: with --model_tag, the checkpoint's indexers "
+                    "re-initialized (as before a warm-up): the same model's choices by untrained indexers, to compare")
 args = parser.parse_args()
 assert torch.cuda.is_available(), "dsa_bench needs a CUDA GPU"
 torch.set_float32_matmul_precision(args.precision)
@@ -201,6 +204,11 @@ if args.model_tag:  # a trained indexer's choices on real text
     from nanochat.checkpoint_manager import load_model
     from nanochat.dataset import list_parquet_files, parquets_iter_batched, split_files
     model, tokenizer, _ = load_model("base", torch.device("cuda"), model_tag=args.model_tag)
+    if args.fresh_indexers:
+        torch.manual_seed(0)
+        for b in model.blocks:
+            if isinstance(b.mixer, SparseAttention):
+                b.mixer.indexer.init_weights()
     layer = next(i for i, b in enumerate(model.blocks) if isinstance(b.mixer, SparseAttention))
     split_files(list_parquet_files(args.data_dir), "val")  # a clear error without shards
     ids = []
@@ -230,7 +238,8 @@ if args.model_tag:  # a trained indexer's choices on real text
     bm = block_mask_of(bits, T)
     used = (bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()).item() / causal_blocks
     if wanted("trained_choices"):
-        print(json.dumps({"case": "trained_choices", "model_tag": args.model_tag, "layer": layer, "T": T, "top_k": k_,
+        print(json.dumps({"case": "trained_choices", "model_tag": args.model_tag, "fresh_indexers": bool(args.fresh_indexers),
+                          "layer": layer, "T": T, "top_k": k_,
                           "recent_share": round((chosen_rows & (t - kpos < k_)).sum().item() / chosen_rows.sum().item(), 3),
                           "first_128_share": round((chosen_rows & (kpos < 128)).sum().item() / chosen_rows.sum().item(), 3),
                           "blocks": round(used, 3)}), flush=True)
