@@ -349,6 +349,8 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL, dest_dir=None, max_attempts=5, backo
     if is_eval_bundle(dest_dir):
         return dest_dir
     if os.path.isdir(dest_dir) and os.listdir(dest_dir):
+        if is_eval_bundle(dest_dir):  # another process renamed it into place between the two checks
+            return dest_dir
         raise EvalBundleError(f"{dest_dir} exists but is not an eval bundle (no core.yaml, eval_meta_data.csv "
                               "and eval_data/); move it away or pass another --bundle_dir")
     os.makedirs(os.path.dirname(dest_dir), exist_ok=True)

@@ -423,6 +423,19 @@ def test_download_extract_and_skip(server, tmp_path):
     assert [t["label"] for t in load_core_tasks(str(dest))] == ["tiny_quiz", "tiny_pronouns", "tiny_cloze"]
 
 
+def test_a_bundle_that_appears_between_the_checks_is_taken(server, tmp_path, monkeypatch):
+    """Another process renames the finished bundle into place after this one found no bundle
+    but before it looked whether the directory is taken: that is the bundle, not an error (a
+    race test_concurrent_fetches_all_succeed once hit in CI)."""
+    import nanochat.core_eval as ce
+    dest = tmp_path / "base" / "eval_bundle"
+    shutil.copytree(FIXTURE, dest)
+    real, calls = ce.is_eval_bundle, []
+    monkeypatch.setattr(ce, "is_eval_bundle", lambda d: (calls.append(d) or len(calls) > 1) and real(d))  # the first: not yet
+    assert ensure_eval_bundle(server.url("eval_bundle.zip"), str(dest), max_attempts=1) == str(dest)
+    assert len(calls) == 2 and server.requests == []
+
+
 def test_concurrent_fetches_all_succeed(server, tmp_path):
     """Several processes fetching at once (DDP ranks, several runs on one disk) each
     download to their own temp file: none truncates another's (they shared one .part
