@@ -235,7 +235,8 @@ if args.init_from:
         src_step, src_meta, fresh = init_from(model, checkpoint_dir("base", tag), int(at) if at else None, tokenizer)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--init_from={args.init_from}: {e}")
-    differ = {k: v for k, v in src_meta["model_config"].items() if config.to_dict().get(k) != v}
+    ours = config.to_dict()
+    differ = {k: v for k, v in src_meta["model_config"].items() if ours.get(k) != v}
     print0(f"initialized from base checkpoint {tag} step {src_step}; {len(fresh)} parameters of this model are "
            f"not in it and keep their init" + (f" ({fresh[0]}, ...)" if fresh else "") +
            (f"; its config had {differ}" if differ else ""))
