@@ -74,9 +74,6 @@ KERNELS = {
     "decode_segment": (dec._segment, dict(Q=bf, K=bf, V=bf, POS="*i64", M=f32, L=f32, ACC=f32, OUT=bf),
                        dict(PER_ROW=True, GP=16, D=128, SEG=256, BS=dec.BS, PRECISION="tf32", ONE=False)),
     "decode_merge": (dec._merge, dict(M=f32, L=f32, ACC=f32, OUT=bf), dict(NP=32, D=128)),
-    "mamba3_step_state": (m3._step_state, dict(PRJ=bf, DTB=f32, BN=f32, CN=f32, BB=f32, CB=f32, PHI=f32, STATE=f32,
-                                               KPREV=f32, XPREV=f32, YP=f32),
-                          dict(QKNORM=True, BIAS=True, TRAP=True, BP=64, BI=m3.STEP_BI, BN2=128)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
                         dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }

@@ -105,9 +105,6 @@ def triton_unusable(device, dtype, R):
 
 
 FUSED_DEVICES = {"cuda"}  # where the PyTorch chunked form runs its steps as Triton kernels (below)
-# a decode step's state update and readout as one Triton kernel (mamba3_triton.step_state) where the
-# kernels run; off until timed on a GPU (engine_bench --mamba3_step_kernel=1 turns it on)
-STEP_KERNEL = False
 _fused = None  # (turn_qk, pass_states, chunk_ssd, angles, gate_norm) from nanochat.mamba3_triton once imported
 
 
@@ -425,19 +422,6 @@ class Mamba3(nn.Module):
         """One token per row by the recurrence, the cache updated in place (fixed shapes).
         Without autograd (the engine), the input projections are the cache's one stacked
         matmul: a decode step at batch 1 is bound by kernel launches, not bytes."""
-        if (STEP_KERNEL and self.R == 1 and not torch.is_grad_enabled() and fused_ok(u.device, self.D.dtype)
-                and all(t.is_contiguous() for t in (cache.phi, cache.state, cache.k_prev, cache.x_prev))):
-            from nanochat.mamba3_triton import step_state
-            prj = F.linear(u[:, 0], cache.w_in)  # (B, z | x | B | C | controls)
-            z, x = (prj[:, i * self.d_inner:(i + 1) * self.d_inner].view(-1, 1, self.H, self.P) for i in (0, 1))
-            part = lambda name: getattr(self, name, None)
-            yp = step_state(prj, self.dt_bias, part("B_norm"), part("C_norm"), part("B_bias"), part("C_bias"),
-                            cache.phi, cache.state, cache.k_prev, cache.x_prev, self.trapezoidal)
-            with torch.autocast(u.device.type, enabled=False):
-                v = x.to(yp.dtype).unsqueeze(2)                                  # (B, 1, R, H, P)
-                cache.x_prev.copy_(x[:, 0])  # (after the kernel: every block of a head read the old one)
-                out = self._output(yp.sum(2)[:, None, None], v, z.to(yp.dtype))
-            return self.c_proj(out.to(u.dtype))
         z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in)
         with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
             y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dt[..., None] * theta[:, :, None, :])

@@ -9,8 +9,6 @@ Triton kernels for Mamba-3's chunked form, two kinds:
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton);
-and, for decoding, `step_state`: one token's state update and readout, the state split by
-columns across programs (the last section; opt-in, mamba3.STEP_KERNEL).
 `mamba3.ssd` and `mamba3.rotate` (PyTorch) are the exact references (tests/test_mamba3_triton.py).
 
 Per batch row b and head h, one program walks the chunks of `chunk` tokens in order,
@@ -53,7 +51,6 @@ Runs on the CPU under TRITON_INTERPRET=1 (tests/test_mamba3_triton.py).
 """
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -1083,134 +1080,3 @@ def gate_norm(y, x, z, D, w):
     reference): y, x, z (..., H, P) (y's dtype out), D (H,), w (H, P). int32 offsets: < 2^31
     elements."""
     return _gate(y, x, z, D, w)
-
-
-# ---------------------------------------------------------------------------------------------
-# One decode step's recurrence (Mamba3._recur, SISO), the state split by columns. Per row b,
-# head h and block j of the state's column pairs (2i, 2i+1), from the stacked input
-# projections' output (z | x | B | C | controls):
-#   Δ = softplus(dd_dt + dt_bias), A = -max(softplus(dd_A), A_FLOOR), λ = σ(trap), θ = π tanh(·)
-#   φ' = φ + Δ θ;  k = rot(RMSNorm(B) + B_bias_h, φ'), q = rot(RMSNorm(C) + C_bias_h, φ')
-#   H'[:, cols] = e^{AΔ} H[:, cols] + (1 - λ) Δ e^{AΔ} x_prev k_prev[cols]ᵀ + λ Δ x k[cols]ᵀ
-#   y_j = H'[:, cols] q[cols]      (the readout's share of those columns; y = Σ_j y_j)
-# and the cache's φ (mod 2π), H and k_prev written in place for those columns: each program
-# owns its columns (and their angles), so no program reads what another writes. x_prev is read
-# by every block of the head and so is left to the caller (with y's sum, the skip, the output
-# norm and the gate: one fused kernel when compiled). Why split: at batch 1 a program per head
-# (24 at d12) walking the 64 x 128 state leaves the GPU idle and chains its loads; here each
-# program issues its loads at once. fp32 inside (the reference's B/C norm runs in the input
-# dtype, bf16 under autocast).
-
-
-@triton.jit
-def _softplus(x):
-    """log(1 + e^x) as F.softplus (x > 20: x); log1p by Goldberg's correction, exact to ~1 ulp."""
-    y = tl.exp(tl.minimum(x, 20.0))
-    u = 1.0 + y
-    lp = tl.where(u == 1.0, y, tl.log(u) * y / (u - 1.0))
-    return tl.where(x > 20.0, x, lp)
-
-
-@triton.jit
-def _step_state(PRJ, spb, X_OFF, B_OFF, CTRL_OFF, DTB, BN, CN, BB, CB, PHI, STATE, KPREV, XPREV, YP,
-                H, P, N, A, NB, a_floor, QKNORM: tl.constexpr, BIAS: tl.constexpr, TRAP: tl.constexpr,
-                BP: tl.constexpr, BI: tl.constexpr, BN2: tl.constexpr):
-    b, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bh = b * H + h
-    row = PRJ + b * spb
-    dt = _softplus(tl.load(row + CTRL_OFF + h).to(tl.float32) + tl.load(DTB + h).to(tl.float32))
-    adt = -tl.maximum(_softplus(tl.load(row + CTRL_OFF + H + h).to(tl.float32)), a_floor) * dt
-    if TRAP:
-        lam = tl.sigmoid(tl.load(row + CTRL_OFF + 2 * H + h).to(tl.float32))
-        t0 = CTRL_OFF + 3 * H
-    else:
-        lam = 1.0
-        t0 = CTRL_OFF + 2 * H
-    i = j * BI + tl.arange(0, BI)  # this block's column pairs
-    mi = i < N // 2
-    be = tl.load(row + B_OFF + 2 * i, mask=mi, other=0.0).to(tl.float32)
-    bo = tl.load(row + B_OFF + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-    ce = tl.load(row + B_OFF + N + 2 * i, mask=mi, other=0.0).to(tl.float32)
-    co = tl.load(row + B_OFF + N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-    if QKNORM:  # the RMS over all of B and of C (every block reads them whole)
-        n = tl.arange(0, BN2)
-        mn = n < N
-        bw = tl.load(row + B_OFF + n, mask=mn, other=0.0).to(tl.float32)
-        cw = tl.load(row + B_OFF + N + n, mask=mn, other=0.0).to(tl.float32)
-        rb = tl.rsqrt(tl.sum(bw * bw, axis=0) / N + 1e-5)
-        rc = tl.rsqrt(tl.sum(cw * cw, axis=0) / N + 1e-5)
-        be = be * rb * tl.load(BN + 2 * i, mask=mi, other=0.0).to(tl.float32)
-        bo = bo * rb * tl.load(BN + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-        ce = ce * rc * tl.load(CN + 2 * i, mask=mi, other=0.0).to(tl.float32)
-        co = co * rc * tl.load(CN + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-    if BIAS:
-        be += tl.load(BB + h * N + 2 * i, mask=mi, other=0.0).to(tl.float32)
-        bo += tl.load(BB + h * N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-        ce += tl.load(CB + h * N + 2 * i, mask=mi, other=0.0).to(tl.float32)
-        co += tl.load(CB + h * N + 2 * i + 1, mask=mi, other=0.0).to(tl.float32)
-    ma = i < A  # pair i turns by φ'_i (pairs past A by 0)
-    th = tl.load(row + t0 + i, mask=ma, other=0.0).to(tl.float32)
-    th = 3.141592653589793 * (2.0 * tl.sigmoid(2.0 * th) - 1.0)  # π tanh
-    phi = tl.load(PHI + bh * A + i, mask=ma, other=0.0) + dt * th
-    c, s = tl.where(ma, tl.cos(phi), 1.0), tl.where(ma, tl.sin(phi), 0.0)
-    ke, ko = be * c - bo * s, be * s + bo * c
-    qe, qo = ce * c - co * s, ce * s + co * c
-    kpe = tl.load(KPREV + bh * N + 2 * i, mask=mi, other=0.0)
-    kpo = tl.load(KPREV + bh * N + 2 * i + 1, mask=mi, other=0.0)
-    alpha = tl.exp(adt)
-    beta, gamma = (1.0 - lam) * dt * alpha, lam * dt
-    p = tl.arange(0, BP)
-    mp = p < P
-    x = tl.load(row + X_OFF + h * P + p, mask=mp, other=0.0).to(tl.float32)
-    xp = tl.load(XPREV + bh * P + p, mask=mp, other=0.0)
-    m2 = mp[:, None] & mi[None, :]
-    sp = STATE + (bh * P + p[:, None]) * N + 2 * i[None, :]
-    se = alpha * tl.load(sp, mask=m2, other=0.0) + beta * xp[:, None] * kpe[None, :] + gamma * x[:, None] * ke[None, :]
-    so = alpha * tl.load(sp + 1, mask=m2, other=0.0) + beta * xp[:, None] * kpo[None, :] + gamma * x[:, None] * ko[None, :]
-    tl.store(sp, se, mask=m2)
-    tl.store(sp + 1, so, mask=m2)
-    tl.store(YP + (bh * NB + j) * P + p, tl.sum(se * qe[None, :], axis=1) + tl.sum(so * qo[None, :], axis=1), mask=mp)
-    two_pi = 6.283185307179586
-    tl.store(PHI + bh * A + i, phi - two_pi * tl.floor(phi / two_pi), mask=ma)
-    tl.store(KPREV + bh * N + 2 * i, ke, mask=mi)
-    tl.store(KPREV + bh * N + 2 * i + 1, ko, mask=mi)
-
-
-STEP_BI = 8  # column pairs a program (N = 128: 8 programs a head, each 64 x 16 of the state)
-
-
-@torch.library.custom_op("nanochat::mamba3_step_state", mutates_args=("phi", "state", "k_prev"))
-def _step_state_op(prj: torch.Tensor, dt_bias: torch.Tensor, B_norm: Optional[torch.Tensor],
-                   C_norm: Optional[torch.Tensor], B_bias: Optional[torch.Tensor], C_bias: Optional[torch.Tensor],
-                   phi: torch.Tensor, state: torch.Tensor, k_prev: torch.Tensor, x_prev: torch.Tensor,
-                   trapezoidal: bool) -> torch.Tensor:
-    from nanochat.mamba3 import A_FLOOR
-    Bsz, H, P, N = state.shape
-    A = phi.size(-1)
-    prj = prj if prj.stride(-1) == 1 else prj.contiguous()
-    NB = triton.cdiv(N // 2, STEP_BI)
-    yp = torch.empty(Bsz, H, NB, P, device=prj.device, dtype=torch.float32)
-    d_inner = H * P
-    dummy = dt_bias  # (an unused pointer where a part is off)
-    _step_state[(Bsz, H, NB)](prj, prj.stride(0), d_inner, 2 * d_inner, 2 * d_inner + 2 * N, dt_bias,
-                              B_norm if B_norm is not None else dummy, C_norm if C_norm is not None else dummy,
-                              B_bias if B_bias is not None else dummy, C_bias if C_bias is not None else dummy,
-                              phi, state, k_prev, x_prev, yp, H, P, N, A, NB, A_FLOOR,
-                              QKNORM=B_norm is not None, BIAS=B_bias is not None, TRAP=trapezoidal,
-                              BP=triton.next_power_of_2(P), BI=STEP_BI, BN2=triton.next_power_of_2(N), num_warps=4)
-    return yp
-
-
-@_step_state_op.register_fake
-def _(prj, dt_bias, B_norm, C_norm, B_bias, C_bias, phi, state, k_prev, x_prev, trapezoidal):
-    Bsz, H, P, N = state.shape
-    return prj.new_empty(Bsz, H, triton.cdiv(N // 2, STEP_BI), P, dtype=torch.float32)
-
-
-def step_state(prj, dt_bias, B_norm, C_norm, B_bias, C_bias, phi, state, k_prev, x_prev, trapezoidal):
-    """One token's state update and readout of a SISO Mamba-3 layer (Mamba3._recur, its
-    reference) from prj (B, d_inner z | d_inner x | N B | N C | controls), the stacked input
-    projections' output; the cache's phi (B, H, A), state (B, H, P, N) and k_prev (B, 1, H, N)
-    (fp32, contiguous) updated in place, x_prev (B, H, P) read (the caller writes it). Returns
-    the readout's shares (B, H, blocks, P), fp32: y = their sum over dim 2."""
-    return _step_state_op(prj, dt_bias, B_norm, C_norm, B_bias, C_bias, phi, state, k_prev, x_prev, trapezoidal)

@@ -13,6 +13,7 @@ does, so its rate here says nothing about a trained model). Prints a table, then
     python -m scripts.engine_bench --weights=fp32 --stack_qkv=1     # as chat_cli / chat_web serve with --bf16_linears=0
     python -m scripts.engine_bench --temperature=0.6 --top_k=50     # sampled, as chat answers (greedy by default)
     python -m scripts.engine_bench --inductor=combo_kernels=True    # an inductor setting for the decode step's compile
+    python -m scripts.engine_bench --pdl=0                          # without programmatic dependent launch (Hopper+)
 
 --weights: bf16 (default) casts the whole model to bf16 and runs it without autocast;
 bf16_linears keeps a checkpoint's fp32 weights but the Linear ones in bf16 (GPT.linears_to)
@@ -40,8 +41,7 @@ import torch
 
 from nanochat.common import (autocast_for, autodetect_device_type, compute_dtype, compute_init, device_name,
                              get_peak_bandwidth, synchronize)
-from nanochat import mamba3
-from nanochat.engine import Engine
+from nanochat.engine import Engine, decode_compile_args
 from nanochat.gpt import GPT, build_model
 from nanochat.tokenizer import Tokenizer
 
@@ -55,15 +55,14 @@ parser.add_argument("--batch_sizes", default="1,128")
 parser.add_argument("--cuda_graphs", type=int, default=1)
 parser.add_argument("--compile_mode", default="", help="torch.compile mode of the decode step, e.g. "
                     "max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; long compile)")
+parser.add_argument("--pdl", type=int, default=1, help="0: the decode step compiled without programmatic dependent "
+                    "launch (on by default on Hopper and newer GPUs, as chat serves: engine.decode_compile_args)")
 parser.add_argument("--stack_qkv", type=int, default=0,
                     help="1: each attention layer's q, k, v projections as one matmul (GPT.stack_projections)")
 parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"],
                     help="attention of a decode step: SDPA over the whole cache with a mask, or nanochat/decode_triton.py "
                          "(flash-decoding over the visible keys; CUDA)")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
-parser.add_argument("--mamba3_step_kernel", type=int, default=0,
-                    help="1: a Mamba-3 layer's decode state update and readout as one Triton kernel, the state split "
-                         "by columns (mamba3_triton.step_state; NVIDIA GPUs, SISO; mamba3.STEP_KERNEL)")
 parser.add_argument("--speculative", type=int, default=0,
                     help="D > 0: the model gets D MTP modules, and a batch-1 row decoded speculatively")
 parser.add_argument("--model_tag", default="", help="benchmark this base checkpoint (trained weights) instead of random ones")
@@ -132,7 +131,6 @@ elif args.weights == "bf16_linears":
 autocast = (lambda: contextlib.nullcontext()) if args.weights == "bf16" else (lambda: autocast_for(device_type))
 if args.stack_qkv:
     model.stack_projections()
-mamba3.STEP_KERNEL = bool(args.mamba3_step_kernel)
 try:
     model.set_decode_kernel(args.decode_kernel)
 except ValueError as e:
@@ -140,6 +138,7 @@ except ValueError as e:
 engine = Engine(model, tokenizer, use_cuda_graphs=bool(args.cuda_graphs), use_tools=False)
 engine.stop_tokens = set()  # decode exactly new_tokens tokens (random weights would rarely stop anyway)
 engine.compile_mode = args.compile_mode or None
+engine.pdl = bool(args.pdl)
 elt = torch.finfo(dtype).bits // 8
 mtp_bytes = sum(p.numel() * p.element_size() for p in model.mtp.parameters()) if args.speculative else 0  # not read by plain decoding
 # every matrix is read each step, in the dtype it is kept in
@@ -213,9 +212,9 @@ for r in rows:
         continue
     print(f"{r['batch']:>6} {r['ttft_ms']:>9} {r['decode_step_ms']:>9} {r['decode_tok_per_s']:>10,} "
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}% {r['first_call_s']:>10}")
-print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mamba3_step_kernel": mamba3.STEP_KERNEL, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
+print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights,
+                  "compile_mode": engine.compile_mode, "pdl": "options" in decode_compile_args(None, engine.pdl, model.wte.weight.device), "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "weights": args.weights,
                   "temperature": args.temperature, "top_k": args.top_k, "inductor": args.inductor or None, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))

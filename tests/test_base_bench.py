@@ -33,7 +33,7 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     # (its cache-size estimate builds a cache on the meta device: that once raised inside
     # init_cache, which asked autocast about "meta", and the script failed before any figure)
     # a plain model: its q, k, v stacked, a profile, bf16 Linear weights under autocast; a hybrid: fp32 weights
-    extra = ["--weights=fp32", "--mamba3_step_kernel=1"] if pattern else ["--stack_qkv=1", "--profile=3", "--weights=bf16_linears",
+    extra = ["--weights=fp32", "--pdl=0"] if pattern else ["--stack_qkv=1", "--profile=3", "--weights=bf16_linears",
                                                 "--temperature=0.8", "--top_k=50", "--inductor=combo_kernels=True"]
     cmd = [sys.executable, "-m", "scripts.engine_bench", "--device_type=cpu", "--depth=3", "--prompt_len=32",
            "--new_tokens=8", "--batch_sizes=1,2", f"--mamba_pattern={pattern}", *extra]
@@ -45,7 +45,7 @@ def test_engine_bench_prints_one_consistent_json_line(pattern):
     assert [row["batch"] for row in r["results"]] == [1, 2]
     assert r["peak_bandwidth"] is None  # a CPU: no known peak, so no utilization figure
     assert r["stack_qkv"] == (not pattern) and r["decode_kernel"] == "sdpa"
-    assert r["weights"] == ("fp32" if pattern else "bf16_linears") and r["mamba3_step_kernel"] == bool(pattern)
+    assert r["weights"] == ("fp32" if pattern else "bf16_linears") and r["pdl"] is False  # (a CPU: no PDL either way)
     assert (r["temperature"], r["top_k"], r["inductor"]) == ((0.0, 0, None) if pattern else (0.8, 50, "combo_kernels=True"))
     assert (out.stdout.count("Self CPU time total") == 2) == (not pattern)  # a profile per batch size
     for row in r["results"]:

@@ -283,6 +283,27 @@ def test_the_decode_step_compiles_with_the_engines_compile_mode(tokenizer, monke
     assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
 
 
+def test_pdl_joins_the_decode_compile_only_on_hopper_gpus_whose_torch_has_it(monkeypatch):
+    """decode_compile_args: programmatic dependent launch (inductor's triton.enable_pdl) as
+    torch.compile options with the mode's own, only with pdl on, on CUDA, compute capability
+    9 or more and a torch that has the setting (it appeared after 2.9); the mode alone otherwise."""
+    from nanochat import engine
+    from nanochat.engine import decode_compile_args
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    if not engine.torch_has_pdl():
+        assert decode_compile_args("max-autotune", True, cuda) == {"mode": "max-autotune"}  # (no capability asked)
+        monkeypatch.setattr(engine, "torch_has_pdl", lambda: True)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    mode = "max-autotune-no-cudagraphs"
+    assert decode_compile_args(mode, True, cuda) == {"options": {"max_autotune": True, "coordinate_descent_tuning": True,
+                                                                 "triton.enable_pdl": True}}
+    assert decode_compile_args(None, True, cuda) == {"options": {"triton.enable_pdl": True}}
+    assert decode_compile_args(mode, False, cuda) == decode_compile_args(mode, True, cpu) == {"mode": mode}
+    capability[0] = (8, 0)  # an A100: no PDL
+    assert decode_compile_args(None, True, cuda) == {"mode": None}
+
+
 @pytest.mark.parametrize("extra", ["plain", *EXTRAS, "mtp"])
 def test_bf16_linears_under_autocast_give_the_same_outputs(tokenizer, extra):
     """GPT.linears_to(bf16) (dev/batch_bench.py --bf16_linears): under bf16 autocast on the CPU
