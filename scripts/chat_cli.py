@@ -45,7 +45,8 @@ parser.add_argument("--decode_kernel", default="auto", choices=["auto", "sdpa", 
                     help="attention of a decode step: flash-decoding over the visible keys (nanochat/decode_triton.py: "
                          "CUDA, power-of-two head dim) or SDPA with a mask; auto (default): triton where it runs")
 parser.add_argument("--compile_mode", default=None, help="torch.compile mode of the decode step, e.g. "
-                    "max-autotune-no-cudagraphs (1.4x batch-1 decode on an H200, after a longer compile: autotuning; docs/engine.md)")
+                    "max-autotune-no-cudagraphs (1.17x batch-1 decode on an H200, after ~45 s more compile the first time: "
+                    "autotuning; docs/engine.md)")
 parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
 args = parser.parse_args()
 if args.max_tokens < 1:

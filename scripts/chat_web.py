@@ -806,8 +806,9 @@ if __name__ == "__main__":
                         help="1 (default): keep the Linear weights in bf16 on GPUs (GPT.linears_to); 0: fp32 weights that "
                              "autocast casts at every step (a d12 decodes 1.46x faster at batch 1 with 1 on an H200; docs/serving.md)")
     parser.add_argument("--compile_mode", default=None,
-                        help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.4x batch-1 "
-                             "decode in engine_bench on an H200, a longer compile at startup: autotuning; docs/engine.md)")
+                        help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs (1.17x batch-1 "
+                             "decode in engine_bench on an H200, none at batch 128; ~45 s more startup the first time: "
+                             "autotuning; docs/engine.md)")
     parser.add_argument("--stack_qkv", type=int, default=1,
                         help="1 (default): each attention layer's q, k, v projections as one matmul when decoding "
                              "(GPT.stack_projections: fewer kernels a step; docs/engine.md); 0: three")
