@@ -255,7 +255,9 @@ class Engine:
         self.spec_stats = {}
         self._compiled_step = None
         self.compile_mode = None  # torch.compile's mode for the decode step (engine_bench --compile_mode)
-        self.pdl = True  # programmatic dependent launch in the compiled decode step, where it exists (above)
+        # programmatic dependent launch in the compiled decode step and MTP rounds where it exists (above);
+        # read when they are first compiled
+        self.pdl = True
         self._decoders = {}  # batch-1 decoders kept between calls: (cache length, autocast) -> Decoder, oldest first
         self._rounds = {}  # the same for the speculative rounds (mtp.Rounds)
         s = tokenizer.encode_special
@@ -388,7 +390,8 @@ class Engine:
         if temperature < 1e-5 and static_ready(self.model) and len(tokens) + max_tokens < self.model.rotary_len:
             # one MTP module, attention only: fixed-shape rounds, each one CUDA graph
             graph = self.device.type == "cuda" and self.use_cuda_graphs
-            gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph, pool=self._rounds)
+            gen = speculative_static(self.model, tokens, max_tokens, self.spec_stats, cuda_graph=graph, pool=self._rounds,
+                                     pdl=self.pdl)
         else:
             gen = speculative_generate(self.model, tokens, max_tokens, self.spec_stats, temperature, top_k, rng)
         tool, out = ToolState(self.tokenizer) if self.use_tools else None, []

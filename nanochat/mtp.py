@@ -198,20 +198,20 @@ def static_round(model, cache, mcache, blk, pos_t):
     return g, acc, g.gather(1, keep), drafts.gather(1, keep)
 
 
-_compiled_round = None  # compiled once per process; recompiled only for another cache length
+_compiled_rounds = {}  # pdl -> static_round compiled once per process (recompiled only for another cache length)
 
 
-def _round_runner(model, cache, mcache, blk, pos_t, cuda_graph):
-    """static_round as a function of no arguments: plain, or compiled and captured as one
-    CUDA graph (warmed up at the cache's last two positions, which every round writes
+def _round_runner(model, cache, mcache, blk, pos_t, cuda_graph, pdl=True):
+    """static_round as a function of no arguments: plain, or compiled (with programmatic
+    dependent launch where pdl and the GPU allow: engine.decode_compile_args) and captured
+    as one CUDA graph (warmed up at the cache's last two positions, which every round writes
     before it reads them, with the smear's state restored after)."""
     if not cuda_graph:
         return lambda: static_round(model, cache, mcache, blk, pos_t)
-    from nanochat.engine import capture_graph
-    global _compiled_round
-    if _compiled_round is None:
-        _compiled_round = torch.compile(static_round, dynamic=False)
-    step = _compiled_round
+    from nanochat.engine import capture_graph, decode_compile_args
+    if pdl not in _compiled_rounds:
+        _compiled_rounds[pdl] = torch.compile(static_round, dynamic=False, **decode_compile_args(None, pdl, pos_t.device))
+    step = _compiled_rounds[pdl]
     pos_t.fill_(cache.max_len - 2)
     graph, out = capture_graph(lambda: step(model, cache, mcache, blk, pos_t), cache)
     return lambda: (graph.replay(), out)[1]
@@ -223,14 +223,14 @@ class Rounds:
     cuda_graph=True). Made before the prefill, which is then loaded into its caches, so it
     can be kept for the next request (Engine: the capture cost more than the prefill)."""
 
-    def __init__(self, model, max_len, cuda_graph):
+    def __init__(self, model, max_len, cuda_graph, pdl=True):
         dev, dtype = model.wte.weight.device, model.wte.weight.dtype
         # module 1's cache as the Drafter makes it (not a whole Drafter: its hidden-state buffer is large)
         self.cache = model.init_cache(1, max_len)
         self.mcache = model.mtp.blocks[0].mixer.init_cache(1, max_len, dev, dtype)
         self.blk = torch.zeros(1, 2, dtype=torch.long, device=dev)
         self.pos_t = torch.zeros((), dtype=torch.long, device=dev)
-        self.run = _round_runner(model, self.cache, self.mcache, self.blk, self.pos_t, cuda_graph)
+        self.run = _round_runner(model, self.cache, self.mcache, self.blk, self.pos_t, cuda_graph, pdl)
         self.busy = False
 
     def load(self, cache, mcache):
@@ -240,12 +240,13 @@ class Rounds:
 
 
 @torch.inference_mode()
-def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, pool=None):
+def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, pool=None, pdl=True):
     """speculative_generate for static_ready models, one fixed-shape round per step
     (static_round; one CUDA graph with cuda_graph=True) and one host sync per round to
     read its tokens. The same tokens as greedy decoding, up to argmax ties within the
     rounding difference between a two-token forward and one token at a time. pool: a dict
-    that keeps the rounds' caches and graph between calls (engine.pooled; the Engine's)."""
+    that keeps the rounds' caches and graph between calls (engine.pooled; the Engine's); pdl:
+    the compiled round with programmatic dependent launch where it exists (Engine.pdl)."""
     if not static_ready(model):
         raise ValueError("speculative_static needs one MTP module and attention-only layers without Engram")
     stats = {} if stats is None else stats
@@ -258,7 +259,7 @@ def speculative_static(model, tokens, max_tokens, stats=None, cuda_graph=False, 
     max_len = cache_length(model, max_len)  # as the engine: fewer lengths to compile for
 
     def make():
-        return Rounds(model, max_len, cuda_graph)
+        return Rounds(model, max_len, cuda_graph, pdl)
     rounds = make() if pool is None else pooled(pool, max_len, make, model, cuda_graph)  # before the first token
     cache, drafter = model.init_cache(1, max_len), Drafter(model, max_len)
     logits, h = model(torch.tensor([tokens], device=dev), cache=cache, return_hidden=True)

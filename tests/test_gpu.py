@@ -316,9 +316,10 @@ def test_batcher_tool_call_on_cuda_as_the_engine(tokenizer, monkeypatch):
 
 def test_speculative_cuda_graph_rounds_equal_greedy():
     """Speculative decoding's rounds captured as CUDA graphs (one MTP module, attention only)
-    give greedy decoding's tokens, with drafts kept (trained modules) and rejected."""
+    give greedy decoding's tokens, with drafts kept (trained modules) and rejected; the rounds
+    compiled with programmatic dependent launch where it exists (the default), then without."""
     from nanochat.engine import naive_generate
-    from nanochat.mtp import speculative_static
+    from nanochat.mtp import _compiled_rounds, speculative_static
     from test_speculative import progression_model
     model = progression_model(smear=True).cuda()
     drafted = accepted = 0
@@ -329,7 +330,9 @@ def test_speculative_cuda_graph_rounds_equal_greedy():
             naive_generate(model, prompt, 20)
         drafted, accepted = drafted + stats["drafted"], accepted + stats["accepted"]
     assert 0 < accepted < drafted, (accepted, drafted)
-    assert len(pool) == 1
+    assert len(pool) == 1 and True in _compiled_rounds
+    assert list(speculative_static(model, [2, 4], 20, cuda_graph=True, pdl=False)) == naive_generate(model, [2, 4], 20)
+    assert False in _compiled_rounds
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 6), (8, 2)])
