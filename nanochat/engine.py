@@ -34,13 +34,15 @@ def torch_has_pdl():
 
 def decode_compile_args(mode, pdl, device):
     """torch.compile's arguments for the decode step: `mode` (None: the default), and with `pdl`
-    on a GPU of compute capability 9 or more (Hopper) whose torch has the setting, inductor's
+    on an NVIDIA GPU of compute capability 9 or more (Hopper; ROCm reports its own numbers
+    through the same call, so not there) whose torch has the setting, inductor's
     programmatic dependent launch (triton.enable_pdl: each kernel may start while the one before
     it finishes, its launch and prologue hidden behind that one's tail). A batch-1 decode step is
     ~140 small kernels back to back: on an H200 (d12) it took 0.470 ms a step without, 0.416 with
     (docs/benchmarks.md). torch.compile takes a mode or options, not both: the mode becomes its
     options here."""
-    if not (pdl and device.type == "cuda" and torch_has_pdl() and torch.cuda.get_device_capability(device)[0] >= 9):
+    if not (pdl and device.type == "cuda" and torch.version.hip is None and torch_has_pdl()
+            and torch.cuda.get_device_capability(device)[0] >= 9):
         return {"mode": mode}
     from torch._inductor import list_mode_options
     return {"options": {**list_mode_options(mode or "default"), "triton.enable_pdl": True}}

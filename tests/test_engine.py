@@ -302,6 +302,9 @@ def test_pdl_joins_the_decode_compile_only_on_hopper_gpus_whose_torch_has_it(mon
     assert decode_compile_args(mode, False, cuda) == decode_compile_args(mode, True, cpu) == {"mode": mode}
     capability[0] = (8, 0)  # an A100: no PDL
     assert decode_compile_args(None, True, cuda) == {"mode": None}
+    capability[0] = (9, 4)  # an AMD MI300 under ROCm reads as 9.4: no PDL either
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert decode_compile_args(None, True, cuda) == {"mode": None}
 
 
 @pytest.mark.parametrize("extra", ["plain", *EXTRAS, "mtp"])
