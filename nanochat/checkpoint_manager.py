@@ -316,8 +316,15 @@ def _agree(ok, device):
 
 def _load_latest_good(directory, step, load, device=None):
     """load(step) for the given step, or (step None) for the latest complete step whose
-    files are intact, going back one step at a time with a warning past damaged ones."""
+    files are intact, going back one step at a time with a warning past damaged ones.
+    device (under DDP): the ranks try rank 0's list of steps and vote on each, so they load
+    the same step even when one of them sees the directory otherwise (a save in progress,
+    another disk)."""
     candidates = [step] if step is not None else list(reversed(_complete_steps(directory)))
+    if step is None and device is not None and _ddp():
+        box = [candidates]
+        torch.distributed.broadcast_object_list(box, src=0, device=device)
+        candidates = box[0]
     if not candidates:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
     first_error = None
@@ -325,7 +332,7 @@ def _load_latest_good(directory, step, load, device=None):
         error = None
         try:
             result = load(s)
-        except CheckpointCorrupt as e:
+        except (CheckpointCorrupt, FileNotFoundError) as e:  # (a file that one rank lacks: the vote, not a hang)
             error, result = e, None
         if _agree(error is None, device):
             if first_error is not None:
@@ -357,14 +364,31 @@ def _build(model_state, meta, device, phase):
     return model
 
 
-def init_from(model, directory, step=None, tokenizer=None):
+# Model config fields that may differ between a model and the checkpoint init_from loads into it:
+# the context (positions, windows) and switches that add modules the checkpoint lacks (their
+# parameters keep their init). Any other difference could give the loaded weights another meaning
+# at the same shapes (n_head at the same n_embd, softcap, qk_scale, a Mamba-3 part), so it is refused.
+INIT_FROM_MAY_DIFFER = ("sequence_len", "rope_base", "window_pattern", "short_window_div", "window_tile",
+                        "dsa_start_layer", "dsa_top_k", "dsa_heads", "dsa_dim", "mtp", "mtp_lambda", "mtp_depth",
+                        "engram_layers", "mhc", "value_embeds", "smear", "backout", "layer_lambdas", "ref_init")
+
+
+def init_from(model, directory, step=None, tokenizer=None, device=None):
     """Load a checkpoint's weights into a model that may have more parameters: a dense model's
     into the same model with DSA layers, whose indexers it lacks (DeepSeek-V3.2 trains its
-    indexers from a dense checkpoint). Every tensor of the checkpoint must have one of the
-    same name and shape in the model (ValueError naming the first that has not); the model's
-    other parameters keep their values. Returns (step, meta, names of the parameters kept)."""
+    indexers from a dense checkpoint). The configs may differ only in INIT_FROM_MAY_DIFFER's
+    fields, and every tensor of the checkpoint must have one of the same name and shape in the
+    model (ValueError naming the first that does not); the model's other parameters keep their
+    values. device: the ranks' vote under DDP (all load the same step; call on every rank).
+    Returns (step, meta, names of the parameters kept)."""
     step, (state, _, meta) = _load_latest_good(
-        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer))
+        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer), device)
+    theirs, ours = GPTConfig.from_dict(meta["model_config"]).to_dict(), model.config.to_dict()
+    bad = [k for k in ours if k not in INIT_FROM_MAY_DIFFER and theirs.get(k) != ours[k]]
+    if bad:
+        raise ValueError(f"{directory} step {step} has {bad[0]}={theirs.get(bad[0])!r} and this model "
+                         f"{bad[0]}={ours[bad[0]]!r}: give the checkpoint's model flags (only the context and new "
+                         f"modules may differ: {', '.join(INIT_FROM_MAY_DIFFER)})")
     own = model.state_dict()
     extra = [k for k in state if k not in own]
     if extra:

@@ -84,7 +84,8 @@ parser.add_argument("--save_every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--resume_from_step", type=int, default=-1, help="resume from this checkpoint step (-1: start fresh; 0: latest)")
 parser.add_argument("--init_from", default="", help="start from base checkpoint TAG's weights (its latest step; TAG:STEP "
                     "for another) with fresh optimizers at step 0; this model may add modules: e.g. a dense run, then "
-                    "--dsa --dsa_warmup_steps=N from it (DeepSeek-V3.2 trains its indexers from a dense model)")
+                    "--dsa --dsa_warmup_steps=N from it (DeepSeek-V3.2 trains its indexers from a dense model); the other model "
+                    "flags as TAG's but the context (checkpoint_manager.INIT_FROM_MAY_DIFFER), and another --model_tag")
 parser.add_argument("--model_tag", default="", help="checkpoint directory name (default: d<depth>)")
 parser.add_argument("--data_dir", default=None, help="parquet shards (default: $NANOCHAT_DATA_DIR or downloaded shards)")
 parser.add_argument("--streaming_data", action="store_true",
@@ -231,10 +232,15 @@ if args.init_from:
     tag, _, at = args.init_from.partition(":")
     if not tag or (at and not at.isdigit()):
         raise SystemExit(f"--init_from={args.init_from}: give a base checkpoint's model tag, or TAG:STEP")
+    if os.path.abspath(checkpoint_dir("base", tag)) == os.path.abspath(ckpt_dir):
+        raise SystemExit(f"--init_from={args.init_from}: this run would save its steps into {ckpt_dir}, the run it "
+                         "starts from: give it another --model_tag")
     try:
-        src_step, src_meta, fresh = init_from(model, checkpoint_dir("base", tag), int(at) if at else None, tokenizer)
+        src_step, src_meta, fresh = init_from(model, checkpoint_dir("base", tag), int(at) if at else None, tokenizer,
+                                              device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--init_from={args.init_from}: {e}")
+    user_config["init_from"] = f"{tag}:{src_step}"  # the step loaded, in every checkpoint's meta (and across resumes)
     ours = config.to_dict()
     differ = {k: v for k, v in src_meta["model_config"].items() if ours.get(k) != v}
     print0(f"initialized from base checkpoint {tag} step {src_step}; {len(fresh)} parameters of this model are "
@@ -263,6 +269,7 @@ if args.resume_from_step >= 0:
         print0(f"warning: the checkpoint's run had {meta['num_iterations']} steps, this one {num_iterations}: "
                "the learning-rate schedule continues at the new length")
     val_bpb, min_val_bpb, core_metric = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf")), meta.get("core_metric")
+    user_config["init_from"] = meta.get("user_config", {}).get("init_from", "")  # where the run's weights began
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
 

@@ -328,6 +328,7 @@ def test_dsa_warmup_from_a_dense_run_moves_only_the_indexers(base_dir, corpus_di
     for name, t in dense.items():  # twelve warm-up steps left every weight of the dense run as it was
         assert torch.equal(warm[name], t), name
     meta = json.loads((ckpts / "warm" / "meta_000012.json").read_text())
+    assert meta["user_config"]["init_from"] == "dense:6"  # the step loaded, not only the tag given
     assert meta["timed_steps"] == 2  # (steps 11 and 12: the first ten of a process are not timed)
     assert meta["timed_flops"] == pytest.approx(2 * 256 * meta["flops_per_token"] / 3)
     # its sparse stage, continued from the warm-up's checkpoint, trains the whole model
@@ -336,6 +337,7 @@ def test_dsa_warmup_from_a_dense_run_moves_only_the_indexers(base_dir, corpus_di
     assert list(losses(resumed)) == ["00013", "00014"]
     after = torch.load(ckpts / "warm" / "model_000014.pt")
     assert not torch.equal(after["blocks.0.mixer.c_q.weight"], warm["blocks.0.mixer.c_q.weight"])
+    assert json.loads((ckpts / "warm" / "meta_000014.json").read_text())["user_config"]["init_from"] == "dense:6"
 
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
     for flags, says in [(["--init_from=nothing"], "--init_from=nothing: no complete checkpoint in"),
@@ -343,6 +345,9 @@ def test_dsa_warmup_from_a_dense_run_moves_only_the_indexers(base_dir, corpus_di
                         (["--init_from=dense:5"], "--init_from=dense:5: "),
                         (["--init_from=dense", "--resume_from_step=0"], "give one of them"),
                         (["--init_from=dense", "--depth=3"], "give the checkpoint's model flags"),
+                        # the same shapes, another meaning: two heads of 64 where the checkpoint has one of 128
+                        (["--init_from=dense", "--head_dim=64"], "has n_head=1 and this model n_head=2: give the"),
+                        (["--init_from=dense", "--model_tag=dense"], "the run it starts from: give it another --model_tag"),
                         (["--init_from=warm"], "tensors this model lacks (first: blocks.1.mixer.indexer.")]:
         out = subprocess.run(train_command(corpus_dir, *flags), cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=120)

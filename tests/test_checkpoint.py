@@ -311,3 +311,29 @@ def test_random_checkpoint_loads_and_never_picks_a_special_token(tokenizer, tmp_
         logits = model(torch.tensor([[tok.get_bos_token_id(), 5, 6, 7]]))[0, -1]
     special = [tok.encode_special(name) for name in tok.get_special_tokens()]
     assert torch.all(logits[special] == 0) and logits.abs().max() > 0
+
+
+def _latest_worker(rank, world, init_file, directory, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        if rank == 1:  # this rank sees a newer step (a save in progress, another disk): rank 0's list wins
+            real = cm._complete_steps
+            cm._complete_steps = lambda d: real(d) + [9]
+        step, (state, _, _) = cm._load_latest_good(directory, None, lambda s: cm.load_checkpoint(directory, s),
+                                                   torch.device("cpu"))
+        torch.save((step, state["w"][0, 0].item()), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_list_different_latest_steps_load_rank_0s(tmp_path):
+    """Under DDP the latest step is rank 0's pick (broadcast), and every rank loads it: before,
+    each rank listed the directory itself, and a rank that saw another step loaded it (or,
+    for a file it then lacked, raised while the others went on)."""
+    import torch.multiprocessing as mp
+    ckpt = tmp_path / "ckpt"
+    save(ckpt, 3, 1.0)
+    save(ckpt, 5, 2.0)
+    mp.spawn(_latest_worker, args=(2, str(tmp_path / "init"), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [(5, 2.0), (5, 2.0)]
