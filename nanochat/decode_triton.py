@@ -36,7 +36,9 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
              PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
              PRECISION: tl.constexpr, ONE: tl.constexpr):
     pid, seg = tl.program_id(0), tl.program_id(1)
-    b, hk = pid // Hkv, pid % Hkv
+    # the row in int64: b * skb passes 2^31 once a layer's cache holds 2^31 elements (4 GiB in bf16;
+    # e.g. 96 rows of 32K keys, 8 heads of 128), and int32 offsets would wrap there
+    b, hk = (pid // Hkv).to(tl.int64), pid % Hkv
     if PER_ROW:
         pos = tl.load(POS + b).to(tl.int32)
     else:
@@ -77,7 +79,7 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
 
 @triton.jit
 def _merge(M, L, ACC, OUT, NSEG, NP: tl.constexpr, D: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, NP)
     d = tl.arange(0, D)
     m = tl.load(M + bh * NSEG + j, mask=j < NSEG, other=-1e30)

@@ -270,6 +270,25 @@ def test_triton_decode_attention_matches_sdpa_on_cuda():
     assert all(row == naive_generate(gpu, prompt, 24) for row in out)
 
 
+def test_triton_decode_attention_past_2_to_the_31_cache_elements():
+    """A cache of 3 rows x 8 heads x 2^20 keys x 128 (2^30 elements a row, 12 GiB for K and V
+    in bf16): row 2 starts at element 2^31, where int32 offsets wrapped (they are int64 now).
+    Each row against SDPA over that row alone."""
+    import torch.nn.functional as F
+    from nanochat.decode_triton import decode_attention
+    torch.manual_seed(0)
+    B, Hkv, S, D = 3, 8, 2 ** 20, 128
+    q = torch.randn(B, Hkv, 1, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos, window = torch.tensor([S - 1, 5000, S - 1], device="cuda"), 4096
+    got = decode_attention(q, k, v, pos, window).float()
+    for b in range(B):
+        p = int(pos[b])
+        lo = max(0, p - window + 1)
+        want = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, lo:p + 1], v[b:b + 1, :, lo:p + 1]).float()
+        assert (got[b:b + 1] - want).norm() / want.norm() < 1e-2, b
+
+
 @pytest.mark.parametrize("recipe,slots,decode_kernel", [(False, 4, "sdpa"), ("hybrid", 4, "sdpa"), ("memory", 4, "sdpa"),
                                                         ("dsa", 4, "sdpa"), (False, 32, "sdpa"), ("hybrid", 32, "sdpa"),
                                                         (True, 32, "triton")])
