@@ -36,9 +36,12 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
              PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
              PRECISION: tl.constexpr, ONE: tl.constexpr):
     pid, seg = tl.program_id(0), tl.program_id(1)
-    # the row in int64: b * skb passes 2^31 once a layer's cache holds 2^31 elements (4 GiB in bf16;
-    # e.g. 96 rows of 32K keys, 8 heads of 128), and int32 offsets would wrap there
-    b, hk = (pid // Hkv).to(tl.int64), pid % Hkv
+    b, hk = pid // Hkv, pid % Hkv
+    # the row's keys and values from int64 offsets: b * skb passes 2^31 once a layer's cache holds 2^31
+    # elements (4 GiB in bf16; e.g. 96 rows of 32K keys, 8 heads of 128), where int32 would wrap; the
+    # offsets within a row stay int32 (int64 ones there cost registers: the kernel spilled)
+    k_row = K + b.to(tl.int64) * skb + hk * skh
+    v_row = V + b.to(tl.int64) * svb + hk * svh
     if PER_ROW:
         pos = tl.load(POS + b).to(tl.int32)
     else:
@@ -57,13 +60,13 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
     for i in tl.range(0, SEG // BS):
         cols = seg * SEG + i * BS + tl.arange(0, BS)
         seen = (cols >= s0) & (cols < s1)
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0)
+        k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0)
         x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         x = tl.where(seen[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         p = tl.exp(x - m_new[:, None])
         alpha = tl.exp(m - m_new)
-        v = tl.load(V + b * svb + hk * svh + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+        v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, 1)
         m = m_new
@@ -79,7 +82,7 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
 
 @triton.jit
 def _merge(M, L, ACC, OUT, NSEG, NP: tl.constexpr, D: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(0)
     j = tl.arange(0, NP)
     d = tl.arange(0, D)
     m = tl.load(M + bh * NSEG + j, mask=j < NSEG, other=-1e30)

@@ -44,7 +44,9 @@ def _scores(Q, W, K, OUT, R, S, q_pos0, k_pos0, window, norm,
             sqb, sqr, sqh, swb, swr, skb, sks, sob, sor,
             H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr,
             PRECISION: tl.constexpr):
-    pr, ps, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # the batch row in int64: a chunk's scores are B x 2^26 floats at most (dsa.CHUNK per row), past
+    # 2^31 from 33 rows on (e.g. 8K tokens at device batch 64), where int32 offsets would wrap
+    pr, ps, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     rows = pr * BR + tl.arange(0, BR)
     cols = ps * BS + tl.arange(0, BS)
     d = tl.arange(0, BD)  # (BD: D rounded up to a power of two, at least 16, as tl.dot needs)
@@ -88,7 +90,7 @@ def _or(a, b):
 @triton.jit
 def _chosen_bits(SC, KTH, ROOM, OUT, R, S, W, ssb, ssr, sob, sor,
                  BR: tl.constexpr, BW: tl.constexpr):
-    pr, b = tl.program_id(0), tl.program_id(1)
+    pr, b = tl.program_id(0), tl.program_id(1).to(tl.int64)  # (int64: as in _scores)
     rows = pr * BR + tl.arange(0, BR)
     live = rows < R
     kth = tl.load(KTH + b * R + rows, mask=live, other=float("inf"))
