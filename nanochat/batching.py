@@ -219,22 +219,28 @@ class Batcher:
         except Exception as e:
             self._deliver([(req.sink, e) for req in reqs])
             return
-        rows, src_rows, failed = [], [], []
+        rows, src_rows, failed, admitted = [], [], [], []
         for i, req in enumerate(reqs):
             try:
                 req.bias_t = bias_vector(req.bias, logits.size(-1), device)
+                if any(req.penalties) or req.bias:
+                    req.counts = torch.zeros(req.n, logits.size(-1), device=device)
             except Exception as e:
                 failed.append((req.sink, e))
                 continue
-            if any(req.penalties) or req.bias:
-                req.counts = torch.zeros(req.n, logits.size(-1), device=device)
             req.logits = logits[i:i + 1].expand(req.n, -1)
             req.slots, self.free = self.free[:req.n], self.free[req.n:]
             rows, src_rows = rows + req.slots, src_rows + [i] * req.n
-            self.active.append(req)
+            admitted.append(req)
         self._deliver(failed)  # (first: a failing copy below must not keep their errors from them)
-        if rows:  # every admitted row in one copy per cache tensor (a copy per row was ~40 small kernels)
-            self.cache.load_rows(prefill, rows, src_rows)
+        try:
+            if rows:  # every admitted row in one copy per cache tensor (a copy per row was ~40 small kernels)
+                self.cache.load_rows(prefill, rows, src_rows)
+        except Exception as e:  # (out of memory, say): these requests get the error and give their rows back
+            self.free = sorted(self.free + rows)
+            self._deliver([(req.sink, e) for req in admitted])
+            return
+        self.active += admitted
 
     def _make_stepper(self):
         """The batch cache, and a decode step (on CUDA a captured graph) for each of a few row

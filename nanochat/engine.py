@@ -26,6 +26,7 @@ from collections import deque
 
 import torch
 
+from nanochat.common import logger
 
 def torch_has_pdl():
     import torch._inductor.config as inductor_config
@@ -124,7 +125,11 @@ def run_tool(expression, timeout=3.0):
     lines = expression.splitlines()
     # a single expression prints its value; a snippet prints what it prints
     code = f"print({expression})" if len(lines) == 1 and _is_expression(expression) else expression
-    result = execute_code(code, timeout=timeout)
+    try:
+        result = execute_code(code, timeout=timeout)
+    except Exception as e:  # the sandbox could not start (a full /tmp, no fork): this tool call fails, not the batch
+        logger.warning(f"the Python tool could not run: {e!r}")
+        return None
     return result.stdout.strip() if result.success else None
 
 
@@ -132,7 +137,7 @@ def _is_expression(text):
     try:
         compile(text, "<tool>", "eval")
         return True
-    except SyntaxError:
+    except Exception:  # SyntaxError; RecursionError for 'not not ... x' thousands deep; ValueError for a NUL byte
         return False
 
 

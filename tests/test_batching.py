@@ -225,6 +225,60 @@ def test_a_closed_request_frees_its_rows_and_bad_requests_fail_clearly(tokenizer
     batcher.close()
 
 
+def test_a_failed_admission_loses_no_request_and_no_row(tokenizer, monkeypatch):
+    """Two requests of different lengths admitted together, the first group's copy into the
+    batch cache failing (out of memory, say): that request gets the error, the other one its
+    answer, the request already decoding its answer too, and every row comes back. (Before, the
+    error left the admission: the batch was reset, the other request never prefilled and its
+    client waited forever.)"""
+    from nanochat.gpt import ModelCache
+    model = model_for(tokenizer, "L")
+    batcher = Batcher(engine_for(model, tokenizer), slots=4)
+    a = tokenizer.encode("int x = 1;", prepend="<|bos|>")
+    c = tokenizer.encode("def f(x):\n    return", prepend="<|bos|>")
+    assert len(a) != len(c)
+    gate, prefill = threading.Event(), Batcher._prefill
+
+    def gated(self, reqs):  # the first admission waits until both other requests are queued
+        gate.wait(30)
+        prefill(self, reqs)
+    monkeypatch.setattr(Batcher, "_prefill", gated)
+    real, calls = ModelCache.load_rows, []
+
+    def failing_once(self, *args):
+        calls.append(1)
+        if len(calls) == 2:  # the second admission's first group
+            raise RuntimeError("out of memory (a test)")
+        return real(self, *args)
+    monkeypatch.setattr(ModelCache, "load_rows", failing_once)
+    out = {}
+
+    def run(name, prompt, n):
+        try:
+            out[name] = list(batcher.generate(prompt, max_tokens=n, temperature=0.0))
+        except RuntimeError as e:
+            out[name] = e
+    threads = [threading.Thread(target=run, args=("first", c, 40))]
+    threads[0].start()
+    time.sleep(0.2)  # held at the gate, in its admission
+    threads += [threading.Thread(target=run, args=(name, p, 3)) for name, p in (("a", a), ("c", c))]
+    for t in threads[1:]:
+        t.start()
+    t0 = time.time()
+    while batcher.waiting.qsize() < 2 and time.time() - t0 < 30:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert set(out) == {"first", "a", "c"}, out  # nobody left waiting
+    assert len(out["first"]) == 40
+    failed = [name for name in ("a", "c") if isinstance(out[name], RuntimeError)]
+    assert len(failed) == 1 and "out of memory" in str(out[failed[0]])
+    assert len(out[({"a", "c"} - set(failed)).pop()]) == 3
+    assert batcher.busy_rows == 0 and batcher.free == [0, 1, 2, 3]
+    batcher.close()
+
+
 def test_decode_step_with_a_position_per_row_equals_the_forward(tokenizer):
     """Rows at different positions in one decode step (pos_t of shape (B,)): each row's
     logits equal the full forward of its own sequence, with the quality recipe's windows."""

@@ -194,6 +194,19 @@ def test_finished_rows_run_no_tools(tokenizer, monkeypatch):
     assert out[0] == [] and out[1] == [x] * 8 and calls == []
 
 
+def test_run_tool_fails_as_none_not_as_an_exception(monkeypatch):
+    """A tool call that cannot run returns None (no output forced), never raises: in the
+    batcher an exception on its thread ends every request in the batch. Thousands of nested
+    unary operators (RecursionError in compile) and a sandbox that cannot start (OSError)."""
+    from nanochat import engine, execution
+    assert run_tool("not " * 3000 + "x") is None and run_tool("~" * 3000 + "1") is None
+
+    def broken(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(execution, "execute_code", broken)
+    assert engine.run_tool("print('hi')") is None and engine.run_tool("2 + 3") == "5"
+
+
 def test_run_tool():
     assert run_tool("2 + 3 * 4") == "14"
     assert run_tool("1,200*2") == "2400" and run_tool("1,050+5") == "1055"  # GSM8K's thousands separators
