@@ -341,7 +341,8 @@ class Engine:
         if speculative:
             if num_samples != 1 or adjust:
                 raise ValueError("speculative decoding runs one sample, without logit adjustments")
-            n = max_len - len(tokens) if max_tokens is None else max_tokens
+            # (None: to the context, as below: the last token is drawn, never placed, hence the + 1)
+            n = max_len - len(tokens) + 1 if max_tokens is None else max_tokens
             yield from self._speculative(list(tokens), n, temperature, top_k, rng)
             return
         cache_len = cache_length(model, max_len)

@@ -172,6 +172,12 @@ def test_engine_speculative_switch():
     for kw, match in [(dict(num_samples=2), "one sample"), (dict(logit_bias={3: 1.0}), "logit adjustments")]:
         with pytest.raises(ValueError, match=match):
             engines[True].generate_batch(tokens, max_tokens=4, temperature=0.0, speculative=True, **kw)
+    # max_tokens None: to the context, as many tokens speculative or not (it had one fewer)
+    long = tokenizer.encode("x" * 50, prepend="<|bos|>")
+    to_end = {on: e.generate_batch(long, max_tokens=None, temperature=0.0, speculative=on)[0]
+              for on, e in engines.items()}
+    assert engines[True].spec_stats["drafted"] > 0
+    assert to_end[True] == to_end[False] and len(to_end[True][0]) == 64 - len(long) + 1
     plain_model = model_for(mtp=False, vocab_size=tokenizer.get_vocab_size())
     with pytest.raises(ValueError, match="MTP"):
         Engine(plain_model, tokenizer, use_tools=False).generate_batch(tokens, max_tokens=4, temperature=0.0,
