@@ -416,8 +416,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     directory = os.path.join(root, model_tag)
     device = torch.device(device) if isinstance(device, str) else device
     tokenizer = get_tokenizer()
-    step, (model_state, _, meta) = _load_latest_good(
-        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer))
+    step, (model_state, _, meta) = _load_latest_good(  # (device: under DDP the ranks load the same step)
+        directory, step, lambda s: load_checkpoint(directory, s, tokenizer=tokenizer), device)
     model = _build(model_state, meta, device, phase)
     meta = dict(meta, model_tag=model_tag, step=step)
     return model, tokenizer, meta

@@ -161,8 +161,9 @@ while True:
     t0 = time.time()
     for micro in range(grad_accum):
         x, y = batch
-        with autocast:
-            loss, main_loss, mtp_loss = model(x, y, return_parts=True)  # main, MTP: detached, for the log
+        with autocast:  # mean over the batch's trained tokens; 0, not NaN, if it has none (long user turns cut off)
+            n = (y >= 0).sum().clamp(min=1)
+            loss, main_loss, mtp_loss = (l / n for l in model(x, y, loss_reduction="sum", return_parts=True))
         (loss / grad_accum).backward()
         loader_state = train_loader.state_dict()
         batch = next(train_loader, None)
