@@ -131,19 +131,24 @@ def download_shard(index, out_dir, base_url=BASE_URL, max_attempts=5, backoff=2.
                 if r.status_code == 416:  # we already have every byte
                     pass
                 elif r.status_code == 206 and have:
+                    if not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                        os.remove(part)  # not the bytes after ours: start over
+                        raise IOError(f"{url}: asked for bytes from {have}, got {r.headers.get('Content-Range')!r}")
                     _append(r, part, "ab")
                 elif r.status_code == 200:
                     _append(r, part, "wb")  # server ignored Range: start over
                 else:
                     r.raise_for_status()
                     raise IOError(f"unexpected HTTP status {r.status_code} for {url}")
-            verify_shard(part)
+            try:
+                verify_shard(part)
+            except Exception:  # (ValueError, or pyarrow's OSError for damaged pages): every byte is here
+                os.remove(part)  # but unreadable, so the next attempt starts over instead of resuming from garbage
+                raise
             os.replace(part, path)
             return path
         except Exception as e:  # network errors, truncated or corrupt files
             last_error = e
-            if isinstance(e, ValueError) and os.path.exists(part):
-                os.remove(part)  # complete but unreadable: don't resume from garbage
             if attempt < max_attempts:
                 time.sleep(backoff * 2 ** (attempt - 1))
     raise RuntimeError(f"failed to download {url} after {max_attempts} attempts: {last_error}")
