@@ -85,9 +85,9 @@ class DocumentStream:
             # k counts row groups across the whole epoch; rank r takes those with k % W == r,
             # so even shards with a single row group spread over the ranks
             epoch, name, rg, k = self.start if self.start else (0, None, 0, 0)
-            rank, world = self.rank, self.world_size
+            rank, world, shared = self.rank, self.world_size, False
             path = os.path.join(os.path.dirname(list_parquet_files(self.data_dir)[0]), name) if name else None
-            produced_this_epoch, epoch_rows = False, 0
+            produced_this_epoch, epoch_rows, filled = False, 0, []  # filled: this epoch's non-empty row groups' k
             resumed_mid_epoch = self.start is not None  # then this epoch's rows were not all counted
             while not self.stop.is_set():
                 if path is None:
@@ -96,6 +96,8 @@ class DocumentStream:
                 for g in range(rg, pf.num_row_groups):
                     rows = pf.metadata.row_group(g).num_rows
                     epoch_rows += rows
+                    if rows > 0:
+                        filled.append(k)
                     if k % world == rank and rows > 0:  # an empty row group would give the packer nothing, forever
                         docs = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
                         ids = self.tokenizer.encode(docs, prepend=self.tokenizer.get_bos_token_id(),
@@ -114,15 +116,17 @@ class DocumentStream:
                         names = [os.path.basename(f) for f in split_files(list_parquet_files(self.data_dir), self.split)]
                         raise RuntimeError(f"the {self.split} shards in {self.data_dir} ({', '.join(names)}) have no rows: "
                                            "rebuild or remove them (the last shard is validation)")
-                    if not produced_this_epoch and self.split == "val" and k > 0 and rank == self.rank:
-                        # a small val split with fewer row groups than ranks: ranks share them
-                        # (evaluation only averages, so repeats don't bias it)
-                        rank, world = self.rank % k, k
+                    if not produced_this_epoch and self.split == "val" and filled and not shared:
+                        # a small val split with fewer row groups than ranks (or this rank's all
+                        # empty): each rank reads one non-empty row group, shared (evaluation only
+                        # averages, so repeats don't bias it)
+                        rank, world, shared = filled[self.rank % len(filled)], k, True
                     elif not produced_this_epoch:
                         raise RuntimeError(f"rank {self.rank} of {self.world_size} got no data from the {self.split} "
                                            f"shards in {self.data_dir}: there are fewer row groups than ranks. "
                                            "Use more shards or smaller row groups")
                     epoch, k, produced_this_epoch, epoch_rows, resumed_mid_epoch = epoch + 1, 0, False, 0, False
+                    filled = []
         except BaseException as e:  # hand the error to the consumer instead of hanging it
             self._put(e)
 

@@ -2,6 +2,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import threading
 import time
 
 import pytest
@@ -220,6 +221,28 @@ def test_small_val_split_is_shared_by_ranks(tokenizer, corpus_dir):
     with pytest.raises(RuntimeError, match="fewer row groups than ranks"):
         stream.get()
     stream.close()
+
+
+def test_a_rank_whose_val_row_groups_are_empty_reads_a_filled_one(tokenizer, tmp_path):
+    """Val row groups of 5 and 0 rows, 2 ranks: rank 1's only row group is empty, and the
+    sharing of a small val split sent it back to itself, so it re-read the shard forever
+    (and the other ranks hung in evaluation's all-reduce). It now reads the filled one."""
+    d = tmp_path / "d"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["alpha one", "alpha two"]}), d / "shard_00000.parquet")
+    with pq.ParquetWriter(d / "shard_00001.parquet", pa.schema([("text", pa.string())])) as w:  # val
+        w.write_table(pa.table({"text": [f"beta {i}" for i in range(5)]}))
+        w.write_table(pa.table({"text": pa.array([], type=pa.string())}))
+    assert pq.ParquetFile(d / "shard_00001.parquet").metadata.row_group(1).num_rows == 0
+    stream = DocumentStream(tokenizer, "val", str(d), 1, 2)
+    out = []
+    t = threading.Thread(target=lambda: out.append(stream.get()), daemon=True)
+    t.start()
+    t.join(10)
+    stream.close()
+    assert out, "no val documents within 10 s: the rank spun"
+    (_, shard, rg, _), ids = out[0]
+    assert shard == "shard_00001.parquet" and rg == 0 and len(ids) == 5
 
 
 def test_zero_row_shards_error_instead_of_spinning(tokenizer, tmp_path):
