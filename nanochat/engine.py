@@ -418,9 +418,10 @@ class Engine:
                     yield from self._speculative(tokens + out + forced, rest, temperature, top_k, rng)
                 return
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """All samples at once: (token lists, mask lists), each without the prompt and
-        without the stop token."""
+    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
+        """All samples at once: (token lists, mask lists), each without the prompt and, unless
+        keep_stop, without the stop token (keep_stop: a row that stopped ends with it, mask 1:
+        the model sampled it, and RL trains on it)."""
         results = [[] for _ in range(num_samples)]
         masks = [[] for _ in range(num_samples)]
         done = [False] * num_samples
@@ -430,6 +431,9 @@ class Engine:
                     continue
                 if tok in self.stop_tokens:
                     done[i] = True
+                    if keep_stop:
+                        results[i].append(tok)
+                        masks[i].append(m)
                 else:
                     results[i].append(tok)
                     masks[i].append(m)

@@ -11,7 +11,9 @@ sample --num_samples completions with the engine (tool use on), reward each 1 or
 the final answer, and take advantage = reward - mean reward of the problem's group (no
 division by the std, no KL term, no clipping: the samples are fresh from the current
 policy, so the ratio is 1). The loss is -(sum of advantage x log p(sampled token)) over
-sampled tokens, divided by their number; tokens forced by the tool are not trained.
+sampled tokens, divided by their number, the end token of a completion that stopped
+included (nanochat's leaves it out, so stopping was never rewarded or discouraged); tokens
+forced by the tool are not trained.
 Every --eval_every steps, pass@k on GSM8K test for k = 1..--eval_num_samples.
 """
 
@@ -88,15 +90,21 @@ def problem_index(step, j):
     return ((step * args.examples_per_step) + rank + j * world_size) % len(train_task)
 
 
+def answer(row):
+    return tokenizer.decode([t for t in row if t not in engine.stop_tokens])
+
+
 def sample(conv, n, seed, temperature):
-    """n completions of one problem: (prompt ids, [completion ids], [tool masks], [rewards])."""
+    """n completions of one problem: (prompt ids, [completion ids], [tool masks], [rewards]).
+    A completion that stopped ends with its stop token (trained: stopping is one of the
+    sampled choices that the reward reinforces or discourages)."""
     prompt = tokenizer.render_for_completion(conv)
     model.eval()
     with autocast:
         rows, masks = engine.generate_batch(prompt, num_samples=n, max_tokens=args.max_new_tokens,
-                                            temperature=temperature, top_k=args.top_k, seed=seed)
+                                            temperature=temperature, top_k=args.top_k, seed=seed, keep_stop=True)
     model.train()
-    rewards = [train_task.reward(conv, tokenizer.decode(row)) for row in rows]
+    rewards = [train_task.reward(conv, answer(row)) for row in rows]
     return prompt, rows, masks, rewards
 
 
@@ -108,7 +116,7 @@ def evaluate_pass_at_k():
     for i in range(rank, len(val_task), world_size):
         conv = val_task[i]
         _, rows, _, _ = sample(conv, k, seed=10_000 + i, temperature=1.0)
-        right = [val_task.evaluate(conv, tokenizer.decode(r)) for r in rows]
+        right = [val_task.evaluate(conv, answer(r)) for r in rows]
         hits[0] += 1
         for j in range(1, k + 1):
             hits[j] += any(right[:j])

@@ -140,6 +140,9 @@ def test_engine_streams_and_stops(tokenizer, monkeypatch):
     script = iter([[end, 5], [7, 6], [7, end], [8, 8], [9, 9]])
     out, _ = engine.generate_batch(tokens, num_samples=2, max_tokens=5)
     assert out == [[], [5, 6]]
+    script = iter([[end, 5], [7, 6], [7, end], [8, 8], [9, 9]])
+    out, masks = engine.generate_batch(tokens, num_samples=2, max_tokens=5, keep_stop=True)  # (chat_rl's)
+    assert out == [[end], [5, 6, end]] and masks == [[1], [1, 1, 1]]
 
 
 def test_tool_state_machine_forces_the_result(tokenizer):
