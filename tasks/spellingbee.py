@@ -188,8 +188,7 @@ class SpellingBee(_WordTask):
 
 
 def extract_answer(text):
-    """The number after the last '####' (commas allowed, as in '1,000'), or None."""
-    if "####" not in text:
-        return None
-    m = re.match(r"\s*(-?[\d,]*\d)", text.rsplit("####", 1)[1])
-    return m.group(1).replace(",", "") if m else None
+    """The number after the last '####', normalized as GSM8K's (commas dropped, '3.0' is 3,
+    '3.5' stays 3.5: the earlier integer-only match read '#### 3.5' as a right 3), or None."""
+    from tasks.gsm8k import extract_answer as number_after_hashes
+    return number_after_hashes(text)

@@ -298,6 +298,7 @@ def test_spelling_bee(words_file, tokenizer):
     assert task.reward(ex, f"#### 9 then #### {n}") == 1.0
     assert task.evaluate(ex, f"#### {n + 1}") == 0
     assert task.evaluate(ex, f"#### {n} then #### {n + 1}") == 0
+    assert task.evaluate(ex, f"#### {n}.5") == 0 and task.evaluate(ex, f"#### {n}.0") == 1  # (3.5 was read as 3)
     assert task.evaluate(ex, f"the answer is {n}") == 0  # no "####"
 
 
