@@ -45,6 +45,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CRATE = os.path.join(REPO, "tools", "cpp_chunker")
 BINARY = os.path.join(CRATE, "target", "release", "cpp_chunker")
 TMP_NAME = ".jsonl_tmp"
+BUILDING = ".building"  # shards are written as shard_N.parquet.building, renamed once all are written
 SEED = 42
 ROW_GROUP_ROWS = 1024
 SCHEMA = pa.schema([("text", pa.string()), ("project", pa.string()), ("files", pa.list_(pa.string())),
@@ -229,7 +230,8 @@ def our_files(out, overwrite):
     if existing and not overwrite:
         fail(f"--out {out} is not empty ({len(existing)} entries, e.g. {existing[0]}); "
              "pass --overwrite to replace its shards and manifest, or choose another directory")
-    ours = [e for e in existing if (e.startswith("shard_") and e.endswith(".parquet")) or e in ("manifest.json", TMP_NAME)]
+    ours = [e for e in existing if (e.startswith("shard_") and e.endswith((".parquet", ".parquet" + BUILDING)))
+            or e in ("manifest.json", TMP_NAME)]
     foreign = [e for e in existing if e.endswith(".parquet") and e not in ours]
     if foreign:
         fail(f"--out {out} holds other parquet files ({', '.join(foreign[:5])}) that training would read too; "
@@ -260,11 +262,15 @@ def build(args, argv, roots, out, max_tokens, jsonl_dir, summary, tokenizer):
     for i, (split, entries) in enumerate(tqdm(groups, desc="parquet", unit="shard")):
         rows = read_rows(entries)
         name = f"shard_{i:05d}.parquet"
-        write_shard(os.path.join(out, name), rows)
+        # under a name training does not read until every shard is written: a run killed halfway
+        # must not leave train shards only, the last of which training would take for validation
+        write_shard(os.path.join(out, name + BUILDING), rows)
         tokens = sum(len(ids) for ids in tokenizer.encode([r["text"] for r in rows])) if tokenizer else \
             sum(r["tokens_est"] for r in rows)
         shards.append({"name": name, "split": split, "rows": len(rows), "bytes": sum(r["bytes"] for r in rows),
-                       "tokens": tokens, "file_bytes": os.path.getsize(os.path.join(out, name))})
+                       "tokens": tokens, "file_bytes": os.path.getsize(os.path.join(out, name + BUILDING))})
+    for s in reversed(shards):  # the val shard first: a directory cut short between renames still has it last
+        os.replace(os.path.join(out, s["name"] + BUILDING), os.path.join(out, s["name"]))
 
     # 4. the manifest
     def total(key, split=None):

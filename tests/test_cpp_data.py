@@ -238,3 +238,39 @@ def test_out_pointing_at_a_file_is_a_clear_error(project, base_dir, tmp_path):
     out = run_cpp_data("--roots", project, "--mode", "file", "--out", f, base_dir=base_dir)
     assert out.returncode != 0 and "is a file; give a directory" in out.stderr, out.stderr
     assert f.read_text() == "keep me"
+
+
+def test_a_build_killed_halfway_leaves_no_shard_that_training_reads(tmp_path, monkeypatch):
+    """Shards are written as shard_N.parquet.building and renamed once all are written (the
+    validation shard first): a run killed after two shards left shard_00000-00001, both train,
+    and training took the second for validation without a word."""
+    import argparse
+    from scripts import cpp_data
+    jsonl = tmp_path / "jsonl"
+    jsonl.mkdir()
+    texts = [f"int f{i}() {{ return {i}; }}\n" for i in range(10)]
+    docs = [{"text": t, "project": "p", "files": [f"f{i}.cpp"], "mode": "file", "bytes": len(t.encode()),
+             "tokens_est": 5} for i, t in enumerate(texts)]
+    assert set(docs[0]) == set(cpp_data.SCHEMA.names)
+    (jsonl / "shard_00000.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    args = argparse.Namespace(val_fraction=0.2, rows_per_shard=3, mode="file")
+    out = tmp_path / "out"
+    real, calls = cpp_data.write_shard, []
+
+    def dies_on_third(path, rows):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed
+        real(path, rows)
+    monkeypatch.setattr(cpp_data, "write_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        cpp_data.build(args, [], ["p"], str(out), 16384, str(jsonl), {}, None)
+    assert not [f for f in os.listdir(out) if f.endswith(".parquet")]  # nothing training would read
+    monkeypatch.setattr(cpp_data, "write_shard", real)
+    for f in os.listdir(out):  # (--overwrite removes the leftovers: our_files lists them)
+        assert os.path.join(str(out), f) in cpp_data.our_files(str(out), overwrite=True)
+    cpp_data.build(args, [], ["p"], str(out), 16384, str(jsonl), {}, None)  # the run again: every shard renamed
+    assert not [f for f in os.listdir(out) if f.endswith(cpp_data.BUILDING)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [os.path.basename(p) for p in list_parquet_files(str(out))] == [s["name"] for s in manifest["shards"]]
+    assert manifest["shards"][-1]["split"] == "val"
