@@ -21,7 +21,7 @@ NUM_ITERS=${NUM_ITERS-$([ "$CPU" = 1 ] && echo 30 || true)}  # set: this many st
 SERIES=${SERIES:-miniseries}         # the models are base_checkpoints/${SERIES}_d<depth>
 COMPARE=${COMPARE:-}                 # other base model tags to mark on the plots, e.g. d20 (speedrun.sh's)
 DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}  # halved above d20, as run1000.sh does, to fit in 80 GB
-NUM_SHARDS=${NUM_SHARDS:-240}        # ~20 tokens/param for d20; not downloaded if NANOCHAT_DATA_DIR is set
+NUM_SHARDS=${NUM_SHARDS:-370}        # 20 tokens/param for d20 (897M); not downloaded if NANOCHAT_DATA_DIR is set
 WANDB_RUN=${WANDB_RUN:-dummy}        # set a name to log to wandb (each depth as NAME_d<depth>)
 FP8=${FP8:-0}                        # 1: FP8 matmuls (H100/H200)
 NO_BUNDLE=${NO_BUNDLE:-0}            # 1: no CORE (set by the check below when the eval bundle cannot be had)

@@ -25,17 +25,17 @@ run $PY -m nanochat.report reset
 run $PY -m tasks.fixtures "$FIXTURES" > /dev/null
 run $PY -m scripts.base_train --depth="$DEPTH" --total_batch_size=131072 --num_iterations="$BASE_ITERS" \
     --eval_every=100 --eval_tokens=524288 --core_metric_every=-1 --sample_every="$BASE_ITERS"
-run $PY -m scripts.base_loss --split_tokens=524288
-run $PY -m scripts.base_eval --max_per_task=64 --bundle_dir=tests/fixtures/eval_bundle
-run $PY -m scripts.mid_train --total_batch_size=131072 --num_iterations="$CHAT_ITERS" --eval_every=100 \
+run $PY -m scripts.base_loss --split_tokens=524288 --model_tag="d$DEPTH"
+run $PY -m scripts.base_eval --max_per_task=64 --bundle_dir=tests/fixtures/eval_bundle --model_tag="d$DEPTH"
+run $PY -m scripts.mid_train --model_tag="d$DEPTH" --total_batch_size=131072 --num_iterations="$CHAT_ITERS" --eval_every=100 \
     --eval_tokens=524288 --simple_spelling=20000 --spelling_bee=20000
-run $PY -m scripts.chat_eval -i mid -x 64 -m 128
-run $PY -m scripts.chat_sft --num_iterations="$CHAT_ITERS" --eval_every=100 --eval_steps=8 \
+run $PY -m scripts.chat_eval -i mid -x 64 -m 128 -g "d$DEPTH"
+run $PY -m scripts.chat_sft --model_tag="d$DEPTH" --num_iterations="$CHAT_ITERS" --eval_every=100 --eval_steps=8 \
     --eval_metrics_every="$CHAT_ITERS" --eval_metrics_max_problems=64 --smoltalk_examples=5000
-run $PY -m scripts.chat_eval -i sft -x 64 -m 128
-run $PY -m scripts.chat_rl --examples_per_step=8 --num_samples=8 --device_batch_size=32 --max_new_tokens=128 \
+run $PY -m scripts.chat_eval -i sft -x 64 -m 128 -g "d$DEPTH"
+run $PY -m scripts.chat_rl --model_tag="d$DEPTH" --examples_per_step=8 --num_samples=8 --device_batch_size=32 --max_new_tokens=128 \
     --num_iterations="$RL_ITERS" --eval_every="$RL_ITERS" --eval_examples=32 --save_every=-1
-run $PY -m scripts.chat_eval -i rl -a GSM8K -x 64 -m 128
-run $PY -m scripts.chat_cli -i sft -p "Why is the sky blue?" -m 64
+run $PY -m scripts.chat_eval -i rl -a GSM8K -x 64 -m 128 -g "d$DEPTH"
+run $PY -m scripts.chat_cli -i sft -p "Why is the sky blue?" -m 64 -g "d$DEPTH"
 run $PY -m nanochat.report generate
 echo "gpu_chain: every stage ran"

@@ -3,8 +3,8 @@ Preflight for speedrun.sh, run1000.sh and cpp_speedrun.sh: before hours of pretr
 a later stage will need, fetch what can be fetched, and stop at once with the list of
 what is missing and how to fix each.
 
-    python -m scripts.preflight --depth=20 --num_shards=240            # speedrun's stages
-    python -m scripts.preflight --depth=20 --num_shards=240 --rl       # and RL
+    python -m scripts.preflight --depth=20 --num_shards=370            # speedrun's stages
+    python -m scripts.preflight --depth=20 --num_shards=370 --rl       # and RL
     python -m scripts.preflight --stages=mid,sft --no_fetch            # only check
     python -m scripts.preflight --stages=cpp,tok --depth=24            # cpp_speedrun's
 
@@ -28,6 +28,7 @@ Exit code: 0 when all is there, 1 with the list otherwise.
 """
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -58,10 +59,28 @@ DATASETS = {
 WORD_STAGES = ("mid", "sft", "chat_eval")  # SimpleSpelling / SpellingBee
 
 
-def model_params(depth, vocab_size=32768, aspect_ratio=64, head_dim=128):
-    """Rough parameter count of the GPT at this depth (base_train's shape rule)."""
-    d = -(-depth * aspect_ratio // head_dim) * head_dim
-    return 12 * depth * d * d + 2 * vocab_size * d
+SHARD_CHARS = 250e6     # characters of text in a fineweb-edu shard
+CHARS_PER_TOKEN = 4.8   # about what a 32K-vocab BPE tokenizer gets on fineweb-edu (nanochat's estimate)
+
+
+def shards_needed(depth, ratio=20):
+    """Shards that hold base_train's default horizon once (ratio tokens per parameter), + the val shard."""
+    return math.ceil(ratio * model_params(depth) * CHARS_PER_TOKEN / SHARD_CHARS) + 1
+
+
+def model_params(depth, vocab_size=32768):
+    """The parameter count of base_train's model at this depth with its default flags (value
+    embeddings included: a d20 has 897M, not the 561M of the blocks and two tables), counted
+    on a meta-device model."""
+    import argparse
+    import torch
+    from nanochat.flags import add_model_args, config_from_args
+    from nanochat.gpt import GPT
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    args = parser.parse_args([f"--depth={depth}"])
+    with torch.device("meta"):
+        return GPT(config_from_args(args, vocab_size)).num_params()
 
 
 class Reach:
@@ -222,6 +241,11 @@ def run_checks(args):
     if "base" in stages:
         shard_problems, new_shards = check_shards(args.num_shards, reach)
         problems += shard_problems
+        need = shards_needed(args.depth)
+        if args.num_shards < need:  # a warning: the loader goes round again, it does not fail
+            print(f"warning: {args.num_shards} shards hold ~{(args.num_shards - 1) * SHARD_CHARS / CHARS_PER_TOKEN / 1e9:.1f}B "
+                  f"tokens, and base_train at depth {args.depth} trains ~{20 * model_params(args.depth) / 1e9:.1f}B "
+                  f"(20 per parameter): it would see some data twice; ~{need} shards hold it once")
     if "base_eval" in stages:
         problems += check_eval_bundle(args.fetch)
     if any(s in stages for s in WORD_STAGES):
@@ -239,7 +263,7 @@ def main(argv=None):
                    help=f"comma-separated stages that will run (default: {','.join(ALL_STAGES)})")
     p.add_argument("--rl", action="store_true", help="RL runs too (speedrun.sh with RL=1)")
     p.add_argument("--depth", type=int, default=20, help="model depth (for the checkpoint size)")
-    p.add_argument("--num_shards", type=int, default=240, help="pretraining shards the run downloads")
+    p.add_argument("--num_shards", type=int, default=370, help="pretraining shards the run downloads")
     p.add_argument("--no_fetch", dest="fetch", action="store_false",
                    help="only check; don't download the word list and eval bundle")
     p.add_argument("--min_free_gb", type=float, default=None, help="free disk needed (default: estimated)")

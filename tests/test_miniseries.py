@@ -65,7 +65,7 @@ def test_dry_run_one_base_train_per_depth(tmp_path):
         assert f" --depth={d} --model_tag=miniseries_d{d} --target_param_data_ratio=12 --num_iterations=-1 " in cmd
         assert "--resume_from_step" not in cmd
         assert cmd.endswith("--device_batch_size=32 --fp8=0 --param_count=scaling --window_pattern=SSSL")
-    assert cmds[0] == "python -m scripts.preflight --stages=tok,base --depth=8 --num_shards=240"
+    assert cmds[0] == "python -m scripts.preflight --stages=tok,base --depth=8 --num_shards=370"
     assert cmds[4] == "python -m scripts.preflight --stages=base_eval --min_free_gb=0"  # after the tokenizer
     assert cmds[-1] == "python -m scripts.miniseries report --series=miniseries --depths=4 6 8"
     assert not any("scripts.base_eval" in c for c in cmds)  # CORE comes from training's last step

@@ -103,3 +103,15 @@ def test_cpp_stage(tmp_path):
     assert out.returncode == 1 and "g++ not found" in out.stderr, out.stderr
     built = os.path.isfile(os.path.join(ROOT, "tools", "cpp_chunker", "target", "release", "cpp_chunker"))
     assert ("no cargo" in out.stderr) == (not built)
+
+
+def test_the_shard_count_covers_base_trains_horizon():
+    """The parameter count is base_train's own (value embeddings included: a d20 has 897M, the
+    old estimate 561M), so speedrun.sh's and run1000.sh's shard counts cover 20 tokens per
+    parameter once at ~4.8 characters a token (they were 240 and 800: some data seen twice)."""
+    import re
+    from scripts.preflight import model_params, shards_needed
+    assert round(model_params(20) / 1e6) == 897 and round(model_params(32) / 1e6) == 2819
+    for script, depth in (("speedrun.sh", 20), ("run1000.sh", 32)):
+        shards = int(re.search(r"NUM_SHARDS:-(\d+)", open(os.path.join(ROOT, script)).read()).group(1))
+        assert shards_needed(depth) <= shards <= 1.15 * shards_needed(depth), (script, shards, shards_needed(depth))

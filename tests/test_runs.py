@@ -22,29 +22,41 @@ def dry_run(script, **env):
 def test_speedrun_dry_run(tmp_path):
     cmds = dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path))
     # the preflight first, for the stages and size this run will have; then the report
-    assert cmds[0] == "python -m scripts.preflight --depth=20 --num_shards=240"
+    assert cmds[0] == "python -m scripts.preflight --depth=20 --num_shards=370"
     assert cmds[1] == "python -m nanochat.report reset" and cmds[-1] == "python -m nanochat.report generate"
     joined = "\n".join(cmds)
-    for expected in ["python -m nanochat.dataset -n 8", "python -m nanochat.dataset -n 240",
+    for expected in ["python -m nanochat.dataset -n 8", "python -m nanochat.dataset -n 370",
                      "python -m scripts.tok_train --max_chars=2000000000", "python -m scripts.tok_eval",
                      "torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20 --device_batch_size=32 --run=dummy",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_eval",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --device_batch_size=32 --run=dummy",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i mid",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=dummy",
-                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft"]:
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --model_tag=d20",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --device_batch_size=32 --run=dummy --model_tag=d20",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i mid -g d20",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=dummy --model_tag=d20",
+                     "torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft -g d20"]:
         assert expected in joined
     assert "chat_rl" not in joined  # optional, as in nanochat
+    assert "chat_rl" not in "\n".join(dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), RL="0"))  # (RL=0 ran it)
     rl = dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), RL="1")
-    assert "scripts.chat_rl -- --run=dummy" in "\n".join(rl)
-    assert rl[0] == "python -m scripts.preflight --depth=20 --num_shards=240 --rl"
+    assert "scripts.chat_rl -- --run=dummy --model_tag=d20" in "\n".join(rl)
+    assert rl[0] == "python -m scripts.preflight --depth=20 --num_shards=370 --rl"
     assert os.listdir(tmp_path) == []  # nothing ran
+    # the GPUs CUDA_VISIBLE_DEVICES allows, not every GPU of the node
+    env = {k: v for k, v in os.environ.items() if k != "NPROC"}
+    out = subprocess.run(["bash", "speedrun.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(env, DRY_RUN="1", CUDA_VISIBLE_DEVICES="2,5", NANOCHAT_BASE_DIR=str(tmp_path)))
+    assert "--nproc_per_node=2 " in out.stdout, out.stdout + out.stderr
+    # a base directory holding another run's models: stop before a new tokenizer orphans them
+    (tmp_path / "base_checkpoints" / "d32").mkdir(parents=True)
+    out = subprocess.run(["bash", "speedrun.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, DRY_RUN="1", NPROC="8", NANOCHAT_BASE_DIR=str(tmp_path)))
+    assert out.returncode == 1 and "(d32) that a new tokenizer would orphan" in out.stdout
+    assert "--model_tag=d20" in "\n".join(dry_run("speedrun.sh", NANOCHAT_BASE_DIR=str(tmp_path), REPLACE_RUNS="1"))
 
 
 def test_run1000_dry_run_and_overrides():
     cmds = "\n".join(dry_run("run1000.sh"))
-    assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 800" in cmds
-    assert cmds.startswith("python -m scripts.preflight --depth=32 --num_shards=800\n")
+    assert "--depth=32 --device_batch_size=16" in cmds and "nanochat.dataset -n 1150" in cmds
+    assert cmds.startswith("python -m scripts.preflight --depth=32 --num_shards=1150\n")
     cmds = "\n".join(dry_run("speedrun.sh", DEPTH="26", WANDB_RUN="d26"))
     assert "--depth=26 --device_batch_size=32 --run=d26 --fp8=0" in cmds
     assert "--run=dummy --fp8=1" in "\n".join(dry_run("speedrun.sh", FP8="1"))
