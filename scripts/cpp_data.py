@@ -264,11 +264,12 @@ def build(args, argv, roots, out, max_tokens, jsonl_dir, summary, tokenizer):
         name = f"shard_{i:05d}.parquet"
         # under a name training does not read until every shard is written: a run killed halfway
         # must not leave train shards only, the last of which training would take for validation
-        write_shard(os.path.join(out, name + BUILDING), rows)
+        building = os.path.join(out, name + BUILDING)
+        write_shard(building, rows)
         tokens = sum(len(ids) for ids in tokenizer.encode([r["text"] for r in rows])) if tokenizer else \
             sum(r["tokens_est"] for r in rows)
         shards.append({"name": name, "split": split, "rows": len(rows), "bytes": sum(r["bytes"] for r in rows),
-                       "tokens": tokens, "file_bytes": os.path.getsize(os.path.join(out, name + BUILDING))})
+                       "tokens": tokens, "file_bytes": os.path.getsize(building)})
     for s in reversed(shards):  # the val shard first: a directory cut short between renames still has it last
         os.replace(os.path.join(out, s["name"] + BUILDING), os.path.join(out, s["name"]))
 

@@ -25,6 +25,7 @@ import sys
 import time
 
 from tasks.common import Task
+from tasks.gsm8k import extract_answer  # GSM8K's reading of '#### N' ('3.0' is 3; '3.5' is not 3)
 
 WORDS_ENV = "NANOCHAT_WORDS_FILE"
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
@@ -185,10 +186,3 @@ class SpellingBee(_WordTask):
         # reward() (Task's default) is this outcome as a float
         answer = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
         return int(answer is not None and extract_answer(response) == answer)
-
-
-def extract_answer(text):
-    """The number after the last '####', normalized as GSM8K's (commas dropped, '3.0' is 3,
-    '3.5' stays 3.5: the earlier integer-only match read '#### 3.5' as a right 3), or None."""
-    from tasks.gsm8k import extract_answer as number_after_hashes
-    return number_after_hashes(text)
