@@ -40,6 +40,25 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+ROW_GEMV = True  # linear's one-row decode products through decode_triton.gemv (engine_bench --gemv=0: not)
+
+
+def linear(x, layer, ctx=None):
+    """layer(x) for an nn.Linear (F.linear for a weight tensor), except in a batch-1 decode
+    step with the Triton decode kernels (ctx from GPT.decode_step with decode_kernel
+    "triton", one row, no autograd): there decode_triton.gemv, faster than cuBLAS for one row
+    (docs/benchmarks.md). Called with the module, not its weight, so that what swaps a
+    layer's forward (nanochat/fp8.py) still runs everywhere else."""
+    w = layer if isinstance(layer, torch.Tensor) else layer.weight
+    if (ROW_GEMV and ctx is not None and ctx.decode_kernel == "triton" and x.numel() == x.size(-1)
+            and not torch.is_grad_enabled()):
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if w.dtype == dtype:  # (x in the dtype F.linear would compute in; other weights: F.linear casts them)
+            from nanochat.decode_triton import gemv
+            return gemv(x, w)
+    return F.linear(x, w) if isinstance(layer, torch.Tensor) else layer(x)
+
+
 def rotary_tables(length, head_dim, base=10000.0, device=None):
     """cos and sin of position * frequency, each (1, length, 1, head_dim / 2)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
@@ -261,7 +280,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = self.cached(k, v, ctx, cache)
         y = self.attend(q, k, v, ctx)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj, ctx)
 
     @torch.no_grad()
     def stack_projections(self):
@@ -280,10 +299,10 @@ class CausalSelfAttention(nn.Module):
         the value embedding."""
         B, T, _ = x.shape
         if self.w_qkv is not None and not torch.is_grad_enabled():
-            q, k, v = F.linear(x, self.w_qkv).split([self.c_q.out_features, self.c_k.out_features,
-                                                     self.c_v.out_features], dim=-1)
+            q, k, v = linear(x, self.w_qkv, ctx).split([self.c_q.out_features, self.c_k.out_features,
+                                                        self.c_v.out_features], dim=-1)
         else:
-            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+            q, k, v = linear(x, self.c_q, ctx), linear(x, self.c_k, ctx), linear(x, self.c_v, ctx)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)

@@ -25,6 +25,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BS = 64  # keys a step (K and V tiles of 64 x head_dim; 4 warps: ptxas 254 registers, no spills; not timed)
 _SMS = {}  # device -> streaming multiprocessors
@@ -143,3 +144,64 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
 @_decode_attention.register_fake
 def _(q, k, v, pos, window):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# A linear layer of a batch-1 decode step: y = x Wᵀ for one row x (K,) and W (N, K). cuBLAS's
+# kernels for this shape keep few of an H200's SMs busy (d12's 768 x 3072 MLP projection: 7.2
+# us, 656 GB/s); here each program reads BN whole rows of W, BK columns at a time, so N / BN
+# programs stream W at once (4.4 us, 1,081 GB/s: docs/benchmarks.md, where the tile sizes were
+# picked). On Hopper, with programmatic dependent launch, a program reads its first tile of W
+# before it waits for the kernel before it (the weights do not depend on that kernel, x does)
+# and lets the next kernel launch once it has x.
+
+@triton.jit
+def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    mn = n < N
+    rows = W + n[:, None].to(tl.int64) * swn  # (int64: N x K may pass 2^31)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < K
+        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if PDL and k0 == 0:
+            gdc_wait()
+            gdc_launch_dependents()
+        x = tl.load(X + k, mask=mk, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=mn)
+
+
+GEMV_BN, GEMV_BK = 2, 1024  # rows and columns of W a program reads at a time (best of a sweep on an H200)
+_PDL = {}  # device -> whether its kernels launch with programmatic dependent launch
+
+
+def gemv(x, w):
+    """x Wᵀ for a single row: x (..., K) holding one row, w (N, K) -> (..., N) in w's dtype
+    (x is cast to it). What attention.linear runs in a batch-1 decode step with the Triton
+    decode kernels. int64 row offsets; K is a compile-time constant (one kernel per shape)."""
+    if x.numel() != x.size(-1) or w.dim() != 2 or w.size(1) != x.size(-1):
+        raise ValueError(f"gemv: one row times (N, K) (x {tuple(x.shape)}, w {tuple(w.shape)})")
+    return _gemv_op(x.to(w.dtype), w)
+
+
+@torch.library.custom_op("nanochat::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    x = x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    if x.device not in _PDL:  # Hopper or later, NVIDIA (ROCm reports its own capabilities through the same call)
+        _PDL[x.device] = (x.device.type == "cuda" and torch.version.hip is None
+                          and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    pdl = _PDL[x.device]
+    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=w.dtype)
+    _gemv[(triton.cdiv(N, GEMV_BN),)](x, w, y, N, w.stride(0), K=K, BN=GEMV_BN,
+                                       BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, num_warps=4,
+                                       **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+@_gemv_op.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.size(0), dtype=w.dtype)

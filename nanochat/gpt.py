@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, norm, prefill_attention,
-                                rotary_tables)
+from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, linear, norm,
+                                prefill_attention, rotary_tables)
 from nanochat.dsa import SparseAttention
 from nanochat.engram import Engram, layer_hash_params
 from nanochat.mamba3 import Mamba3
@@ -219,8 +219,8 @@ class MLP(nn.Module):
     def opt_tags(self):
         return {"c_fc.weight": "muon", "c_proj.weight": "muon"}
 
-    def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+    def forward(self, x, ctx=None):  # (ctx: a decode step's one-row matmuls, attention.linear)
+        return linear(F.relu(linear(x, self.c_fc, ctx)).square(), self.c_proj, ctx)
 
 
 class Block(nn.Module):
@@ -239,11 +239,11 @@ class Block(nn.Module):
             if self.engram is not None:
                 x = x + self.engram(x, ctx.idx, engram_cache)
             x = x + self.mixer(norm(x), ctx, cache)
-            return x + self.mlp(norm(x))
+            return x + self.mlp(norm(x), ctx)
         if self.engram is not None:
             x = x + self._engram_streams(x, ctx.idx, engram_cache)
         x = self.hc_mixer(x, lambda u: self.mixer(norm(u), ctx, cache))
-        return self.hc_mlp(x, lambda u: self.mlp(norm(u)))
+        return self.hc_mlp(x, lambda u: self.mlp(norm(u), ctx))
 
     def _engram_streams(self, x, idx, cache):
         """Engram on every mHC stream, as its demo runs it: one lookup, key and value for all

@@ -64,6 +64,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.attention import linear
+
 A_FLOOR = 1e-4
 KERNELS = ("torch", "triton")  # the chunked form: `ssd` below, or nanochat/mamba3_triton.py (SISO)
 _told = set()
@@ -316,16 +318,17 @@ class Mamba3(nn.Module):
         return Mamba3Cache(batch_size, self.H, self.n_angles, self.P, self.N, self.R, device,
                            torch.promote_types(dtype, torch.float32), w_in)
 
-    def _inputs(self, u, w_in=None):
+    def _inputs(self, u, w_in=None, ctx=None):
         """Everything per token that does not need the past: z, x, B, C (normed, shared by the
         heads: (B, T, R, N)), Δ, A Δ, λ and the angles θ (the increments are Δ θ). w_in: the four
-        input projections' weights stacked (decoding: one matmul instead of four)."""
+        input projections' weights stacked (decoding: one matmul instead of four; ctx: a decode
+        step's, whose one-row matmuls may run as attention.linear says)."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
         if w_in is None:
             z, x, bc, ctrl = self.z_proj(u), self.x_proj(u), self.bc_proj(u), self.ctrl_proj(u)
         else:
-            z, x, bc, ctrl = F.linear(u, w_in).split([self.d_inner, self.d_inner, 2 * R * N,
+            z, x, bc, ctrl = linear(u, w_in, ctx).split([self.d_inner, self.d_inner, 2 * R * N,
                                                       self.ctrl_proj.out_features], dim=-1)
         z, x = z.view(Bsz, T, H, self.P), x.view(Bsz, T, H, self.P)
         Bm, Cm = bc.view(Bsz, T, 2, R, N).unbind(2)
@@ -375,7 +378,7 @@ class Mamba3(nn.Module):
 
     def forward(self, u, ctx, cache=None):
         if cache is not None and ctx.pos_t is not None:
-            return self._step(u, cache)
+            return self._step(u, cache, ctx)
         Bsz, T, _ = u.shape
         z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u)
         phi = self.angles(dt, theta, cache.phi if cache is not None else None)
@@ -418,14 +421,14 @@ class Mamba3(nn.Module):
             out = self._output(y, v, z)
         return self.c_proj(out.to(u.dtype))
 
-    def _step(self, u, cache):
+    def _step(self, u, cache, ctx=None):
         """One token per row by the recurrence, the cache updated in place (fixed shapes).
         Without autograd (the engine), the input projections are the cache's one stacked
         matmul: a decode step at batch 1 is bound by kernel launches, not bytes."""
-        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in)
+        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in, ctx)
         with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
             y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dt[..., None] * theta[:, :, None, :])
-        return self.c_proj(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype))
+        return linear(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype), self.c_proj, ctx)
 
     def _recur(self, cache, x, Bm, Cm, dt, adt, lam, dphi):
         phi = cache.phi + dphi[:, 0]

@@ -69,29 +69,35 @@ def test_set_decode_kernel_picks_triton_only_where_it_runs(monkeypatch):
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("per_row", [False, True])
-def test_decode_steps_with_the_kernel_equal_sdpa(per_row):
+@pytest.mark.parametrize("per_row,B,stack,hybrid", [(False, 2, False, False), (True, 2, False, False),
+                                                    (False, 1, False, True), (True, 1, True, False)])
+def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid):
     """GPT.decode_kernel = "triton": teacher-forced decode steps of a windowed GQA model (the
     quality recipe's value embeddings too) give SDPA's logits, at one shared position and at
-    each row's own (continuous batching)."""
+    each row's own (continuous batching). At batch 1 the linears run decode_triton.gemv too
+    (q, k, v apart or stacked; a Mamba-3 layer's stacked input projections and output)."""
     from nanochat.gpt import GPTConfig, build_model
-    cfg = GPTConfig(sequence_len=96, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL",
-                    value_embeds=True)
+    mamba = dict(mamba_pattern="AAM", mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
+                 mamba3_trapezoidal=True, mamba3_d_state=16, mamba3_headdim=16) if hybrid else {}
+    cfg = GPTConfig(sequence_len=96, vocab_size=300, n_layer=4 if hybrid else 3, n_head=4, n_kv_head=2, n_embd=64,
+                    window_pattern="SSL", value_embeds=True, **mamba)  # (AAMA: the last layer stays attention)
     torch.manual_seed(0)
     model = build_model(cfg, "cpu").eval()
     with torch.no_grad():  # (the output projections start at zero: attention must matter here)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    idx = torch.randint(0, 300, (2, 90))
+    if stack:
+        model.stack_projections()
+    idx = torch.randint(0, 300, (B, 90))
     runs = []
     for kernel in ("sdpa", "triton"):
         model.decode_kernel = kernel
         with torch.inference_mode():
-            cache = model.init_cache(2, 96)
+            cache = model.init_cache(B, 96)
             model(idx[:, :70], cache=cache)
             steps = []
             for t in range(70, 90):
-                pos = torch.tensor([t, t]) if per_row else torch.tensor(t)
+                pos = torch.tensor([t] * B) if per_row else torch.tensor(t)
                 steps.append(model.decode_step(idx[:, t:t + 1], cache, pos))
         runs.append(torch.stack(steps))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
@@ -117,3 +123,50 @@ def test_the_kernel_is_one_op_to_torch_compile():
         got = torch.compile(model.decode_step, backend="aot_eager", dynamic=False)(idx[:, 40:], cache, torch.tensor(40))
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("N,K,dtype", [(7, 40, torch.float32), (33, 1100, torch.float32), (64, 96, torch.bfloat16)])
+def test_gemv_equals_the_matmul(N, K, dtype):
+    """decode_triton.gemv: one row times (N, K), N odd or not a multiple of the programs' rows,
+    K past one tile of columns (1,100 > 1,024: two, the second partly masked); x cast to w's
+    dtype; a strided weight; bad shapes refused."""
+    from nanochat.decode_triton import gemv
+    torch.manual_seed(N)
+    x, w = torch.randn(1, 1, K), torch.randn(N, K).to(dtype)
+    got = gemv(x, w)
+    assert got.shape == (1, 1, N) and got.dtype == dtype
+    want = (x.to(dtype).double() @ w.double().T).to(dtype)
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
+    wide = torch.randn(N, 2 * K)
+    torch.testing.assert_close(gemv(x[0, 0], wide[:, ::2]), x[0, 0] @ wide[:, ::2].T, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="one row"):
+        gemv(torch.randn(2, K), w)
+
+
+def test_gemv_passes_opcheck_and_runs_only_where_asked():
+    """nanochat::gemv as torch.library.opcheck checks it (the fake's shape and dtype); and
+    attention.linear sends only a one-row, no-autograd product of a Triton decode step to it."""
+    from types import SimpleNamespace
+    from nanochat import decode_triton
+    from nanochat.attention import linear
+    x, w = torch.randn(1, 24), torch.randn(10, 24)
+    torch.library.opcheck(decode_triton._gemv_op, (x, w))
+    calls = []
+    real = decode_triton.gemv
+    decode_triton.gemv = lambda x, w: calls.append(1) or real(x, w)
+    try:
+        lin = torch.nn.Linear(24, 10, bias=False)
+        step, other = SimpleNamespace(decode_kernel="triton"), SimpleNamespace(decode_kernel="sdpa")
+        with torch.no_grad():
+            for x_, ctx in [(torch.randn(2, 24), step), (x, other), (x, None)]:
+                linear(x_, lin, ctx)
+            assert calls == []
+            torch.testing.assert_close(linear(x, lin, step), lin(x))
+            assert calls == [1]
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 compute: F.linear
+                linear(x, lin, step)
+            assert calls == [1]
+        linear(x, lin, step)  # autograd on
+        assert calls == [1]
+    finally:
+        decode_triton.gemv = real

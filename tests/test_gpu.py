@@ -270,6 +270,37 @@ def test_triton_decode_attention_matches_sdpa_on_cuda():
     assert all(row == naive_generate(gpu, prompt, 24) for row in out)
 
 
+def test_gemv_matches_the_matmul_and_batch_1_engines_decode_full_recomputation():
+    """decode_triton.gemv on the GPU (compiled, programmatic dependent launch on Hopper)
+    against an fp32 matmul at d12's shapes and odd ones; then CUDA-graph engines at batch 1
+    with the Triton decode kernels (their linears through gemv), fp32 models (IEEE products):
+    the quality recipe with stacked q/k/v and an all-parts SISO Mamba-3 hybrid decode greedy
+    full recomputation's tokens."""
+    from nanochat.decode_triton import gemv
+    from nanochat.engine import Engine, naive_generate
+    from nanochat.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    for N, K in [(2304, 768), (768, 3072), (3432, 768), (768, 1536), (1001, 1100), (32768, 768)]:
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        want = x.float() @ w.float().T
+        assert ((gemv(x, w).float() - want).norm() / want.norm()).item() < 1e-2, (N, K)
+        got = torch.compile(gemv, fullgraph=True)(x.float(), w.float())
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, (N, K)
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
+    prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    for recipe in (True, "hybrid_siso"):
+        _, gpu = model_pair("SSSL", recipe=recipe)
+        gpu.eval()
+        gpu.decode_kernel = "triton"
+        if recipe is True:
+            gpu.stack_projections()
+        engine = Engine(gpu, tok, use_tools=False)
+        engine.stop_tokens = set()
+        out, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=24, temperature=0.0)
+        assert out[0] == naive_generate(gpu, prompt, 24), recipe
+
+
 def test_triton_decode_attention_past_2_to_the_31_cache_elements():
     """A cache of 3 rows x 8 heads x 2^20 keys x 128 (2^30 elements a row, 12 GiB for K and V
     in bf16): row 2 starts at element 2^31, where int32 offsets wrapped (they are int64 now).
