@@ -74,6 +74,7 @@ KERNELS = {
     "decode_segment": (dec._segment, dict(Q=bf, K=bf, V=bf, POS="*i64", M=f32, L=f32, ACC=f32, OUT=bf),
                        dict(PER_ROW=True, GP=16, D=128, SEG=256, BS=dec.BS, PRECISION="tf32", ONE=False)),
     "decode_merge": (dec._merge, dict(M=f32, L=f32, ACC=f32, OUT=bf), dict(NP=32, D=128)),
+    "decode_gemv": (dec._gemv, dict(X=bf, W=bf, Y=bf), dict(K=3072, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
                         dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }
