@@ -41,7 +41,6 @@ over the sublayers to break the symmetry between streams.
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 SINKHORN_ITERS = 20
 SINKHORN_EPS = 1e-6

@@ -28,7 +28,7 @@ import torch
 
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import get_base_dir
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT
 from nanochat import hf
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
