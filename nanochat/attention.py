@@ -43,8 +43,9 @@ def norm(x):
 ROW_GEMV = True  # linear's one-row decode products through decode_triton.gemv (engine_bench --gemv=0: not)
 
 
-def linear(x, layer, ctx=None):
-    """layer(x) for an nn.Linear (F.linear for a weight tensor), except in a batch-1 decode
+def linear(x, layer, ctx=None, relu2=False):
+    """layer(x) for an nn.Linear (F.linear for a weight tensor), relu(·)² of it with relu2 (the
+    MLP's activation, fused into the kernel below where it runs), except in a batch-1 decode
     step with the Triton decode kernels (ctx from GPT.decode_step with decode_kernel
     "triton", one row, no autograd): there decode_triton.gemv, faster than cuBLAS for one row
     (docs/benchmarks.md). Called with the module, not its weight, so that what swaps a
@@ -55,8 +56,9 @@ def linear(x, layer, ctx=None):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if w.dtype == dtype:  # (x in the dtype F.linear would compute in; other weights: F.linear casts them)
             from nanochat.decode_triton import gemv
-            return gemv(x, w)
-    return F.linear(x, w) if isinstance(layer, torch.Tensor) else layer(x)
+            return gemv(x, w, relu2)
+    y = F.linear(x, w) if isinstance(layer, torch.Tensor) else layer(x)
+    return F.relu(y).square() if relu2 else y
 
 
 def rotary_tables(length, head_dim, base=10000.0, device=None):

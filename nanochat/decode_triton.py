@@ -150,13 +150,15 @@ def _(q, k, v, pos, window):
 # A linear layer of a batch-1 decode step: y = x Wᵀ for one row x (K,) and W (N, K). cuBLAS's
 # kernels for this shape keep few of an H200's SMs busy (d12's 768 x 3072 MLP projection: 7.2
 # us, 656 GB/s); here each program reads BN whole rows of W, BK columns at a time, so N / BN
-# programs stream W at once (4.4 us, 1,081 GB/s: docs/benchmarks.md, where the tile sizes were
-# picked). On Hopper, with programmatic dependent launch, a program reads its first tile of W
+# programs stream W at once (these tiles, before PDL: 4.4 us, 1,081 GB/s; docs/benchmarks.md,
+# where they were picked). On Hopper, with programmatic dependent launch, a program reads its first tile of W
 # before it waits for the kernel before it (the weights do not depend on that kernel, x does)
-# and lets the next kernel launch once it has x.
+# and lets the next kernel launch once it has x. relu2: the MLP's relu(y)² on the way out (one
+# kernel less a layer; rounded once, from fp32).
 
 @triton.jit
-def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
+          RELU2: tl.constexpr):
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     mn = n < N
     rows = W + n[:, None].to(tl.int64) * swn  # (int64: N x K may pass 2^31)
@@ -170,6 +172,9 @@ def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
             gdc_launch_dependents()
         x = tl.load(X + k, mask=mk, other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if RELU2:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
     tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=mn)
 
 
@@ -177,17 +182,18 @@ GEMV_BN, GEMV_BK = 2, 1024  # rows and columns of W a program reads at a time (b
 _PDL = {}  # device -> whether its kernels launch with programmatic dependent launch
 
 
-def gemv(x, w):
-    """x Wᵀ for a single row: x (..., K) holding one row, w (N, K) -> (..., N) in w's dtype
-    (x is cast to it). What attention.linear runs in a batch-1 decode step with the Triton
-    decode kernels. int64 row offsets; K is a compile-time constant (one kernel per shape)."""
+def gemv(x, w, relu2=False):
+    """x Wᵀ for a single row (relu2: relu(x Wᵀ)²): x (..., K) holding one row, w (N, K) ->
+    (..., N) in w's dtype (x is cast to it). What attention.linear runs in a batch-1 decode
+    step with the Triton decode kernels. int64 row offsets; K is a compile-time constant (one
+    kernel per shape)."""
     if x.numel() != x.size(-1) or w.dim() != 2 or w.size(1) != x.size(-1):
         raise ValueError(f"gemv: one row times (N, K) (x {tuple(x.shape)}, w {tuple(w.shape)})")
-    return _gemv_op(x.to(w.dtype), w)
+    return _gemv_op(x.to(w.dtype), w, relu2)
 
 
 @torch.library.custom_op("nanochat::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, relu2: bool = False) -> torch.Tensor:
     N, K = w.shape
     x = x.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
@@ -197,11 +203,11 @@ def _gemv_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     pdl = _PDL[x.device]
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=w.dtype)
     _gemv[(triton.cdiv(N, GEMV_BN),)](x, w, y, N, w.stride(0), K=K, BN=GEMV_BN,
-                                       BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, num_warps=4,
+                                       BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, RELU2=relu2, num_warps=4,
                                        **({"launch_pdl": True} if pdl else {}))
     return y
 
 
 @_gemv_op.register_fake
-def _(x, w):
+def _(x, w, relu2=False):
     return x.new_empty(*x.shape[:-1], w.size(0), dtype=w.dtype)

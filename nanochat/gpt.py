@@ -220,7 +220,7 @@ class MLP(nn.Module):
         return {"c_fc.weight": "muon", "c_proj.weight": "muon"}
 
     def forward(self, x, ctx=None):  # (ctx: a decode step's one-row matmuls, attention.linear)
-        return linear(F.relu(linear(x, self.c_fc, ctx)).square(), self.c_proj, ctx)
+        return linear(linear(x, self.c_fc, ctx, relu2=True), self.c_proj, ctx)
 
 
 class Block(nn.Module):

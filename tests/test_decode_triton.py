@@ -71,11 +71,12 @@ def test_set_decode_kernel_picks_triton_only_where_it_runs(monkeypatch):
 
 @pytest.mark.parametrize("per_row,B,stack,hybrid", [(False, 2, False, False), (True, 2, False, False),
                                                     (False, 1, False, True), (True, 1, True, False)])
-def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid):
+def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid, monkeypatch):
     """GPT.decode_kernel = "triton": teacher-forced decode steps of a windowed GQA model (the
     quality recipe's value embeddings too) give SDPA's logits, at one shared position and at
     each row's own (continuous batching). At batch 1 the linears run decode_triton.gemv too
     (q, k, v apart or stacked; a Mamba-3 layer's stacked input projections and output)."""
+    from nanochat import decode_triton
     from nanochat.gpt import GPTConfig, build_model
     mamba = dict(mamba_pattern="AAM", mamba3_qknorm=True, mamba3_bias=True, mamba3_complex_rope=True,
                  mamba3_trapezoidal=True, mamba3_d_state=16, mamba3_headdim=16) if hybrid else {}
@@ -89,7 +90,9 @@ def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid):
     if stack:
         model.stack_projections()
     idx = torch.randint(0, 300, (B, 90))
-    runs = []
+    runs, calls = [], []
+    real = decode_triton.gemv
+    monkeypatch.setattr(decode_triton, "gemv", lambda x, w, relu2: calls.append(tuple(w.shape)) or real(x, w, relu2))
     for kernel in ("sdpa", "triton"):
         model.decode_kernel = kernel
         with torch.inference_mode():
@@ -102,6 +105,11 @@ def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid):
         runs.append(torch.stack(steps))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-4, atol=1e-4)
     assert runs[0].std() > 0.1  # (a model whose attention says something)
+    # at batch 1 every routed linear of every triton step: attention q, k, v (or stacked) and
+    # c_proj, Mamba-3's stacked inputs and c_proj, the MLP's two; none at batch 2
+    per_layer = {"attn": 1 + (1 if stack else 3), "mamba3": 2}
+    want = sum(per_layer["mamba3" if type(blk.mixer).__name__ == "Mamba3" else "attn"] + 2 for blk in model.blocks)
+    assert len(calls) == (20 * want if B == 1 else 0), (len(calls), want)
 
 
 def test_the_kernel_is_one_op_to_torch_compile():
@@ -129,7 +137,7 @@ def test_the_kernel_is_one_op_to_torch_compile():
 def test_gemv_equals_the_matmul(N, K, dtype):
     """decode_triton.gemv: one row times (N, K), N odd or not a multiple of the programs' rows,
     K past one tile of columns (1,100 > 1,024: two, the second partly masked); x cast to w's
-    dtype; a strided weight; bad shapes refused."""
+    dtype; a strided weight; relu2 (the MLP's relu(·)²); bad shapes refused."""
     from nanochat.decode_triton import gemv
     torch.manual_seed(N)
     x, w = torch.randn(1, 1, K), torch.randn(N, K).to(dtype)
@@ -137,8 +145,12 @@ def test_gemv_equals_the_matmul(N, K, dtype):
     assert got.shape == (1, 1, N) and got.dtype == dtype
     want = (x.to(dtype).double() @ w.double().T).to(dtype)
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-4)
-    wide = torch.randn(N, 2 * K)
+    wide = torch.randn(N, 2 * K)  # a column-strided view (copied) and a row-strided one (read in place)
     torch.testing.assert_close(gemv(x[0, 0], wide[:, ::2]), x[0, 0] @ wide[:, ::2].T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gemv(x[0, 0], wide[:, K:]), x[0, 0] @ wide[:, K:].T, rtol=1e-5, atol=1e-4)
+    assert (want < 0).any()
+    torch.testing.assert_close(gemv(x, w, relu2=True).float(), want.float().relu().square(),
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-3)
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.randn(2, K), w)
 
@@ -151,9 +163,10 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
     from nanochat.attention import linear
     x, w = torch.randn(1, 24), torch.randn(10, 24)
     torch.library.opcheck(decode_triton._gemv_op, (x, w))
+    torch.library.opcheck(decode_triton._gemv_op, (x, w, True))
     calls = []
     real = decode_triton.gemv
-    decode_triton.gemv = lambda x, w: calls.append(1) or real(x, w)
+    decode_triton.gemv = lambda x, w, relu2: calls.append(1) or real(x, w, relu2)
     try:
         lin = torch.nn.Linear(24, 10, bias=False)
         step, other = SimpleNamespace(decode_kernel="triton"), SimpleNamespace(decode_kernel="sdpa")
@@ -163,10 +176,18 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
             assert calls == []
             torch.testing.assert_close(linear(x, lin, step), lin(x))
             assert calls == [1]
+            torch.testing.assert_close(linear(x, lin, step, relu2=True), lin(x).relu().square())
+            torch.testing.assert_close(linear(x, lin, other, relu2=True), lin(x).relu().square())
+            assert calls == [1, 1]
             with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 compute: F.linear
                 linear(x, lin, step)
-            assert calls == [1]
+            assert calls == [1, 1]
+            lin16 = torch.nn.Linear(24, 10, bias=False).to(torch.bfloat16)  # chat's serving: bf16 weights, autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, want = linear(x, lin16, step), lin16(x)
+            assert calls == [1, 1, 1] and got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         linear(x, lin, step)  # autograd on
-        assert calls == [1]
+        assert calls == [1, 1, 1]
     finally:
         decode_triton.gemv = real
