@@ -17,7 +17,6 @@ to them in one rename, and only then are the old files removed. So at every inst
 Checkpoints from before checksums (no "files" in the meta) still load, unverified.
 """
 
-import glob
 import hashlib
 import json
 import os
@@ -123,10 +122,20 @@ def _referenced(meta, step, directory):
     return {files["model"]["name"]} | {s["name"] for s in files["state"]}
 
 
+def _listdir(directory):
+    """The directory's file names (none if it is missing). Not glob: a directory name may hold
+    glob's special characters ([, *, ?), e.g. --model_tag=d20[x]."""
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 def _step_files(directory, step):
-    """Every model/state file of a step in the directory, either variant."""
-    return {os.path.basename(p) for p in glob.glob(os.path.join(directory, f"model_{step:06d}*.pt")) +
-            glob.glob(os.path.join(directory, f"state_{step:06d}_rank*.pt"))}
+    """Every model/state file of a step in the directory, either variant (exact names: step
+    100000's are not step 1000000's)."""
+    pattern = re.compile(rf"(model_{step:06d}|state_{step:06d}_rank\d+)(_b)?\.pt")
+    return {f for f in _listdir(directory) if pattern.fullmatch(f)}
 
 
 def clean_checkpoint_dir(directory):
@@ -136,8 +145,7 @@ def clean_checkpoint_dir(directory):
     if not os.path.isdir(directory):
         return
     removed = []
-    for p in glob.glob(os.path.join(directory, ".*.tmp")):
-        removed.append(p)
+    removed += [os.path.join(directory, f) for f in _listdir(directory) if f.startswith(".") and f.endswith(".tmp")]
     for step in _complete_steps(directory):
         try:
             meta = _read_meta(directory, step)
@@ -230,8 +238,7 @@ def save_checkpoint(directory, step, model_state, rank_state, meta, rank=0, toke
 
 
 def _complete_steps(directory):
-    return sorted(int(m.group(1)) for f in glob.glob(os.path.join(directory, "meta_*.json"))
-                  if (m := re.search(r"meta_(\d+)\.json$", f)))
+    return sorted(int(m.group(1)) for f in _listdir(directory) if (m := re.fullmatch(r"meta_(\d+)\.json", f)))
 
 
 def _previous_step(directory, step):

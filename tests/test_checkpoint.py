@@ -82,6 +82,24 @@ def test_leftovers_of_killed_saves_are_removed_when_the_directory_is_opened(tmp_
     assert not (tmp_path / ".model_000008.pt.zz.tmp").exists()
 
 
+def test_steps_that_share_a_prefix_and_glob_characters_in_the_directory(tmp_path, monkeypatch):
+    """Step 100000's files are not step 1000000's (a prefix glob took model_1000000.pt for one
+    of step 100000's and removed it); a directory named with glob's characters ([x], *) still
+    lists its steps (glob read '[x]' as a character class and found none)."""
+    for name in ("plain", "d20[x]*"):
+        d = tmp_path / name
+        save(d, 1000000, 2.0)
+        save(d, 100000, 1.0)
+        monkeypatch.setattr(cm, "_cleaned", set(), raising=False)
+        cm.clean_checkpoint_dir(str(d))
+        save(d, 100000, 3.0)  # a re-save of step 100000 removes the files it replaced, only those
+        assert (d / "model_1000000.pt").exists() and (d / "state_1000000_rank0.pt").exists()
+        assert cm.find_last_step(str(d)) == 1000000
+        model, _, meta = cm.load_checkpoint(str(d), 1000000)
+        assert meta["v"] == 2.0 and model["w"][0, 0] == 2.0
+        assert cm.load_checkpoint(str(d), 100000)[2]["v"] == 3.0
+
+
 def flip_two_bytes(path):
     data = bytearray(path.read_bytes())
     i = len(data) // 2
