@@ -465,11 +465,22 @@ def resume_checkpoint(directory, step, rank=0, device=None):
     return step, model_state, rank_state, meta
 
 
-def resume_stage(directory, step, model, optimizers, rank=0):
+def resume_stage(directory, step, model, optimizers, rank=0, world_size=1, num_iterations=None):
     """Load a stage's own checkpoint (step 0: the latest) into model and optimizers;
-    returns (step, rank_state, meta) so the script can restore its data cursor."""
+    returns (step, rank_state, meta) so the script can restore its data cursor. Refuses
+    (SystemExit) a checkpoint that another number of processes saved (each rank's optimizer
+    state and data cursor are its own share) and one past num_iterations (the loop would run
+    past its end with the learning rate falling below zero)."""
     device = next(model.parameters()).device
     step, model_state, rank_state, meta = resume_checkpoint(directory, step, rank, device)
+    saved_ranks = len(meta["files"]["state"]) if meta.get("files") else None
+    if saved_ranks not in (None, world_size):
+        raise SystemExit(f"{directory} step {step} was saved by {saved_ranks} processes, this run has {world_size}: "
+                         f"resume with {saved_ranks} (torchrun --nproc_per_node={saved_ranks}), or start the stage again")
+    if num_iterations is not None and step > num_iterations:
+        raise SystemExit(f"{directory} step {step} is past this run's {num_iterations} steps: resume with the flags "
+                         f"that set the length (--num_iterations, --num_epochs, ...; the checkpoint's run had "
+                         f"{meta.get('num_iterations', 'an unrecorded number of')} steps), or start the stage again")
     model.load_state_dict(model_state)
     for opt, s in zip(optimizers, rank_state["optimizers"]):
         opt.load_state_dict(s)

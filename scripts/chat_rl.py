@@ -80,7 +80,7 @@ optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.in
 ckpt_dir = checkpoint_dir("rl", model_tag)
 step = 0
 if args.resume_from_step >= 0:
-    step, _, _ = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank)
+    step, _, _ = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size, num_iterations)
     print0(f"resumed {ckpt_dir} at step {step}")
 
 
@@ -135,7 +135,8 @@ while True:
     if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
         save_checkpoint(ckpt_dir, step, model.state_dict(), {"optimizers": [o.state_dict() for o in optimizers]},
                         {"step": step, "model_config": model.config.to_dict(), "user_config": user_config,
-                         "source": args.source, "source_step": source_meta["step"], "metrics": metrics}, rank)
+                         "source": args.source, "source_step": source_meta["step"], "metrics": metrics,
+                         "num_iterations": num_iterations}, rank)
     if last_step:
         break
 

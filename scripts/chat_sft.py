@@ -96,7 +96,8 @@ print0(f"from {args.source}/{model_tag} step {source_meta['step']}; {len(train_t
 ckpt_dir = checkpoint_dir("sft", model_tag)
 step, loader_state, meta = 0, None, {}
 if args.resume_from_step >= 0:
-    step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank)
+    step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size,
+                                     num_iterations)
     loader_state = rank_state["loader"]
     print0(f"resumed {ckpt_dir} at step {step}")
 # epochs=None: the loader cycles; num_iterations decides when to stop, the same on every rank
@@ -148,7 +149,7 @@ while True:
                         {"optimizers": [o.state_dict() for o in optimizers], "loader": train_loader.state_dict()},
                         {"step": step, "model_config": model.config.to_dict(), "user_config": user_config,
                          "source": args.source, "source_step": source_meta["step"], "val_loss": val,
-                         "metrics": metrics}, rank)
+                         "metrics": metrics, "num_iterations": num_iterations}, rank)
     if last_step:
         break
 

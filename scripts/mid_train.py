@@ -99,7 +99,7 @@ print0(f"mixture: {len(train_task):,} training conversations, {len(val_task):,} 
 ckpt_dir = checkpoint_dir("mid", model_tag)
 step, loader_state, meta = 0, None, {}
 if args.resume_from_step >= 0:
-    step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank)
+    step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size)
     loader_state = rank_state["loader"]
     print0(f"resumed {ckpt_dir} at step {step}")
 # --num_iterations is honoured even when it is more than one pass (the mixture repeats);

@@ -100,6 +100,21 @@ def test_steps_that_share_a_prefix_and_glob_characters_in_the_directory(tmp_path
         assert cm.load_checkpoint(str(d), 100000)[2]["v"] == 3.0
 
 
+def test_resume_stage_refuses_another_world_size_and_a_step_past_the_end(tmp_path):
+    """A chat stage's resume: a checkpoint saved by 1 process refused on 2 (each rank's
+    optimizer share and data cursor are its own), and step 5 refused by a run of 3 steps
+    (its loop, `step == num_iterations`, would never end, the learning rate going negative)."""
+    save(tmp_path, 5, 1.0)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(64, 64))
+    with pytest.raises(SystemExit, match="saved by 1 processes, this run has 2"):
+        cm.resume_stage(str(tmp_path), 0, model, [], rank=0, world_size=2)
+    with pytest.raises(SystemExit, match="step 5 is past this run's 3 steps"):
+        cm.resume_stage(str(tmp_path), 0, model, [], num_iterations=3)
+    step, rank_state, meta = cm.resume_stage(str(tmp_path), 0, model, [], num_iterations=5)
+    assert step == 5 and model.w[0, 0] == 1.0 and rank_state["v"] == 1.0
+
+
 def flip_two_bytes(path):
     data = bytearray(path.read_bytes())
     i = len(data) // 2
