@@ -100,8 +100,13 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if all(p.grad is None for p in params):  # not trained this step (DSA's warm-up)
                 continue
+            # a group may mix trained matrices with untrained ones of the same shape (RL's loss
+            # leaves the MTP modules out): zeros stand in for the missing gradients, and those
+            # matrices are not written back below (no update, no decay), as torch's optimizers
+            # skip a None grad; their momentum, if any, decays by `momentum` this step
+            trained = [p.grad is not None for p in params]
             n = -(-len(params) // W)  # matrices per rank (the last rank may have padding)
-            grads = torch.stack([p.grad for p in params])
+            grads = torch.stack([p.grad if t else torch.zeros_like(p) for p, t in zip(params, trained)])
             if n * W > len(params):
                 grads = torch.cat([grads, grads.new_zeros((n * W - len(params),) + grads.shape[1:])])
             my_grads = grads.new_empty((n,) + grads.shape[1:])
@@ -135,7 +140,8 @@ class Muon(torch.optim.Optimizer):
             gathered = torch.empty_like(new)
             all_gather_into(gathered, new[rank * n:(rank + 1) * n])
             for i, p in enumerate(params):
-                p.copy_(gathered[i])
+                if trained[i]:
+                    p.copy_(gathered[i])
 
     @staticmethod
     def _normalize_variance(O, state, beta2):

@@ -154,3 +154,29 @@ def test_momentum_and_weight_decay_schedules():
     assert schedules.muon_weight_decay(50, 100, 0.28) == 0.28
     assert schedules.scaled_weight_decay(0.28, 2**19, 1e9, 1e9) == 0.28
     assert schedules.scaled_weight_decay(0.28, 2**21, 2e9, 1e9) == pytest.approx(0.28 * 2 / 2)
+
+
+def test_rl_step_on_an_mtp_model_leaves_the_mtp_modules_alone():
+    """chat_rl's loss (loss_reduction="none") leaves the MTP modules without gradients while
+    trunk matrices of the same shapes have them, in the same Muon group: the step must not
+    stack a None (it raised TypeError), must train the trunk and leave MTP's matrices as they
+    were (no update, no decay)."""
+    from nanochat.chat_data import policy_gradient_loss
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                                  mtp=True), "cpu")
+    optimizers = model.setup_optimizers(weight_decay=0.5)
+    mtp_before = {n: p.detach().clone() for n, p in model.mtp.named_parameters()}
+    trunk = model.blocks[0].mlp.c_fc.weight
+    trunk_before = trunk.detach().clone()
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    policy_gradient_loss(model, x, y, torch.tensor([[1.0], [-1.0]]), 32).backward()
+    assert all(p.grad is None for p in model.mtp.parameters()) and trunk.grad is not None
+    mixed = [g for o in optimizers if isinstance(o, Muon) for g in o.param_groups
+             if {p.grad is None for p in g["params"]} == {True, False}]
+    assert mixed  # (the case at hand)
+    for o in optimizers:
+        o.step()
+    assert not torch.equal(trunk, trunk_before)
+    for n, p in model.mtp.named_parameters():
+        assert torch.equal(p, mtp_before[n]), n
