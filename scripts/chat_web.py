@@ -21,10 +21,13 @@ a client that disconnects stops its generation at the next token, freeing the wo
 With --batch_slots=N (continuous batching, nanochat/batching.py) a worker decodes up to
 N requests' answers at once in one batch that requests join and leave at any step; a
 request goes to the worker with the fewest requests and waits only for free rows.
-Every bad request gets a 4xx with an OpenAI-style error body, never a 500. OpenAI
-parameters: n (several answers), stop (up to 4 strings), frequency_penalty,
-presence_penalty and logit_bias work; a few others (top_p, logprobs, echo, best_of, ...)
-get a 400 naming them unless they have their neutral value; none is ignored silently.
+Every bad request gets a 4xx with an OpenAI-style error body, never a 500 (a failure while
+generating is a 500 with one). OpenAI parameters: n (several answers), stop (up to 4
+strings), frequency_penalty, presence_penalty, logit_bias, max_completion_tokens (newer
+clients' max_tokens) and stream_options.include_usage work; user is accepted and unused
+(OpenAI's abuse-monitoring id); a few others (top_p, logprobs, echo, best_of, ...) get a
+400 naming them unless they have their neutral value; an unknown one gets a 422 naming
+it: none is ignored silently.
 
 Hardening (docs/serving.md): a request's headers must arrive within --header_timeout s
 and its body within BODY_TIMEOUT s (else 408 and the connection is closed), bodies
@@ -51,7 +54,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -104,9 +107,18 @@ class Sampling(BaseModel):
     max_tokens: Optional[int] = Field(512, ge=1, le=MAX_NEW_TOKENS)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False  # a last chunk with the usage (and no choices) before [DONE]
+
+
 class OpenAIParams(Sampling):
+    model_config = ConfigDict(extra="forbid")  # a parameter we don't know is a 422 naming it, not ignored
     model: Optional[str] = None
     stream: bool = False  # /v1 only; the UI endpoint always streams
+    stream_options: Optional[StreamOptions] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_NEW_TOKENS)  # newer clients' max_tokens
+    user: Optional[str] = Field(None, max_length=256)  # OpenAI's end-user id for abuse monitoring: accepted, unused
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: Union[None, Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)],
@@ -175,14 +187,22 @@ def conversation_of(messages):
 
 
 def check_params(req, vocab_size):
-    """The OpenAI parameters pydantic can't check: logit_bias's keys and values, and the
-    ones we don't implement (a 400 naming the parameter unless it has its neutral value)."""
+    """The OpenAI parameters pydantic can't check: logit_bias's keys and values, the
+    ones we don't implement (a 400 naming the parameter unless it has its neutral value),
+    max_completion_tokens (becomes max_tokens) and stream_options (with stream only)."""
     for name, neutral in NEUTRAL.items():
         if getattr(req, name) not in neutral:
             raise BadRequest(f"'{name}' is not supported by this server (leave it out)")
+    if req.max_completion_tokens is not None:
+        if "max_tokens" in req.model_fields_set and req.max_tokens != req.max_completion_tokens:
+            raise BadRequest("max_tokens and max_completion_tokens differ: give one of them")
+        req.max_tokens = req.max_completion_tokens
+    if req.stream_options is not None and not req.stream:
+        raise BadRequest("stream_options is only allowed with stream: true")
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        # ASCII digits only ('²'.isdigit() is True, int('²') fails), and short (int() refuses over 4,300 digits)
+        if not (key.isascii() and key.isdigit() and len(key) <= 9) or int(key) >= vocab_size:
             raise BadRequest(f"logit_bias: {key!r} is not a token id (0 to {vocab_size - 1})")
         if not -100 <= value <= 100:
             raise BadRequest(f"logit_bias[{key}]: {value} is outside -100 to 100")
@@ -297,6 +317,9 @@ class BearerAuth:
             if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
                 response = error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  "authentication_error")
+                # the body is not read: close the connection (a client still sending it, slowly,
+                # would otherwise hold it open, outside every timeout)
+                response.headers["connection"] = "close"
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -654,6 +677,10 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
     def prompt_tokens(conversation):
         return fitting(state["tokenizer"].render_for_completion(conversation), "conversation")
 
+    def usage_of(tokens, counts):
+        n = sum(counts)
+        return {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
+
     def completion_id(kind):
         return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
@@ -719,9 +746,11 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                 for i in range(req.n):
                     yield sse({"id": rid, "object": obj, "created": created, "model": model,
                                "choices": [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]})
+            counts = [0] * req.n
             try:
                 async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
-                    async for i, text, _, finish, _ in pieces:
+                    async for i, text, count, finish, _ in pieces:
+                        counts[i] = count
                         if text:
                             yield chunk(i, text)
                         if finish:
@@ -729,6 +758,9 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
             except RuntimeError as e:
                 yield sse({"error": {"message": str(e), "type": "server_error"}})
                 return
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                           "usage": usage_of(tokens, counts)})
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -740,19 +772,20 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
         if req.stream:
             return openai_stream(tokens, req, kind, seed, bias)
         texts, counts, finishes, items = [""] * req.n, [0] * req.n, [None] * req.n, 0
-        async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
-            async for i, piece, count, finish, _ in pieces:
-                texts[i] += piece
-                counts[i], finishes[i], items = count, finish, items + 1
-                # nothing is sent before the end here, so look for a client that has left
-                # (leaving this block stops the generation at its next token)
-                if items % 8 == 0 and await request.is_disconnected():
-                    return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}},
-                                        status_code=499)
-        n = sum(counts)
-        usage = {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}
+        try:
+            async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
+                async for i, piece, count, finish, _ in pieces:
+                    texts[i] += piece
+                    counts[i], finishes[i], items = count, finish, items + 1
+                    # nothing is sent before the end here, so look for a client that has left
+                    # (leaving this block stops the generation at its next token)
+                    if items % 8 == 0 and await request.is_disconnected():
+                        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}},
+                                            status_code=499)
+        except RuntimeError as e:  # the worker's error (generate_stream's), as the streaming path reports it
+            return error(500, str(e), "server_error")
         base = {"id": completion_id(kind), "created": int(time.time()),
-                "model": state["model_id"], "usage": usage}
+                "model": state["model_id"], "usage": usage_of(tokens, counts)}
         if kind == "chat":
             return dict(base, object="chat.completion", choices=[
                 {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}

@@ -205,6 +205,7 @@ def test_api_key(base_dir):
         assert get(s.url + "/").status_code == 200 and get(s.url + "/health").status_code == 200
         r = post(s.url + "/v1/chat/completions", json=chat_body())
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert r.headers["connection"] == "close"  # its body unread: no keep-alive for a slow sender to hold
         r = post(s.url + "/chat/completions", json=chat_body(), headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         r = post(s.url + "/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer secret"})
@@ -509,7 +510,7 @@ def test_penalties_and_logit_bias(server, tokenizer):
     assert text.startswith(" the" * 3) and not text.startswith(" the" * 4)
     r = post(server.url + "/v1/chat/completions", json=chat_body(logit_bias={str(a): 100}, temperature=0, max_tokens=3))
     assert r.json()["choices"][0]["message"]["content"] == " the" * 3
-    for bad in ({"x": 1}, {"99999999": 1}, {str(a): 101}):
+    for bad in ({"x": 1}, {"99999999": 1}, {str(a): 101}, {"²": 1}, {"٣": 1}, {"1" * 5000: 1}):
         r = post(server.url + "/v1/completions", json={"prompt": "x", "logit_bias": bad})
         assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"]
     assert post(server.url + "/v1/completions", json={"prompt": "x", "presence_penalty": 3}).status_code == 422
@@ -523,6 +524,30 @@ def test_unsupported_params_are_400_never_ignored(server, param, value):
     for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 2}), ("/v1/chat/completions", chat_body())):
         r = post(server.url + path, json=dict(body, **{param: value}))
         assert r.status_code == 400 and param in r.json()["error"]["message"], (path, r.status_code, r.text)
+
+
+def test_max_completion_tokens_usage_in_streams_user_and_unknown_params(server, tokenizer):
+    """max_completion_tokens (newer OpenAI clients send it, not max_tokens) limits the answer;
+    stream_options.include_usage ends a stream with a usage chunk; user is accepted; an
+    unknown parameter is a 422 naming it (pydantic dropped it silently)."""
+    a = tokenizer.encode(" the")[0]
+    body = chat_body(logit_bias={str(a): 100}, temperature=0)
+    del body["max_tokens"]
+    r = post(server.url + "/v1/chat/completions", json=dict(body, max_completion_tokens=3, user="u-1"))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = post(server.url + "/v1/chat/completions", json=dict(body, max_completion_tokens=3, max_tokens=4))
+    assert r.status_code == 400 and "max_completion_tokens" in r.json()["error"]["message"]
+    with stream("POST", server.url + "/v1/chat/completions",
+                json=dict(body, max_tokens=3, stream=True, stream_options={"include_usage": True})) as r:
+        events = sse_events(r)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
+    assert all("usage" not in e for e in events[:-1])
+    r = post(server.url + "/v1/chat/completions", json=dict(body, stream_options={"include_usage": True}))
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+    for extra in ({"frobnicate": 1}, {"stream_options": {"include_usage": True, "x": 1}, "stream": True}):
+        r = post(server.url + "/v1/completions", json=dict({"prompt": "x", "max_tokens": 2}, **extra))
+        assert r.status_code == 422 and ("frobnicate" in r.text or "x" in r.json()["error"]["message"]), r.text
 
 
 def test_neutral_values_of_unsupported_params_are_fine(server):
@@ -597,6 +622,20 @@ def test_a_batched_request_that_fails_in_the_server_frees_its_rows(batched, monk
     assert not any(w["busy"] or w["rows_busy"] for w in get(batched.url + "/stats").json()["workers"])
     with stream("POST", batched.url + "/chat/completions", json=chat_body()) as r:
         assert sse_events(r)[-1] == {"done": True}
+
+
+def test_a_non_streaming_request_that_fails_in_the_server_gets_an_openai_error(batched, monkeypatch):
+    """A failure while generating a /v1 answer that is not streamed: a 500 with an
+    OpenAI-style body (it escaped as a plain-text 500), and the next request is served."""
+    import scripts.chat_web as web
+
+    def boom(self, column):
+        raise ValueError("boom")
+    with monkeypatch.context() as m:
+        m.setattr(web.Answers, "feed", boom)
+        r = post(batched.url + "/v1/chat/completions", json=chat_body())
+    assert r.status_code == 500 and r.json()["error"] == {"message": "boom", "type": "server_error"}, r.text
+    assert post(batched.url + "/v1/chat/completions", json=chat_body()).status_code == 200
 
 
 def test_continuous_batching_under_load_and_a_client_that_leaves(base_dir, tokenizer):
