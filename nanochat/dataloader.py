@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from nanochat.common import get_dist_info
-from nanochat.dataset import list_parquet_files, open_shard, split_files
+from nanochat.dataset import list_parquet_files, open_shard, read_texts, split_files
 from nanochat.fim import fim_context, row_rng
 
 
@@ -99,7 +99,7 @@ class DocumentStream:
                     if rows > 0:
                         filled.append(k)
                     if k % world == rank and rows > 0:  # an empty row group would give the packer nothing, forever
-                        docs = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+                        docs = read_texts(pf, g, path)
                         ids = self.tokenizer.encode(docs, prepend=self.tokenizer.get_bos_token_id(),
                                                     num_threads=self.threads)
                         produced_this_epoch = True

@@ -91,11 +91,21 @@ def open_shard(path):
     return pf
 
 
+def read_texts(pf, rg, path):
+    """Row group rg's documents (a list of str), refusing null cells (a None reached the
+    tokenizer as a TypeError that named no file)."""
+    column = pf.read_row_group(rg, columns=["text"]).column("text")
+    if column.null_count:
+        raise ValueError(f"{path}: row group {rg} has {column.null_count} null 'text' cell(s); nanochat shards need "
+                         "a string in every row: drop or fill those rows")
+    return column.to_pylist()
+
+
 def verify_shard(path):
-    """Readable end to end: metadata, schema and every row group's text column."""
+    """Readable end to end: metadata, schema and every row group's text column (no nulls)."""
     pf = open_shard(path)
     for i in range(pf.num_row_groups):
-        pf.read_row_group(i, columns=["text"])
+        read_texts(pf, i, path)
     return pf.metadata.num_rows
 
 
@@ -104,7 +114,7 @@ def parquets_iter_batched(split, data_dir=None, start=0, step=1):
     for path in split_files(list_parquet_files(data_dir), split):
         pf = open_shard(path)
         for rg in range(start, pf.num_row_groups, step):
-            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+            yield read_texts(pf, rg, path)
 
 # -----------------------------------------------------------------------------
 # Download

@@ -58,12 +58,16 @@ train_time = time.time() - t0
 if n_chars == 0:  # rustbpe would return a bytes-only tokenizer, and rc 0
     raise SystemExit(f"no text to train on: the train shards in {resolve_data_dir(args.data_dir)} have no rows "
                      "(or only empty documents); rebuild them (the last shard is validation and is not used here)")
+if tokenizer.get_vocab_size() < args.vocab_size:  # rustbpe stops when no pair is left to merge
+    raise SystemExit(f"the text gave only {tokenizer.get_vocab_size():,} tokens, not the {args.vocab_size:,} asked for "
+                     f"({n_chars:,} characters have too few distinct pairs): train on more text (--max_chars, more "
+                     f"shards) or ask for --vocab_size={tokenizer.get_vocab_size()} or less. Nothing was saved.")
+# sanity check before anything is replaced: a round trip on a mixed string
+sample = "Hello world! 12345 int main() { std::vector<int> v{1, 2}; return 0; }\n    def f(x):\n        return x ** 2\n"
+if tokenizer.decode(tokenizer.encode(sample)) != sample:
+    raise SystemExit("tokenizer round trip failed on a sample string; nothing was saved")
 tokenizer.save(out_dir)
 print0(f"trained on {n_chars:,} chars in {train_time:.1f}s; saved to {out_dir}")
-
-# sanity check: a round trip on a mixed string
-sample = "Hello world! 12345 int main() { std::vector<int> v{1, 2}; return 0; }\n    def f(x):\n        return x ** 2\n"
-assert tokenizer.decode(tokenizer.encode(sample)) == sample, "tokenizer round trip failed"
 
 token_bytes = tokenizer.token_bytes_list()
 nonzero = [b for b in token_bytes if b > 0]

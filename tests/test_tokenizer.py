@@ -121,23 +121,28 @@ def test_render_for_completion(tokenizer):
     assert "hello" not in tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("case", ["doc_cap0", "empty_shards"])
+@pytest.mark.parametrize("case", ["doc_cap0", "empty_shards", "too_few_pairs", "null_cell"])
 def test_tok_train_refuses_to_make_a_bytes_only_tokenizer(tmp_path, case):
-    """--doc_cap=0 or zero-row shards gave rc 0 and a tokenizer with no merges."""
+    """--doc_cap=0 or zero-row shards gave rc 0 and a tokenizer with no merges; a text with
+    fewer distinct pairs than the vocabulary needs gave a smaller vocabulary, saved with rc 0;
+    a null text cell gave a TypeError naming no file. Each is refused, nothing saved."""
     import subprocess
     import sys
     import pyarrow as pa
     import pyarrow.parquet as pq
     data = tmp_path / "data"
     data.mkdir()
-    texts = [] if case == "empty_shards" else ["some text to train on"] * 10
+    texts = {"empty_shards": [], "null_cell": ["some text to train on", None]}.get(case, ["some text to train on"] * 10)
     for i in range(2):
         pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), data / f"shard_{i:05d}.parquet")
     flags = ["--doc_cap=0"] if case == "doc_cap0" else []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "scripts.tok_train", f"--data_dir={data}", "--vocab_size=300",
+    vocab = 1000 if case == "too_few_pairs" else 300
+    out = subprocess.run([sys.executable, "-m", "scripts.tok_train", f"--data_dir={data}", f"--vocab_size={vocab}",
                           f"--out_dir={tmp_path / 'tok'}", *flags], cwd=root, capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path)))
     assert out.returncode != 0, out.stdout + out.stderr
-    assert ("--doc_cap=0: must be a positive" if case == "doc_cap0" else "no text to train on") in out.stderr
+    assert {"doc_cap0": "--doc_cap=0: must be a positive", "empty_shards": "no text to train on",
+            "too_few_pairs": "not the 1,000 asked for", "null_cell": "shard_00000.parquet: row group 0 has 1 null"}[case] \
+        in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "tok" / "tokenizer.pkl").exists()
