@@ -241,6 +241,17 @@ def _complete_steps(directory):
     return sorted(int(m.group(1)) for f in _listdir(directory) if (m := re.fullmatch(r"meta_(\d+)\.json", f)))
 
 
+def warn_earlier_run(directory, keep_hint, print_fn=print):
+    """A new run (not resuming) saving into a directory that holds another run's checkpoints:
+    say so. The earlier run's later steps stay the latest, what the next stage, chat_eval and
+    --resume_from_step=0 read, until this run saves past them."""
+    steps = _complete_steps(directory)
+    if steps:
+        print_fn(f"warning: {directory} holds checkpoints of an earlier run (steps {steps[0]} to {steps[-1]}); this run "
+                 "replaces the steps it saves, and that run's later steps stay the latest (what the next stage, "
+                 f"chat_eval and --resume_from_step=0 read). To continue that run: --resume_from_step=0; {keep_hint}")
+
+
 def _previous_step(directory, step):
     earlier = [s for s in _complete_steps(directory) if s < step]
     return earlier[-1] if earlier else None

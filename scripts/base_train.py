@@ -16,14 +16,14 @@ FLOP/s of the device * world_size); see GPT.estimate_flops for what is counted.
 """
 
 import argparse
-import glob
 import json
 import os
 import time
 
 import torch
 
-from nanochat.checkpoint_manager import checkpoint_dir, find_last_step, init_from, resume_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_dir, init_from, resume_checkpoint, save_checkpoint,
+                                         warn_earlier_run)
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0,
                              require_positive, synchronize)
@@ -222,9 +222,8 @@ step, loader_state, smooth_loss, train_time, val_bpb, min_val_bpb = 0, None, 0.0
 timed_steps = 0  # the steps train_time covers, over every resume (for the run's mean tok/s and MFU)
 timed_flops = 0.0  # the FLOPs of those steps (a DSA warm-up step does less than a training step)
 core_metric = None  # the last CORE measured (saved with the checkpoints: miniseries.sh reads it there)
-if args.resume_from_step < 0 and glob.glob(os.path.join(ckpt_dir, "meta_*.json")):
-    print0(f"warning: {ckpt_dir} holds checkpoints of an earlier run (up to step {find_last_step(ckpt_dir)}); this run "
-           "replaces the steps it saves. To continue that run: --resume_from_step=0; to keep it: --model_tag=NEW")
+if args.resume_from_step < 0:
+    warn_earlier_run(ckpt_dir, "to keep it: --model_tag=NEW", print0)
 if args.init_from:
     if args.resume_from_step >= 0:
         raise SystemExit("--init_from starts a new run from another run's weights, --resume_from_step continues this "

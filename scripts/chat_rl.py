@@ -23,7 +23,8 @@ import time
 import torch
 
 from nanochat.chat_data import pad_rows, policy_gradient_loss
-from nanochat.checkpoint_manager import checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint,
+                                         warn_earlier_run)
 from nanochat.common import (autocast_for, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              print0, synchronize)
 from nanochat.engine import Engine
@@ -79,6 +80,8 @@ optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * args.in
                                     matrix_lr=args.matrix_lr * args.init_lr_frac)
 ckpt_dir = checkpoint_dir("rl", model_tag)
 step = 0
+if args.resume_from_step < 0:
+    warn_earlier_run(ckpt_dir, f"to keep it: move {ckpt_dir} away first", print0)
 if args.resume_from_step >= 0:
     step, _, _ = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size, num_iterations)
     print0(f"resumed {ckpt_dir} at step {step}")

@@ -20,7 +20,8 @@ import torch
 
 from nanochat.chat_data import PaddedConversations
 from nanochat.chat_eval import run_categorical
-from nanochat.checkpoint_manager import checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint,
+                                         warn_earlier_run)
 from nanochat.common import (autocast_for, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              max_memory_allocated_mib, print0, synchronize)
 from nanochat.report import get_report
@@ -95,6 +96,8 @@ print0(f"from {args.source}/{model_tag} step {source_meta['step']}; {len(train_t
 
 ckpt_dir = checkpoint_dir("sft", model_tag)
 step, loader_state, meta = 0, None, {}
+if args.resume_from_step < 0:
+    warn_earlier_run(ckpt_dir, f"to keep it: move {ckpt_dir} away first", print0)
 if args.resume_from_step >= 0:
     step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size,
                                      num_iterations)

@@ -19,7 +19,8 @@ import time
 import torch
 
 from nanochat.chat_data import PackedConversations
-from nanochat.checkpoint_manager import checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint
+from nanochat.checkpoint_manager import (checkpoint_dir, load_previous_stage, resume_stage, save_checkpoint,
+                                         warn_earlier_run)
 from nanochat.common import (autocast_for, autodetect_device_type, compute_cleanup, compute_init, init_wandb,
                              max_memory_allocated_mib, print0, synchronize)
 from nanochat.loss_eval import evaluate_bpb
@@ -98,6 +99,8 @@ print0(f"mixture: {len(train_task):,} training conversations, {len(val_task):,} 
 
 ckpt_dir = checkpoint_dir("mid", model_tag)
 step, loader_state, meta = 0, None, {}
+if args.resume_from_step < 0:
+    warn_earlier_run(ckpt_dir, f"to keep it: move {ckpt_dir} away first", print0)
 if args.resume_from_step >= 0:
     step, rank_state, meta = resume_stage(ckpt_dir, args.resume_from_step, model, optimizers, rank, world_size)
     loader_state = rank_state["loader"]

@@ -83,7 +83,7 @@ def test_schedule_ends_at_final_lr_and_resume_past_the_end_is_refused(base_dir, 
     assert r.returncode != 0 and "checkpoint step 5 is past this run's 3 steps" in r.stderr, r.stdout + r.stderr
     # a fresh run into the same directory says it will replace the earlier run's checkpoints
     out = run_train(base_dir, corpus_dir, "--num_iterations=2", "--eval_every=-1", "--model_tag=sched")
-    assert "holds checkpoints of an earlier run (up to step 5)" in out
+    assert "holds checkpoints of an earlier run (steps " in out and " to 5); this run replaces" in out
 
 
 def test_fp8_training_runs_and_learns(base_dir, corpus_dir):

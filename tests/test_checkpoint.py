@@ -115,6 +115,16 @@ def test_resume_stage_refuses_another_world_size_and_a_step_past_the_end(tmp_pat
     assert step == 5 and model.w[0, 0] == 1.0 and rank_state["v"] == 1.0
 
 
+def test_warn_earlier_run_names_its_steps_even_under_a_glob_like_name(tmp_path):
+    said = []
+    d = tmp_path / "d12[x]"
+    cm.warn_earlier_run(str(d), "keep", said.append)  # no directory yet: nothing to say
+    save(d, 3, 1.0)
+    save(d, 7, 1.0)
+    cm.warn_earlier_run(str(d), "to keep it: move it", said.append)
+    assert len(said) == 1 and "(steps 3 to 7)" in said[0] and said[0].endswith("to keep it: move it")
+
+
 def flip_two_bytes(path):
     data = bytearray(path.read_bytes())
     i = len(data) // 2
