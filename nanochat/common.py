@@ -323,9 +323,9 @@ def device_name(device_type):
     if device_type == "cuda":
         return torch.cuda.get_device_name()
     if device_type == "xla":
-        try:
+        try:  # the kind ("TPU v6 lite"): PEAKS matches it; the hardware type alone is just "TPU"
             import torch_xla.core.xla_model as xm
-            return str(xm.xla_device_hw(torch_xla_device()))
+            return str(xm.xla_device_kind(torch_xla_device()))
         except Exception:
             return "xla"
     return device_type

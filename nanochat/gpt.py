@@ -745,12 +745,14 @@ class GPT(nn.Module):
         (nanochat/engine.py) does batched sampling and tool use; both use its sample_next."""
         from nanochat.engine import sample_next
         device = self.wte.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
+        # XLA has no torch.Generator: there the draws run on the CPU (one row of logits a token)
+        draw_on = device if device.type in ("cpu", "cuda", "mps") else torch.device("cpu")
+        rng = torch.Generator(device=draw_on).manual_seed(seed)
         cache = self.init_cache(1, len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
             logits = self.forward(ids, cache=cache)[:, -1, :]
-            ids = sample_next(logits, rng, temperature, top_k).view(1, 1)
+            ids = sample_next(logits.to(draw_on), rng, temperature, top_k).view(1, 1).to(device)
             yield ids.item()
 
 

@@ -188,6 +188,10 @@ class FlashAttention:
         if k.size(1) != q.size(1):
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        if self.mesh is not None and q.size(0) % dict(zip(self.mesh.axis_names, self.mesh.mesh_shape))[DATA]:
+            # a batch the data axis does not divide (CORE's rows, a sampling prefill's 1): the
+            # kernel's shard_map would rebuild the global batch as local x axis size (1 -> 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         spec = None if self.mesh is None else (DATA, MODEL, None, None)
         return self.kernel(q, k, v, causal=True, sm_scale=1.0 / math.sqrt(q.size(-1)), partition_spec=spec,
                            mesh=self.mesh)

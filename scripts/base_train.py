@@ -413,6 +413,8 @@ while True:
             print0(f"step {step:05d} | CORE: {core['core_metric']:.4f}")
             wandb_run.log({"step": step, "core_metric": core["core_metric"]})
             orig_model.train()
+    if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        checkpoint(step)  # (before the samples: nothing they do can cost the run its checkpoint)
     if master and args.sample_every > 0 and step > 0 and (last_step or step % args.sample_every == 0):
         orig_model.eval()
         for prompt in ["The capital of France is", "#include <vector>\n\nint main() {", "def fibonacci(n):"]:
@@ -420,8 +422,6 @@ while True:
                 out = list(orig_model.generate(tokenizer.encode(prompt, prepend="<|bos|>"), 24, temperature=0))
             print0(f"sample: {prompt!r} -> {tokenizer.decode(out)!r}")
         orig_model.train()
-    if step > 0 and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-        checkpoint(step)
     if last_step:
         break
 

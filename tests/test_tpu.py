@@ -137,6 +137,29 @@ def test_flash_attention_scale_matches_sdpa(n_kv_head):
         assert (model(idx) - sdpa).abs().max() > 1e-2  # sm_scale 1.0: another model
 
 
+def test_flash_attention_takes_sdpa_for_a_batch_the_data_axis_does_not_divide():
+    """CORE (one row per choice) and a sampling prefill (batch 1) on a mesh with data > 1:
+    SDPA, not the kernel (its shard_map returned a batch of 2 for 1 on a 2 x 4 mesh)."""
+    from types import SimpleNamespace
+    calls = []
+    mesh = SimpleNamespace(axis_names=(tpu.DATA, tpu.MODEL), mesh_shape=(2, 4))
+    flash = tpu.FlashAttention(mesh, kernel=lambda *a, **kw: calls.append(kw) or reference_flash_attention(*a, **kw))
+    for B in (1, 3, 2, 4):
+        q, k, v = (torch.randn(B, 4, 8, 16) for _ in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert (flash(q, k, v) - want).abs().max() < 1e-5
+    assert len(calls) == 2 and calls[0]["partition_spec"] == (tpu.DATA, tpu.MODEL, None, None)  # B = 2 and 4 only
+
+
+def test_sampling_on_xla_equals_the_cpu(xla_run):
+    """GPT.generate on XLA (base_train's samples): it made a torch.Generator on the XLA device,
+    which torch refuses, and the run died before its last checkpoint; its greedy tokens now equal
+    the CPU model's, under the flash path with data 1 and data 2 (batch 1: SDPA)."""
+    g = xla_run["generate"]
+    assert g["xla"] == [g["cpu"], g["cpu"]] and len(g["cpu"]) == 4
+    assert len(g["sampled"]) == 4 and all(0 <= t < 200 for t in g["sampled"])
+
+
 def test_flash_path_is_not_taken_for_windows_or_decoding():
     """Sliding-window layers and cached decoding keep SDPA (the kernel has no windows)."""
     model = tiny_model(4)

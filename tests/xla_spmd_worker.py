@@ -145,6 +145,13 @@ def main(out_path, ckpt_dir):
         diff = (model(tpu.shard_batch(probe.to(torch_xla.device()), mesh)).cpu() - ref(probe)).abs().max().item()
         result["flash"] = {"signature": str(inspect.signature(flash_attention)), "partition_spec": specs[0],
                            "logits_diff": diff, "unavailable": tpu.flash_unavailable()}
+        # base_train's samples on XLA (no torch.Generator there; batch 1 under the flash path on a 1 x 4 mesh,
+        # data 1, and on a 2 x 2 one, data 2: the kernel cannot take a batch of 1 there)
+        result["generate"] = {"cpu": list(ref.generate([1, 2, 3], 4, temperature=0)), "xla": [], "sampled": []}
+        for tp in (4, 2):
+            model.flash = tpu.FlashAttention(tpu.make_mesh(tp), kernel)
+            result["generate"]["xla"].append(list(model.generate([1, 2, 3], 4, temperature=0)))
+        result["generate"]["sampled"] = list(model.generate([1, 2, 3], 4, temperature=1.0, seed=5))
     with open(out_path, "w") as f:
         json.dump(result, f)
 
