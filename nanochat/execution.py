@@ -18,8 +18,13 @@ The code is assumed hostile. The boundary is the Linux kernel, set up in layers:
      namespace's init exits or is killed, the kernel kills everything left in it.
    - mount: the filesystem is an empty read-only tmpfs with, read-only, /usr (and the
      /bin, /lib* links), the interpreter's prefix (venv and base install), and this file;
-     a private writable work directory; minimal /dev (null, zero, full, random, urandom);
-     /proc. No home directory, no repository, no /etc, no checkpoints or tokens on disk.
+     a private writable work directory; minimal read-only /dev (null, zero, full, random,
+     urandom; no /dev/shm to fill); /proc with /proc/sys and /proc/sysrq-trigger read-only
+     (uid 65534 inside maps to the server's uid outside: a server run as root would let
+     the code write host sysctls). No home directory, no repository, no /etc, no
+     checkpoints or tokens on disk. bwrap runs with --as-pid-1: the code is the namespace's
+     init (bwrap's own init there ran without seccomp or limits, and the code could write
+     into its memory through /proc/1/mem).
    - network: a new namespace with only a loopback that is down: nothing can be reached,
      not even the host's 127.0.0.1; setns back is refused (no capability in the host's
      namespaces, and the syscall is filtered, see 2).
@@ -31,7 +36,10 @@ The code is assumed hostile. The boundary is the Linux kernel, set up in layers:
    before the code runs: no new processes (fork, vfork, clone without CLONE_THREAD;
    threads still work), no signals to other processes (kill, tgkill, pidfd_*), no
    setns/unshare/mount/pivot_root/chroot, no ptrace/process_vm_*, no io_uring, bpf,
-   perf_event_open, userfaultfd, keyrings. The calls fail with EPERM (clone3: ENOSYS).
+   perf_event_open, userfaultfd, keyrings; no leaving the process group the timeout kills
+   (setsid, setpgid) or clearing the death signal (prctl PR_SET_PDEATHSIG): a process that
+   did both outlived its kill; no memfd_create or SysV shmget (memory RLIMIT_AS does not
+   count). The calls fail with EPERM (clone3: ENOSYS).
 3. Resource limits (setrlimit, soft = hard): address space/data = max_memory_bytes (a
    failing allocation raises MemoryError -> reason "memory"), file size MAX_FILE_BYTES
    (writes past it fail with EFBIG), no core dumps, CPU time a little above the timeout,
@@ -75,7 +83,10 @@ Mechanics
   exception, an early exit), "killed" (a signal: SIGKILL, SIGSEGV, SIGXCPU...).
 
 Not limited: reading the files the sandbox can see, number of files written into the
-work directory (each at most MAX_FILE_BYTES), threads (bounded by memory).
+work directory (each at most MAX_FILE_BYTES: the host's temporary directory can be filled),
+threads (bounded by memory). Not protected: a result's integrity against the code itself
+(it runs in the reporting process and can reach finish() by frame walking, so HumanEval
+code could report success before its tests run: our models are not adversarial there).
 
 Platforms: Linux is the target and what the tests cover. Elsewhere the level is "none"
 (other POSIX: the same path minus namespaces, seccomp and the /proc-based dir_fd checks;
@@ -252,14 +263,22 @@ def _sandboxed(level: str, workdir: str, inner: list[str]) -> list[str]:
     if level == "unshare":
         spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner}
         return _interpreter("_launcher_main") + [json.dumps(spec)]
+    # --as-pid-1: no bwrap init in the namespace (the code could write into that process's
+    # memory through /proc/1/mem: same user, no seccomp, no limits); the code is pid 1, so its
+    # exit or its death with bwrap (--die-with-parent; seccomp refuses to clear that) ends all
     argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--uid", str(_SANDBOX_ID),
-            "--gid", str(_SANDBOX_ID), "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+            "--gid", str(_SANDBOX_ID), "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--as-pid-1"]
     for src, dst in binds:
         argv += ["--ro-bind", src, dst]
     for target, path in links:
         argv += ["--symlink", target, path]
-    argv += ["--dev", "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--remount-ro", "/",
-             "--chdir", workdir, "--"]
+    # /proc/sys read-only: the namespace's uid maps to the server's, and a server run as root
+    # would let the code write host sysctls (kernel.core_pattern: a command run as root);
+    # /dev read-only: its tmpfs (/dev/shm) was memory outside the limits
+    argv += ["--dev", "/dev", "--proc", "/proc"]
+    argv += [a for sub in _PROC_READ_ONLY if os.path.exists("/proc/" + sub) for a in ("--ro-bind", "/proc/" + sub,
+                                                                                     "/proc/" + sub)]
+    argv += ["--remount-ro", "/dev", "--bind", workdir, workdir, "--remount-ro", "/", "--chdir", workdir, "--"]
     return argv + inner
 
 
@@ -700,6 +719,12 @@ def _launcher_main() -> None:
                 os.symlink(target, root + path)
             os.makedirs(root + "/proc")
             call("mount", b"proc", (root + "/proc").encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+            for sub in _PROC_READ_ONLY:  # as bwrap's level does (see _sandboxed)
+                path = f"{root}/proc/{sub}"
+                if os.path.exists(path):
+                    call("mount", path.encode(), path.encode(), None, _MS_BIND, None)
+                    kept = os.statvfs(path).f_flag & (_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+                    call("mount", None, path.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None)
             os.chdir(root)
             call("syscall", _SYS_PIVOT_ROOT[platform.machine()], b".", b".")  # the old root stacks under the new
             call("umount2", b".", _MNT_DETACH)  # ... and is detached: the host tree is gone
@@ -725,7 +750,12 @@ _SECCOMP_DENY_X86_64 = {
     "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
     "pidfd_open": 434, "pidfd_getfd": 438, "process_madvise": 440, "mount_setattr": 442,
+    # leaving the process group the timeout kills (with prctl(PR_SET_PDEATHSIG, 0), below: a
+    # process that outlived its kill), and memory that RLIMIT_AS does not count
+    "setpgid": 109, "setsid": 112, "shmget": 29, "memfd_create": 319, "memfd_secret": 447,
 }
+_SYS_PRCTL_X86_64 = 157
+_PROC_READ_ONLY = ("sys", "sysrq-trigger")  # /proc entries the sandbox sees read-only
 _SYS_CLONE_X86_64, _SYS_CLONE3_X86_64 = 56, 435
 
 
@@ -746,6 +776,8 @@ def _install_seccomp() -> None:
     ]
     for nr in _SECCOMP_DENY_X86_64.values():  # if nr == N: refuse
         prog += [(jeq, 0, 1, nr), (ret, 0, 0, deny)]
+    prog += [(jeq, 0, 4, _SYS_PRCTL_X86_64), (ld, 0, 0, 16), (jeq, 0, 1, _PR_SET_PDEATHSIG),  # prctl: its option
+             (ret, 0, 0, deny), (ret, 0, 0, allow)]  # (the death signal stays: the sandbox dies with its launcher)
     prog += [(jeq, 0, 1, _SYS_CLONE3_X86_64), (ret, 0, 0, nosys)]  # flags are behind a pointer: libc falls back to clone
     prog += [(jeq, 1, 0, _SYS_CLONE_X86_64), (ret, 0, 0, allow),  # clone: only threads
              (ld, 0, 0, 16), (jset, 1, 0, _CLONE_THREAD), (ret, 0, 0, deny), (ret, 0, 0, allow)]
