@@ -588,20 +588,20 @@ fn classify(n: Node) -> Kind {
     }
 }
 
-/// The name a declarator declares (`f` in `int *f(int)`, `g` in `S::g`).
+/// The name a declarator declares (`f` in `int *f(int)`, `g` in `S::g`). A loop, not
+/// recursion: declarators nest once per `*` or `&`, and `int` then 10,000 `*` overflowed a
+/// worker thread's stack (an abort that took the whole run down).
 fn declarator_name(n: Node, src: &str) -> Option<String> {
-    match n.kind() {
-        "identifier" | "field_identifier" | "type_identifier" | "operator_name" => {
-            Some(src[n.byte_range()].to_string())
-        }
-        "qualified_identifier" | "template_function" | "template_type" => {
-            declarator_name(n.child_by_field_name("name")?, src)
-        }
-        "destructor_name" | "operator_cast" => None,
-        _ => {
-            let inner = n.child_by_field_name("declarator").or_else(|| n.named_child(0))?;
-            declarator_name(inner, src)
-        }
+    let mut n = n;
+    loop {
+        n = match n.kind() {
+            "identifier" | "field_identifier" | "type_identifier" | "operator_name" => {
+                return Some(src[n.byte_range()].to_string())
+            }
+            "qualified_identifier" | "template_function" | "template_type" => n.child_by_field_name("name")?,
+            "destructor_name" | "operator_cast" => return None,
+            _ => n.child_by_field_name("declarator").or_else(|| n.named_child(0))?,
+        };
     }
 }
 

@@ -60,7 +60,9 @@ pub fn load(c: &Candidate, max_file_bytes: u64) -> Result<SourceFile, SkipReason
 
 /// The content rules, in order: empty, binary, generated, minified.
 pub fn check_content(bytes: &[u8]) -> Result<(), SkipReason> {
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+    // (after a UTF-8 byte order mark: a BOM and blank lines is an empty file too)
+    let body = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(SkipReason::Empty);
     }
     let sniff = &bytes[..bytes.len().min(BINARY_SNIFF_BYTES)];

@@ -162,6 +162,24 @@ fn deeply_nested_code_is_split_without_overflow() {
 }
 
 #[test]
+fn deeply_nested_declarators_do_not_overflow_a_worker_stack() {
+    // `int` then 20,000 `*` (one a line, or the file is skipped as minified): the declarator's
+    // name was found by recursion, one frame a `*`, and in project and compilable modes the
+    // worker thread's stack overflowed (an abort: the whole run died, no file named)
+    let text = format!("int\n{}x;\n", "*\n".repeat(20_000));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("proj");
+    write(&root, "deep.cpp", &text);
+    for (i, mode) in [Mode::Project, Mode::Compilable].into_iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        let mut cfg = config(&[&root], &out, mode);
+        cfg.threads = 2;
+        let s = run_ok(&cfg);
+        assert_eq!((s.skipped_total, s.documents_written), (0, 1));
+    }
+}
+
+#[test]
 fn generated_and_vendored_files_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("proj");
@@ -179,13 +197,14 @@ fn generated_and_vendored_files_are_skipped() {
     let minified = format!("int a[] = {{{}0}};\n", "1,".repeat(3000));
     write(&root, "src/min.h", &minified);
     write(&root, "src/empty.h", "\n\n");
+    write(&root, "src/bom.h", "\u{feff}\n\n"); // a byte order mark and blank lines: empty too (was a "\n\n" document)
     write(&root, "README.md", "# not C++\n");
     let out = dir.path().join("out");
     let s = run_ok(&config(&[&root], &out, Mode::File));
     assert_eq!(skipped(&s, SkipReason::Generated), 3);
     assert_eq!(skipped(&s, SkipReason::VendoredPath), 6);
     assert_eq!(skipped(&s, SkipReason::Minified), 1);
-    assert_eq!(skipped(&s, SkipReason::Empty), 1);
+    assert_eq!(skipped(&s, SkipReason::Empty), 2);
     assert_eq!(s.non_cpp_files, 1);
     let docs = read_docs(&out);
     let files: Vec<&str> = docs.iter().map(|d| d.files[0].as_str()).collect();
