@@ -17,8 +17,9 @@ pub struct Include {
 }
 
 /// Finds `#include "..."` and `#include <...>` directives, line by line. Directives inside
-/// `/* ... */` comments that span lines are ignored; conditional compilation (`#if 0`)
-/// is not evaluated, so every directive counts.
+/// `/* ... */` comments that span lines are ignored (a `/*` inside a string or character
+/// literal opens none); a directive after a comment closed on its line counts; conditional
+/// compilation (`#if 0`) is not evaluated, so every directive counts.
 pub fn extract_includes(text: &str) -> Vec<Include> {
     let mut out = Vec::new();
     let mut in_block_comment = false;
@@ -31,7 +32,14 @@ pub fn extract_includes(text: &str) -> Vec<Include> {
                 None => continue,
             }
         }
-        if let Some(inc) = parse_directive(rest) {
+        let mut directive = rest.trim_start();
+        while let Some(after) = directive.strip_prefix("/*") {  // `/* c */ #include "y.h"`
+            match after.find("*/") {
+                Some(i) => directive = after[i + 2..].trim_start(),
+                None => break,
+            }
+        }
+        if let Some(inc) = parse_directive(directive) {
             out.push(inc);
         }
         in_block_comment = opens_block_comment(rest);
@@ -39,7 +47,10 @@ pub fn extract_includes(text: &str) -> Vec<Include> {
     out
 }
 
-/// True if the line leaves a `/*` comment open (string literals are not considered).
+/// True if the line leaves a `/*` comment open. A `/*` inside a string or character literal
+/// opens none (`"src/*.cpp"` hid every later include of the file); a `'` right after a
+/// letter, digit or `_` is a digit separator (`1'000`), not a literal. Raw strings are not
+/// considered.
 fn opens_block_comment(line: &str) -> bool {
     let b = line.as_bytes();
     let mut i = 0;
@@ -51,6 +62,14 @@ fn opens_block_comment(line: &str) -> bool {
                 i += 2;
                 continue;
             }
+        } else if b[i] == b'"' || (b[i] == b'\'' && !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))) {
+            let quote = b[i];
+            i += 1;
+            while i < b.len() && b[i] != quote {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
         } else if b[i] == b'/' && b[i + 1] == b'/' {
             return false;
         } else if b[i] == b'/' && b[i + 1] == b'*' {
@@ -259,6 +278,14 @@ mod tests {
                    /* start\n#include \"in_comment.h\"\n*/\n#include \"b\\c.h\" // trailing\n";
         let got = extract_includes(src);
         assert_eq!(got, vec![q("a.h"), Include { path: "vector".into(), kind: IncludeKind::Angle }, q("b/c.h"),]);
+    }
+
+    #[test]
+    fn comment_openers_inside_literals_and_comments_before_a_directive() {
+        let src = "const char* g = \"src/*.cpp\"; char c = '*'; char d = '/';\n#include \"x.h\"\n\
+                   int n = 1'000; /* open\n#include \"hidden.h\"\n*/ #include \"y.h\"\n\
+                   /* c */ #include \"z.h\"\nconst char* e = \"a\\\"/*\"; /* x */\n#include \"w.h\"\n";
+        assert_eq!(extract_includes(src), vec![q("x.h"), q("y.h"), q("z.h"), q("w.h")]);
     }
 
     #[test]
