@@ -93,13 +93,17 @@ fn atomize<'t>(text: &str, root: Node<'t>, budget: usize, out: &mut Vec<Range<us
 }
 
 /// Children of `node` as groups of siblings: a comment is kept with the following
-/// sibling, unless it starts on the row where the previous sibling ends (trailing comment).
+/// sibling, unless it starts on the row where the previous sibling ends (trailing comment);
+/// a `;` stays with the sibling before it (at top level `class C { ... }` and its `;` are
+/// two siblings, and a piece ended at the `}` with the next one starting at `;`).
 fn group_children<'t>(node: Node<'t>) -> Vec<Vec<Node<'t>>> {
     let mut groups: Vec<Vec<Node<'t>>> = Vec::new();
     let mut pending: Vec<Node<'t>> = Vec::new();
     let mut cursor = node.walk();
     for child in node.children(&mut cursor) {
-        if child.kind() == "comment" {
+        if child.kind() == ";" && !child.is_named() && pending.is_empty() && !groups.is_empty() {
+            groups.last_mut().expect("non-empty").push(child);
+        } else if child.kind() == "comment" {
             if pending.is_empty() {
                 if let Some(last) = groups.last_mut().and_then(|g| g.last().copied()) {
                     if last.end_position().row == child.start_position().row {

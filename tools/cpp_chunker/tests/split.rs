@@ -116,3 +116,18 @@ fn a_class_over_budget_keeps_its_methods_whole() {
         assert!(s.pieces.iter().any(|p| p.start <= f.start && f.end <= p.end));
     }
 }
+
+#[test]
+fn a_type_is_never_cut_from_its_semicolon() {
+    // top-level `class C { ... }` and its `;` are two siblings in the tree: at some budgets
+    // a piece ended at the `}` and the next began with `;`
+    let text: String = (0..30).map(|i| format!("class C{i} {{\n public:\n  int v{i} = {i};\n}};\n\n")).collect();
+    for budget in (50..300).step_by(3) {  // (each class and its ; fit: at most 44 bytes)
+        let s = split(&text, budget);
+        let joined: String = s.pieces.iter().map(|p| &text[p.clone()]).collect();
+        assert_eq!(joined, text);
+        for p in &s.pieces {
+            assert!(!text[p.clone()].trim_start().starts_with(';'), "budget {budget}: {:?}", &text[p.clone()]);
+        }
+    }
+}
