@@ -112,6 +112,10 @@ class NanoChatRecipeForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # padded rows would attend to their pads at shifted positions: refuse, not answer wrong
+            raise ValueError("this model takes no padding (attention_mask has zeros): run one sequence a call, "
+                             "or batch sequences of equal length")
         c, idx = self.config.nanochat, input_ids
         B, T = idx.shape
         D = c["n_embd"] // c["n_head"]
@@ -141,5 +145,5 @@ class NanoChatRecipeForCausalLM(PreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        return {"input_ids": input_ids}  # no KV cache: the whole sequence every step
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}  # no KV cache: the whole sequence every step

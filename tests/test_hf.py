@@ -272,6 +272,11 @@ def test_remote_code_export_of_the_recipe(tokenizer, tmp_path, fresh_base):
     ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 60), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a, b = model(ids), theirs(input_ids=ids).logits
+        assert torch.equal(theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, b)
+        padded = torch.ones_like(ids)
+        padded[0, :5] = 0  # a left-padded row: it attended to its pads, silently (now refused)
+        with pytest.raises(ValueError, match="no padding"):
+            theirs(input_ids=ids, attention_mask=padded)
     assert (a - b).abs().max().item() < 1e-4, (a - b).abs().max().item()
     prompt = torch.tensor([tokenizer.encode("int main", prepend="<|bos|>")])
     gen = theirs.generate(prompt, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
