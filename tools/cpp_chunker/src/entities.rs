@@ -17,6 +17,7 @@
 //! there is none (two things of the same name), which only costs ordering freedom.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use tree_sitter::Node;
 
@@ -141,7 +142,7 @@ pub fn extract_checked(text: &str, scan: pp::Scan, macros: &pp::NamespaceMacros)
     }
     if !guard.is_empty() {
         for e in &mut es {
-            e.text = drop_blanked_lines(&e.text);
+            drop_guard_lines(e, src, &guard);
         }
     }
     Some((es, whole))
@@ -356,6 +357,34 @@ fn whole_file(root: Node, src: &str) -> Entity {
 
 /// `t` without the lines that blanking an include guard left (spaces only), unless a
 /// backslash continues the line before into one.
+/// The lines of the include guard (`guard`: ranges of `src`, blanked there) taken out of an
+/// entity's text, where its text is `src`'s bytes up to `e.end`; only those lines: a
+/// whitespace-only line of the code itself (in a raw string, say) stays. A guard line
+/// right after a line that ends with `\` stays blank (a continuation would swallow the
+/// next line). Texts not found in `src` (none expected) fall back to dropping every
+/// all-space line.
+fn drop_guard_lines(e: &mut Entity, src: &str, guard: &[Range<usize>]) {
+    let n = e.text.len();
+    if n > e.end || src.get(e.end - n..e.end) != Some(e.text.as_str()) {
+        e.text = drop_blanked_lines(&e.text);
+        return;
+    }
+    let start = e.end - n;
+    let mut cuts: Vec<Range<usize>> = Vec::new();
+    for r in guard.iter().filter(|r| r.start >= start && r.start < e.end) {
+        let from = r.start - start;
+        let to = e.text[from..].find('\n').map_or(n, |i| from + i + 1).max(r.end.min(e.end) - start);
+        let before = e.text[..from].trim_end_matches(['\n', '\r']);
+        if from > 0 && !e.text[..from].ends_with('\n') || before.ends_with('\\') {
+            continue; // not a whole line, or after a continuation: left blank
+        }
+        cuts.push(from..to);
+    }
+    for r in cuts.into_iter().rev() {
+        e.text.replace_range(r, "");
+    }
+}
+
 fn drop_blanked_lines(t: &str) -> String {
     let mut out = String::with_capacity(t.len());
     for l in t.split_inclusive('\n') {
@@ -829,6 +858,15 @@ mod tests {
         assert_eq!(find(&es, "cfun").wrappers, vec!["extern \"C\"".to_string()]);
         assert_eq!(find(&es, "SQ").defines, vec!["SQ"]);
         assert!(!es.iter().any(|e| e.text.contains("A_H")), "the guard is looked through");
+    }
+
+    #[test]
+    fn a_guarded_headers_blank_lines_of_its_own_stay() {
+        // only the guard's lines go: a whitespace-only line inside a raw string was dropped too
+        let src = "#ifndef T_H\n#define T_H\nconst char* s = R\"(line1\n    \nline3)\";\n\nint f();\n#endif\n";
+        let es = extract(src).unwrap();
+        assert!(es.iter().any(|e| e.text.contains("R\"(line1\n    \nline3)\"")), "{:?}", es.iter().map(|e| &e.text).collect::<Vec<_>>());
+        assert!(!es.iter().any(|e| e.text.contains("T_H") || e.text.lines().any(|l| l.trim().is_empty() && !l.is_empty() && l.len() > 4)));
     }
 
     #[test]
