@@ -347,11 +347,17 @@ def _load_latest_good(directory, step, load, device=None):
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
     first_error = None
     for s in candidates:
-        error = None
+        error = fatal = None
         try:
             result = load(s)
         except (CheckpointCorrupt, FileNotFoundError) as e:  # (a file that one rank lacks: the vote, not a hang)
             error, result = e, None
+        except Exception as e:  # any other (another tokenizer on this node, a read error): every rank stops
+            error = fatal = e
+        if device is not None and _ddp() and not _agree(fatal is None, device):
+            raise fatal or CheckpointError(f"{directory} step {s}: another rank could not load it (see its error)")
+        if fatal is not None:
+            raise fatal
         if _agree(error is None, device):
             if first_error is not None:
                 logger.warning(f"falling back to step {s}, the latest complete step that is intact")

@@ -380,3 +380,32 @@ def test_ranks_that_list_different_latest_steps_load_rank_0s(tmp_path):
     save(ckpt, 5, 2.0)
     mp.spawn(_latest_worker, args=(2, str(tmp_path / "init"), str(ckpt), str(tmp_path)), nprocs=2, join=True)
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [(5, 2.0), (5, 2.0)]
+
+
+def _fatal_worker(rank, world, init_file, directory, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        def load(s):
+            if rank == 1:  # e.g. another tokenizer on this node: not a damaged file, not a vote to fall back on
+                raise cm.CheckpointError("refused here")
+            return cm.load_checkpoint(directory, s)
+        try:
+            cm._load_latest_good(directory, None, load, torch.device("cpu"))
+            outcome = "loaded"
+        except cm.CheckpointError as e:
+            outcome = str(e)
+        torch.save(outcome, os.path.join(out_dir, f"fatal{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path):
+    """An error other than a damaged or missing file on one rank: it skipped the vote, and the
+    other ranks waited in it forever. Now every rank raises (mp.spawn's join would hang)."""
+    import torch.multiprocessing as mp
+    ckpt = tmp_path / "ckpt"
+    save(ckpt, 3, 1.0)
+    mp.spawn(_fatal_worker, args=(2, str(tmp_path / "init"), str(ckpt), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"fatal{r}.pt") for r in (0, 1)]
+    assert got[1] == "refused here" and "another rank could not load it" in got[0], got
