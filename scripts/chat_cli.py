@@ -22,6 +22,7 @@ import sys
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, compute_cleanup, compute_dtype, compute_init
 from nanochat.engine import Engine
+from nanochat.execution import isolation
 
 STAGES = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
           "rl": "scripts.chat_rl"}
@@ -76,6 +77,9 @@ try:
 except ValueError as e:
     raise SystemExit(f"--{e}") from None
 engine = Engine(model, tokenizer, speculative=bool(args.speculative))
+if isolation() == "none":  # (chat_web refuses to start here; a terminal session is your own)
+    print("WARNING: the execution sandbox cannot isolate code on this machine (no user namespaces): the model's "
+          "Python tool calls run UNSANDBOXED, as this user. See nanochat/execution.py.")
 engine.compile_mode = args.compile_mode
 context = model.config.sequence_len
 max_tokens = args.max_tokens
