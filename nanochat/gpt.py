@@ -714,8 +714,9 @@ class GPT(nn.Module):
             "adamw_resid": (scalar_lr * 0.01, (0.8, 0.95), 0.05),
             "adamw_x0": (scalar_lr, (0.96, 0.95), 0.0),  # a slower beta1 for x0 (reference LOG, Jan 2026)
             "adamw_smear": (0.2, (0.8, 0.95), 0.0),
-            # Mamba-3's per-head controls and vectors (ctrl_proj, dt_bias, D, norms, biases, MIMO):
-            # 0.002 at the default scalar_lr, in the Mamba papers' AdamW range, no decay; not tuned
+            # Mamba-3's per-head controls and vectors (ctrl_proj, dt_bias, D, norms, biases, MIMO), and
+            # Engram's norm weights and conv: 0.002 at the default scalar_lr, in the Mamba papers' AdamW
+            # range, no decay; not tuned
             "adamw_ssm": (scalar_lr * 0.004, adam_betas, 0.0),
             # mHC's Phi, scales and biases: 0.005 at the default scalar_lr, not adamw_scalar's 0.5,
             # which would move the +-6 logits of the init by a tenth per step; no decay; not tuned
