@@ -293,7 +293,10 @@ pub fn compilable_documents(
     let mut cur = preamble.clone();
     let mut len = base;
     for &i in ord.order.iter().filter(|&&i| es[i].kind.rank() > 0) {
-        let cost = es[i].text.len() + 1 + es[i].wrappers.iter().map(|w| 2 * w.len() + 10).sum::<usize>();
+        // its text, its newline, the blank line render puts where the rank changes (counted for
+        // every entity: an estimate over, never under; under it, a piece a byte or two over the
+        // budget was cut again by the splitter, its later parts without the preamble)
+        let cost = es[i].text.len() + 2 + es[i].wrappers.iter().map(|w| 2 * w.len() + 10).sum::<usize>();
         if cur.len() > preamble.len() && len + cost > budget {
             pieces.push(std::mem::replace(&mut cur, preamble.clone()));
             len = base;

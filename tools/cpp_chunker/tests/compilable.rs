@@ -145,6 +145,31 @@ fn over_budget_units_are_cut_between_entities_with_the_preamble_repeated() {
 }
 
 #[test]
+fn every_piece_of_a_cut_unit_starts_with_the_preamble_at_every_budget() {
+    // types then functions: the blank line between the two ranks was not in the estimate, a
+    // piece came out a byte or two over the budget and was cut again without its preamble
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("p");
+    let mut src = String::from("#include <vector>\n");
+    for i in 0..6 {
+        src.push_str(&format!("struct S{i} {{ int a{i}; }};\n"));
+    }
+    for i in 0..6 {
+        src.push_str(&format!("int f{i}(S{i} s) {{ return s.a{i} + {i}; }}\n"));
+    }
+    write(&root, "m.cpp", &src);
+    for tokens in 20..80 {
+        let out = dir.path().join(format!("out{tokens}"));
+        let mut cfg = config(&[&root], &out, Mode::Compilable);
+        cfg.max_tokens = vec![tokens];
+        run_ok(&cfg);
+        for d in read_docs(&out) {
+            assert!(d.text.starts_with("#include <vector>\n"), "{tokens} tokens: {:?}", d.text);
+        }
+    }
+}
+
+#[test]
 fn header_only_projects_make_units_of_their_entry_headers() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("hdr");
