@@ -151,10 +151,10 @@ def _(q, k, v, pos, window):
 # kernels for this shape keep few of an H200's SMs busy (d12's 768 x 3072 MLP projection: 7.2
 # us, 656 GB/s); here each program reads BN whole rows of W, BK columns at a time, so N / BN
 # programs stream W at once (these tiles, before PDL: 4.4 us, 1,081 GB/s; docs/benchmarks.md,
-# where they were picked). On Hopper, with programmatic dependent launch, a program reads its first tile of W
-# before it waits for the kernel before it (the weights do not depend on that kernel, x does)
-# and lets the next kernel launch once it has x. relu2: the MLP's relu(y)² on the way out (one
-# kernel less a layer; rounded once, from fp32).
+# where they were picked). On Hopper, with programmatic dependent launch, a program reads its
+# first tile of W before it waits for the kernel before it (the weights do not depend on that
+# kernel, x does) and lets the next kernel launch once it has x. relu2: the MLP's relu(y)² on
+# the way out (one kernel less a layer; rounded once, from fp32).
 
 @triton.jit
 def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,

@@ -329,7 +329,7 @@ class Mamba3(nn.Module):
             z, x, bc, ctrl = self.z_proj(u), self.x_proj(u), self.bc_proj(u), self.ctrl_proj(u)
         else:
             z, x, bc, ctrl = linear(u, w_in, ctx).split([self.d_inner, self.d_inner, 2 * R * N,
-                                                      self.ctrl_proj.out_features], dim=-1)
+                                                         self.ctrl_proj.out_features], dim=-1)
         z, x = z.view(Bsz, T, H, self.P), x.view(Bsz, T, H, self.P)
         Bm, Cm = bc.view(Bsz, T, 2, R, N).unbind(2)
         if self.qknorm:
