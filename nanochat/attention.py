@@ -281,7 +281,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.project(x, ctx)
         if cache is not None:
             k, v = self.cached(k, v, ctx, cache)
-        y = self.attend(q, k, v, ctx)
+        y = self.attend(q, k, v, ctx, None if cache is None else cache.counts)
         return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj, ctx)
 
     @torch.no_grad()
@@ -327,7 +327,9 @@ class CausalSelfAttention(nn.Module):
             k2, v2 = cache.update(k, v, ctx.pos0)
         return k2.to(k.dtype), v2.to(v.dtype)  # the cache may keep another dtype than autocast's
 
-    def attend(self, q, k, v, ctx):
+    def attend(self, q, k, v, ctx, counts=None):
+        """Attention of q over k and v as ctx says; counts: the cache's scratch for the Triton
+        decode kernel (KVCache.counts)."""
         gqa = self.n_head != self.n_kv_head
         T, S = q.size(2), k.size(2)
         if ctx.decode_masks is not None:
@@ -335,7 +337,7 @@ class CausalSelfAttention(nn.Module):
                 return masked_attention(q, k, v, ctx.decode_masks[self.window])
             if ctx.decode_kernel == "triton":  # flash-decoding, the visible keys only (nanochat/decode_triton.py)
                 from nanochat.decode_triton import decode_attention
-                return decode_attention(q, k, v, ctx.pos_t, self.window)
+                return decode_attention(q, k, v, ctx.pos_t, self.window, counts)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.decode_masks[self.window], enable_gqa=gqa)
         if self.window in ctx.block_masks and T == S:
             # GPU training through flex_attention: it skips the masked-out blocks
@@ -359,6 +361,9 @@ class KVCache:
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, device, dtype):
         self.k = torch.zeros(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
+        # the Triton decode kernel's count of finished segments per (row, head), zeros between calls
+        # (decode_triton.decode_attention); not state: never copied or loaded
+        self.counts = torch.zeros(batch_size * n_kv_head, device=device, dtype=torch.int32)
 
     def update(self, k, v, pos0):
         T = k.size(2)

@@ -248,7 +248,8 @@ class Batcher:
         flight (rows are taken lowest first), so a lightly loaded batch reads less of the cache."""
         model, device = self.model, self.engine.device
         self.cache = model.init_cache(self.slots, self.cache_len, device=device)
-        step = self.engine._step_fn()
+        step_and_argmax = self.engine._step_fn()
+        step = lambda ids, cache, pos: step_and_argmax(ids, cache, pos)[0]  # (the logits: rows are sampled each)
         self._steppers = {}
         for m in self.sizes:
             ids = torch.zeros(m, 1, dtype=torch.long, device=device)

@@ -1,5 +1,5 @@
 """
-Attention of one decode step over the static KV cache (GPT.decode_step) as two Triton kernels,
+Attention of one decode step over the static KV cache (GPT.decode_step) as one Triton kernel,
 after Flash-Decoding (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding for long-context
 inference"): the cache's keys are split into segments; a program takes one (row, key/value
 head, segment), scores the head's G = n_head / n_kv_head queries against the segment's
@@ -7,8 +7,11 @@ visible keys and keeps an online softmax (Milakov & Gimelshein 2018):
 
     m = max_s x_s,  l = sum_s exp(x_s - m),  a = sum_s exp(x_s - m) v_s     x_s = q . k_s / sqrt(D)
 
-then a second kernel merges the segments: out = sum_j e^(m_j - M) a_j / sum_j e^(m_j - M) l_j,
-M = max_j m_j (with one segment, when the rows alone fill the GPU, the first writes a / l). What a key may be seen by is computed in the kernel from the row's position p
+then the last program of a (row, head) to finish merges the segments: out = sum_j e^(m_j - M) a_j
+/ sum_j e^(m_j - M) l_j, M = max_j m_j (Flash-Decoding's second kernel, folded in as split-K GEMMs
+do their "last block reduces" fix-up: a count of finished programs per (row, head)). With one
+segment, when the rows alone fill the GPU, the program writes a / l. What a key may be seen by
+is computed in the kernel from the row's position p
 (device-side, so one CUDA graph serves every step): keys max(0, p - window + 1) .. p, which is
 what decode_masks' boolean mask says to SDPA. A program reads only the visible part of its
 segment, so a row at position p reads p + 1 keys of the cache, not all max_len (SDPA with a
@@ -29,69 +32,94 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 BS = 64  # keys a step (K and V tiles of 64 x head_dim; 4 warps: ptxas 254 registers, no spills; not timed)
 _SMS = {}  # device -> streaming multiprocessors
+_PDL = {}  # device -> whether its kernels launch with programmatic dependent launch (pdl_on)
 
 
 @triton.jit
-def _segment(Q, K, V, POS, M, L, ACC, OUT, window, scale, H, Hkv, G,
+def _tile(q, k, v, seen, m, l, acc, scale, PRECISION: tl.constexpr):
+    """A tile of BS keys k and values v (zeros where not seen) into the online softmax (m, l, acc)."""
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    x = tl.where(seen[None, :], x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, 1))
+    p = tl.exp(x - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, window, scale, H, Hkv,
              sqb, sqh, skb, skh, sks, svb, svh, svs,
-             PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
-             PRECISION: tl.constexpr, ONE: tl.constexpr):
-    pid, seg = tl.program_id(0), tl.program_id(1)
+             G: tl.constexpr, PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
+             NP: tl.constexpr, PRECISION: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr):
+    pid, seg, nseg = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, hk = pid // Hkv, pid % Hkv
     # the row's keys and values from int64 offsets: b * skb passes 2^31 once a layer's cache holds 2^31
     # elements (4 GiB in bf16; e.g. 96 rows of 32K keys, 8 heads of 128), where int32 would wrap; the
     # offsets within a row stay int32 (int64 ones there cost registers: the kernel spilled)
     k_row = K + b.to(tl.int64) * skb + hk * skh
     v_row = V + b.to(tl.int64) * svb + hk * svh
-    if PER_ROW:
+    if PER_ROW:  # (positions are set before the step, not by the kernel before this one)
         pos = tl.load(POS + b).to(tl.int32)
     else:
         pos = tl.load(POS).to(tl.int32)
     s0 = tl.maximum(seg * SEG, pos - window + 1)  # this program's visible keys: s0 .. s1 - 1
     s1 = tl.minimum(seg * SEG + SEG, pos + 1)
-    g = tl.arange(0, GP)
     d = tl.arange(0, D)
+    # The first tile's keys before this step's (position pos, written by the kernel before this one
+    # in the step) do not depend on that kernel: with programmatic dependent launch they are read
+    # before waiting for it, and the new key after (the values after: both tiles held across the wait
+    # spilled registers at 4 warps, dev/triton_regs.py).
+    cols = seg * SEG + tl.arange(0, BS)
+    seen = (cols >= s0) & (cols < s1)
+    old = seen & (cols < pos)
+    k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=old[:, None], other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    new = seen & (cols == pos)
+    k = tl.where(new[:, None], tl.load(k_row + cols[:, None] * sks + d[None, :], mask=new[:, None], other=0.0), k)
+    v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+    g = tl.arange(0, GP)
     heads = hk * G + g
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
     m = tl.full((GP,), -1e30, tl.float32)  # finite: a segment with nothing visible gives l = 0, not NaN
     l = tl.zeros((GP,), tl.float32)
     acc = tl.zeros((GP, D), tl.float32)
-    # a fixed trip count and no branch, so that Triton pipelines the loads; a tile with no
-    # visible key loads nothing (its loads are masked off) and changes nothing (p = 0, alpha = 1)
-    for i in tl.range(0, SEG // BS):
+    m, l, acc = _tile(q, k, v, seen, m, l, acc, scale, PRECISION)
+    # the other tiles: a fixed trip count and no branch, so that Triton pipelines the loads; a tile
+    # with no visible key loads nothing (its loads are masked off) and changes nothing (p = 0, alpha = 1)
+    for i in tl.range(1, SEG // BS):
         cols = seg * SEG + i * BS + tl.arange(0, BS)
         seen = (cols >= s0) & (cols < s1)
         k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0)
-        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        x = tl.where(seen[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, 1))
-        p = tl.exp(x - m_new[:, None])
-        alpha = tl.exp(m - m_new)
         v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, 1)
-        m = m_new
+        m, l, acc = _tile(q, k, v, seen, m, l, acc, scale, PRECISION)
     if ONE:  # one segment (enough rows to fill the GPU): the output directly, no merge
         tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], (acc / l[:, None]).to(OUT.dtype.element_ty),
                  mask=(g < G)[:, None])
         return
-    out = (b * H + heads) * tl.num_programs(1) + seg
+    out = (b * H + heads) * nseg + seg
     tl.store(M + out, m, mask=g < G)
     tl.store(L + out, l, mask=g < G)
     tl.store(ACC + out[:, None] * D + d[None, :], acc, mask=(g < G)[:, None])
-
-
-@triton.jit
-def _merge(M, L, ACC, OUT, NSEG, NP: tl.constexpr, D: tl.constexpr):
-    bh = tl.program_id(0)
-    j = tl.arange(0, NP)
-    d = tl.arange(0, D)
-    m = tl.load(M + bh * NSEG + j, mask=j < NSEG, other=-1e30)
-    w = tl.exp(m - tl.max(m, 0))
-    w = tl.where(j < NSEG, w, 0.0)
-    l = tl.sum(w * tl.load(L + bh * NSEG + j, mask=j < NSEG, other=0.0), 0)
-    a = tl.load(ACC + (bh * NSEG + j)[:, None] * D + d[None, :], mask=(j < NSEG)[:, None], other=0.0)
-    tl.store(OUT + bh * D + d, (tl.sum(w[:, None] * a, 0) / l).to(OUT.dtype.element_ty))
+    # The last of the (row, head)'s programs to finish merges every segment's (m, l, acc), no second
+    # kernel (its launch cost as much as the merge): the block's stores, then a release/acquire count
+    # of the finished segments; the last one sets the count back to 0 for the next call.
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNT + pid, 1, sem="acq_rel", scope="gpu")
+    if done == nseg - 1:
+        tl.debug_barrier()
+        j = tl.arange(0, NP)
+        for h in tl.range(0, G):
+            bh = b * H + hk * G + h
+            ms = tl.load(M + bh * nseg + j, mask=j < nseg, other=-1e30, cache_modifier=".cg")
+            w = tl.where(j < nseg, tl.exp(ms - tl.max(ms, 0)), 0.0)
+            ls = tl.sum(w * tl.load(L + bh * nseg + j, mask=j < nseg, other=0.0, cache_modifier=".cg"), 0)
+            a = tl.load(ACC + (bh * nseg + j)[:, None] * D + d[None, :], mask=(j < nseg)[:, None], other=0.0,
+                        cache_modifier=".cg")
+            tl.store(OUT + bh * D + d, (tl.sum(w[:, None] * a, 0) / ls).to(OUT.dtype.element_ty))
+        tl.store(COUNT + pid, 0)
 
 
 def segments(programs, S, device):
@@ -102,22 +130,30 @@ def segments(programs, S, device):
     return max(1, min(triton.cdiv(S, BS), triton.cdiv(2 * _SMS[device], programs)))
 
 
-def decode_attention(q, k, v, pos, window):
+def decode_attention(q, k, v, pos, window, counts=None):
     """softmax(q kᵀ / sqrt(D)) v of one query per row, q (B, H, 1, D), over the cache k, v
     (B, Hkv, S, D) where row b sees keys max(0, p_b - window + 1) .. p_b: pos (B,) each row's
-    position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype."""
+    position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype. counts: B * Hkv
+    int32 zeros the kernel counts finished segments in and leaves at zero (KVCache.counts: kept
+    with the cache, so a CUDA graph of the step has no memset in it); None: made here."""
     B, H, T, D = q.shape
     Hkv, S = k.size(1), k.size(2)
     if T != 1 or H % Hkv or D & (D - 1) or D < 16:
         raise ValueError(f"decode_attention: one query per row and a power-of-two head dim >= 16 (q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)})")
-    return _decode_attention(q, k, v, pos, min(window, S + 1))
+    if counts is None:
+        counts = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
+    if counts.numel() < B * Hkv or counts.dtype != torch.int32:
+        raise ValueError(f"decode_attention: counts must be {B * Hkv} int32 zeros (got {counts.numel()} {counts.dtype})")
+    return _decode_attention(q, k, v, pos, min(window, S + 1), counts)
 
 
 # One op for torch.compile (the decode step is compiled): opaque, no graph break, no tracing
-# of the launch code; a CUDA graph captures its two kernels like any other.
+# of the launch code; a CUDA graph captures its kernel like any other. counts is written but left
+# as it was found (zeros), hence no mutated arguments declared.
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
+                      counts: torch.Tensor) -> torch.Tensor:
     B, H, _, D = q.shape
     Hkv, S = k.size(1), k.size(2)
     G = H // Hkv
@@ -130,20 +166,28 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     m, l, acc = torch.empty(scratch, **f32), torch.empty(scratch, **f32), torch.empty(scratch, D, **f32)
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     q3 = q[:, :, 0]
-    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, out, window, 1 / math.sqrt(D), H, Hkv, G,
+    pdl = pdl_on(q.device)
+    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, out, counts, window, 1 / math.sqrt(D), H, Hkv,
                               q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                              v.stride(0), v.stride(1), v.stride(2), PER_ROW=pos.dim() == 1,
-                              GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, num_warps=4,
+                              v.stride(0), v.stride(1), v.stride(2), G=G, PER_ROW=pos.dim() == 1,
+                              GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, NP=triton.next_power_of_2(nseg),
                               PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # (fp32: as SDPA, no TF32)
-                              ONE=nseg == 1)
-    if nseg > 1:
-        _merge[(B * H,)](m, l, acc, out, nseg, NP=triton.next_power_of_2(nseg), D=D, num_warps=4)
+                              ONE=nseg == 1, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
 @_decode_attention.register_fake
-def _(q, k, v, pos, window):
+def _(q, k, v, pos, window, counts):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def pdl_on(device):
+    """Whether this device's kernels here launch with programmatic dependent launch: Hopper or
+    later, NVIDIA (ROCm reports its own capabilities through the same call)."""
+    if device not in _PDL:
+        _PDL[device] = (device.type == "cuda" and torch.version.hip is None
+                        and torch.cuda.get_device_capability(device)[0] >= 9)
+    return _PDL[device]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +223,6 @@ def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, 
 
 
 GEMV_BN, GEMV_BK = 2, 1024  # rows and columns of W a program reads at a time (best of a sweep on an H200)
-_PDL = {}  # device -> whether its kernels launch with programmatic dependent launch
 
 
 def gemv(x, w, relu2=False):
@@ -197,10 +240,7 @@ def _gemv_op(x: torch.Tensor, w: torch.Tensor, relu2: bool = False) -> torch.Ten
     N, K = w.shape
     x = x.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
-    if x.device not in _PDL:  # Hopper or later, NVIDIA (ROCm reports its own capabilities through the same call)
-        _PDL[x.device] = (x.device.type == "cuda" and torch.version.hip is None
-                          and torch.cuda.get_device_capability(x.device)[0] >= 9)
-    pdl = _PDL[x.device]
+    pdl = pdl_on(x.device)
     y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=w.dtype)
     _gemv[(triton.cdiv(N, GEMV_BN),)](x, w, y, N, w.stride(0), K=K, BN=GEMV_BN,
                                        BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, RELU2=relu2, num_warps=4,

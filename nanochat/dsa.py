@@ -318,7 +318,7 @@ class SparseAttention(CausalSelfAttention):
                 chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & visible
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=chosen.unsqueeze(1), enable_gqa=gqa)
             else:
-                y = self.attend(q, k, v, ctx)  # dense: the same kernels as plain attention
+                y = self.attend(q, k, v, ctx, None if cache is None else cache.counts)  # dense: as plain attention
             if train:
                 scores, allowed = scores[:, rows], chosen.expand(B, -1, -1)[:, rows]
         if train:

@@ -23,6 +23,7 @@ many samples of the same prompt, with the Python tool in the loop.
 
 import re
 from collections import deque
+from functools import partial
 
 import torch
 
@@ -184,8 +185,15 @@ def pooled(pool, length, make, model, *key):
     return item
 
 
+def decode_and_argmax(model, ids, cache, pos_t):
+    """model.decode_step's logits and their argmax, the greedy tokens: one function, so that
+    compiled, the argmax is fused into the logits' last kernel."""
+    logits = model.decode_step(ids, cache, pos_t)
+    return logits, logits.argmax(dim=-1)
+
+
 class Decoder:
-    """A decode cache and its step function (ids (B, 1), pos) -> logits (B, V)."""
+    """A decode cache and its step function (ids (B, 1), pos) -> (logits (B, V), greedy ids (B,))."""
 
     def __init__(self, cache, step):
         self.cache, self.step, self.busy = cache, step, False
@@ -277,14 +285,17 @@ class Engine:
     # ---- the decode step -----------------------------------------------------
 
     def _step_fn(self):
+        """The decode step (ids, cache, pos) -> (logits (B, V), their argmax (B,)), compiled on
+        CUDA: the greedy token comes out of the step's own kernels (ATen's argmax over a
+        32K vocabulary after the graph was 10 us of a 0.29 ms batch-1 step; docs/benchmarks.md)."""
         if self.device.type == "cuda" and self._compiled_step is None:
-            self._compiled_step = torch.compile(self.model.decode_step, dynamic=False,
+            self._compiled_step = torch.compile(partial(decode_and_argmax, self.model), dynamic=False,
                                                 **decode_compile_args(self.compile_mode, self.pdl, self.device))
-        return self._compiled_step or self.model.decode_step
+        return self._compiled_step or partial(decode_and_argmax, self.model)
 
     def _make_stepper(self, cache, batch):
-        """A function (ids (B,1), pos int) -> logits (B, V). On CUDA: one captured graph,
-        replayed; its static inputs are refreshed with two small copies per step."""
+        """A function (ids (B,1), pos int) -> (logits (B, V), greedy ids (B,)). On CUDA: one
+        captured graph, replayed; its static inputs are refreshed with two small copies per step."""
         step = self._step_fn()
         dev = self.device
         if dev.type != "cuda" or not self.use_cuda_graphs:
@@ -292,13 +303,13 @@ class Engine:
         static_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         # the dummy steps write at the cache's last position, which decoding overwrites before reading it
         static_pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=dev)
-        graph, static_logits = capture_graph(lambda: step(static_ids, cache, static_pos), cache)
+        graph, static_out = capture_graph(lambda: step(static_ids, cache, static_pos), cache)
 
         def run(ids, pos):
             static_ids.copy_(ids)
             static_pos.fill_(pos)
             graph.replay()
-            return static_logits
+            return static_out
         return run
 
     def _decoder(self, batch, cache_len):
@@ -369,10 +380,15 @@ class Engine:
             # position `pos`, which a next request overwrites before reading.
             host = torch.empty(num_samples, dtype=torch.long, pin_memory=device.type == "cuda")
             read = torch.cuda.Event() if device.type == "cuda" else None
+            greedy = None  # the decode step's argmax of logits (None after the prefill)
             while True:
                 if adjust:
                     logits = adjust_logits(logits, counts, frequency_penalty, presence_penalty, bias)
-                column = forced_in(sample_next(logits, rng, temperature, top_k), rows)
+                if greedy is not None and temperature < 1e-5 and not adjust:  # = sample_next's argmax, computed
+                    drawn = greedy
+                else:
+                    drawn = sample_next(logits, rng, temperature, top_k)
+                column = forced_in(drawn, rows)
                 host.copy_(column, non_blocking=True)
                 if read is not None:
                     read.record()
@@ -381,7 +397,7 @@ class Engine:
                 produced += 1
                 last = (max_tokens is not None and produced >= max_tokens) or pos >= max_len
                 if not last:
-                    logits = decoder.step(column.view(-1, 1), pos)
+                    logits, greedy = decoder.step(column.view(-1, 1), pos)
                     pos += 1
                 if read is not None:
                     read.synchronize()

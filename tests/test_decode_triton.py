@@ -29,8 +29,10 @@ def test_decode_attention_equals_sdpa_with_the_mask(B, H, Hkv, S, D, pos, window
     q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
     pos = torch.tensor(pos)
     assert (segments(B * Hkv, S, q.device) > 1) == (B < 9)  # the merge of several segments, or none
-    got = decode_attention(q, k, v, pos, window)
+    counts = torch.zeros(B * Hkv, dtype=torch.int32)
+    got = decode_attention(q, k, v, pos, window, counts)
     torch.testing.assert_close(got, reference(q, k, v, pos, window), rtol=1e-5, atol=1e-5)
+    assert counts.eq(0).all()  # the last program of each (row, head) merged and set its count back
     # keys outside each row's view do not matter: garbage there changes nothing
     p = pos.view(-1, 1, 1) if pos.dim() else pos
     outside = (torch.arange(S).view(1, 1, S) > p) | (p - torch.arange(S).view(1, 1, S) >= window)
@@ -45,6 +47,9 @@ def test_decode_attention_refuses_what_it_cannot_do():
         decode_attention(torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.tensor(3), 8)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         decode_attention(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), torch.tensor(3), 8)
+    with pytest.raises(ValueError, match="counts must be 4 int32 zeros"):
+        decode_attention(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.tensor(3), 8,
+                         torch.zeros(3, dtype=torch.int32))
 
 
 def test_set_decode_kernel_picks_triton_only_where_it_runs(monkeypatch):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanochat.engine import Engine, ToolState, adjust_logits, naive_generate, run_tool, sample_next
+from nanochat.engine import Engine, ToolState, adjust_logits, decode_and_argmax, naive_generate, run_tool, sample_next
 from nanochat.gpt import GPTConfig, build_model
 
 
@@ -295,7 +295,8 @@ def test_the_decode_step_compiles_with_the_engines_compile_mode(tokenizer, monke
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
     monkeypatch.setattr(Engine, "device", property(lambda self: torch.device("cuda")))
     engine.compile_mode = "max-autotune-no-cudagraphs"
-    assert engine._step_fn() == engine.model.decode_step
+    step = engine._step_fn()  # the step and its argmax, one compiled function
+    assert step.func is decode_and_argmax and step.args == (engine.model,)
     assert calls == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
 
 
