@@ -279,9 +279,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ctx, cache=None):
         B, T, _ = x.shape
         q, k, v = self.project(x, ctx)
-        if cache is not None:
-            k, v = self.cached(k, v, ctx, cache)
-        y = self.attend(q, k, v, ctx, None if cache is None else cache.counts)
+        y = None
+        if cache is not None and T == 1 and ctx.decode_masks is not None and ctx.decode_kernel == "triton":
+            from nanochat import decode_triton
+            if decode_triton.writes_new(B * self.n_kv_head, cache.k.size(2), x.device):
+                # a static decode step: the Triton kernel writes this step's k and v into the cache itself
+                y = decode_triton.decode_attention(q, cache.k, cache.v, ctx.pos_t, self.window, cache.counts, k, v)
+        if y is None:
+            if cache is not None:
+                k, v = self.cached(k, v, ctx, cache)
+            y = self.attend(q, k, v, ctx, None if cache is None else cache.counts)
         return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj, ctx)
 
     @torch.no_grad()
@@ -328,8 +335,8 @@ class CausalSelfAttention(nn.Module):
         return k2.to(k.dtype), v2.to(v.dtype)  # the cache may keep another dtype than autocast's
 
     def attend(self, q, k, v, ctx, counts=None):
-        """Attention of q over k and v as ctx says; counts: the cache's scratch for the Triton
-        decode kernel (KVCache.counts)."""
+        """Attention of q over k and v (the cache's, with one) as ctx says; counts: the cache's
+        scratch for the Triton decode kernel (KVCache.counts)."""
         gqa = self.n_head != self.n_kv_head
         T, S = q.size(2), k.size(2)
         if ctx.decode_masks is not None:

@@ -48,10 +48,10 @@ def _tile(q, k, v, seen, m, l, acc, scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, window, scale, H, Hkv,
-             sqb, sqh, skb, skh, sks, svb, svh, svs,
+def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, KN, VN, window, scale, H, Hkv,
+             sqb, sqh, skb, skh, sks, svb, svh, svs, sknb, sknh, svnb, svnh,
              G: tl.constexpr, PER_ROW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SEG: tl.constexpr, BS: tl.constexpr,
-             NP: tl.constexpr, PRECISION: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr):
+             NP: tl.constexpr, PRECISION: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr, NEW: tl.constexpr):
     pid, seg, nseg = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     b, hk = pid // Hkv, pid % Hkv
     # the row's keys and values from int64 offsets: b * skb passes 2^31 once a layer's cache holds 2^31
@@ -66,20 +66,33 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, window, scale, H, Hkv,
     s0 = tl.maximum(seg * SEG, pos - window + 1)  # this program's visible keys: s0 .. s1 - 1
     s1 = tl.minimum(seg * SEG + SEG, pos + 1)
     d = tl.arange(0, D)
-    # The first tile's keys before this step's (position pos, written by the kernel before this one
-    # in the step) do not depend on that kernel: with programmatic dependent launch they are read
-    # before waiting for it, and the new key after (the values after: both tiles held across the wait
+    # The first tile's keys before this step's (position pos: written by the kernel before this one,
+    # or given, NEW) do not depend on that kernel: with programmatic dependent launch they are read
+    # before waiting for it, the rest after (the values too: both tiles held across the wait
     # spilled registers at 4 warps, dev/triton_regs.py).
     cols = seg * SEG + tl.arange(0, BS)
     seen = (cols >= s0) & (cols < s1)
-    old = seen & (cols < pos)
-    k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=old[:, None], other=0.0)
+    k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=(seen & (cols < pos))[:, None], other=0.0)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-    new = seen & (cols == pos)
-    k = tl.where(new[:, None], tl.load(k_row + cols[:, None] * sks + d[None, :], mask=new[:, None], other=0.0), k)
-    v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+    cdt = Q.dtype.element_ty  # (the cache may keep another dtype: the products run in q's)
+    if NEW:  # this step's key and value from KN, VN, rounded to the cache's dtype; the program whose
+        # segment holds position pos writes them there (the others take them from KN, VN, not the cache)
+        kn = tl.load(KN + b * sknb + hk * sknh + d).to(K.dtype.element_ty)
+        vn = tl.load(VN + b * svnb + hk * svnh + d).to(V.dtype.element_ty)
+        if (pos >= seg * SEG) & (pos < seg * SEG + SEG):
+            tl.store(k_row + pos * sks + d, kn)
+            tl.store(v_row + pos * svs + d, vn)
+        kn, vn = kn.to(cdt), vn.to(cdt)
+        k = tl.where((cols == pos)[:, None], kn[None, :], k.to(cdt))
+        v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=(seen & (cols < pos))[:, None], other=0.0)
+        v = tl.where((cols == pos)[:, None], vn[None, :], v.to(cdt))
+    else:
+        new = seen & (cols == pos)
+        k = tl.where(new[:, None], tl.load(k_row + cols[:, None] * sks + d[None, :], mask=new[:, None], other=0.0), k)
+        v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+        k, v = k.to(cdt), v.to(cdt)
     g = tl.arange(0, GP)
     heads = hk * G + g
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
@@ -92,8 +105,11 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, window, scale, H, Hkv,
     for i in tl.range(1, SEG // BS):
         cols = seg * SEG + i * BS + tl.arange(0, BS)
         seen = (cols >= s0) & (cols < s1)
-        k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0)
-        v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0)
+        k = tl.load(k_row + cols[:, None] * sks + d[None, :], mask=seen[:, None], other=0.0).to(cdt)
+        v = tl.load(v_row + cols[:, None] * svs + d[None, :], mask=seen[:, None], other=0.0).to(cdt)
+        if NEW:
+            k = tl.where((cols == pos)[:, None], kn[None, :], k)
+            v = tl.where((cols == pos)[:, None], vn[None, :], v)
         m, l, acc = _tile(q, k, v, seen, m, l, acc, scale, PRECISION)
     if ONE:  # one segment (enough rows to fill the GPU): the output directly, no merge
         tl.store(OUT + (b * H + heads)[:, None] * D + d[None, :], (acc / l[:, None]).to(OUT.dtype.element_ty),
@@ -130,12 +146,24 @@ def segments(programs, S, device):
     return max(1, min(triton.cdiv(S, BS), triton.cdiv(2 * _SMS[device], programs)))
 
 
-def decode_attention(q, k, v, pos, window, counts=None):
+def writes_new(programs, S, device):
+    """Whether a decode step should hand decode_attention its new k and v (k_new, v_new) for
+    these shapes: where each program reads one tile of keys (batch 1 over a 2K cache: it
+    saves the step's two cache-write kernels a layer). Where programs loop over more tiles,
+    selecting the new key in each kept Triton from pipelining the loop's loads: at batch 128
+    the step was 16% slower than with inductor's cache writes (docs/benchmarks.md)."""
+    return triton.cdiv(S, segments(programs, S, device)) <= BS
+
+
+def decode_attention(q, k, v, pos, window, counts=None, k_new=None, v_new=None):
     """softmax(q kᵀ / sqrt(D)) v of one query per row, q (B, H, 1, D), over the cache k, v
     (B, Hkv, S, D) where row b sees keys max(0, p_b - window + 1) .. p_b: pos (B,) each row's
     position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype. counts: B * Hkv
     int32 zeros the kernel counts finished segments in and leaves at zero (KVCache.counts: kept
-    with the cache, so a CUDA graph of the step has no memset in it); None: made here."""
+    with the cache, so a CUDA graph of the step has no memset in it); None: made here.
+    k_new, v_new (B, Hkv, 1, D): this step's key and value, written into the cache at each row's
+    position by the kernel itself (no separate cache-write kernels; the cache's dtype may differ
+    from q's; correct at any shape, faster where writes_new says); None: already there."""
     B, H, T, D = q.shape
     Hkv, S = k.size(1), k.size(2)
     if T != 1 or H % Hkv or D & (D - 1) or D < 16:
@@ -145,19 +173,50 @@ def decode_attention(q, k, v, pos, window, counts=None):
         counts = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
     if counts.numel() < B * Hkv or counts.dtype != torch.int32:
         raise ValueError(f"decode_attention: counts must be {B * Hkv} int32 zeros (got {counts.numel()} {counts.dtype})")
-    return _decode_attention(q, k, v, pos, min(window, S + 1), counts)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("decode_attention: give both k_new and v_new, or neither")
+    if k_new is None:
+        return _decode_attention(q, k, v, pos, min(window, S + 1), counts)
+    if k_new.shape != (B, Hkv, 1, D) or v_new.shape != k_new.shape:
+        raise ValueError(f"decode_attention: k_new and v_new must be {(B, Hkv, 1, D)} (got {tuple(k_new.shape)}, "
+                         f"{tuple(v_new.shape)})")
+    return _decode_attention_write(q, k, v, pos, min(window, S + 1), counts, k_new, v_new)
 
 
 # One op for torch.compile (the decode step is compiled): opaque, no graph break, no tracing
 # of the launch code; a CUDA graph captures its kernel like any other. counts is written but left
-# as it was found (zeros), hence no mutated arguments declared.
+# as it was found (zeros), hence not among the mutated arguments.
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=())
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
                       counts: torch.Tensor) -> torch.Tensor:
+    return _launch(q, k, v, pos, window, counts, None, None)
+
+
+@_decode_attention.register_fake
+def _(q, k, v, pos, window, counts):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nanochat::decode_attention_write", mutates_args=("k", "v"))
+def _decode_attention_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, window: int,
+                            counts: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    return _launch(q, k, v, pos, window, counts, k_new, v_new)
+
+
+@_decode_attention_write.register_fake
+def _(q, k, v, pos, window, counts, k_new, v_new):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _launch(q, k, v, pos, window, counts, k_new, v_new):
     B, H, _, D = q.shape
     Hkv, S = k.size(1), k.size(2)
     G = H // Hkv
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        if k_new is not None:  # (written in place: a contiguous copy would lose the writes)
+            raise ValueError("decode_attention: a cache written in place needs a contiguous last dim")
+        k, v = k.contiguous(), v.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
     nseg = segments(B * Hkv, S, q.device)
     seg = triton.cdiv(triton.cdiv(S, nseg), BS) * BS
     nseg = triton.cdiv(S, seg)
@@ -166,19 +225,18 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: to
     m, l, acc = torch.empty(scratch, **f32), torch.empty(scratch, **f32), torch.empty(scratch, D, **f32)
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     q3 = q[:, :, 0]
+    kn, vn = (q3, q3) if k_new is None else (t[:, :, 0] if t.stride(-1) == 1 else t[:, :, 0].contiguous()
+                                              for t in (k_new, v_new))
     pdl = pdl_on(q.device)
-    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, out, counts, window, 1 / math.sqrt(D), H, Hkv,
+    _segment[(B * Hkv, nseg)](q3, k, v, pos, m, l, acc, out, counts, kn, vn, window, 1 / math.sqrt(D), H, Hkv,
                               q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                              v.stride(0), v.stride(1), v.stride(2), G=G, PER_ROW=pos.dim() == 1,
+                              v.stride(0), v.stride(1), v.stride(2), kn.stride(0), kn.stride(1), vn.stride(0),
+                              vn.stride(1), G=G, PER_ROW=pos.dim() == 1,
                               GP=max(16, triton.next_power_of_2(G)), D=D, SEG=seg, BS=BS, NP=triton.next_power_of_2(nseg),
                               PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # (fp32: as SDPA, no TF32)
-                              ONE=nseg == 1, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+                              ONE=nseg == 1, PDL=pdl, NEW=k_new is not None, num_warps=4,
+                              **({"launch_pdl": True} if pdl else {}))
     return out
-
-
-@_decode_attention.register_fake
-def _(q, k, v, pos, window, counts):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def pdl_on(device):

@@ -39,6 +39,16 @@ def test_decode_attention_equals_sdpa_with_the_mask(B, H, Hkv, S, D, pos, window
     k2 = torch.where(outside.unsqueeze(-1), torch.full_like(k, 1e4), k)
     v2 = torch.where(outside.unsqueeze(-1), torch.full_like(v, float("nan")), v)
     torch.testing.assert_close(decode_attention(q, k2, v2, pos, window), got, rtol=0, atol=0)
+    # this step's key and value given (k_new, v_new): the kernel writes them at each row's position
+    # (what was there does not matter) and nowhere else, and attends with them
+    rows = torch.arange(B)
+    p = pos if pos.dim() else pos.expand(B)
+    k_new, v_new = k[rows, :, p].unsqueeze(2), v[rows, :, p].unsqueeze(2)
+    k3, v3 = k.clone(), v.clone()
+    k3[rows, :, p], v3[rows, :, p] = 7.0, float("nan")
+    got2 = decode_attention(q, k3, v3, pos, window, counts, k_new, v_new)
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
+    assert torch.equal(k3, k) and torch.equal(v3, v) and counts.eq(0).all()
 
 
 def test_decode_attention_refuses_what_it_cannot_do():
@@ -47,6 +57,11 @@ def test_decode_attention_refuses_what_it_cannot_do():
         decode_attention(torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.tensor(3), 8)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         decode_attention(torch.randn(1, 2, 1, 24), torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24), torch.tensor(3), 8)
+    q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 8, 16)
+    with pytest.raises(ValueError, match="both k_new and v_new"):
+        decode_attention(q, k, k, torch.tensor(3), 8, None, torch.randn(2, 2, 1, 16))
+    with pytest.raises(ValueError, match=r"k_new and v_new must be \(2, 2, 1, 16\)"):
+        decode_attention(q, k, k, torch.tensor(3), 8, None, torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16))
     with pytest.raises(ValueError, match="counts must be 4 int32 zeros"):
         decode_attention(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16), torch.tensor(3), 8,
                          torch.zeros(3, dtype=torch.int32))
@@ -196,3 +211,46 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
         assert calls == [1, 1, 1]
     finally:
         decode_triton.gemv = real
+
+
+@pytest.mark.parametrize("stack,cache_len", [(False, 48), (True, 48), (False, 600)])
+def test_a_decode_step_through_the_triton_kernels_equals_the_sdpa_one(stack, cache_len):
+    """GPT.decode_step with decode_kernel "triton" (set directly: set_decode_kernel refuses it on
+    a CPU), under the interpreter: the attention kernel writes each layer's k and v into the
+    cache itself and the one-row linears run decode_triton.gemv; the same logits and the same
+    cache as the SDPA step, over a few steps of the quality recipe (value embeddings, windows)
+    from a prefilled cache, batch 1 (gemv) and batch 2 with per-row positions (batching). A
+    600-position cache: programs of several tiles, where the step writes the cache first and
+    the kernel reads it (writes_new)."""
+    from nanochat.decode_triton import writes_new
+    from nanochat.gpt import GPTConfig, build_model
+    assert writes_new(2, cache_len, torch.device("cpu")) == (cache_len == 48)
+    cfg = GPTConfig(sequence_len=48, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL",
+                    value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, pad_vocab_to=64,
+                    short_window_div=4, window_tile=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if stack:
+        model.stack_projections()
+    prompt = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1))
+    for B, per_row in ((1, False), (2, True)):
+        caches, outs = {}, {}
+        for kernel in ("sdpa", "triton"):
+            model.decode_kernel = "sdpa"
+            cache = model.init_cache(B, cache_len)
+            with torch.no_grad():
+                model(prompt.expand(B, -1), cache=cache)
+                model.decode_kernel = kernel
+                ids, logits = torch.full((B, 1), 5), []
+                for step in range(3):
+                    pos = torch.full((B,), 20 + step) if per_row else torch.tensor(20 + step)
+                    logits.append(model.decode_step(ids, cache, pos))
+                    ids = logits[-1].argmax(-1, keepdim=True)
+            caches[kernel], outs[kernel] = cache, torch.stack(logits)
+        torch.testing.assert_close(outs["triton"], outs["sdpa"], rtol=1e-4, atol=1e-4)
+        for a, b in zip(caches["triton"].layers, caches["sdpa"].layers):
+            torch.testing.assert_close(a.k[:, :, :23], b.k[:, :, :23], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(a.v[:, :, :23], b.v[:, :, :23], rtol=1e-5, atol=1e-5)

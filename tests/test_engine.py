@@ -395,3 +395,38 @@ def bf16_linears_outputs(model, idx, prefix):
                       for t in range(prefix, idx.size(1))]
         outs.append(steps)
     return outs
+
+
+def test_argmax_rows_is_argmax_ties_nan_and_all():
+    """engine.argmax_rows (the decode step's two-stage argmax) against torch's argmax: random rows
+    over several chunk sizes (dividing the vocabulary and not), ties (the first index wins, also
+    across chunks), NaN, -inf rows and one-element chunks."""
+    from nanochat.engine import argmax_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, 3] = x[1, 900] = x[1, 500] = 9.0           # ties in three chunks: index 3
+    x[2, 700] = x[2, 701] = 9.0                      # ties in one chunk
+    x[3, 10], x[3, 20] = float("nan"), float("nan")  # NaN is the max (the first one)
+    x[4] = float("-inf")                             # all -inf: 0
+    x[5] = 0.0                                       # all equal: 0
+    for chunk in (1, 7, 64, 1000, 1024, 4096):
+        got = argmax_rows(x, chunk)
+        assert torch.equal(got, x.argmax(-1)), chunk
+    assert got.tolist()[:5] == [x[0].argmax().item(), 3, 700, 10, 0]
+    y = torch.randn(3, 32768, generator=g).to(torch.bfloat16)  # bf16 logits: many exact ties
+    assert torch.equal(argmax_rows(y), y.argmax(-1))
+
+
+def test_decode_and_argmax_advances_its_inputs_in_place(tokenizer):
+    """decode_and_argmax(advance=True), what the CUDA-graph stepper captures: the same logits and
+    argmax, and the argmax and position + 1 left in its ids and pos tensors."""
+    model = model_for(tokenizer)
+    cache = model.init_cache(2, 64)
+    with torch.no_grad():
+        model(torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(0)), cache=cache)
+        ids, pos = torch.tensor([[4], [7]]), torch.tensor(9)
+        logits, greedy = decode_and_argmax(model, ids.clone(), cache, pos.clone())
+        ids2, pos2 = ids.clone(), pos.clone()
+        logits2, greedy2 = decode_and_argmax(model, ids2, cache, pos2, advance=True)
+    assert torch.equal(logits2, logits) and torch.equal(greedy2, logits.argmax(-1)) and torch.equal(greedy, greedy2)
+    assert torch.equal(ids2.view(-1), greedy) and pos2.item() == 10

@@ -238,6 +238,16 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     prompt2 = torch.randint(0, 500, (33,), generator=torch.Generator().manual_seed(1)).tolist()
     out, _ = engine.generate_batch(prompt2, max_tokens=24, temperature=0.0)
     assert out[0] == naive_generate(gpu, prompt2, 24) and engine._decoders[256, None] is kept
+    if recipe is True:
+        # sampled on the same graph: a greedy step leaves its argmax as the graph's next input, a
+        # sampled one must copy its draw over it; the same draws as an engine without CUDA graphs
+        # (the same compiled step, the same generator), then greedy again from a fresh prefill
+        flat = Engine(gpu, tok, use_tools=False, use_cuda_graphs=False)
+        flat.stop_tokens = set()
+        sampled = engine.generate_batch(prompt2, max_tokens=24, temperature=1.0, seed=3)[0]
+        assert sampled == flat.generate_batch(prompt2, max_tokens=24, temperature=1.0, seed=3)[0]
+        assert sampled[0] != out[0]
+        assert engine.generate_batch(prompt, max_tokens=24, temperature=0.0)[0][0] == ref
 
 
 def test_triton_decode_attention_matches_sdpa_on_cuda():
