@@ -115,6 +115,26 @@ def test_resume_stage_refuses_another_world_size_and_a_step_past_the_end(tmp_pat
     assert step == 5 and model.w[0, 0] == 1.0 and rank_state["v"] == 1.0
 
 
+def test_resume_stage_keeps_this_runs_hyperparameters_and_the_saved_moments(tmp_path):
+    """resume_stage loads the optimizer's state (its moments) but the groups' hyperparameters
+    stay this run's (lr, initial_lr, betas from the flags), as base_train's resume does:
+    load_state_dict alone put back the saved run's learning rate."""
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(4, 4))
+    opt = torch.optim.AdamW([model.w], lr=0.1, betas=(0.8, 0.95))
+    opt.param_groups[0]["initial_lr"] = 0.1
+    model.w.grad = torch.ones(4, 4)
+    opt.step()
+    saved = opt.state_dict()
+    cm.save_checkpoint(str(tmp_path), 3, model.state_dict(), {"optimizers": [saved]}, {"step": 3})
+    new = torch.optim.AdamW([model.w], lr=0.02, betas=(0.9, 0.99))
+    new.param_groups[0]["initial_lr"] = 0.02
+    cm.resume_stage(str(tmp_path), 0, model, [new])
+    g = new.param_groups[0]
+    assert (g["lr"], g["initial_lr"], g["betas"]) == (0.02, 0.02, (0.9, 0.99))
+    assert torch.equal(new.state[model.w]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
 def test_warn_earlier_run_names_its_steps_even_under_a_glob_like_name(tmp_path):
     said = []
     d = tmp_path / "d12[x]"
