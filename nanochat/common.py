@@ -66,7 +66,9 @@ def get_base_dir():
 
 def atomic_write(path, write_fn, mode="wb"):
     """Write a file so that readers see either the old file or the whole new one,
-    never half of it: write to a temp file in the same directory, fsync, rename."""
+    never half of it: write to a temp file in the same directory, fsync, rename, fsync
+    the directory (so the rename itself survives a crash, in order: a checkpoint's
+    metadata, written last, never outlives the files it names)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -83,6 +85,16 @@ def atomic_write(path, write_fn, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # (a platform that cannot open a directory: the rename is done, only its durability is not forced)
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:  # some file systems refuse fsync on a directory (EINVAL); the file is in place
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_torch_save(obj, path):

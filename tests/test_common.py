@@ -51,6 +51,19 @@ def test_base_dir_env(tmp_path, monkeypatch):
     assert common.get_base_dir() == str(tmp_path / "nc") and os.path.isdir(tmp_path / "nc")
 
 
+def test_atomic_write_fsyncs_the_file_then_its_directory_after_the_rename(tmp_path, monkeypatch):
+    """The new file's data, then (after the rename) the directory entry: without the second, a
+    crash could keep a later rename (a checkpoint's meta) and lose an earlier one (its model)."""
+    import stat
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+                        or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    common.atomic_write(str(tmp_path / "x.txt"), lambda f: f.write("new"), mode="w")
+    assert events == ["file", "rename", "dir"] and (tmp_path / "x.txt").read_text() == "new"
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     p = tmp_path / "f.txt"
     common.atomic_write(str(p), lambda f: f.write("old"), mode="w")
