@@ -206,11 +206,22 @@ fn unit_entities<'e>(
                 }
             } else if e.text.contains("include") {
                 // includes inside an `#if` block (`#    include` too): in-unit files dropped,
-                // other project files named from the root (as above), or the unit cannot find them
+                // other project files named from the root (as above), or the unit cannot find them.
+                // Only the lines that start a real directive: an `#include` line inside a raw string
+                // or a comment is the code's text, left as written
+                let starts: Vec<usize> = crate::pp::scan(&e.text)
+                    .directives
+                    .iter()
+                    .filter(|d| d.name == "include")
+                    .map(|d| d.range.start)
+                    .collect();
                 let mut text = String::with_capacity(e.text.len());
                 let mut changed = false;
+                let mut at = 0;
                 for l in e.text.split_inclusive('\n') {
-                    let target = if l.trim_start().starts_with('#') {
+                    let directive = starts.iter().any(|&s| s >= at && s < at + l.len());
+                    at += l.len();
+                    let target = if directive {
                         extract_includes(l).first().and_then(|inc| index.resolve(&files[f].rel, inc))
                     } else {
                         None

@@ -16,70 +16,18 @@ pub struct Include {
     pub kind: IncludeKind,
 }
 
-/// Finds `#include "..."` and `#include <...>` directives, line by line. Directives inside
-/// `/* ... */` comments that span lines are ignored (a `/*` inside a string or character
-/// literal opens none); a directive after a comment closed on its line counts; conditional
+/// Finds `#include "..."` and `#include <...>` directives: the lines that [`crate::pp::scan`]
+/// sees as directives, so an `#include` inside a comment, a string or a raw string is none
+/// (a test's expected output in `R"(...)"` pulled the files it names into the unit), and
+/// one after a comment closed on its line (`/* c */ #include "y.h"`) counts. Conditional
 /// compilation (`#if 0`) is not evaluated, so every directive counts.
 pub fn extract_includes(text: &str) -> Vec<Include> {
-    let mut out = Vec::new();
-    let mut in_block_comment = false;
-    for line in text.lines() {
-        let mut rest = line;
-        if in_block_comment {
-            match rest.find("*/") {
-                // The rest of the line decides whether a comment is still open.
-                Some(i) => rest = &rest[i + 2..],
-                None => continue,
-            }
-        }
-        let mut directive = rest.trim_start();
-        while let Some(after) = directive.strip_prefix("/*") {  // `/* c */ #include "y.h"`
-            match after.find("*/") {
-                Some(i) => directive = after[i + 2..].trim_start(),
-                None => break,
-            }
-        }
-        if let Some(inc) = parse_directive(directive) {
-            out.push(inc);
-        }
-        in_block_comment = opens_block_comment(rest);
-    }
-    out
-}
-
-/// True if the line leaves a `/*` comment open. A `/*` inside a string or character literal
-/// opens none (`"src/*.cpp"` hid every later include of the file); a `'` right after a
-/// letter, digit or `_` is a digit separator (`1'000`), not a literal. Raw strings are not
-/// considered.
-fn opens_block_comment(line: &str) -> bool {
-    let b = line.as_bytes();
-    let mut i = 0;
-    let mut open = false;
-    while i + 1 < b.len() {
-        if open {
-            if b[i] == b'*' && b[i + 1] == b'/' {
-                open = false;
-                i += 2;
-                continue;
-            }
-        } else if b[i] == b'"' || (b[i] == b'\'' && !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))) {
-            let quote = b[i];
-            i += 1;
-            while i < b.len() && b[i] != quote {
-                i += if b[i] == b'\\' { 2 } else { 1 };
-            }
-            i += 1;
-            continue;
-        } else if b[i] == b'/' && b[i + 1] == b'/' {
-            return false;
-        } else if b[i] == b'/' && b[i + 1] == b'*' {
-            open = true;
-            i += 2;
-            continue;
-        }
-        i += 1;
-    }
-    open
+    crate::pp::scan(text)
+        .directives
+        .iter()
+        .filter(|d| d.name == "include")
+        .filter_map(|d| parse_directive(&text[d.range.clone()]))
+        .collect()
 }
 
 fn parse_directive(line: &str) -> Option<Include> {
@@ -284,8 +232,11 @@ mod tests {
     fn comment_openers_inside_literals_and_comments_before_a_directive() {
         let src = "const char* g = \"src/*.cpp\"; char c = '*'; char d = '/';\n#include \"x.h\"\n\
                    int n = 1'000; /* open\n#include \"hidden.h\"\n*/ #include \"y.h\"\n\
-                   /* c */ #include \"z.h\"\nconst char* e = \"a\\\"/*\"; /* x */\n#include \"w.h\"\n";
-        assert_eq!(extract_includes(src), vec![q("x.h"), q("y.h"), q("z.h"), q("w.h")]);
+                   /* c */ #include \"z.h\"\nconst char* e = \"a\\\"/*\"; /* x */\n#include \"w.h\"\n\
+                   /* a comment from the line's start\n#include \"hidden2.h\"\n*/ #include \"v.h\"\n";
+        // (y.h: a comment is one space, so after `int n = 1'000;` its line goes on: no directive,
+        // as the compiler sees it; v.h: only the comment before it on its logical line)
+        assert_eq!(extract_includes(src), vec![q("x.h"), q("z.h"), q("w.h"), q("v.h")]);
     }
 
     #[test]

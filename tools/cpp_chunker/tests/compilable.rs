@@ -246,6 +246,30 @@ fn includes_kept_inside_if_blocks_are_named_from_the_root() {
 }
 
 #[test]
+fn include_lines_inside_raw_strings_and_comments_are_left_as_written() {
+    // a test fixture's expected output holds `#include` lines in a raw string: the code's text,
+    // not directives, whether or not the file they name is in the unit (it was dropped or renamed)
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lib");
+    write(&root, "src/gen.h", "#pragma once\ninline int gen_fn() { return 1; }\n");
+    write(
+        &root,
+        "src/gen_test.cpp",
+        "#include \"gen.h\"\nconst char* expected() {\n  return R\"(\n#include \"gen.h\"\n#include \"other.h\"\n)\";\n}\n\
+        /*\n#include \"gen.h\"\n*/\nint main() { return gen_fn() + (expected()[0] == 0); }\n",
+    );
+    write(&root, "src/other.h", "#pragma once\n");
+    let out = dir.path().join("out");
+    run_ok(&config(&[&root], &out, Mode::Compilable));
+    let docs = read_docs(&out);
+    let d = docs.iter().find(|d| d.files.last().unwrap() == "src/gen_test.cpp").unwrap();
+    assert_eq!(d.files, vec!["src/gen.h", "src/gen_test.cpp"]);
+    assert!(d.text.contains("R\"(\n#include \"gen.h\"\n#include \"other.h\"\n)\""), "{}", d.text);
+    assert!(d.text.contains("/*\n#include \"gen.h\"\n*/"), "{}", d.text);
+    assert_eq!(d.text.matches("#include").count(), 3, "{}", d.text);
+}
+
+#[test]
 fn namespace_macros_defined_in_another_header_wrap_their_contents() {
     // fmt's style: the macros are defined in one header and used in every file of the project
     let dir = tempfile::tempdir().unwrap();
