@@ -29,6 +29,9 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = nbytes > 0
         total_nats += (loss.double() * counted).sum()
         total_bytes += nbytes.sum().to(torch.int64)
+        if device.type == "xla":  # run this batch's graph now: one graph, compiled once for every batch and
+            import torch_xla      # every `steps`, not all steps unrolled into one graph (compiled anew per count)
+            torch_xla.sync()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats)
         dist.all_reduce(total_bytes)

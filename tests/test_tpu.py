@@ -97,6 +97,15 @@ def test_uneven_heads_are_padded_by_spmd(xla_run):
     assert r["heads"] == 6 and r["tp"] == 4 and r["logits_diff"] < 1e-4, r
 
 
+def test_evaluate_bpb_on_xla_equals_the_cpu_and_compiles_once(xla_run):
+    """evaluate_bpb on a sharded XLA model: the CPU model's bits per byte over 2 and 3 batches,
+    and the 3-batch call compiles no new graph (it ran each batch's graph as it went; one graph
+    of all the batches was compiled anew for every number of them)."""
+    r = xla_run["bpb"]
+    assert abs(r["xla"] - r["cpu"]) < 1e-4 * r["cpu"] and abs(r["xla_2"] - r["cpu_2"]) < 1e-4 * r["cpu_2"], r
+    assert r["cpu"] != r["cpu_2"] and r["new_compiles"] == 0, r
+
+
 def test_flash_attention_call_on_xla(xla_run):
     """Our call has the kernel's signature, partitions over the mesh, and the CPU XLA
     backend says why the kernel cannot run there (then SDPA serves)."""

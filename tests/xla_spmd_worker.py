@@ -152,6 +152,23 @@ def main(out_path, ckpt_dir):
             model.flash = tpu.FlashAttention(tpu.make_mesh(tp), kernel)
             result["generate"]["xla"].append(list(model.generate([1, 2, 3], 4, temperature=0)))
         result["generate"]["sampled"] = list(model.generate([1, 2, 3], 4, temperature=1.0, seed=5))
+        # evaluate_bpb on XLA (base_train's and mid_train's validation): bits per byte as on the CPU, and a
+        # later call over more batches compiles nothing new (each batch's graph is run and reused, not one
+        # graph of all the batches unrolled)
+        import torch_xla.debug.metrics as met
+        from nanochat.loss_eval import evaluate_bpb
+        token_bytes = torch.arange(config.vocab_size) % 4  # (0: special-token-like, counted in neither sum)
+        data = [(x[:2], y[:2]) for x, y in batches()]  # (2 rows: the 2 x 2 mesh's data axis)
+        compiles = lambda: (met.metric_data("CompileTime") or [0])[0]
+        xla_bpb = evaluate_bpb(model, iter([(tpu.shard_batch(x.to(torch_xla.device()), mesh),
+                                             y.to(torch_xla.device())) for x, y in data]), 2,
+                               token_bytes.to(torch_xla.device()))
+        before = compiles()
+        xla_bpb3 = evaluate_bpb(model, iter([(tpu.shard_batch(x.to(torch_xla.device()), mesh),
+                                              y.to(torch_xla.device())) for x, y in data]), 3,
+                                token_bytes.to(torch_xla.device()))
+        result["bpb"] = {"cpu": evaluate_bpb(ref, iter(data), 3, token_bytes), "xla": xla_bpb3, "xla_2": xla_bpb,
+                         "cpu_2": evaluate_bpb(ref, iter(data), 2, token_bytes), "new_compiles": compiles() - before}
     with open(out_path, "w") as f:
         json.dump(result, f)
 
