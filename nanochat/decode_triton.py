@@ -59,7 +59,7 @@ def _segment(Q, K, V, POS, M, L, ACC, OUT, COUNT, KN, VN, window, scale, H, Hkv,
     # offsets within a row stay int32 (int64 ones there cost registers: the kernel spilled)
     k_row = K + b.to(tl.int64) * skb + hk * skh
     v_row = V + b.to(tl.int64) * svb + hk * svh
-    if PER_ROW:  # (positions are set before the step, not by the kernel before this one)
+    if PER_ROW:  # (positions are set before the step, or at the end of the graph's previous replay)
         pos = tl.load(POS + b).to(tl.int32)
     else:
         pos = tl.load(POS).to(tl.int32)
@@ -158,7 +158,8 @@ def writes_new(programs, S, device):
 def decode_attention(q, k, v, pos, window, counts=None, k_new=None, v_new=None):
     """softmax(q kᵀ / sqrt(D)) v of one query per row, q (B, H, 1, D), over the cache k, v
     (B, Hkv, S, D) where row b sees keys max(0, p_b - window + 1) .. p_b: pos (B,) each row's
-    position or a 0-dim tensor for all rows. Returns (B, H, 1, D) in q's dtype. counts: B * Hkv
+    position or a 0-dim tensor for all rows, each below S (not checked: it is on the device).
+    Returns (B, H, 1, D) in q's dtype. counts: B * Hkv
     int32 zeros the kernel counts finished segments in and leaves at zero (KVCache.counts: kept
     with the cache, so a CUDA graph of the step has no memset in it); None: made here.
     k_new, v_new (B, Hkv, 1, D): this step's key and value, written into the cache at each row's

@@ -213,7 +213,7 @@ def decode_and_argmax(model, ids, cache, pos_t, advance=False):
 
 
 class Decoder:
-    """A decode cache and its step function (ids (B, 1), pos) -> (logits (B, V), greedy ids (B,))."""
+    """A decode cache and its step function (ids (B,), pos) -> (logits (B, V), greedy ids (B,))."""
 
     def __init__(self, cache, step):
         self.cache, self.step, self.busy = cache, step, False
@@ -265,9 +265,10 @@ def bias_vector(logit_bias, vocab, device):
 def capture_graph(fn, cache):
     """fn (no arguments, fixed shapes, reading static tensors) as one CUDA graph: (graph, fn's
     outputs, refreshed by each replay). Warmed up three times on a side stream (compiles,
-    autotunes) and captured; fn's writes land at cache positions that decoding overwrites
-    before reading them, and the state not indexed by position (the smear's "previous"
-    token) is restored after the dummy runs."""
+    autotunes; a step that advances its own inputs advances them three times) and
+    captured; fn's writes land at cache positions that decoding overwrites before reading
+    them, and the state not indexed by position (the smear's "previous" token) is restored
+    after the dummy runs."""
     snap = cache.snapshot()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -51,6 +51,20 @@ def test_decode_attention_equals_sdpa_with_the_mask(B, H, Hkv, S, D, pos, window
     assert torch.equal(k3, k) and torch.equal(v3, v) and counts.eq(0).all()
 
 
+def test_the_custom_ops_pass_opcheck():
+    """torch.library.opcheck on both ops (schema and declared mutations, fake tensors, AOT
+    dispatch): what torch.compile relies on when it traces the decode step."""
+    from nanochat import decode_triton as dt
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 2, 4, 2, 100, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    pos, counts = torch.tensor([50, 99]), torch.zeros(B * Hkv, dtype=torch.int32)
+    torch.library.opcheck(dt._decode_attention, (q, k, v, pos, 100, counts))
+    torch.library.opcheck(dt._decode_attention_write, (q, k, v, pos, 100, counts, torch.randn(B, Hkv, 1, D),
+                                                        torch.randn(B, Hkv, 1, D)))
+    torch.library.opcheck(dt._gemv_op, (torch.randn(1, 64), torch.randn(24, 64), True))
+
+
 def test_decode_attention_refuses_what_it_cannot_do():
     from nanochat.decode_triton import decode_attention
     with pytest.raises(ValueError, match="one query per row"):
@@ -213,18 +227,20 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
         decode_triton.gemv = real
 
 
-@pytest.mark.parametrize("stack,cache_len", [(False, 48), (True, 48), (False, 600)])
+@pytest.mark.parametrize("stack,cache_len", [(False, 48), (True, 48), (False, 512), (False, 600)])
 def test_a_decode_step_through_the_triton_kernels_equals_the_sdpa_one(stack, cache_len):
     """GPT.decode_step with decode_kernel "triton" (set directly: set_decode_kernel refuses it on
     a CPU), under the interpreter: the attention kernel writes each layer's k and v into the
     cache itself and the one-row linears run decode_triton.gemv; the same logits and the same
     cache as the SDPA step, over a few steps of the quality recipe (value embeddings, windows)
     from a prefilled cache, batch 1 (gemv) and batch 2 with per-row positions (batching). A
-    600-position cache: programs of several tiles, where the step writes the cache first and
-    the kernel reads it (writes_new)."""
-    from nanochat.decode_triton import writes_new
+    512-position cache: 8 segments of one tile each, merged, with the write; a 600-position
+    one: programs of several tiles, where the step writes the cache first and the kernel reads
+    it (writes_new)."""
+    from nanochat.decode_triton import segments, writes_new
     from nanochat.gpt import GPTConfig, build_model
-    assert writes_new(2, cache_len, torch.device("cpu")) == (cache_len == 48)
+    assert writes_new(2, cache_len, torch.device("cpu")) == (cache_len < 600)
+    assert (segments(2, cache_len, torch.device("cpu")) > 1) == (cache_len > 48)
     cfg = GPTConfig(sequence_len=48, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL",
                     value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, pad_vocab_to=64,
                     short_window_div=4, window_tile=8)

@@ -241,7 +241,8 @@ def test_engine_cuda_graph_decode_equals_full_recompute(recipe):
     if recipe is True:
         # sampled on the same graph: a greedy step leaves its argmax as the graph's next input, a
         # sampled one must copy its draw over it; the same draws as an engine without CUDA graphs
-        # (the same compiled step, the same generator), then greedy again from a fresh prefill
+        # (its own compile of the same step, without the advance; the same generator), then
+        # greedy again from a fresh prefill
         flat = Engine(gpu, tok, use_tools=False, use_cuda_graphs=False)
         flat.stop_tokens = set()
         sampled = engine.generate_batch(prompt2, max_tokens=24, temperature=1.0, seed=3)[0]
