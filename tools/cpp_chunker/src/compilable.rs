@@ -21,7 +21,9 @@
 //! that order is placed anyway, which keeps the cycle's source order (the order the
 //! original compiled in), and the break is counted (`type_cycles_broken`,
 //! `call_cycles_broken`). Namespaces and `extern "C"` blocks are re-opened around their
-//! entities. Names, not C++ lookup, decide dependencies (see [`crate::entities`]).
+//! entities. Names, not C++ lookup, decide dependencies (see [`crate::entities`]). A unit
+//! with a directive whose meaning depends on its place (an `#undef`, `#pragma pack`, ...:
+//! `position_sensitive`) keeps its source order instead (`source_order_units`).
 //!
 //! **project**: a `crossfile` document plus, before the source, the definitions its code
 //! uses that live in other files of the project (not in the included headers), looked
@@ -265,6 +267,23 @@ pub fn inlinable_headers(kept: &[usize], edges: &[Vec<usize>], source: usize) ->
     kept.iter().copied().filter(|h| !reached.contains(h)).collect()
 }
 
+/// A directive whose meaning depends on where it stands among the code: `#undef` (a macro
+/// defined, used, then undefined), and the pragmas that bracket code (`pack`,
+/// `push_macro` / `pop_macro`, GCC / clang diagnostics, MSVC `warning`). The preamble would
+/// hoist it away from what it brackets (`#pragma pack(push, 1)` ... `(pop)` both above the
+/// struct, which then loses its packing), so a unit with one keeps its source order.
+fn position_sensitive(e: &Entity) -> bool {
+    if e.kind != Kind::Directive {
+        return false;
+    }
+    let t = e.text.trim_start().trim_start_matches('#');
+    let words: Vec<&str> = t.split(|c: char| c.is_whitespace() || c == '(').filter(|w| !w.is_empty()).take(3).collect();
+    matches!(
+        words.as_slice(),
+        ["undef", ..] | ["pragma", "pack" | "push_macro" | "pop_macro" | "warning", ..] | ["pragma", "GCC" | "clang", "diagnostic", ..]
+    )
+}
+
 /// `compilable` documents for the unit `headers` + `source` (split at syntax boundaries
 /// if over budget).
 #[allow(clippy::too_many_arguments)]
@@ -283,6 +302,20 @@ pub fn compilable_documents(
     stats.compilable_units += 1;
     let owned = unit_entities(files, ents, index, &unit);
     let es: Vec<&Entity> = owned.iter().map(|c| c.as_ref()).collect();
+    if es.iter().any(|e| position_sensitive(e)) {
+        // as written (headers first, then the source); over the budget the source alone, its
+        // project headers back to `#include` lines, cut by the splitter
+        stats.source_order_units += 1;
+        let text = render(&es, &(0..es.len()).collect::<Vec<_>>());
+        if text.len() <= budget {
+            return balanced_only(vec![Document::new(text, project, names, "compilable")], stats);
+        }
+        let owned = unit_entities(files, ents, index, &[source]);
+        let es: Vec<&Entity> = owned.iter().map(|c| c.as_ref()).collect();
+        let text = render(&es, &(0..es.len()).collect::<Vec<_>>());
+        let docs = split_into_documents(text, project, vec![files[source].rel.clone()], "compilable", budget, stats);
+        return balanced_only(docs, stats);
+    }
     let ord = order(&es);
     let text = render(&es, &ord.order);
     if text.len() <= budget {

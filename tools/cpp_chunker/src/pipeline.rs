@@ -84,6 +84,9 @@ pub struct Summary {
     /// compilable: dependency cycles among declarations / functions broken by source order.
     pub type_cycles_broken: u64,
     pub call_cycles_broken: u64,
+    /// compilable: units kept in source order, for a directive whose meaning depends on its
+    /// place (`#undef`, `#pragma pack`, push/pop_macro, diagnostic pragmas).
+    pub source_order_units: u64,
     /// compilable / project: files whose conditional groups or braces could not be cut
     /// into entities cleanly, kept as one entity each (see `entities::extract_checked`).
     pub files_kept_whole: u64,
@@ -290,6 +293,7 @@ fn summary(cfg: &Config, totals: &RunTotals, max_tokens: u64, bucket: Option<&Bu
         compilable_units: stats.compilable_units,
         type_cycles_broken: stats.type_cycles_broken,
         call_cycles_broken: stats.call_cycles_broken,
+        source_order_units: stats.source_order_units,
         files_kept_whole: stats.files_kept_whole,
         unbalanced_documents_dropped: stats.unbalanced_documents_dropped,
         definitions_pulled: stats.definitions_pulled,

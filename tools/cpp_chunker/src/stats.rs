@@ -85,6 +85,7 @@ pub struct Stats {
     pub compilable_units: u64,
     pub type_cycles_broken: u64,
     pub call_cycles_broken: u64,
+    pub source_order_units: u64,
     pub files_kept_whole: u64,
     pub unbalanced_documents_dropped: u64,
     pub definitions_pulled: u64,
@@ -127,6 +128,7 @@ impl Stats {
         self.compilable_units += o.compilable_units;
         self.type_cycles_broken += o.type_cycles_broken;
         self.call_cycles_broken += o.call_cycles_broken;
+        self.source_order_units += o.source_order_units;
         self.files_kept_whole += o.files_kept_whole;
         self.unbalanced_documents_dropped += o.unbalanced_documents_dropped;
         self.definitions_pulled += o.definitions_pulled;

@@ -270,6 +270,38 @@ fn include_lines_inside_raw_strings_and_comments_are_left_as_written() {
 }
 
 #[test]
+fn a_unit_with_position_sensitive_directives_keeps_its_source_order() {
+    // `#pragma pack(push, 1)` ... `(pop)` around a struct, a macro defined, used and undefined:
+    // hoisted into the preamble the struct lost its packing and the macro its value. Such a unit
+    // is written as it stands (callers before callees too), and still compiles, packing kept.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lib");
+    write(
+        &root,
+        "src/packed.cpp",
+        "#pragma pack(push, 1)\nstruct P { char c; int i; };\n#pragma pack(pop)\nstatic_assert(sizeof(P) == 5, \"packed\");\n\
+         #define WIDTH 3\nconstexpr int width = WIDTH;\n#undef WIDTH\nint leaf();\nint top() { return leaf() + width; }\n\
+         int leaf() { return 1; }\nint main() { return top(); }\n",
+    );
+    write(&root, "src/plain.cpp", "int top() { return leaf(); }\nint leaf() { return 1; }\n");
+    let out = dir.path().join("out");
+    let s = run_ok(&config(&[&root], &out, Mode::Compilable));
+    assert_eq!((s.compilable_units, s.source_order_units), (2, 1), "{s:?}");
+    let docs = read_docs(&out);
+    let t = &docs.iter().find(|d| d.files.last().unwrap() == "src/packed.cpp").unwrap().text;
+    assert!(pos(t, "pack(push, 1)") < pos(t, "struct P") && pos(t, "struct P") < pos(t, "pack(pop)"), "{t}");
+    assert!(pos(t, "constexpr int width") < pos(t, "#undef WIDTH") && pos(t, "int top") < pos(t, "int leaf() {"), "{t}");
+    if Command::new("g++").arg("--version").output().is_ok() {
+        let f = dir.path().join("packed_doc.cpp");
+        std::fs::write(&f, t).unwrap();
+        let r = Command::new("g++").args(["-fsyntax-only", "-std=c++17"]).arg(&f).output().unwrap();
+        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), t);
+    }
+    let t = &docs.iter().find(|d| d.files.last().unwrap() == "src/plain.cpp").unwrap().text;
+    assert!(pos(t, "int leaf") < pos(t, "int top"), "other units are still ordered: {t}");
+}
+
+#[test]
 fn namespace_macros_defined_in_another_header_wrap_their_contents() {
     // fmt's style: the macros are defined in one header and used in every file of the project
     let dir = tempfile::tempdir().unwrap();
