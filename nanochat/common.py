@@ -201,15 +201,20 @@ def xla_available():
         return False
 
 
-def autodetect_device_type(override=None):
-    """Pick the best device: cuda > xla (TPU) > mps > cpu. `override` (a --device_type flag) wins."""
+def autodetect_device_type(override=None, xla=True, script=None):
+    """Pick the best device: cuda > xla (TPU) > mps > cpu. `override` (a --device_type flag) wins.
+    xla=False: a script without the TPU path (SPMD mesh, a graph sync per step: base_train has
+    them) skips XLA, and refuses --device_type=xla, naming `script`."""
+    if override == "xla" and not xla:
+        raise SystemExit(f"{script or 'this script'} does not run on XLA (TPU training is base_train's: "
+                         f"docs/TPU_SETUP.md); run it from the base checkpoint on a GPU or with --device_type=cpu")
     if override:
         if override not in DEVICE_TYPES:
             raise ValueError(f"unknown device type {override!r}; choose one of {', '.join(DEVICE_TYPES)}")
         return override
     if torch.cuda.is_available():
         return "cuda"
-    if xla_available():
+    if xla and xla_available():
         return "xla"
     if torch.backends.mps.is_available():
         return "mps"

@@ -35,7 +35,7 @@ from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 parser = argparse.ArgumentParser(description="Supervised finetuning of a chat model")
 parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' disables wandb)")
-parser.add_argument("--device_type", default="", help="cuda|xla|mps|cpu (default: autodetect)")
+parser.add_argument("--device_type", default="", help="cuda|mps|cpu (default: autodetect; XLA/TPU: base_train only)")
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--source", default="mid", help="stage to start from: base|mid|sft|rl")
 parser.add_argument("--model_tag", default=None, help="model to start from (default: the largest)")
@@ -62,7 +62,7 @@ parser.add_argument("--identity_file", default=IDENTITY_FILE, help="JSONL conver
 args = parser.parse_args()
 user_config = vars(args).copy()
 
-device_type = autodetect_device_type(args.device_type)
+device_type = autodetect_device_type(args.device_type, xla=False, script="chat_sft")  # (TPU: base_train only)
 ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
 autocast = autocast_for(device_type)
 wandb_run = init_wandb(args.run, "nanochat-sft", user_config)

@@ -13,6 +13,26 @@ def test_device_autodetect_and_override():
         common.autodetect_device_type("tpu")
 
 
+def test_scripts_without_the_tpu_path_refuse_xla_and_skip_it_when_detecting(monkeypatch):
+    """mid_train, chat_sft and chat_rl have no SPMD mesh and no graph sync per step: on XLA they
+    built one lazy graph for the whole run. --device_type=xla is refused, naming the script
+    (before anything starts), and autodetection on a TPU host (torch_xla present, no CUDA)
+    gives the CPU there instead of xla."""
+    import subprocess
+    import sys
+    monkeypatch.setattr(common, "xla_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert common.autodetect_device_type() == "xla"
+    assert common.autodetect_device_type(xla=False) == "cpu"
+    with pytest.raises(SystemExit, match="chat_sft does not run on XLA"):
+        common.autodetect_device_type("xla", xla=False, script="chat_sft")
+    for script in ("mid_train", "chat_sft", "chat_rl"):
+        out = subprocess.run([sys.executable, "-m", f"scripts.{script}", "--device_type=xla"], capture_output=True,
+                             text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 1 and f"{script} does not run on XLA" in out.stderr, out.stderr[-2000:]
+
+
 def test_peak_flops_table():
     assert common.get_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
