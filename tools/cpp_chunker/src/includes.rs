@@ -145,6 +145,75 @@ pub struct HeaderOrder {
     pub cycles: u64,
 }
 
+/// The entry points of a header-only project: for each group of headers that include one
+/// another (a strongly connected component of `edges`, i -> j when i includes j) that no
+/// header outside the group includes, its first header. Without cycles these are the
+/// headers no other header includes; a cycle at the top (a.h and b.h including each other)
+/// gives one entry, where "included by no other" gave none and the project no unit.
+/// Kosaraju's two passes, iterative.
+pub fn entry_points(edges: &[Vec<usize>]) -> Vec<usize> {
+    let n = edges.len();
+    // pass 1: finishing order on the graph
+    let mut seen = vec![false; n];
+    let mut finish = Vec::with_capacity(n);
+    for s in 0..n {
+        if seen[s] {
+            continue;
+        }
+        seen[s] = true;
+        let mut stack = vec![(s, 0usize)];
+        while let Some(top) = stack.last_mut() {
+            let (v, i) = *top;
+            if let Some(&w) = edges[v].get(i) {
+                top.1 += 1;
+                if w < n && !seen[w] {
+                    seen[w] = true;
+                    stack.push((w, 0));
+                }
+            } else {
+                stack.pop();
+                finish.push(v);
+            }
+        }
+    }
+    // pass 2: components on the reversed graph, in reverse finishing order
+    let mut rev: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (v, ws) in edges.iter().enumerate() {
+        for &w in ws.iter().filter(|&&w| w < n) {
+            rev[w].push(v);
+        }
+    }
+    let mut comp = vec![usize::MAX; n];
+    let mut count = 0;
+    for &s in finish.iter().rev() {
+        if comp[s] != usize::MAX {
+            continue;
+        }
+        comp[s] = count;
+        let mut stack = vec![s];
+        while let Some(v) = stack.pop() {
+            for &u in &rev[v] {
+                if comp[u] == usize::MAX {
+                    comp[u] = count;
+                    stack.push(u);
+                }
+            }
+        }
+        count += 1;
+    }
+    let mut entered = vec![false; count];
+    let mut first = vec![usize::MAX; count];
+    for (v, ws) in edges.iter().enumerate() {
+        first[comp[v]] = first[comp[v]].min(v);
+        for &w in ws.iter().filter(|&&w| w < n && comp[w] != comp[v]) {
+            entered[comp[w]] = true;
+        }
+    }
+    let mut out: Vec<usize> = (0..count).filter(|&c| !entered[c]).map(|c| first[c]).collect();
+    out.sort_unstable();
+    out
+}
+
 /// Depth-first post-order over `edges` (resolved includes per file, in directive order)
 /// starting at `source`, with a visiting set to break cycles deterministically. The
 /// source itself is not part of the order. Iterative: deep chains cannot overflow.
@@ -217,6 +286,16 @@ mod tests {
 
     fn q(p: &str) -> Include {
         Include { path: p.into(), kind: IncludeKind::Quoted }
+    }
+
+    #[test]
+    fn entry_points_are_the_top_components() {
+        // 0 -> 1 -> 2, 3 alone: 0 and 3; 0 <-> 1 -> 2: the cycle's first, 0; 4 -> (5 <-> 6): 4 only
+        assert_eq!(entry_points(&[vec![1], vec![2], vec![], vec![]]), vec![0, 3]);
+        assert_eq!(entry_points(&[vec![1], vec![0, 2], vec![]]), vec![0]);
+        assert_eq!(entry_points(&[vec![], vec![], vec![], vec![], vec![5], vec![6], vec![5]]), vec![0, 1, 2, 3, 4]);
+        assert_eq!(entry_points(&[vec![1], vec![2], vec![0]]), vec![0]);
+        assert_eq!(entry_points(&[]), Vec::<usize>::new());
     }
 
     #[test]

@@ -446,7 +446,9 @@ fn crossfile_project(
 
 /// `project` and `compilable` modes: every file is parsed once into entities; then one
 /// unit per source file (in a project without sources, per header that no other header
-/// includes: the entry points of a header-only library), made into documents per bucket.
+/// includes, or per group of headers that include each other that none outside includes:
+/// the entry points of a header-only library, `includes::entry_points`), made into
+/// documents per bucket.
 fn unit_project(
     name: &str,
     cands: &[Candidate],
@@ -492,8 +494,7 @@ fn unit_project(
     }
     let mut units: Vec<usize> = (0..l.files.len()).filter(|&i| l.files[i].kind == FileKind::Source).collect();
     if units.is_empty() {
-        let included: HashSet<usize> = l.edges.iter().flatten().copied().collect();
-        units = (0..l.files.len()).filter(|i| !included.contains(i)).collect();
+        units = crate::includes::entry_points(&l.edges);
     }
     match cfg.mode {
         Mode::Compilable => write_units(&units, buckets, |u, budget, s| {

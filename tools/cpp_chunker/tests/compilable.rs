@@ -270,6 +270,24 @@ fn include_lines_inside_raw_strings_and_comments_are_left_as_written() {
 }
 
 #[test]
+fn a_header_only_project_whose_top_headers_include_each_other_still_has_a_unit() {
+    // a.h and b.h include each other (guarded), c.h is below them: no header is "included by no
+    // other", which made no unit and no document, silently; now the cycle's first header is one
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lib");
+    write(&root, "a.h", "#pragma once\n#include \"b.h\"\n#include \"c.h\"\nstruct A { C c; };\n");
+    write(&root, "b.h", "#pragma once\n#include \"a.h\"\nstruct B { int b; };\n");
+    write(&root, "c.h", "#pragma once\nstruct C { int c; };\n");
+    let out = dir.path().join("out");
+    let s = run_ok(&config(&[&root], &out, Mode::Compilable));
+    assert_eq!(s.compilable_units, 1, "{s:?}");
+    let docs = read_docs(&out);
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0].files.last().unwrap(), "a.h");
+    assert!(docs[0].text.contains("struct B") && docs[0].text.contains("struct C"), "{}", docs[0].text);
+}
+
+#[test]
 fn a_unit_with_position_sensitive_directives_keeps_its_source_order() {
     // `#pragma pack(push, 1)` ... `(pop)` around a struct, a macro defined, used and undefined:
     // hoisted into the preamble the struct lost its packing and the macro its value. Such a unit
