@@ -1,6 +1,6 @@
 //! `#include` extraction, resolution inside a project, and dependency ordering.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IncludeKind {
@@ -88,6 +88,10 @@ pub struct ProjectIndex {
     pub root_name: Option<String>,
     /// Root-relative directories tried for includes, in order ("" is the root).
     pub include_dirs: Vec<String>,
+    /// Project files that exist but were skipped (generated, too large, ...): an include
+    /// that reaches one first resolves to none, as the compiler would take that file, not
+    /// a namesake further down the search.
+    pub skipped: HashSet<String>,
 }
 
 impl ProjectIndex {
@@ -110,27 +114,34 @@ impl ProjectIndex {
         extra.sort();
         extra.dedup();
         include_dirs.extend(extra);
-        ProjectIndex { by_path, include_dirs, root_name: None }
+        ProjectIndex { by_path, include_dirs, root_name: None, skipped: HashSet::new() }
     }
 
     /// Resolves an include written in file `from_rel`: quoted includes are tried
     /// relative to the including file's directory first, then (like angle includes)
     /// against the include directories. `None` if no project file matches.
     pub fn resolve(&self, from_rel: &str, inc: &Include) -> Option<usize> {
+        // Some(hit): the search stops at this path (a project file, or a skipped one: None)
+        let at = |p: String| -> Option<Option<usize>> {
+            match self.by_path.get(&p) {
+                Some(&i) => Some(Some(i)),
+                None if self.skipped.contains(&p) => Some(None),
+                None => None,
+            }
+        };
         if inc.kind == IncludeKind::Quoted {
-            if let Some(i) = normalize_join(parent_dir(from_rel), &inc.path).and_then(|p| self.by_path.get(&p)) {
-                return Some(*i);
+            if let Some(hit) = normalize_join(parent_dir(from_rel), &inc.path).and_then(at) {
+                return hit;
             }
         }
-        let found = self
-            .include_dirs
-            .iter()
-            .filter_map(|d| normalize_join(d, &inc.path))
-            .find_map(|p| self.by_path.get(&p).copied());
-        found.or_else(|| {
-            let rest = inc.path.strip_prefix(self.root_name.as_deref()?)?.strip_prefix('/')?;
-            self.by_path.get(&normalize_join("", rest)?).copied()
-        })
+        let found = self.include_dirs.iter().filter_map(|d| normalize_join(d, &inc.path)).find_map(at);
+        match found {
+            Some(hit) => hit,
+            None => {
+                let rest = inc.path.strip_prefix(self.root_name.as_deref()?)?.strip_prefix('/')?;
+                at(normalize_join("", rest)?).flatten()
+            }
+        }
     }
 }
 
@@ -286,6 +297,19 @@ mod tests {
 
     fn q(p: &str) -> Include {
         Include { path: p.into(), kind: IncludeKind::Quoted }
+    }
+
+    #[test]
+    fn a_skipped_file_that_the_search_reaches_first_resolves_to_none() {
+        // src/a.cpp's "util.h" is src/util.h for the compiler; skipped (generated, say), the
+        // include must not fall through to include/util.h, another file
+        let mut idx = ProjectIndex::new(&["include/util.h", "src/a.cpp"]);
+        assert_eq!(idx.resolve("src/a.cpp", &q("util.h")), Some(0));
+        idx.skipped.insert("src/util.h".to_string());
+        assert_eq!(idx.resolve("src/a.cpp", &q("util.h")), None);
+        assert_eq!(idx.resolve("other/b.cpp", &q("util.h")), Some(0), "not reached from elsewhere");
+        idx.skipped.insert("util.h".to_string()); // at the root, the first include directory
+        assert_eq!(idx.resolve("other/b.cpp", &q("util.h")), None);
     }
 
     #[test]

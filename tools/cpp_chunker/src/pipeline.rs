@@ -344,6 +344,8 @@ fn load_and_resolve(name: &str, cands: &[Candidate], cfg: &Config, stats: &mut S
     let paths: Vec<&str> = files.iter().map(|f| f.rel.as_str()).collect();
     let mut index = ProjectIndex::new(&paths);
     index.root_name = Some(name.to_string());
+    let loaded: HashSet<&str> = paths.iter().copied().collect();
+    index.skipped = cands.iter().filter(|c| !loaded.contains(c.rel.as_str())).map(|c| c.rel.clone()).collect();
     let resolved: Vec<(Stats, Vec<usize>)> = files
         .par_iter()
         .map(|f| {
