@@ -233,8 +233,22 @@ def isolation() -> str:
         if wanted not in ("auto", *_LEVELS):
             raise ValueError(f"NANOCHAT_SANDBOX={wanted!r}: expected auto, bwrap, unshare or none")
         candidates = _LEVELS[_LEVELS.index(wanted):] if wanted != "auto" else _LEVELS
-        _isolation = next(level for level in candidates if level == "none" or _works(level))
+        # each level gets a second trial run: one failure (a slow start under load, a full /tmp)
+        # must not leave a server on a weaker level for its whole life
+        _isolation = next(level for level in candidates if level == "none" or _works(level) or _works(level))
+        if candidates[0] == "bwrap" and _isolation != "bwrap" and shutil.which("bwrap"):
+            import logging
+            logging.getLogger(__name__).warning(
+                "the Python tool's sandbox: bwrap is installed but its trial runs failed twice; tool code runs at "
+                "level %r (NANOCHAT_SANDBOX=bwrap to insist)", _isolation)
     return _isolation
+
+
+def seccomp_layer() -> bool:
+    """Whether the sandboxed interpreter gets the seccomp filter (layer 2): Linux x86-64 only;
+    on other machines (aarch64: its syscall numbers differ) that layer is missing at every level."""
+    import platform
+    return sys.platform.startswith("linux") and platform.machine() == "x86_64"
 
 
 def _works(level: str) -> bool:
@@ -762,8 +776,7 @@ _SYS_CLONE_X86_64, _SYS_CLONE3_X86_64 = 56, 435
 def _install_seccomp() -> None:
     """Install the seccomp filter (Linux x86-64 only; elsewhere this layer is missing).
     Fails closed: an error here means the code does not run."""
-    import platform
-    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+    if not seccomp_layer():
         return
     import ctypes
     import struct

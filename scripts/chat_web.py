@@ -62,7 +62,7 @@ from nanochat.batching import Batcher
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import autocast_for, autodetect_device_type, clean_stale_exec_dirs, compute_dtype, logger
 from nanochat.engine import Engine
-from nanochat.execution import isolation
+from nanochat.execution import isolation, seccomp_layer
 from nanochat.fim import fim_prompt
 
 # limits: generous for people, small enough that nobody can tie up a worker for long
@@ -693,7 +693,7 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "workers": len(app.state.pool.workers), "sandbox": isolation()}
+        return {"status": "ok", "workers": len(app.state.pool.workers), "sandbox": isolation(), "seccomp": seccomp_layer()}
 
     @app.get("/stats")
     async def stats():
@@ -869,6 +869,7 @@ if __name__ == "__main__":
         raise SystemExit(f"--{e}") from None
     print(f"nanochat: open http://{args.host}:{args.port} for the UI; OpenAI-compatible API at "
           f"http://{args.host}:{args.port}/v1; Python tool sandbox: {isolation()}"
-          + (" (UNSANDBOXED: --unsandboxed_tool)" if isolation() == "none" else ""))
+          + (" (UNSANDBOXED: --unsandboxed_tool)" if isolation() == "none" else "")
+          + ("" if seccomp_layer() else " (no seccomp filter on this machine: Linux x86-64 only)"))
     uvicorn.Server(server_config(app, args.host, args.port, args.header_timeout, args.max_connections,
                                  log_level="info")).run()

@@ -6,6 +6,7 @@ client freeing its worker, a schema fuzz run with no 5xx, and a bounded load tes
 import functools
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -90,6 +91,7 @@ def test_ui_health_models(server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html") and "<html" in r.text.lower()
     health = get(server.url + "/health").json()
     assert health["workers"] == 2 and health["sandbox"] in ("bwrap", "unshare", "none")
+    assert health["seccomp"] == (sys.platform.startswith("linux") and platform.machine() == "x86_64")
     models = get(server.url + "/v1/models").json()
     assert models["data"][0]["id"] == "nanochat-sft-d2"
 

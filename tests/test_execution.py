@@ -428,6 +428,24 @@ def test_isolation_is_detected_and_forced_by_the_env_var(monkeypatch):
         execution.isolation()
 
 
+def test_a_failed_trial_run_is_retried_and_a_failing_bwrap_is_reported(monkeypatch, caplog):
+    """isolation() tries a level twice before falling back (one failure under load left a
+    server on a weaker level for its life), and says so when an installed bwrap fails."""
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "auto")
+    monkeypatch.setattr(execution.shutil, "which", lambda name: "/usr/bin/" + name)
+    tries = []
+    monkeypatch.setattr(execution, "_works", lambda level: tries.append(level) or len(tries) > 1)
+    monkeypatch.setattr(execution, "_isolation", None)
+    assert execution.isolation() == "bwrap" and tries == ["bwrap", "bwrap"]
+    tries.clear()
+    monkeypatch.setattr(execution, "_works", lambda level: tries.append(level) or level == "unshare")
+    monkeypatch.setattr(execution, "_isolation", None)
+    with caplog.at_level("WARNING"):
+        assert execution.isolation() == "unshare"
+    assert tries == ["bwrap", "bwrap", "unshare"]
+    assert "bwrap is installed but its trial runs failed twice" in caplog.text
+
+
 def test_isolated_sandbox_sees_only_itself(isolated):
     code = ("import json, os\nprint(json.dumps([os.getuid(), [p for p in os.listdir('/proc') if p.isdigit()], os.getcwd(),\n"
             "    sorted(os.listdir('/')), os.path.exists(os.path.expanduser('~root')), os.listdir({root!r})]))")
