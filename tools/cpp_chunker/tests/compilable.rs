@@ -37,6 +37,16 @@ fn project(root: &std::path::Path) {
     );
 }
 
+/// Where g++ exists: the document compiles (`-fsyntax-only` at `std`).
+fn assert_gxx_accepts(dir: &std::path::Path, text: &str, std: &str) {
+    if Command::new("g++").arg("--version").output().is_ok() {
+        let f = dir.join("unit.cpp");
+        std::fs::write(&f, text).unwrap();
+        let r = Command::new("g++").args(["-fsyntax-only", &format!("-std={std}")]).arg(&f).output().unwrap();
+        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), text);
+    }
+}
+
 fn pos(text: &str, needle: &str) -> usize {
     text.find(needle).unwrap_or_else(|| panic!("{needle:?} not in:\n{text}"))
 }
@@ -63,12 +73,7 @@ fn compilable_orders_types_then_callees_then_callers() {
     assert_eq!(s.call_cycles_broken + s.type_cycles_broken, 0);
     // the source as written does not compile (twice is used before it is declared); the
     // reordered unit does
-    if Command::new("g++").arg("--version").output().is_ok() {
-        let f = dir.path().join("unit.cpp");
-        std::fs::write(&f, t).unwrap();
-        let r = Command::new("g++").args(["-fsyntax-only", "-std=c++20"]).arg(&f).output().unwrap();
-        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), t);
-    }
+    assert_gxx_accepts(dir.path(), t, "c++20");
 }
 
 #[test]
@@ -309,12 +314,7 @@ fn a_unit_with_position_sensitive_directives_keeps_its_source_order() {
     let t = &docs.iter().find(|d| d.files.last().unwrap() == "src/packed.cpp").unwrap().text;
     assert!(pos(t, "pack(push, 1)") < pos(t, "struct P") && pos(t, "struct P") < pos(t, "pack(pop)"), "{t}");
     assert!(pos(t, "constexpr int width") < pos(t, "#undef WIDTH") && pos(t, "int top") < pos(t, "int leaf() {"), "{t}");
-    if Command::new("g++").arg("--version").output().is_ok() {
-        let f = dir.path().join("packed_doc.cpp");
-        std::fs::write(&f, t).unwrap();
-        let r = Command::new("g++").args(["-fsyntax-only", "-std=c++17"]).arg(&f).output().unwrap();
-        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), t);
-    }
+    assert_gxx_accepts(dir.path(), t, "c++17");
     let t = &docs.iter().find(|d| d.files.last().unwrap() == "src/plain.cpp").unwrap().text;
     assert!(pos(t, "int leaf") < pos(t, "int top"), "other units are still ordered: {t}");
 }
@@ -355,10 +355,5 @@ fn namespace_macros_defined_in_another_header_wrap_their_contents() {
         "{t}"
     );
     assert!(t.contains("int twice(Box b) { return unbox(b) * 2; }\nLIB_END_NAMESPACE\n"), "{t}");
-    if Command::new("g++").arg("--version").output().is_ok() {
-        let f = dir.path().join("unit.cpp");
-        std::fs::write(&f, t).unwrap();
-        let r = Command::new("g++").args(["-fsyntax-only", "-std=c++17"]).arg(&f).output().unwrap();
-        assert!(r.status.success(), "g++ rejected:\n{}\n{}", String::from_utf8_lossy(&r.stderr), t);
-    }
+    assert_gxx_accepts(dir.path(), t, "c++17");
 }
