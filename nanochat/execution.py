@@ -240,7 +240,7 @@ def isolation() -> str:
             import logging
             logging.getLogger(__name__).warning(
                 "the Python tool's sandbox: bwrap is installed but its trial runs failed twice; tool code runs at "
-                "level %r (NANOCHAT_SANDBOX=bwrap to insist)", _isolation)
+                "level %r", _isolation)
     return _isolation
 
 

@@ -152,7 +152,7 @@ def main(out_path, ckpt_dir):
             model.flash = tpu.FlashAttention(tpu.make_mesh(tp), kernel)
             result["generate"]["xla"].append(list(model.generate([1, 2, 3], 4, temperature=0)))
         result["generate"]["sampled"] = list(model.generate([1, 2, 3], 4, temperature=1.0, seed=5))
-        # evaluate_bpb on XLA (base_train's and mid_train's validation): bits per byte as on the CPU, and a
+        # evaluate_bpb on XLA (base_train's validation): bits per byte as on the CPU, and a
         # later call over more batches compiles nothing new (each batch's graph is run and reused, not one
         # graph of all the batches unrolled)
         import torch_xla.debug.metrics as met

@@ -190,12 +190,17 @@ fn unit_entities<'e>(
                 // directory it would not be found from the unit, so name it from the root
                 let target = extract_includes(&e.text).first().and_then(|inc| index.resolve(&files[f].rel, inc));
                 if let Some(t) = target {
+                    // the directive's line, not a commented-out one among its leading comments
+                    let starts = include_starts(&e.text);
+                    let mut at = 0;
                     let mut edited = e.clone();
                     edited.text = e
                         .text
                         .lines()
                         .map(|l| {
-                            if l.trim_start().starts_with('#') {
+                            let directive = starts.iter().any(|&s| s >= at && s < at + l.len() + 1);
+                            at += l.len() + 1;
+                            if directive {
                                 format!("#include \"{}\"", files[t].rel)
                             } else {
                                 l.to_string()
@@ -211,12 +216,7 @@ fn unit_entities<'e>(
                 // other project files named from the root (as above), or the unit cannot find them.
                 // Only the lines that start a real directive: an `#include` line inside a raw string
                 // or a comment is the code's text, left as written
-                let starts: Vec<usize> = crate::pp::scan(&e.text)
-                    .directives
-                    .iter()
-                    .filter(|d| d.name == "include")
-                    .map(|d| d.range.start)
-                    .collect();
+                let starts = include_starts(&e.text);
                 let mut text = String::with_capacity(e.text.len());
                 let mut changed = false;
                 let mut at = 0;
@@ -273,15 +273,29 @@ pub fn inlinable_headers(kept: &[usize], edges: &[Vec<usize>], source: usize) ->
 /// hoist it away from what it brackets (`#pragma pack(push, 1)` ... `(pop)` both above the
 /// struct, which then loses its packing), so a unit with one keeps its source order.
 fn position_sensitive(e: &Entity) -> bool {
-    if e.kind != Kind::Directive {
+    // any entity: a directive alone, or inside an `#if` group (`#ifdef min #undef min #endif`);
+    // the scan skips comments (an entity's text starts with its leading comments)
+    if !(e.text.contains("undef") || e.text.contains("pragma")) {
         return false;
     }
-    let t = e.text.trim_start().trim_start_matches('#');
-    let words: Vec<&str> = t.split(|c: char| c.is_whitespace() || c == '(').filter(|w| !w.is_empty()).take(3).collect();
-    matches!(
-        words.as_slice(),
-        ["undef", ..] | ["pragma", "pack" | "push_macro" | "pop_macro" | "warning", ..] | ["pragma", "GCC" | "clang", "diagnostic", ..]
-    )
+    crate::pp::scan(&e.text).directives.iter().any(|d| {
+        let words: Vec<&str> =
+            d.args.split(|c: char| c.is_whitespace() || c == '(').filter(|w| !w.is_empty()).take(2).collect();
+        match d.name.as_str() {
+            "undef" => true,
+            "pragma" => matches!(
+                words.as_slice(),
+                ["pack" | "push_macro" | "pop_macro" | "warning", ..] | ["GCC" | "clang", "diagnostic"]
+            ),
+            _ => false,
+        }
+    })
+}
+
+/// Where the `#include` directives of `text` start (byte offsets of their `#`): real ones
+/// only, not lines inside comments, strings or raw strings.
+fn include_starts(text: &str) -> Vec<usize> {
+    crate::pp::scan(text).directives.iter().filter(|d| d.name == "include").map(|d| d.range.start).collect()
 }
 
 /// `compilable` documents for the unit `headers` + `source` (split at syntax boundaries
@@ -585,6 +599,18 @@ mod tests {
             "#define LIB_INLINE_BEGIN inline namespace v2 {\n#define LIB_INLINE_END }\n\nnamespace lib {\nLIB_INLINE_BEGIN\n\
              int leaf() { return 1; }\nint top() { return leaf(); }\nLIB_INLINE_END\n}  // namespace lib\n"
         );
+    }
+
+    #[test]
+    fn position_sensitive_directives_are_found_behind_comments_and_inside_if_groups() {
+        let sensitive = |src: &str| extract(src).unwrap().iter().any(position_sensitive);
+        assert!(sensitive("// restore the packing\n#pragma pack(pop)\n"));
+        assert!(sensitive("/* done */ #undef X\n"));
+        assert!(sensitive("#ifdef min\n#undef min\n#endif\n"));
+        assert!(sensitive("#ifdef _MSC_VER\n#pragma warning(push)\n#endif\nint x;\n"));
+        assert!(sensitive("#pragma GCC diagnostic push\n"));
+        assert!(!sensitive("#define X 1\n#pragma once\nvoid f() {\n#pragma omp parallel for\n  for (;;) {}\n}\n"));
+        assert!(!sensitive("// #undef X in a comment\nconst char* s = \"#undef X\";\n"));
     }
 
     #[test]

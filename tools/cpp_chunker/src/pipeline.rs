@@ -345,7 +345,12 @@ fn load_and_resolve(name: &str, cands: &[Candidate], cfg: &Config, stats: &mut S
     let mut index = ProjectIndex::new(&paths);
     index.root_name = Some(name.to_string());
     let loaded: HashSet<&str> = paths.iter().copied().collect();
-    index.skipped = cands.iter().filter(|c| !loaded.contains(c.rel.as_str())).map(|c| c.rel.clone()).collect();
+    // (not symlinks: one usually points at a file of the project, which the search then finds)
+    index.skipped = cands
+        .iter()
+        .filter(|c| c.pre_skip != Some(SkipReason::Symlink) && !loaded.contains(c.rel.as_str()))
+        .map(|c| c.rel.clone())
+        .collect();
     let resolved: Vec<(Stats, Vec<usize>)> = files
         .par_iter()
         .map(|f| {

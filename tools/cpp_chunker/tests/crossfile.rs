@@ -49,6 +49,23 @@ fn an_include_that_reaches_a_skipped_file_does_not_fall_through_to_a_namesake() 
 }
 
 #[test]
+#[cfg(unix)]
+fn a_symlinked_header_does_not_stop_the_include_search() {
+    // include/foo.h -> ../src/foo.h: the link is skipped (never followed), but the search must
+    // go on to src/foo.h, the same file, rather than stop there as at a skipped generated file
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("proj");
+    write(&root, "app/main.cpp", "#include \"foo.h\"\nint main() { return foo(); }\n");
+    write(&root, "src/foo.h", "#pragma once\ninline int foo() { return 1; }\n");
+    std::fs::create_dir_all(root.join("include")).unwrap();
+    std::os::unix::fs::symlink("../src/foo.h", root.join("include/foo.h")).unwrap();
+    let out = dir.path().join("out");
+    let s = run_ok(&config(&[&root], &out, Mode::Crossfile));
+    let docs = read_docs(&out);
+    assert_eq!(docs[0].files, vec!["src/foo.h", "app/main.cpp"], "{s:?}");
+}
+
+#[test]
 fn include_cycle_terminates_and_is_counted() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("proj");
