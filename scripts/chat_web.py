@@ -280,6 +280,28 @@ class WorkerPool:
         worker.busy = True
         return worker
 
+    async def acquire_unless(self, left):
+        """acquire(), given up (None) once `left()` (async) says the client has gone, checked
+        every 0.25 s: a non-streamed request waiting for a worker sends nothing, so nothing
+        else notices its client leave, and it took a worker when one freed."""
+        task = asyncio.ensure_future(self.acquire())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await left():
+                    task.cancel()
+                    try:
+                        worker = await task
+                    except asyncio.CancelledError:
+                        return None
+                    self.release(worker)  # (it got one just before the cancel)
+                    return None
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
     def release(self, worker):
         if worker.batcher is not None:
             worker.requests -= 1
@@ -507,7 +529,7 @@ def deliver_in(loop):
     return lambda pairs: loop.call_soon_threadsafe(run, pairs)
 
 
-async def generate_stream(pool, tokens, req, seed, bias=None):
+async def generate_stream(pool, tokens, req, seed, bias=None, left=None):
     """Async generator of (choice, text piece, tokens so far, finish_reason, worker index)
     for req.n answers sampled together; finish_reason is None until that answer's last
     item, then "stop" (a stop token, or one of req.stop, whose text is not returned) or
@@ -516,9 +538,12 @@ async def generate_stream(pool, tokens, req, seed, bias=None):
     once every answer is done. When the consumer goes away (a disconnected client) the
     thread stops at its next token; it hands the worker back when done with the model.
     With continuous batching the worker is shared: the request runs in its batcher, whose
-    thread hands each step's tokens to this event loop (no thread per request)."""
+    thread hands each step's tokens to this event loop (no thread per request). left: an async
+    check that the client has gone, while waiting for a worker (nothing then, not even a worker)."""
     arrived = time.perf_counter()
-    worker = await pool.acquire()
+    worker = await (pool.acquire() if left is None else pool.acquire_unless(left))
+    if worker is None:
+        return
     loop = asyncio.get_running_loop()
     out = asyncio.Queue()
     n = getattr(req, "n", 1)
@@ -773,7 +798,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
             return openai_stream(tokens, req, kind, seed, bias)
         texts, counts, finishes, items = [""] * req.n, [0] * req.n, [None] * req.n, 0
         try:
-            async with aclosing(generate_stream(app.state.pool, tokens, req, seed, bias)) as pieces:
+            pieces = generate_stream(app.state.pool, tokens, req, seed, bias, left=request.is_disconnected)
+            async with aclosing(pieces) as pieces:
                 async for i, piece, count, finish, _ in pieces:
                     texts[i] += piece
                     counts[i], finishes[i], items = count, finish, items + 1
@@ -784,6 +810,8 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                                             status_code=499)
         except RuntimeError as e:  # the worker's error (generate_stream's), as the streaming path reports it
             return error(500, str(e), "server_error")
+        if items == 0 and await request.is_disconnected():  # it left while waiting for a worker
+            return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}}, status_code=499)
         base = {"id": completion_id(kind), "created": int(time.time()),
                 "model": state["model_id"], "usage": usage_of(tokens, counts)}
         if kind == "chat":

@@ -244,6 +244,23 @@ def test_disconnected_client_frees_its_worker(base_dir, tokenizer):
             time.sleep(0.05)
         w = worker()
         assert not w["busy"] and 0 < w["tokens"] - served < 4000
+        # a non-streamed request whose client gives up while it waits for the (busy) worker is
+        # dropped then, not when the worker frees (it took the worker and generated first)
+        with stream("POST", s.url + "/chat/completions", json=chat_body(max_tokens=4000)) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(s.url + "/v1/chat/completions", json=chat_body(max_tokens=4000), timeout=1.0)
+            deadline = time.time() + 3
+            while get(s.url + "/stats").json()["waiting"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert get(s.url + "/stats").json()["waiting"] == 0 and worker()["busy"]
+            requests = worker()["served"]
+        deadline = time.time() + 5
+        while worker()["busy"] and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # (a request still queued would take the worker now)
+        assert not worker()["busy"] and worker()["served"] == requests + 1  # the stream's only
     finally:
         s.stop()
 
