@@ -17,8 +17,10 @@ module role, for a weight (out, in):
   z_proj and x_proj (their rows are head-major, so the split is by heads), lm_head
   (vocab-parallel: it splits the (B, T, vocab) logits, the largest activation at 64K);
 - row (None, "model"): attention, MLP and Mamba-3 c_proj;
-- replicated: the token embedding, value embeddings and Engram's tables (lookups of a
-  replicated table need no communication, and they are small next to the blocks),
+- value embeddings (vocab, kv dim) (None, "model") when the kv heads divide by tp: split
+  by heads like c_v's output, so a lookup lands where v is (no communication);
+- replicated: the token embedding, value embeddings whose kv heads do not divide, and
+  Engram's tables (lookups of a replicated table need no communication; small next to the blocks),
   Engram's w_k/w_v and conv, mHC's Phi and scalars, DSA's lightning indexer (it reads
   the full hidden state and makes one small score matrix), Mamba-3's B/C and control
   projections and per-head vectors, MTP's projection, and every scalar. The MTP modules'
@@ -109,6 +111,9 @@ def sharding_plan(model, tp):
             kv = COLUMN if m.n_kv_head % tp == 0 else None
             roles.update({p + "c_q.weight": COLUMN, p + "c_k.weight": kv, p + "c_v.weight": kv,
                           p + "c_proj.weight": ROW})
+            if m.has_ve:  # (vocab, kv dim) split on its columns, by heads as c_v's output: its lookup lands
+                # where v is, no communication, and 1/tp of the table (with AdamW's two moments ~7 GB a chip at d24)
+                roles[p + "ve.weight"] = ROW if kv else None
         elif isinstance(m, MLP):
             roles.update({p + "c_fc.weight": COLUMN, p + "c_proj.weight": ROW})
         elif isinstance(m, Mamba3):

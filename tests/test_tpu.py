@@ -74,7 +74,9 @@ def test_parameters_have_the_plans_sharding_before_and_after_the_optimizer(xla_r
     assert plan["blocks.0.mlp.c_fc.weight"] == ["model", None] and plan["blocks.0.mlp.c_proj.weight"] == [None, "model"]
     assert plan["blocks.0.mixer.c_proj.weight"] == [None, "model"]
     assert plan["blocks.0.mixer.c_k.weight"] == (["model", None] if 2 % tp == 0 else None)
-    assert plan["wte.weight"] is None and "blocks.1.mixer.ve.weight" not in sharded
+    assert plan["wte.weight"] is None and "blocks.0.mlp.c_fc.weight" in sharded
+    # value embeddings: split by heads as c_v's output where the kv heads divide (plain 4x2), else replicated
+    assert plan["blocks.1.mixer.ve.weight"] == ([None, "model"] if 2 % tp == 0 else None)
     assert r["expected"]["blocks.0.mixer.c_q.weight"] != r["expected"]["wte.weight"]  # the specs are not all alike
     if run.startswith("full"):
         assert plan["blocks.2.mixer.z_proj.weight"] == ["model", None] == plan["blocks.2.mixer.x_proj.weight"]
