@@ -182,63 +182,14 @@ fn unit_entities<'e>(
     let mut out = Vec::new();
     for &f in unit {
         for e in &ents[f] {
-            if e.kind == Kind::Include {
-                if inside(f, &e.text) || !seen_includes.insert(e.text.trim()) {
-                    continue;
-                }
-                // a project header kept as an include: written relative to its includer's
-                // directory it would not be found from the unit, so name it from the root
-                let target = extract_includes(&e.text).first().and_then(|inc| index.resolve(&files[f].rel, inc));
-                if let Some(t) = target {
-                    // the directive's line, not a commented-out one among its leading comments
-                    let starts = include_starts(&e.text);
-                    let mut at = 0;
-                    let mut edited = e.clone();
-                    edited.text = e
-                        .text
-                        .lines()
-                        .map(|l| {
-                            let directive = starts.iter().any(|&s| s >= at && s < at + l.len() + 1);
-                            at += l.len() + 1;
-                            if directive {
-                                format!("#include \"{}\"", files[t].rel)
-                            } else {
-                                l.to_string()
-                            }
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n");
-                    out.push(Cow::Owned(edited));
-                    continue;
-                }
-            } else if e.text.contains("include") {
-                // includes inside an `#if` block (`#    include` too): in-unit files dropped,
-                // other project files named from the root (as above), or the unit cannot find them.
-                // Only the lines that start a real directive: an `#include` line inside a raw string
-                // or a comment is the code's text, left as written
-                let starts = include_starts(&e.text);
-                let mut text = String::with_capacity(e.text.len());
-                let mut changed = false;
-                let mut at = 0;
-                for l in e.text.split_inclusive('\n') {
-                    let directive = starts.iter().any(|&s| s >= at && s < at + l.len());
-                    at += l.len();
-                    let target = if directive {
-                        extract_includes(l).first().and_then(|inc| index.resolve(&files[f].rel, inc))
-                    } else {
-                        None
-                    };
-                    match target {
-                        Some(t) if members.contains(&t) => changed = true,
-                        Some(t) => {
-                            let line = format!("#include \"{}\"{}", files[t].rel, if l.ends_with('\n') { "\n" } else { "" });
-                            changed |= line != l;
-                            text.push_str(&line);
-                        }
-                        None => text.push_str(l),
-                    }
-                }
-                if changed {
+            if e.kind == Kind::Include && (inside(f, &e.text) || !seen_includes.insert(e.text.trim())) {
+                continue; // its code is in the unit, or it is kept once
+            }
+            // a project header kept as an include (alone, or inside an `#if` block, `#    include` too):
+            // written relative to its includer's directory it would not be found from the unit, so it
+            // is named from the root; includes of unit files inside `#if` blocks are dropped
+            if e.text.contains("include") {
+                if let Some(text) = rewrite_includes(&e.text, &files[f].rel, files, index, &members) {
                     let mut edited = e.clone();
                     edited.text = text;
                     out.push(Cow::Owned(edited));
@@ -249,6 +200,39 @@ fn unit_entities<'e>(
         }
     }
     out
+}
+
+/// `text` (of file `from`) with its `#include` directives of project files edited: those of
+/// `members` (files in the unit) dropped, the others named from the root; `None` if nothing
+/// changed. Only the lines that start a real directive: an `#include` line inside a raw
+/// string or a comment (an entity's leading comments too) is the code's text, left as written.
+fn rewrite_includes(
+    text: &str,
+    from: &str,
+    files: &[SourceFile],
+    index: &ProjectIndex,
+    members: &HashSet<usize>,
+) -> Option<String> {
+    let starts = include_starts(text);
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    let mut at = 0;
+    for l in text.split_inclusive('\n') {
+        let directive = starts.iter().any(|&s| s >= at && s < at + l.len());
+        at += l.len();
+        let target =
+            if directive { extract_includes(l).first().and_then(|inc| index.resolve(from, inc)) } else { None };
+        match target {
+            Some(t) if members.contains(&t) => changed = true,
+            Some(t) => {
+                let line = format!("#include \"{}\"{}", files[t].rel, if l.ends_with('\n') { "\n" } else { "" });
+                changed |= line != l;
+                out.push_str(&line);
+            }
+            None => out.push_str(l),
+        }
+    }
+    changed.then_some(out)
 }
 
 /// The headers to inline, from those `select_headers` kept: a header left out stays an
@@ -599,6 +583,28 @@ mod tests {
             "#define LIB_INLINE_BEGIN inline namespace v2 {\n#define LIB_INLINE_END }\n\nnamespace lib {\nLIB_INLINE_BEGIN\n\
              int leaf() { return 1; }\nint top() { return leaf(); }\nLIB_INLINE_END\n}  // namespace lib\n"
         );
+    }
+
+    #[test]
+    fn rewrite_includes_edits_directive_lines_only_with_any_line_endings() {
+        // src/a.cpp's "b.h" is src/b.h: named from the root; its unit member "m.h" dropped; the
+        // commented-out include and the CRLF comment lines before the directive left as written
+        let files: Vec<SourceFile> = ["src/a.cpp", "src/b.h", "src/m.h"]
+            .iter()
+            .map(|r| {
+                let kind = crate::discover::FileKind::Header;
+                SourceFile { rel: r.to_string(), kind, text: String::new(), raw_len: 0, lossy: false }
+            })
+            .collect();
+        let index = ProjectIndex::new(&["src/a.cpp", "src/b.h", "src/m.h"]);
+        let members: HashSet<usize> = [0, 2].into_iter().collect();
+        let text =
+            "// one\r\n// two: #include \"b.h\"\r\n/*\r\n#include \"b.h\"\r\n*/\r\n#include \"b.h\"\r\n#include \"m.h\"";
+        assert_eq!(
+            rewrite_includes(text, "src/a.cpp", &files, &index, &members).unwrap(),
+            "// one\r\n// two: #include \"b.h\"\r\n/*\r\n#include \"b.h\"\r\n*/\r\n#include \"src/b.h\"\n"
+        );
+        assert_eq!(rewrite_includes("int x;\n", "src/a.cpp", &files, &index, &members), None);
     }
 
     #[test]
