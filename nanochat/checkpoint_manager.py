@@ -499,11 +499,16 @@ def resume_stage(directory, step, model, optimizers, rank=0, world_size=1, num_i
                          f"that set the length (--num_iterations, --num_epochs, ...; the checkpoint's run had "
                          f"{meta.get('num_iterations', 'an unrecorded number of')} steps), or start the stage again")
     model.load_state_dict(model_state)
-    for opt, s in zip(optimizers, rank_state["optimizers"]):
-        # load_state_dict also restores the groups' hyperparameters (lr, initial_lr, betas, ...);
-        # the flags of this run win, as in base_train's resume (a resumed SFT with a new --lr kept the old one)
+    load_optimizer_states(optimizers, rank_state["optimizers"])
+    return step, rank_state, meta
+
+
+def load_optimizer_states(optimizers, states):
+    """Each optimizer's saved state (moments, step counts) back, its groups' hyperparameters
+    (lr, initial_lr, betas, ...) kept as this run's flags set them: load_state_dict alone
+    restores the saved run's too (a resumed SFT with a new --lr kept the old one)."""
+    for opt, s in zip(optimizers, states):
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(s)
         for g, h in zip(opt.param_groups, hyper):
             g.update(h)
-    return step, rank_state, meta

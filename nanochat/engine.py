@@ -309,10 +309,11 @@ class Engine:
         """The decode step (ids, cache, pos) -> (logits (B, V), their argmax (B,)), compiled on
         CUDA: the greedy token comes out of the step's own kernels (ATen's argmax over a
         32K vocabulary after the graph was 10 us of a 0.29 ms batch-1 step; docs/benchmarks.md)."""
+        step = partial(decode_and_argmax, self.model)
         if self.device.type == "cuda" and self._compiled_step is None:
-            self._compiled_step = torch.compile(partial(decode_and_argmax, self.model), dynamic=False,
+            self._compiled_step = torch.compile(step, dynamic=False,
                                                 **decode_compile_args(self.compile_mode, self.pdl, self.device))
-        return self._compiled_step or partial(decode_and_argmax, self.model)
+        return self._compiled_step or step
 
     def _make_stepper(self, cache, batch):
         """A function (ids (B,), pos int) -> (logits (B, V), greedy ids (B,)). On CUDA: one

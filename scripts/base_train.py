@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from nanochat.checkpoint_manager import (checkpoint_dir, init_from, resume_checkpoint, save_checkpoint,
-                                         warn_earlier_run)
+from nanochat.checkpoint_manager import (checkpoint_dir, init_from, load_optimizer_states, resume_checkpoint,
+                                         save_checkpoint, warn_earlier_run)
 from nanochat.common import (DummyWandb, all_reduce_mean, autodetect_device_type, compute_cleanup, compute_dtype,
                              compute_init, device_name, get_peak_flops, max_memory_allocated_mib, print0,
                              require_positive, synchronize)
@@ -251,12 +251,7 @@ if args.resume_from_step >= 0:
         raise SystemExit(f"checkpoint {ckpt_dir} step {resume_step} has model {meta['model_config']}, "
                          f"not {config.to_dict()}: resume with the same model flags")
     model.load_state_dict(model_state)
-    for opt, s in zip(optimizers, rank_state["optimizers"]):
-        # load_state_dict also restores the groups' hyperparameters; the flags of this run win
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        opt.load_state_dict(s)
-        for g, h in zip(opt.param_groups, hyper):
-            g.update(h)
+    load_optimizer_states(optimizers, rank_state["optimizers"])  # (the flags of this run keep their lrs)
     loader_state = rank_state["loader"]
     step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
     timed_steps = meta.get("timed_steps", 0)

@@ -806,12 +806,11 @@ def create_app(source="sft", model_tag=None, step=None, num_gpus=1, device_type=
                     # nothing is sent before the end here, so look for a client that has left
                     # (leaving this block stops the generation at its next token)
                     if items % 8 == 0 and await request.is_disconnected():
-                        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}},
-                                            status_code=499)
+                        return error(499, "client disconnected", "client_closed")
         except RuntimeError as e:  # the worker's error (generate_stream's), as the streaming path reports it
             return error(500, str(e), "server_error")
         if items == 0 and await request.is_disconnected():  # it left while waiting for a worker
-            return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed"}}, status_code=499)
+            return error(499, "client disconnected", "client_closed")
         base = {"id": completion_id(kind), "created": int(time.time()),
                 "model": state["model_id"], "usage": usage_of(tokens, counts)}
         if kind == "chat":
