@@ -75,7 +75,12 @@ KERNELS = {
                                           KN=bf, VN=bf),
                        dict(G=1, PER_ROW=True, GP=16, D=128, SEG=256, BS=dec.BS, NP=32, PRECISION="tf32", ONE=False,
                             PDL=True, NEW=True)),
-    "decode_gemv": (dec._gemv, dict(X=bf, W=bf, Y=bf), dict(K=3072, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True)),
+    "decode_gemv": (dec._gemv, dict(X=bf, W=bf, Y=bf, R=bf), dict(K=3072, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True,
+                                                                  RELU2=False, RES=True, NORM=False, MIX=False,
+                                                                  STORE=False)),
+    "decode_gemv_norm": (dec._gemv, dict(X=bf, W=bf, Y=bf, X0=bf, LR=bf, LA=bf, XN=bf, XM=bf),
+                         dict(K=768, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True, RELU2=True, RES=False, NORM=True,
+                              MIX=True, STORE=True)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),
                         dict(BR=dsa.SEL_BR, BW=dsa.SEL_BW)),
 }

@@ -277,19 +277,32 @@ class CausalSelfAttention(nn.Module):
         return 6 * weights + 12 * self.n_head * self.head_dim * min(self.window, T)
 
     def forward(self, x, ctx, cache=None):
-        B, T, _ = x.shape
-        q, k, v = self.project(x, ctx)
+        return linear(self.heads(*self.project(x, ctx), ctx, cache), self.c_proj, ctx)
+
+    def decode_row(self, x, ctx, cache, mix=None):
+        """x' + forward(norm(x')) with x' = r x + a x0 for mix = (r, a, x0) (GPT's lambdas), else
+        x' = x, for the one row of a batch-1 decode step with the Triton kernels and
+        stacked projections (Block.decode_row): the lambdas and the norm inside the q, k, v gemv,
+        the residual add inside c_proj's."""
+        from nanochat.decode_triton import gemv, gemv_norm
+        qkv, h, x = gemv_norm(x, self.w_qkv, mix)
+        y = self.heads(*self.project(h, ctx, qkv), ctx, cache)
+        return gemv(y, self.c_proj.weight, residual=x)
+
+    def heads(self, q, k, v, ctx, cache):
+        """Attention of q over k and v (and the cache's) -> (B, T, n_head * head_dim)."""
+        B, _, T, _ = q.shape
         y = None
         if cache is not None and T == 1 and ctx.decode_masks is not None and ctx.decode_kernel == "triton":
             from nanochat import decode_triton
-            if decode_triton.writes_new(B * self.n_kv_head, cache.k.size(2), x.device):
+            if decode_triton.writes_new(B * self.n_kv_head, cache.k.size(2), q.device):
                 # a static decode step: the Triton kernel writes this step's k and v into the cache itself
                 y = decode_triton.decode_attention(q, cache.k, cache.v, ctx.pos_t, self.window, cache.counts, k, v)
         if y is None:
             if cache is not None:
                 k, v = self.cached(k, v, ctx, cache)
             y = self.attend(q, k, v, ctx, None if cache is None else cache.counts)
-        return linear(y.transpose(1, 2).reshape(B, T, -1), self.c_proj, ctx)
+        return y.transpose(1, 2).reshape(B, T, -1)
 
     @torch.no_grad()
     def stack_projections(self):
@@ -303,11 +316,13 @@ class CausalSelfAttention(nn.Module):
         for lin, part in zip(lins, self.w_qkv.split([lin.out_features for lin in lins])):
             lin.weight.data = part
 
-    def project(self, x, ctx):
+    def project(self, x, ctx, qkv=None):
         """q (B, n_head, T, D), k and v (B, n_kv_head, T, D) of x (B, T, C): rotary, QK-norm,
-        the value embedding."""
+        the value embedding (qkv: x's stacked projections, computed already)."""
         B, T, _ = x.shape
-        if self.w_qkv is not None and not torch.is_grad_enabled():
+        if qkv is not None:
+            q, k, v = qkv.split([self.c_q.out_features, self.c_k.out_features, self.c_v.out_features], dim=-1)
+        elif self.w_qkv is not None and not torch.is_grad_enabled():
             q, k, v = linear(x, self.w_qkv, ctx).split([self.c_q.out_features, self.c_k.out_features,
                                                         self.c_v.out_features], dim=-1)
         else:

@@ -256,57 +256,135 @@ def pdl_on(device):
 # programs stream W at once (these tiles, before PDL: 4.4 us, 1,081 GB/s; docs/benchmarks.md,
 # where they were picked). On Hopper, with programmatic dependent launch, a program reads its
 # first tile of W before it waits for the kernel before it (the weights do not depend on that
-# kernel, x does) and lets the next kernel launch once it has x. relu2: the MLP's relu(y)² on
-# the way out (one kernel less a layer; rounded once, from fp32).
+# kernel, x does) and lets the next kernel launch once it has x.
+#
+# What a transformer block does around its linears rides along, so that a batch-1 step is
+# fewer kernels (GPT._trunk's row path, Block.decode_row): before the product, the per-layer
+# lambdas x := r x + a x0 (MIX) and the parameter-free RMSNorm x / sqrt(mean(x²) + eps) (NORM;
+# every program sums the row's squares itself: K elements from L2, against its BN x K of W);
+# after it, relu(y)² (RELU2, the MLP's activation) and the residual add y + R (RES). Each value
+# is rounded to the dtype where the PyTorch block stores it (the mixed row, the normed row, the
+# output), from fp32.
 
 @triton.jit
-def _gemv(X, W, Y, N, swn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-          RELU2: tl.constexpr):
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
+def _gemv(X, W, Y, N, swn, R, X0, LR, LA, XN, XM, eps, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          PDL: tl.constexpr, RELU2: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, MIX: tl.constexpr,
+          STORE: tl.constexpr):
+    pid = tl.program_id(0)
+    n = pid * BN + tl.arange(0, BN)
     mn = n < N
     rows = W + n[:, None].to(tl.int64) * swn  # (int64: N x K may pass 2^31)
+    kb = tl.arange(0, BK)
+    w_first = tl.load(rows + kb[None, :], mask=mn[:, None] & (kb < K)[None, :], other=0.0)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    dt = X.dtype.element_ty
+    if MIX:  # the lambdas as the PyTorch step rounds them: to the row's dtype
+        r = tl.load(LR).to(dt).to(tl.float32)
+        a = tl.load(LA).to(dt).to(tl.float32)
+    scale = 1.0
+    if NORM:
+        ss = tl.zeros((BK,), dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BK):
+            k = k0 + kb
+            mk = k < K
+            x = tl.load(X + k, mask=mk, other=0.0).to(tl.float32)
+            if MIX:
+                x = (r * x + a * tl.load(X0 + k, mask=mk, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+            if STORE:  # the block's residual row (program 0 writes it)
+                tl.store(XM + k, x.to(dt), mask=mk & (pid == 0))
+            ss += x * x
+        scale = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc = tl.zeros((BN,), dtype=tl.float32)
     for k0 in tl.static_range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
+        k = k0 + kb
         mk = k < K
-        w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        if PDL and k0 == 0:
-            gdc_wait()
-            gdc_launch_dependents()
-        x = tl.load(X + k, mask=mk, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        if k0 == 0:
+            w = w_first
+        else:
+            w = tl.load(rows + k[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        x = tl.load(X + k, mask=mk, other=0.0).to(tl.float32)
+        if MIX:
+            x = (r * x + a * tl.load(X0 + k, mask=mk, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+        if NORM:
+            x = (x * scale).to(dt).to(tl.float32)
+            if STORE:  # the normed row, for what else reads it (the value-embedding gate)
+                tl.store(XN + k, x.to(dt), mask=mk & (pid == 0))
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if RELU2:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
+    if RES:
+        acc += tl.load(R + n, mask=mn, other=0.0).to(tl.float32)
     tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=mn)
 
 
 GEMV_BN, GEMV_BK = 2, 1024  # rows and columns of W a program reads at a time (best of a sweep on an H200)
+NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32, bf16 and fp16 rows (its opmath type's)
 
 
-def gemv(x, w, relu2=False):
-    """x Wᵀ for a single row (relu2: relu(x Wᵀ)²): x (..., K) holding one row, w (N, K) ->
-    (..., N) in w's dtype (x is cast to it). What attention.linear runs in a batch-1 decode
-    step with the Triton decode kernels. int64 row offsets; K is a compile-time constant (one
-    kernel per shape)."""
+def gemv(x, w, relu2=False, norm=False, residual=None):
+    """x Wᵀ for a single row x (..., K) and w (N, K) -> (..., N) in w's dtype (x is cast to it):
+    with norm, of x's RMSNorm (attention.norm); with relu2, relu(·)²; with residual (..., N),
+    plus it. What attention.linear and the blocks' row path run in a batch-1 decode step with
+    the Triton decode kernels. int64 row offsets; K is a compile-time constant (one kernel per
+    shape)."""
+    _check_row(x, w)
+    if residual is not None and residual.numel() != w.size(0):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} for {w.size(0)} outputs")
+    return _gemv_op(x.to(w.dtype), w, relu2, norm, None if residual is None else residual.to(w.dtype))
+
+
+def gemv_norm(x, w, mix=None):
+    """The first linear of a block in a batch-1 decode step: (norm(x') Wᵀ, norm(x'), x') with
+    x' = r x + a x0 for mix = (r, a, x0) (GPT's per-layer lambdas, r and a 0-dim), else x' = x.
+    One kernel; the block carries on with x' as its residual."""
+    _check_row(x, w)
+    r, a, x0 = mix if mix is not None else (None, None, None)
+    return _gemv_norm_op(x.to(w.dtype), w, None if x0 is None else x0.to(w.dtype), r, a)
+
+
+def _check_row(x, w):
     if x.numel() != x.size(-1) or w.dim() != 2 or w.size(1) != x.size(-1):
         raise ValueError(f"gemv: one row times (N, K) (x {tuple(x.shape)}, w {tuple(w.shape)})")
-    return _gemv_op(x.to(w.dtype), w, relu2)
 
 
-@torch.library.custom_op("nanochat::gemv", mutates_args=())
-def _gemv_op(x: torch.Tensor, w: torch.Tensor, relu2: bool = False) -> torch.Tensor:
+def _launch_gemv(x, w, y, relu2=False, norm=False, residual=None, x0=None, r=None, a=None, xn=None, xm=None):
     N, K = w.shape
-    x = x.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     pdl = pdl_on(x.device)
-    y = torch.empty(*x.shape[:-1], N, device=x.device, dtype=w.dtype)
-    _gemv[(triton.cdiv(N, GEMV_BN),)](x, w, y, N, w.stride(0), K=K, BN=GEMV_BN,
-                                       BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, RELU2=relu2, num_warps=4,
-                                       **({"launch_pdl": True} if pdl else {}))
+    c = lambda t: t if t is None else t.contiguous()  # noqa: E731 (one row each: no copy in the decode step)
+    _gemv[(triton.cdiv(N, GEMV_BN),)](c(x), w, y, N, w.stride(0), c(residual), c(x0), r, a, xn, xm, NORM_EPS, K=K,
+                                       BN=GEMV_BN, BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, RELU2=relu2,
+                                       RES=residual is not None, NORM=norm, MIX=x0 is not None, STORE=xn is not None,
+                                       num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return y
 
 
+@torch.library.custom_op("nanochat::gemv", mutates_args=())
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, relu2: bool = False, norm: bool = False,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.empty(*x.shape[:-1], w.size(0), device=x.device, dtype=w.dtype)
+    return _launch_gemv(x, w, y, relu2, norm, residual)
+
+
 @_gemv_op.register_fake
-def _(x, w, relu2=False):
+def _(x, w, relu2=False, norm=False, residual=None):
     return x.new_empty(*x.shape[:-1], w.size(0), dtype=w.dtype)
+
+
+@torch.library.custom_op("nanochat::gemv_norm", mutates_args=())
+def _gemv_norm_op(x: torch.Tensor, w: torch.Tensor, x0: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                  a: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if (x0 is None) != (r is None) or (r is None) != (a is None):
+        raise ValueError("gemv_norm: mix is (r, a, x0), all three or none")
+    y = torch.empty(*x.shape[:-1], w.size(0), device=x.device, dtype=w.dtype)
+    xn, xm = torch.empty_like(x), torch.empty_like(x)
+    _launch_gemv(x, w, y, norm=True, x0=x0, r=r, a=a, xn=xn, xm=xm)
+    return y, xn, xm
+
+
+@_gemv_norm_op.register_fake
+def _(x, w, x0=None, r=None, a=None):
+    return x.new_empty(*x.shape[:-1], w.size(0), dtype=w.dtype), torch.empty_like(x), torch.empty_like(x)

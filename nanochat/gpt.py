@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from nanochat import attention
 from nanochat.attention import (CausalSelfAttention, Context, block_masks, decode_masks, linear, norm,
                                 prefill_attention, rotary_tables)
 from nanochat.dsa import SparseAttention
@@ -222,6 +223,21 @@ class MLP(nn.Module):
     def forward(self, x, ctx=None):  # (ctx: a decode step's one-row matmuls, attention.linear)
         return linear(linear(x, self.c_fc, ctx, relu2=True), self.c_proj, ctx)
 
+    def decode_row(self, x):
+        """x + forward(norm(x)) for the one row of a batch-1 decode step (Block.decode_row): the
+        norm inside c_fc's gemv, the residual add inside c_proj's."""
+        from nanochat.decode_triton import gemv
+        return gemv(gemv(x, self.c_fc.weight, relu2=True, norm=True), self.c_proj.weight, residual=x)
+
+
+ROW_FUSION = True  # batch-1 Triton decode steps through Block.decode_row (engine_bench --fuse_rows=0: not)
+
+
+def mixed(x, mix):
+    """x := r x + a x0, GPT's per-layer lambdas (modded-nanogpt's residual and x0 scalars)."""
+    r, a, x0 = mix
+    return r.to(x.dtype) * x + a.to(x.dtype) * x0
+
 
 class Block(nn.Module):
     def __init__(self, config, layer_idx, spec, engram_hash=None):
@@ -244,6 +260,27 @@ class Block(nn.Module):
             x = x + self._engram_streams(x, ctx.idx, engram_cache)
         x = self.hc_mixer(x, lambda u: self.mixer(norm(u), ctx, cache))
         return self.hc_mlp(x, lambda u: self.mlp(norm(u), ctx))
+
+    def decode_row(self, x, ctx, cache, engram_cache=None, mix=None):
+        """forward(x') with x' = r x + a x0 for mix = (r, a, x0) (GPT's per-layer lambdas), else
+        x' = x, for the one row of a batch-1 decode step with the Triton decode kernels
+        (GPT._trunk): the same sums, with the lambdas and the norms inside the linears' gemvs
+        and the residual adds on their way out (decode_triton.gemv), two kernels fewer a layer.
+        Attention with stacked projections fuses all of it (CausalSelfAttention.decode_row);
+        other mixers take norm(x) as in forward; the MLP fuses its own."""
+        fused = (type(self.mixer) is CausalSelfAttention and self.mixer.w_qkv is not None and self.engram is None
+                 and self.mixer.w_qkv.dtype == x.dtype)
+        if mix is not None and not fused:
+            x = mixed(x, mix)
+        if self.hc_mixer is not None or self.mlp.c_fc.weight.dtype != x.dtype:  # (gemv's rule: attention.linear)
+            return self(x, ctx, cache, engram_cache)
+        if fused:
+            x = self.mixer.decode_row(x, ctx, cache, mix)
+        else:
+            if self.engram is not None:
+                x = x + self.engram(x, ctx.idx, engram_cache)
+            x = x + self.mixer(norm(x), ctx, cache)
+        return self.mlp.decode_row(x)
 
     def _engram_streams(self, x, idx, cache):
         """Engram on every mHC stream, as its demo runs it: one lookup, key and value for all
@@ -584,10 +621,17 @@ class GPT(nn.Module):
         if c.mhc:
             x = x.unsqueeze(-2).expand(*x.shape[:-1], c.mhc_streams, x.size(-1))
         x0, mid = x, None
+        # one row of a batch-1 decode step with the Triton kernels: each block's norms, adds and
+        # lambdas ride in its gemvs (Block.decode_row)
+        rows = (cache is not None and ctx.decode_kernel == "triton" and ROW_FUSION and attention.ROW_GEMV
+                and x.numel() == x.size(-1) and not torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
-            if c.layer_lambdas:
-                x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            x = self.run_block(block, x, ctx) if cache is None else block(x, ctx, cache.layers[i], cache.engram.get(i))
+            mix = (self.resid_lambdas[i], self.x0_lambdas[i], x0) if c.layer_lambdas else None
+            if rows:
+                x = block.decode_row(x, ctx, cache.layers[i], cache.engram.get(i), mix)
+            else:
+                x = x if mix is None else mixed(x, mix)
+                x = self.run_block(block, x, ctx) if cache is None else block(x, ctx, cache.layers[i], cache.engram.get(i))
             if i == c.n_layer // 2:
                 mid = x
         if c.backout:  # remove a share of the low-level features of mid-depth before the readout

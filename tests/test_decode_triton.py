@@ -124,9 +124,11 @@ def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid, monk
     if stack:
         model.stack_projections()
     idx = torch.randint(0, 300, (B, 90))
-    runs, calls = [], []
-    real = decode_triton.gemv
-    monkeypatch.setattr(decode_triton, "gemv", lambda x, w, relu2: calls.append(tuple(w.shape)) or real(x, w, relu2))
+    runs, calls, fused = [], [], []
+    real, real_norm = decode_triton.gemv, decode_triton.gemv_norm
+    monkeypatch.setattr(decode_triton, "gemv", lambda x, w, *a, **k: calls.append(tuple(w.shape)) or real(x, w, *a, **k))
+    monkeypatch.setattr(decode_triton, "gemv_norm",
+                        lambda x, w, mix: calls.append(tuple(w.shape)) or fused.append(1) or real_norm(x, w, mix))
     for kernel in ("sdpa", "triton"):
         model.decode_kernel = kernel
         with torch.inference_mode():
@@ -144,6 +146,9 @@ def test_decode_steps_with_the_kernel_equal_sdpa(per_row, B, stack, hybrid, monk
     per_layer = {"attn": 1 + (1 if stack else 3), "mamba3": 2}
     want = sum(per_layer["mamba3" if type(blk.mixer).__name__ == "Mamba3" else "attn"] + 2 for blk in model.blocks)
     assert len(calls) == (20 * want if B == 1 else 0), (len(calls), want)
+    # batch 1 with stacked projections: each attention block's first gemv takes its norm too (Block.decode_row)
+    attn = sum(type(blk.mixer).__name__ == "CausalSelfAttention" for blk in model.blocks)
+    assert len(fused) == (20 * attn if B == 1 and stack else 0)
 
 
 def test_the_kernel_is_one_op_to_torch_compile():
@@ -189,6 +194,38 @@ def test_gemv_equals_the_matmul(N, K, dtype):
         gemv(torch.randn(2, K), w)
 
 
+@pytest.mark.parametrize("K,dtype", [(40, torch.float32), (1100, torch.float32), (96, torch.bfloat16)])
+def test_gemv_prologue_and_epilogue_equal_the_block_s_pytorch(K, dtype):
+    """What a block does around its linears inside gemv (Block.decode_row): the norm before
+    the product (every tile of a K past one), relu² and the residual add after it; gemv_norm
+    with the per-layer lambdas x' = r x + a x0 first, returning the product, norm(x') and x',
+    each rounded as the PyTorch block rounds it; without lambdas x' = x."""
+    from nanochat.attention import norm
+    from nanochat.decode_triton import gemv, gemv_norm
+    torch.manual_seed(K)
+    x, x0, w = torch.randn(1, 1, K).to(dtype) * 3, torch.randn(1, 1, K).to(dtype), torch.randn(33, K).to(dtype)
+    res = torch.randn(1, 1, 33).to(dtype)
+    r, a = torch.tensor(1.15), torch.tensor(0.2)  # fp32 lambdas, rounded to the row's dtype as the step does
+
+    def close(got, want):  # bf16: the norm's sum in another order may round an element the other way
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-5, atol=1e-4)
+        else:
+            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 2e-2
+    close(gemv(x, w, relu2=True, norm=True, residual=res), res.double() + F.relu(norm(x).double() @ w.double().T).square())
+    close(gemv(x, w, residual=res), res.double() + x.double() @ w.double().T)
+    xm = r.to(dtype) * x + a.to(dtype) * x0
+    y, xn, got_xm = gemv_norm(x, w, (r, a, x0))
+    close(got_xm, xm)
+    close(xn, norm(xm))
+    close(y, norm(xm).double() @ w.double().T)
+    y, xn, same = gemv_norm(x, w)
+    assert torch.equal(same, x)
+    close(y, norm(x).double() @ w.double().T)
+    with pytest.raises(ValueError, match="residual"):
+        gemv(x, w, residual=torch.randn(1, 1, 32))
+
+
 def test_gemv_passes_opcheck_and_runs_only_where_asked():
     """nanochat::gemv as torch.library.opcheck checks it (the fake's shape and dtype); and
     attention.linear sends only a one-row, no-autograd product of a Triton decode step to it."""
@@ -198,6 +235,9 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
     x, w = torch.randn(1, 24), torch.randn(10, 24)
     torch.library.opcheck(decode_triton._gemv_op, (x, w))
     torch.library.opcheck(decode_triton._gemv_op, (x, w, True))
+    torch.library.opcheck(decode_triton._gemv_op, (x, w, True, True, torch.randn(1, 10)))
+    torch.library.opcheck(decode_triton._gemv_norm_op, (x, w, torch.randn(1, 24), torch.tensor(1.1), torch.tensor(0.3)))
+    torch.library.opcheck(decode_triton._gemv_norm_op, (x, w))
     calls = []
     real = decode_triton.gemv
     decode_triton.gemv = lambda x, w, relu2: calls.append(1) or real(x, w, relu2)

@@ -301,6 +301,22 @@ def test_gemv_matches_the_matmul_and_batch_1_engines_decode_full_recomputation()
         assert ((gemv(x, w).float() - want).norm() / want.norm()).item() < 1e-2, (N, K)
         got = torch.compile(gemv, fullgraph=True)(x.float(), w.float())
         assert ((got - want).norm() / want.norm()).item() < 1e-5, (N, K)
+    # the block's norm, lambdas, relu² and residual add inside the kernel (Block.decode_row), compiled
+    from nanochat.attention import norm
+    from nanochat.decode_triton import gemv_norm
+    for N, K in [(2304, 768), (3072, 768), (768, 3072), (1001, 1100)]:
+        x, x0 = (torch.randn(1, 1, K, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        res = torch.randn(1, 1, N, device="cuda", dtype=torch.bfloat16)
+        r, a = torch.tensor([1.1, 0.2], device="cuda").unbind()
+        xm = (r.bfloat16().float() * x.float() + a.bfloat16().float() * x0.float()).bfloat16()  # (as the step rounds)
+        y, xn, got_xm = torch.compile(gemv_norm, fullgraph=True)(x, w, (r, a, x0))
+        assert torch.equal(got_xm, xm) and ((xn.float() - norm(xm).float()).abs().max() < 0.02).item(), (N, K)
+        want = norm(xm).float() @ w.float().T
+        assert ((y.float() - want).norm() / want.norm()).item() < 1e-2, (N, K)
+        got = torch.compile(gemv, fullgraph=True)(x, w, relu2=True, norm=True, residual=res).float()
+        want = res.float() + (norm(x).float() @ w.float().T).relu().square()
+        assert ((got - want).norm() / want.norm()).item() < 1e-2, (N, K)
     tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})
     prompt = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     for recipe in (True, "hybrid_siso"):
