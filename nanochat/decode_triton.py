@@ -320,7 +320,7 @@ def _gemv(X, W, Y, N, swn, R, X0, LR, LA, XN, XM, eps, K: tl.constexpr, BN: tl.c
     tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=mn)
 
 
-GEMV_BN, GEMV_BK = 2, 1024  # rows and columns of W a program reads at a time (best of a sweep on an H200)
+GEMV_BN, GEMV_BK, GEMV_WARPS = 2, 1024, 4  # rows and columns of W a program reads at a time (best of a sweep on an H200)
 NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32, bf16 and fp16 rows (its opmath type's)
 
 
@@ -358,7 +358,7 @@ def _launch_gemv(x, w, y, relu2=False, norm=False, residual=None, x0=None, r=Non
     _gemv[(triton.cdiv(N, GEMV_BN),)](c(x), w, y, N, w.stride(0), c(residual), c(x0), r, a, xn, xm, NORM_EPS, K=K,
                                        BN=GEMV_BN, BK=min(GEMV_BK, triton.next_power_of_2(K)), PDL=pdl, RELU2=relu2,
                                        RES=residual is not None, NORM=norm, MIX=x0 is not None, STORE=xn is not None,
-                                       num_warps=4, **({"launch_pdl": True} if pdl else {}))
+                                       num_warps=GEMV_WARPS, **({"launch_pdl": True} if pdl else {}))
     return y
 
 

@@ -65,6 +65,9 @@ parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"
                          "(flash-decoding over the visible keys; CUDA; at batch 1 its linears run decode_triton.gemv)")
 parser.add_argument("--gemv", type=int, default=1, help="0: with --decode_kernel=triton, batch 1's linears through cuBLAS "
                     "(F.linear) instead of decode_triton.gemv, to compare")
+parser.add_argument("--gemv_bk", type=int, default=0, help="columns of W a decode_triton.gemv program reads at a "
+                    "time (0: its default, GEMV_BK); one tile of all K columns is read before the PDL wait")
+parser.add_argument("--gemv_warps", type=int, default=0, help="warps of a decode_triton.gemv program (0: its default)")
 parser.add_argument("--fuse_rows", type=int, default=1, help="0: with --decode_kernel=triton, batch 1's norms, residual "
                     "adds and layer lambdas as kernels of their own, not inside the gemvs (gpt.Block.decode_row), to compare")
 parser.add_argument("--mamba_pattern", default="", help="e.g. AAM: a hybrid with Mamba-3 layers (all four parts on)")
@@ -138,6 +141,10 @@ if args.stack_qkv:
     model.stack_projections()
 attention.ROW_GEMV = bool(args.gemv)
 gpt.ROW_FUSION = bool(args.fuse_rows)
+if args.gemv_bk or args.gemv_warps:
+    from nanochat import decode_triton
+    decode_triton.GEMV_BK = args.gemv_bk or decode_triton.GEMV_BK
+    decode_triton.GEMV_WARPS = args.gemv_warps or decode_triton.GEMV_WARPS
 try:
     model.set_decode_kernel(args.decode_kernel)
 except ValueError as e:
@@ -221,7 +228,7 @@ for r in rows:
           f"{r['bytes_per_step_mb']:>9} {r['bandwidth_util_percent'] if peak_bandwidth else '?':>7}% {r['first_call_s']:>10}")
 print(json.dumps({"model_tag": args.model_tag or None, "depth": config.n_layer, "mamba_pattern": config.mamba_pattern, "mtp_depth": args.speculative, "prompt_len": len(prompt), "new_tokens": args.new_tokens,
                   "dtype": str(dtype).replace("torch.", ""), "cuda_graphs": bool(args.cuda_graphs) and device_type == "cuda",
-                  "compile_mode": engine.compile_mode, "pdl": "options" in decode_compile_args(None, engine.pdl, model.wte.weight.device), "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "gemv": bool(args.gemv), "fuse_rows": bool(args.fuse_rows), "weights": args.weights,
+                  "compile_mode": engine.compile_mode, "pdl": "options" in decode_compile_args(None, engine.pdl, model.wte.weight.device), "stack_qkv": bool(args.stack_qkv), "decode_kernel": args.decode_kernel, "gemv": bool(args.gemv), "fuse_rows": bool(args.fuse_rows), "gemv_bk": args.gemv_bk or None, "gemv_warps": args.gemv_warps or None, "weights": args.weights,
                   "temperature": args.temperature, "top_k": args.top_k, "inductor": args.inductor or None, "peak_bandwidth": peak_bandwidth, "results": rows,
                   "device": device_name(device_type), "torch": torch.__version__, "python": platform.python_version(),
                   "date": time.strftime("%Y-%m-%d")}))
