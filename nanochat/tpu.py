@@ -131,6 +131,27 @@ def shard_model(model, mesh, tp):
     return plan
 
 
+def shard_optimizer_states(optimizers, model, mesh, plan):
+    """Annotate the optimizers' state as its parameters are (plan: shard_model's): a tensor
+    shaped as its parameter (AdamW's moments) gets the parameter's spec, a stack of a Muon
+    group's matrices (its momentum) the specs' stack where the group's matrices share one.
+    A resume loads the state unannotated, which XLA keeps whole on every chip (at d24 a
+    replicated copy of the moments) until a step's output sharding replaces it. The rest
+    (step counts, NorMuon's row statistics) stays as it is."""
+    import torch_xla.distributed.spmd as xs
+    names = {p: n for n, p in model.named_parameters()}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            specs = {plan[names[p]] or (None,) * p.dim() for p in group["params"]}
+            for p in group["params"]:
+                spec = plan[names[p]] or (None,) * p.dim()  # (replicated ones marked so, as shard_model does)
+                for t in opt.state.get(p, {}).values():
+                    if torch.is_tensor(t) and t.shape == p.shape:
+                        xs.mark_sharding(t, mesh, spec)
+                    elif torch.is_tensor(t) and t.shape[1:] == p.shape and len(specs) == 1:
+                        xs.mark_sharding(t, mesh, (None, *spec))
+
+
 def shard_batch(t, mesh):
     """Rows of a (B, T) batch on the data axis, replicated over the model axis."""
     import torch_xla.distributed.spmd as xs

@@ -267,8 +267,9 @@ if args.resume_from_step >= 0:
     print0(f"resumed from {ckpt_dir} step {step}")
     del model_state, rank_state
 
-if xla:  # shard after any resume: the plan annotates the parameters in place
-    tpu.shard_model(model, mesh, args.tensor_parallel)
+if xla:  # shard after any resume: the plan annotates the parameters in place, and a resume's optimizer state
+    plan = tpu.shard_model(model, mesh, args.tensor_parallel)
+    tpu.shard_optimizer_states(optimizers, model, mesh, plan)
     if args.gradient_checkpointing:
         model.checkpoint_block = tpu.checkpoint_block
     if args.xla_flash_attn:

@@ -87,6 +87,25 @@ def test_parameters_have_the_plans_sharding_before_and_after_the_optimizer(xla_r
             assert plan[replicated] is None, replicated
 
 
+@pytest.mark.parametrize("run", ["plain 2x4", "plain 4x2", "full 2x4"])
+def test_a_resumed_optimizer_state_is_sharded_as_its_parameters(xla_run, run):
+    """base_train's resume on XLA: the optimizers' state loaded from a CPU checkpoint lands
+    unannotated (replicated: a whole copy on every chip); tpu.shard_optimizer_states gives
+    each AdamW moment its parameter's sharding and each Muon momentum stack its matrices'."""
+    r = xla_run["runs"][run]
+    moments = [k for k in r["state_resumed"] if k.endswith((".exp_avg", ".exp_avg_sq"))]
+    split = [k for k in moments if r["plan"][k.rsplit(".", 1)[0]]]
+    assert moments and split  # (lm_head's at least)
+    for k in moments:
+        assert r["state_resumed"][k][0] == r["expected"][k.rsplit(".", 1)[0]], k
+    assert all(r["state_loaded"][k][0] == "" for k in split)  # what the resume left without it
+    stacks = {k: v for k, v in r["state_resumed"].items() if k.endswith(".momentum_buffer")}
+    annotated = [k for k, (sharding, shape) in stacks.items() if sharding]
+    assert any(r["plan"][k.rsplit(".", 1)[0]] for k in annotated), stacks  # (the MLP's: each c_fc has one spec)
+    for k in annotated:
+        assert stacks[k][0] == r["stack_expected"][k.rsplit(".", 1)[0]], k
+
+
 def test_checkpoint_from_sharded_training_loads_on_the_cpu(xla_run):
     r = xla_run["runs"]["full 2x4"]
     assert r["state_devices"] == ["cpu"]  # whole CPU tensors, as GPU runs write them

@@ -24,7 +24,7 @@ import time
 import torch
 
 from nanochat import tpu
-from nanochat.checkpoint_manager import build_from_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import build_from_checkpoint, load_optimizer_states, save_checkpoint
 from nanochat.gpt import GPTConfig, build_model
 
 STEPS, ROWS, T = 3, 8, 32
@@ -99,7 +99,20 @@ def main(out_path, ckpt_dir):
         losses, optimizers = train(model, torch_xla.device(), mesh, full, torch_xla.sync)
         after = {n: tpu.sharding_of(p) for n, p in model.named_parameters()}
         expected = {n: tpu.expected_sharding(mesh, plan[n], p.dim()) for n, p in model.named_parameters()}
+        # a resume (as base_train: the state loaded, then annotated): each moment shaped as its parameter
+        # gets the parameter's sharding, each Muon momentum stack its group's where the specs agree
+        resumed = model.setup_optimizers(**OPT)
+        load_optimizer_states(resumed, tpu.to_cpu([o.state_dict() for o in optimizers]))
+        names = {p: n for n, p in model.named_parameters()}
+
+        def state_shardings(opts):
+            return {f"{names[p]}.{k}": [tpu.sharding_of(t), list(t.shape)] for o in opts for p, st in o.state.items()
+                    for k, t in st.items() if torch.is_tensor(t) and t.dim() > 0}
+        loaded = state_shardings(resumed)
+        tpu.shard_optimizer_states(resumed, model, mesh, plan)
         entry = {"losses": losses, "plan": {n: list(s) if s else None for n, s in plan.items()},
+                 "state_loaded": loaded, "state_resumed": state_shardings(resumed),
+                 "stack_expected": {n: tpu.expected_sharding(mesh, (None, *(plan[n] or (None, None))), 3) for n in plan},
                  "before": before, "after": after, "expected": expected,
                  "layout": tpu.layout(config, tp, data=8 // tp, rows=ROWS)}
         if full:  # a checkpoint of the sharded model, in the GPU/CPU format, read back on the CPU path
