@@ -266,10 +266,10 @@ class Block(nn.Module):
         x' = x, for the one row of a batch-1 decode step with the Triton decode kernels
         (GPT._trunk): the same sums, with the lambdas and the norms inside the linears' gemvs
         and the residual adds on their way out (decode_triton.gemv), two kernels fewer a layer.
-        Attention with stacked projections fuses all of it (CausalSelfAttention.decode_row);
-        other mixers take norm(x) as in forward; the MLP fuses its own."""
-        fused = (type(self.mixer) is CausalSelfAttention and self.mixer.w_qkv is not None and self.engram is None
-                 and self.mixer.w_qkv.dtype == x.dtype)
+        Attention with stacked projections and Mamba-3 fuse all of it (their decode_row); DSA
+        and Engram layers take norm(x) as in forward; the MLP fuses its own."""
+        w = self.mixer.row_weight(cache) if self.engram is None and hasattr(self.mixer, "row_weight") else None
+        fused = w is not None and w.dtype == x.dtype
         if mix is not None and not fused:
             x = mixed(x, mix)
         if self.hc_mixer is not None or self.mlp.c_fc.weight.dtype != x.dtype:  # (gemv's rule: attention.linear)
