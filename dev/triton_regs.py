@@ -78,7 +78,7 @@ KERNELS = {
     "decode_gemv": (dec._gemv, dict(X=bf, W=bf, Y=bf, R=bf), dict(K=3072, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True,
                                                                   RELU2=False, RES=True, NORM=False, MIX=False,
                                                                   STORE=False)),
-    "decode_gemv_norm": (dec._gemv, dict(X=bf, W=bf, Y=bf, X0=bf, LR=bf, LA=bf, XN=bf, XM=bf),
+    "decode_gemv_norm": (dec._gemv, dict(X=bf, W=bf, Y=bf, X0=bf, LR=f32, LA=f32, XN=bf, XM=bf),
                          dict(K=768, BN=dec.GEMV_BN, BK=dec.GEMV_BK, PDL=True, RELU2=True, RES=False, NORM=True,
                               MIX=True, STORE=True)),
     "dsa_chosen_bits": (dsa._chosen_bits, dict(SC=f32, KTH=f32, ROOM="*i32", OUT="*i32"),

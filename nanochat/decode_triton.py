@@ -262,9 +262,10 @@ def pdl_on(device):
 # fewer kernels (GPT._trunk's row path, Block.decode_row): before the product, the per-layer
 # lambdas x := r x + a x0 (MIX) and the parameter-free RMSNorm x / sqrt(mean(x²) + eps) (NORM;
 # every program sums the row's squares itself: K elements from L2, against its BN x K of W);
-# after it, relu(y)² (RELU2, the MLP's activation) and the residual add y + R (RES). Each value
-# is rounded to the dtype where the PyTorch block stores it (the mixed row, the normed row, the
-# output), from fp32.
+# after it, relu(y)² (RELU2, the MLP's activation) and the residual add y + R (RES). The mixed
+# row, the normed row and the output are rounded to the row's dtype once each, from fp32 (as
+# inductor's fused kernels do; eager PyTorch also rounds y before adding the residual, and each
+# lambda's product before the sum).
 
 @triton.jit
 def _gemv(X, W, Y, N, swn, R, X0, LR, LA, XN, XM, eps, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,

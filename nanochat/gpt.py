@@ -233,6 +233,11 @@ class MLP(nn.Module):
 ROW_FUSION = True  # batch-1 Triton decode steps through Block.decode_row (engine_bench --fuse_rows=0: not)
 
 
+def same_dtype(x, *layers):
+    """Whether every layer's weight is in x's dtype: where gemv may take them (attention.linear's rule)."""
+    return all(m.weight.dtype == x.dtype for m in layers)
+
+
 def mixed(x, mix):
     """x := r x + a x0, GPT's per-layer lambdas (modded-nanogpt's residual and x0 scalars)."""
     r, a, x0 = mix
@@ -265,15 +270,16 @@ class Block(nn.Module):
         """forward(x') with x' = r x + a x0 for mix = (r, a, x0) (GPT's per-layer lambdas), else
         x' = x, for the one row of a batch-1 decode step with the Triton decode kernels
         (GPT._trunk): the same sums, with the lambdas and the norms inside the linears' gemvs
-        and the residual adds on their way out (decode_triton.gemv), two kernels fewer a layer.
+        and the residual adds on their way out (decode_triton.gemv), two kernels fewer a layer;
+        rounded once where PyTorch rounds twice (y, then x + y; each lambda's product, then the sum).
         Attention with stacked projections and Mamba-3 fuse all of it (their decode_row); DSA
         and Engram layers take norm(x) as in forward; the MLP fuses its own."""
+        if self.hc_mixer is not None or not same_dtype(x, self.mlp.c_fc, self.mlp.c_proj):  # (mHC: one stream here)
+            return self(x if mix is None else mixed(x, mix), ctx, cache, engram_cache)
         w = self.mixer.row_weight(cache) if self.engram is None and hasattr(self.mixer, "row_weight") else None
-        fused = w is not None and w.dtype == x.dtype
+        fused = w is not None and w.dtype == x.dtype and same_dtype(x, self.mixer.c_proj)
         if mix is not None and not fused:
             x = mixed(x, mix)
-        if self.hc_mixer is not None or self.mlp.c_fc.weight.dtype != x.dtype:  # (gemv's rule: attention.linear)
-            return self(x, ctx, cache, engram_cache)
         if fused:
             x = self.mixer.decode_row(x, ctx, cache, mix)
         else:

@@ -66,7 +66,8 @@ parser.add_argument("--decode_kernel", default="sdpa", choices=["sdpa", "triton"
 parser.add_argument("--gemv", type=int, default=1, help="0: with --decode_kernel=triton, batch 1's linears through cuBLAS "
                     "(F.linear) instead of decode_triton.gemv, to compare")
 parser.add_argument("--gemv_bk", type=int, default=0, help="columns of W a decode_triton.gemv program reads at a "
-                    "time (0: its default, GEMV_BK); one tile of all K columns is read before the PDL wait")
+                    "time, a power of two (0: its default, GEMV_BK); its first tile is read before the PDL wait, so "
+                    "one of K or more reads all of W's rows early")
 parser.add_argument("--gemv_warps", type=int, default=0, help="warps of a decode_triton.gemv program (0: its default)")
 parser.add_argument("--fuse_rows", type=int, default=1, help="0: with --decode_kernel=triton, batch 1's norms, residual "
                     "adds and layer lambdas as kernels of their own, not inside the gemvs (gpt.Block.decode_row), to compare")
@@ -141,6 +142,8 @@ if args.stack_qkv:
     model.stack_projections()
 attention.ROW_GEMV = bool(args.gemv)
 gpt.ROW_FUSION = bool(args.fuse_rows)
+if args.gemv_bk & (args.gemv_bk - 1) or args.gemv_warps & (args.gemv_warps - 1):
+    parser.error(f"--gemv_bk={args.gemv_bk}, --gemv_warps={args.gemv_warps}: each a power of two (or 0)")
 if args.gemv_bk or args.gemv_warps:
     from nanochat import decode_triton
     decode_triton.GEMV_BK = args.gemv_bk or decode_triton.GEMV_BK

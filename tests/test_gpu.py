@@ -309,7 +309,7 @@ def test_gemv_matches_the_matmul_and_batch_1_engines_decode_full_recomputation()
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
         res = torch.randn(1, 1, N, device="cuda", dtype=torch.bfloat16)
         r, a = torch.tensor([1.1, 0.2], device="cuda").unbind()
-        xm = (r.bfloat16().float() * x.float() + a.bfloat16().float() * x0.float()).bfloat16()  # (as the step rounds)
+        xm = (r.bfloat16().float() * x.float() + a.bfloat16().float() * x0.float()).bfloat16()  # (rounded once)
         y, xn, got_xm = torch.compile(gemv_norm, fullgraph=True)(x, w, (r, a, x0))
         assert torch.equal(got_xm, xm) and ((xn.float() - norm(xm).float()).abs().max() < 0.02).item(), (N, K)
         want = norm(xm).float() @ w.float().T
