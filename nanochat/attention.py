@@ -289,11 +289,6 @@ class CausalSelfAttention(nn.Module):
         y = self.heads(*self.project(h, ctx, qkv), ctx, cache)
         return gemv(y, self.c_proj.weight, residual=x)
 
-    def row_weight(self, cache):
-        """The weight of decode_row's first gemv (Block.decode_row checks its dtype): the stacked
-        projections, where stack_projections made them; DSA's layers have no decode_row."""
-        return self.w_qkv if type(self) is CausalSelfAttention else None
-
     def heads(self, q, k, v, ctx, cache):
         """Attention of q over k and v (and the cache's) -> (B, T, n_head * head_dim)."""
         B, _, T, _ = q.shape

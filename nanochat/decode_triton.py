@@ -321,7 +321,11 @@ def _gemv(X, W, Y, N, swn, R, X0, LR, LA, XN, XM, eps, K: tl.constexpr, BN: tl.c
     tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=mn)
 
 
-GEMV_BN, GEMV_BK, GEMV_WARPS = 2, 1024, 4  # rows and columns of W a program reads at a time (best of a sweep on an H200)
+# rows and columns of W a program reads at a time, and its warps: 2 x 1,024 was the best of a sweep
+# on an H200 without PDL; with PDL a program's first tile is read before the wait, and a tile of
+# 4,096 columns (all of d12's K, 768 to 3,072) reads all of its rows early: batch 1, d12, 0.252 ->
+# 0.242 ms a step (docs/benchmarks.md)
+GEMV_BN, GEMV_BK, GEMV_WARPS = 2, 4096, 4
 NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for fp32, bf16 and fp16 rows (its opmath type's)
 
 

@@ -272,12 +272,14 @@ class Block(nn.Module):
         (GPT._trunk): the same sums, with the lambdas and the norms inside the linears' gemvs
         and the residual adds on their way out (decode_triton.gemv), two kernels fewer a layer;
         rounded once where PyTorch rounds twice (y, then x + y; each lambda's product, then the sum).
-        Attention with stacked projections and Mamba-3 fuse all of it (their decode_row); DSA
-        and Engram layers take norm(x) as in forward; the MLP fuses its own."""
+        Attention with stacked projections fuses all of it (CausalSelfAttention.decode_row);
+        other mixers (Mamba-3, DSA) and Engram layers take norm(x) as in forward; the MLP fuses
+        its own. (Mamba-3's input and output projections took the same fusion once: no faster
+        on an H200, AAM 0.268 against 0.266 ms a step, so not kept; docs/benchmarks.md.)"""
         if self.hc_mixer is not None or not same_dtype(x, self.mlp.c_fc, self.mlp.c_proj):  # (mHC: one stream here)
             return self(x if mix is None else mixed(x, mix), ctx, cache, engram_cache)
-        w = self.mixer.row_weight(cache) if self.engram is None and hasattr(self.mixer, "row_weight") else None
-        fused = w is not None and w.dtype == x.dtype and same_dtype(x, self.mixer.c_proj)
+        attn = self.mixer if type(self.mixer) is CausalSelfAttention and self.engram is None else None  # (not DSA's)
+        fused = attn is not None and attn.w_qkv is not None and attn.w_qkv.dtype == x.dtype and same_dtype(x, attn.c_proj)
         if mix is not None and not fused:
             x = mixed(x, mix)
         if fused:

@@ -318,18 +318,18 @@ class Mamba3(nn.Module):
         return Mamba3Cache(batch_size, self.H, self.n_angles, self.P, self.N, self.R, device,
                            torch.promote_types(dtype, torch.float32), w_in)
 
-    def _inputs(self, u, w_in=None, ctx=None, proj=None):
+    def _inputs(self, u, w_in=None, ctx=None):
         """Everything per token that does not need the past: z, x, B, C (normed, shared by the
         heads: (B, T, R, N)), Δ, A Δ, λ and the angles θ (the increments are Δ θ). w_in: the four
         input projections' weights stacked (decoding: one matmul instead of four; ctx: a decode
-        step's, whose one-row matmuls may run as attention.linear says); proj: its output, given."""
+        step's, whose one-row matmuls may run as attention.linear says)."""
         Bsz, T, _ = u.shape
         H, R, N = self.H, self.R, self.N
-        if w_in is None and proj is None:
+        if w_in is None:
             z, x, bc, ctrl = self.z_proj(u), self.x_proj(u), self.bc_proj(u), self.ctrl_proj(u)
         else:
-            proj = linear(u, w_in, ctx) if proj is None else proj
-            z, x, bc, ctrl = proj.split([self.d_inner, self.d_inner, 2 * R * N, self.ctrl_proj.out_features], dim=-1)
+            z, x, bc, ctrl = linear(u, w_in, ctx).split([self.d_inner, self.d_inner, 2 * R * N,
+                                                         self.ctrl_proj.out_features], dim=-1)
         z, x = z.view(Bsz, T, H, self.P), x.view(Bsz, T, H, self.P)
         Bm, Cm = bc.view(Bsz, T, 2, R, N).unbind(2)
         if self.qknorm:
@@ -421,29 +421,14 @@ class Mamba3(nn.Module):
             out = self._output(y, v, z)
         return self.c_proj(out.to(u.dtype))
 
-    def _step(self, u, cache, ctx=None, proj=None):
+    def _step(self, u, cache, ctx=None):
         """One token per row by the recurrence, the cache updated in place (fixed shapes).
         Without autograd (the engine), the input projections are the cache's one stacked
-        matmul: a decode step at batch 1 is bound by kernel launches, not bytes. proj: that
-        matmul's output, computed already (decode_row); then the output before c_proj."""
-        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in, ctx, proj)
+        matmul: a decode step at batch 1 is bound by kernel launches, not bytes."""
+        z, x, Bm, Cm, dt, adt, lam, theta = self._inputs(u, None if torch.is_grad_enabled() else cache.w_in, ctx)
         with torch.autocast(u.device.type, enabled=False):  # the recurrence in the cache's precision
             y, v = self._recur(cache, x, Bm, Cm, dt, adt, lam, dt[..., None] * theta[:, :, None, :])
-        out = self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype)
-        return out if proj is not None else linear(out, self.c_proj, ctx)
-
-    def decode_row(self, x, ctx, cache, mix=None):
-        """x' + forward(norm(x')) with x' = r x + a x0 for mix = (r, a, x0) (GPT's lambdas), else
-        x' = x, for the one row of a batch-1 decode step with the Triton kernels (Block.decode_row):
-        the lambdas and the norm inside the stacked input projections' gemv, the residual add
-        inside c_proj's."""
-        from nanochat.decode_triton import gemv, gemv_norm
-        proj, u, x = gemv_norm(x, cache.w_in, mix)
-        return gemv(self._step(u, cache, ctx, proj), self.c_proj.weight, residual=x)
-
-    def row_weight(self, cache):
-        """The weight of decode_row's first gemv (Block.decode_row checks its dtype)."""
-        return cache.w_in
+        return linear(self._output(y[:, None], v[:, None], z.to(y.dtype)).to(u.dtype), self.c_proj, ctx)
 
     def _recur(self, cache, x, Bm, Cm, dt, adt, lam, dphi):
         phi = cache.phi + dphi[:, 0]
