@@ -203,9 +203,9 @@ def test_gemv_equals_the_matmul(N, K, dtype, bk, monkeypatch):
 def test_gemv_prologue_and_epilogue_equal_the_block_s_pytorch(K, dtype, bk, monkeypatch):
     """What a block does around its linears inside gemv (Block.decode_row): the norm before
     the product (every tile of a K past one: 1,100 in tiles of 1,024), relu² and the
-    residual add after it; gemv_norm
-    with the per-layer lambdas x' = r x + a x0 first, returning the product, norm(x') and x',
-    each rounded once from fp32 (as inductor's kernels do); without lambdas x' = x."""
+    residual add after it; gemv_norm with the per-layer lambdas x' = r x + a x0 first,
+    returning the product, norm(x') and x', each rounded once from fp32 (as inductor's
+    kernels do); without lambdas x' = x."""
     from nanochat import decode_triton
     from nanochat.attention import norm
     from nanochat.decode_triton import gemv, gemv_norm
