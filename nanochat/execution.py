@@ -82,8 +82,12 @@ Mechanics
 - Reasons: "timeout" (wall clock, counted from the start), "memory", "error" (an
   exception, an early exit), "killed" (a signal: SIGKILL, SIGSEGV, SIGXCPU...).
 
-Not limited: reading the files the sandbox can see, number of files written into the
-work directory (each at most MAX_FILE_BYTES: the host's temporary directory can be filled),
+The work directory of execute_code is a tmpfs of its own at the namespace levels: at most
+WORK_DIR_BYTES in all (writes past it fail with ENOSPC), and at level "unshare" at most
+WORK_DIR_FILES files and directories; the host's directory stays empty. Not limited:
+reading the files the sandbox can see, the number of (empty) files at level "bwrap" (kernel
+memory until the run ends), the files execute_native's programs write into its caller's
+work directory (each at most MAX_FILE_BYTES) or code at level "none" writes into its own,
 threads (bounded by memory). Not protected: a result's integrity against the code itself
 (it runs in the reporting process and can reach finish() by frame walking, so HumanEval
 code could report success before its tests run: our models are not adversarial there).
@@ -113,9 +117,14 @@ try:
 except ImportError:  # Windows: no rlimits, only the timeout
     resource = None
 
-__all__ = ["ExecutionResult", "execute_code", "execute_native", "isolation", "MAX_FILE_BYTES"]
+__all__ = ["ExecutionResult", "execute_code", "execute_native", "isolation", "MAX_FILE_BYTES", "WORK_DIR_BYTES",
+           "WORK_DIR_FILES"]
 
 MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: the largest file the code may write
+# execute_code's work directory at the namespace levels: a tmpfs of its own, so that many files of
+# MAX_FILE_BYTES each cannot fill the host's disk (any number of them could, before); at level "unshare"
+# also at most WORK_DIR_FILES files and directories (bwrap cannot set a tmpfs's inode count)
+WORK_DIR_BYTES, WORK_DIR_FILES = 64 * 2**20, 10_000
 _STATUS_BYTES = 4096  # how much of the status pipe the parent keeps
 _EXIT_CODES = {"ok": 0, "error": 1, "memory": 3}  # child exit codes (used where there is no status pipe)
 _NPROC_MARGIN = 64  # tasks (processes + threads) a non-root child may add to its user's count
@@ -177,7 +186,7 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         "max_memory_bytes": int(max_memory_bytes or 0),
         "isolation": level,
     }
-    argv = _sandboxed(level, workdir, _interpreter("_child_main"))
+    argv = _sandboxed(level, workdir, _interpreter("_child_main"), private=True)
     try:
         if os.name == "posix":
             return _run_posix(argv, cfg, _child_env(workdir), workdir, timeout, max_output_bytes, nonce)
@@ -259,7 +268,7 @@ def _works(level: str) -> bool:
     workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"nanochat-exec-{os.getpid()}-"))
     inner = [sys.executable, "-I", "-c", "import os; assert os.getpid() < 10 and os.listdir('/') != []"]
     try:
-        proc = subprocess.run(_sandboxed(level, workdir, inner), env=_child_env(workdir), cwd=workdir,
+        proc = subprocess.run(_sandboxed(level, workdir, inner, private=True), env=_child_env(workdir), cwd=workdir,
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               timeout=30, start_new_session=True)
         return proc.returncode == 0
@@ -269,13 +278,16 @@ def _works(level: str) -> bool:
         _remove_tree(workdir)
 
 
-def _sandboxed(level: str, workdir: str, inner: list[str]) -> list[str]:
-    """The command line that runs `inner` at `level`."""
+def _sandboxed(level: str, workdir: str, inner: list[str], private: bool = False) -> list[str]:
+    """The command line that runs `inner` at `level`. private: the work directory is a new
+    tmpfs of WORK_DIR_BYTES at the same path (execute_code's: nothing is read back from it),
+    else the host's directory bound in (execute_native's holds the program)."""
     if level == "none":
         return inner
     binds, links = _host_view()
     if level == "unshare":
-        spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner}
+        spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner,
+                "tmpfs": f"mode=0700,size={WORK_DIR_BYTES},nr_inodes={WORK_DIR_FILES}" if private else None}
         return _interpreter("_launcher_main") + [json.dumps(spec)]
     # --as-pid-1: no bwrap init in the namespace (the code could write into that process's
     # memory through /proc/1/mem: same user, no seccomp, no limits); the code is pid 1, so its
@@ -292,7 +304,9 @@ def _sandboxed(level: str, workdir: str, inner: list[str]) -> list[str]:
     argv += ["--dev", "/dev", "--proc", "/proc"]
     argv += [a for sub in _PROC_READ_ONLY if os.path.exists("/proc/" + sub) for a in ("--ro-bind", "/proc/" + sub,
                                                                                      "/proc/" + sub)]
-    argv += ["--remount-ro", "/dev", "--bind", workdir, workdir, "--remount-ro", "/", "--chdir", workdir, "--"]
+    argv += ["--remount-ro", "/dev"]
+    argv += ["--size", str(WORK_DIR_BYTES), "--tmpfs", workdir] if private else ["--bind", workdir, workdir]
+    argv += ["--remount-ro", "/", "--chdir", workdir, "--"]
     return argv + inner
 
 
@@ -728,7 +742,12 @@ def _launcher_main() -> None:
                 bind(fd, dst, _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
             for fd, dst in devices:
                 bind(fd, dst, None)
-            bind(work, workdir, _MS_NOSUID | _MS_NODEV)
+            if spec["tmpfs"]:
+                os.makedirs(root + workdir)
+                call("mount", b"tmpfs", (root + workdir).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                     spec["tmpfs"].encode())
+            else:
+                bind(work, workdir, _MS_NOSUID | _MS_NODEV)
             for target, path in spec["links"]:
                 os.symlink(target, root + path)
             os.makedirs(root + "/proc")

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from nanochat import execution
-from nanochat.execution import MAX_FILE_BYTES, ExecutionResult, execute_code
+from nanochat.execution import MAX_FILE_BYTES, WORK_DIR_BYTES, WORK_DIR_FILES, ExecutionResult, execute_code
 
 HOSTILE_TIMEOUT = 2.0  # code that runs until killed: short, so the suite stays fast
 QUICK_TIMEOUT = 10.0  # code that should end by itself: generous, so a loaded machine never turns it into a timeout
@@ -170,6 +170,32 @@ def test_file_size_limit():
     assert not r.success and r.reason == "error"
     assert "File too large" in r.stderr
     assert "with open('big'" in r.stderr  # the first file, exactly at the limit, was fine
+
+
+def test_the_work_dir_holds_at_most_its_size_and_the_host_s_stays_empty(isolated, monkeypatch):
+    """At the namespace levels execute_code's work directory is a tmpfs of WORK_DIR_BYTES:
+    files of MAX_FILE_BYTES each fill it (ENOSPC), not the host's disk, whose directory of
+    the same path is still empty when the run ends."""
+    listed, remove = [], execution._remove_tree
+    monkeypatch.setattr(execution, "_remove_tree", lambda path: (listed.append(os.listdir(path)), remove(path)))
+    n = WORK_DIR_BYTES // MAX_FILE_BYTES + 1
+    code = (f"for i in range({n}):\n"
+            f"    with open(f'f{{i}}', 'wb') as f:\n        f.write(b'x' * {MAX_FILE_BYTES})\n"
+            "    print(i, flush=True)\n")
+    r = execute_code(code, timeout=20)
+    assert not r.success and r.reason == "error", r
+    assert "No space left on device" in r.stderr, r.stderr
+    assert len(r.stdout.split()) >= n - 2  # (the tmpfs's own pages take a little of it)
+    assert listed == [[]]
+
+
+def test_the_work_dir_holds_at_most_its_file_count_under_unshare(monkeypatch):
+    _use_level("unshare", monkeypatch)
+    many = "for i in range({}):\n    open(f'f{{i}}', 'w').close()\n"
+    r = execute_code(many.format(WORK_DIR_FILES + 100), timeout=20)
+    assert not r.success and "No space left on device" in r.stderr, r
+    r = execute_code(many.format(WORK_DIR_FILES - 100), timeout=20)
+    assert r.success, r.stderr
 
 
 def test_threads_left_running_do_not_hang():
