@@ -160,8 +160,9 @@ def test_mix_kernels_in_a_model_equal_the_pytorch_forms(monkeypatch):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     (loss_k, grads_k), (loss_r, grads_r) = run("triton"), run("torch")
     assert abs(loss_k - loss_r) < 1e-5 and grads_k.keys() == grads_r.keys()
-    for n, g in grads_r.items():
-        assert (grads_k[n] - g).norm() <= 1e-4 * g.norm() + 1e-9, n
+    for n, g in grads_r.items():  # (a floor for sums that cancel: hc_mlp.scale's 5.6e-4 was off by 6e-8 on
+        # one CPU, 1.1e-4 of itself; a wiring error is off by the gradient's own size)
+        assert (grads_k[n] - g).norm() <= 1e-4 * g.norm() + 1e-6, n
 
 
 def test_sinkhorn_of_random_logits_is_not_uniform():
