@@ -279,16 +279,12 @@ class Block(nn.Module):
         if self.hc_mixer is not None or not same_dtype(x, self.mlp.c_fc, self.mlp.c_proj):  # (mHC: one stream here)
             return self(x if mix is None else mixed(x, mix), ctx, cache, engram_cache)
         attn = self.mixer if type(self.mixer) is CausalSelfAttention and self.engram is None else None  # (not DSA's)
-        fused = attn is not None and attn.w_qkv is not None and attn.w_qkv.dtype == x.dtype and same_dtype(x, attn.c_proj)
-        if mix is not None and not fused:
-            x = mixed(x, mix)
-        if fused:
-            x = self.mixer.decode_row(x, ctx, cache, mix)
-        else:
-            if self.engram is not None:
-                x = x + self.engram(x, ctx.idx, engram_cache)
-            x = x + self.mixer(norm(x), ctx, cache)
-        return self.mlp.decode_row(x)
+        if attn is not None and attn.w_qkv is not None and attn.w_qkv.dtype == x.dtype and same_dtype(x, attn.c_proj):
+            return self.mlp.decode_row(attn.decode_row(x, ctx, cache, mix))
+        x = x if mix is None else mixed(x, mix)
+        if self.engram is not None:
+            x = x + self.engram(x, ctx.idx, engram_cache)
+        return self.mlp.decode_row(x + self.mixer(norm(x), ctx, cache))
 
     def _engram_streams(self, x, idx, cache):
         """Engram on every mHC stream, as its demo runs it: one lookup, key and value for all

@@ -276,9 +276,9 @@ def test_gemv_passes_opcheck_and_runs_only_where_asked():
         decode_triton.gemv = real
 
 
-@pytest.mark.parametrize("stack,cache_len,mhc", [(False, 48, False), (True, 48, False), (False, 512, False),
-                                                 (False, 600, False), (True, 48, True)])
-def test_a_decode_step_through_the_triton_kernels_equals_the_sdpa_one(stack, cache_len, mhc):
+@pytest.mark.parametrize("stack,cache_len,extra", [(False, 48, None), (True, 48, None), (False, 512, None),
+                                                   (False, 600, None), (True, 48, "mhc"), (True, 48, "engram")])
+def test_a_decode_step_through_the_triton_kernels_equals_the_sdpa_one(stack, cache_len, extra):
     """GPT.decode_step with decode_kernel "triton" (set directly: set_decode_kernel refuses it on
     a CPU), under the interpreter: the attention kernel writes each layer's k and v into the
     cache itself and the one-row linears run decode_triton.gemv; the same logits and the same
@@ -287,14 +287,16 @@ def test_a_decode_step_through_the_triton_kernels_equals_the_sdpa_one(stack, cac
     512-position cache: 8 segments of one tile each, merged, with the write; a 600-position
     one: programs of several tiles, where the step writes the cache first and the kernel reads
     it (writes_new). mHC with one stream: a batch-1 row still, whose blocks take the plain
-    forward with the layer lambdas applied first (they were skipped once)."""
+    forward with the layer lambdas applied first (they were skipped once); Engram on layer
+    0: that block's attention unfused, its MLP fused (Block.decode_row)."""
     from nanochat.decode_triton import segments, writes_new
     from nanochat.gpt import GPTConfig, build_model
     assert writes_new(2, cache_len, torch.device("cpu")) == (cache_len < 600)
     assert (segments(2, cache_len, torch.device("cpu")) > 1) == (cache_len > 48)
     cfg = GPTConfig(sequence_len=48, vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL",
                     value_embeds=True, smear=True, backout=True, layer_lambdas=True, qk_scale=1.2, pad_vocab_to=64,
-                    short_window_div=4, window_tile=8, mhc=mhc, mhc_streams=1)
+                    short_window_div=4, window_tile=8, mhc=extra == "mhc", mhc_streams=1,
+                    engram_layers="0" if extra == "engram" else "", engram_dim=32, engram_table=64)
     torch.manual_seed(0)
     model = build_model(cfg, "cpu").eval()
     with torch.no_grad():
