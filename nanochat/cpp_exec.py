@@ -17,7 +17,9 @@ group, and capped output:
    filter; it executes nothing the model wrote. Any failure here (errors, a compiler
    that runs out of time or memory on a template bomb) is "compile_error".
 2. ./main with timeout and max_memory_bytes and the seccomp filter (no fork: a fork
-   bomb's forks fail with EPERM; no signals to other processes; no mount/setns...).
+   bomb's forks fail with EPERM; no signals to other processes; no mount/setns...), in
+   a work directory of its own (a tmpfs of execution.WORK_DIR_BYTES holding main and
+   main.cpp read-only): files it writes cannot fill the host's disk.
 
 Statuses, told apart from the program's exit:
 - passed: exit status 0.
@@ -85,7 +87,7 @@ def compile_and_run(source: str, timeout: float = 10.0, compile_timeout: float =
         if not built.success:
             note = f"\n[compiler {built.reason}]" if built.reason in ("timeout", "killed") else ""
             return CppResult("compile_error", built.stdout, built.stderr + note, built.returncode)
-        ran = execute_native([os.path.join(workdir, "main")], workdir, timeout=timeout,
+        ran = execute_native([os.path.join(workdir, "main")], workdir, timeout=timeout, private=True,
                              max_memory_bytes=max_memory_bytes, max_output_bytes=max_output_bytes)
         if ran.reason is None:
             status = "passed"

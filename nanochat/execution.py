@@ -82,13 +82,14 @@ Mechanics
 - Reasons: "timeout" (wall clock, counted from the start), "memory", "error" (an
   exception, an early exit), "killed" (a signal: SIGKILL, SIGSEGV, SIGXCPU...).
 
-The work directory of execute_code is a tmpfs of its own at the namespace levels: at most
+The work directory of execute_code, and of execute_native with private=True (how
+cpp_exec runs a compiled program), is a tmpfs of its own at the namespace levels: at most
 WORK_DIR_BYTES in all (writes past it fail with ENOSPC), and at level "unshare" at most
-WORK_DIR_FILES files and directories; the host's directory stays empty. Not limited:
-reading the files the sandbox can see, the number of (empty) files at level "bwrap" (kernel
-memory until the run ends), the files execute_native's programs write into its caller's
-work directory (each at most MAX_FILE_BYTES) or code at level "none" writes into its own,
-threads (bounded by memory). Not protected: a result's integrity against the code itself
+WORK_DIR_FILES files and directories; the host's directory stays as it was (execute_native
+binds the files it held into the tmpfs read-only). Not limited: reading the files the
+sandbox can see, the number of (empty) files at level "bwrap" (kernel memory until the run
+ends), the files a compiler writes into its caller's work directory (each at most
+MAX_FILE_BYTES) or code at level "none" writes into its own, threads (bounded by memory). Not protected: a result's integrity against the code itself
 (it runs in the reporting process and can reach finish() by frame walking, so HumanEval
 code could report success before its tests run: our models are not adversarial there).
 
@@ -200,7 +201,8 @@ def _interpreter(entry: str) -> list[str]:
 
 
 def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memory_bytes: int = 512 * 2**20,
-                   max_output_bytes: int = 1 << 20, allow_processes: bool = False) -> ExecutionResult:
+                   max_output_bytes: int = 1 << 20, allow_processes: bool = False,
+                   private: bool = False) -> ExecutionResult:
     """Run a native program (g++, a compiled candidate) in the same sandbox as
     execute_code: namespaces, rlimits, the group kill, capped output. `workdir` (made by
     the caller, removed by the caller) is its cwd and the only writable place; argv[0]
@@ -209,7 +211,12 @@ def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memo
     allow_processes (a compiler driver must fork cc1plus, as and ld; it runs no
     untrusted code). reason: None (exit 0), "timeout", "killed" (a signal) or "error"
     (a nonzero exit); returncode says which. Raises RuntimeError if the sandbox itself
-    could not be set up, so that an infrastructure fault never reads as a wrong answer."""
+    could not be set up, so that an infrastructure fault never reads as a wrong answer.
+    private: at the namespace levels the program sees instead a fresh tmpfs at workdir's
+    path (as execute_code's work directory: WORK_DIR_BYTES, at "unshare" WORK_DIR_FILES)
+    holding read-only the files that workdir holds at the call (the compiled program):
+    what it writes stays out of the host's directory (a compiler writes its output there,
+    so its step is not private)."""
     if not (timeout > 0):
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     if os.name != "posix":
@@ -219,8 +226,9 @@ def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memo
     nonce = secrets.token_hex(16)
     cfg = {"argv": list(argv), "nonce": nonce, "timeout": float(timeout), "max_memory_bytes": int(max_memory_bytes or 0),
            "isolation": level, "allow_processes": bool(allow_processes)}
-    result = _run_posix(_sandboxed(level, workdir, _interpreter("_native_main")), cfg, _child_env(workdir), workdir,
-                        timeout, max_output_bytes, nonce, native=True)
+    inputs = sorted(e.name for e in os.scandir(workdir) if e.is_file(follow_symlinks=False)) if private else []
+    argv = _sandboxed(level, workdir, _interpreter("_native_main"), private=private, inputs=inputs)
+    result = _run_posix(argv, cfg, _child_env(workdir), workdir, timeout, max_output_bytes, nonce, native=True)
     if result.reason == "setup":
         raise RuntimeError(f"sandbox setup failed for {argv[0]}: {result.stderr.strip()[-500:]}")
     return result
@@ -278,15 +286,16 @@ def _works(level: str) -> bool:
         _remove_tree(workdir)
 
 
-def _sandboxed(level: str, workdir: str, inner: list[str], private: bool = False) -> list[str]:
+def _sandboxed(level: str, workdir: str, inner: list[str], private: bool = False, inputs: list[str] = ()) -> list[str]:
     """The command line that runs `inner` at `level`. private: the work directory is a new
-    tmpfs of WORK_DIR_BYTES at the same path (execute_code's: nothing is read back from it),
-    else the host's directory bound in (execute_native's holds the program)."""
+    tmpfs of WORK_DIR_BYTES at the same path (nothing is read back from it), holding the
+    host directory's files named in `inputs` read-only; else the host's directory bound in
+    (execute_native's compiler writes the program there)."""
     if level == "none":
         return inner
     binds, links = _host_view()
     if level == "unshare":
-        spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner,
+        spec = {"binds": binds, "links": links, "workdir": workdir, "argv": inner, "inputs": list(inputs),
                 "tmpfs": f"mode=0700,size={WORK_DIR_BYTES},nr_inodes={WORK_DIR_FILES}" if private else None}
         return _interpreter("_launcher_main") + [json.dumps(spec)]
     # --as-pid-1: no bwrap init in the namespace (the code could write into that process's
@@ -306,6 +315,8 @@ def _sandboxed(level: str, workdir: str, inner: list[str], private: bool = False
                                                                                      "/proc/" + sub)]
     argv += ["--remount-ro", "/dev"]
     argv += ["--size", str(WORK_DIR_BYTES), "--tmpfs", workdir] if private else ["--bind", workdir, workdir]
+    for name in inputs:  # (bwrap reads a bind's source in the host's tree, under the new tmpfs)
+        argv += ["--ro-bind", os.path.join(workdir, name), os.path.join(workdir, name)]
     argv += ["--remount-ro", "/", "--chdir", workdir, "--"]
     return argv + inner
 
@@ -718,6 +729,8 @@ def _launcher_main() -> None:
     devices = [(os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC), f"/dev/{d}") for d in ("null", "zero", "full", "random", "urandom")]
     workdir = spec["workdir"]
     work = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
+    inputs = [(os.open(os.path.join(workdir, name), os.O_PATH | os.O_CLOEXEC), os.path.join(workdir, name))
+              for name in spec.get("inputs", ())]
     pid = os.fork()
     if pid == 0:  # pid 1 of the new pid namespace: when it exits, the kernel kills all the rest
         try:
@@ -746,6 +759,8 @@ def _launcher_main() -> None:
                 os.makedirs(root + workdir)
                 call("mount", b"tmpfs", (root + workdir).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
                      spec["tmpfs"].encode())
+                for fd, dst in inputs:  # the host's files, read-only, inside the private directory
+                    bind(fd, dst, _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
             else:
                 bind(work, workdir, _MS_NOSUID | _MS_NODEV)
             for target, path in spec["links"]:

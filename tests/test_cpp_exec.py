@@ -12,6 +12,7 @@ import time
 import pytest
 
 from nanochat.cpp_exec import compile_and_run, run_many
+from nanochat.execution import MAX_FILE_BYTES, WORK_DIR_BYTES
 from tests.test_execution import (HOSTILE_TIMEOUT, QUICK_TIMEOUT, _assert_nobody_connected,  # noqa: F401 (fixtures)
                                   _listening_server, _n_processes, _snapshot_children, assert_parent_fine, isolated)
 
@@ -130,6 +131,47 @@ def test_cannot_write_outside_its_directory(isolated, tmp_path):
     assert r.status == "wrong_answer"
     assert existing.read_text() == "original"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.txt"]
+    assert_parent_fine()
+
+
+FILL = r"""
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+int main() {
+    std::printf("main.cpp writable: %d\n", std::fopen("main.cpp", "a") != nullptr);
+    std::vector<char> block(1 << 20, 'x');
+    for (int i = 0; i < FILES; i++) {
+        char name[32];
+        std::snprintf(name, sizeof name, "f%d", i);
+        FILE *f = std::fopen(name, "wb");
+        if (!f) { std::printf("open %d: %s\n", i, std::strerror(errno)); return 1; }
+        for (int j = 0; j < MIB; j++)
+            if (std::fwrite(block.data(), 1, block.size(), f) != block.size() || std::fflush(f) != 0) {
+                std::printf("write %d: %s\n", i, std::strerror(errno));
+                return 1;
+            }
+        std::fclose(f);
+        std::printf("file %d\n", i);
+    }
+}
+"""
+
+
+def test_the_program_writes_into_a_tmpfs_of_its_own(isolated, monkeypatch):
+    """The compiled program's work directory is a tmpfs of WORK_DIR_BYTES holding main and
+    main.cpp read-only: files of MAX_FILE_BYTES each fill it (ENOSPC), not the host's disk,
+    whose directory holds only what the compiler wrote when the run ends."""
+    import nanochat.cpp_exec as cpp_exec
+    listed, remove = [], cpp_exec._remove_tree
+    monkeypatch.setattr(cpp_exec, "_remove_tree", lambda path: (listed.append(sorted(os.listdir(path))), remove(path)))
+    n = WORK_DIR_BYTES // MAX_FILE_BYTES + 1
+    r, _ = run(FILL.replace("FILES", str(n)).replace("MIB", str(MAX_FILE_BYTES >> 20)), timeout=HOSTILE_TIMEOUT)
+    assert r.status == "wrong_answer", r
+    assert "main.cpp writable: 0" in r.stdout
+    assert f"write {n - 1}: No space left on device" in r.stdout or f"write {n - 2}: No space" in r.stdout, r.stdout
+    assert listed == [["main", "main.cpp"]]
     assert_parent_fine()
 
 
