@@ -88,8 +88,9 @@ WORK_DIR_BYTES in all (writes past it fail with ENOSPC), and at level "unshare" 
 WORK_DIR_FILES files and directories; the host's directory stays as it was (execute_native
 binds the files it held into the tmpfs read-only). Not limited: reading the files the
 sandbox can see, the number of (empty) files at level "bwrap" (kernel memory until the run
-ends), the files a compiler writes into its caller's work directory (each at most
-MAX_FILE_BYTES) or code at level "none" writes into its own, threads (bounded by memory). Not protected: a result's integrity against the code itself
+ends), the files execute_native's programs without private=True (the compiler) write into
+its caller's work directory (each at most MAX_FILE_BYTES) or code at level "none" writes
+into its own, threads (bounded by memory). Not protected: a result's integrity against the code itself
 (it runs in the reporting process and can reach finish() by frame walking, so HumanEval
 code could report success before its tests run: our models are not adversarial there).
 
@@ -107,6 +108,7 @@ import secrets
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -214,9 +216,10 @@ def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memo
     could not be set up, so that an infrastructure fault never reads as a wrong answer.
     private: at the namespace levels the program sees instead a fresh tmpfs at workdir's
     path (as execute_code's work directory: WORK_DIR_BYTES, at "unshare" WORK_DIR_FILES)
-    holding read-only the files that workdir holds at the call (the compiled program):
-    what it writes stays out of the host's directory (a compiler writes its output there,
-    so its step is not private)."""
+    holding read-only the regular files that workdir holds at the call (the compiled
+    program; nothing may change workdir meanwhile): what it writes stays out of the host's
+    directory (a compiler writes its output there, so its step is not private). The tmpfs
+    is memory outside RLIMIT_AS: up to WORK_DIR_BYTES per concurrent run."""
     if not (timeout > 0):
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     if os.name != "posix":
@@ -227,8 +230,8 @@ def execute_native(argv: list[str], workdir: str, timeout: float = 5.0, max_memo
     cfg = {"argv": list(argv), "nonce": nonce, "timeout": float(timeout), "max_memory_bytes": int(max_memory_bytes or 0),
            "isolation": level, "allow_processes": bool(allow_processes)}
     inputs = sorted(e.name for e in os.scandir(workdir) if e.is_file(follow_symlinks=False)) if private else []
-    argv = _sandboxed(level, workdir, _interpreter("_native_main"), private=private, inputs=inputs)
-    result = _run_posix(argv, cfg, _child_env(workdir), workdir, timeout, max_output_bytes, nonce, native=True)
+    cmd = _sandboxed(level, workdir, _interpreter("_native_main"), private=private, inputs=inputs)
+    result = _run_posix(cmd, cfg, _child_env(workdir), workdir, timeout, max_output_bytes, nonce, native=True)
     if result.reason == "setup":
         raise RuntimeError(f"sandbox setup failed for {argv[0]}: {result.stderr.strip()[-500:]}")
     return result
@@ -729,8 +732,10 @@ def _launcher_main() -> None:
     devices = [(os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC), f"/dev/{d}") for d in ("null", "zero", "full", "random", "urandom")]
     workdir = spec["workdir"]
     work = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
-    inputs = [(os.open(os.path.join(workdir, name), os.O_PATH | os.O_CLOEXEC), os.path.join(workdir, name))
+    inputs = [(os.open(os.path.join(workdir, name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC), os.path.join(workdir, name))
               for name in spec.get("inputs", ())]
+    if not all(stat.S_ISREG(os.fstat(fd).st_mode) for fd, _ in inputs):  # (a name swapped for a link or a directory)
+        raise RuntimeError("execute_native: an input of the private work directory is not a regular file")
     pid = os.fork()
     if pid == 0:  # pid 1 of the new pid namespace: when it exits, the kernel kills all the rest
         try:
