@@ -11,6 +11,7 @@ measurement:
 
     python dev/mamba3_bench.py                  # d20 shapes, all Mamba-3 parts on (dev/mamba_bench.sh's AAM)
     python dev/mamba3_bench.py --sweep          # and the ops' launch settings
+    python dev/mamba3_bench.py --variants=kernels --set=TURN_HB=64   # one variant, at other launch settings
     python dev/mamba3_bench.py --depth=2 --batch=2 --seq=64 --device_type=cpu --compile=0 --iters=1  # (a test; Triton's interpreter)
 """
 
@@ -33,9 +34,18 @@ parser.add_argument("--seq", type=int, default=2048)
 parser.add_argument("--compile", type=int, default=1, help="torch.compile the layer (as training does)")
 parser.add_argument("--iters", type=int, default=20, help="timed calls of each (after 3 untimed)")
 parser.add_argument("--sweep", action="store_true", help="also time the ops at several launch settings")
+parser.add_argument("--variants", type=str, default="kernels,gate_in_pytorch,pytorch", help="the mixer's variants to time")
+parser.add_argument("--set", type=str, default="", help="launch settings to use, e.g. TURN_HB=64,TURN_WARPS=8")
 parser.add_argument("--device_type", type=str, default="", help="cuda|cpu (empty: autodetect)")
 args = parser.parse_args()
+unknown = set(args.variants.split(",")) - {"kernels", "gate_in_pytorch", "pytorch"}
+if unknown:
+    parser.error(f"--variants: unknown {sorted(unknown)} (kernels, gate_in_pytorch, pytorch)")
 device = torch.device(args.device_type or autodetect_device_type())
+for kv in filter(None, args.set.split(",")):  # mamba3_triton's module constants (launch settings)
+    name, value = kv.split("=")
+    assert hasattr(mt, name), f"--set: mamba3_triton has no {name}"
+    setattr(mt, name, int(value))
 if device.type == "cpu":  # (tests: the kernels in Triton's interpreter)
     mamba3.FUSED_DEVICES.add("cpu")
 
@@ -87,7 +97,7 @@ def mixer(variant):
         mamba3.FUSED_DEVICES.clear()
         mamba3.FUSED_DEVICES.update(fused)
         mamba3._fused = saved
-    print(json.dumps({"what": "mixer", "variant": variant, "depth": args.depth, "tokens": B * T,
+    print(json.dumps({"what": "mixer", "variant": variant, "set": args.set, "depth": args.depth, "tokens": B * T,
                       "compile": bool(args.compile), "fwd_bwd_ms": round(ms, 3), "peak_gib": round(peak, 2)}), flush=True)
 
 
@@ -111,7 +121,7 @@ def op(name, settings, fwd, inputs):
         setattr(mt, k, v)
 
 
-for variant in ("kernels", "gate_in_pytorch", "pytorch"):
+for variant in args.variants.split(","):
     mixer(variant)
 dt = torch.bfloat16 if device.type == "cuda" else torch.float32
 leaf = lambda *s, scale=1.0: (scale * torch.randn(*s, device=device)).to(dt).requires_grad_()
@@ -120,8 +130,8 @@ sweep = args.sweep
 op("gate_norm", [dict(GATE_BT=bt, GATE_WARPS=w) for bt, w in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8))] if sweep
    else [dict(GATE_BT=mt.GATE_BT, GATE_WARPS=mt.GATE_WARPS)],
    mt.gate_norm, (leaf(B, T, H, P), leaf(B, T, H, P), leaf(B, T, H, P), f32(H), f32(H, P)))
-op("turn_qk", [dict(TURN_BT=bt, TURN_HB=hb, TURN_WARPS=w) for bt, hb, w in ((16, 8, 4), (8, 8, 4), (16, 8, 8),
-                                                                              (16, 4, 4), (32, 8, 8))] if sweep
+op("turn_qk", [dict(TURN_BT=bt, TURN_HB=hb, TURN_WARPS=w) for bt, hb, w in ((16, 8, 4), (16, 8, 8), (16, 64, 4),
+                                                                              (16, 64, 8), (8, 64, 4), (32, 64, 8))] if sweep
    else [dict(TURN_BT=mt.TURN_BT, TURN_HB=mt.TURN_HB, TURN_WARPS=mt.TURN_WARPS)],
    lambda Bm, Cm, bB, bC, phi: mt.turn_qk(Bm, Cm, bB, bC, phi, dt),
    (leaf(B, T, N), leaf(B, T, N), f32(H, N), f32(H, N), (6 * torch.rand(B, T, H, A, device=device)).requires_grad_()))
