@@ -81,7 +81,8 @@ def mixer(variant):
         mamba3.FUSED_DEVICES.clear()
     elif variant == "gate_in_pytorch":
         assert mamba3.fused_ok(device, torch.float32)  # (imports the kernels)
-        reference = lambda y, x, z, D, w: layer._output(y[:, :, None], x[:, :, None], z).unflatten(-1, (H, P))
+        reference = lambda y, x, z, D, w: layer._output(y[:, :, None], None if x is None else x[:, :, None], z,
+                                                        x is not None).unflatten(-1, (H, P))
         mamba3._fused = mamba3._fused[:4] + (reference,)
     torch._dynamo.reset()
     run = torch.compile(layer) if args.compile else layer

@@ -169,16 +169,18 @@ class MatmulTN(torch.autograd.Function):
         return b @ g.transpose(-1, -2), a @ g
 
 
-def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
+def ssd(X, a, K, Qm, w, w_next, chunk, initial_state, D=None):
     """Chunked SSD (Mamba-2's, with MIMO ranks and the trapezoid's two input weights):
         H_t = exp(a_t) H_{t-1} + w_t Σ_u X_{t,u} K_{t,u}ᵀ + exp(a_t) w_next_{t-1} Σ_u X_{t-1,u} K_{t-1,u}ᵀ
         Y_{t,r} = H_t Qm_{t,r}
     so token s reaches a later t with weight exp(a_{s+1} + ... + a_t) (w_s + [s < t] w_next_s).
     X (B, T, R, H, P); a, w, w_next (B, T, H), fp32; K and Qm head-major (B, H, T, R, N),
     as the rotation kernel writes them (folding them into chunks is then a view);
-    initial_state (B, H, P, N). Returns Y (B, T, R, H, P) and the state after the last
-    token, without its w_next term (the next segment adds it). w_next_s may depend on
-    token s+1: it only ever reaches outputs at t > s, so causality holds bit for bit."""
+    initial_state (B, H, P, N); D (H,) or None: the skip D_h X added to Y (inside the fused
+    kernels, where it saves autograd a sum of two dX). Returns Y (B, T, R, H, P) and the
+    state after the last token, without its w_next term (the next segment adds it). w_next_s
+    may depend on token s+1: it only ever reaches outputs at t > s, so causality holds bit
+    for bit."""
     Bsz, T, R, H, P = X.shape
     pad = (-T) % chunk
     if pad:  # zero inputs with zero decay after the end: outputs before it and the final state unchanged
@@ -191,7 +193,7 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     a_cs = torch.cumsum(a, dim=-1)
     if R == 1 and fused_ok(X.device, a.dtype) and max(K.numel(), X.numel(), Bsz * H * c * P * K.size(-1)) < 2 ** 31:
         # steps 1-4 below as one op of Triton kernels (mamba3_triton.chunk_ssd; int32 offsets)
-        Y, final = _fused[2](Qm.squeeze(3), K.squeeze(3), X.squeeze(2), a_cs, w, w_next, initial_state, chunk)
+        Y, final = _fused[2](Qm.squeeze(3), K.squeeze(3), X.squeeze(2), a_cs, w, w_next, initial_state, chunk, D)
         return Y.unsqueeze(2)[:, :T], final
     # (B, H, c, chunk*R, dim): the rank axis folded into the chunk's time axis
     Xf = X.view(Bsz, c, chunk, R, H, -1).permute(0, 4, 1, 2, 3, 5).reshape(Bsz, H, c, chunk * R, -1)
@@ -221,6 +223,8 @@ def ssd(X, a, K, Qm, w, w_next, chunk, initial_state):
     # 4. what the entering state adds to each position, decayed to it
     Y = Y + MatmulNT.apply(Qf, entering) * rep(torch.exp(a_cs)).to(Y.dtype)[..., None]
     Y = Y.view(Bsz, H, c, chunk, R, P).permute(0, 2, 3, 4, 1, 5).reshape(Bsz, c * chunk, R, H, P)
+    if D is not None:
+        Y = Y + D.to(Y.dtype)[:, None] * X
     return Y[:, :T], final
 
 
@@ -366,9 +370,11 @@ class Mamba3(nn.Module):
             return x.unsqueeze(2)
         return x.unsqueeze(2) * self.mimo_x.transpose(0, 1).to(x.dtype)
 
-    def _output(self, y, v, z):
-        """y (B, T, R, H, P) from the state -> (B, T, d_inner): skip, (norm), gate, MIMO readout."""
-        y = y + self.D.to(y.dtype)[:, None] * v
+    def _output(self, y, v, z, skip=True):
+        """y (B, T, R, H, P) from the state -> (B, T, d_inner): skip (unless ssd() added it),
+        (norm), gate, MIMO readout."""
+        if skip:
+            y = y + self.D.to(y.dtype)[:, None] * v
         z = z.unsqueeze(2) if self.R == 1 else z.unsqueeze(2) * self.mimo_z.transpose(0, 1).to(z.dtype)
         if self.outproj_norm:  # the official is_outproj_norm: RMSNorm per head, before the gate
             y = F.rms_norm(y, (self.P,), eps=1e-5) * self.out_norm.to(y.dtype)
@@ -408,17 +414,19 @@ class Mamba3(nn.Module):
             y, final = _ssd_rotated(x, Bm[:, :, 0], Cm[:, :, 0], bias("B_bias"), bias("C_bias"), phi, adt, lam * dt,
                                    w_next, state0, self.chunk)
             y = y.unsqueeze(2)
-        else:
-            y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0)
+        else:  # (the skip D v inside: in the fused kernels, autograd then sums no two dx)
+            y, final = ssd(v, adt, k, q, lam * dt, w_next, self.chunk, state0, self.D)
         if cache is not None:  # in place: the CUDA-graph decode step holds these tensors
             cache.phi.copy_(phi[:, -1])
             cache.state.copy_(final)
             cache.k_prev.copy_(k_last)
             cache.x_prev.copy_(x[:, -1])
+        skip = triton  # (_ssd_rotated's y has no skip yet)
         if self.R == 1 and self.outproj_norm and fused_ok(u.device, self.D.dtype) and y.numel() < 2 ** 31:
-            out = _fused[4](y[:, :, 0], x, z, self.D, self.out_norm).flatten(-2)  # _output as one kernel each way
+            # _output as one kernel each way
+            out = _fused[4](y[:, :, 0], *((x, z, self.D) if skip else (None, z, None)), self.out_norm).flatten(-2)
         else:
-            out = self._output(y, v, z)
+            out = self._output(y, v, z, skip)
         return self.c_proj(out.to(u.dtype))
 
     def _step(self, u, cache, ctx=None):

@@ -4,8 +4,8 @@ Triton kernels for Mamba-3's chunked form, two kinds:
   (the per-head biases and rotation of B and C, SISO), angles (the running sum of Δ θ) and
   `mamba3.ssd`'s steps: pass_states (the states' walk across chunks) and, for SISO, chunk_ssd
   (chunk_state, pass_states, chunk_out: each chunk's own state, the walk, each chunk's
-  output) as one op; gate_norm (the output's norm and gate); PyTorch runs the projections
-  and the rest;
+  output, with the skip D x) as one op; gate_norm (the output's norm and gate, with or
+  without the skip); PyTorch runs the projections and the rest;
 - the fully fused chunked SSD, SISO (R = 1), forward and backward, described below; the
   opt-in "triton" path of nanochat/mamba3.py (`set_mamba3_kernel(model, "triton")`,
   --mamba3_kernel=triton);
@@ -797,23 +797,25 @@ def _cout_tiles(Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK: tl.conste
 
 
 @triton.jit
-def _cout_fwd(Qp, Kp, X, E, ACS, W, WN, Y, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
+def _cout_fwd(Qp, Kp, X, E, ACS, W, WN, Dp, Y, T, H, P, N, C, CHUNK: tl.constexpr, BT: tl.constexpr,
               BP: tl.constexpr, BN: tl.constexpr):
     bh, z = tl.program_id(0), tl.program_id(1)
     dt = X.dtype.element_ty
     q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
         Qp, Kp, X, E, ACS, W, WN, bh, z, T, H, P, N, C, CHUNK, BT, BP, BN)
     y = _dot((_dot(q, tl.trans(k), dt) * L).to(dt), x, dt) + tl.exp(acs)[:, None] * _dot(q, tl.trans(e), dt)
+    y += tl.load(Dp + bh % H) * x.to(tl.float32)  # the skip D_h x
     tl.store(Y + x_off, y.to(Y.dtype.element_ty), mask=mt[:, None] & mp[None, :])
 
 
 @triton.jit
-def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, T, H, P, N, C,
+def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, Dp, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, DDP, T, H, P, N, C,
               CHUNK: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PART: tl.constexpr):
     """PART 1: dE and the scalars' gradients; PART 2: dx, dk and dq, with chunk_state's
     backward for the chunk states' gradients DST (B, H, c, P, N) inside (its shares of dx, dk,
-    and of the scalars' gradients, added into DACS, DW, DWN). Two launches that each recompute
-    S and dM: one program holding every tile spilled (dev/triton_regs.py)."""
+    and of the scalars' gradients, added into DACS, DW, DWN), and the skip's D_h dy in dx;
+    PART 1 also the skip's share of dD, the program's Σ dy ∘ x, into DDP (B H c). Two launches that each recompute S and dM: one
+    program holding every tile spilled (dev/triton_regs.py)."""
     bh, z = tl.program_id(0), tl.program_id(1)
     dt = X.dtype.element_ty
     q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
@@ -835,6 +837,7 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, 
         dd = dL * decay
         tl.store(DW + sc, tl.sum(dd, 0), mask=mt)
         tl.store(DWN + sc, tl.sum(tl.where(later, dd, 0.0), 0), mask=mt)
+        tl.store(DDP + bh * C + z, tl.sum(tl.sum(g.to(tl.float32) * x.to(tl.float32), 1), 0))  # the skip's dD
     else:
         # chunk_state's share: S_z = (d ∘ x)ᵀ k with d_s = exp(a_cs[last] - a_cs[s]) (w_s + w_next_s)
         p, n, i = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
@@ -847,7 +850,8 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, DY, DST, DQ, DK, DX, DE, DACS, DW, DWN, 
         tl.store(DWN + sc, tl.load(DWN + sc, mask=mt, other=0.0) + dd * to_end, mask=mt)
         tl.store(DACS + sc, tl.load(DACS + sc, mask=mt, other=0.0) - dd * d
                  + tl.where(i == CHUNK - 1, tl.sum(dd * d, 0), 0.0), mask=mt)
-        tl.store(DX + x_off, (_dot(tl.trans(s * L).to(dt), g, dt) + d[:, None] * kd).to(DX.dtype.element_ty),
+        skip = tl.load(Dp + bh % H) * g.to(tl.float32)
+        tl.store(DX + x_off, (_dot(tl.trans(s * L).to(dt), g, dt) + d[:, None] * kd + skip).to(DX.dtype.element_ty),
                  mask=mt[:, None] & mp[None, :])
         tl.store(DK + qk_off, (_dot(tl.trans(dS), q, dt) + _dot((x.to(tl.float32) * d[:, None]).to(dt), gs, dt)
                                ).to(DK.dtype.element_ty), mask=qn)
@@ -862,12 +866,12 @@ def _chunk_blocks(chunk, P, N):
     return dict(CHUNK=chunk, BT=p2(chunk), BP=p2(P), BN=p2(N), num_warps=CHUNK_WARPS)
 
 
-def _cout(q, k, x, E, acs, w, wn, chunk):
-    """chunk_out's forward (contiguous inputs): y (B, T, H, P) in x's dtype."""
+def _cout(q, k, x, E, acs, w, wn, D, chunk):
+    """chunk_out's forward (contiguous inputs): y (B, T, H, P) in x's dtype, the skip D_h x included."""
     Bsz, T, H, P = x.shape
     C, N = E.size(2), E.size(-1)
     y = torch.empty_like(x)
-    _cout_fwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, y, T, H, P, N, C, **_chunk_blocks(chunk, P, N))
+    _cout_fwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, D, y, T, H, P, N, C, **_chunk_blocks(chunk, P, N))
     return y
 
 
@@ -902,22 +906,23 @@ def _cstate(k, x, acs, w, wn, chunk):
 # Steps 1-4 of `mamba3.ssd` (SISO) as one op, so that its backward can run chunk_state's
 # backward inside chunk_out's second part: the order is chunk_out part 1 (dE) -> the walk back
 # across chunks (dS) -> part 2 with dS (dx, dk once, no sums of two ops' outputs, and no
-# chunk_state backward launch of its own).
+# chunk_state backward launch of its own). The layer's skip D x rides along (y += D x,
+# dx += D dy, dD = Σ dy ∘ x): x has no second consumer (gate_norm) whose dx autograd adds.
 
 CSSD_WARPS = 4  # part 2 with the chunk states' share (spills at 4 warps, yet 8 were slower on an H200)
 
 
 @torch.library.custom_op("nanochat::mamba3_chunk_ssd_fwd", mutates_args=())
 def _cssd(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, acs: torch.Tensor, w: torch.Tensor, wn: torch.Tensor,
-          H0: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, x, acs, w, wn = (t.contiguous() for t in (q, k, x, acs, w, wn))  # (the compiled layer's are views)
+          H0: torch.Tensor, D: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, x, acs, w, wn, D = (t.contiguous() for t in (q, k, x, acs, w, wn, D))  # (the compiled layer's are views)
     S = _cstate(k, x, acs, w, wn, chunk)
     E, final = _pass(S, acs[..., -1].contiguous(), H0)
-    return _cout(q, k, x, E, acs, w, wn, chunk), final, E
+    return _cout(q, k, x, E, acs, w, wn, D, chunk), final, E
 
 
 @_cssd.register_fake
-def _(q, k, x, acs, w, wn, H0, chunk):
+def _(q, k, x, acs, w, wn, H0, D, chunk):
     Bsz, T, H, P = x.shape
     return (x.new_empty(x.shape), x.new_empty(Bsz, H, P, k.size(-1), dtype=torch.float32),
             x.new_empty(Bsz, H, acs.size(2), P, k.size(-1)))
@@ -925,52 +930,58 @@ def _(q, k, x, acs, w, wn, H0, chunk):
 
 @torch.library.custom_op("nanochat::mamba3_chunk_ssd_bwd", mutates_args=())
 def _cssd_grad(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor, E: torch.Tensor, acs: torch.Tensor,
-               w: torch.Tensor, wn: torch.Tensor, dy: torch.Tensor, dF: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    q, k, x, E, acs, w, wn, dy, dF = (t.contiguous() for t in (q, k, x, E, acs, w, wn, dy, dF))
+               w: torch.Tensor, wn: torch.Tensor, D: torch.Tensor, dy: torch.Tensor, dF: torch.Tensor,
+               chunk: int) -> list[torch.Tensor]:
+    q, k, x, E, acs, w, wn, D, dy, dF = (t.contiguous() for t in (q, k, x, E, acs, w, wn, D, dy, dF))
     Bsz, T, H, P = x.shape
     C, N = E.size(2), E.size(-1)
     dq, dk, dx, dE = torch.empty_like(q), torch.empty_like(k), torch.empty_like(x), torch.empty_like(E)
     dacs, dw, dwn = torch.empty_like(acs), torch.empty_like(w), torch.empty_like(wn)
-    launch = lambda part, dS, warps: _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, dy, dS, dq, dk, dx, dE, dacs,
-                                                             dw, dwn, T, H, P, N, C, PART=part,
+    dDp = torch.empty(Bsz, H, C, device=x.device, dtype=torch.float32)  # per program
+    launch = lambda part, dS, warps: _cout_bwd[(Bsz * H, C)](q, k, x, E, acs, w, wn, D, dy, dS, dq, dk, dx, dE, dacs,
+                                                             dw, dwn, dDp, T, H, P, N, C, PART=part,
                                                              **dict(_chunk_blocks(chunk, P, N), num_warps=warps))
     launch(1, dy, CHUNK_WARPS)                      # dE and the output's scalar gradients (dy: unread)
     dS, da, dH0 = _pass_grad(E, acs[..., -1].contiguous(), dE, dF)
-    launch(2, dS, CSSD_WARPS)                       # dx, dk, dq, and the chunk states' share
+    launch(2, dS, CSSD_WARPS)                       # dx, dk, dq, the chunk states' share, the skip's
     dacs[..., -1] += da                             # each chunk's total decay is its last a_cs
-    return [dq, dk, dx, dacs, dw, dwn, dH0]
+    return [dq, dk, dx, dacs, dw, dwn, dH0, dDp.sum((0, 2))]
 
 
 @_cssd_grad.register_fake
-def _(q, k, x, E, acs, w, wn, dy, dF, chunk):
-    return [t.new_empty(t.shape) for t in (q, k, x, acs, w, wn)] + [x.new_empty(dF.shape, dtype=torch.float32)]
+def _(q, k, x, E, acs, w, wn, D, dy, dF, chunk):
+    return ([t.new_empty(t.shape) for t in (q, k, x, acs, w, wn)] + [x.new_empty(dF.shape, dtype=torch.float32)]
+            + [D.new_empty(D.shape, dtype=torch.float32)])
 
 
 def _cssd_setup(ctx, inputs, output):
-    q, k, x, acs, w, wn, H0, chunk = inputs
-    ctx.save_for_backward(q, k, x, output[2], acs, w, wn)
+    q, k, x, acs, w, wn, H0, D, chunk = inputs
+    ctx.save_for_backward(q, k, x, output[2], acs, w, wn, D)
     ctx.mark_non_differentiable(output[2])  # (E: returned only to be saved)
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
     ctx.chunk, ctx.h0_dtype = chunk, H0.dtype
 
 
 def _cssd_backward(ctx, dy, dF, dE_unused):  # (E is returned only to be saved: chunk_ssd drops it)
-    q, k, x, E, acs, w, wn = ctx.saved_tensors
+    q, k, x, E, acs, w, wn, D = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy
     dF = E.new_zeros(E.size(0), E.size(1), E.size(3), E.size(4), dtype=torch.float32) if dF is None else dF
-    dq, dk, dx, dacs, dw, dwn, dH0 = _cssd_grad(q, k, x, E, acs, w, wn, dy, dF.float(), ctx.chunk)
-    return dq, dk, dx, dacs, dw, dwn, dH0.to(ctx.h0_dtype), None
+    dq, dk, dx, dacs, dw, dwn, dH0, dD = _cssd_grad(q, k, x, E, acs, w, wn, D, dy, dF.float(), ctx.chunk)
+    return dq, dk, dx, dacs, dw, dwn, dH0.to(ctx.h0_dtype), dD, None
 
 
 _cssd.register_autograd(_cssd_backward, setup_context=_cssd_setup)
 
 
-def chunk_ssd(q, k, x, a_cs, w, w_next, H0, chunk):
+def chunk_ssd(q, k, x, a_cs, w, w_next, H0, chunk, D=None):
     """Steps 1-4 of `mamba3.ssd` for R = 1 (chunk_state, pass_states, chunk_out), one op:
     q, k (B, H, T, N) turned, head-major; x (B, T, H, P); a_cs, w, w_next (B, H, c, chunk)
-    fp32; H0 (B, H, P, N); T a multiple of chunk. Returns y (B, T, H, P) in x's dtype and the
-    final state (B, H, P, N) fp32. int32 offsets inside the chunk kernels: < 2^31 elements."""
-    y, final, _ = _cssd(q, k, x, a_cs.float(), w.float(), w_next.float(), H0.float(), chunk)
+    fp32; H0 (B, H, P, N); T a multiple of chunk; D (H,) or None: the skip D_h x added to y
+    (in the kernel: autograd then has no sum of two ops' dx to run). Returns y (B, T, H, P)
+    in x's dtype and the final state (B, H, P, N) fp32. int32 offsets inside the chunk
+    kernels: < 2^31 elements."""
+    D = x.new_zeros(x.size(2), dtype=torch.float32) if D is None else D
+    y, final, _ = _cssd(q, k, x, a_cs.float(), w.float(), w_next.float(), H0.float(), D.float(), chunk)
     return y, final
 
 
@@ -984,42 +995,49 @@ def chunk_ssd(q, k, x, a_cs, w, w_next, H0, chunk):
 # head); the backward also writes each program's partial sums of dw and dD (summed after):
 #     g = do ⊙ w ⊙ silu(z),   du = (g - n mean_P(g ⊙ n)) / rms(u),   dy = du,   dx = D du,
 #     dD = Σ du ⊙ x,   dw = Σ do ⊙ n ⊙ silu(z),   dz = do ⊙ n ⊙ w ⊙ σ(z) (1 + z (1 - σ(z)))
+# Without the skip (SKIP=False: chunk_ssd added D x already), u = y and x, D are not read.
 
 @triton.jit
-def _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+def _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT: tl.constexpr, BP: tl.constexpr, SKIP: tl.constexpr):
     """The program's (BT, BP) tiles: their offsets and mask, u, n, 1/rms(u), w, σ(z), z and x (fp32)."""
     r, p = r0 + tl.arange(0, BT), tl.arange(0, BP)
     mp = p < P
     m = (r < M)[:, None] & mp[None, :]
     off = (r[:, None] * H + h) * P + p[None, :]
-    x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
     z = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + tl.load(Dp + h).to(tl.float32) * x
+    u = tl.load(Y + off, mask=m, other=0.0).to(tl.float32)
+    if SKIP:
+        x = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+        u += tl.load(Dp + h).to(tl.float32) * x
+    else:
+        x = u  # (unused)
     inv = 1.0 / tl.sqrt(tl.sum(u * u, 1) / P + 1e-5)                          # (BT,)
     w = tl.load(Wn + h * P + p, mask=mp, other=0.0).to(tl.float32)
     return off, m, u * inv[:, None], inv, w, tl.sigmoid(z), z, x
 
 
 @triton.jit
-def _gate_fwd(Y, X, Z, Dp, Wn, O, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+def _gate_fwd(Y, X, Z, Dp, Wn, O, M, H, P, BT: tl.constexpr, BP: tl.constexpr, SKIP: tl.constexpr):
     r0, h = tl.program_id(0) * BT, tl.program_id(1)
-    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT, BP)
+    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, r0, h, M, H, P, BT, BP, SKIP)
     tl.store(O + off, (n * w[None, :] * z * s).to(O.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _gate_bwd(Y, X, Z, Dp, Wn, DO, DY, DX, DZ, DWp, DDp, M, H, P, BT: tl.constexpr, BP: tl.constexpr):
+def _gate_bwd(Y, X, Z, Dp, Wn, DO, DY, DX, DZ, DWp, DDp, M, H, P, BT: tl.constexpr, BP: tl.constexpr,
+              SKIP: tl.constexpr):
     blk, h = tl.program_id(0), tl.program_id(1)
-    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, blk * BT, h, M, H, P, BT, BP)
+    off, m, n, inv, w, s, z, x = _gate_tiles(Y, X, Z, Dp, Wn, blk * BT, h, M, H, P, BT, BP, SKIP)
     do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
     g = do * w[None, :] * z * s
     du = (g - n * (tl.sum(g * n, 1) / P)[:, None]) * inv[:, None]
     tl.store(DY + off, du.to(DY.dtype.element_ty), mask=m)
-    tl.store(DX + off, (tl.load(Dp + h).to(tl.float32) * du).to(DX.dtype.element_ty), mask=m)
     tl.store(DZ + off, (do * n * w[None, :] * s * (1 + z * (1 - s))).to(DZ.dtype.element_ty), mask=m)
     p = tl.arange(0, BP)
     tl.store(DWp + (blk * H + h) * P + p, tl.sum(do * n * z * s, 0), mask=p < P)
-    tl.store(DDp + blk * H + h, tl.sum(tl.sum(du * x, 1), 0))
+    if SKIP:
+        tl.store(DX + off, (tl.load(Dp + h).to(tl.float32) * du).to(DX.dtype.element_ty), mask=m)
+        tl.store(DDp + blk * H + h, tl.sum(tl.sum(du * x, 1), 0))
 
 
 GATE_BT, GATE_WARPS = 32, 4  # tokens a program: best of dev/mamba3_bench.py --sweep on an H200 (docs/benchmarks.md)
@@ -1031,45 +1049,50 @@ def _gate_launch(x):
 
 
 @torch.library.custom_op("nanochat::mamba3_gate_fwd", mutates_args=())
-def _gate(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _gate(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, w: torch.Tensor,
+          skip: bool) -> torch.Tensor:
     y, x, z, D, w = (t.contiguous() for t in (y, x, z, D, w))
-    M, H, P, grid, kw = _gate_launch(x)
+    M, H, P, grid, kw = _gate_launch(y)
     o = torch.empty_like(y)
-    _gate_fwd[grid](y, x, z, D, w, o, M, H, P, **kw)
+    _gate_fwd[grid](y, x, z, D, w, o, M, H, P, SKIP=skip, **kw)
     return o
 
 
 @_gate.register_fake
-def _(y, x, z, D, w):
+def _(y, x, z, D, w, skip):
     return y.new_empty(y.shape)
 
 
 @torch.library.custom_op("nanochat::mamba3_gate_bwd", mutates_args=())
 def _gate_grad(do: torch.Tensor, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
-               w: torch.Tensor) -> list[torch.Tensor]:
+               w: torch.Tensor, skip: bool) -> list[torch.Tensor]:
     do, y, x, z, D, w = (t.contiguous() for t in (do, y, x, z, D, w))
-    M, H, P, grid, kw = _gate_launch(x)
-    dy, dx, dz = torch.empty_like(y), torch.empty_like(x), torch.empty_like(z)
-    dwp = torch.empty(grid[0], H, P, device=x.device, dtype=torch.float32)  # per block of tokens
-    ddp = torch.empty(grid[0], H, device=x.device, dtype=torch.float32)
-    _gate_bwd[grid](y, x, z, D, w, do, dy, dx, dz, dwp, ddp, M, H, P, **kw)
-    return [dy, dx, dz, ddp.sum(0), dwp.sum(0)]
+    M, H, P, grid, kw = _gate_launch(y)
+    dy, dz = torch.empty_like(y), torch.empty_like(z)
+    dx = torch.empty_like(x) if skip else x.new_empty(0)
+    dwp = torch.empty(grid[0], H, P, device=y.device, dtype=torch.float32)  # per block of tokens
+    ddp = torch.empty(grid[0], H, device=y.device, dtype=torch.float32)
+    _gate_bwd[grid](y, x, z, D, w, do, dy, dx, dz, dwp, ddp, M, H, P, SKIP=skip, **kw)
+    return [dy, dx, dz, ddp.sum(0) if skip else D.new_empty(0, dtype=torch.float32), dwp.sum(0)]
 
 
 @_gate_grad.register_fake
-def _(do, y, x, z, D, w):
-    return [y.new_empty(y.shape), x.new_empty(x.shape), z.new_empty(z.shape),
-            D.new_empty(D.shape, dtype=torch.float32), w.new_empty(w.shape, dtype=torch.float32)]
+def _(do, y, x, z, D, w, skip):
+    return [y.new_empty(y.shape), x.new_empty(x.shape if skip else (0,)), z.new_empty(z.shape),
+            D.new_empty(D.shape if skip else (0,), dtype=torch.float32), w.new_empty(w.shape, dtype=torch.float32)]
 
 
 def _gate_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.skip = inputs[5]
 
 
 def _gate_backward(ctx, do):
     y, x, z, D, w = ctx.saved_tensors
-    dy, dx, dz, dD, dw = _gate_grad(do, y, x, z, D, w)
-    return dy, dx, dz, dD.to(D.dtype), dw.to(w.dtype)
+    dy, dx, dz, dD, dw = _gate_grad(do, y, x, z, D, w, ctx.skip)
+    if not ctx.skip:  # (x and D were placeholders)
+        return dy, None, dz, None, dw.to(w.dtype), None
+    return dy, dx, dz, dD.to(D.dtype), dw.to(w.dtype), None
 
 
 _gate.register_autograd(_gate_backward, setup_context=_gate_setup)
@@ -1077,6 +1100,8 @@ _gate.register_autograd(_gate_backward, setup_context=_gate_setup)
 
 def gate_norm(y, x, z, D, w):
     """RMSNorm_w(y + D x) ⊙ silu(z) per head, SISO (Mamba3._output with the output norm, its
-    reference): y, x, z (..., H, P) (y's dtype out), D (H,), w (H, P). int32 offsets: < 2^31
-    elements."""
-    return _gate(y, x, z, D, w)
+    reference): y, x, z (..., H, P) (y's dtype out), D (H,), w (H, P); x and D None: y holds
+    the skip already (chunk_ssd's D), RMSNorm_w(y) ⊙ silu(z). int32 offsets: < 2^31 elements."""
+    if x is None:  # placeholders the kernels never read (SKIP=False)
+        return _gate(y, y, z, w, w, False)
+    return _gate(y, x, z, D, w, True)

@@ -268,13 +268,13 @@ def test_chunk_ssd_passes_opcheck_and_its_fakes_have_the_real_strides():
     scal = lambda: torch.rand(Bsz, c, chunk, H, device=DEV).permute(0, 3, 1, 2).detach().requires_grad_()
     acs = torch.cumsum(-0.3 * torch.rand(Bsz, c, chunk, H, device=DEV), 2).permute(0, 3, 1, 2).detach().requires_grad_()
     assert not acs.is_contiguous()
-    q, k, x, w, wn, H0 = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), scal(), scal(), g(Bsz, H, P, N)
+    q, k, x, w, wn, H0, D = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), scal(), scal(), g(Bsz, H, P, N), g(H)
     ops = torch.ops.nanochat
-    torch.library.opcheck(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, chunk))
+    torch.library.opcheck(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, D, chunk))
     E = torch.randn(Bsz, H, c, P, N, device=DEV)
     dy, dF = torch.randn_like(x).transpose(1, 2).contiguous().transpose(1, 2), torch.randn(Bsz, H, P, N, device=DEV)
-    for op, args in [(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, chunk)),
-                     (ops.mamba3_chunk_ssd_bwd, (q, k, x, E, acs, w, wn, dy, dF, chunk))]:
+    for op, args in [(ops.mamba3_chunk_ssd_fwd, (q, k, x, acs, w, wn, H0, D, chunk)),
+                     (ops.mamba3_chunk_ssd_bwd, (q, k, x, E, acs, w, wn, D, dy, dF, chunk))]:
         with torch.no_grad():
             real = op(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -309,11 +309,12 @@ def test_angles_and_their_gradients_equal_the_fp64_scan(T, H, A, with_phi0, monk
         close(a_, b_, 1e-5)
 
 
-@pytest.mark.parametrize("c,chunk", [(3, 16), (2, 8)])  # chunk 8: below the kernels' 16-wide tiles
-def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, monkeypatch):
+@pytest.mark.parametrize("c,chunk,skip", [(3, 16, True), (2, 8, False)])  # chunk 8: below the kernels' 16-wide tiles
+def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, skip, monkeypatch):
     """Steps 1-4 as one op (chunk_state, pass_states, chunk_out; backward with chunk_state's
     inside chunk_out's second part) against `mamba3.ssd` all in PyTorch: y, the final state
-    and the gradients of q, k, x, a, w, w_next and the initial state."""
+    and the gradients of q, k, x, a, w, w_next and the initial state, and of D with the skip
+    D x (added in the kernels)."""
     torch.manual_seed(c)
     Bsz, H, P, N = 2, 2, 16, 32
     T = c * chunk
@@ -321,11 +322,12 @@ def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, monkeypatch):
     q, k, x, H0 = g(Bsz, H, T, N), g(Bsz, H, T, N), g(Bsz, T, H, P), g(Bsz, H, P, N)
     a = (-0.3 * torch.rand(Bsz, T, H, device=DEV)).requires_grad_()
     w, wn = torch.rand(Bsz, T, H, device=DEV).requires_grad_(), torch.rand(Bsz, T, H, device=DEV).requires_grad_()
-    ins = (q, k, x, a, w, wn, H0)
+    D = g(H) if skip else None
+    ins = (q, k, x, a, w, wn, H0) + ((D,) if skip else ())
     out = {}
     for on in (False, True):
         monkeypatch.setattr(mamba3, "FUSED_DEVICES", {"cpu", "cuda"} if on else set())
-        y, final = ssd(x.unsqueeze(2), a, k.unsqueeze(3), q.unsqueeze(3), w, wn, chunk, H0)
+        y, final = ssd(x.unsqueeze(2), a, k.unsqueeze(3), q.unsqueeze(3), w, wn, chunk, H0, D)
         gy, gf = torch.ones_like(y).cumsum(1) / T, torch.ones_like(final)
         out[on] = (y, final, torch.autograd.grad((y * gy).sum() + (final * gf).sum(), ins))
     close(out[True][0], out[False][0], 1e-5)
@@ -334,11 +336,12 @@ def test_chunk_ssd_and_its_gradients_equal_the_torch_ssd(c, chunk, monkeypatch):
         close(got, want, 1e-5)
 
 
-@pytest.mark.parametrize("T,P", [(37, 16), (5, 12)])  # tokens not a multiple of the block; P not a power of two
-def test_gate_norm_and_its_gradients_equal_the_layer_output(T, P, monkeypatch):
+@pytest.mark.parametrize("T,P,skip", [(37, 16, True), (5, 12, True), (37, 16, False)])  # tokens not a multiple of the block; P not a power of two
+def test_gate_norm_and_its_gradients_equal_the_layer_output(T, P, skip, monkeypatch):
     """mamba3_triton.gate_norm (one kernel each way, the norm weight's and D's gradients as
     per-program partial sums) against Mamba3._output with the output norm (its PyTorch
-    reference): the output and the gradients of y, x, z, D and the norm weight; and opcheck."""
+    reference): the output and the gradients of y, x, z, D and the norm weight (without the
+    skip, as after chunk_ssd: of y, z and the norm weight); and opcheck."""
     torch.manual_seed(T)
     Bsz, H = 2, 3
     g = lambda *s: torch.randn(*s, device=DEV).requires_grad_()
@@ -346,21 +349,22 @@ def test_gate_norm_and_its_gradients_equal_the_layer_output(T, P, monkeypatch):
     m = layer()
     m.P, m.H = P, H
     m.D, m.out_norm = torch.nn.Parameter(D.detach().clone()), torch.nn.Parameter(w.detach().clone())
-    want = m._output(y[:, :, None], x[:, :, None], z)
-    got = mt.gate_norm(y, x, z, D, w).flatten(-2)
+    want = m._output(y[:, :, None], x[:, :, None], z, skip)
+    got = (mt.gate_norm(y, x, z, D, w) if skip else mt.gate_norm(y, None, z, None, w)).flatten(-2)
     close(got, want, 1e-5)
     go = torch.randn_like(want)
-    ref = torch.autograd.grad((want * go).sum(), (y, x, z, m.D, m.out_norm))
-    for a_, b_ in zip(torch.autograd.grad((got * go).sum(), (y, x, z, D, w)), ref):
+    ref = torch.autograd.grad((want * go).sum(), (y, x, z, m.D, m.out_norm) if skip else (y, z, m.out_norm))
+    for a_, b_ in zip(torch.autograd.grad((got * go).sum(), (y, x, z, D, w) if skip else (y, z, w)), ref):
         close(a_, b_, 1e-5)
-    torch.library.opcheck(torch.ops.nanochat.mamba3_gate_fwd, (y, x, z, D, w))
+    xs, Ds = (x, D) if skip else (y, w)  # (without the skip the op's x and D are placeholders)
+    torch.library.opcheck(torch.ops.nanochat.mamba3_gate_fwd, (y, xs, z, Ds, w, skip))
     from torch._subclasses.fake_tensor import FakeTensorMode  # fakes as real, for a non-contiguous y
     ops, yt = torch.ops.nanochat, y.detach().transpose(0, 1).contiguous().transpose(0, 1)
-    for op, args in [(ops.mamba3_gate_fwd, (yt, x, z, D, w)), (ops.mamba3_gate_bwd, (torch.randn_like(y), yt, x, z, D, w))]:
+    for op, args in [(ops.mamba3_gate_fwd, (yt, xs, z, Ds, w)), (ops.mamba3_gate_bwd, (torch.randn_like(y), yt, xs, z, Ds, w))]:
         args = [a.detach() for a in args]
-        real = op(*args)
+        real = op(*args, skip)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake = op(*[mode.from_tensor(a) for a in args])
+            fake = op(*[mode.from_tensor(a) for a in args], skip)
         for r, f in zip(real if isinstance(real, list) else [real], fake if isinstance(fake, list) else [fake]):
             assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), op
 
