@@ -421,12 +421,12 @@ class Mamba3(nn.Module):
             cache.state.copy_(final)
             cache.k_prev.copy_(k_last)
             cache.x_prev.copy_(x[:, -1])
-        skip = triton  # (_ssd_rotated's y has no skip yet)
+        # the skip D v: ssd() added it; _ssd_rotated (triton) did not
         if self.R == 1 and self.outproj_norm and fused_ok(u.device, self.D.dtype) and y.numel() < 2 ** 31:
             # _output as one kernel each way
-            out = _fused[4](y[:, :, 0], *((x, z, self.D) if skip else (None, z, None)), self.out_norm).flatten(-2)
+            out = _fused[4](y[:, :, 0], x if triton else None, z, self.D if triton else None, self.out_norm).flatten(-2)
         else:
-            out = self._output(y, v, z, skip)
+            out = self._output(y, v, z, skip=triton)
         return self.c_proj(out.to(u.dtype))
 
     def _step(self, u, cache, ctx=None):

@@ -814,8 +814,9 @@ def _cout_bwd(Qp, Kp, X, E, ACS, W, WN, Dp, DY, DST, DQ, DK, DX, DE, DACS, DW, D
     """PART 1: dE and the scalars' gradients; PART 2: dx, dk and dq, with chunk_state's
     backward for the chunk states' gradients DST (B, H, c, P, N) inside (its shares of dx, dk,
     and of the scalars' gradients, added into DACS, DW, DWN), and the skip's D_h dy in dx;
-    PART 1 also the skip's share of dD, the program's Σ dy ∘ x, into DDP (B H c). Two launches that each recompute S and dM: one
-    program holding every tile spilled (dev/triton_regs.py)."""
+    PART 1 also the skip's share of dD, the program's Σ dy ∘ x, into DDP (B H c). Two
+    launches that each recompute S and dM: one program holding every tile spilled
+    (dev/triton_regs.py)."""
     bh, z = tl.program_id(0), tl.program_id(1)
     dt = X.dtype.element_ty
     q, k, x, e, acs, decay, L, later, x_off, qk_off, sc, mt, mp, mn = _cout_tiles(
